@@ -1,0 +1,35 @@
+"""Backends turn a LoadPlan into a trainable model: native (transformers + bitsandbytes + peft) or unsloth."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .._log import logger
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, plan, opts, store, lora, gradient_checkpointing, random_state): ...
+
+
+def choose_backend(asked: str, plan, opts) -> Backend:
+    """native unless asked otherwise; 'auto' takes unsloth only where it can run, and says why not otherwise."""
+    from .native import NativeBackend
+
+    if asked == "native":
+        return NativeBackend()
+    from .unsloth_backend import UnslothBackend, unsloth_unavailable_reason
+
+    reason = unsloth_unavailable_reason(plan, opts)
+    if asked == "unsloth":
+        if reason:
+            from ..errors import BackendUnavailable
+
+            raise BackendUnavailable("backend='unsloth' was asked for", found=reason.found, fix=reason.fix)
+        return UnslothBackend()
+    if reason:
+        logger.info("backend auto: native, because %s", reason.found)
+        return NativeBackend()
+    logger.info("backend auto: unsloth (installed, CUDA GPU, supported family)")
+    return UnslothBackend()

@@ -1,0 +1,63 @@
+"""The native backend: transformers + bitsandbytes + peft, on CPU and CUDA."""
+
+from __future__ import annotations
+
+import time
+
+from .. import plan as P
+from .._log import logger
+from ..checkpointing import enable_checkpointing
+from ..loader import load_tokenizer, load_weights, materialize_gguf
+
+
+class NativeBackend:
+    name = "native"
+
+    def load(self, plan, opts, store, lora, gradient_checkpointing, random_state):
+        if plan.store_key and store is not None and not plan.prequantized:
+            with store.lock(plan.store_key):
+                entry = store.lookup(plan.store_key)  # another process may have stored it while we waited
+                if entry is not None:
+                    from dataclasses import replace
+
+                    logger.info("store: another process stored %s while this one waited", entry.path.name)
+                    plan = replace(plan, source=P.STORE, location=str(entry.path), prequantized=True,
+                                   reason="stored by another process while this one waited")
+                    model, tokenizer = self._load(plan, opts, store)
+                else:
+                    model, tokenizer = self._load(plan, opts, store)
+                    self._store(plan, model, tokenizer, store)
+        else:
+            model, tokenizer = self._load(plan, opts, store)
+        if lora is not None:
+            from ..lora import apply_lora
+
+            model = apply_lora(model, lora, random_state)
+        if gradient_checkpointing:
+            enable_checkpointing(model)
+            logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")
+        return model, tokenizer
+
+    def _load(self, plan, opts, store):
+        if plan.gguf_file:
+            plan = materialize_gguf(plan, store.root if store is not None else None)
+        started = time.perf_counter()
+        model, dtype, device = load_weights(plan, opts)
+        what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
+        logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
+                    str(dtype).replace("torch.", ""), device)
+        tokenizer = load_tokenizer(plan, opts)
+        model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
+        return model, tokenizer
+
+    def _store(self, plan, model, tokenizer, store):
+        started = time.perf_counter()
+
+        def save(directory):
+            model.save_pretrained(directory, safe_serialization=True)
+            tokenizer.save_pretrained(directory)
+
+        source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location}
+        entry = store.write(plan.store_key, source, plan.quant, save)
+        logger.info("stored the quantized model in %s (%.0f MB, %.1f s): the next load skips quantization",
+                    entry.path, entry.size_bytes / 1e6, time.perf_counter() - started)

@@ -1,0 +1,43 @@
+"""Gradient checkpointing and the train/generate mode switch."""
+
+from __future__ import annotations
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant checkpointing, input grads on (LoRA gets gradients through a frozen embedding), no KV cache."""
+    base = _base(model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    base.config.use_cache = False
+    model._fastload_checkpointing = True
+
+
+def is_checkpointing(model) -> bool:
+    return bool(getattr(_base(model), "is_gradient_checkpointing", False))
+
+
+def for_inference(model):
+    """Checkpointing off, KV cache on, eval mode; remembers whether to turn checkpointing back on."""
+    base = _base(model)
+    model._fastload_checkpointing = getattr(model, "_fastload_checkpointing", is_checkpointing(model))
+    if is_checkpointing(model):
+        base.gradient_checkpointing_disable()
+    base.config.use_cache = True
+    model.eval()
+    return model
+
+
+def for_training(model):
+    """Back to training: train mode, cache off, checkpointing on again if it was on."""
+    base = _base(model)
+    model.train()
+    base.config.use_cache = False
+    if getattr(model, "_fastload_checkpointing", False) and not is_checkpointing(model):
+        enable_checkpointing(model)
+    return model

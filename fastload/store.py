@@ -1,0 +1,256 @@
+"""The local store: every checkpoint fastload quantized, saved once so the next load is a pre-quantized load.
+
+Entries are written into a temporary folder and renamed into place under a per-entry lock, so a reader sees a
+whole entry or none. Each entry's manifest records every file's size, mtime and sha256; a file whose size
+differs, or whose mtime differs and whose hash no longer matches, marks the entry corrupt: never loaded, rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ._log import logger
+from .errors import StoreEntryCorrupt, StoreError
+from .settings import QuantSettings
+
+FORMAT_VERSION = 1
+MANIFEST = "fastload-manifest.json"
+STALE_TMP_SECONDS = 6 * 3600
+
+
+def default_root() -> Path:
+    """FASTLOAD_HOME, else the user cache dir (e.g. ~/.cache/fastload)."""
+    env = os.environ.get("FASTLOAD_HOME")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("fastload"))
+
+
+def entry_key(source: str, revision: str | None, quant: QuantSettings) -> str:
+    """Stable key of (16-bit source, its revision or content fingerprint, quantization settings)."""
+    blob = json.dumps([source, revision or "default", quant.fingerprint()]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "--", text.strip("/"))[-80:]
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    key: str
+    path: Path
+    manifest: dict
+
+    @property
+    def source(self) -> str:
+        return self.manifest["source"]["id"]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f["size"] for f in self.manifest["files"].values())
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.entries_dir = self.root / "quantized"
+        self.tmp_dir = self.root / "tmp"
+        self.locks_dir = self.root / "locks"
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def _find_dir(self, key: str) -> Path | None:
+        if not self.entries_dir.is_dir():
+            return None
+        return next(iter(sorted(self.entries_dir.glob(f"*--{key}"))), None)
+
+    def _read_manifest(self, path: Path, key: str) -> dict:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreEntryCorrupt(f"Reading store entry {path.name}", found=f"its manifest is missing or damaged ({e})",
+                                    fix="it will be rebuilt; or remove it with `fastload cache rm`") from e
+        if manifest.get("format") != FORMAT_VERSION or manifest.get("key") != key or "files" not in manifest:
+            raise StoreEntryCorrupt(f"Reading store entry {path.name}", found="manifest of another format or key",
+                                    fix="it will be rebuilt; or remove it with `fastload cache rm`")
+        return manifest
+
+    def check(self, path: Path, key: str, full: bool = False) -> dict:
+        """Return the manifest if the entry is whole; raise StoreEntryCorrupt naming the first bad file otherwise."""
+        manifest = self._read_manifest(path, key)
+        on_disk = {p.name for p in path.iterdir() if p.name != MANIFEST}
+        extra = on_disk - set(manifest["files"])
+        if extra:
+            raise StoreEntryCorrupt(f"Checking store entry {path.name}", found=f"files not in its manifest: {sorted(extra)}",
+                                    fix="it will be rebuilt; or remove it with `fastload cache rm`")
+        for name, meta in manifest["files"].items():
+            f = path / name
+            try:
+                st = f.stat()
+            except OSError:
+                raise StoreEntryCorrupt(f"Checking store entry {path.name}", found=f"{name} is missing",
+                                        fix="it will be rebuilt; or remove it with `fastload cache rm`") from None
+            if st.st_size != meta["size"]:
+                raise StoreEntryCorrupt(f"Checking store entry {path.name}",
+                                        found=f"{name} has {st.st_size} bytes, the manifest says {meta['size']} (truncated?)",
+                                        fix="it will be rebuilt; or remove it with `fastload cache rm`")
+            if (full or st.st_mtime_ns != meta["mtime_ns"]) and file_sha256(f) != meta["sha256"]:
+                raise StoreEntryCorrupt(f"Checking store entry {path.name}", found=f"{name} changed since it was written",
+                                        fix="it will be rebuilt; or remove it with `fastload cache rm`")
+        return manifest
+
+    def lookup(self, key: str) -> StoreEntry | None:
+        """The whole entry for this key, or None. A damaged entry is reported, removed, and reads as None."""
+        path = self._find_dir(key)
+        if path is None:
+            return None
+        try:
+            return StoreEntry(key, path, self.check(path, key))
+        except StoreEntryCorrupt as e:
+            logger.warning("store entry %s is damaged and will be rebuilt: %s", path.name, e.found)
+            self._discard(path)
+            return None
+
+    def entries(self) -> list[StoreEntry]:
+        found = []
+        for path in sorted(self.entries_dir.glob("*--*")) if self.entries_dir.is_dir() else []:
+            key = path.name.rsplit("--", 1)[-1]
+            try:
+                found.append(StoreEntry(key, path, self._read_manifest(path, key)))
+            except StoreEntryCorrupt:
+                found.append(StoreEntry(key, path, {"source": {"id": "?"}, "files": {}, "damaged": True}))
+        return found
+
+    def verify(self) -> list[tuple[StoreEntry, str | None]]:
+        """Hash every file of every entry: (entry, None) when whole, (entry, problem) otherwise."""
+        results = []
+        for entry in self.entries():
+            try:
+                self.check(entry.path, entry.key, full=True)
+                results.append((entry, None))
+            except StoreEntryCorrupt as e:
+                results.append((entry, e.found))
+        return results
+
+    def remove(self, key_or_source: str) -> list[StoreEntry]:
+        """Remove entries whose key or source id matches; returns what was removed."""
+        gone = [e for e in self.entries() if key_or_source in (e.key, e.source) or e.path.name == key_or_source]
+        for e in gone:
+            self._discard(e.path)
+        return gone
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, key: str, timeout: float = 3600) -> Iterator[None]:
+        """Hold the per-entry lock: a second process loading the same model waits, then reads the finished entry."""
+        from filelock import FileLock, Timeout
+
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.locks_dir / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as e:
+            raise StoreError(f"Waiting for the store lock of entry {key}",
+                             found=f"another process held it for {timeout:.0f} s",
+                             fix=f"wait for the other load to finish, or remove {lock.lock_file} if no process holds it") from e
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def write(self, key: str, source: dict, quant: QuantSettings, save: Callable[[Path], None]) -> StoreEntry:
+        """Run save(tmp_dir), record a manifest and rename the folder into place; nothing partial ever stays visible.
+
+        The caller holds self.lock(key). Errors (disk full, interrupt) remove the temporary folder and re-raise.
+        """
+        self.cleanup_tmp()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.entries_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        final = self.entries_dir / f"{_slug(source['id'])}--{key}"
+        try:
+            tmp.mkdir()
+            save(tmp)
+            files = {}
+            for f in sorted(tmp.iterdir()):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+                st = f.stat()
+                files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
+            from . import __version__
+
+            manifest = {"format": FORMAT_VERSION, "key": key, "fastload_version": __version__,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
+                        "quantization": {k: v for k, v in quant.__dict__.items()}, "files": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
+            if final.exists():  # a damaged leftover: replace it
+                self._discard(final)
+            os.rename(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(f"Storing the quantized model in {self.root}", found=f"the disk is full ({e.strerror})",
+                                 fix="free space, set FASTLOAD_HOME to a larger disk, or pass store=False") from e
+            if isinstance(e, OSError):
+                raise StoreError(f"Storing the quantized model in {self.root}", found=f"{type(e).__name__}: {e}",
+                                 fix="check permissions, set FASTLOAD_HOME elsewhere, or pass store=False") from e
+            raise
+        return StoreEntry(key, final, manifest)
+
+    def cleanup_tmp(self) -> None:
+        """Remove temporary folders of writers that died (process gone) or are very old."""
+        if not self.tmp_dir.is_dir():
+            return
+        for tmp in self.tmp_dir.iterdir():
+            parts = tmp.name.split(".")
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            alive = pid is not None and _pid_alive(pid)
+            old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+            if not alive or old:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _discard(self, path: Path) -> None:
+        """Move aside then delete, so no reader ever sees a half-deleted entry under its real name."""
+        trash = self.tmp_dir / f"trash.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(path, trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,66 @@
+"""Tiny real checkpoints built in-process: Llama/Qwen2/Mistral/Gemma/Phi-3 shapes, real safetensors, a real tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
+          "fastload loads models for QLoRA fine-tuning", "hello world, how are you today?",
+          "user assistant system tool 0123456789 !?.,;:'\"()[]{}<>/-_+=*&^%$#@~`|\\"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+# hidden 256 and r=16 make LoRA matrices of 4096 elements: bitsandbytes keeps 8-bit optimizer state from that size on
+SHAPES = {
+    "llama": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512),
+    "qwen2": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512),
+    "mistral": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512),
+    "gemma": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=64, max_position_embeddings=512),
+    "phi3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0),
+}
+EXPECTED_TARGETS = {
+    "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "qwen2": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "mistral": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "gemma": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "phi3": ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],
+}
+
+
+def make_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   unk_token="<|endoftext|>", pad_token="<|pad|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_checkpoint(directory: Path, family: str = "llama", dtype: str = "bfloat16", seed: int = 0,
+                    tokenizer: bool = True, **overrides) -> Path:
+    """Save a randomly initialised model of the family's shape as a real safetensors checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    tok = make_tokenizer()
+    config = AutoConfig.for_model(family, vocab_size=len(tok), **{**SHAPES[family], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(directory)
+    if tokenizer:
+        tok.save_pretrained(directory)
+    return directory
