@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FastModel": ("facade", "FastModel"),
-    "resolve": ("resolve", "resolve"),
+    "resolve": ("sources", "resolve"),
     "LoadPlan": ("plan", "LoadPlan"),
     "Store": ("store", "Store"),
     "register": ("registry", "register"),

@@ -20,7 +20,7 @@ class FastModel:
     """The facade. Every method is a classmethod; models are plain transformers/peft models."""
 
     @classmethod
-    def from_pretrained(cls, model_name: str | os.PathLike, max_seq_length: int | None = 2048, dtype: Any = None,
+    def from_pretrained(cls, model_name: str | os.PathLike, max_seq_length: int | None = None, dtype: Any = None,
                         load_in_4bit: bool = True, load_in_8bit: bool = False, quantization_config: Any = None,
                         lora: Any = _DEFAULT, gradient_checkpointing: bool | str = True, device_map: Any = None,
                         revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
@@ -33,7 +33,7 @@ class FastModel:
         Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
         """
         from .backends import choose_backend
-        from .resolve import make_store, resolve
+        from .sources import make_store, resolve
 
         if backend not in BACKENDS:
             raise InvalidOption(f"backend={backend!r}", found=f"known backends: {', '.join(BACKENDS)}",
@@ -58,10 +58,10 @@ class FastModel:
                            attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
         impl = choose_backend(backend, plan, opts)
         model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
-        model.max_seq_length = max_seq_length
+        model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         model.fastload_plan = plan
         model.fastload_backend = impl.name
-        tokenizer.model_max_length = max_seq_length or tokenizer.model_max_length
+        tokenizer.model_max_length = model.max_seq_length or tokenizer.model_max_length
         logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
         return model, tokenizer
 
@@ -114,7 +114,7 @@ class FastModel:
 
     @staticmethod
     def resolve(model_name, **options: Any):
-        from .resolve import resolve
+        from .sources import resolve
 
         return resolve(model_name, **options)
 

@@ -12,7 +12,7 @@ from .errors import CheckpointCorrupt, ModelNotFound
 
 
 def converted_dir(gguf_path: Path, root: Path) -> Path:
-    from .resolve import local_fingerprint
+    from .sources import local_fingerprint
 
     return root / "converted" / f"{gguf_path.stem}--{local_fingerprint(gguf_path)}"
 

@@ -18,7 +18,7 @@ from .settings import dtype_name
 
 @dataclass
 class LoadOptions:
-    max_seq_length: int | None = 2048
+    max_seq_length: int | None = None  # None: 2048, capped at the model's positions
     dtype: Any = None
     device_map: Any = None
     token: str | bool | None = None
@@ -92,15 +92,21 @@ def load_config(plan: LoadPlan, opts: LoadOptions):
         return AutoConfig.from_pretrained(plan.location, **hub_kwargs(plan, opts))
 
 
-def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> None:
+DEFAULT_MAX_SEQ_LENGTH = 2048
+
+
+def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
+    """The sequence length to train with: as asked, or (unset) 2048 capped at the model's positions."""
     positions = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                         "max_position_embeddings", None)
-    if max_seq_length is None or positions is None or max_seq_length <= positions:
-        return
+    if max_seq_length is None:
+        return min(DEFAULT_MAX_SEQ_LENGTH, positions or DEFAULT_MAX_SEQ_LENGTH)
+    if positions is None or max_seq_length <= positions:
+        return max_seq_length
     if rope_scaling:
         logger.warning("max_seq_length=%s is beyond the model's %s positions; rope_scaling=%s extends them",
                        max_seq_length, positions, rope_scaling)
-        return
+        return max_seq_length
     raise InvalidOption(f"max_seq_length={max_seq_length} was asked for",
                         found=f"the model was trained for {positions} positions (max_position_embeddings)",
                         fix=f"use max_seq_length<={positions}, or pass rope_scaling={{...}} to extend the context on purpose")
@@ -169,7 +175,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     device = main_device(device_map)
     dtype = choose_dtype(plan, opts, device)
     config = load_config(plan, opts)
-    check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
+    max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
     if Path(plan.location).is_dir():
         inspect_checkpoint(Path(plan.location), allow_pickle=opts.allow_pickle)
     bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
@@ -194,4 +200,5 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     if plan.prequantized:
         set_compute_dtype(model, dtype)
     model.config.use_cache = False
+    model.max_seq_length = max_seq_length
     return model, dtype, device

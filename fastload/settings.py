@@ -88,7 +88,7 @@ class QuantSettings:
         if quantization_config is not None:
             cfg = quantization_config
             cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-            method = str(cfg.get("quant_method", "bitsandbytes")).split(".")[-1].lower()
+            method = str(getattr(cfg.get("quant_method"), "value", cfg.get("quant_method", "bitsandbytes"))).split(".")[-1].lower().replace("_", "")
             if method != "bitsandbytes":
                 raise InvalidOption(f"quantization_config with quant_method={method!r} was given",
                                     found="fastload quantizes with bitsandbytes only",

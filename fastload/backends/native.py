@@ -33,6 +33,10 @@ class NativeBackend:
             from ..lora import apply_lora
 
             model = apply_lora(model, lora, random_state)
+        elif getattr(model, "is_quantized", False):
+            # quantized weights cannot train; the 16-bit rest alone is not what a QLoRA user wants to update
+            model.requires_grad_(False)
+            logger.info("no LoRA: every parameter frozen; add adapters with FastModel.get_peft_model(model)")
         if gradient_checkpointing:
             enable_checkpointing(model)
             logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")

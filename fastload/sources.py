@@ -1,4 +1,4 @@
-"""Name -> LoadPlan. Each source is one function tried in order; the first that can provide the model wins.
+"""Name -> LoadPlan (`fastload.resolve`). Each source is one function tried in order; the first that can provide the model wins.
 
 Order: an explicit local path; the local store; a registry pre-quantized checkpoint in the HF cache; the name as a
 hub repo in the HF cache; a GGUF shipped inside an installed package; a download from the hub (only when online
