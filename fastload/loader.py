@@ -41,7 +41,9 @@ def hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
     local = plan.source in (P.LOCAL, P.STORE) or Path(plan.location).is_dir()
     kw: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code}
     if not local:
-        kw.update(revision=plan.revision, cache_dir=opts.cache_dir, token=opts.token,
+        from .sources import hub_cache_dir
+
+        kw.update(revision=plan.revision, cache_dir=hub_cache_dir(opts.cache_dir), token=opts.token,
                   local_files_only=plan.source != P.HUB_DOWNLOAD)
     return kw
 

@@ -1,0 +1,149 @@
+"""Resolution through the registry, the Hugging Face cache and the local store, offline, for real."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fastload
+from fastload import FastModel
+from fastload.errors import ModelNotFound
+from fastload.store import Store
+from hfcache import put_in_hf_cache
+
+ORIGINAL = "meta-llama/Meta-Llama-3-8B"
+PREQUANTIZED = "unsloth/llama-3-8b-bnb-4bit"
+
+
+@pytest.fixture(scope="session")
+def tiny_nf4(tiny_llama, tmp_path_factory):
+    """The tiny Llama quantized by fastload and saved: stands in for a registry -bnb-4bit repo."""
+    model, tok = FastModel.from_pretrained(tiny_llama, lora=None, store=False)
+    out = tmp_path_factory.mktemp("nf4")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def hf_home() -> str:
+    return os.environ["HF_HOME"]
+
+
+def packed(model, name="model.layers.0.self_attn.q_proj"):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = base.get_submodule(name)
+    return getattr(module, "base_layer", module).weight.data.clone()
+
+
+def test_original_id_and_alias_load_the_cached_prequantized_checkpoint(tiny_nf4):
+    put_in_hf_cache(hf_home(), PREQUANTIZED, tiny_nf4)
+    for name in (ORIGINAL, "llama-3-8b"):
+        plan = fastload.resolve(name)
+        assert plan.prequantized and plan.location == PREQUANTIZED and plan.source == "hub-cache"
+        assert plan.original == ORIGINAL
+    model, _ = FastModel.from_pretrained("llama-3-8b")
+    assert model.fastload_quantized_now is False
+    assert torch.equal(packed(model), packed(FastModel.from_pretrained(tiny_nf4, lora=None)[0]))
+
+
+def test_prefer_prequantized_false_skips_the_registry(tiny_nf4, tiny_llama):
+    put_in_hf_cache(hf_home(), PREQUANTIZED, tiny_nf4)
+    put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
+    plan = fastload.resolve(ORIGINAL, prefer_prequantized=False)
+    assert not plan.prequantized and plan.location == ORIGINAL
+    assert any("prefer_prequantized=False" in t for t in plan.tried)
+
+
+def test_8bit_request_skips_4bit_registry_checkpoints(tiny_nf4, tiny_llama):
+    put_in_hf_cache(hf_home(), PREQUANTIZED, tiny_nf4)
+    put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
+    plan = fastload.resolve(ORIGINAL, load_in_4bit=False, load_in_8bit=True)
+    assert not plan.prequantized and any("registry checkpoints are 4-bit" in t for t in plan.tried)
+
+
+def test_quantized_name_loads_as_typed(tiny_nf4):
+    put_in_hf_cache(hf_home(), PREQUANTIZED, tiny_nf4)
+    plan = fastload.resolve(PREQUANTIZED)
+    assert plan.prequantized and plan.location == PREQUANTIZED and plan.original == ORIGINAL
+
+
+def test_without_prequantized_the_source_is_quantized_once_then_loaded_from_the_store(tiny_llama, isolated_env):
+    put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
+    first = fastload.resolve(ORIGINAL)
+    assert first.source == "hub-cache" and not first.prequantized and first.store_key
+    model1, _ = FastModel.from_pretrained(ORIGINAL, lora=None)
+    assert model1.fastload_quantized_now
+    entries = Store(isolated_env).entries()
+    assert len(entries) == 1 and entries[0].source == ORIGINAL
+    second = fastload.resolve(ORIGINAL)
+    assert second.source == "store" and second.prequantized
+    model2, _ = FastModel.from_pretrained(ORIGINAL, lora=None)
+    assert model2.fastload_quantized_now is False
+    assert torch.equal(packed(model1), packed(model2))
+    # other settings are another entry
+    assert fastload.resolve(ORIGINAL, bnb_4bit_quant_type="fp4").source == "hub-cache"
+
+
+def test_store_false_opts_out(tiny_llama, isolated_env):
+    FastModel.from_pretrained(tiny_llama, lora=None, store=False)
+    assert Store(isolated_env).entries() == []
+
+
+def test_store_argument_and_fastload_home(tiny_llama, tmp_path):
+    FastModel.from_pretrained(tiny_llama, lora=None, store=tmp_path / "elsewhere")
+    assert len(Store(tmp_path / "elsewhere").entries()) == 1
+
+
+def test_damaged_store_entry_is_rebuilt(tiny_llama, isolated_env, caplog):
+    FastModel.from_pretrained(tiny_llama, lora=None)
+    entry = Store(isolated_env).entries()[0]
+    weights = next(entry.path.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="fastload"):
+        plan = fastload.resolve(tiny_llama)
+    assert plan.source == "local" and not plan.prequantized  # the damaged entry is never trusted
+    assert "damaged" in caplog.text
+    model, _ = FastModel.from_pretrained(tiny_llama, lora=None)
+    assert model.fastload_quantized_now
+    assert [p for e, p in Store(isolated_env).verify()] == [None]
+
+
+def test_store_management(tiny_llama, isolated_env):
+    FastModel.from_pretrained(tiny_llama, lora=None)
+    store = Store(isolated_env)
+    [entry] = store.entries()
+    assert entry.size_bytes > 0 and entry.manifest["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert store.verify() == [(entry, None)]
+    assert store.remove(entry.key) == [entry] and store.entries() == []
+
+
+def test_unknown_name_lists_closest_and_what_was_tried():
+    with pytest.raises(ModelNotFound) as err:
+        fastload.resolve("meta-llama/Meta-Lama-3-8B")
+    text = str(err.value)
+    assert "meta-llama/Meta-Llama-3-8B" in text  # closest registry name
+    assert "hub cache" in text and "offline" in text
+
+
+def test_registry_name_missing_offline_says_what_was_tried():
+    with pytest.raises(ModelNotFound) as err:
+        fastload.resolve(ORIGINAL)
+    assert PREQUANTIZED in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+
+
+def test_online_plan_downloads_the_prequantized_checkpoint(monkeypatch):
+    """With downloads allowed the plan names the registry checkpoint; resolve itself makes no network call."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    plan = fastload.resolve(ORIGINAL)
+    assert plan.source == "hub-download" and plan.location == PREQUANTIZED and plan.prequantized
+    with pytest.raises(ModelNotFound):
+        fastload.resolve(ORIGINAL, local_files_only=True)
+
+
+def test_embedded_smollm2_resolves_offline_through_its_package():
+    plan = fastload.resolve("smollm2")
+    assert plan.source == "packaged-gguf" and plan.original == "HuggingFaceTB/SmolLM2-135M-Instruct"
