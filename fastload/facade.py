@@ -101,6 +101,11 @@ class FastModel:
     @staticmethod
     def for_inference(model):
         """Generation mode: checkpointing off, KV cache on, eval."""
+        if getattr(model, "fastload_backend", None) == "unsloth":
+            from unsloth import FastLanguageModel  # already imported by the load that chose it
+
+            FastLanguageModel.for_inference(model)
+            return model
         from .checkpointing import for_inference
 
         return for_inference(model)
@@ -108,6 +113,11 @@ class FastModel:
     @staticmethod
     def for_training(model):
         """Training mode again, with checkpointing as it was."""
+        if getattr(model, "fastload_backend", None) == "unsloth":
+            from unsloth import FastLanguageModel
+
+            FastLanguageModel.for_training(model)
+            return model
         from .checkpointing import for_training
 
         return for_training(model)
@@ -117,6 +127,49 @@ class FastModel:
         from .sources import resolve
 
         return resolve(model_name, **options)
+
+    # -- the rest of the notebook: train, save, merge, generate (fastload.trainer / saving / generation) ----------
+
+    @staticmethod
+    def training_arguments(output_dir: str | os.PathLike = "outputs", sft: bool = False, model=None, **kwargs: Any):
+        """TrainingArguments (SFTConfig when sft=True) with fastload's defaults: optim="adamw_8bit", lr 2e-4,
+        non-reentrant gradient checkpointing, bf16/fp16 as the device computes, report_to="none"; with `model`,
+        SFT's max_length is model.max_seq_length. Any field given here wins."""
+        from .trainer import training_arguments
+
+        return training_arguments(output_dir, sft=sft, model=model, **kwargs)
+
+    @staticmethod
+    def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, **kwargs: Any):
+        """transformers' Trainer (TRL's SFTTrainer with sft=True) for the loaded model, AdamW8bit unless args.optim
+        was chosen. A Trainer built by hand should pass optim="adamw_8bit" (or optimizers=(FastModel.get_optimizer(
+        model), None)). Raw records (messages, ShareGPT, Alpaca, prompt/response) are tokenized responses-only."""
+        from .trainer import get_trainer
+
+        return get_trainer(model, tokenizer, train_dataset, args=args, sft=sft, **kwargs)
+
+    @staticmethod
+    def save_adapter(model, directory: str | os.PathLike, tokenizer=None):
+        """The LoRA adapter alone; FastModel.from_pretrained(directory) loads base + adapter to train on."""
+        from .saving import save_adapter
+
+        return save_adapter(model, directory, tokenizer=tokenizer)
+
+    @staticmethod
+    def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str = "auto",
+                    quantize: bool = False, **kwargs: Any):
+        """LoRA merged into 16-bit weights (the 16-bit source if on this machine, else the dequantized 4-bit ones),
+        saved for plain transformers; quantize=True writes a bitsandbytes 4-bit checkpoint instead."""
+        from .saving import save_merged
+
+        return save_merged(model, directory, tokenizer=tokenizer, source=source, quantize=quantize, **kwargs)
+
+    @staticmethod
+    def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any):
+        """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text."""
+        from .generation import generate
+
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
 
 
 def _device_of(model) -> str:

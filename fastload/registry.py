@@ -137,9 +137,9 @@ def _toml_files(path: Path) -> list[Path]:
 def user_registry_files() -> list[Path]:
     """FASTLOAD_REGISTRY (files or folders, os.pathsep-separated), then the user config dir's registry.toml."""
     found: list[Path] = []
-    from platformdirs import user_config_dir
+    from .paths import user_config_dir
 
-    default = Path(user_config_dir("fastload")) / "registry.toml"
+    default = user_config_dir() / "registry.toml"
     if default.is_file():
         found.append(default)
     for part in filter(None, os.environ.get("FASTLOAD_REGISTRY", "").split(os.pathsep)):

@@ -34,9 +34,9 @@ def default_root() -> Path:
     env = os.environ.get("FASTLOAD_HOME")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_cache_dir
+    from .paths import user_cache_dir
 
-    return Path(user_cache_dir("fastload"))
+    return user_cache_dir()
 
 
 def entry_key(source: str, revision: str | None, quant: QuantSettings) -> str:

@@ -20,9 +20,9 @@ def lora_leaf_names(model) -> set[str]:
     return {name.split(".")[-1] for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
 
 
-def batch(tokenizer, n=2):
+def batch(tokenizer, device, n=2):
     texts = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"][:n]
-    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return enc, labels
 
@@ -100,7 +100,7 @@ def test_loss_falls_and_optimizer_state_is_8bit(tiny_llama):
     opt = FastModel.get_optimizer(model, lr=5e-3)
     assert isinstance(opt, bnb.optim.AdamW8bit)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
-    enc, labels = batch(tok)
+    enc, labels = batch(tok, model.device)
     losses = []
     for _ in range(6):
         loss = model(**enc, labels=labels).loss
@@ -146,7 +146,7 @@ def test_checkpointing_off_and_inference_switch(tiny_llama):
     model, tok = FastModel.from_pretrained(tiny_llama)
     FastModel.for_inference(model)
     assert not model.get_base_model().is_gradient_checkpointing and model.get_base_model().config.use_cache
-    out = model.generate(**tok(["the quick"], return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    out = model.generate(**tok(["the quick"], return_tensors="pt").to(model.device), max_new_tokens=5, do_sample=False)
     assert out.shape[1] > 2
     FastModel.for_training(model)
     assert model.training and model.get_base_model().is_gradient_checkpointing
@@ -168,7 +168,7 @@ def test_prequantized_checkpoint_loads_without_requantizing(tiny_llama, tmp_path
     a = model.model.layers[1].mlp.down_proj.weight
     b = again.model.layers[1].mlp.down_proj.weight
     assert torch.equal(a.data, b.data)
-    ids = tok(["hello world"], return_tensors="pt")["input_ids"]
+    ids = tok(["hello world"], return_tensors="pt")["input_ids"].to(model.device)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
 

@@ -1,0 +1,1 @@
+"""Attention implementations fastload can register with transformers' attention interface."""

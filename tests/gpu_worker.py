@@ -1,0 +1,32 @@
+"""Run by tests/test_gpu.py in a fresh process: train a few steps with one backend, print the losses as JSON.
+
+Unsloth patches transformers when imported, so each backend gets its own process."""
+
+import json
+import sys
+
+import torch
+
+from fastload import FastModel
+
+
+def main(checkpoint: str, backend: str, steps: int = 6) -> None:
+    model, _ = FastModel.from_pretrained(checkpoint, max_seq_length=256, dtype=torch.bfloat16, backend=backend,
+                                         store=False, random_state=0)
+    opt = FastModel.get_optimizer(model, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=gen).cuda()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    print(json.dumps({"backend": model.fastload_backend, "losses": losses,
+                      "trainable_only_lora": all("lora_" in n for n, p in model.named_parameters() if p.requires_grad),
+                      "optimizer": type(opt).__name__}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
