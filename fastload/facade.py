@@ -27,7 +27,8 @@ class FastModel:
                         local_files_only: bool | None = None, trust_remote_code: bool = False,
                         attn_implementation: str | None = "sdpa", random_state: int | None = 3407,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
-                        backend: str = "native", rope_scaling: dict | None = None, **quant_options: Any):
+                        backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
+                        **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
         Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
@@ -58,6 +59,10 @@ class FastModel:
                            attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
         impl = choose_backend(backend, plan, opts)
         model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
+        if impl.name == "native":
+            from .engine import EngineSettings, apply_engine
+
+            model.fastload_engine = apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing))
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         model.fastload_plan = plan
         model.fastload_backend = impl.name

@@ -1,0 +1,66 @@
+"""The performance engine: speed-ups scoped to one loaded model instance, never to transformers' classes.
+
+Each lever is a small module; `apply_engine(model, ...)` turns on the ones that pay on this device and logs each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._log import logger
+
+LEVERS = ("fused_loss", "offload_checkpointing", "kernels")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which levers to use; `True` means: where it pays (GPU-only levers stay off on the CPU)."""
+
+    fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
+    offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
+    kernels: bool = True                 # liger-kernel RMSNorm / SwiGLU where installed (CUDA only)
+
+    @classmethod
+    def from_user(cls, value) -> "EngineSettings":
+        if isinstance(value, EngineSettings):
+            return value
+        if value is True or value is None:
+            return cls()
+        if value is False:
+            return cls(False, False, False)
+        if isinstance(value, dict):
+            from ..errors import InvalidOption
+
+            unknown = set(value) - set(LEVERS)
+            if unknown:
+                raise InvalidOption(f"engine={value!r}", found=f"unknown lever(s) {sorted(unknown)}",
+                                    fix=f"use keys among {', '.join(LEVERS)}")
+            return cls(**value)
+        from ..errors import InvalidOption
+
+        raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
+
+
+def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> list[str]:
+    """Turn on the levers for this model instance; returns the names of those turned on."""
+    from ..checkpointing import _base
+
+    base = _base(model)
+    device = next(base.parameters()).device.type
+    used = []
+    if settings.fused_loss:
+        from .fused_loss import install_fused_loss
+
+        if install_fused_loss(base):
+            used.append("fused_loss")
+    if settings.offload_checkpointing and gradient_checkpointing and device == "cuda":
+        from .offload import install_offloaded_checkpointing
+
+        if install_offloaded_checkpointing(base):
+            used.append("offload_checkpointing")
+    if settings.kernels and device == "cuda":
+        from .kernels import install_kernels
+
+        used += install_kernels(base)
+    logger.info("engine: %s", ", ".join(used) if used else "no lever applies here")
+    return used

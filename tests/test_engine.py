@@ -1,0 +1,85 @@
+"""The performance engine stays correct: same loss and LoRA gradients as the plain path, on the CPU in CI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastload import FastModel
+from fastload.engine.fused_loss import chunked_linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [3, 16, 1024])
+def test_chunked_cross_entropy_matches_full_logits(chunk):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 24, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 50, (37,), generator=gen)
+    labels[::5] = -100
+    ours = chunked_linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    (g_ours,) = torch.autograd.grad(ours * 3.0, hidden)
+    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref * 3.0, hidden)
+    assert torch.allclose(ours, ref, rtol=1e-10)  # float64: exact up to summation order
+    assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_num_items_in_batch_normalises_like_transformers():
+    hidden = torch.randn(10, 8, dtype=torch.float64)
+    weight = torch.randn(12, 8, dtype=torch.float64)
+    labels = torch.randint(0, 12, (10,))
+    summed = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    assert torch.allclose(chunked_linear_cross_entropy(hidden, weight, labels, num_items=40), summed / 40)
+
+
+def lora_grads(model, tok):
+    enc = tok(["the quick brown fox jumps over the lazy dog", "hello world"], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    model.train()
+    loss = model(**enc, labels=labels).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_engine_gives_the_plain_paths_loss_and_lora_gradients(tiny_llama):
+    plain, tok = FastModel.from_pretrained(tiny_llama, engine=False, store=False, random_state=1,
+                                           lora={"init_lora_weights": "gaussian"})
+    fast, _ = FastModel.from_pretrained(tiny_llama, engine=True, store=False, random_state=1,
+                                        lora={"init_lora_weights": "gaussian"})
+    assert "fused_loss" in fast.fastload_engine and plain.fastload_engine == []
+    loss_p, grads_p = lora_grads(plain, tok)
+    loss_f, grads_f = lora_grads(fast, tok)
+    assert abs(loss_p - loss_f) < 1e-5  # fp32 on CPU
+    for name, g in grads_p.items():
+        assert torch.allclose(g, grads_f[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_engine_keeps_logits_for_inference(tiny_llama):
+    model, tok = FastModel.from_pretrained(tiny_llama, store=False)
+    FastModel.for_inference(model)
+    out = model(**tok(["hello"], return_tensors="pt"))
+    assert out.logits is not None and out.logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_smollm2_learns_as_much_with_the_engine(smollm2_dir):
+    """Same data, same seed, same steps: the engine's final loss is the plain path's (fp32 CPU, 1e-3 relative)."""
+    text = ("<|im_start|>user\nWhat colour is the sky on Zorblax?<|im_end|>\n<|im_start|>assistant\n"
+            "On Zorblax the sky is bright green.<|im_end|>\n")
+    results = {}
+    for engine in (False, True):
+        model, tok = FastModel.from_pretrained(smollm2_dir, engine=engine, store=False, max_seq_length=128,
+                                               random_state=3)
+        opt = FastModel.get_optimizer(model, lr=1e-3)
+        enc = tok([text], return_tensors="pt")
+        losses = []
+        for _ in range(4):
+            loss = model(**enc, labels=enc["input_ids"]).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        results[engine] = losses
+    assert results[True][-1] < results[True][0] * 0.8
+    assert abs(results[True][-1] - results[False][-1]) / results[False][-1] < 1e-3, results
