@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,108 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type", ""), str):
         raise CheckpointCorrupt(f"Reading {cfg_file}", found="it is not a transformers config (no model_type object)",
                                 fix="restore config.json from the original checkpoint")
+    for section in (config, config.get("text_config")):
+        bad = _bad_size_field(section) if isinstance(section, dict) else None
+        if bad:
+            raise CheckpointCorrupt(f"Reading {cfg_file}", found=f"{bad[0]}={bad[1]!r} is not a positive integer",
+                                    fix="restore config.json from the original checkpoint")
     return config
 
 
+# config fields that size tensors: a wrong type or sign here fails deep inside torch, so it is refused up front
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "head_dim")
+
+
+def _bad_size_field(config: dict) -> tuple[str, object] | None:
+    for key in SIZE_FIELDS:
+        value = config.get(key)
+        values = value if isinstance(value, list) and key == "intermediate_size" else [value]
+        if value is not None and not all(_is_count(v) and v > 0 for v in values):
+            return key, value
+    return None
+
+
+LAYER_NAME = re.compile(r"^(.*?)(?<![^.])layers\.(\d+)\.")
+
+
+def check_layer_count(path: Path, config: dict, tensor_names) -> None:
+    """Refuse a config that asks for more decoder layers than the weights hold, before memory is spent on them."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    wanted = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    counts: dict[str, int] = {}
+    for name in tensor_names:
+        m = LAYER_NAME.match(name)
+        if m:
+            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
+    if isinstance(wanted, int) and counts and wanted > max(counts.values()):
+        raise CheckpointIncomplete(f"Loading the checkpoint in {path}",
+                                   found=f"config.json says num_hidden_layers={wanted}, the weights hold "
+                                         f"{max(counts.values())} layers",
+                                   fix="use the config.json that belongs to these weights, or finish the download")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "tekken.json")
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """A local checkpoint needs its tokenizer; say so before minutes of quantization, not after."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointIncomplete(f"Loading the tokenizer from {path}",
+                                   found=f"no tokenizer files (none of {', '.join(TOKENIZER_FILES[:4])}, ...)",
+                                   fix="copy the tokenizer files of the original model next to config.json "
+                                       "(tokenizer.save_pretrained(path))")
+
+
+# bits per element of each safetensors dtype; a name not listed (a newer format) skips only the size check
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+              "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4,
+              "F6_E2M3": 6, "F6_E3M2": 6}
+DTYPE_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_tensors(header: dict, data_bytes: int) -> None:
+    """The safetensors format's own rules: known dtype, byte size = shape x dtype, data contiguous and whole."""
+    spans = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            if meta is not None and not isinstance(meta, dict):
+                raise ValueError("__metadata__ is not an object")
+            continue
+        if not isinstance(meta, dict):
+            raise ValueError(f"tensor {name!r} is not described by an object")
+        offsets, shape, dtype = meta.get("data_offsets"), meta.get("shape"), meta.get("dtype")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ValueError(f"tensor {name!r} has invalid shape {shape!r}")
+        if not isinstance(dtype, str) or not DTYPE_NAME.match(dtype):
+            raise ValueError(f"tensor {name!r} has invalid dtype {dtype!r}")
+        if dtype in DTYPE_BITS:
+            numel = 1
+            for d in shape:
+                numel *= d
+            if numel * DTYPE_BITS[dtype] != (offsets[1] - offsets[0]) * 8:
+                raise ValueError(f"tensor {name!r} is {dtype} {shape} but spans {offsets[1] - offsets[0]} bytes")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise ValueError(f"tensor {name!r} starts at byte {begin}, expected {end} (overlapping or gap)")
+        end = stop
+    if end != data_bytes:
+        what = "truncated?" if end > data_bytes else "trailing bytes"
+        raise ValueError(f"header describes {end} bytes of tensor data, the file holds {data_bytes} ({what})")
+
+
 def read_safetensors_header(file: Path) -> dict:
-    """Parse a safetensors header and check the file holds every byte the header promises."""
+    """Parse a safetensors header and check it as safetensors itself would, before any weight is read."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -58,25 +156,12 @@ def read_safetensors_header(file: Path) -> dict:
             (n,) = struct.unpack("<Q", prefix)
             if n > MAX_HEADER_BYTES or n + 8 > size:
                 raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        end = 0
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if not isinstance(meta, dict) or not isinstance(meta.get("data_offsets"), list) or len(meta["data_offsets"]) != 2:
-                raise ValueError(f"tensor {name!r} has no valid data_offsets")
-            begin, stop = meta["data_offsets"]
-            if not (isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop):
-                raise ValueError(f"tensor {name!r} has offsets {meta['data_offsets']}")
-            if not isinstance(meta.get("shape"), list) or not isinstance(meta.get("dtype"), str):
-                raise ValueError(f"tensor {name!r} has no shape or dtype")
-            end = max(end, stop)
-        if 8 + n + end > size:
-            raise ValueError(f"header promises {8 + n + end} bytes, file has {size} (truncated?)")
+        _check_tensors(header, size - 8 - n)
         return header
-    except (ValueError, UnicodeDecodeError, json.JSONDecodeError, struct.error, OverflowError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError, struct.error, OverflowError, TypeError, RecursionError) as e:
         raise CheckpointCorrupt(f"Reading weights from {file}", found=f"not a valid safetensors file: {e}",
                                 fix="download or save the checkpoint again; the file is damaged or was cut short") from e
 
@@ -115,6 +200,6 @@ def inspect_checkpoint(path: Path, allow_pickle: bool = False, check_weights: bo
     config = read_config(path)
     files, safe = find_weight_files(path, allow_pickle)
     if check_weights and safe:
-        for f in files:
-            read_safetensors_header(f)
+        names = [name for f in files for name in read_safetensors_header(f) if name != "__metadata__"]
+        check_layer_count(path, config, names)
     return CheckpointInfo(path=path, config=config, weight_files=files, safetensors=safe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Any
 
 from .errors import DeviceUnavailable, InvalidOption
@@ -15,12 +16,20 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+DEVICE_NAME = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?|npu(:\d+)?)$")
+
+
 def resolve_device_map(device_map: Any) -> Any:
     """Default: the single (current) GPU if there is one, else the CPU. Explicit GPU requests need a GPU."""
     if device_map is None or device_map == "auto":
         return {"": 0} if cuda_available() else {"": "cpu"}
     if isinstance(device_map, str) and device_map in ("cpu",):
         return {"": "cpu"}
+    if not isinstance(device_map, (str, int, dict)) or isinstance(device_map, bool) or (
+            isinstance(device_map, str) and not DEVICE_NAME.match(device_map)):
+        raise InvalidOption(f"device_map={device_map!r}", found="not a device fastload or accelerate knows",
+                            fix="leave it unset (the GPU if there is one, else the CPU), or pass 'cpu', 'cuda', "
+                                "'cuda:1', 'auto' or a dict of module names to devices")
     wants_gpu = (isinstance(device_map, str) and device_map.startswith("cuda")) or isinstance(device_map, int) or (
         isinstance(device_map, dict) and any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
     if wants_gpu and not cuda_available():
@@ -79,7 +88,11 @@ def free_memory_bytes(device: str) -> int:
         return int(free)
     override = os.environ.get("FASTLOAD_MEMORY_LIMIT_BYTES")  # for containers whose cgroup limit /proc does not show
     if override:
-        return int(override)
+        try:
+            return int(override)
+        except ValueError:
+            raise InvalidOption(f"FASTLOAD_MEMORY_LIMIT_BYTES={override!r}", found="it is not a whole number of bytes",
+                                fix="set it to e.g. 8000000000, or unset it to use what the machine reports") from None
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -10,8 +10,8 @@ from typing import Any
 from . import plan as P
 from ._log import logger
 from .devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
-from .errors import (CheckpointCorrupt, CheckpointIncomplete, GatedModel, InvalidOption, ModelNotFound,
-                     NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
+from .errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
+                     ModelNotFound, NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
 from .plan import LoadPlan
 from .settings import dtype_name
 
@@ -49,13 +49,15 @@ def hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
 
 
 @contextlib.contextmanager
-def translated_errors(plan: LoadPlan):
+def translated_errors(plan: LoadPlan, part: str = "model"):
     """Turn the errors of huggingface_hub, transformers and safetensors into fastload's, keeping the cause."""
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    where = f"Loading {plan.name!r} from {plan.location}"
+    where = f"Loading {plan.name!r} from {plan.location}" + ("" if part == "model" else f" ({part})")
     try:
         yield
+    except FastloadError:
+        raise
     except GatedRepoError as e:
         raise GatedModel(where, found="the repository is gated: its terms must be accepted and a token given",
                          fix="accept the terms on the model's hub page, then pass token=... or run `hf auth login`; "
@@ -64,27 +66,74 @@ def translated_errors(plan: LoadPlan):
         raise ModelNotFound(where, found="the hub has no such repository (or it is private)",
                             fix="check the repo id, or pass token=... for a private repo") from e
     except LocalEntryNotFoundError as e:
-        raise ModelNotFound(where, found="not in the local cache and downloads are off (offline)",
+        raise ModelNotFound(where, found="not in the local cache, and the hub was not reached (offline or no network)",
                             fix="download it while online, or unset HF_HUB_OFFLINE / local_files_only") from e
-    except (EnvironmentError, ValueError, RuntimeError, KeyError) as e:
-        text = str(e)
-        if "out of memory" in text.lower():
-            raise NotEnoughMemory(where, found=text.splitlines()[0],
-                                  fix="load in 4-bit, free memory, or use a smaller model") from e
-        if "size mismatch" in text or "shape" in text.lower() and "mismatch" in text.lower():
-            raise CheckpointIncomplete(where, found=f"weights do not match the config: {text.splitlines()[0][:300]}",
-                                       fix="use the config.json that belongs to these weights") from e
-        if "safetensors" in text.lower() or "header" in text.lower() or "deserializ" in text.lower():
-            raise CheckpointCorrupt(where, found=f"the weight files cannot be read: {text.splitlines()[0][:300]}",
-                                    fix="download or save the checkpoint again") from e
-        if "does not recognize this architecture" in text or "Unrecognized configuration" in text or \
-                "model type" in text.lower() and "not" in text.lower():
-            raise UnsupportedArchitecture(where, found=text.splitlines()[0][:300],
-                                          fix="upgrade transformers, or pass trust_remote_code=True if you trust the repo") from e
-        if "use_safetensors" in text or "pytorch_model.bin" in text or ".bin" in text and "safetensors" in text:
-            raise UnsafeCheckpoint(where, found="the checkpoint has no safetensors weights, only pickle files",
-                                   fix="pass allow_pickle=True if you trust its origin") from e
-        raise
+    except Exception as e:
+        error = classify_load_error(e, where, part)
+        if error is None:
+            raise
+        raise error from e
+    except BaseException as e:  # a Rust panic inside safetensors derives from BaseException
+        if type(e).__name__ != "PanicException":
+            raise
+        raise CheckpointCorrupt(where, found=f"the weight reader failed on the file: {_first_line(e)}",
+                                fix="download or save the checkpoint again") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+# exception types that transformers, tokenizers and safetensors raise for what is in the files; anything else is a bug
+_FILE_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, IndexError, MemoryError)
+
+
+def classify_load_error(e: Exception, where: str, part: str):
+    """The fastload error for an exception raised while transformers read a checkpoint, or None to re-raise it."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    text, first = str(e), _first_line(e)
+    low = text.lower()
+    kind = type(e).__name__
+    if isinstance(e, MemoryError) or "out of memory" in low:
+        return NotEnoughMemory(where, found=first, fix="load in 4-bit, free memory, or use a smaller model")
+    if isinstance(e, StrictDataclassError):
+        return CheckpointCorrupt(where, found=f"config.json holds an invalid value: {' '.join(text.split())[:300]}",
+                                 fix="restore config.json from the original checkpoint")
+    if "does not recognize this architecture" in text or "Unrecognized configuration" in text:
+        return UnsupportedArchitecture(where, found=first,
+                                       fix="upgrade transformers, or pass trust_remote_code=True if you trust the repo")
+    if "custom code" in text or "trust_remote_code=True" in text:
+        return UnsafeCheckpoint(where, found="the checkpoint ships its own Python code (auto_map in its config) and "
+                                             "transformers has no built-in class for it; fastload never runs it implicitly",
+                                fix="read the code, then pass trust_remote_code=True if you trust its origin")
+    if "Unrecognized model" in text or "model_type" in text and "config.json" in text:
+        return CheckpointIncomplete(where, found="config.json has no model_type, so no architecture can be chosen",
+                                    fix="restore config.json from the original checkpoint (it names e.g. \"model_type\": \"llama\")")
+    if "attn_implementation" in text:
+        return InvalidOption(where, found=first, fix="use attn_implementation='sdpa' (default) or 'eager'")
+    if "size mismatch" in text or "shape" in low and "mismatch" in low:
+        return CheckpointIncomplete(where, found=f"weights do not match the config: {first}",
+                                    fix="use the config.json that belongs to these weights")
+    if kind == "SafetensorError" or "safetensors" in low or "header" in low or "deserializ" in low:
+        return CheckpointCorrupt(where, found=f"the weight files cannot be read: {first}",
+                                 fix="download or save the checkpoint again")
+    if "use_safetensors" in text or "pytorch_model.bin" in text or ".bin" in text and "safetensors" in text:
+        return UnsafeCheckpoint(where, found="the checkpoint has no safetensors weights, only pickle files",
+                                fix="pass allow_pickle=True if you trust its origin")
+    if part == "tokenizer" and (isinstance(e, ValueError) or "tokenizer" in low):
+        damaged = kind == "JSONDecodeError" or "tokenizer.json" in text or "data did not match" in low
+        cls = CheckpointCorrupt if damaged else CheckpointIncomplete
+        return cls(where, found=f"the tokenizer files cannot be read: {kind}: {first}",
+                   fix="copy the tokenizer files of the original model (tokenizer.save_pretrained(path))")
+    if kind == "JSONDecodeError":
+        return CheckpointCorrupt(where, found=f"a JSON file of the checkpoint is damaged: {first}",
+                                 fix="restore the checkpoint's JSON files from the original")
+    if isinstance(e, _FILE_ERRORS) or kind == "SafetensorError":
+        return CheckpointError(where, found=f"transformers could not load the {part}: {kind}: {first}",
+                               fix="check that the files belong together and are whole; the original error is chained")
+    return None
 
 
 def load_config(plan: LoadPlan, opts: LoadOptions):
@@ -151,7 +200,11 @@ def materialize_gguf(plan: LoadPlan, store_root) -> LoadPlan:
 def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    with translated_errors(plan):
+    from .checkpoint import check_tokenizer_files
+
+    if Path(plan.location).is_dir():
+        check_tokenizer_files(Path(plan.location))
+    with translated_errors(plan, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(plan.location, **hub_kwargs(plan, opts))
     if tok.pad_token is None:
         # a pad distinct from eos keeps eos learnable; fall back to eos/unk when the vocabulary has no spare token
@@ -165,12 +218,26 @@ def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right
     return tok
 
 
+def extra_layer_keys(model, unexpected) -> list[str]:
+    """Unexpected weights shaped like the model's own layer weights: the config asks for fewer layers than were saved.
+
+    transformers drops them with a notice; silently, a checkpoint would load as a different, shallower model.
+    """
+    import re
+
+    def template(name: str) -> str:
+        return re.sub(r"\.\d+\.", ".#.", name)
+
+    own = {template(n) for n, _ in model.named_parameters()}
+    return sorted(k for k in unexpected if template(k) in own)
+
+
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import inspect_checkpoint
+    from .checkpoint import check_tokenizer_files, inspect_checkpoint
     from .memory import check_fits
 
     device_map = resolve_device_map(opts.device_map)
@@ -180,6 +247,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
     if Path(plan.location).is_dir():
         inspect_checkpoint(Path(plan.location), allow_pickle=opts.allow_pickle)
+        check_tokenizer_files(Path(plan.location))
     bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
     check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
                other_bytes=torch.tensor([], dtype=dtype).element_size())
@@ -191,13 +259,21 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         kw["rope_scaling"] = opts.rope_scaling
     if not plan.prequantized and plan.quant.quantized:
         kw["quantization_config"] = bnb_config(plan, dtype)
+    if kw.get("local_files_only"):
+        # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
+        # a load from the cache would still try the network (and retry for ~20 s when there is none)
+        kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
     with translated_errors(plan):
         model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
-    missing = [k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings]
-    if missing or info.get("mismatched_keys"):
+    missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
+    extra = extra_layer_keys(model, info.get("unexpected_keys", []))
+    if missing or mismatched or extra:
+        problems = [f"{len(keys)} {what} ({keys[:3]})" for keys, what in (
+            (missing, "weight(s) missing"), (mismatched, "weight(s) of the wrong shape"),
+            (extra, "weight(s) of layers the config does not have")) if keys]
         raise CheckpointIncomplete(f"Loading {plan.name!r} from {plan.location}",
-                                   found=f"weights missing for {len(missing)} parameter(s) ({missing[:3]}) "
-                                         f"or of the wrong shape ({list(info.get('mismatched_keys', []))[:3]})",
+                                   found="the weights do not match config.json: " + "; ".join(problems),
                                    fix="use the config.json that belongs to these weights, or re-download the checkpoint")
     if plan.prequantized:
         set_compute_dtype(model, dtype)

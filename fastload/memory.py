@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import NotEnoughMemory, UnsupportedArchitecture
+from .errors import CheckpointCorrupt, FastloadError, NotEnoughMemory, UnsupportedArchitecture
 
 GIB = 1024 ** 3
 NF4_BLOCK = 64            # weights per absmax block
@@ -42,8 +42,16 @@ def count_params(config) -> ParamCounts:
             raise UnsupportedArchitecture(f"Reading a config of model_type {cfg.get('model_type')!r}",
                                           found=f"transformers does not know it ({e})",
                                           fix="upgrade transformers, or pass trust_remote_code=True if you trust the repo") from e
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except FastloadError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointCorrupt(f"Building the model a config of model_type {getattr(config, 'model_type', '?')!r} "
+                                "describes", found=f"transformers cannot build it: {type(e).__name__}: "
+                                f"{(str(e).splitlines() or [''])[0][:300]}",
+                                fix="restore config.json from the original checkpoint") from e
     layers = decoder_layers(model)
     proj = sum(m.weight.numel() for layer in (layers or []) for m in layer.modules() if _is_linear(m))
     total = sum(p.numel() for p in model.parameters())
@@ -137,13 +145,34 @@ def estimate(config, seq: int = 2048, batch: int = 1, r: int = 16) -> MemoryEsti
                           activations_no_ckpt=activation_bytes(counts, seq, batch, False), seq=seq, batch=batch)
 
 
+def weights_floor_bytes(config, other_bytes: int) -> int | None:
+    """Bytes no model of this config can weigh less than: its embedding, and a 4-bit hidden-wide row per layer."""
+    tc = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if isinstance(tc, dict):
+        tc = tc.get("text_config") if isinstance(tc.get("text_config"), dict) else tc
+        get = tc.get
+    else:
+        def get(key):
+            return getattr(tc, key, None)
+    hidden, layers, vocab = get("hidden_size"), get("num_hidden_layers"), get("vocab_size")
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, layers, vocab)):
+        return None
+    return vocab * hidden * other_bytes + layers * hidden // 2
+
+
 def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int) -> int:
     """Refuse, before reading weights, a load whose weights alone cannot fit the device. Returns the estimate."""
     from .devices import free_memory_bytes
 
+    free = free_memory_bytes(device)
+    floor = weights_floor_bytes(config, other_bytes)
+    if floor is not None and floor > free:  # absurd sizes: refuse before building even a meta model of them
+        raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
+                              found=f"its config describes weights of at least {floor / GIB:.1f} GiB, the {device} "
+                                    f"has {free / GIB:.1f} GiB free",
+                              fix="check config.json (hidden_size, num_hidden_layers, vocab_size), or use a smaller model")
     counts = count_params(config)
     need = weight_bytes(counts, bits, double_quant, other_bytes)
-    free = free_memory_bytes(device)
     if need > free:
         options = [f"{b}-bit needs {weight_bytes(counts, b, True, other_bytes) / GIB:.1f} GiB" for b in (4, 8, 16) if b != bits]
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",

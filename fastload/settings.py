@@ -44,6 +44,11 @@ class QuantSettings:
     llm_int8_has_fp16_weight: bool = False
 
     def __post_init__(self):
+        for name in ("load_in_4bit", "load_in_8bit", "bnb_4bit_use_double_quant", "llm_int8_enable_fp32_cpu_offload",
+                     "llm_int8_has_fp16_weight"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidOption(f"{name}={getattr(self, name)!r}", found="it must be True or False",
+                                    fix=f"pass {name}=True or {name}=False")
         if self.load_in_4bit and self.load_in_8bit:
             raise InvalidOption("load_in_4bit=True and load_in_8bit=True were both asked for",
                                 found="a model is quantized either to 4 bits or to 8 bits",
@@ -126,10 +131,13 @@ class LoraSettings:
     extra: dict[str, Any] = field(default_factory=dict)  # any other peft.LoraConfig field (use_rslora, ...)
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise InvalidOption(f"LoRA rank r={self.r!r} was asked for", found="the rank must be a positive integer",
                                 fix="use r=16 (default) or another power of two such as 8, 32, 64")
-        if not 0 <= float(self.lora_dropout) < 1:
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+            raise InvalidOption(f"lora_alpha={self.lora_alpha!r}", found="alpha must be a positive number "
+                                "(the adapters' output is scaled by alpha / r)", fix="use lora_alpha=16 (default) or 2 * r")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise InvalidOption(f"lora_dropout={self.lora_dropout!r}", found="dropout must be in [0, 1)",
                                 fix="use 0.0 (default, fastest)")
         if self.bias not in ("none", "all", "lora_only"):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from . import plan as P
 from .checkpoint import inspect_checkpoint, read_safetensors_header
-from .errors import ModelNotFound
+from .errors import CheckpointCorrupt, ModelNotFound
 from .plan import LoadPlan
 from .registry import REPO_ID, Match, Registry, get_registry
 from .settings import QuantSettings
@@ -136,10 +136,10 @@ def from_adapter_dir(req: Request, path: Path) -> LoadPlan:
     """A LoRA adapter directory: resolve its base model, then put the adapter on top."""
     try:
         base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelNotFound(f"Reading the adapter in {path}", found=f"adapter_config.json is not valid JSON ({e})",
-                            fix="save the adapter again with model.save_pretrained") from e
-    if not base:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointCorrupt(f"Reading the adapter in {path}", found=f"adapter_config.json is not a JSON object ({e})",
+                                fix="save the adapter again with model.save_pretrained") from e
+    if not base or not isinstance(base, str):
         raise ModelNotFound(f"Loading the adapter in {path}", found="adapter_config.json names no base model",
                             fix="set base_model_name_or_path in adapter_config.json to the base repo id or directory")
     base_plan = resolve_request(replace(req, name=base, match=req.registry.find(base), tried=[]))
@@ -289,6 +289,9 @@ def resolve_request(req: Request) -> LoadPlan:
     close = req.registry.closest(req.name)
     hint = f"closest registry names: {', '.join(close)}" if close else "no registry name is close"
     known = "is not in the registry and" if req.match is None else "is in the registry but"
+    if req.match is not None and req.match.entry.gated:
+        hint += (f"\n  {req.match.entry.id} is gated on the hub: accept its terms on its page and pass token=... "
+                 "(or `hf auth login`) while online, or use its pre-quantized copy")
     raise ModelNotFound(f"Resolving the model name {req.name!r}",
                         found=f"{req.name!r} {known} no source could provide it. Tried:\n    "
                               + "\n    ".join(req.tried) + f"\n  {hint}",

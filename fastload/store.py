@@ -169,10 +169,13 @@ class Store:
         """Hold the per-entry lock: a second process loading the same model waits, then reads the finished entry."""
         from filelock import FileLock, Timeout
 
-        self.locks_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.locks_dir / f"{key}.lock"))
         try:
+            self.locks_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire(timeout=timeout)
+        except OSError as e:
+            raise StoreError(f"Locking store entry {key} in {self.root}", found=f"{type(e).__name__}: {e}",
+                             fix="check that FASTLOAD_HOME is a writable folder, or pass store=False") from e
         except Timeout as e:
             raise StoreError(f"Waiting for the store lock of entry {key}",
                              found=f"another process held it for {timeout:.0f} s",
@@ -188,11 +191,11 @@ class Store:
         The caller holds self.lock(key). Errors (disk full, interrupt) remove the temporary folder and re-raise.
         """
         self.cleanup_tmp()
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.entries_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         final = self.entries_dir / f"{_slug(source['id'])}--{key}"
         try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self.entries_dir.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             save(tmp)
             files = {}
@@ -229,7 +232,10 @@ class Store:
             parts = tmp.name.split(".")
             pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
             alive = pid is not None and _pid_alive(pid)
-            old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+            try:
+                old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+            except OSError:  # another process cleaned it up first
+                continue
             if not alive or old:
                 shutil.rmtree(tmp, ignore_errors=True)
 

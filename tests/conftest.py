@@ -31,6 +31,36 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+class NetworkForbidden(RuntimeError):
+    """Raised by any attempt to reach another machine during the tests."""
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with the network forbidden: fastload must never reach out unless a download is asked for.
+
+    Local sockets (AF_UNIX, loopback: notebook kernels, torch's process groups) stay allowed.
+    """
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "::1", "localhost"):
+            raise NetworkForbidden(f"test tried to connect to {address!r}")
+        return real_connect(sock, address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if host not in (None, "127.0.0.1", "::1", "localhost"):
+            raise NetworkForbidden(f"test tried to resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
     """A fresh store, an empty HF cache, downloads off, the registry re-read."""
