@@ -29,10 +29,21 @@ class NativeBackend:
                     self._store(plan, model, tokenizer, store)
         else:
             model, tokenizer = self._load(plan, opts, store)
-        if lora is not None:
+        if plan.adapter:
+            from ..saving import load_adapter
+
+            if lora is not None and lora != type(lora)():
+                logger.info("the adapter's own settings are used (lora=... applies to new adapters only)")
+            model = load_adapter(model, plan.adapter)
+            tokenizer = self._adapter_tokenizer(plan, opts) or tokenizer
+        elif lora is not None:
             from ..lora import apply_lora
 
             model = apply_lora(model, lora, random_state)
+        if getattr(model, "peft_config", None):
+            from ..saving import name_base_model
+
+            name_base_model(model, plan)  # adapter_config.json then names the 16-bit source, findable later
         elif getattr(model, "is_quantized", False):
             # quantized weights cannot train; the 16-bit rest alone is not what a QLoRA user wants to update
             model.requires_grad_(False)
@@ -53,6 +64,15 @@ class NativeBackend:
         tokenizer = load_tokenizer(plan, opts)
         model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer
+
+    def _adapter_tokenizer(self, plan, opts):
+        """The tokenizer saved next to the adapter (it may carry a changed chat template or pad token)."""
+        from dataclasses import replace
+        from pathlib import Path
+
+        if not (Path(plan.adapter) / "tokenizer_config.json").is_file():
+            return None
+        return load_tokenizer(replace(plan, source=P.LOCAL, location=plan.adapter), opts)
 
     def _store(self, plan, model, tokenizer, store):
         started = time.perf_counter()

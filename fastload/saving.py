@@ -1,0 +1,510 @@
+"""Saving what was trained: the LoRA adapter alone (reloadable by fastload), or a merged model plain transformers loads.
+
+Merging adds each adapter's delta (peft's get_delta_weight: B @ A * scaling, where scaling already accounts for
+rslora and rank/alpha patterns) to the base weights. The base is the 16-bit source when it is on this machine
+(the original the 4-bit model was made from), else the 4-bit weights dequantized; one line says which. Merges
+go shard by shard and are written into a temporary folder renamed into place, so an interrupted save leaves
+nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from ._log import logger
+from .errors import AdapterError, InvalidOption
+
+SOURCES = ("auto", "16bit", "dequantized")
+DEFAULT_SHARD_SIZE = "5GB"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+# -- where the adapter's base lives -------------------------------------------------------------------------------
+
+def base_model_id(plan) -> str | None:
+    """The name a later load finds the base by: the 16-bit original (registry id, repo or path), else the location."""
+    if plan is None:
+        return None
+    if plan.original:
+        return plan.original
+    if plan.registry_entry is not None:
+        return plan.registry_entry.id
+    return plan.location
+
+
+def name_base_model(model, plan) -> None:
+    """Point every adapter config at the 16-bit source, so adapter_config.json names something resolvable."""
+    name = base_model_id(plan)
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if name:
+            config.base_model_name_or_path = name
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike):
+    """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones."""
+    import torch
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300]}",
+                           fix="check that adapter_config.json names the base model the adapter was trained on") from e
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("LoRA adapter loaded from %s: %s trainable parameters", adapter_dir, f"{trainable:,}")
+    return peft_model
+
+
+def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given."""
+    _require_adapters(model, "Saving the LoRA adapter")
+    name_base_model(model, getattr(model, "fastload_plan", None))
+    directory = Path(directory)
+    with atomic_directory(directory, marker="adapter_config.json") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    logger.info("saved the LoRA adapter in %s (base: %s)", directory,
+                next(iter(model.peft_config.values())).base_model_name_or_path)
+    return directory
+
+
+# -- atomic output folders ----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `directory`, on any error (or Ctrl-C) it is removed.
+
+    An existing non-empty folder is replaced only when it holds `marker` (a previous save), never a folder of
+    other files.
+    """
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists():
+        if not directory.is_dir():
+            raise InvalidOption(f"Saving to {directory}", found="a file with that name", fix="choose another path")
+        if any(directory.iterdir()) and not (directory / marker).exists():
+            raise InvalidOption(f"Saving to {directory}", found=f"a non-empty folder without {marker}: not a "
+                                "previous save, so it is not replaced", fix="choose a new or empty folder")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = directory.parent / f".{directory.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{tag}"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- the LoRA deltas ----------------------------------------------------------------------------------------------
+
+def _require_adapters(model, asked: str) -> None:
+    if not getattr(model, "peft_config", None):
+        raise AdapterError(asked, found="the model has no LoRA adapters",
+                           fix="load with LoRA (the default) or add them with FastModel.get_peft_model(model)")
+
+
+def active_adapter(model) -> str:
+    name = getattr(model, "active_adapter", "default")
+    return name[0] if isinstance(name, (list, tuple)) else name
+
+
+def checkpoint_key(name: str, adapter: str) -> str:
+    """A peft module/parameter name -> the name the weight has in a transformers checkpoint."""
+    name = re.sub(r"^base_model\.model\.", "", name)
+    name = name.replace(".base_layer", "").replace(f".modules_to_save.{adapter}", "")
+    return name
+
+
+class Deltas:
+    """What merging adds or replaces, by checkpoint key; deltas are computed one at a time, when asked for."""
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+
+        _require_adapters(model, "Merging the LoRA adapter")
+        self.adapter = active_adapter(model)
+        config = model.peft_config[self.adapter]
+        if getattr(config, "use_dora", False):
+            raise AdapterError("Merging the LoRA adapter", found="it is a DoRA adapter (use_dora=True)",
+                               fix="merge with peft (model.merge_and_unload()) or save the adapter alone")
+        if getattr(config, "lora_bias", False):
+            raise AdapterError("Merging the LoRA adapter", found="it has LoRA biases (lora_bias=True)",
+                               fix="merge with peft (model.merge_and_unload()) or save the adapter alone")
+        self.modules: dict[str, Any] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and self.adapter in getattr(module, "lora_A", {}):
+                self.modules[checkpoint_key(name, self.adapter) + ".weight"] = module
+        # trained tensors that replace the base's: modules_to_save copies, biases trained with bias="all"/"lora_only"
+        self.replaced: dict[str, Any] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad and ".lora_" not in name and "original_module" not in name:
+                self.replaced[checkpoint_key(name, self.adapter)] = p
+        self.used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.modules or key in self.replaced
+
+    def apply(self, key: str, tensor):
+        """The merged value of this checkpoint tensor, computed in fp32 and returned in the tensor's dtype."""
+        import torch
+
+        if key in self.replaced:
+            self.used.add(key)
+            return self.replaced[key].detach().to("cpu", tensor.dtype)
+        if key not in self.modules:
+            return tensor
+        self.used.add(key)
+        with torch.no_grad():
+            delta = self.modules[key].get_delta_weight(self.adapter).to("cpu", torch.float32)
+        if delta.shape != tensor.shape:
+            raise AdapterError(f"Merging the LoRA delta into {key}", found=f"delta {tuple(delta.shape)} vs weight "
+                               f"{tuple(tensor.shape)}", fix="merge into the base the adapter was trained on")
+        return (tensor.to(torch.float32) + delta).to(tensor.dtype)
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.modules) | set(self.replaced)
+
+    def check_all_used(self, where: str) -> None:
+        missing = sorted((set(self.modules) | set(self.replaced)) - self.used)
+        if missing:
+            raise AdapterError(f"Merging the LoRA adapter into {where}", found=f"{len(missing)} adapted weight(s) "
+                               f"have no counterpart there: {missing[:3]}",
+                               fix="use source='dequantized' (the loaded model's own weights)")
+
+
+# -- the 16-bit source --------------------------------------------------------------------------------------------
+
+def find_16bit_source(plan) -> Path | None:
+    """The local folder of the 16-bit weights the 4-bit model was made from, or None when none is on this machine.
+
+    A local checkpoint folder, the HF-cache snapshot of the original repo, or the 16-bit conversion fastload made
+    of a GGUF file.
+    """
+    if plan is None or not plan.original:
+        return None
+    from .checkpoint import inspect_checkpoint
+    from .errors import CheckpointError
+
+    candidates: list[Path] = []
+    original = Path(plan.original).expanduser()
+    if original.is_dir():
+        candidates.append(original)
+    elif original.suffix == ".gguf" and original.is_file():
+        candidates.append(_converted_gguf(original))
+    else:
+        from .registry import REPO_ID
+
+        if REPO_ID.match(plan.original):
+            from .sources import cached_snapshot, hub_cache_dir
+
+            revision = plan.revision if plan.location == plan.original else None
+            snapshot = cached_snapshot(plan.original, revision, hub_cache_dir(None))
+            if snapshot is not None:
+                candidates.append(snapshot)
+        spec = plan.registry_entry.packaged_gguf if plan.registry_entry is not None else None
+        if spec:
+            from .sources import packaged_gguf_path
+
+            gguf = packaged_gguf_path(spec)
+            if gguf is not None:
+                candidates.append(_converted_gguf(gguf))
+    for path in candidates:
+        try:
+            info = inspect_checkpoint(path)
+        except CheckpointError:
+            continue
+        if info.safetensors and not info.bnb_quantized:
+            return path
+    return None
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    from .gguf import converted_dir
+    from .store import default_root
+
+    return converted_dir(gguf, default_root())
+
+
+# -- merging ------------------------------------------------------------------------------------------------------
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise InvalidOption(f"max_shard_size={size!r}", found="not a size", fix="use e.g. '5GB', '500MB' or bytes")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _dtype(value):
+    import torch
+
+    from .settings import dtype_name
+
+    name = dtype_name(value, "dtype")
+    return getattr(torch, name) if name else None
+
+
+def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str = "auto", quantize: bool = False,
+                dtype: Any = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    """Merge the LoRA adapter into 16-bit weights and save a checkpoint plain transformers loads.
+
+    source: "16bit" merges into the 16-bit original (must be on this machine), "dequantized" into the loaded 4-bit
+    weights dequantized, "auto" the first when available. dtype: of the written weights (default: the source's
+    16-bit dtype; bfloat16 for dequantized weights). quantize=True writes a bitsandbytes 4-bit checkpoint of the
+    merged model instead (fastload loads it pre-quantized).
+    """
+    if source not in SOURCES:
+        raise InvalidOption(f"source={source!r}", found=f"choices: {', '.join(SOURCES)}",
+                            fix="use 'auto' (default), '16bit' or 'dequantized'")
+    deltas = Deltas(model)
+    plan = getattr(model, "fastload_plan", None)
+    src = find_16bit_source(plan) if source in ("auto", "16bit") else None
+    if source == "16bit" and src is None:
+        raise AdapterError("Merging into the 16-bit source (source='16bit')",
+                           found=f"the 16-bit weights of {base_model_id(plan)!r} are not on this machine",
+                           fix="download the original (huggingface-cli download ...), or use source='dequantized'")
+    if src is not None and not deltas.keys <= source_keys(src):
+        unmatched = sorted(deltas.keys - source_keys(src))
+        if source == "16bit":
+            raise AdapterError(f"Merging into the 16-bit source {src}", found=f"{len(unmatched)} adapted weight(s) "
+                               f"are not in it: {unmatched[:3]}", fix="use source='dequantized'")
+        logger.info("the 16-bit source %s names its weights differently (%s...); merging into the dequantized "
+                    "weights instead", src, unmatched[0])
+        src = None
+    out_dtype = _dtype(dtype)
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        target = tmp / ".merged-16bit" if quantize else tmp
+        target.mkdir(exist_ok=True)
+        if src is not None:
+            logger.info("merging the LoRA adapter into the 16-bit source %s", src)
+            _merge_into_source(deltas, src, target, out_dtype)
+        else:
+            why = "asked for" if source == "dequantized" else f"no 16-bit source of {base_model_id(plan)!r} on this machine"
+            logger.info("merging the LoRA adapter into the dequantized 4-bit weights (%s)", why)
+            _merge_into_model(model, deltas, target, out_dtype, parse_size(max_shard_size))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(target))
+        elif not _has_tokenizer(target):
+            _copy_tokenizer_files(plan, target)
+        if quantize:
+            _quantize_into(target, tmp, plan)
+            shutil.rmtree(target)
+    logger.info("saved the merged model in %s%s", directory, " (bitsandbytes 4-bit)" if quantize else "")
+    return directory
+
+
+def source_keys(src: Path) -> set[str]:
+    """Every tensor name of a safetensors checkpoint, from the headers only."""
+    from .checkpoint import find_weight_files, read_safetensors_header
+
+    shards, _ = find_weight_files(src, allow_pickle=False)
+    return {k for shard in shards for k in read_safetensors_header(shard) if k != "__metadata__"}
+
+
+def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype) -> None:
+    """Read each source shard, add the deltas to its weights, write it: one shard in memory at a time."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    from .checkpoint import find_weight_files
+
+    shards, _ = find_weight_files(src, allow_pickle=False)
+    weight_map, total = {}, 0
+    for shard in tqdm(shards, desc="merging LoRA into shards", unit="shard"):
+        tensors = load_file(str(shard))
+        for key in list(tensors):
+            merged = deltas.apply(key, tensors[key])
+            if out_dtype is not None and merged.is_floating_point():
+                merged = merged.to(out_dtype)
+            tensors[key] = merged.contiguous()
+            weight_map[key] = shard.name
+            total += merged.numel() * merged.element_size()
+        save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+        del tensors
+    deltas.check_all_used(str(src))
+    for f in src.iterdir():  # config, generation config, tokenizer, chat template: everything but weights
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != SAFETENSORS_INDEX:
+            shutil.copy2(f, out / f.name)
+    if len(shards) > 1:
+        _write_index(out, weight_map, total)
+    if out_dtype is not None:
+        _set_config_dtype(out / "config.json", out_dtype)
+
+
+def _merge_into_model(model, deltas: Deltas, out: Path, out_dtype, shard_bytes: int) -> None:
+    """Dequantize the loaded weights tensor by tensor, add the deltas, write shards of at most shard_bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    base = model.get_base_model()
+    out_dtype = out_dtype or _source_dtype(model) or torch.bfloat16
+    items = list(_model_tensors(base, deltas.adapter))
+    files, current, size, weight_map, total = [], {}, 0, {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"shard-{len(files):05d}.safetensors"
+            save_file(current, str(out / name), metadata={"format": "pt"})
+            files.append((name, list(current)))
+            current, size = {}, 0
+
+    for key, read in tqdm(items, desc="merging LoRA into dequantized weights", unit="tensor"):
+        tensor = read()
+        merged = deltas.apply(key, tensor.to(torch.float32) if tensor.is_floating_point() else tensor)
+        if merged.is_floating_point():
+            merged = merged.to(out_dtype)
+        nbytes = merged.numel() * merged.element_size()
+        if current and size + nbytes > shard_bytes:
+            flush()
+        current[key] = merged.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    deltas.check_all_used("the loaded model")
+    if len(files) == 1:
+        os.rename(out / files[0][0], out / "model.safetensors")
+    else:
+        for i, (name, keys) in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.rename(out / name, out / final)
+            weight_map.update({k: final for k in keys})
+        _write_index(out, weight_map, total)
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.use_cache = True
+    config.save_pretrained(str(out))
+    _set_config_dtype(out / "config.json", out_dtype)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(str(out))
+
+
+def _model_tensors(base, adapter: str):
+    """(checkpoint key, reader) for every weight of the loaded model: 4/8-bit weights dequantized, ties written once."""
+    seen: set[int] = set()
+    for mname, module in base.named_modules():
+        if ".lora_" in f".{mname}" or "original_module" in mname:
+            continue
+        kind = type(module).__name__
+        tensors = list(module.named_parameters(recurse=False)) + [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for pname, tensor in tensors:
+            key = checkpoint_key(f"{mname}.{pname}" if mname else pname, adapter)
+            if ".lora_" in key:
+                continue
+            ptr = tensor.data_ptr()
+            if ptr in seen:  # tied weights (lm_head = embed_tokens): the checkpoint holds them once
+                continue
+            seen.add(ptr)
+            if pname == "weight" and kind == "Linear4bit":
+                yield key, (lambda t=tensor: _dequantize_4bit(t))
+            elif pname == "weight" and kind == "Linear8bitLt":
+                yield key, (lambda t=tensor, m=module: _dequantize_8bit(t, m))
+            else:
+                yield key, (lambda t=tensor: t.detach().to("cpu"))
+
+
+def _dequantize_4bit(weight):
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(weight.data, weight.quant_state).to("cpu")
+
+
+def _dequantize_8bit(weight, module):
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(weight, state=module.state).to("cpu")
+
+
+def _source_dtype(model):
+    """The 16-bit dtype the model was published in (the plan's config.json), if it was 16-bit."""
+    import torch
+
+    plan = getattr(model, "fastload_plan", None)
+    config = (plan.config if plan is not None else None) or {}
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _write_index(out: Path, weight_map: dict, total: int) -> None:
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _set_config_dtype(config_file: Path, dtype) -> None:
+    config = json.loads(config_file.read_text())
+    name = str(dtype).replace("torch.", "")
+    config["dtype"] = name
+    config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file()
+
+
+def _copy_tokenizer_files(plan, out: Path) -> None:
+    location = Path(plan.location) if plan is not None else None
+    if location is None or not location.is_dir() or not _has_tokenizer(location):
+        logger.warning("no tokenizer written next to the merged model: pass tokenizer=... to save_merged")
+        return
+    for f in location.iterdir():
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges"))
+                            or f.suffix == ".model"):
+            shutil.copy2(f, out / f.name)
+
+
+def _quantize_into(merged: Path, out: Path, plan) -> None:
+    """Load the merged 16-bit checkpoint through fastload's 4-bit quantization and save it as a bnb-4bit checkpoint."""
+    import dataclasses
+
+    from .loader import LoadOptions, load_weights
+    from .sources import resolve
+    from .settings import QuantSettings
+
+    quant = plan.quant if plan is not None and plan.quant.load_in_4bit else QuantSettings()
+    options = {k: v for k, v in dataclasses.asdict(quant).items()}
+    qplan = resolve(str(merged), store=False, **options)
+    logger.info("quantizing the merged model (%s)", quant.describe())
+    model, _, _ = load_weights(qplan, LoadOptions(max_seq_length=None))
+    model.config.use_cache = True
+    model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    written = {f.name for f in out.iterdir()}
+    for f in merged.iterdir():  # tokenizer and chat template files
+        if f.is_file() and f.name not in written and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != SAFETENSORS_INDEX:
+            shutil.copy2(f, out / f.name)

@@ -1,0 +1,326 @@
+"""Trainers for the loaded model: transformers' Trainer or TRL's SFTTrainer, with fastload's defaults.
+
+The model from FastModel.from_pretrained goes into either trainer unchanged. What fastload adds is defaults
+(8-bit AdamW, LoRA learning rate, non-reentrant checkpointing, max_seq_length as SFT truncation, the device's
+precision) and a guard that keeps gradient checkpointing working whatever the trainer's own settings do.
+
+A Trainer built by hand works too; give it `optim="adamw_8bit"` in its TrainingArguments (or
+`optimizers=(FastModel.get_optimizer(model), None)`), else transformers picks its 32-bit fused AdamW.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from typing import Any
+
+from ._log import logger
+from .errors import BackendUnavailable, InvalidOption
+from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TRAINER_OPTIM
+
+# fastload's training defaults, written once; anything given to training_arguments(...) wins.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "optim": TRAINER_OPTIM,                       # bitsandbytes AdamW with 8-bit state
+    "learning_rate": DEFAULT_LR,                  # LoRA trains well at 2e-4 (10x a full fine-tune's rate)
+    "weight_decay": DEFAULT_WEIGHT_DECAY,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},  # reentrant drops LoRA grads behind frozen inputs
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "logging_steps": 1,
+    "report_to": "none",
+}
+DEFAULT_OUTPUT_DIR = "outputs"
+
+
+def import_trl():
+    """TRL is an optional extra: import it only when SFT is asked for, and say how to get it."""
+    try:
+        import trl
+    except ImportError as e:
+        raise BackendUnavailable("SFT training (sft=True) was asked for", found=f"TRL is not installed ({e})",
+                                 fix="pip install 'fastload[trl]' (or pip install trl), or use sft=False for "
+                                     "transformers' Trainer with fastload's data helpers") from e
+    return trl
+
+
+def compute_dtype_of(model):
+    """The dtype the model computes in: its 4-bit layers' compute dtype, else its parameters' dtype."""
+    for module in model.modules():
+        dtype = getattr(module, "compute_dtype", None)
+        if type(module).__name__ == "Linear4bit" and dtype is not None:
+            return dtype
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return getattr(base, "dtype", None)
+
+
+def precision_flags(model=None) -> dict[str, bool]:
+    """bf16/fp16 mixed precision matching the model's compute dtype (or the device's when no model is given).
+
+    fp32 on a CPU without native bf16 (emulated bf16 autocast is ~35x slower there); fp16 only on a GPU.
+    """
+    import torch
+
+    from .devices import choose_compute_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = compute_dtype_of(model) if model is not None else choose_compute_dtype(device)
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16 and device == "cuda"}
+
+
+def arguments_class(sft: bool):
+    if sft:
+        return import_trl().SFTConfig
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def training_arguments(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, sft: bool = False, model=None,
+                       **kwargs: Any):
+    """TrainingArguments (or TRL SFTConfig when sft=True) with fastload's defaults; any field may be overridden.
+
+    With `model`, SFT truncation (max_length) is the model's max_seq_length and the precision follows its compute
+    dtype; without, the device decides the precision and TRL's max_length stays.
+    """
+    cls = arguments_class(sft)
+    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model)}
+    if sft and getattr(model, "max_seq_length", None):
+        options["max_length"] = model.max_seq_length
+    options.update(kwargs)
+    gc_kwargs = options.get("gradient_checkpointing_kwargs")
+    if options.get("gradient_checkpointing") and isinstance(gc_kwargs, dict) and "use_reentrant" not in gc_kwargs:
+        options["gradient_checkpointing_kwargs"] = {**gc_kwargs, "use_reentrant": False}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InvalidOption(f"training_arguments({', '.join(f'{k}=...' for k in unknown)})",
+                            found=f"not field(s) of {cls.__name__}",
+                            fix=f"use {cls.__name__} field names (see its documentation); SFT-only fields such as "
+                                "max_length need sft=True")
+    return cls(output_dir=str(output_dir), **options)
+
+
+def default_optim() -> str:
+    """TrainingArguments' own optim default: seeing it means the user did not choose an optimizer."""
+    from transformers import TrainingArguments
+
+    field = next(f for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    return _name(field.default)
+
+
+def _name(optim) -> str:
+    return str(getattr(optim, "value", optim))
+
+
+def _as_sft_config(args):
+    """A plain TrainingArguments given with sft=True becomes an SFTConfig carrying the same settings."""
+    trl = import_trl()
+    if isinstance(args, trl.SFTConfig):
+        return args
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict hides it
+    return trl.SFTConfig(**values)
+
+
+def _sft_default_max_length() -> int | None:
+    trl = import_trl()
+    return next(f for f in dataclasses.fields(trl.SFTConfig) if f.name == "max_length").default
+
+
+def _normalize_args(args, model, sft: bool):
+    if sft:
+        args = _as_sft_config(args)
+        limit = getattr(model, "max_seq_length", None)
+        if limit and args.max_length == _sft_default_max_length() and args.max_length != limit:
+            logger.info("SFT max_length: %s, the model's max_seq_length (SFTConfig's default was %s)", limit,
+                        args.max_length)
+            args.max_length = limit
+        elif limit and args.max_length and args.max_length > limit:
+            logger.warning("SFT max_length=%s is beyond the model's max_seq_length=%s", args.max_length, limit)
+    if args.gradient_checkpointing:
+        kw = dict(args.gradient_checkpointing_kwargs or {})
+        if "use_reentrant" not in kw:
+            kw["use_reentrant"] = False
+            args.gradient_checkpointing_kwargs = kw
+    return args
+
+
+def _prepare_dataset(dataset, tokenizer, max_length, sft: bool, responses_only: bool):
+    """Raw records (lists of dicts of a common shape) -> tokenized examples with responses-only labels.
+
+    Datasets that already have input_ids pass unchanged; for SFT, a datasets.Dataset of TRL's own formats
+    (messages, text, prompt/completion) also passes unchanged, and TRL tokenizes it.
+    """
+    from .data import prepare_records
+
+    if dataset is None:
+        return None
+    columns = _columns(dataset)
+    tokenize = "input_ids" not in columns and not (sft and not isinstance(dataset, list))
+    if tokenize:
+        dataset = prepare_records(dataset, tokenizer, max_length, responses_only)
+    if sft and isinstance(dataset, list):
+        from datasets import Dataset
+
+        dataset = Dataset.from_list(dataset)
+    return dataset
+
+
+def _columns(dataset) -> set[str]:
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return set(names)
+    try:
+        first = dataset[0]
+    except (IndexError, KeyError, TypeError):
+        return set()
+    return set(first) if isinstance(first, dict) else set()
+
+
+def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, eval_dataset=None,
+                data_collator=None, responses_only: bool = True, **trainer_kwargs: Any):
+    """Build transformers' Trainer (or TRL's SFTTrainer with sft=True) around the loaded model.
+
+    train_dataset: tokenized examples (input_ids, labels...), packed rows (data.pack), raw records of a common
+    shape (messages, ShareGPT, Alpaca, prompt/response; tokenized here, responses-only when responses_only=True),
+    or for SFT any dataset TRL accepts. args: None for fastload's defaults (training_arguments). If args.optim is
+    still TrainingArguments' default, the optimizer is fastload's AdamW8bit; an optim the user set is kept.
+    """
+    from .checkpointing import for_training, is_checkpointing
+
+    if args is None:
+        args = training_arguments(DEFAULT_OUTPUT_DIR, sft=sft, model=model)
+    args = _normalize_args(args, model, sft)
+    for_training(model)  # a model left in generation mode gets train mode and its checkpointing back
+    if not args.gradient_checkpointing and is_checkpointing(model):
+        logger.info("the trainer's args have gradient_checkpointing=False; the model keeps the non-reentrant "
+                    "checkpointing it was loaded with (load with gradient_checkpointing=False to train without)")
+    max_length = args.max_length if sft else getattr(model, "max_seq_length", None)
+    train_dataset = _prepare_dataset(train_dataset, tokenizer, max_length, sft, responses_only)
+    eval_dataset = _prepare_dataset(eval_dataset, tokenizer, max_length, sft, responses_only)
+    packed = "position_ids" in _columns(train_dataset)
+    if data_collator is None and (not sft or packed):
+        from .data import Collator
+
+        data_collator = Collator(tokenizer)
+    if sft and packed:
+        # TRL's own collator would add an all-ones attention_mask and let packed sequences see each other
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
+    if "optimizers" not in trainer_kwargs and "optimizer_cls_and_kwargs" not in trainer_kwargs \
+            and _name(args.optim) == default_optim():
+        from .optim import get_optimizer
+
+        trainer_kwargs["optimizers"] = (get_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                                      betas=(args.adam_beta1, args.adam_beta2),
+                                                      eps=args.adam_epsilon), None)
+        logger.info("optimizer: bitsandbytes AdamW8bit (args.optim was left at transformers' default)")
+    callbacks = [*(trainer_kwargs.pop("callbacks", None) or []), checkpointing_guard(model)]
+    kw = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+              processing_class=tokenizer, data_collator=data_collator, callbacks=callbacks, **trainer_kwargs)
+    if not sft:
+        from transformers import Trainer
+
+        return Trainer(**kw)
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+    trainer = import_trl().SFTTrainer(**kw)
+    restore_adapter_dtypes(model, dtypes)
+    return trainer
+
+
+def restore_adapter_dtypes(model, dtypes: dict) -> None:
+    """TRL casts the adapters of a quantized model to bf16; fastload keeps them as loaded (fp32 on purpose)."""
+    changed = 0
+    for name, p in model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
+            changed += 1
+    if changed:
+        logger.info("kept %d adapter tensors in %s (TRL had cast them to bf16)", changed,
+                    str(next(iter(dtypes.values()))).replace("torch.", ""))
+
+
+# -- gradient checkpointing that survives the trainer ------------------------------------------------------------
+
+def checkpointing_state(model) -> dict[str, Any]:
+    """What a user would check: is checkpointing on, is it reentrant, do inputs require grad (for frozen layers).
+
+    use_reentrant is None for a checkpoint function other than torch's (fastload's engine may install one).
+    """
+    from .checkpointing import _base, is_checkpointing
+
+    base = _base(model)
+    reentrant = None
+    funcs = checkpoint_functions(model)
+    if funcs:
+        func = next(iter(funcs.values()))
+        if _is_torch_checkpoint(func):
+            reentrant = func.keywords.get("use_reentrant", True) is not False
+    return {"enabled": is_checkpointing(model), "use_reentrant": reentrant,
+            "input_grads": bool(getattr(base, "_require_grads_hooks", None))}
+
+
+def _is_torch_checkpoint(func) -> bool:
+    from torch.utils.checkpoint import checkpoint
+
+    return getattr(func, "func", None) is checkpoint
+
+
+def _same_function(f, g) -> bool:
+    """Two checkpoint functions that behave alike (a trainer re-creates an equal partial every time)."""
+    return f is g or (getattr(f, "func", f) is getattr(g, "func", g) and getattr(f, "args", ()) == getattr(g, "args", ())
+                      and getattr(f, "keywords", {}) == getattr(g, "keywords", {}))
+
+
+def checkpoint_functions(model) -> dict:
+    """The checkpoint function of every checkpointed layer, by module."""
+    from .checkpointing import _base
+
+    return {m: m._gradient_checkpointing_func for m in _base(model).modules()
+            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)}
+
+
+def ensure_checkpointing(model, saved: dict | None = None, allow_reentrant: bool = False) -> bool:
+    """Put back the checkpoint functions the model had (`saved`) where a trainer replaced them, make torch's
+    checkpointing non-reentrant unless allowed, and enable input grads; True when something had to be fixed."""
+    from .checkpointing import _base
+
+    fixed = False
+    if saved and not allow_reentrant:
+        for module, func in saved.items():
+            if not _same_function(module._gradient_checkpointing_func, func) or not module.gradient_checkpointing:
+                module._gradient_checkpointing_func, module.gradient_checkpointing = func, True
+                fixed = True
+    state = checkpointing_state(model)
+    if not state["enabled"]:
+        return fixed
+    base = _base(model)
+    if state["use_reentrant"] and not allow_reentrant:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fixed = True
+    if not checkpointing_state(model)["input_grads"]:
+        base.enable_input_require_grads()
+        fixed = True
+    return fixed
+
+
+def checkpointing_guard(model):
+    """A TrainerCallback that, once the Trainer has applied its own checkpointing settings (train begin), restores
+    the model's: the same functions (non-reentrant, or the engine's offloading one) and input grads."""
+    from transformers import TrainerCallback
+
+    saved = checkpoint_functions(model)
+
+    class CheckpointingGuard(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                return
+            asked = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") if args.gradient_checkpointing \
+                else None
+            if ensure_checkpointing(model, saved, allow_reentrant=asked is True):
+                logger.info("gradient checkpointing: the model's own (non-reentrant, input grads on) restored after "
+                            "the trainer's setup")
+
+    return CheckpointingGuard()
