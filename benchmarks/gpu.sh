@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU benchmark as two commands of at most 9 minutes each (one H100 80GB, Python 3.12, no internet):
+#
+#   bash benchmarks/gpu.sh part1   # Llama-3 1B: load + train for fastload, recipe, unsloth (+ recipe-noupcast train)
+#   bash benchmarks/gpu.sh part2   # Llama-3 8B: train 2048x2 for fastload, recipe, unsloth; load for fastload, recipe
+#
+# bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
+# Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
+# and copies results.json, results.md, bench.png and bench.log (every worker's output) into $OUT.
+# Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
+set -uo pipefail
+
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2}
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/.gpu-site:$PWD
+export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-$PWD/bench-out/gpu-out-$part}
+PY=${PYTHON:-python}
+BUDGET=${BUDGET:-520}
+WORK=$PWD/bench-out/$part
+mkdir -p "$OUT" "$WORK"
+
+bench() {  # every call gets what is left of the part's budget
+    "$PY" -m fastload.bench --device cuda --dtype bfloat16 --seq 2048 --batch 2 --warmup 3 --steps 10 \
+        --out "$WORK" --cache-dir "$PWD/bench-out/models" --time-budget $((BUDGET - SECONDS)) "$@"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+df -h "$PWD" | tail -1
+case "$part" in
+    part1)
+        bench --model llama3-1b --impl fastload,recipe,unsloth,recipe-noupcast --phase train,load --plot
+        ;;
+    part2)
+        bench --model llama3-8b --impl fastload,recipe,unsloth --phase train
+        bench --model llama3-8b --impl fastload,recipe --phase load --append
+        bench --model llama3-8b --impl recipe-noupcast --phase train --append --plot
+        ;;
+    *)
+        echo "unknown part '$part': use part1 or part2" >&2
+        exit 2
+        ;;
+esac
+for f in results.json results.md bench.png bench.log; do
+    [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$part-$f"
+done
+echo "gpu.sh $part: done in ${SECONDS} s; files in $OUT"

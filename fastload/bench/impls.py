@@ -1,0 +1,210 @@
+"""The implementations compared: each goes from a checkpoint folder to (model, optimizer) ready for a training step.
+
+All of them get the same LoRA (r=16, alpha=16, dropout 0, the seven Llama projections), gradient checkpointing and
+bitsandbytes AdamW8bit at lr 2e-4, so a difference in the numbers is a difference in how they load and train.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none"}
+LR = 2e-4
+WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
+IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth")
+# recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement
+LOADS = ("fastload", "recipe", "unsloth")
+
+
+def unsloth_importable() -> bool:
+    """Whether unsloth is installed, asked without importing it (its import patches transformers)."""
+    return importlib.util.find_spec("unsloth") is not None
+
+
+@dataclass
+class Ready:
+    model: Any
+    optimizer: Any
+    from_pretrained_s: float         # the implementation's from_pretrained call, as a user makes it
+    ready_s: float                   # from the call to LoRA, checkpointing and optimizer in place
+    store_write_s: float | None = None  # fastload: time its first load spent writing the store (in from_pretrained_s)
+    source: str = ""                 # where the weights came from
+
+    @property
+    def load_s(self) -> float:
+        """from_pretrained without fastload's one-time store write, so every implementation is timed alike."""
+        return self.from_pretrained_s - (self.store_write_s or 0.0)
+
+
+def import_libraries(impl: str) -> None:
+    """Import what `impl` uses, untimed by the loads; unsloth first, as it asks to be."""
+    if impl == "unsloth":
+        import unsloth  # noqa: F401
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401  (transformers' lazy modules)
+
+    if impl == "fastload":
+        import fastload.backends.native  # noqa: F401
+        import fastload.facade  # noqa: F401
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def device_map(device: str) -> dict:
+    return {"": 0} if device == "cuda" else {"": "cpu"}
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _adamw8bit(model):
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
+
+
+def timed_store(root: str | Path):
+    """A fastload Store that remembers how long writing its entry took (the cost of the first load only)."""
+    from fastload.store import Store
+
+    class TimedStore(Store):
+        write_s: float | None = None
+
+        def write(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return super().write(*args, **kwargs)
+            finally:
+                self.write_s = time.perf_counter() - started
+
+    return TimedStore(root)
+
+
+def fastload_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int, store: Any = False) -> Ready:
+    """FastModel.from_pretrained (quantize, LoRA, checkpointing in one call) + FastModel.get_optimizer."""
+    from fastload import FastModel
+
+    started = time.perf_counter()
+    model, _ = FastModel.from_pretrained(model_dir, max_seq_length=seq, dtype=torch_dtype(dtype),
+                                         device_map=device_map(device), lora={**LORA, "target_modules": list(TARGETS)},
+                                         random_state=seed, store=store)
+    synchronize(device)
+    loaded = time.perf_counter()
+    optimizer = FastModel.get_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
+    return Ready(model, optimizer, loaded - started, time.perf_counter() - started,
+                 store_write_s=getattr(store, "write_s", None), source=model.fastload_plan.source)
+
+
+def bnb_nf4_config(dtype: str):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype(dtype))
+
+
+def recipe_load(model_dir: str, device: str, dtype: str, prequantized_dir: str | None = None):
+    """transformers from_pretrained in NF4 + double quant; from a save_pretrained NF4 copy when one is given."""
+    from transformers import AutoModelForCausalLM
+
+    if prequantized_dir:
+        return AutoModelForCausalLM.from_pretrained(prequantized_dir, dtype=torch_dtype(dtype),
+                                                    device_map=device_map(device))
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_nf4_config(dtype),
+                                                dtype=torch_dtype(dtype), device_map=device_map(device))
+
+
+def recipe_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int, prequantized_dir: str | None = None,
+                 upcast: bool = True) -> Ready:
+    """The plain QLoRA recipe of the peft/bitsandbytes docs; upcast=False skips prepare_model_for_kbit_training's
+    fp32 copy of every non-quantized weight (checkpointing and input grads only)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    started = time.perf_counter()
+    model = recipe_load(model_dir, device, dtype, prequantized_dir)
+    synchronize(device)
+    loaded = time.perf_counter()
+    model.config.use_cache = False
+    if upcast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(**LORA, target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    optimizer = _adamw8bit(model)
+    synchronize(device)
+    return Ready(model, optimizer, loaded - started, time.perf_counter() - started,
+                 source="prequantized" if prequantized_dir else "on the fly")
+
+
+def unsloth_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int,
+                  prequantized_dir: str | None = None) -> Ready:
+    """unsloth's FastLanguageModel in 4-bit with its own ("unsloth") gradient checkpointing."""
+    from unsloth import FastLanguageModel
+
+    started = time.perf_counter()
+    model, _ = FastLanguageModel.from_pretrained(prequantized_dir or model_dir, max_seq_length=seq,
+                                                 dtype=torch_dtype(dtype), load_in_4bit=True)
+    synchronize(device)
+    loaded = time.perf_counter()
+    model = FastLanguageModel.get_peft_model(model, **LORA, target_modules=list(TARGETS),
+                                             use_gradient_checkpointing="unsloth", random_state=seed)
+    optimizer = _adamw8bit(model)
+    synchronize(device)
+    return Ready(model, optimizer, loaded - started, time.perf_counter() - started,
+                 source="prequantized" if prequantized_dir else "on the fly")
+
+
+def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: int,
+          prequantized_dir: str | None = None, fastload_store: Any = False) -> Ready:
+    if impl == "fastload":
+        return fastload_ready(model_dir, device, dtype, seq, seed, store=fastload_store)
+    if impl in ("recipe", "recipe-noupcast"):
+        return recipe_ready(model_dir, device, dtype, seq, seed, prequantized_dir, upcast=impl == "recipe")
+    if impl == "unsloth":
+        if device != "cuda":
+            raise RuntimeError("unsloth runs on CUDA GPUs only; this run is on the CPU")
+        return unsloth_ready(model_dir, device, dtype, seq, seed, prequantized_dir)
+    raise ValueError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
+
+
+def save_prequantized(model_dir: str, target: str | Path, device: str, dtype: str) -> float:
+    """The recipe's pre-quantized checkpoint: load in NF4, save_pretrained, tokenizer alongside; returns seconds."""
+    import os
+    import shutil
+
+    started = time.perf_counter()
+    target = Path(target)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = recipe_load(model_dir, device, dtype)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for f in Path(model_dir).iterdir():
+            if f.is_file() and ("token" in f.name or f.name == "special_tokens_map.json"):
+                shutil.copy2(f, tmp / f.name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return time.perf_counter() - started

@@ -1,0 +1,222 @@
+"""From worker records to results.json, results.md (tables with ratios against recipe and unsloth) and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+LOSS_TOLERANCE = 2e-2  # relative difference of the first step's loss that bf16 rounding can explain
+REFERENCES = ("recipe", "unsloth")
+LOAD_RUNS = ("onthefly-warm", "prequantized-warm", "onthefly-cold", "prequantized-cold")
+
+
+def read_records(out: Path) -> list[dict]:
+    """Every record in out/records, in the order they were written."""
+    files = sorted((out / "records").glob("*.json"), key=lambda f: f.stat().st_mtime_ns)
+    return [json.loads(f.read_text()) for f in files]
+
+
+def peak_memory_gib(record: dict) -> float | None:
+    """Peak GPU memory allocated on CUDA; on the CPU the process's peak resident memory."""
+    return record.get("peak_allocated_gib", record.get("train_rss_peak_gib"))
+
+
+def _finite(values) -> bool:
+    return bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """One row per training record, with ratios to recipe/unsloth of the same model; plus the void comparisons."""
+    rows, void = [], []
+    train = [r for r in records if r.get("phase") == "train"]
+    for model in dict.fromkeys(r["model"] for r in train):
+        group = []
+        for r in (r for r in train if r["model"] == model):
+            error = r.get("error")
+            if not error and not _finite(r.get("losses")):
+                error = f"non-finite loss: {r.get('losses')}"
+            group.append({"model": model, "impl": r["impl"], "error": error, "tokens_per_s": r.get("tokens_per_s"),
+                          "median_step_s": r.get("median_step_s"), "peak_gib": peak_memory_gib(r),
+                          "peak_reserved_gib": r.get("peak_reserved_gib"), "first_loss": (r.get("losses") or [None])[0],
+                          "last_loss": (r.get("losses") or [None])[-1], "losses": r.get("losses"),
+                          "load_s": r.get("load_s"), "after_load_gib": r.get("after_load_allocated_gib")})
+        ok = {row["impl"]: row for row in group if not row["error"]}
+        loss_ref = ok.get("recipe") or next(iter(ok.values()), None)
+        for row in group:
+            for ref in REFERENCES:
+                base = ok.get(ref)
+                row[f"tokens_per_s_vs_{ref}"] = None if row["error"] or not base else _ratio(row["tokens_per_s"], base["tokens_per_s"])
+                row[f"memory_vs_{ref}"] = None if row["error"] or not base else _ratio(row["peak_gib"], base["peak_gib"])
+            row["loss_reference"] = loss_ref["impl"] if loss_ref else None
+            row["loss_rel_diff"] = None
+            if not row["error"] and loss_ref is not None:
+                row["loss_rel_diff"] = abs(row["first_loss"] - loss_ref["first_loss"]) / max(abs(loss_ref["first_loss"]), 1e-12)
+            row["comparison_void"] = row["loss_rel_diff"] is not None and row["loss_rel_diff"] > LOSS_TOLERANCE
+            if row["comparison_void"]:
+                void.append(f"{model}: {row['impl']}'s first-step loss {row['first_loss']:.4f} differs from "
+                            f"{loss_ref['impl']}'s {loss_ref['first_loss']:.4f} by {row['loss_rel_diff']:.1e} "
+                            f"(> {LOSS_TOLERANCE:g} relative)")
+        rows += group
+    return rows, void
+
+
+def load_rows(records: list[dict]) -> list[dict]:
+    """One row per (model, impl): its load runs side by side, with on-the-fly and pre-quantized ratios to recipe."""
+    loads = [r for r in records if r.get("phase") == "load"]
+    rows = []
+    for key in dict.fromkeys((r["model"], r["impl"]) for r in loads):
+        runs = {f"{r['variant']}-{r['cache']}": r for r in loads if (r["model"], r["impl"]) == key}
+        first = runs.get("onthefly-warm") or next(iter(runs.values()))
+        rows.append({"model": key[0], "impl": key[1], "import_s": first.get("import_s"),
+                     "store_write_s": first.get("store_write_s"),
+                     "after_load_gib": first.get("after_load_allocated_gib", first.get("after_load_rss_peak_gib")),
+                     "ready_s": first.get("ready_s"),
+                     "runs": {name: {k: r.get(k) for k in ("load_s", "from_pretrained_s", "ready_s", "store_write_s",
+                                                            "source", "error", "cold_method", "resident_after_evict")}
+                              for name, r in runs.items()}})
+    for row in rows:
+        base = next((b for b in rows if b["model"] == row["model"] and b["impl"] == "recipe"), None)
+        for name in ("onthefly-warm", "prequantized-warm"):
+            mine, theirs = row["runs"].get(name, {}), (base or {}).get("runs", {}).get(name, {})
+            ok = not mine.get("error") and not theirs.get("error")
+            row[f"{name}_vs_recipe"] = _ratio(mine.get("load_s"), theirs.get("load_s")) if ok else None
+    return rows
+
+
+def summarize(records: list[dict], meta: dict) -> dict:
+    train, void = train_rows(records)
+    errors = [f"{r['phase']} {r.get('impl') or ''} {r['model']}"
+              + (f" ({r['variant']}, {r['cache']})" if r.get("phase") == "load" else "") + f": {r['error']}"
+              for r in records if r.get("error")]
+    errors += [f"train {row['impl']} {row['model']}: {row['error']}" for row in train
+               if row["error"] and row["error"].startswith("non-finite")]
+    versions = {}
+    for r in records:
+        versions.update({k: v for k, v in (r.get("versions") or {}).items() if v})
+    gpu = next((r["gpu"] for r in records if r.get("gpu")), None)
+    models = {r["model"]: {k: r.get(k) for k in ("bytes", "shards", "seconds", "device")}
+              for r in records if r.get("phase") == "create" and not r.get("error")}
+    quantized = {r["model"]: r.get("save_s") for r in records if r.get("phase") == "quantize" and not r.get("error")}
+    return {"meta": {**meta, "gpu": gpu, "versions": versions}, "created": models, "prequantize_save_s": quantized,
+            "train": train, "load": load_rows(records), "void": void, "errors": errors,
+            "ok": not errors and not void, "records": records}
+
+
+def _f(value, fmt: str = "{:.2f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def _x(value) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def markdown(summary: dict) -> str:
+    meta = summary["meta"]
+    cuda = meta.get("device") == "cuda"
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(meta.get("versions", {}).items()))
+    lines = ["# fastload benchmark", "",
+             f"Device: {meta.get('device')}" + (f" ({meta['gpu']})" if meta.get("gpu") else "")
+             + f", compute {meta.get('dtype')}; training batch {meta.get('batch')} × {meta.get('seq')} tokens, "
+               f"{meta.get('warmup')} warm-up + {meta.get('steps')} timed steps (median); LoRA r=16, alpha=16 on "
+               "q,k,v,o,gate,up,down; gradient checkpointing; AdamW8bit lr 2e-4. Every measurement ran in a fresh process.",
+             "", f"Versions: {versions or 'unknown'}.", ""]
+    made = [f"{m} {c['bytes'] / 1e9:.1f} GB in {c['seconds']:.0f} s on {c['device']}" for m, c in summary["created"].items()]
+    made += [f"{m} NF4 copy (recipe's save_pretrained) in {s:.0f} s" for m, s in summary["prequantize_save_s"].items()]
+    if made:
+        lines += [f"Made in this run: {'; '.join(made)}.", ""]
+    mem = "peak allocated GiB" if cuda else "peak RSS GiB (CPU)"
+    train = summary["train"]
+    for model in dict.fromkeys(r["model"] for r in train):
+        lines += [f"## Training: {model}", "",
+                  f"| impl | tokens/s | median step s | {mem} | peak reserved GiB | loss step 1 | loss last | "
+                  "tokens/s ÷ recipe | memory ÷ recipe | tokens/s ÷ unsloth | memory ÷ unsloth |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in (r for r in train if r["model"] == model):
+            if r["error"]:
+                lines.append(f"| {r['impl']} | error | | | | | | | | | |")
+                continue
+            void = " ⚠" if r["comparison_void"] else ""
+            lines.append(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | {_f(r['peak_gib'])} | "
+                         f"{_f(r['peak_reserved_gib'])} | {r['first_loss']:.4f}{void} | {r['last_loss']:.4f} | "
+                         f"{_x(r['tokens_per_s_vs_recipe'])} | {_x(r['memory_vs_recipe'])} | "
+                         f"{_x(r['tokens_per_s_vs_unsloth'])} | {_x(r['memory_vs_unsloth'])} |")
+        voids = [v for v in summary["void"] if v.startswith(f"{model}:")]
+        diffs = [r["loss_rel_diff"] for r in train if r["model"] == model and r["loss_rel_diff"] is not None]
+        if voids:
+            lines += ["", "**comparison void**: the implementations did not compute the same first step: "
+                      + "; ".join(v.split(": ", 1)[1] for v in voids)]
+        elif len(diffs) > 1:
+            lines += ["", f"First-step losses agree (largest relative difference {max(diffs):.1e} ≤ {LOSS_TOLERANCE:g})."]
+        lines.append("")
+    loads = summary["load"]
+    after = "GPU GiB after load" if cuda else "peak RSS GiB after load"
+    for model in dict.fromkeys(r["model"] for r in loads):
+        lines += [f"## Loading: {model}", "",
+                  "Seconds of `from_pretrained` (fastload's includes adding LoRA and checkpointing; its first load's "
+                  "store write is shown apart, not included). Warm: files read once before; cold: evicted from the page cache."
+                  + (f" Cold loads not measured: {meta['cold_unavailable']}." if meta.get("cold_unavailable") else ""),
+                  "", f"| impl | on the fly, warm | pre-quantized, warm | on the fly, cold | pre-quantized, cold | "
+                      f"ready to train (on the fly, warm) | first load's store write | {after} | import s | "
+                      "on the fly ÷ recipe | pre-quantized ÷ recipe |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in (r for r in loads if r["model"] == model):
+            cells = []
+            for name in LOAD_RUNS:
+                run = r["runs"].get(name)
+                cells.append("—" if run is None else "error" if run.get("error") else f"{run['load_s']:.2f}")
+            lines.append(f"| {r['impl']} | {' | '.join(cells)} | {_f(r['ready_s'])} | {_f(r['store_write_s'])} | "
+                         f"{_f(r['after_load_gib'])} | {_f(r['import_s'], '{:.1f}')} | "
+                         f"{_x(r['onthefly-warm_vs_recipe'])} | {_x(r['prequantized-warm_vs_recipe'])} |")
+        lines.append("")
+    if summary["errors"]:
+        lines += ["## Errors", ""] + [f"- {e}" for e in summary["errors"]] + [""]
+    lines += ["Ratios: tokens/s ÷ reference above 1 is faster; memory ÷ reference below 1 is smaller; "
+              "load ÷ recipe below 1 is faster. ⚠: first-step loss differs by more than "
+              f"{LOSS_TOLERANCE:g} relative (comparison void)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Bar charts of tokens/s and peak memory by implementation, one group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary["train"] if not r["error"]]
+    model_names = list(dict.fromkeys(r["model"] for r in rows))
+    impl_names = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(impl_names), 1)
+    for ax, key, title in ((axes[0], "tokens_per_s", "training tokens/s (higher is better)"),
+                           (axes[1], "peak_gib", "peak memory GiB (lower is better)")):
+        for i, impl in enumerate(impl_names):
+            values = [next((r[key] for r in rows if r["model"] == m and r["impl"] == impl), 0) or 0 for m in model_names]
+            bars = ax.bar([j + i * width for j in range(len(model_names))], values, width, label=impl)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks([j + width * (len(impl_names) - 1) / 2 for j in range(len(model_names))], model_names)
+        ax.set_title(title)
+    axes[0].legend()
+    meta = summary["meta"]
+    fig.suptitle(f"fastload bench on {meta.get('gpu') or meta.get('device')}: batch {meta.get('batch')} × {meta.get('seq')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(out: Path, meta: dict, with_plot: bool = False) -> dict:
+    """Rebuild results.json and results.md from every record in `out`; bench.png too when asked."""
+    summary = summarize(read_records(out), meta)
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "results.md").write_text(markdown(summary))
+    if with_plot:
+        try:
+            plot(summary, out / "bench.png")
+        except ImportError as e:  # the numbers matter more than the picture: say so and go on
+            print(f"fastload bench: no plot ({e}); pip install matplotlib")
+    return summary

@@ -1,0 +1,273 @@
+"""One measurement in a fresh process: `python -m fastload.bench.worker --phase train --impl recipe ...`.
+
+A fresh process per measurement, so no implementation inherits another's imports, CUDA context, allocator
+cache or patched classes. The result is one JSON record written to --record; any failure (out of memory, import
+error, missing package) becomes a record with an `error` field instead of a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+PHASES = ("create", "quantize", "load", "train")
+GIB = 1024 ** 3
+
+
+@dataclass
+class Job:
+    """Everything one worker needs; the driver builds it, the command line carries it (to_argv / from_argv)."""
+
+    phase: str                     # create | quantize | load | train
+    model: str = ""                # label in records (shape name or folder name)
+    model_dir: str = ""
+    impl: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"         # compute dtype: bfloat16 on GPUs, float32 on CPUs (bf16 is emulated there)
+    seq: int = 2048
+    batch: int = 2
+    steps: int = 10
+    warmup: int = 3
+    seed: int = 3407
+    variant: str = "onthefly"      # load: onthefly | prequantized
+    cache: str = "warm"            # load: warm | cold
+    cold_method: str = "auto"      # auto (fadvise, else drop_caches where root may) | fadvise
+    prequantized_dir: str = ""     # the recipe's NF4 save_pretrained copy (quantize writes it; loads read it)
+    fastload_home: str = ""        # FASTLOAD_HOME for fastload's store
+    record: str = ""               # where the JSON record goes
+
+    def to_argv(self) -> list[str]:
+        argv = []
+        for f in dataclasses.fields(self):
+            argv += [f"--{f.name.replace('_', '-')}", str(getattr(self, f.name))]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: list[str] | None) -> Job:
+        parser = argparse.ArgumentParser(prog="python -m fastload.bench.worker", description=__doc__.splitlines()[0])
+        for f in dataclasses.fields(cls):
+            kind = int if f.type == "int" else str
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, required=f.name == "phase",
+                                default=None if f.name == "phase" else f.default,
+                                choices=PHASES if f.name == "phase" else None)
+        return cls(**vars(parser.parse_args(argv)))
+
+    @property
+    def name(self) -> str:
+        parts = [self.phase, self.impl, self.model] + ([self.variant, self.cache] if self.phase == "load" else [])
+        return "--".join(p for p in parts if p)
+
+
+def versions(impl: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "fastload") + (("unsloth",) if impl == "unsloth" else ()):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    from fastload import __version__
+
+    found["fastload"] = found["fastload"] or __version__
+    return found
+
+
+def init_device(device: str) -> dict:
+    """Start CUDA before any timing, so no implementation pays for the context."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    torch.cuda.synchronize()
+    return {"gpu": torch.cuda.get_device_name(), "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / GIB}
+
+
+def memory(device: str, prefix: str) -> dict:
+    """GPU memory allocated/reserved now (CUDA) and the process's peak resident memory."""
+    facts = {f"{prefix}_rss_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    if device == "cuda":
+        import torch
+
+        facts[f"{prefix}_allocated_gib"] = torch.cuda.memory_allocated() / GIB
+        facts[f"{prefix}_reserved_gib"] = torch.cuda.memory_reserved() / GIB
+    return facts
+
+
+def load_files(job: Job) -> list[Path]:
+    """The weight files this load will read (the page cache is made warm or cold for exactly these)."""
+    from .models import weight_files
+
+    if job.variant == "onthefly":
+        return weight_files(job.model_dir)
+    if job.impl == "fastload":
+        from fastload import resolve
+        from fastload.store import Store
+
+        plan = resolve(job.model_dir, store=Store(job.fastload_home))
+        if plan.source != "store":
+            raise RuntimeError(f"fastload's store in {job.fastload_home} has no entry for {job.model_dir} "
+                               f"(plan: {plan.source}); the on-the-fly load, which stores it, must run first")
+        return weight_files(plan.location)
+    if not job.prequantized_dir or not Path(job.prequantized_dir, "config.json").is_file():
+        raise RuntimeError(f"no pre-quantized checkpoint in {job.prequantized_dir!r}; the quantize job makes it")
+    return weight_files(job.prequantized_dir)
+
+
+def prepare_cache(job: Job, files: list[Path]) -> dict:
+    from . import pagecache
+
+    if job.cache == "cold":
+        facts = pagecache.make_cold(files, allow_drop_caches=job.cold_method == "auto")
+        if not facts["cold_ok"]:
+            left = facts["resident_after_evict"]
+            raise RuntimeError(f"could not make the page cache cold: after {facts['cold_method']} "
+                               f"{'an unknown share' if left is None else f'{left:.0%}'} of the files stayed cached")
+        return facts
+    pagecache.warm(files)
+    return {"resident_before": pagecache.resident_fraction(files)}
+
+
+def run_load(job: Job, record: dict) -> None:
+    from . import impls
+
+    store = False
+    if job.impl == "fastload" and (job.variant, job.cache) != ("onthefly", "cold"):
+        import shutil
+
+        if job.variant == "onthefly":  # an empty store: this load quantizes, then stores (timed apart)
+            shutil.rmtree(job.fastload_home, ignore_errors=True)
+        store = impls.timed_store(job.fastload_home)
+    # the cold on-the-fly load runs with store=False: the warm one measured the store write, and its entry stays
+    # for the cold pre-quantized load
+    files = load_files(job)
+    record.update(prepare_cache(job, files), read_bytes=sum(f.stat().st_size for f in files))
+    r = impls.ready(job.impl, job.model_dir, job.device, job.dtype, job.seq, job.seed,
+                    prequantized_dir=job.prequantized_dir if job.variant == "prequantized" else None,
+                    fastload_store=store)
+    record.update(from_pretrained_s=r.from_pretrained_s, load_s=r.load_s, ready_s=r.ready_s,
+                  store_write_s=r.store_write_s, source=r.source, **memory(job.device, "after_load"))
+
+
+def make_batch(job: Job, vocab_size: int):
+    """The same random token ids for every implementation: drawn on the CPU from a fixed seed."""
+    import torch
+
+    generator = torch.Generator().manual_seed(job.seed)
+    return torch.randint(0, vocab_size, (job.batch, job.seq), generator=generator)
+
+
+def run_train(job: Job, record: dict) -> None:
+    import torch
+
+    from . import impls
+
+    r = impls.ready(job.impl, job.model_dir, job.device, job.dtype, job.seq, job.seed)
+    model, optimizer = r.model, r.optimizer
+    record.update(load_s=r.load_s, ready_s=r.ready_s, **memory(job.device, "after_load"),
+                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    ids = make_batch(job, model.get_input_embeddings().num_embeddings).to("cuda" if job.device == "cuda" else "cpu")
+    model.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
+    if job.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for _ in range(job.warmup + job.steps):
+        impls.synchronize(job.device)
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        impls.synchronize(job.device)
+        times.append(time.perf_counter() - started)
+        losses.append(float(loss.detach().float()))
+    timed = times[job.warmup:] or times
+    median = statistics.median(timed)
+    record.update(losses=losses, first_loss=losses[0], step_s=times, median_step_s=median,
+                  tokens_per_s=job.batch * job.seq / median, **memory(job.device, "train"))
+    if job.device == "cuda":
+        record.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+
+
+def run(job: Job) -> dict:
+    """Do the job; return its record. Never raises: a failure is the record's `error`."""
+    record = {"phase": job.phase, "impl": job.impl, "model": job.model, "device": job.device, "dtype": job.dtype,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
+    if job.phase == "load":
+        record.update(variant=job.variant, cache=job.cache)
+    if job.phase == "train":
+        record.update(seq=job.seq, batch=job.batch, warmup=job.warmup, steps=job.steps)
+    started = time.perf_counter()
+    try:
+        if job.fastload_home:
+            os.environ["FASTLOAD_HOME"] = job.fastload_home
+        if job.phase == "create":
+            from .models import create_checkpoint
+
+            record.update(create_checkpoint(job.model, job.model_dir, device=job.device))
+        else:
+            from . import impls
+
+            import fastload
+
+            fastload.set_verbosity("INFO")
+            t = time.perf_counter()
+            impls.import_libraries(job.impl)
+            record["import_s"] = time.perf_counter() - t
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # bars would fill the combined log
+            record.update(versions=versions(job.impl), **init_device(job.device))
+            if job.phase == "quantize":
+                record["save_s"] = impls.save_prequantized(job.model_dir, job.prequantized_dir, job.device, job.dtype)
+            elif job.phase == "load":
+                run_load(job, record)
+            else:
+                run_train(job, record)
+    except BaseException as e:  # noqa: BLE001 - every failure must become a record, out-of-memory included
+        message = str(e).strip().splitlines()
+        record["error"] = f"{type(e).__name__}: {message[0][:300] if message else ''}".strip()
+        record["traceback"] = traceback.format_exc()[-3000:]
+        if isinstance(e, KeyboardInterrupt):
+            raise
+    record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def write_record(record: dict, path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    job = Job.from_argv(argv)
+    record = run(job)
+    if job.record:
+        write_record(record, job.record)
+    else:
+        print(json.dumps(record, default=str))
+    if record.get("error"):
+        print(f"worker {job.name}: {record['error']}\n{record.get('traceback', '')}", file=sys.stderr)
+    return 1 if record.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The benchmark harness: the real driver and workers on the tiny shape on the CPU, plus its parts one by one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastload.bench import main, models, pagecache, report
+from fastload.bench.driver import run_worker
+from fastload.bench.worker import Job, run
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("bench-models") / "tiny"
+    models.create_checkpoint("tiny", directory)
+    return directory
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_end_to_end(tmp_path):
+    """What CI runs: the driver spawns one worker per measurement and writes records, table, ratios and plot."""
+    out = tmp_path / "out"
+    code = main(["--device", "cpu", "--model", "tiny", "--impl", "fastload,recipe", "--phase", "train",
+                 "--seq", "64", "--batch", "2", "--steps", "2", "--warmup", "1", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "models"), "--plot"])
+    results = json.loads((out / "results.json").read_text())
+    assert code == 0, results["errors"]
+    assert (out / "records" / "train--fastload--tiny.json").is_file()
+    assert (out / "records" / "train--recipe--tiny.json").is_file()
+    assert models.is_complete(tmp_path / "models" / "tiny"), "the tiny checkpoint was not created in --cache-dir"
+    rows = {r["impl"]: r for r in results["train"]}
+    assert set(rows) == {"fastload", "recipe"}
+    for row in rows.values():
+        assert row["error"] is None
+        assert row["tokens_per_s"] > 0
+        assert len(row["losses"]) == 3 and all(math.isfinite(v) for v in row["losses"])
+        assert row["peak_gib"] > 0
+    fl, rc = rows["fastload"], rows["recipe"]
+    # both start from the same quantized weights, zero LoRA B and the same batch in fp32: bf16-level 2e-2 is generous
+    assert abs(fl["first_loss"] - rc["first_loss"]) <= 2e-2 * abs(rc["first_loss"])
+    assert not fl["comparison_void"] and results["void"] == []
+    assert fl["tokens_per_s_vs_recipe"] == pytest.approx(fl["tokens_per_s"] / rc["tokens_per_s"])
+    assert fl["memory_vs_recipe"] == pytest.approx(fl["peak_gib"] / rc["peak_gib"])
+    assert rc["tokens_per_s_vs_recipe"] == pytest.approx(1.0)
+    table = (out / "results.md").read_text()
+    assert "| fastload |" in table and "| recipe |" in table and "tokens/s ÷ recipe" in table
+    assert f"{fl['tokens_per_s_vs_recipe']:.2f}×" in table
+    assert "First-step losses agree" in table
+    assert (out / "bench.png").stat().st_size > 10_000
+    log = (out / "bench.log").read_text()
+    assert "$ python -m fastload.bench.worker --phase train" in log and "----- train--recipe--tiny:" in log
+
+
+def test_created_checkpoint_is_sharded_and_loads_whole(tmp_path):
+    """Shard by shard, names from the meta model: transformers finds every weight, none missing, std 0.02."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    facts = models.create_checkpoint("tiny", tmp_path / "tiny", shard_bytes=256 * 1024)
+    assert facts["shards"] > 1 and len(models.weight_files(tmp_path / "tiny")) == facts["shards"]
+    index = json.loads((tmp_path / "tiny" / "model.safetensors.index.json").read_text())
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert set(index["weight_map"]) == {n for n, _ in model.named_parameters()}
+    q = model.model.layers[0].self_attn.q_proj.weight.float()
+    assert q.std().item() == pytest.approx(models.INIT_STD, rel=0.05)
+    assert model.config.hidden_size == models.SHAPES["tiny"]["hidden_size"]
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert not list(tmp_path.glob("*.tmp-*")), "a temporary folder was left behind"
+
+
+def test_tied_shape_writes_the_embedding_once(tmp_path, monkeypatch):
+    """Llama 3.2 1B ties lm_head to the embedding: the checkpoint holds it once and loads tied, nothing missing."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setitem(models.SHAPES, "tiny-tied", {**models.SHAPES["tiny"], "tie_word_embeddings": True})
+    models.create_checkpoint("tiny-tied", tmp_path / "tied")
+    index = json.loads((tmp_path / "tied" / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", output_loading_info=True)
+    assert not info["missing_keys"]
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_plan_shards_keeps_order_and_limit():
+    shapes = [("a", (10,)), ("b", (10,)), ("c", (100,)), ("d", (5,))]
+    assert models.plan_shards(shapes, 2, 40) == [["a", "b"], ["c"], ["d"]]
+    assert models.plan_shards(shapes, 2, 10_000) == [["a", "b", "c", "d"]]
+
+
+def test_load_phase_in_process(tiny_bench_dir, tmp_path):
+    """fastload's first load stores (timed apart), the second comes from its store; the recipe loads its NF4 copy."""
+    base = dict(model="tiny", model_dir=str(tiny_bench_dir), device="cpu", dtype="float32", seq=64,
+                fastload_home=str(tmp_path / "home"), prequantized_dir=str(tmp_path / "pq"))
+    cold = run(Job(phase="load", impl="fastload", variant="onthefly", cache="cold", cold_method="fadvise", **base))
+    if pagecache.cold_unavailable(tmp_path, allow_drop_caches=False) is None:
+        assert cold.get("error") is None, cold.get("traceback")
+        assert cold["cold_ok"] and cold["store_write_s"] is None  # the cold on-the-fly load does not store
+    else:
+        assert "page cache cold" in cold["error"]
+    first = run(Job(phase="load", impl="fastload", variant="onthefly", **base))
+    assert first.get("error") is None, first.get("traceback")
+    assert first["source"] == "local" and first["store_write_s"] > 0
+    assert first["load_s"] == pytest.approx(first["from_pretrained_s"] - first["store_write_s"])
+    assert first["resident_before"] == pytest.approx(1.0, abs=0.05)  # warm: every page read once
+    second = run(Job(phase="load", impl="fastload", variant="prequantized", **base))
+    assert second.get("error") is None, second.get("traceback")
+    assert second["source"] == "store" and second["store_write_s"] is None
+    assert second["read_bytes"] < first["read_bytes"]  # 4-bit weights on disk are smaller than bf16
+    saved = run(Job(phase="quantize", impl="recipe", **base))
+    assert saved.get("error") is None, saved.get("traceback")
+    assert "quantization_config" in json.loads((tmp_path / "pq" / "config.json").read_text())
+    recipe = run(Job(phase="load", impl="recipe", variant="prequantized", **base))
+    assert recipe.get("error") is None, recipe.get("traceback")
+    assert recipe["source"] == "prequantized" and recipe["ready_s"] >= recipe["load_s"] > 0
+
+
+def test_failures_become_records(tiny_bench_dir, tmp_path):
+    """unsloth on the CPU, a missing store entry, a worker past its time: each is a record with an error."""
+    base = dict(model="tiny", model_dir=str(tiny_bench_dir), device="cpu", seq=64, steps=1, warmup=0)
+    unsloth = run(Job(phase="train", impl="unsloth", **base))
+    assert "unsloth" in unsloth["error"].lower() or "cuda" in unsloth["error"].lower()
+    assert "Traceback" in unsloth["traceback"]
+    missing = run(Job(phase="load", impl="fastload", variant="prequantized", fastload_home=str(tmp_path / "empty"),
+                      **base))
+    assert "on-the-fly load" in missing["error"]
+    job = Job(phase="train", impl="recipe", record=str(tmp_path / "r.json"), **base)
+    (tmp_path / "out").mkdir()
+    record = run_worker(job, tmp_path / "out" / "bench.log", timeout=0.5)
+    assert record["error"].startswith("timed out") and record["impl"] == "recipe"
+
+
+def test_report_ratios_and_void_comparison():
+    """Ratios against recipe and unsloth of the same model; a first-step loss 5% off voids the comparison."""
+    def train(impl, tps, mem, loss, model="m"):
+        return {"phase": "train", "impl": impl, "model": model, "tokens_per_s": tps, "median_step_s": 1 / tps,
+                "peak_allocated_gib": mem, "losses": [loss, loss - 0.1]}
+
+    records = [train("recipe", 100.0, 10.0, 12.0), train("unsloth", 400.0, 2.0, 12.01),
+               train("fastload", 300.0, 4.0, 12.0 * 1.05),
+               {"phase": "train", "impl": "recipe-noupcast", "model": "m", "error": "OutOfMemoryError: CUDA"}]
+    summary = report.summarize(records, {"device": "cuda", "seq": 2048, "batch": 2})
+    rows = {r["impl"]: r for r in summary["train"]}
+    assert rows["fastload"]["tokens_per_s_vs_recipe"] == pytest.approx(3.0)
+    assert rows["fastload"]["memory_vs_recipe"] == pytest.approx(0.4)
+    assert rows["fastload"]["tokens_per_s_vs_unsloth"] == pytest.approx(0.75)
+    assert rows["fastload"]["memory_vs_unsloth"] == pytest.approx(2.0)
+    assert rows["fastload"]["comparison_void"] and not rows["unsloth"]["comparison_void"]
+    assert rows["recipe-noupcast"]["tokens_per_s_vs_recipe"] is None
+    assert not summary["ok"]
+    table = report.markdown(summary)
+    assert "comparison void" in table and "| recipe-noupcast | error |" in table
+    assert "OutOfMemoryError" in table  # the Errors section names the failure
+
+
+def test_time_budget_spent_records_skipped_jobs(tmp_path):
+    """No worker starts when the budget is used up; every planned job is in the table as an error."""
+    code = main(["--device", "cpu", "--model", "tiny", "--impl", "fastload,recipe", "--phase", "train",
+                 "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "models"), "--time-budget", "0"])
+    assert code == 1
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["impl"] for r in results["train"]} == {"fastload", "recipe"}
+    assert all(r["error"].startswith("skipped") for r in results["records"])
+    assert not (tmp_path / "models" / "tiny").exists()
+
+
+def test_cold_cache_evicts_the_files_and_the_probe_predicts_it(tmp_path):
+    """Warm means every page cached; cold is checked with mincore, and the driver's probe agrees with the real
+    eviction (where fadvise cannot evict, e.g. tmpfs, both say so and cold loads are left out, not faked)."""
+    f = tmp_path / "weights.bin"
+    f.write_bytes(os.urandom(4 << 20))
+    pagecache.warm([f])
+    assert pagecache.resident_fraction([f]) == pytest.approx(1.0, abs=0.05)
+    facts = pagecache.make_cold([f], allow_drop_caches=False)  # never drop a shared machine's whole cache in tests
+    assert facts["cold_ok"] == (facts["resident_after_evict"] is not None
+                                and facts["resident_after_evict"] <= pagecache.COLD_ENOUGH)
+    assert (pagecache.cold_unavailable(tmp_path / "probe", allow_drop_caches=False) is None) == facts["cold_ok"]
+
+
+def test_import_fastload_bench_is_light():
+    """`fastload bench` is wired from the CLI: importing it must not pull torch or transformers."""
+    code = ("import sys, fastload.bench, fastload.bench.driver; "
+            "print([m for m in ('torch', 'transformers', 'bitsandbytes', 'peft', 'unsloth') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
