@@ -50,7 +50,28 @@ def read_config(path: Path) -> dict:
         if bad:
             raise CheckpointCorrupt(f"Reading {cfg_file}", found=f"{bad[0]}={bad[1]!r} is not a positive integer",
                                     fix="restore config.json from the original checkpoint")
+        bad = _bad_structure(section) if isinstance(section, dict) else None
+        if bad:
+            raise CheckpointCorrupt(f"Reading {cfg_file}", found=bad, fix="restore config.json from the original checkpoint")
     return config
+
+
+# fields fastload and transformers read as objects or as torch dtype names: any other value fails deep inside them
+OBJECT_FIELDS = ("quantization_config", "text_config", "rope_scaling", "rope_parameters")
+DTYPE_FIELDS = ("torch_dtype", "dtype")
+TORCH_DTYPES = {"auto", "float16", "bfloat16", "float32", "float64", "float", "half", "double", "float8_e4m3fn",
+                "float8_e5m2", "int8", "uint8", "int16", "int32", "int64", "bool"}
+
+
+def _bad_structure(config: dict) -> str | None:
+    for key in OBJECT_FIELDS:
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            return f"{key}={config[key]!r} is not an object"
+    for key in DTYPE_FIELDS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or value.replace("torch.", "") not in TORCH_DTYPES):
+            return f"{key}={value!r} is not a torch dtype name"
+    return None
 
 
 # config fields that size tensors: a wrong type or sign here fails deep inside torch, so it is refused up front

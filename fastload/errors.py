@@ -68,5 +68,9 @@ class StoreEntryCorrupt(StoreError):
     """A store entry changed on disk after it was written; it is never loaded, only rebuilt."""
 
 
+class SaveError(FastloadError, OSError):
+    """A save (adapter, merged checkpoint) could not be written: disk full, no permission. The previous save stays."""
+
+
 class AdapterError(FastloadError):
     """LoRA adapters cannot be added, loaded, saved or merged as asked."""

@@ -80,6 +80,26 @@ def translated_errors(plan: LoadPlan, part: str = "model"):
                                 fix="download or save the checkpoint again") from e
 
 
+@contextlib.contextmanager
+def hub_stays_local(plan: LoadPlan):
+    """Keep huggingface_hub off the network while a load reads local or cached files.
+
+    huggingface_hub reads HF_HUB_OFFLINE once, at its import, and even with local_files_only=True fetches a list
+    from the hub to build its request headers; so a load that downloads nothing is made offline while it runs.
+    """
+    if plan.will_download:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else type(e).__name__)[:300]
@@ -113,7 +133,8 @@ def classify_load_error(e: Exception, where: str, part: str):
                                     fix="restore config.json from the original checkpoint (it names e.g. \"model_type\": \"llama\")")
     if "attn_implementation" in text:
         return InvalidOption(where, found=first, fix="use attn_implementation='sdpa' (default) or 'eager'")
-    if "size mismatch" in text or "shape" in low and "mismatch" in low:
+    if "size mismatch" in text or "shape" in low and "mismatch" in low or "ignore_mismatched_sizes" in text:
+        # transformers 5 prints the mismatched keys in a report and raises only "You set `ignore_mismatched_sizes`..."
         return CheckpointIncomplete(where, found=f"weights do not match the config: {first}",
                                     fix="use the config.json that belongs to these weights")
     if kind == "SafetensorError" or "safetensors" in low or "header" in low or "deserializ" in low:
@@ -136,10 +157,24 @@ def classify_load_error(e: Exception, where: str, part: str):
     return None
 
 
+def check_reachable(plan: LoadPlan, opts: LoadOptions) -> None:
+    """A download plan made while online must not reach out once offline is set: huggingface_hub reads
+    HF_HUB_OFFLINE only at its import, so the check is fastload's, done before any hub call."""
+    from .sources import hub_offline
+
+    if plan.will_download and hub_offline(opts.local_files_only):
+        raise ModelNotFound(f"Downloading {plan.location!r} from the hub",
+                            found="the load needs a download, but the hub is off limits now (offline: HF_HUB_OFFLINE "
+                                  "is set or local_files_only=True)",
+                            fix="download it while online (huggingface-cli download), or unset HF_HUB_OFFLINE / "
+                                "local_files_only")
+
+
 def load_config(plan: LoadPlan, opts: LoadOptions):
     from transformers import AutoConfig
 
-    with translated_errors(plan):
+    check_reachable(plan, opts)
+    with translated_errors(plan), hub_stays_local(plan):
         return AutoConfig.from_pretrained(plan.location, **hub_kwargs(plan, opts))
 
 
@@ -190,6 +225,29 @@ def set_compute_dtype(model, dtype) -> None:
             module.compute_dtype = dtype
 
 
+def cast_unquantized(model, dtype) -> int:
+    """transformers keeps a pre-quantized checkpoint's other weights (embeddings, norms, lm_head) in their stored
+    dtype whatever `dtype` asks; cast them, or an fp32 load from a bf16 checkpoint computes in bf16 after all."""
+    changed = 0
+    for module in model.modules():
+        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                changed += 1
+    return changed
+
+
+def keep_4bit_layout_stable(model) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit layer for a bf16 kernel at its first no-grad forward,
+    rounding its scales to bf16 on the way (and again at each repack). Turn that off: evaluating must neither
+    change the weights being trained nor compute in bf16 when fp32 was asked for."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def materialize_gguf(plan: LoadPlan, store_root) -> LoadPlan:
     from .gguf import convert_gguf
 
@@ -202,9 +260,10 @@ def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right
 
     from .checkpoint import check_tokenizer_files
 
+    check_reachable(plan, opts)
     if Path(plan.location).is_dir():
         check_tokenizer_files(Path(plan.location))
-    with translated_errors(plan, "tokenizer"):
+    with translated_errors(plan, "tokenizer"), hub_stays_local(plan):
         tok = AutoTokenizer.from_pretrained(plan.location, **hub_kwargs(plan, opts))
     if tok.pad_token is None:
         # a pad distinct from eos keeps eos learnable; fall back to eos/unk when the vocabulary has no spare token
@@ -232,6 +291,43 @@ def extra_layer_keys(model, unexpected) -> list[str]:
     return sorted(k for k in unexpected if template(k) in own)
 
 
+def check_weight_shapes(plan: LoadPlan, config, weight_files) -> None:
+    """Refuse saved tensors whose shapes differ from the model config.json builds, before any weight is read.
+
+    transformers checks shapes only for 16-bit loads: with bitsandbytes it quantizes a 512-row weight into a layer
+    declared 1024 rows wide without a word. Tensors under other names (checkpoint key conversions) are left to
+    transformers; a meta-device model costs no memory.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import read_safetensors_header
+
+    saved = {name: meta["shape"] for f in weight_files for name, meta in read_safetensors_header(f).items()
+             if name != "__metadata__"}
+    with translated_errors(plan), torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    wanted = {name: list(t.shape) for name, t in model.state_dict().items()}
+    wrong = sorted(f"{name}: saved {saved[name]}, config.json builds {wanted[name]}"
+                   for name in saved.keys() & wanted.keys() if saved[name] != wanted[name])
+    if wrong:
+        raise CheckpointIncomplete(f"Loading {plan.name!r} from {plan.location}",
+                                   found=f"the weights do not match config.json: {len(wrong)} weight(s) of the wrong "
+                                         f"shape ({'; '.join(wrong[:3])})",
+                                   fix="use the config.json that belongs to these weights, or re-download the checkpoint")
+
+
+def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
+    """The folder a plan's files are read from, when they are on this machine already (a directory or the HF cache)."""
+    if Path(plan.location).is_dir():
+        return Path(plan.location)
+    if plan.source == P.HUB_CACHE:
+        from .sources import cached_snapshot, hub_cache_dir
+
+        return cached_snapshot(plan.location, plan.revision, hub_cache_dir(opts.cache_dir))
+    return None
+
+
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
     import torch
@@ -245,12 +341,15 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     dtype = choose_dtype(plan, opts, device)
     config = load_config(plan, opts)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
-    if Path(plan.location).is_dir():
-        inspect_checkpoint(Path(plan.location), allow_pickle=opts.allow_pickle)
-        check_tokenizer_files(Path(plan.location))
+    local = local_files_of(plan, opts)
+    info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
+    if info is not None:
+        check_tokenizer_files(local)
     bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
     check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
                other_bytes=torch.tensor([], dtype=dtype).element_size())
+    if info is not None and info.safetensors and not plan.prequantized:
+        check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
               attn_implementation=opts.attn_implementation, **opts.model_kwargs)
     if not opts.allow_pickle:
@@ -263,7 +362,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    with translated_errors(plan):
+    with translated_errors(plan), hub_stays_local(plan):
         model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
@@ -277,6 +376,9 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
                                    fix="use the config.json that belongs to these weights, or re-download the checkpoint")
     if plan.prequantized:
         set_compute_dtype(model, dtype)
+        if cast_unquantized(model, dtype):
+            logger.info("cast the unquantized weights of %s to %s", plan.name, str(dtype).replace("torch.", ""))
+    keep_4bit_layout_stable(model)
     model.config.use_cache = False
     model.max_seq_length = max_seq_length
     return model, dtype, device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -61,7 +62,8 @@ class QuantSettings:
             raise InvalidOption(f"bnb_4bit_quant_storage={self.bnb_4bit_quant_storage!r} is not a storage dtype",
                                 found=f"supported: {', '.join(STORAGE_NAMES)}", fix="use 'uint8' (default)")
         if not isinstance(self.llm_int8_threshold, (int, float)) or self.llm_int8_threshold < 0:
-            raise InvalidOption(f"llm_int8_threshold={self.llm_int8_threshold!r} must be a number >= 0",
+            raise InvalidOption(f"llm_int8_threshold={self.llm_int8_threshold!r}", found="it must be a number >= 0 "
+                                "(the outlier magnitude above which LLM.int8 keeps a column in 16-bit)",
                                 fix="use 6.0 (default)")
 
     @property
@@ -104,7 +106,10 @@ class QuantSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - known
         if unknown:
-            raise InvalidOption(f"unknown quantization option(s): {sorted(unknown)}", found=f"known: {sorted(known)}")
+            close = sorted({m for u in unknown for m in difflib.get_close_matches(u, known, n=2)})
+            raise InvalidOption(f"unknown quantization option(s): {sorted(unknown)}", found=f"known: {sorted(known)}",
+                                fix=f"did you mean {', '.join(close)}?" if close else "remove the option, or use one "
+                                    "of the known BitsAndBytesConfig fields")
         if "bnb_4bit_compute_dtype" in options:
             options["bnb_4bit_compute_dtype"] = dtype_name(options["bnb_4bit_compute_dtype"], "bnb_4bit_compute_dtype")
         if "bnb_4bit_quant_storage" in options and options["bnb_4bit_quant_storage"] is not None:
@@ -141,7 +146,8 @@ class LoraSettings:
             raise InvalidOption(f"lora_dropout={self.lora_dropout!r}", found="dropout must be in [0, 1)",
                                 fix="use 0.0 (default, fastest)")
         if self.bias not in ("none", "all", "lora_only"):
-            raise InvalidOption(f"LoRA bias={self.bias!r}", found="peft accepts 'none', 'all' or 'lora_only'")
+            raise InvalidOption(f"LoRA bias={self.bias!r}", found="peft accepts 'none', 'all' or 'lora_only'",
+                                fix="use bias='none' (default)")
 
     @classmethod
     def from_user(cls, lora: Any) -> LoraSettings:
