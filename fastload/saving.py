@@ -10,6 +10,7 @@ nothing half-written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ._log import logger
-from .errors import AdapterError, InvalidOption
+from .errors import AdapterError, FastloadError, InvalidOption, SaveError
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -114,8 +115,13 @@ def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, FastloadError):
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SaveError(f"Saving to {directory}", found="the disk is full" if full else f"{type(e).__name__}: {e}",
+                            fix="free space or save elsewhere; the previous save (if any) is unchanged"
+                                if full else "check the folder's permissions, or save elsewhere") from e
         raise
 
 
@@ -284,9 +290,12 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
     if source not in SOURCES:
         raise InvalidOption(f"source={source!r}", found=f"choices: {', '.join(SOURCES)}",
                             fix="use 'auto' (default), '16bit' or 'dequantized'")
+    shard_bytes = parse_size(max_shard_size)
+    out_dtype = _dtype(dtype)
     deltas = Deltas(model)
     plan = getattr(model, "fastload_plan", None)
     src = find_16bit_source(plan) if source in ("auto", "16bit") else None
+    _refuse_own_source(directory, plan, src)
     if source == "16bit" and src is None:
         raise AdapterError("Merging into the 16-bit source (source='16bit')",
                            found=f"the 16-bit weights of {base_model_id(plan)!r} are not on this machine",
@@ -299,18 +308,17 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
         logger.info("the 16-bit source %s names its weights differently (%s...); merging into the dequantized "
                     "weights instead", src, unmatched[0])
         src = None
-    out_dtype = _dtype(dtype)
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         target = tmp / ".merged-16bit" if quantize else tmp
         target.mkdir(exist_ok=True)
         if src is not None:
             logger.info("merging the LoRA adapter into the 16-bit source %s", src)
-            _merge_into_source(deltas, src, target, out_dtype)
+            _merge_into_source(deltas, src, target, out_dtype, shard_bytes)
         else:
             why = "asked for" if source == "dequantized" else f"no 16-bit source of {base_model_id(plan)!r} on this machine"
             logger.info("merging the LoRA adapter into the dequantized 4-bit weights (%s)", why)
-            _merge_into_model(model, deltas, target, out_dtype, parse_size(max_shard_size))
+            _merge_into_model(model, deltas, target, out_dtype, shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(target))
         elif not _has_tokenizer(target):
@@ -322,6 +330,17 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
     return directory
 
 
+def _refuse_own_source(directory, plan, src: Path | None) -> None:
+    """A folder the model is read from holds config.json, so it would pass for a previous save and be replaced:
+    saving over it would destroy the original the merge (and any later merge) starts from."""
+    target = Path(directory).expanduser().resolve()
+    # plan.original may be a repo id, which is no folder: only the folders actually read count
+    own = [Path(p).expanduser().resolve() for p in (src, plan and plan.location) if p and Path(p).expanduser().is_dir()]
+    if any(target == p or target in p.parents for p in own):
+        raise InvalidOption(f"Saving the merged model to {target}", found="that folder holds the model it is merged "
+                            "from; replacing it would lose the original weights", fix="choose another folder")
+
+
 def source_keys(src: Path) -> set[str]:
     """Every tensor name of a safetensors checkpoint, from the headers only."""
     from .checkpoint import find_weight_files, read_safetensors_header
@@ -330,76 +349,93 @@ def source_keys(src: Path) -> set[str]:
     return {k for shard in shards for k in read_safetensors_header(shard) if k != "__metadata__"}
 
 
-def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype) -> None:
-    """Read each source shard, add the deltas to its weights, write it: one shard in memory at a time."""
-    from safetensors.torch import load_file, save_file
+def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype, shard_bytes: int) -> None:
+    """Read each source shard, add the deltas to its weights, write them re-sharded: one source shard in memory."""
+    import torch
+    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     from .checkpoint import find_weight_files
 
     shards, _ = find_weight_files(src, allow_pickle=False)
-    weight_map, total = {}, 0
+    writer = ShardWriter(out, shard_bytes)
     for shard in tqdm(shards, desc="merging LoRA into shards", unit="shard"):
         tensors = load_file(str(shard))
         for key in list(tensors):
-            merged = deltas.apply(key, tensors[key])
-            if out_dtype is not None and merged.is_floating_point():
-                merged = merged.to(out_dtype)
-            tensors[key] = merged.contiguous()
-            weight_map[key] = shard.name
-            total += merged.numel() * merged.element_size()
-        save_file(tensors, str(out / shard.name), metadata={"format": "pt"})
+            tensor = tensors.pop(key)
+            if not tensor.is_floating_point():
+                writer.add(key, tensor)
+                continue
+            # added in fp32 and rounded once, to the dtype asked for: rounding to the source's bf16 first would
+            # throw away what dtype=torch.float32 was asked to keep
+            merged = deltas.apply(key, tensor.to(torch.float32))
+            writer.add(key, merged.to(out_dtype or tensor.dtype))
         del tensors
     deltas.check_all_used(str(src))
+    writer.close()
     for f in src.iterdir():  # config, generation config, tokenizer, chat template: everything but weights
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != SAFETENSORS_INDEX:
             shutil.copy2(f, out / f.name)
-    if len(shards) > 1:
-        _write_index(out, weight_map, total)
     if out_dtype is not None:
         _set_config_dtype(out / "config.json", out_dtype)
+
+
+class ShardWriter:
+    """Safetensors shards of at most max_bytes each (a larger tensor gets a shard of its own), named as transformers
+    names them, with model.safetensors.index.json when there is more than one: the layout any loader reads."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.files: list[tuple[str, list[str]]] = []
+        self.current: dict[str, Any] = {}
+        self.size = self.total = 0
+
+    def add(self, key: str, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.max_bytes:
+            self._flush()
+        self.current[key] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.current:
+            # numbered provisionally: the final names carry the shard count, known only at the end
+            name = f".shard-{len(self.files):05d}.safetensors"
+            save_file(self.current, str(self.out / name), metadata={"format": "pt"})
+            self.files.append((name, list(self.current)))
+            self.current, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.files) == 1:
+            os.rename(self.out / self.files[0][0], self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            os.rename(self.out / name, self.out / final)
+            weight_map.update({k: final for k in keys})
+        _write_index(self.out, weight_map, self.total)
 
 
 def _merge_into_model(model, deltas: Deltas, out: Path, out_dtype, shard_bytes: int) -> None:
     """Dequantize the loaded weights tensor by tensor, add the deltas, write shards of at most shard_bytes."""
     import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     base = model.get_base_model()
     out_dtype = out_dtype or _source_dtype(model) or torch.bfloat16
     items = list(_model_tensors(base, deltas.adapter))
-    files, current, size, weight_map, total = [], {}, 0, {}, 0
-
-    def flush():
-        nonlocal current, size
-        if current:
-            name = f"shard-{len(files):05d}.safetensors"
-            save_file(current, str(out / name), metadata={"format": "pt"})
-            files.append((name, list(current)))
-            current, size = {}, 0
-
+    writer = ShardWriter(out, shard_bytes)
     for key, read in tqdm(items, desc="merging LoRA into dequantized weights", unit="tensor"):
         tensor = read()
         merged = deltas.apply(key, tensor.to(torch.float32) if tensor.is_floating_point() else tensor)
-        if merged.is_floating_point():
-            merged = merged.to(out_dtype)
-        nbytes = merged.numel() * merged.element_size()
-        if current and size + nbytes > shard_bytes:
-            flush()
-        current[key] = merged.contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
+        writer.add(key, merged.to(out_dtype) if merged.is_floating_point() else merged)
     deltas.check_all_used("the loaded model")
-    if len(files) == 1:
-        os.rename(out / files[0][0], out / "model.safetensors")
-    else:
-        for i, (name, keys) in enumerate(files):
-            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-            os.rename(out / name, out / final)
-            weight_map.update({k: final for k in keys})
-        _write_index(out, weight_map, total)
+    writer.close()
     config = base.config.__class__.from_dict(base.config.to_dict())
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
@@ -437,9 +473,15 @@ def _model_tensors(base, adapter: str):
 
 
 def _dequantize_4bit(weight):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for its inference kernel after the first
+    no-grad forward; dequantizing that layout as if it were the standard one yields garbage, so undo it first."""
     import bitsandbytes.functional as F
 
-    return F.dequantize_4bit(weight.data, weight.quant_state).to("cpu")
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = F._convert_weight_packed_for_cpu_inverse(data, state)
+        weight.data, weight.quant_state = data, state  # bitsandbytes repacks on its next inference forward
+    return F.dequantize_4bit(data, state).to("cpu")
 
 
 def _dequantize_8bit(weight, module):
@@ -500,7 +542,15 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     options = {k: v for k, v in dataclasses.asdict(quant).items()}
     qplan = resolve(str(merged), store=False, **options)
     logger.info("quantizing the merged model (%s)", quant.describe())
-    model, _, _ = load_weights(qplan, LoadOptions(max_seq_length=None))
+    # quantized in the merged weights' 16-bit dtype: the tensors that stay unquantized (embeddings, norms, lm_head) are
+    # then written in 16 bits, not in this CPU's fp32 compute dtype (which would double their size); the compute
+    # dtype recorded in the checkpoint does not bind: a pre-quantized load sets the loading device's own
+    config = json.loads((merged / "config.json").read_text())
+    try:
+        model, _, _ = load_weights(qplan, LoadOptions(max_seq_length=None,
+                                                      dtype=config.get("dtype") or config.get("torch_dtype")))
+    except InvalidOption:  # a GPU without bf16 arithmetic: quantize in its own compute dtype
+        model, _, _ = load_weights(qplan, LoadOptions(max_seq_length=None))
     model.config.use_cache = True
     model.save_pretrained(str(out), safe_serialization=True)
     del model
