@@ -47,7 +47,9 @@ def count_params(config) -> ParamCounts:
             model = AutoModelForCausalLM.from_config(config)
     except FastloadError:
         raise
-    except (RuntimeError, ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as e:
+    # AssertionError: torch's own argument checks (an out-of-vocabulary pad_token_id fails nn.Embedding's)
+    except (RuntimeError, ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError,
+            AssertionError) as e:
         raise CheckpointCorrupt(f"Building the model a config of model_type {getattr(config, 'model_type', '?')!r} "
                                 "describes", found=f"transformers cannot build it: {type(e).__name__}: "
                                 f"{(str(e).splitlines() or [''])[0][:300]}",
@@ -109,6 +111,7 @@ class MemoryEstimate:
     activations_no_ckpt: int
     seq: int
     batch: int
+    basis: str = ""  # where the shape came from, shown in the table (an approximation says so)
 
     def training_total(self, bits: int = 4, checkpointing: bool = True) -> int:
         w = {4: self.weights_4bit, 8: self.weights_8bit, 16: self.weights_16bit}[bits]
@@ -125,6 +128,8 @@ class MemoryEstimate:
                 ("LoRA training total (16-bit, checkpointing)", self.training_total(16, True))]
         width = max(len(r[0]) for r in rows)
         head = f"{self.counts.total / 1e9:.2f}B parameters ({self.counts.projections / 1e9:.2f}B in projections)"
+        if self.basis:
+            head += f"\n  from {self.basis}"
         return "\n".join([head] + [f"  {name:<{width}}  {b / GIB:8.2f} GiB" for name, b in rows])
 
     def as_dict(self) -> dict:
@@ -133,16 +138,46 @@ class MemoryEstimate:
                 "weights_4bit": self.weights_4bit, "weights_4bit_no_double_quant": self.weights_4bit_no_dq,
                 "lora": self.lora, "optimizer_8bit": self.optimizer_8bit, "activations": self.activations,
                 "activations_no_checkpointing": self.activations_no_ckpt, "seq": self.seq, "batch": self.batch,
-                "training_total_4bit": self.training_total(4, True)}
+                "training_total_4bit": self.training_total(4, True),
+                "training_total_16bit": self.training_total(16, True), "basis": self.basis}
 
 
 def estimate(config, seq: int = 2048, batch: int = 1, r: int = 16) -> MemoryEstimate:
-    counts = count_params(config)
-    lora = lora_params(counts, r) * 4
+    """Memory of loading and QLoRA-training the model a config describes (a transformers config or a dict)."""
+    return estimate_counts(count_params(config), seq, batch, r)
+
+
+def estimate_counts(counts: ParamCounts, seq: int = 2048, batch: int = 1, r: int = 16, basis: str = "") -> MemoryEstimate:
+    lora = lora_params(counts, r) * 4  # fp32 adapters
     return MemoryEstimate(counts=counts, weights_16bit=weight_bytes(counts, 16), weights_8bit=weight_bytes(counts, 8),
                           weights_4bit=weight_bytes(counts, 4, True), weights_4bit_no_dq=weight_bytes(counts, 4, False),
                           lora=lora, optimizer_8bit=lora // 4 * 2, activations=activation_bytes(counts, seq, batch, True),
-                          activations_no_ckpt=activation_bytes(counts, seq, batch, False), seq=seq, batch=batch)
+                          activations_no_ckpt=activation_bytes(counts, seq, batch, False), seq=seq, batch=batch,
+                          basis=basis)
+
+
+# A registry entry knows its parameter count but not its shape. The approximation assumes a Llama-shaped decoder:
+# layers = hidden / 128 (Llama 2 7B: 4096/32, 13B: 5120/40), SwiGLU intermediate = 3.5 x hidden, grouped-query
+# attention with a quarter of the heads for keys/values, and untied embeddings of a 100k vocabulary, capped at 30%
+# of the parameters (small models spend a large share on embeddings, large ones a small one). 16-bit weights are
+# exact (the count is); 4-bit weights land within ~20% of real Llama 2/3 configs (the 16-bit embedding share is
+# the unknown); activations depend on the guessed shape and are rougher still.
+APPROX_VOCAB = 100_000
+APPROX_EMBEDDING_SHARE = 0.3
+
+
+def approximate_counts(params: float) -> ParamCounts:
+    """A plausible Llama-like ParamCounts for a model known only by its parameter count."""
+    if not params or params <= 0:
+        raise ValueError(f"a positive parameter count is needed, got {params!r}")
+    per_layer_per_h2 = 2 + 2 * 0.25 + 3 * 3.5  # q,o + k,v (GQA) + gate, up, down, in units of hidden^2
+    hidden = max(64, int(round((params * 128 / per_layer_per_h2) ** (1 / 3) / 64)) * 64)
+    other = int(min(2 * APPROX_VOCAB * hidden, APPROX_EMBEDDING_SHARE * params))
+    projections = int(params) - other
+    layers = max(1, round(projections / (per_layer_per_h2 * hidden * hidden)))
+    vocab = max(1, other // (2 * hidden))
+    return ParamCounts(projections=projections, other=other, hidden=hidden, layers=layers,
+                       intermediate=int(3.5 * hidden), vocab=vocab, kv_dim=hidden // 4)
 
 
 def weights_floor_bytes(config, other_bytes: int) -> int | None:
