@@ -1,0 +1,92 @@
+"""The examples run as a user runs them: the scripts in a subprocess, the notebook top to bottom in a kernel.
+
+Each checks what a user would see: exit code 0, the held-out loss went down, the adapter files exist, the
+notebook drew its loss plot. All share one FASTLOAD_HOME so SmolLM2's GGUF is converted and quantized once.
+Subprocesses inherit the isolated env (HF_HOME in tmp, HF_HUB_OFFLINE=1) and need no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    """One store for every example in this session: the first one converts SmolLM2, the others load it."""
+    return tmp_path_factory.mktemp("examples-fastload-home")
+
+
+@pytest.fixture
+def example_env(shared_home, monkeypatch) -> dict:
+    monkeypatch.setenv("FASTLOAD_HOME", str(shared_home))  # the notebook kernel inherits os.environ too
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_example(script: str, args: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_sample_data_is_varied_chat_in_messages_format():
+    lines = (EXAMPLES / "data" / "chat_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    assert 60 <= len(records) <= 200
+    questions = {r["messages"][0]["content"] for r in records}
+    assert len(questions) == len(records)  # no duplicated prompt
+    for r in records:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant"]
+        assert re.fullmatch(r"Answer: .+\nReason: .+", r["messages"][1]["content"])  # the skill to learn
+
+
+def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, example_env):
+    out = run_example("sft.py", ["--steps", "3", "--batch-size", "2", "--heldout", "4", "--max-new-tokens", "8",
+                                 "--out", "outputs/adapter"], tmp_path, example_env)
+    match = re.search(r"held-out loss: before ([\d.]+) -> after ([\d.]+)", out)
+    assert match, out
+    before, after = map(float, match.groups())
+    assert after < before - 0.1, (before, after)
+    adapter = tmp_path / "outputs" / "adapter"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "before training:" in out and "after training:" in out
+    assert re.search(r"optimizer bitsandbytes\.\w+ \(8-bit state\)", out), out
+
+
+def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):
+    out = run_example("load_one_line.py", ["--max-new-tokens", "8", "--max-seq-length", "128"], tmp_path,
+                      example_env)
+    assert "'HuggingFaceTB/SmolLM2-135M-Instruct' -> " in out
+    trainable, total = (int(n.replace(",", "")) for n in
+                        re.search(r"trainable parameters: ([\d,]+) of ([\d,]+)", out).groups())
+    assert 0 < trainable < total / 10
+    assert "QLoRA training total" in out
+    assert re.search(r"answer: \S", out), out
+
+
+def test_notebook_runs_top_to_bottom_and_plots_the_loss(tmp_path, example_env):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(EXAMPLES / "finetune_smollm2.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    params.source += "\nSTEPS = 2\nBATCH_SIZE = 2\nDATA = " + repr(str(EXAMPLES / "data" / "chat_sample.jsonl"))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "no plot in the notebook's outputs"
+    adapter = tmp_path / "outputs" / "smollm2-notebook-adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
