@@ -58,7 +58,8 @@ def compute_dtype_of(model):
 def precision_flags(model=None) -> dict[str, bool]:
     """bf16/fp16 mixed precision matching the model's compute dtype (or the device's when no model is given).
 
-    fp32 on a CPU without native bf16 (emulated bf16 autocast is ~35x slower there); fp16 only on a GPU.
+    fp32 on a CPU without native bf16 (emulated bf16 autocast is ~35x slower there); fp16 only on a GPU. bf16 on a
+    CPU with native bf16 needs use_cpu=True, without which transformers refuses bf16 where it sees no GPU.
     """
     import torch
 
@@ -66,7 +67,10 @@ def precision_flags(model=None) -> dict[str, bool]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = compute_dtype_of(model) if model is not None else choose_compute_dtype(device)
-    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16 and device == "cuda"}
+    flags = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16 and device == "cuda"}
+    if flags["bf16"] and device == "cpu":
+        flags["use_cpu"] = True
+    return flags
 
 
 def arguments_class(sft: bool):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from fastload import FastModel
+from fastload.devices import cpu_has_native_bf16
 from fastload.errors import BackendUnavailable, InvalidOption
 from fastload.trainer import checkpointing_state, ensure_checkpointing
 
@@ -68,10 +69,13 @@ def test_training_arguments_carry_fastload_defaults(tiny, tmp_path):
     assert args.learning_rate == 2e-4
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert args.report_to == []
-    assert not args.bf16 and not args.fp16  # this CPU computes in fp32 (no native bf16): no emulated autocast
+    # the model's compute dtype decides: bf16 on a CPU with native bf16 (which transformers allows only with
+    # use_cpu=True), else fp32 and no emulated autocast; never fp16 on a CPU
+    native_bf16 = cpu_has_native_bf16()
+    assert args.bf16 == native_bf16 and not args.fp16 and args.use_cpu == native_bf16
     sft = FastModel.training_arguments(tmp_path, sft=True, model=model, learning_rate=1e-4)
     assert type(sft).__name__ == "SFTConfig" and sft.max_length == 48 and sft.learning_rate == 1e-4
-    assert not sft.bf16  # SFTConfig alone would turn bf16 on
+    assert sft.bf16 == native_bf16  # SFTConfig alone would turn bf16 on whatever the CPU
     with pytest.raises(InvalidOption, match="max_lenght"):
         FastModel.training_arguments(tmp_path, max_lenght=10)
 
