@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark as two commands of at most 9 minutes each (one H100 80GB, Python 3.12, no internet):
 #
-#   bash benchmarks/gpu.sh part1   # Llama-3 1B: load + train for fastload, recipe, unsloth (+ recipe-noupcast train)
-#   bash benchmarks/gpu.sh part2   # Llama-3 8B: train 2048x2 for fastload, recipe, unsloth; load for fastload, recipe
+#   bash benchmarks/gpu.sh part1   # Llama-3 1B: train for fastload, recipe, unsloth, then fastload with each engine
+#                                  # lever off and recipe-noupcast; then loads for fastload, recipe, unsloth
+#   bash benchmarks/gpu.sh part2   # Llama-3 8B: train 2048x2 for fastload, recipe, unsloth, fastload without fused
+#                                  # LoRA; then loads for fastload, recipe
+#   bash benchmarks/gpu.sh part3   # Llama-3 8B: train 8192x1 for fastload, unsloth; 2048x2 with engine levers off
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -10,7 +13,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -29,15 +32,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 df -h "$PWD" | tail -1
 case "$part" in
     part1)
-        bench --model llama3-1b --impl fastload,recipe,unsloth,recipe-noupcast --phase train,load --plot
+        bench --model llama3-1b --phase train --impl fastload,recipe,unsloth,fastload-nolora
+        bench --model llama3-1b --impl fastload,recipe,unsloth --phase load --append
+        bench --model llama3-1b --phase train --append --plot \
+            --impl fastload-noengine,fastload-nofused,fastload-nooffload,fastload-nokernels,recipe-noupcast
         ;;
     part2)
-        bench --model llama3-8b --impl fastload,recipe,unsloth --phase train
-        bench --model llama3-8b --impl fastload,recipe --phase load --append
-        bench --model llama3-8b --impl recipe-noupcast --phase train --append --plot
+        bench --model llama3-8b --impl fastload,recipe,unsloth,fastload-nolora --phase train
+        bench --model llama3-8b --impl fastload,recipe --phase load --append --plot
+        ;;
+    part3)
+        bench --model llama3-8b --impl fastload,unsloth --phase train --seq 8192 --batch 1
+        bench --model llama3-8b --impl fastload-nofused,fastload-nooffload,fastload-nokernels,recipe-noupcast \
+            --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1 or part2" >&2
+        echo "unknown part '$part': use part1, part2 or part3" >&2
         exit 2
         ;;
 esac

@@ -16,12 +16,20 @@ _DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSe
 BACKENDS = ("native", "unsloth", "auto")
 
 
+def quant_flags(load_in_4bit: bool | None, load_in_8bit: bool) -> dict:
+    """load_in_4bit defaults to True, except that load_in_8bit=True alone means LLM.int8 (as in transformers)."""
+    flags = {"load_in_8bit": load_in_8bit} if load_in_8bit else {}
+    if load_in_4bit is not None:
+        flags["load_in_4bit"] = load_in_4bit
+    return flags
+
+
 class FastModel:
     """The facade. Every method is a classmethod; models are plain transformers/peft models."""
 
     @classmethod
     def from_pretrained(cls, model_name: str | os.PathLike, max_seq_length: int | None = None, dtype: Any = None,
-                        load_in_4bit: bool = True, load_in_8bit: bool = False, quantization_config: Any = None,
+                        load_in_4bit: bool | None = None, load_in_8bit: bool = False, quantization_config: Any = None,
                         lora: Any = _DEFAULT, gradient_checkpointing: bool | str = True, device_map: Any = None,
                         revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
                         local_files_only: bool | None = None, trust_remote_code: bool = False,
@@ -51,8 +59,8 @@ class FastModel:
         started = time.perf_counter()
         plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
                        prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
-                       allow_pickle=allow_pickle, quantization_config=quantization_config, load_in_4bit=load_in_4bit,
-                       load_in_8bit=load_in_8bit, **quant_options)
+                       allow_pickle=allow_pickle, quantization_config=quantization_config,
+                       **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
         logger.info("source: %s (%s)", plan.location, plan.reason)
         opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
                            cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
@@ -62,7 +70,8 @@ class FastModel:
         if impl.name == "native":
             from .engine import EngineSettings, apply_engine
 
-            model.fastload_engine = apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing))
+            model.fastload_engine_settings = EngineSettings.from_user(engine)
+            model.fastload_engine = apply_engine(model, model.fastload_engine_settings, bool(gradient_checkpointing))
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         model.fastload_plan = plan
         model.fastload_backend = impl.name
@@ -90,9 +99,15 @@ class FastModel:
         peft_model = apply_lora(model, settings, random_state)
         if checkpointing:
             enable_checkpointing(peft_model)
-        for attr in ("max_seq_length", "fastload_plan", "fastload_backend"):
+        for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine"):
             if hasattr(model, attr):
                 setattr(peft_model, attr, getattr(model, attr))
+        engine = getattr(model, "fastload_engine_settings", None)
+        if engine is not None and engine.fused_lora:
+            from .engine import install_fused_lora_if_any
+
+            if install_fused_lora_if_any(peft_model):
+                peft_model.fastload_engine = [*getattr(model, "fastload_engine", []), "fused_lora"]
         return peft_model
 
     @staticmethod

@@ -33,6 +33,15 @@ def test_num_items_in_batch_normalises_like_transformers():
     assert torch.allclose(chunked_linear_cross_entropy(hidden, weight, labels, num_items=40), summed / 40)
 
 
+def nonzero_lora_b(model, seed: int = 0) -> None:
+    """peft starts B at zero, which leaves A without a gradient; give B the same random values in every model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
 def lora_grads(model, tok):
     enc = tok(["the quick brown fox jumps over the lazy dog", "hello world"], return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -43,16 +52,37 @@ def lora_grads(model, tok):
 
 
 def test_engine_gives_the_plain_paths_loss_and_lora_gradients(tiny_llama):
-    plain, tok = FastModel.from_pretrained(tiny_llama, engine=False, store=False, random_state=1,
-                                           lora={"init_lora_weights": "gaussian"})
-    fast, _ = FastModel.from_pretrained(tiny_llama, engine=True, store=False, random_state=1,
-                                        lora={"init_lora_weights": "gaussian"})
-    assert "fused_loss" in fast.fastload_engine and plain.fastload_engine == []
+    # fp32 on every CPU (one with native bf16 would otherwise pick bf16): the tolerances are fp32 round-off
+    plain, tok = FastModel.from_pretrained(tiny_llama, engine=False, store=False, dtype=torch.float32)
+    fast, _ = FastModel.from_pretrained(tiny_llama, engine=True, store=False, dtype=torch.float32)
+    assert {"fused_lora", "fused_loss"} <= set(fast.fastload_engine) and plain.fastload_engine == []
+    nonzero_lora_b(plain)
+    nonzero_lora_b(fast)
     loss_p, grads_p = lora_grads(plain, tok)
     loss_f, grads_f = lora_grads(fast, tok)
-    assert abs(loss_p - loss_f) < 1e-5  # fp32 on CPU
+    assert abs(loss_p - loss_f) < 1e-5
+    assert len(grads_p) == 28  # A and B of 7 projections x 2 layers
     for name, g in grads_p.items():
+        assert g.abs().max() > 0, f"{name} has no gradient: the comparison would be empty"
         assert torch.allclose(g, grads_f[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_lora_comes_with_adapters_added_later_and_steps_aside_when_they_are_off(tiny_llama):
+    model, tok = FastModel.from_pretrained(tiny_llama, lora=None, store=False, dtype=torch.float32)
+    assert "fused_lora" not in model.fastload_engine  # nothing to fuse yet
+    model = FastModel.get_peft_model(model, r=8)
+    assert "fused_lora" in model.fastload_engine
+    nonzero_lora_b(model)
+    enc = tok(["hello world"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        with_lora = model(**enc).logits
+        with model.disable_adapter():
+            without = model(**enc).logits
+    plain, _ = FastModel.from_pretrained(tiny_llama, lora=None, store=False, dtype=torch.float32, engine=False)
+    with torch.no_grad():
+        assert torch.allclose(without, plain(**enc).logits, atol=1e-5)  # adapters off: exactly the base model
+    assert (with_lora - without).abs().max() > 1e-3  # adapters on: they change the output
 
 
 def test_engine_keeps_logits_for_inference(tiny_llama):

@@ -80,7 +80,7 @@ def test_user_bitsandbytes_config_wins(tiny_llama):
 def test_8bit_loads_llm_int8(tiny_llama):
     import bitsandbytes as bnb
 
-    model, _ = FastModel.from_pretrained(tiny_llama, load_in_4bit=False, load_in_8bit=True, llm_int8_threshold=5.0,
+    model, _ = FastModel.from_pretrained(tiny_llama, load_in_8bit=True, llm_int8_threshold=5.0,
                                          store=False)
     layer = model.get_base_model().model.layers[0].self_attn.v_proj.base_layer
     assert isinstance(layer, bnb.nn.Linear8bitLt)

@@ -16,7 +16,11 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none"}
 LR = 2e-4
 WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
-IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth")
+# fastload-no<lever> trains with one engine lever off (fastload-noengine: all off), to measure what each lever gives
+ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss": False},
+                   "fastload-nolora": {"fused_lora": False},
+                   "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False}}
+IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS)
 # recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement
 LOADS = ("fastload", "recipe", "unsloth")
 
@@ -96,14 +100,15 @@ def timed_store(root: str | Path):
     return TimedStore(root)
 
 
-def fastload_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int, store: Any = False) -> Ready:
+def fastload_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int, store: Any = False,
+                   engine: Any = True) -> Ready:
     """FastModel.from_pretrained (quantize, LoRA, checkpointing in one call) + FastModel.get_optimizer."""
     from fastload import FastModel
 
     started = time.perf_counter()
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=seq, dtype=torch_dtype(dtype),
                                          device_map=device_map(device), lora={**LORA, "target_modules": list(TARGETS)},
-                                         random_state=seed, store=store)
+                                         random_state=seed, store=store, engine=engine)
     synchronize(device)
     loaded = time.perf_counter()
     optimizer = FastModel.get_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -177,6 +182,8 @@ def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: in
           prequantized_dir: str | None = None, fastload_store: Any = False) -> Ready:
     if impl == "fastload":
         return fastload_ready(model_dir, device, dtype, seq, seed, store=fastload_store)
+    if impl in ENGINE_VARIANTS:
+        return fastload_ready(model_dir, device, dtype, seq, seed, store=False, engine=ENGINE_VARIANTS[impl])
     if impl in ("recipe", "recipe-noupcast"):
         return recipe_ready(model_dir, device, dtype, seq, seed, prequantized_dir, upcast=impl == "recipe")
     if impl == "unsloth":

@@ -138,7 +138,7 @@ def markdown(summary: dict) -> str:
                   "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in (r for r in train if r["model"] == model):
             if r["error"]:
-                lines.append(f"| {r['impl']} | error | | | | | | | | | |")
+                lines.append(f"| {r['impl']} | {_failed(r['error'])} | | | | | | | | | |")
                 continue
             void = " ⚠" if r["comparison_void"] else ""
             lines.append(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | {_f(r['peak_gib'])} | "
@@ -168,7 +168,7 @@ def markdown(summary: dict) -> str:
             cells = []
             for name in LOAD_RUNS:
                 run = r["runs"].get(name)
-                cells.append("—" if run is None else "error" if run.get("error") else f"{run['load_s']:.2f}")
+                cells.append("—" if run is None else _failed(run["error"]) if run.get("error") else f"{run['load_s']:.2f}")
             lines.append(f"| {r['impl']} | {' | '.join(cells)} | {_f(r['ready_s'])} | {_f(r['store_write_s'])} | "
                          f"{_f(r['after_load_gib'])} | {_f(r['import_s'], '{:.1f}')} | "
                          f"{_x(r['onthefly-warm_vs_recipe'])} | {_x(r['prequantized-warm_vs_recipe'])} |")
@@ -220,3 +220,8 @@ def write(out: Path, meta: dict, with_plot: bool = False) -> dict:
         except ImportError as e:  # the numbers matter more than the picture: say so and go on
             print(f"fastload bench: no plot ({e}); pip install matplotlib")
     return summary
+
+
+def _failed(error: str) -> str:
+    """A table cell for a job that has no figure: skipped for want of time, or failed (details under Errors)."""
+    return "skipped" if error.startswith("skipped") else "error"

@@ -176,7 +176,8 @@ def run_train(job: Job, record: dict) -> None:
     r = impls.ready(job.impl, job.model_dir, job.device, job.dtype, job.seq, job.seed)
     model, optimizer = r.model, r.optimizer
     record.update(load_s=r.load_s, ready_s=r.ready_s, **memory(job.device, "after_load"),
-                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  engine_levers=getattr(model, "fastload_engine", None))
     ids = make_batch(job, model.get_input_embeddings().num_embeddings).to("cuda" if job.device == "cuda" else "cpu")
     model.train()  # from_pretrained returns eval mode, where transformers skips gradient checkpointing
     if job.device == "cuda":

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 from .._log import logger
 
-LEVERS = ("fused_loss", "offload_checkpointing", "kernels")
+LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "kernels")
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """Which levers to use; `True` means: where it pays (GPU-only levers stay off on the CPU)."""
 
+    fused_lora: bool = True              # each LoRA projection as one autograd function in the compute dtype
     fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
     offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
     kernels: bool = True                 # liger-kernel RMSNorm / SwiGLU where installed (CUDA only)
@@ -27,7 +28,7 @@ class EngineSettings:
         if value is True or value is None:
             return cls()
         if value is False:
-            return cls(False, False, False)
+            return cls(**{lever: False for lever in LEVERS})
         if isinstance(value, dict):
             from ..errors import InvalidOption
 
@@ -41,6 +42,13 @@ class EngineSettings:
         raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
 
 
+def install_fused_lora_if_any(model) -> bool:
+    """The fused LoRA lever on this instance's adapters (none yet with lora=None: get_peft_model adds it later)."""
+    from .fused_lora import install_fused_lora
+
+    return install_fused_lora(model) > 0
+
+
 def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> list[str]:
     """Turn on the levers for this model instance; returns the names of those turned on."""
     from ..checkpointing import _base
@@ -48,6 +56,8 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
     base = _base(model)
     device = next(base.parameters()).device.type
     used = []
+    if settings.fused_lora and install_fused_lora_if_any(model):
+        used.append("fused_lora")
     if settings.fused_loss:
         from .fused_loss import install_fused_loss
 
