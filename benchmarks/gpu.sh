@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu.sh part2   # Llama-3 8B: train 2048x2 for fastload, recipe, unsloth, fastload without fused
 #                                  # LoRA; then loads for fastload, recipe
 #   bash benchmarks/gpu.sh part3   # Llama-3 8B: train 8192x1 for fastload, unsloth; 2048x2 with engine levers off
+#   bash benchmarks/gpu.sh headline  # 1B and 8B 2048x2 for fastload, recipe, unsloth only (the README's table)
+#   bash benchmarks/gpu.sh long      # 8B 8192x1 for fastload, unsloth only
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -13,7 +15,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -41,13 +43,20 @@ case "$part" in
         bench --model llama3-8b --impl fastload,recipe,unsloth,fastload-nolora --phase train
         bench --model llama3-8b --impl fastload,recipe --phase load --append --plot
         ;;
+    headline)  # the README's table in one run: 1B and 8B at 2048x2 for fastload, recipe, unsloth
+        bench --model llama3-1b --phase train --impl fastload,recipe,unsloth
+        bench --model llama3-8b --phase train --impl fastload,recipe,unsloth --append --plot
+        ;;
+    long)  # 8B at 8192x1: fastload and unsloth (the recipe needs ~48 GiB and minutes here)
+        bench --model llama3-8b --phase train --impl fastload,unsloth --seq 8192 --batch 1
+        ;;
     part3)
         bench --model llama3-8b --impl fastload,unsloth --phase train --seq 8192 --batch 1
         bench --model llama3-8b --impl fastload-nofused,fastload-nooffload,fastload-nokernels,recipe-noupcast \
             --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1, part2 or part3" >&2
+        echo "unknown part '$part': use part1, part2, part3, headline or long" >&2
         exit 2
         ;;
 esac

@@ -25,6 +25,21 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
     assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12)
 
 
+def test_default_chunks_stay_within_their_memory_bound_and_still_match():
+    from fastload.engine.fused_loss import CHUNK_BYTES, chunk_tokens
+
+    assert chunk_tokens(128_256) == 256 and chunk_tokens(32_000) == 1024 and chunk_tokens(49_152) == 512
+    for vocab in (1_000, 32_000, 128_256, 262_144, 600_000):
+        tokens = chunk_tokens(vocab)
+        assert 128 <= tokens <= 4096 and (tokens * vocab * 8 <= CHUNK_BYTES or tokens == 128)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(700, 16, generator=gen, dtype=torch.float64)
+    weight = torch.randn(600_000, 16, generator=gen, dtype=torch.float64) * 0.1  # 128-token chunks: 6 of them
+    labels = torch.randint(0, 600_000, (700,), generator=gen)
+    ref = F.cross_entropy(hidden @ weight.t(), labels)
+    assert torch.allclose(chunked_linear_cross_entropy(hidden, weight, labels), ref, rtol=1e-10)
+
+
 def test_num_items_in_batch_normalises_like_transformers():
     hidden = torch.randn(10, 8, dtype=torch.float64)
     weight = torch.randn(12, 8, dtype=torch.float64)

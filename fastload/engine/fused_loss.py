@@ -10,7 +10,20 @@ from __future__ import annotations
 import types
 
 IGNORE_INDEX = -100
-CHUNK_TOKENS = 1024
+CHUNK_BYTES = 256 << 20  # transient memory of one chunk: bf16 logits, their fp32 copy, bf16 probabilities
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk: a power of two in [128, 4096] whose chunk stays within CHUNK_BYTES (8 bytes a logit).
+
+    Llama-3's 128,256 words give 256 tokens. Measured on an H100 at 2048 x 2 against 1,024-token chunks: 8B ran
+    as fast in 0.7 GiB less (6.61 GiB, below Unsloth's 6.80); 1B saved 1.1 GiB (1.56, below Unsloth's 1.69) but
+    lost ~13% of its speed, its narrower lm_head matmuls starving. Memory is what QLoRA users run out of, so
+    the small chunk stays. liger-kernel's Triton fused linear cross-entropy was slower still (relative to
+    Unsloth in the same run: -6% on 8B, -13% on 1B).
+    """
+    fits = max(1, CHUNK_BYTES // (8 * max(vocab, 1)))
+    return min(4096, max(128, 1 << (fits.bit_length() - 1)))
 
 
 def _ce_function():
@@ -54,8 +67,9 @@ def _ce_function():
 _FUNCTION = None
 
 
-def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int = CHUNK_TOKENS):
+def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int | None = None):
     """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen."""
+    chunk = chunk or chunk_tokens(weight.shape[0])
     global _FUNCTION
     if _FUNCTION is None:
         _FUNCTION = _ce_function()
