@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastload import FastModel
 from fastload.engine.fused_loss import chunked_linear_cross_entropy
+from tiny import nonzero_lora_b
 
 
 @pytest.mark.parametrize("chunk", [3, 16, 1024])
@@ -46,15 +47,6 @@ def test_num_items_in_batch_normalises_like_transformers():
     labels = torch.randint(0, 12, (10,))
     summed = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
     assert torch.allclose(chunked_linear_cross_entropy(hidden, weight, labels, num_items=40), summed / 40)
-
-
-def nonzero_lora_b(model, seed: int = 0) -> None:
-    """peft starts B at zero, which leaves A without a gradient; give B the same random values in every model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 def lora_grads(model, tok):

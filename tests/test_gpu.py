@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastload import FastModel
-from tiny import make_checkpoint
+from tiny import make_checkpoint, nonzero_lora_b
 
 pytestmark = pytest.mark.gpu
 
@@ -96,15 +96,6 @@ def _grads(model, ids):
 
 
 OFF = {"fused_lora": False, "offload_checkpointing": False, "fused_loss": False, "kernels": False}
-
-
-def nonzero_lora_b(model, seed: int = 0) -> None:
-    """peft starts B at zero, which leaves A without a gradient; give B the same random values in every model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 @pytest.mark.parametrize("levers", [dict(OFF, offload_checkpointing=True), dict(OFF, fused_lora=True),

@@ -64,3 +64,14 @@ def make_checkpoint(directory: Path, family: str = "llama", dtype: str = "bfloat
     if tokenizer:
         tok.save_pretrained(directory)
     return directory
+
+
+def nonzero_lora_b(model, seed: int = 0) -> None:
+    """peft starts B at zero, which leaves A without a gradient; give B the same random values in every model."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
