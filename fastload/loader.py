@@ -205,6 +205,13 @@ def choose_dtype(plan: LoadPlan, opts: LoadOptions, device: str):
     return dtype
 
 
+def skip_modules(asked) -> list[str] | None:
+    """A user's list replaces transformers' default (which keeps lm_head unquantized): keep lm_head out anyway."""
+    if not asked:
+        return None
+    return list(asked) + ([] if "lm_head" in asked else ["lm_head"])
+
+
 def bnb_config(plan: LoadPlan, compute_dtype):
     from transformers import BitsAndBytesConfig
 
@@ -213,7 +220,7 @@ def bnb_config(plan: LoadPlan, compute_dtype):
         load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=torch_dtype(q.bnb_4bit_quant_storage), llm_int8_threshold=q.llm_int8_threshold,
-        llm_int8_skip_modules=list(q.llm_int8_skip_modules) if q.llm_int8_skip_modules else None,
+        llm_int8_skip_modules=skip_modules(q.llm_int8_skip_modules),
         llm_int8_enable_fp32_cpu_offload=q.llm_int8_enable_fp32_cpu_offload,
         llm_int8_has_fp16_weight=q.llm_int8_has_fp16_weight)
 

@@ -219,6 +219,11 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
         if not req.quant.quantized:
             return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
                             config=info.config, original=repo, reason=f"{repo} found in the Hugging Face cache (16-bit)")
+        q = downloadable_prequantized(req)
+        if q is not None:  # a quarter of the bytes, no quantization work: better than the cached 16-bit weights
+            req.tried.append(f"hub cache: {repo} (16-bit) is cached, but the registry's pre-quantized {q.id} "
+                             "can be downloaded")
+            return None
         return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
                         config=info.config, original=repo, store_key=req.store and entry_key(
                             req.original, req.revision, req.quant),
@@ -257,16 +262,23 @@ def from_packaged_gguf(req: Request) -> LoadPlan | None:
                "quantized with bitsandbytes"))
 
 
+def downloadable_prequantized(req: Request):
+    """The registry's pre-quantized checkpoint for this request that a download could fetch, if any."""
+    if req.offline or req.match is None or req.match.quantized is not None or not req.prefer_prequantized:
+        return None
+    return next((q for q in req.match.entry.quantized if prequantized_compatible(req.quant, q.quant_type) is None),
+                None)
+
+
 def from_hub_download(req: Request) -> LoadPlan | None:
     if req.offline:
         req.tried.append("hub download: not tried (offline: HF_HUB_OFFLINE or local_files_only)")
         return None
-    if req.match is not None and req.match.quantized is None and req.prefer_prequantized:
-        for q in req.match.entry.quantized:
-            if prequantized_compatible(req.quant, q.quant_type) is None:
-                return req.plan(source=P.HUB_DOWNLOAD, location=q.id, revision=q.revision, prequantized=True,
-                                original=req.match.entry.id,
-                                reason=f"the registry maps {req.name!r} to {q.id}; it will be downloaded")
+    q = downloadable_prequantized(req)
+    if q is not None:
+        return req.plan(source=P.HUB_DOWNLOAD, location=q.id, revision=q.revision, prequantized=True,
+                        original=req.match.entry.id,
+                        reason=f"the registry maps {req.name!r} to {q.id}; it will be downloaded")
     repo = req.match.entry.id if req.match and req.match.quantized is None else req.name
     if not REPO_ID.match(repo):
         return None

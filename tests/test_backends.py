@@ -69,7 +69,27 @@ def test_unsupported_family_and_quant_settings_are_named(tiny_llama, tmp_path, p
     assert "nf4" in unsloth_backend.unsloth_unavailable_reason(fp4, LoadOptions()).found
     assert unsloth_backend.unsloth_unavailable_reason(plan, LoadOptions()) is None
     assert "device_map" in unsloth_backend.unsloth_unavailable_reason(plan, LoadOptions(device_map="cpu")).found
-    assert choose_backend("auto", plan, LoadOptions()).name == "unsloth"
+    adapter = replace(plan, adapter=str(tmp_path / "my-adapter"))
+    assert "saved LoRA adapter" in unsloth_backend.unsloth_unavailable_reason(adapter, LoadOptions()).found
+    assert "unsloth" not in sys.modules  # every refusal so far was decided without importing it
+
+
+def test_unsloth_that_fails_to_import_is_explained_and_auto_falls_back(tiny_llama, placeholder_unsloth, monkeypatch,
+                                                                        caplog):
+    """All checks pass (a 'GPU', a Llama); only then is unsloth imported, and this one breaks like a version clash."""
+    import torch
+
+    import fastload
+
+    (placeholder_unsloth / "unsloth" / "__init__.py").write_text("raise ImportError('cannot import name X from torch')\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = fastload.resolve(tiny_llama)
+    with pytest.raises(BackendUnavailable) as err:
+        choose_backend("unsloth", plan, LoadOptions())
+    assert "does not import (ImportError: cannot import name X" in err.value.found and "unsloth_zoo" in err.value.fix
+    with caplog.at_level("INFO", logger="fastload"):
+        assert choose_backend("auto", plan, LoadOptions()).name == "native"
+    assert "backend auto: native, because unsloth is installed but does not import" in caplog.text
 
 
 def test_unknown_backend():

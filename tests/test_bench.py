@@ -160,6 +160,23 @@ def test_report_ratios_and_void_comparison():
     assert "OutOfMemoryError" in table  # the Errors section names the failure
 
 
+def test_runs_of_other_shapes_are_never_compared():
+    """Records appended from an 8192 x 1 run sit in their own table: no ratio or loss check across shapes."""
+    def train(impl, tps, seq, batch, loss):
+        return {"phase": "train", "impl": impl, "model": "m", "seq": seq, "batch": batch, "tokens_per_s": tps,
+                "median_step_s": 1 / tps, "peak_allocated_gib": 1.0, "losses": [loss, loss - 0.1]}
+
+    records = [train("fastload", 900.0, 8192, 1, 11.0), train("unsloth", 1000.0, 8192, 1, 11.0),
+               train("fastload-nofused", 700.0, 2048, 2, 12.0)]
+    summary = report.summarize(records, {"device": "cuda", "seq": 2048, "batch": 2})
+    rows = {r["impl"]: r for r in summary["train"]}
+    assert rows["fastload"]["tokens_per_s_vs_unsloth"] == pytest.approx(0.9)
+    assert rows["fastload-nofused"]["tokens_per_s_vs_unsloth"] is None  # unsloth ran another shape
+    assert not rows["fastload-nofused"]["comparison_void"] and summary["ok"]  # its loss is not held against them
+    table = report.markdown(summary)
+    assert "## Training: m, 8192 × 1" in table and "## Training: m, 2048 × 2" in table
+
+
 def test_time_budget_spent_records_skipped_jobs(tmp_path):
     """No worker starts when the budget is used up; every planned job is in the table as an error."""
     code = main(["--device", "cpu", "--model", "tiny", "--impl", "fastload,recipe", "--phase", "train",

@@ -87,6 +87,16 @@ def test_8bit_loads_llm_int8(tiny_llama):
     assert layer.state.threshold == 5.0
 
 
+def test_skip_modules_keep_their_layers_and_lm_head_unquantized(tiny_llama):
+    import bitsandbytes as bnb
+
+    model, _ = FastModel.from_pretrained(tiny_llama, llm_int8_skip_modules=["v_proj"], store=False)
+    layer = model.get_base_model().model.layers[0].self_attn
+    assert type(layer.v_proj.base_layer) is torch.nn.Linear  # skipped, as asked (LoRA still sits on it)
+    assert isinstance(layer.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert type(model.get_base_model().lm_head) is torch.nn.Linear  # a user's list does not quantize the head
+
+
 def test_16bit_load_when_quantization_off(tiny_llama):
     model, _ = FastModel.from_pretrained(tiny_llama, load_in_4bit=False, load_in_8bit=False)
     q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
@@ -187,3 +197,22 @@ def test_bad_options_are_fastload_errors(tiny_llama):
         FastModel.from_pretrained(tiny_llama, bnb_4bit_quant_type="int3")
     with pytest.raises(InvalidOption, match="max_position_embeddings"):
         FastModel.from_pretrained(tiny_llama, max_seq_length=100_000)
+
+
+def test_smollm2_in_nf4_keeps_the_16bit_models_loss(smollm2_dir):
+    """The real SmolLM2-135M on a fixed chat text: NF4 (double quant) stays within 3% of the 16-bit model's loss
+    (measured: -0.6%); FP4, a coarser grid, lands further away (measured: +7%), so the check can tell them apart.
+    fp32 compute on every CPU, so the margin is about quantization alone."""
+    text = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France "
+            "is Paris. It is known for the Eiffel Tower, the Louvre museum and its cafes.<|im_end|>\n<|im_start|>user\n"
+            "Name three primary colours.<|im_end|>\n<|im_start|>assistant\nRed, yellow and blue.<|im_end|>\n")
+    losses = {}
+    for name, options in (("16-bit", {"load_in_4bit": False}), ("nf4", {}), ("fp4", {"bnb_4bit_quant_type": "fp4"})):
+        model, tok = FastModel.from_pretrained(smollm2_dir, lora=None, store=False, dtype=torch.float32, **options)
+        enc = tok(text, return_tensors="pt")
+        model.eval()
+        with torch.no_grad():
+            losses[name] = model(**enc, labels=enc["input_ids"]).loss.item()
+    assert losses["16-bit"] < 3.0, losses  # a trained model: it predicts this text well
+    assert abs(losses["nf4"] - losses["16-bit"]) <= 0.03 * losses["16-bit"], losses
+    assert abs(losses["fp4"] - losses["16-bit"]) > abs(losses["nf4"] - losses["16-bit"]), losses

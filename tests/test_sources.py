@@ -144,6 +144,19 @@ def test_online_plan_downloads_the_prequantized_checkpoint(monkeypatch):
         fastload.resolve(ORIGINAL, local_files_only=True)
 
 
+def test_online_a_registry_checkpoint_beats_the_cached_16bit_original(tiny_llama, monkeypatch):
+    """Only the 16-bit original is cached: offline it is quantized on the fly; online the registry's pre-quantized
+    copy is downloaded instead (a quarter of the bytes, no quantization work), and the plan says why."""
+    put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
+    offline = fastload.resolve(ORIGINAL)
+    assert offline.source == "hub-cache" and offline.location == ORIGINAL and not offline.prequantized
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    online = fastload.resolve(ORIGINAL)
+    assert online.source == "hub-download" and online.location == PREQUANTIZED and online.prequantized
+    assert any("is cached, but the registry's pre-quantized" in t for t in online.tried)
+    assert fastload.resolve(ORIGINAL, prefer_prequantized=False).location == ORIGINAL  # asked for: kept
+
+
 def test_embedded_smollm2_resolves_offline_through_its_package():
     plan = fastload.resolve("smollm2")
     assert plan.source == "packaged-gguf" and plan.original == "HuggingFaceTB/SmolLM2-135M-Instruct"

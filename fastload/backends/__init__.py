@@ -19,9 +19,12 @@ def choose_backend(asked: str, plan, opts) -> Backend:
 
     if asked == "native":
         return NativeBackend()
-    from .unsloth_backend import UnslothBackend, unsloth_unavailable_reason
+    from .unsloth_backend import UnslothBackend, import_failure, unsloth_unavailable_reason
 
     reason = unsloth_unavailable_reason(plan, opts)
+    if reason is None:
+        logger.info("backend %s: importing unsloth (it patches transformers, peft and trl in this process)", asked)
+        reason = import_failure()
     if asked == "unsloth":
         if reason:
             from ..errors import BackendUnavailable

@@ -78,6 +78,20 @@ def unsloth_unavailable_reason(plan, opts) -> Unavailable | None:
                            "use the default quantization settings, or backend='native'")
     if plan.gguf_file:
         return Unavailable("Unsloth reads safetensors checkpoints, not GGUF", "use backend='native'")
+    if plan.adapter:
+        return Unavailable(f"{plan.adapter} is a saved LoRA adapter, which the Unsloth backend would replace with a "
+                           "fresh one", "use backend='native' to train on or generate with a saved adapter")
+    return None
+
+
+def import_failure() -> Unavailable | None:
+    """Import unsloth (only once it has been chosen: the import patches transformers, peft and trl)."""
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # a version mismatch with torch/transformers surfaces as any exception at import
+        return Unavailable(f"unsloth is installed but does not import ({type(e).__name__}: {e})",
+                           "pip install -U unsloth unsloth_zoo to match this torch and transformers, "
+                           "or use backend='native'")
     return None
 
 
@@ -112,7 +126,6 @@ class UnslothBackend:
         offline = plan.source != P.HUB_DOWNLOAD
         dtype = choose_dtype(plan, opts, "cuda")
         with quiet_offline_env(offline):
-            logger.info("backend unsloth: importing unsloth (it patches transformers, peft and trl in this process)")
             from unsloth import FastLanguageModel
 
             q = plan.quant

@@ -130,13 +130,20 @@ def run_worker(job: Job, log: Path, timeout: float) -> dict:
         tail = fh.read()[-2000:]
     why = (f"timed out after {timeout:.0f} s" if timed_out else
            f"worker died with exit code {code}" + (" (killed: out of host memory?)" if code in (-9, 137) else ""))
-    return {"phase": job.phase, "impl": job.impl, "model": job.model, "device": job.device, "variant": job.variant,
-            "cache": job.cache, "error": why, "traceback": tail, "wall_s": time.perf_counter() - started}
+    return {**job_fields(job), "error": why, "traceback": tail, "wall_s": time.perf_counter() - started}
+
+
+def job_fields(job: Job) -> dict:
+    """What identifies a job's record, also when it has no result: the report groups training by its shape."""
+    fields = {"phase": job.phase, "impl": job.impl, "model": job.model, "device": job.device, "variant": job.variant,
+              "cache": job.cache}
+    if job.phase == "train":
+        fields.update(seq=job.seq, batch=job.batch)
+    return fields
 
 
 def skipped(job: Job, why: str) -> dict:
-    return {"phase": job.phase, "impl": job.impl, "model": job.model, "device": job.device, "variant": job.variant,
-            "cache": job.cache, "error": f"skipped: {why}", "wall_s": 0.0}
+    return {**job_fields(job), "error": f"skipped: {why}", "wall_s": 0.0}
 
 
 def progress_line(record: dict) -> str:

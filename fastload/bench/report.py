@@ -30,17 +30,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def shape_of(record: dict) -> tuple:
+    return record["model"], record.get("seq"), record.get("batch")
+
+
+def shape_label(model: str, seq, batch) -> str:
+    return model if seq is None else f"{model}, {seq} × {batch}"
+
+
 def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
     """One row per training record, with ratios to recipe/unsloth of the same model; plus the void comparisons."""
     rows, void = [], []
     train = [r for r in records if r.get("phase") == "train"]
-    for model in dict.fromkeys(r["model"] for r in train):
+    for model, seq, batch in dict.fromkeys(shape_of(r) for r in train):  # only the same shape is compared
         group = []
-        for r in (r for r in train if r["model"] == model):
+        for r in (r for r in train if shape_of(r) == (model, seq, batch)):
             error = r.get("error")
             if not error and not _finite(r.get("losses")):
                 error = f"non-finite loss: {r.get('losses')}"
-            group.append({"model": model, "impl": r["impl"], "error": error, "tokens_per_s": r.get("tokens_per_s"),
+            group.append({"model": model, "seq": seq, "batch": batch, "shape": shape_label(model, seq, batch),
+                          "impl": r["impl"], "error": error, "tokens_per_s": r.get("tokens_per_s"),
                           "median_step_s": r.get("median_step_s"), "peak_gib": peak_memory_gib(r),
                           "peak_reserved_gib": r.get("peak_reserved_gib"), "first_loss": (r.get("losses") or [None])[0],
                           "last_loss": (r.get("losses") or [None])[-1], "losses": r.get("losses"),
@@ -58,7 +67,7 @@ def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
                 row["loss_rel_diff"] = abs(row["first_loss"] - loss_ref["first_loss"]) / max(abs(loss_ref["first_loss"]), 1e-12)
             row["comparison_void"] = row["loss_rel_diff"] is not None and row["loss_rel_diff"] > LOSS_TOLERANCE
             if row["comparison_void"]:
-                void.append(f"{model}: {row['impl']}'s first-step loss {row['first_loss']:.4f} differs from "
+                void.append(f"{row['shape']}: {row['impl']}'s first-step loss {row['first_loss']:.4f} differs from "
                             f"{loss_ref['impl']}'s {loss_ref['first_loss']:.4f} by {row['loss_rel_diff']:.1e} "
                             f"(> {LOSS_TOLERANCE:g} relative)")
         rows += group
@@ -131,12 +140,12 @@ def markdown(summary: dict) -> str:
         lines += [f"Made in this run: {'; '.join(made)}.", ""]
     mem = "peak allocated GiB" if cuda else "peak RSS GiB (CPU)"
     train = summary["train"]
-    for model in dict.fromkeys(r["model"] for r in train):
-        lines += [f"## Training: {model}", "",
+    for shape in dict.fromkeys(r["shape"] for r in train):
+        lines += [f"## Training: {shape}", "",
                   f"| impl | tokens/s | median step s | {mem} | peak reserved GiB | loss step 1 | loss last | "
                   "tokens/s ÷ recipe | memory ÷ recipe | tokens/s ÷ unsloth | memory ÷ unsloth |",
                   "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-        for r in (r for r in train if r["model"] == model):
+        for r in (r for r in train if r["shape"] == shape):
             if r["error"]:
                 lines.append(f"| {r['impl']} | {_failed(r['error'])} | | | | | | | | | |")
                 continue
@@ -145,8 +154,8 @@ def markdown(summary: dict) -> str:
                          f"{_f(r['peak_reserved_gib'])} | {r['first_loss']:.4f}{void} | {r['last_loss']:.4f} | "
                          f"{_x(r['tokens_per_s_vs_recipe'])} | {_x(r['memory_vs_recipe'])} | "
                          f"{_x(r['tokens_per_s_vs_unsloth'])} | {_x(r['memory_vs_unsloth'])} |")
-        voids = [v for v in summary["void"] if v.startswith(f"{model}:")]
-        diffs = [r["loss_rel_diff"] for r in train if r["model"] == model and r["loss_rel_diff"] is not None]
+        voids = [v for v in summary["void"] if v.startswith(f"{shape}:")]
+        diffs = [r["loss_rel_diff"] for r in train if r["shape"] == shape and r["loss_rel_diff"] is not None]
         if voids:
             lines += ["", "**comparison void**: the implementations did not compute the same first step: "
                       + "; ".join(v.split(": ", 1)[1] for v in voids)]
@@ -189,14 +198,14 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in summary["train"] if not r["error"]]
-    model_names = list(dict.fromkeys(r["model"] for r in rows))
+    model_names = list(dict.fromkeys(r["shape"] for r in rows))
     impl_names = list(dict.fromkeys(r["impl"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / max(len(impl_names), 1)
     for ax, key, title in ((axes[0], "tokens_per_s", "training tokens/s (higher is better)"),
                            (axes[1], "peak_gib", "peak memory GiB (lower is better)")):
         for i, impl in enumerate(impl_names):
-            values = [next((r[key] for r in rows if r["model"] == m and r["impl"] == impl), 0) or 0 for m in model_names]
+            values = [next((r[key] for r in rows if r["shape"] == m and r["impl"] == impl), 0) or 0 for m in model_names]
             bars = ax.bar([j + i * width for j in range(len(model_names))], values, width, label=impl)
             ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks([j + width * (len(impl_names) - 1) / 2 for j in range(len(model_names))], model_names)
