@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU benchmark as two commands of at most 9 minutes each (one H100 80GB, Python 3.12, no internet):
+# The GPU benchmark in parts of at most 9 minutes each (one H100 80GB, Python 3.12, no internet):
 #
-#   bash benchmarks/gpu.sh part1   # Llama-3 1B: train for fastload, recipe, unsloth, then fastload with each engine
-#                                  # lever off and recipe-noupcast; then loads for fastload, recipe, unsloth
+#   bash benchmarks/gpu.sh part1   # Llama-3 1B: train for fastload, recipe, unsloth, fastload-nolora; loads; then each engine
+#                                  # lever off (fastload-no*) and recipe-noupcast
 #   bash benchmarks/gpu.sh part2   # Llama-3 8B: train 2048x2 for fastload, recipe, unsloth, fastload without fused
 #                                  # LoRA; then loads for fastload, recipe
 #   bash benchmarks/gpu.sh part3   # Llama-3 8B: train 8192x1 for fastload, unsloth; 2048x2 with engine levers off

@@ -81,6 +81,28 @@ def cmd_resolve(args) -> int:
 
 # -- quantize -----------------------------------------------------------------------------------------------------
 
+def checkpoint_dir(plan) -> Path:
+    """The folder a pre-quantized plan reads: its location, or the hub-cache snapshot of a repo id."""
+    from . import plan as P
+
+    if plan.source == P.HUB_CACHE:
+        from .sources import cached_snapshot, hub_cache_dir
+
+        return cached_snapshot(plan.location, plan.revision, hub_cache_dir(None))
+    return Path(plan.location)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Every file of a checkpoint folder but the store's manifest (hub-cache links are followed)."""
+    import shutil
+
+    from .store import MANIFEST
+
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            shutil.copyfile(f, dst / f.name)
+
+
 def cmd_quantize(args) -> int:
     from . import plan as P
     from .facade import FastModel
@@ -96,8 +118,11 @@ def cmd_quantize(args) -> int:
 
         out = Path(args.out).expanduser().absolute()
         with atomic_directory(out) as tmp:  # nothing half-written at --out, even on Ctrl-C
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
+            if plan.prequantized:  # already a 4-bit checkpoint (store, local or hub cache): copy it as it is
+                copy_checkpoint(checkpoint_dir(plan), tmp)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+                tokenizer.save_pretrained(str(tmp))
         where, written = out, True
     elif plan.source == P.STORE:
         where, written = Path(plan.location), False

@@ -354,7 +354,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         check_tokenizer_files(local)
     bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
     check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
-               other_bytes=torch.tensor([], dtype=dtype).element_size())
+               other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,

@@ -195,8 +195,14 @@ def weights_floor_bytes(config, other_bytes: int) -> int | None:
     return vocab * hidden * other_bytes + layers * hidden // 2
 
 
-def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int) -> int:
-    """Refuse, before reading weights, a load whose weights alone cannot fit the device. Returns the estimate."""
+def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int,
+               max_seq_length: int | None = None) -> int:
+    """Refuse, before reading weights, a load whose weights alone cannot fit the device, saying what would fit.
+
+    Weights that fit but leave too little for LoRA training at max_seq_length (batch 1, checkpointing) only warn:
+    the training estimate is an upper bound (see the README), and the user may only want to generate.
+    Returns the weights' estimate in bytes."""
+    from ._log import logger
     from .devices import free_memory_bytes
 
     free = free_memory_bytes(device)
@@ -209,8 +215,21 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
     counts = count_params(config)
     need = weight_bytes(counts, bits, double_quant, other_bytes)
     if need > free:
-        options = [f"{b}-bit needs {weight_bytes(counts, b, True, other_bytes) / GIB:.1f} GiB" for b in (4, 8, 16) if b != bits]
+        smaller = [(b, weight_bytes(counts, b, True, other_bytes)) for b in (8, 4) if b < bits]
+        fitting = [f"load_in_{b}bit=True needs {size / GIB:.2f} GiB" for b, size in smaller if size <= free]
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
-                              found=f"its weights need about {need / GIB:.1f} GiB, the {device} has {free / GIB:.1f} GiB free",
-                              fix=f"{'; '.join(options)}; free memory, or use a smaller model")
+                              found=f"its weights need about {need / GIB:.2f} GiB, the {device} has "
+                                    f"{free / GIB:.2f} GiB free",
+                              fix=(f"{fitting[-1]}, which fits; " if fitting else "no quantization makes it fit; ")
+                                  + "free memory, or use a smaller model (`fastload estimate NAME` shows the sizes)")
+    seq = max_seq_length or 2048
+    training = estimate_counts(counts, seq=seq, batch=1).training_total(bits if bits in (4, 8) else 16)
+    if training > free:
+        shorter = seq
+        while shorter > 64 and estimate_counts(counts, seq=shorter, batch=1).training_total(bits) > free:
+            shorter //= 2
+        logger.warning("%s fits in %s-bit (%.2f GiB of weights), but LoRA training at max_seq_length=%d may need "
+                       "up to %.2f GiB of the %.2f GiB free: try max_seq_length=%d, batch size 1 with gradient "
+                       "accumulation, and keep gradient checkpointing on", name, bits, need / GIB, seq,
+                       training / GIB, free / GIB, shorter)
     return need

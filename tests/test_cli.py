@@ -117,6 +117,11 @@ def test_quantize_to_out_writes_a_prequantized_checkpoint(tiny_llama, tmp_path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
     plan = run_json(capsys, "resolve", out)
     assert plan["prequantized"] and plan["source"] == "local"
+    # a source that is already 4-bit is copied as it is (transformers cannot save a model loaded that way)
+    again = tmp_path / "copy"
+    assert run_json(capsys, "quantize", out, "--out", again)["written"]
+    assert {f.name for f in again.iterdir()} == {f.name for f in out.iterdir()}
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 # -- train, resume, generate, merge --------------------------------------------------------------------------------

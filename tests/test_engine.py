@@ -92,6 +92,24 @@ def test_fused_lora_comes_with_adapters_added_later_and_steps_aside_when_they_ar
     assert (with_lora - without).abs().max() > 1e-3  # adapters on: they change the output
 
 
+def test_offloaded_checkpointing_survives_generation_and_back(tiny_llama):
+    """The lever is CUDA-only, but its bookkeeping is not: after for_inference/for_training (what generate does)
+    the layers must checkpoint through the offloading function again, not transformers' plain one."""
+    from fastload.engine.offload import install_offloaded_checkpointing, offloaded_checkpoint
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False)
+    assert install_offloaded_checkpointing(model.get_base_model())
+    model.fastload_engine = [*model.fastload_engine, "offload_checkpointing"]
+
+    def functions():
+        return {getattr(m._gradient_checkpointing_func, "func", None) for m in model.modules()
+                if getattr(m, "gradient_checkpointing", False)}
+
+    assert functions() == {offloaded_checkpoint}
+    FastModel.for_training(FastModel.for_inference(model))
+    assert functions() == {offloaded_checkpoint}
+
+
 def test_engine_keeps_logits_for_inference(tiny_llama):
     model, tok = FastModel.from_pretrained(tiny_llama, store=False)
     FastModel.for_inference(model)

@@ -216,3 +216,37 @@ def test_smollm2_in_nf4_keeps_the_16bit_models_loss(smollm2_dir):
     assert losses["16-bit"] < 3.0, losses  # a trained model: it predicts this text well
     assert abs(losses["nf4"] - losses["16-bit"]) <= 0.03 * losses["16-bit"], losses
     assert abs(losses["fp4"] - losses["16-bit"]) > abs(losses["nf4"] - losses["16-bit"]), losses
+
+
+def test_too_little_memory_is_refused_before_reading_weights_with_what_would_fit(tiny_llama, monkeypatch):
+    """fp32 on every CPU so the sizes are fixed: the tiny Llama's weights are 5.5 MB in 16-bit, 1.4 MB in 4-bit."""
+    from fastload.errors import NotEnoughMemory
+
+    read = []
+    import transformers
+
+    def reads_weights(*args, **kwargs):
+        read.append(args)
+        raise AssertionError("weights were read before the memory check refused")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", reads_weights)
+    monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "3000000")
+    with pytest.raises(NotEnoughMemory) as err:
+        FastModel.from_pretrained(tiny_llama, load_in_4bit=False, dtype=torch.float32, store=False)
+    assert "5.51" in err.value.found or "0.01 GiB" in err.value.found
+    assert "load_in_4bit=True needs" in err.value.fix and "which fits" in err.value.fix
+    monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "1000000")
+    with pytest.raises(NotEnoughMemory) as err:
+        FastModel.from_pretrained(tiny_llama, dtype=torch.float32, store=False)
+    assert "no quantization makes it fit" in err.value.fix
+    assert read == []  # refused before any weights were read
+
+
+def test_weights_that_fit_but_training_may_not_load_with_a_warning_naming_a_shorter_sequence(tiny_llama, monkeypatch,
+                                                                                              caplog):
+    monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "4000000")  # 1.4 MB of weights fit; training at 512 may not
+    with caplog.at_level("WARNING", logger="fastload"):
+        model, _ = FastModel.from_pretrained(tiny_llama, dtype=torch.float32, store=False)
+    assert model is not None
+    assert "LoRA training at max_seq_length=512 may need" in caplog.text
+    assert "try max_seq_length=128" in caplog.text
