@@ -16,6 +16,17 @@ _DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSe
 BACKENDS = ("native", "unsloth", "auto")
 
 
+def lora_differences(current: dict, asked: LoraSettings) -> list[str]:
+    """'name: has X, asked Y' for every setting the existing peft config does not match."""
+    wanted = {"r": asked.r, "lora_alpha": asked.lora_alpha, "lora_dropout": asked.lora_dropout, "bias": asked.bias,
+              **asked.extra}
+    found = [f"{k}: has {current.get(k)!r}, asked {v!r}" for k, v in wanted.items() if current.get(k) != v]
+    if asked.target_modules is not None and set(current.get("target_modules") or []) != set(asked.target_modules):
+        found.append(f"target_modules: has {sorted(current.get('target_modules') or [])}, asked "
+                     f"{sorted(asked.target_modules)}")
+    return found
+
+
 def quant_flags(load_in_4bit: bool | None, load_in_8bit: bool) -> dict:
     """load_in_4bit defaults to True, except that load_in_8bit=True alone means LLM.int8 (as in transformers)."""
     flags = {"load_in_8bit": load_in_8bit} if load_in_8bit else {}
@@ -87,13 +98,11 @@ class FastModel:
 
         settings = LoraSettings.from_user(lora_options)
         if has_adapters(model):
-            current = lora_settings_of(model)
-            same = current.get("r") == settings.r and current.get("lora_alpha") == settings.lora_alpha and (
-                settings.target_modules is None or set(current.get("target_modules") or []) == set(settings.target_modules))
-            if same:
-                return model
-            raise AdapterError("Adding LoRA adapters", found=f"the model already has adapters (r={current.get('r')}, "
-                               f"alpha={current.get('lora_alpha')}, targets={sorted(current.get('target_modules') or [])})",
+            differences = lora_differences(lora_settings_of(model), settings)
+            if not differences:
+                return model  # asking again for the adapters it has (e.g. a notebook cell run twice)
+            raise AdapterError("Adding LoRA adapters", found="the model already has adapters that differ from those "
+                               "asked: " + "; ".join(differences),
                                fix="load the model again with lora=None, or keep the adapters it has")
         checkpointing = is_checkpointing(model)
         peft_model = apply_lora(model, settings, random_state)

@@ -30,6 +30,7 @@ class LoadPlan:
     revision: str | None = None
     original: str | None = None        # the 16-bit source (repo id or path): what merges go back to
     store_key: str | None = None       # where an on-the-fly quantization is stored; None: store off
+    fingerprint: str | None = None     # what exactly the 16-bit source was: a hub commit, or a local content hash
     gguf_file: str | None = None
     adapter: str | None = None         # a LoRA adapter directory to put on top (the base is this plan)
     registry_entry: "RegistryEntry | None" = None

@@ -126,10 +126,11 @@ def from_local_path(req: Request) -> LoadPlan | None:
     if not req.quant.quantized:
         return req.plan(source=P.LOCAL, location=str(path), prequantized=False, config=info.config, original=str(path),
                         reason="a local 16-bit checkpoint, loaded unquantized as asked")
-    key = req.store and entry_key(str(path), local_fingerprint(path), req.quant)
+    fingerprint = local_fingerprint(path)
+    key = req.store and entry_key(str(path), fingerprint, req.quant)
     return _stored_or(req, key, str(path), lambda: req.plan(
         source=P.LOCAL, location=str(path), prequantized=False, config=info.config, original=str(path), store_key=key,
-        reason="a local 16-bit checkpoint; no stored quantization of it yet"))
+        fingerprint=fingerprint, reason="a local 16-bit checkpoint; no stored quantization of it yet"))
 
 
 def from_adapter_dir(req: Request, path: Path) -> LoadPlan:
@@ -167,9 +168,18 @@ def _stored_or(req: Request, key: str | None, source: str, otherwise: Callable[[
 def from_store(req: Request) -> LoadPlan | None:
     if not req.store or not req.quant.quantized or (req.match and req.match.quantized):
         return None
-    key = entry_key(req.original, req.revision, req.quant)
+    key = entry_key(req.original, hub_commit(req.original, req) or req.revision, req.quant)
     plan = _stored_or(req, key, req.original, lambda: None)  # type: ignore[arg-type,return-value]
     return plan
+
+
+def hub_commit(repo: str, req: Request) -> str | None:
+    """The commit of the repo's snapshot in the HF cache: a stored quantization is of that exact commit, so a
+    newer snapshot (the repo was updated and downloaded again) is quantized anew instead of served stale."""
+    if not REPO_ID.match(repo):
+        return None
+    snap = cached_snapshot(repo, req.revision, req.cache_dir)
+    return snap.name if snap is not None else None
 
 
 def prequantized_compatible(quant: QuantSettings, quant_type: str) -> str | None:
@@ -225,8 +235,8 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
                              "can be downloaded")
             return None
         return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
-                        config=info.config, original=repo, store_key=req.store and entry_key(
-                            req.original, req.revision, req.quant),
+                        config=info.config, original=repo, fingerprint=snap.name, store_key=req.store and entry_key(
+                            req.original, hub_commit(req.original, req) or req.revision, req.quant),
                         reason=f"no pre-quantized checkpoint available; {repo} (16-bit) is in the Hugging Face cache")
     return None
 

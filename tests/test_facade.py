@@ -148,6 +148,11 @@ def test_lora_options_and_get_peft_model(tiny_llama):
     assert FastModel.get_peft_model(adapted, r=4) is adapted  # same settings: nothing to do
     with pytest.raises(AdapterError, match="already has adapters"):
         FastModel.get_peft_model(adapted, r=32)
+    for other, word in (({"lora_dropout": 0.1}, "lora_dropout: has 0.0, asked 0.1"),
+                        ({"use_rslora": True}, "use_rslora: has False, asked True")):
+        with pytest.raises(AdapterError) as err:  # not silently the old adapters
+            FastModel.get_peft_model(adapted, r=4, **other)
+        assert word in err.value.found
 
 
 def test_checkpointing_off_and_inference_switch(tiny_llama):

@@ -84,6 +84,19 @@ def test_without_prequantized_the_source_is_quantized_once_then_loaded_from_the_
     assert torch.equal(packed(model1), packed(model2))
     # other settings are another entry
     assert fastload.resolve(ORIGINAL, bnb_4bit_quant_type="fp4").source == "hub-cache"
+    # the entry names the exact commit it was made from; a newer snapshot of the repo is quantized anew
+    import json
+    import shutil
+
+    commit = first.fingerprint
+    manifest = json.loads((entries[0].path / "fastload-manifest.json").read_text())
+    assert commit and json.dumps(manifest).count(commit) >= 1
+    repo = os.path.join(hf_home(), "hub", "models--" + ORIGINAL.replace("/", "--"))
+    shutil.copytree(os.path.join(repo, "snapshots", commit), os.path.join(repo, "snapshots", "f" * 40))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write("f" * 40)
+    updated = fastload.resolve(ORIGINAL)
+    assert updated.source == "hub-cache" and updated.fingerprint == "f" * 40 and updated.store_key != first.store_key
 
 
 def test_store_false_opts_out(tiny_llama, isolated_env):

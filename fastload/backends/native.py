@@ -81,7 +81,8 @@ class NativeBackend:
             model.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
 
-        source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location}
+        source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location,
+                  "fingerprint": plan.fingerprint}
         entry = store.write(plan.store_key, source, plan.quant, save)
         logger.info("stored the quantized model in %s (%.0f MB, %.1f s): the next load skips quantization",
                     entry.path, entry.size_bytes / 1e6, time.perf_counter() - started)
