@@ -188,10 +188,15 @@ def progress_callback(quiet: bool):
             self.first_step = state.global_step  # > 0 when resumed from a checkpoint
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            # transformers logs after on_step_end: show the new loss now, not one step late
             if logs and "loss" in logs:
                 self.loss = logs["loss"]
+                self._show(state)
 
         def on_step_end(self, args, state, control, **kwargs):
+            self._show(state)
+
+        def _show(self, state):
             if self.bar is None:
                 return
             elapsed = max(time.perf_counter() - self.started, 1e-9)

@@ -4,6 +4,7 @@ exit codes, --json output, and each command doing what a user typing it expects.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_train_then_resume_continues_from_the_last_checkpoint(tiny_llama, data_f
     assert "loss=" in err and "tok/s=" in err and "mem=" in err  # the progress bar's postfix
     first_losses = [h["loss"] for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
                     ["log_history"] if "loss" in h]
+    shown = re.findall(r"loss=([0-9.]+)", err)
+    assert shown and float(shown[-1]) == pytest.approx(first_losses[-1], abs=1e-4)  # the bar ends on the last loss
 
     second, err = train(capsys, data_file, tiny_llama, out, 4, "--resume", "--quiet")
     assert second["resumed_from"] == str(out / "checkpoint-2") and second["started_at_step"] == 2
