@@ -193,9 +193,10 @@ def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict 
         logger.warning("max_seq_length=%s is beyond the model's %s positions; rope_scaling=%s extends them",
                        max_seq_length, positions, rope_scaling)
         return max_seq_length
-    raise InvalidOption(f"max_seq_length={max_seq_length} was asked for",
-                        found=f"the model was trained for {positions} positions (max_position_embeddings)",
-                        fix=f"use max_seq_length<={positions}, or pass rope_scaling={{...}} to extend the context on purpose")
+    logger.warning("max_seq_length=%s is beyond the %s positions the model was trained for "
+                   "(max_position_embeddings): quality degrades past them unless you pass rope_scaling={...} "
+                   "to extend the context on purpose", max_seq_length, positions)
+    return max_seq_length
 
 
 def choose_dtype(plan: LoadPlan, opts: LoadOptions, device: str):

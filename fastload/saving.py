@@ -84,6 +84,36 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
 
 # -- atomic output folders ----------------------------------------------------------------------------------------
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def clean_leftovers(directory: Path) -> list[Path]:
+    """What a save killed mid-way (SIGKILL, power loss) left beside `directory`: its temporary folder, removed; a
+    previous save it had moved aside but not yet replaced, put back. Folders of live processes are left alone."""
+    done = []
+    import glob
+
+    for leftover in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*-*")):
+        kind, _, tag = leftover.name[len(directory.name) + 2:].partition("-")
+        pid = tag.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not directory.exists():
+            os.rename(leftover, directory)
+            logger.warning("put back %s: a save killed mid-way had moved it aside", directory)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+        done.append(leftover)
+    return done
+
+
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `directory`, on any error (or Ctrl-C) it is removed.
@@ -92,6 +122,8 @@ def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") 
     other files.
     """
     directory = Path(directory).expanduser().absolute()
+    if directory.parent.is_dir():
+        clean_leftovers(directory)
     if directory.exists():
         if not directory.is_dir():
             raise InvalidOption(f"Saving to {directory}", found="a file with that name", fix="choose another path")

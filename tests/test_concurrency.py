@@ -137,3 +137,56 @@ def test_storing_process_killed_mid_write_then_load_succeeds(tiny_llama, isolate
     again, _ = FastModel.from_pretrained(tiny_llama, lora=None, gradient_checkpointing=False)
     assert again.fastload_plan.source == "store" and Path(again.fastload_plan.location) == entry.path
     assert (entry.path / WEIGHTS).is_file()
+
+
+# Saves into TARGET through fastload's atomic folder, stops at a chosen point, says so, and waits to be killed.
+STOPPED_SAVER = """
+import os, sys, time
+from pathlib import Path
+import fastload.saving as saving
+target, point, ready = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+real_rename = os.rename
+def rename(src, dst):
+    real_rename(src, dst)
+    if point == "between renames" and Path(dst).name.startswith(".") and ".old-" in Path(dst).name:
+        ready.write_text("moved aside")
+        time.sleep(600)
+os.rename = rename
+with saving.atomic_directory(target, marker="adapter_config.json") as tmp:
+    (tmp / "adapter_model.safetensors").write_bytes(b"new weights, half written")
+    if point == "mid-write":
+        ready.write_text("writing")
+        time.sleep(600)
+    (tmp / "adapter_config.json").write_text("{}")
+"""
+
+
+@pytest.mark.parametrize("kill_point", ["mid-write", "between renames"])
+def test_a_save_killed_mid_way_is_cleaned_up_or_put_back_by_the_next_save(tmp_path, kill_point):
+    """SIGKILL while saving an adapter: the previous save stays readable (put back if it had been moved aside),
+    and the next save to the same place removes what the killed one left."""
+    from fastload.saving import atomic_directory
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "adapter_config.json").write_text('{"previous": true}')
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_SAVER, str(target), kill_point, str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the saver never reached the kill point"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter."))
+    assert leftovers, "the kill left nothing behind: the test did not kill mid-way"
+    with atomic_directory(target, marker="adapter_config.json") as tmp:
+        if kill_point == "between renames":  # the previous save was put back before this one started
+            assert json.loads((target / "adapter_config.json").read_text()) == {"previous": True}
+        (tmp / "adapter_config.json").write_text('{"next": true}')
+    assert json.loads((target / "adapter_config.json").read_text()) == {"next": True}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter.")], "leftovers were not removed"

@@ -200,8 +200,13 @@ def test_bad_options_are_fastload_errors(tiny_llama):
         FastModel.from_pretrained(tiny_llama, lora={"r": 0})
     with pytest.raises(InvalidOption, match="nf4"):
         FastModel.from_pretrained(tiny_llama, bnb_4bit_quant_type="int3")
-    with pytest.raises(InvalidOption, match="max_position_embeddings"):
-        FastModel.from_pretrained(tiny_llama, max_seq_length=100_000)
+
+
+def test_max_seq_length_beyond_the_models_positions_is_kept_with_a_warning(tiny_llama, caplog):
+    with caplog.at_level("WARNING", logger="fastload"):
+        model, tok = FastModel.from_pretrained(tiny_llama, max_seq_length=4096, store=False)
+    assert model.max_seq_length == 4096 and tok.model_max_length == 4096
+    assert "max_seq_length=4096 is beyond the 512 positions" in caplog.text and "rope_scaling" in caplog.text
 
 
 def test_smollm2_in_nf4_keeps_the_16bit_models_loss(smollm2_dir):

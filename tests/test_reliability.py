@@ -428,9 +428,9 @@ def case_compute_dtype_the_gpu_lacks(ctx):
     return lambda: check_dtype_supported(torch.bfloat16, "cuda")
 
 
-@case(InvalidOption, "max_seq_length=4096", "512", "rope_scaling")
-def case_max_seq_length_beyond_positions(ctx):
-    return lambda: load(ctx.model, max_seq_length=4096)
+@case(InvalidOption, "max_seq_length='2048'", "positive integer")
+def case_max_seq_length_as_text(ctx):
+    return lambda: load(ctx.model, max_seq_length="2048")
 
 
 @case(InvalidOption, "max_seq_length=0", "positive integer")
