@@ -97,7 +97,26 @@ def test_unknown_backend():
         FastModel.from_pretrained("whatever", backend="vllm")
 
 
-def test_xformers_needs_package_or_gpu(tiny_llama):
+def test_xformers_not_installed_is_a_clear_error(tiny_llama, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
     with pytest.raises(BackendUnavailable) as err:
         FastModel.from_pretrained(tiny_llama, attn_implementation="xformers")
-    assert "xformers" in str(err.value) and "sdpa" in err.value.fix
+    assert "xformers is not installed" in err.value.found and "fastload[xformers]" in err.value.fix
+
+
+def test_xformers_without_a_gpu_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
+    """xformers installed (a placeholder that must not even be imported) on a machine without CUDA."""
+    import torch
+
+    site = tmp_path / "site"
+    (site / "xformers").mkdir(parents=True)
+    (site / "xformers" / "__init__.py").write_text("raise RuntimeError('imported on a machine without CUDA')\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailable) as err:
+        FastModel.from_pretrained(tiny_llama, attn_implementation="xformers")
+    assert "need a CUDA GPU" in err.value.found and "sdpa" in err.value.fix
+    assert "xformers" not in sys.modules

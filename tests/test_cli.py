@@ -163,6 +163,19 @@ def test_train_then_resume_continues_from_the_last_checkpoint(tiny_llama, data_f
     assert second["tokens"] > first["tokens"] > 0
 
 
+def test_train_reads_a_csv_of_prompt_response_pairs(tiny_llama, tmp_path, capsys):
+    import csv
+
+    data = tmp_path / "pairs.csv"
+    with open(data, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "response"])
+        writer.writerows([["how are you today?", "fastload loads models, for QLoRA fine-tuning"]] * 6)
+    done, _ = train(capsys, data, tiny_llama, tmp_path / "run", 2)
+    assert done["steps"] == 2 and done["tokens"] > 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
 def test_train_on_a_bad_file_is_a_fastload_error(tiny_llama, tmp_path, capsys):
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"messages": []}\nnot json\n')

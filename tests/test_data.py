@@ -214,6 +214,27 @@ def test_packed_sequences_do_not_see_each_other(tiny_llama, attn):
     assert abs(leaky - separate) > 1e-3  # the check can fail: without the packed mask the loss changes
 
 
+def test_packing_works_on_the_model_fastload_returns(tiny_llama):
+    """NF4 + LoRA + the engine's chunked loss, in training mode (where the fused loss runs): packing still keeps
+    the sequences apart."""
+    import torch
+
+    from fastload import FastModel
+    from tiny import nonzero_lora_b
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    assert "fused_loss" in model.fastload_engine
+    nonzero_lora_b(model)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(4, 300, (n,), generator=g).tolist()} for n in (9, 5, 12, 6)]
+    for ex in examples:
+        ex["labels"] = list(ex["input_ids"])
+    packed, separate, leaky = _loss_packed_vs_separate(model, examples, max_seq_length=32)
+    assert packed == pytest.approx(separate, abs=1e-5)
+    assert abs(leaky - separate) > 1e-3
+
+
 def test_packing_keeps_smollm2_sequences_apart(smollm2_dir):
     """The real SmolLM2 (plain transformers, fp32, sdpa): a packed batch's loss is the token-weighted mean of the
     unpacked sequences' losses; equal within 1e-4 (fp32, 30 layers, different summation order)."""

@@ -173,3 +173,27 @@ def test_online_a_registry_checkpoint_beats_the_cached_16bit_original(tiny_llama
 def test_embedded_smollm2_resolves_offline_through_its_package():
     plan = fastload.resolve("smollm2")
     assert plan.source == "packaged-gguf" and plan.original == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_an_adapter_trained_on_a_hub_named_model_reloads_through_the_same_resolution(tiny_llama, tmp_path):
+    """The adapter names its base by hub id (not a temporary path), and loading the adapter folder resolves that
+    id again (HF cache, offline) and gives the trained model's logits."""
+    import json
+
+    from tiny import nonzero_lora_b
+
+    put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
+    model, tok = FastModel.from_pretrained(ORIGINAL, store=False, dtype=torch.float32)
+    nonzero_lora_b(model, seed=5)
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    adapter = FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == ORIGINAL
+    again, _ = FastModel.from_pretrained(adapter, store=False, dtype=torch.float32)
+    assert again.fastload_plan.adapter == str(adapter) and again.fastload_plan.location == ORIGINAL
+    again.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, before, atol=1e-5)
+
