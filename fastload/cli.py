@@ -577,6 +577,15 @@ def configure_logging(args: argparse.Namespace) -> Callable[[], None]:
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # bars drawn by libraries (downloads, shard loading) too
     tlog = None
+    quiet_filters = None
+    if args.quiet:  # libraries' warnings (FutureWarning, bitsandbytes' kernel notices) are not errors either
+        import warnings
+
+        quiet_filters = warnings.filters[:]
+        warnings.simplefilter("ignore")
+        bnb_logger = logging.getLogger("bitsandbytes")
+        bnb_level = bnb_logger.level
+        bnb_logger.setLevel(logging.ERROR)
     if args.command in LOADING_COMMANDS:  # the light commands never import transformers
         import transformers.utils.logging as tlog
 
@@ -587,6 +596,11 @@ def configure_logging(args: argparse.Namespace) -> Callable[[], None]:
 
     def restore() -> None:
         logger.setLevel(fastload_level)
+        if quiet_filters is not None:
+            import warnings
+
+            warnings.filters[:] = quiet_filters
+            logging.getLogger("bitsandbytes").setLevel(bnb_level)
         if tqdm_env is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:

@@ -4,6 +4,7 @@ exit codes, --json output, and each command doing what a user typing it expects.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,6 +68,19 @@ def test_installed_console_script_runs():
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: fastload")
     assert all(c in proc.stdout for c in ("resolve", "quantize", "train", "merge", "estimate", "bench"))
+
+
+def test_quiet_generate_prints_the_answer_and_nothing_else(tiny_llama, tmp_path):
+    """A fresh process (so every library's import-time notice and FutureWarning gets its chance): -q leaves
+    stderr empty, stdout has the answer, and without -q fastload's decision lines are there."""
+    script = Path(sys.executable).with_name("fastload")
+    env = {**os.environ, "FASTLOAD_HOME": str(tmp_path / "home")}
+    argv = [str(script), "generate", str(tiny_llama), "--prompt", "hello", "--max-new-tokens", "3"]
+    quiet = subprocess.run([*argv, "-q"], capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 0 and quiet.stdout.strip(), quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert loud.returncode == 0 and "fastload: source:" in loud.stderr
 
 
 def test_importing_the_cli_does_not_import_torch():
