@@ -25,11 +25,16 @@ def placeholder_unsloth(tmp_path, monkeypatch):
     return site
 
 
-def test_unsloth_missing_is_a_clear_error(tiny_llama, monkeypatch):
+def not_installed(monkeypatch, package: str) -> None:
+    """Make `package` look absent to fastload's find_spec checks."""
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "unsloth" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+
+
+def test_unsloth_missing_is_a_clear_error(tiny_llama, monkeypatch):
+    not_installed(monkeypatch, "unsloth")
     with pytest.raises(BackendUnavailable) as err:
         FastModel.from_pretrained(tiny_llama, backend="unsloth")
     assert "not installed" in err.value.found and "fastload[unsloth]" in err.value.fix
@@ -98,10 +103,7 @@ def test_unknown_backend():
 
 
 def test_xformers_not_installed_is_a_clear_error(tiny_llama, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
+    not_installed(monkeypatch, "xformers")
     with pytest.raises(BackendUnavailable) as err:
         FastModel.from_pretrained(tiny_llama, attn_implementation="xformers")
     assert "xformers is not installed" in err.value.found and "fastload[xformers]" in err.value.fix
