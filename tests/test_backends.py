@@ -33,11 +33,13 @@ def not_installed(monkeypatch, package: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
 
 
-def test_unsloth_missing_is_a_clear_error(tiny_llama, monkeypatch):
-    not_installed(monkeypatch, "unsloth")
+@pytest.mark.parametrize("package, option", [("unsloth", {"backend": "unsloth"}),
+                                             ("xformers", {"attn_implementation": "xformers"})])
+def test_a_missing_optional_package_is_a_clear_error(tiny_llama, monkeypatch, package, option):
+    not_installed(monkeypatch, package)
     with pytest.raises(BackendUnavailable) as err:
-        FastModel.from_pretrained(tiny_llama, backend="unsloth")
-    assert "not installed" in err.value.found and "fastload[unsloth]" in err.value.fix
+        FastModel.from_pretrained(tiny_llama, **option)
+    assert f"{package} is not installed" in err.value.found and f"fastload[{package}]" in err.value.fix
 
 
 def test_unsloth_without_gpu_is_refused_and_auto_falls_back(tiny_llama, placeholder_unsloth, caplog):
@@ -100,13 +102,6 @@ def test_unsloth_that_fails_to_import_is_explained_and_auto_falls_back(tiny_llam
 def test_unknown_backend():
     with pytest.raises(InvalidOption, match="known backends"):
         FastModel.from_pretrained("whatever", backend="vllm")
-
-
-def test_xformers_not_installed_is_a_clear_error(tiny_llama, monkeypatch):
-    not_installed(monkeypatch, "xformers")
-    with pytest.raises(BackendUnavailable) as err:
-        FastModel.from_pretrained(tiny_llama, attn_implementation="xformers")
-    assert "xformers is not installed" in err.value.found and "fastload[xformers]" in err.value.fix
 
 
 def test_xformers_without_a_gpu_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
