@@ -260,3 +260,16 @@ def test_weights_that_fit_but_training_may_not_load_with_a_warning_naming_a_shor
     assert model is not None
     assert "LoRA training at max_seq_length=512 may need" in caplog.text
     assert "try max_seq_length=128" in caplog.text
+
+
+def test_each_decision_is_one_info_line(tiny_llama, caplog):
+    """What a user reads with set_verbosity("INFO"): source, quantization, LoRA targets and count, checkpointing,
+    memory after load; and the defaults behind them (sdpa attention, the CPU here)."""
+    with caplog.at_level("INFO", logger="fastload"):
+        model, _ = FastModel.from_pretrained(tiny_llama, store=False)
+    text = caplog.text
+    assert f"source: {tiny_llama}" in text and "nf4" in text
+    assert "LoRA r=16 alpha=16 on down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj" in text
+    assert "trainable parameters" in text and "gradient checkpointing: on" in text and "ready in" in text
+    assert model.config._attn_implementation == "sdpa" and next(model.parameters()).device.type == "cpu"
+

@@ -67,6 +67,20 @@ def test_user_file_overrides_shipped_entry(tmp_path, monkeypatch, caplog):
     assert "overrides" in caplog.text
 
 
+def test_registry_toml_in_the_user_config_folder_is_read(tmp_path):
+    """~/.config/fastload/registry.toml (XDG_CONFIG_HOME is a temporary folder in every test)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ["XDG_CONFIG_HOME"]) / "fastload"
+    folder.mkdir(parents=True)
+    (folder / "registry.toml").write_text('schema = 1\nfamily = "qwen2"\n[[model]]\nid = "acme/house-model"\n'
+                                          'aliases = ["house"]\n[[model.quantized]]\nid = "acme/house-model-bnb-4bit"\n')
+    match = load_registry().find("house")
+    assert match is not None and match.entry.id == "acme/house-model"
+    assert match.entry.quantized[0].id == "acme/house-model-bnb-4bit"
+
+
 def test_register_at_run_time():
     register(id="acme/wonder-7b", family="llama", aliases=["wonder"], quantized=[{"id": "acme/wonder-7b-bnb-4bit"}])
     assert get_registry().find("WONDER").entry.id == "acme/wonder-7b"

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-LOSS_TOLERANCE = 2e-2  # relative difference of the first step's loss that bf16 rounding can explain
+LOSS_TOLERANCE = 5e-3  # relative first-step loss difference bf16 kernels explain (seen on an H100: up to 1.8e-4)
 REFERENCES = ("recipe", "unsloth")
 LOAD_RUNS = ("onthefly-warm", "prequantized-warm", "onthefly-cold", "prequantized-cold")
 
