@@ -50,3 +50,13 @@ def test_every_cli_command_is_in_the_readme():
     commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
     listed = set(re.findall(r"^fastload (\w+)", README, flags=re.M))
     assert set(commands) <= listed, set(commands) - listed
+
+
+def test_the_readme_estimate_figures_are_what_the_code_computes():
+    """The README compares `fastload estimate` on the benchmark's shapes with measured peaks; keep its side true."""
+    from fastload.bench.models import llama_config
+    from fastload.memory import GIB, estimate
+
+    for shape, seq, batch in (("llama3-8b", 2048, 2), ("llama3-8b", 8192, 1), ("llama3-1b", 2048, 2)):
+        total = estimate(llama_config(shape), seq=seq, batch=batch).training_total(4) / GIB
+        assert f"{total:.2f}" in README, (shape, seq, batch, f"{total:.2f}")
