@@ -163,6 +163,7 @@ def test_train_then_resume_continues_from_the_last_checkpoint(tiny_llama, data_f
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert "loss=" in err and "tok/s=" in err and "mem=" in err  # the progress bar's postfix
+    assert re.search(r"\d\d:\d\d<\d\d:\d\d", err)  # elapsed<remaining: the ETA
     first_losses = [h["loss"] for h in json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
                     ["log_history"] if "loss" in h]
     shown = re.findall(r"loss=([0-9.]+)", err)

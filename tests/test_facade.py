@@ -272,4 +272,8 @@ def test_each_decision_is_one_info_line(tiny_llama, caplog):
     assert "LoRA r=16 alpha=16 on down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj" in text
     assert "trainable parameters" in text and "gradient checkpointing: on" in text and "ready in" in text
     assert model.config._attn_implementation == "sdpa" and next(model.parameters()).device.type == "cpu"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fastload"):
+        FastModel.from_pretrained(tiny_llama, store=False, gradient_checkpointing=False)
+    assert "gradient checkpointing: off" in caplog.text
 

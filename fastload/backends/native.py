@@ -51,6 +51,8 @@ class NativeBackend:
         if gradient_checkpointing:
             enable_checkpointing(model)
             logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")
+        else:
+            logger.info("gradient checkpointing: off, as asked (activations of every layer stay in memory)")
         return model, tokenizer
 
     def _load(self, plan, opts, store):
