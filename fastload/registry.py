@@ -193,6 +193,10 @@ class Registry:
         if entry.mirror:
             keys.append((entry.mirror, Match(entry, None, "mirror")))
         for key, match in keys:
+            taken = self._index.get(key.lower())
+            if override and taken is not None and taken.entry.id.lower() != entry.id.lower():
+                logger.info("registry: %r now names %s (from %s), no longer %s", key, entry.id, entry.origin,
+                            taken.entry.id)
             self._index[key.lower()] = match
 
     def find(self, name: str) -> Match | None:

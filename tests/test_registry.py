@@ -81,6 +81,16 @@ def test_registry_toml_in_the_user_config_folder_is_read(tmp_path):
     assert match.entry.quantized[0].id == "acme/house-model-bnb-4bit"
 
 
+def test_a_user_entry_taking_a_shipped_alias_says_so(tmp_path, monkeypatch, caplog):
+    user = tmp_path / "mine.toml"
+    user.write_text('schema = 1\nfamily = "llama"\n[[model]]\nid = "me/my-8b"\naliases = ["llama-3-8b"]\n')
+    monkeypatch.setenv("FASTLOAD_REGISTRY", str(user))
+    with caplog.at_level("INFO", logger="fastload"):
+        reg = load_registry()
+    assert reg.find("llama-3-8b").entry.id == "me/my-8b"
+    assert "'llama-3-8b' now names me/my-8b" in caplog.text and "no longer meta-llama/Meta-Llama-3-8B" in caplog.text
+
+
 def test_register_at_run_time():
     register(id="acme/wonder-7b", family="llama", aliases=["wonder"], quantized=[{"id": "acme/wonder-7b-bnb-4bit"}])
     assert get_registry().find("WONDER").entry.id == "acme/wonder-7b"
