@@ -222,14 +222,19 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
                                     f"{free / GIB:.2f} GiB free",
                               fix=(f"{fitting[-1]}, which fits; " if fitting else "no quantization makes it fit; ")
                                   + "free memory, or use a smaller model (`fastload estimate NAME` shows the sizes)")
+
+    def training_need(seq: int) -> int:
+        return estimate_counts(counts, seq=seq, batch=1).training_total(bits)
+
     seq = max_seq_length or 2048
-    training = estimate_counts(counts, seq=seq, batch=1).training_total(bits if bits in (4, 8) else 16)
-    if training > free:
+    if training_need(seq) > free:
         shorter = seq
-        while shorter > 64 and estimate_counts(counts, seq=shorter, batch=1).training_total(bits) > free:
+        while shorter > 64 and training_need(shorter) > free:
             shorter //= 2
+        advice = (f"try max_seq_length={shorter}, batch size 1 with gradient accumulation, and keep gradient "
+                  "checkpointing on" if training_need(shorter) <= free else
+                  "even max_seq_length=64 may not fit: free memory, or use a smaller model")
         logger.warning("%s fits in %s-bit (%.2f GiB of weights), but LoRA training at max_seq_length=%d may need "
-                       "up to %.2f GiB of the %.2f GiB free: try max_seq_length=%d, batch size 1 with gradient "
-                       "accumulation, and keep gradient checkpointing on", name, bits, need / GIB, seq,
-                       training / GIB, free / GIB, shorter)
+                       "up to %.2f GiB of the %.2f GiB free: %s", name, bits, need / GIB, seq,
+                       training_need(seq) / GIB, free / GIB, advice)
     return need

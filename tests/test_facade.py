@@ -260,6 +260,11 @@ def test_weights_that_fit_but_training_may_not_load_with_a_warning_naming_a_shor
     assert model is not None
     assert "LoRA training at max_seq_length=512 may need" in caplog.text
     assert "try max_seq_length=128" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "1500000")  # the weights just fit; no sequence length would
+    with caplog.at_level("WARNING", logger="fastload"):
+        FastModel.from_pretrained(tiny_llama, dtype=torch.float32, store=False)
+    assert "even max_seq_length=64 may not fit" in caplog.text and "try max_seq_length" not in caplog.text
 
 
 def test_each_decision_is_one_info_line(tiny_llama, caplog):
