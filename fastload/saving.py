@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -98,8 +99,6 @@ def clean_leftovers(directory: Path) -> list[Path]:
     """What a save killed mid-way (SIGKILL, power loss) left beside `directory`: its temporary folder, removed; a
     previous save it had moved aside but not yet replaced, put back. Folders of live processes are left alone."""
     done = []
-    import glob
-
     for leftover in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*-*")):
         kind, _, tag = leftover.name[len(directory.name) + 2:].partition("-")
         pid = tag.split("-", 1)[0]
