@@ -81,17 +81,6 @@ def cmd_resolve(args) -> int:
 
 # -- quantize -----------------------------------------------------------------------------------------------------
 
-def checkpoint_dir(plan) -> Path:
-    """The folder a pre-quantized plan reads: its location, or the hub-cache snapshot of a repo id."""
-    from . import plan as P
-
-    if plan.source == P.HUB_CACHE:
-        from .sources import cached_snapshot, hub_cache_dir
-
-        return cached_snapshot(plan.location, plan.revision, hub_cache_dir(None))
-    return Path(plan.location)
-
-
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Every file of a checkpoint folder but the store's manifest (hub-cache links are followed)."""
     import shutil
@@ -105,6 +94,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
 def cmd_quantize(args) -> int:
     from . import plan as P
+    from .loader import LoadOptions, local_files_of
     from .facade import FastModel
     from .store import Store
 
@@ -119,7 +109,7 @@ def cmd_quantize(args) -> int:
         out = Path(args.out).expanduser().absolute()
         with atomic_directory(out) as tmp:  # nothing half-written at --out, even on Ctrl-C
             if plan.prequantized:  # already a 4-bit checkpoint (store, local or hub cache): copy it as it is
-                copy_checkpoint(checkpoint_dir(plan), tmp)
+                copy_checkpoint(local_files_of(plan, LoadOptions()), tmp)
             else:
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
@@ -307,6 +297,7 @@ def cmd_generate(args) -> int:
 def config_for_estimate(name: str) -> tuple[Any, str]:
     """(config dict or parameter count, where it came from): a local config.json, a resolvable model's config, or
     the registry's parameter count when no config is on this machine."""
+    from .checkpoint import read_config
     from .registry import get_registry
     from .sources import resolve
 
@@ -315,7 +306,7 @@ def config_for_estimate(name: str) -> tuple[Any, str]:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"Estimating memory for {path}", found="the folder has no config.json",
                                 fix="pass a checkpoint folder, a registry name or a hub id in the HF cache")
-        return _read_config(path / "config.json"), f"{path / 'config.json'}"
+        return read_config(path), f"{path / 'config.json'}"
     match = get_registry().find(name)
     try:
         plan = resolve(name)
@@ -327,23 +318,13 @@ def config_for_estimate(name: str) -> tuple[Any, str]:
         if plan.config:
             return plan.config, f"the config of {plan.location}"
         if (Path(plan.location) / "config.json").is_file():
-            return _read_config(Path(plan.location) / "config.json"), f"the config of {plan.location}"
+            return read_config(Path(plan.location)), f"the config of {plan.location}"
     if match is not None and match.entry.params:  # nothing on this machine yet (a download would be needed)
         return float(match.entry.params), (f"the registry's parameter count of {match.entry.id} (approximate: no "
                                            "config on this machine, a Llama-like shape is assumed)")
     raise ModelNotFound(f"Estimating memory for {name!r}", found=f"no config.json of it on this machine "
                         f"({plan.source}: {plan.location}) and no parameter count in the registry",
                         fix="download it first (huggingface-cli download), or pass a folder with config.json")
-
-
-def _read_config(path: Path) -> dict:
-    from .errors import CheckpointCorrupt
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointCorrupt(f"Reading {path}", found=f"{type(e).__name__}: {e}",
-                                fix="restore config.json from the original checkpoint") from e
 
 
 def cmd_estimate(args) -> int:
