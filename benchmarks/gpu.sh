@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu.sh part3   # Llama-3 8B: train 8192x1 for fastload, unsloth; 2048x2 with engine levers off
 #   bash benchmarks/gpu.sh headline  # 1B and 8B 2048x2 for fastload, recipe, unsloth only (the README's table)
 #   bash benchmarks/gpu.sh long      # 8B 8192x1 for fastload, unsloth only
+#   bash benchmarks/gpu.sh profile   # 1B and 8B, fastload and unsloth, with a torch.profiler table each
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -15,7 +16,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -47,6 +48,11 @@ case "$part" in
         bench --model llama3-1b --phase train --impl fastload,recipe,unsloth
         bench --model llama3-8b --phase train --impl fastload,recipe,unsloth --append --plot
         ;;
+    profile)  # where the step time goes: fastload and unsloth, 1B and 8B, 2 steps under torch.profiler each
+        bench --model llama3-1b --phase train --impl fastload,unsloth --steps 4 --warmup 2 --profile
+        bench --model llama3-8b --phase train --impl fastload,unsloth --steps 4 --warmup 2 --profile --append
+        cp "$WORK"/profile-*.txt "$OUT"/ 2>/dev/null
+        ;;
     long)  # 8B at 8192x1: fastload and unsloth (the recipe needs ~48 GiB and minutes here)
         bench --model llama3-8b --phase train --impl fastload,unsloth --seq 8192 --batch 1
         ;;
@@ -56,7 +62,7 @@ case "$part" in
             --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1, part2, part3, headline or long" >&2
+        echo "unknown part '$part': use part1, part2, part3, headline, long or profile" >&2
         exit 2
         ;;
 esac

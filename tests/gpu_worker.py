@@ -23,7 +23,17 @@ def main(checkpoint: str, backend: str, steps: int = 6) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    # generation mode and back, as a notebook does between training runs
+    FastModel.for_inference(model)
+    generated = model.generate(input_ids=ids[:1, :16], max_new_tokens=8, do_sample=False)
+    FastModel.for_training(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     print(json.dumps({"backend": model.fastload_backend, "losses": losses,
+                      "generated_new_tokens": generated.shape[1] - 16, "training_again": model.training,
+                      "loss_after_generation": loss.item(),
+                      "lora_grads_after_generation": bool(lora_grads) and all(g is not None for g in lora_grads),
                       "trainable_only_lora": all("lora_" in n for n, p in model.named_parameters() if p.requires_grad),
                       "optimizer": type(opt).__name__}))
 

@@ -48,6 +48,9 @@ def test_unsloth_and_native_start_from_the_same_loss_and_both_learn(gpu_llama):
     # LoRA B starts at zero, so step one is the base model's loss: equal up to bf16 kernel differences (~1e-2)
     assert abs(native["losses"][0] - unsloth["losses"][0]) / native["losses"][0] < 2e-2, (native, unsloth)
     assert native["losses"][-1] < native["losses"][0] and unsloth["losses"][-1] < unsloth["losses"][0]
+    for result in (native, unsloth):  # for_inference / generate / for_training, then training goes on
+        assert result["generated_new_tokens"] == 8 and result["training_again"], result
+        assert result["lora_grads_after_generation"] and result["loss_after_generation"] < result["losses"][0], result
     print("native", native["losses"], "\nunsloth", unsloth["losses"])
 
 

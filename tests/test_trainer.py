@@ -38,6 +38,8 @@ def dataset_loss(model, tokenizer, records) -> float:
     from fastload.data import Collator, prepare_records
 
     batch = Collator(tokenizer)(prepare_records(records, tokenizer, 48))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", choices=("auto", "fadvise", "off"), default="auto",
                    help="cold-cache loads: auto evicts the files (fadvise) and drops the whole page cache only if "
                         "that fails and root may; fadvise never drops it; off measures warm loads only")
+    p.add_argument("--profile", action="store_true",
+                   help="train workers also run 2 steps under torch.profiler and write profile-<job>.txt into --out")
     p.add_argument("--plot", action="store_true", help="also write bench.png (tokens/s and peak memory by impl)")
     p.add_argument("--append", action="store_true", help="keep records of earlier runs in --out (default: start fresh)")
     p.add_argument("--time-budget", type=float, default=None,
@@ -82,7 +84,8 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
                     fastload_home=str(out / "fastload-home" / label), **common)  # its own store, emptied by its loads
         for phase in phases:
             if phase == "train":
-                jobs += [Job(phase="train", impl=impl, **base) for impl in impls]
+                profile = str(out) if getattr(args, "profile", False) else ""
+                jobs += [Job(phase="train", impl=impl, profile=profile, **base) for impl in impls]
                 continue
             loading = [impl for impl in impls if impl in LOADS]
             if copy_needed and any(impl != "fastload" for impl in loading):

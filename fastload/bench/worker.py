@@ -43,6 +43,7 @@ class Job:
     cold_method: str = "auto"      # auto (fadvise, else drop_caches where root may) | fadvise
     prequantized_dir: str = ""     # the recipe's NF4 save_pretrained copy (quantize writes it; loads read it)
     fastload_home: str = ""        # FASTLOAD_HOME for fastload's store
+    profile: str = ""              # train: a folder for profile-<job>.txt (2 extra steps under torch.profiler)
     record: str = ""               # where the JSON record goes
 
     def to_argv(self) -> list[str]:
@@ -200,6 +201,44 @@ def run_train(job: Job, record: dict) -> None:
     if job.device == "cuda":
         record.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    if job.profile:
+        record.update(profile_step(job, lambda: train_step(model, optimizer, ids)))
+
+
+def train_step(model, optimizer, ids):
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def profile_step(job: Job, step, steps: int = 2) -> dict:
+    """Run `steps` more steps under torch.profiler after the timed ones; write where the time went, by kernel/op.
+
+    Returns the GPU's busy share of the wall time: far below 1 means the step waits on Python/launches, not kernels.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job.device == "cuda" else [])
+    from . import impls
+
+    impls.synchronize(job.device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        impls.synchronize(job.device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if job.device == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6 if job.device == "cuda" else None
+    path = Path(job.profile) / f"profile-{job.name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"{job.name}: {steps} steps in {wall:.3f} s wall" + (f", kernels busy {busy:.3f} s" if busy else "")
+    path.write_text(header + "\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    return {"profile_wall_s": wall, "profile_gpu_busy_s": busy}
 
 
 def run(job: Job) -> dict:
