@@ -10,19 +10,23 @@ from __future__ import annotations
 import types
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 256 << 20  # transient memory of one chunk: bf16 logits, their fp32 copy, bf16 probabilities
+KERNEL_DTYPES = ("bfloat16", "float16")  # fp32 runs use the torch path: its tolerances are fp32 round-off
+CHUNK_BYTES = 256 << 20  # transient memory of one chunk's logits (and, on the torch path, their fp32 copies)
+TORCH_BYTES_PER_LOGIT = 8  # torch path: bf16 logits, their fp32 copy, bf16 probabilities
+KERNEL_BYTES_PER_LOGIT = 2  # Triton path (CUDA): the bf16 logits alone, overwritten by their gradient
 
 
-def chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk: a power of two in [128, 4096] whose chunk stays within CHUNK_BYTES (8 bytes a logit).
+def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> int:
+    """Tokens per chunk: a power of two in [128, 4096] whose chunk stays within CHUNK_BYTES.
 
-    Llama-3's 128,256 words give 256 tokens. Measured on an H100 at 2048 x 2 against 1,024-token chunks: 8B ran
-    as fast in 0.7 GiB less (6.61 GiB, below Unsloth's 6.80); 1B saved 1.1 GiB (1.56, below Unsloth's 1.69) but
-    lost ~13% of its speed, its narrower lm_head matmuls starving. Memory is what QLoRA users run out of, so
-    the small chunk stays. liger-kernel's Triton fused linear cross-entropy was slower still (relative to
-    Unsloth in the same run: -6% on 8B, -13% on 1B).
+    Llama-3's 128,256 words give 256 tokens on the torch path and 1,024 with the Triton kernel. Measured on an
+    H100 at 2048 x 2: on the torch path 1,024-token chunks cost 1B 1.1 GiB more than 256-token ones (above
+    Unsloth's peak) while 256-token ones starved its narrow lm_head matmuls (~13% slower); the kernel's
+    2 bytes a logit gives 1,024-token chunks in the memory of 256. liger-kernel's fused linear cross-entropy was
+    slower (relative to Unsloth in the same run: -6% on 8B, -13% on 1B): its chunks are vocab/hidden times
+    smaller (64 tokens on 1B) and each one synchronizes with the host.
     """
-    fits = max(1, CHUNK_BYTES // (8 * max(vocab, 1)))
+    fits = max(1, CHUNK_BYTES // (bytes_per_logit * max(vocab, 1)))
     return min(4096, max(128, 1 << (fits.bit_length() - 1)))
 
 
@@ -31,24 +35,12 @@ def _ce_function():
 
     class ChunkedLinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, labels, divisor, chunk):
-            acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; float64 stays float64
-            total = torch.zeros((), dtype=acc, device=hidden.device)
+        def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel):
             grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk]
-                y = labels[start:start + chunk]
-                logits = (h @ weight.t()).to(acc)
-                lse = torch.logsumexp(logits, dim=-1)
-                valid = y != IGNORE_INDEX
-                target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-                total += ((lse - target) * valid).sum()
-                if grad_hidden is not None:
-                    # d(loss)/d(logits) = softmax - onehot, on valid rows only; reuse the logits buffer
-                    probs = logits.sub_(lse.unsqueeze(1)).exp_()
-                    probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
-                    probs *= valid.unsqueeze(1)
-                    grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            if use_kernel:
+                total = _kernel_chunks(hidden, weight, labels, chunk, grad_hidden)
+            else:
+                total = _torch_chunks(hidden, weight, labels, chunk, grad_hidden)
             ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
             ctx.divisor = divisor
             ctx.has_grad = grad_hidden is not None
@@ -58,23 +50,69 @@ def _ce_function():
         def backward(ctx, grad_out):
             (grad_hidden,) = ctx.saved_tensors
             if not ctx.has_grad:
-                return None, None, None, None, None
-            return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None
+                return None, None, None, None, None, None
+            return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None, None
 
     return ChunkedLinearCrossEntropy
+
+
+def _torch_chunks(hidden, weight, labels, chunk, grad_hidden):
+    """Summed loss; grad_hidden (if given) filled with d(sum)/d(hidden). Any device, any float dtype."""
+    import torch
+
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; float64 stays float64
+    total = torch.zeros((), dtype=acc, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start:start + chunk]
+        y = labels[start:start + chunk]
+        logits = (h @ weight.t()).to(acc)
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = y != IGNORE_INDEX
+        target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+        total += ((lse - target) * valid).sum()
+        if grad_hidden is not None:
+            # d(loss)/d(logits) = softmax - onehot, on valid rows only; reuse the logits buffer
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()
+            probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
+            probs *= valid.unsqueeze(1)
+            grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+    return total
+
+
+def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
+    """As _torch_chunks, with the Triton kernel turning each chunk's logits into their gradient in place."""
+    import torch
+
+    from .triton_ce import cross_entropy_in_place
+
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    labels = labels.contiguous()
+    for start in range(0, hidden.shape[0], chunk):
+        logits = hidden[start:start + chunk] @ weight.t()
+        cross_entropy_in_place(logits, labels[start:start + chunk], losses[start:start + chunk],
+                               IGNORE_INDEX, write_grad=grad_hidden is not None)
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:start + chunk])
+    return losses.sum()
 
 
 _FUNCTION = None
 
 
 def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int | None = None):
-    """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen."""
-    chunk = chunk or chunk_tokens(weight.shape[0])
+    """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen.
+
+    On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton_ce)."""
+    from .triton_ce import available
+
+    use_kernel = (available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
+                  and weight.dtype == hidden.dtype and hidden.is_contiguous())
+    chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
     global _FUNCTION
     if _FUNCTION is None:
         _FUNCTION = _ce_function()
     divisor = num_items if num_items is not None else int((labels != IGNORE_INDEX).sum().item())
-    return _FUNCTION.apply(hidden, weight, labels, max(int(divisor), 1), chunk)
+    return _FUNCTION.apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel)
 
 
 def supports_fused_loss(model) -> bool:
