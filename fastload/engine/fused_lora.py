@@ -1,68 +1,94 @@
-"""One autograd function per LoRA projection: y = x W^T + s (x A^T) B^T, all in the compute dtype.
+"""LoRA projections as autograd functions in the compute dtype: y_i = x W_i^T + s_i (x A_i^T) B_i^T.
 
 peft computes the adapter branch in the adapters' dtype (fp32 here, kept so on purpose for the optimizer): every
 projection casts its input to fp32, multiplies in fp32 and adds an fp32 (tokens x out) result back, and autograd
 keeps those copies for backward. Here the fp32 adapters are cast to the compute dtype once per call (r x in values,
 not tokens x in), the adapter product is accumulated into the base matmul's output in place, and backward
 re-dequantizes the 4-bit weight instead of keeping it. Gradients of A and B come back in fp32.
+
+Projections that read the same input (q/k/v of attention, gate/up of a gated MLP) run as one group: one saved
+input, one autograd node, and backward accumulates their input gradients in place into one buffer instead of
+leaving autograd to add separate (tokens x hidden) tensors. The model's own forward code is unchanged: the
+group's first projection computes every member's output and hands each of the others its result when it is
+called next with that same input tensor.
 """
 
 from __future__ import annotations
 
 import types
 
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
 _FUNCTION = None
 
 
-def _lora_function():
+def _full_weight(base, dtype):
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:  # a 16-bit base layer
+        return weight.to(dtype)
+    import bitsandbytes.functional as F
+
+    return F.dequantize_4bit(weight.data, state).to(dtype)
+
+
+def _group_function():
     global _FUNCTION
     if _FUNCTION is not None:
         return _FUNCTION
     import torch
 
-    def full_weight(base, dtype):
-        weight = base.weight
-        state = getattr(weight, "quant_state", None)
-        if state is None:  # a 16-bit base layer
-            return weight.to(dtype)
-        import bitsandbytes.functional as F
+    class LoraGroup(torch.autograd.Function):
+        """forward(x, bases, scalings, a_1, b_1, ..., a_n, b_n) -> (y_1, ..., y_n)."""
 
-        return F.dequantize_4bit(weight.data, state).to(dtype)
-
-    class LoraProjection(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling):
-            # what bitsandbytes computes in (its compute_dtype), else the input's; the output keeps the input's
-            dtype = getattr(base, "compute_dtype", None) or x.dtype
-            ctx.in_dtype = x.dtype
+        def forward(ctx, x, bases, scalings, *adapters):
+            # what bitsandbytes computes in (its compute_dtype), else the input's; outputs keep the input's dtype
+            dtype = getattr(bases[0], "compute_dtype", None) or x.dtype
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            xa = x2 @ a.t()
-            y = x2 @ full_weight(base, dtype).t()
-            y.addmm_(xa, b.t(), alpha=scaling)
-            if base.bias is not None:
-                y += base.bias.to(dtype)
-            ctx.save_for_backward(x2, xa, lora_a, lora_b)
-            ctx.base, ctx.scaling, ctx.x_shape = base, scaling, x.shape
-            return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+            outs, products = [], []
+            for i, (base, s) in enumerate(zip(bases, scalings)):
+                a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
+                xa = x2 @ a.t()
+                y = x2 @ _full_weight(base, dtype).t()
+                y.addmm_(xa, b.t(), alpha=s)
+                if base.bias is not None:
+                    y += base.bias.to(dtype)
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype))
+                products.append(xa)
+            ctx.save_for_backward(x2, *products, *adapters)
+            ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
+            return tuple(outs)
 
         @staticmethod
-        def backward(ctx, grad_y):
-            x2, xa, lora_a, lora_b = ctx.saved_tensors
-            dtype, s = x2.dtype, ctx.scaling
-            dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-            a, b = lora_a.to(dtype), lora_b.to(dtype)
-            dyb = (dy @ b).mul_(s)                                  # (tokens, r)
-            grad_b = (dy.t() @ xa).float().mul_(s) if ctx.needs_input_grad[2] else None
-            grad_a = (dyb.t() @ x2).float() if ctx.needs_input_grad[1] else None
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = dy @ full_weight(ctx.base, dtype)
-                grad_x.addmm_(dyb, a)
+        def backward(ctx, *grad_ys):
+            n = len(ctx.bases)
+            saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
+            x2, products, adapters = saved[0], saved[1:1 + n], saved[1 + n:]
+            dtype = x2.dtype
+            grad_x, grads = None, []
+            for i, (base, s, grad_y) in enumerate(zip(ctx.bases, ctx.scalings, grad_ys)):
+                if grad_y is None:
+                    grads += [None, None]
+                    continue
+                lora_a, lora_b = adapters[2 * i], adapters[2 * i + 1]
+                dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+                a, b = lora_a.to(dtype), lora_b.to(dtype)
+                dyb = (dy @ b).mul_(s)                                  # (tokens, r)
+                needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
+                grads += [(dyb.t() @ x2).float() if needs_a else None,
+                          (dy.t() @ products[i]).float().mul_(s) if needs_b else None]
+                if ctx.needs_input_grad[0]:
+                    weight = _full_weight(base, dtype)
+                    if grad_x is None:
+                        grad_x = dy @ weight
+                    else:
+                        grad_x.addmm_(dy, weight)
+                    grad_x.addmm_(dyb, a)
+            if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
-            return grad_x, grad_a, grad_b, None, None
+            return grad_x, None, None, *grads
 
-    _FUNCTION = LoraProjection
+    _FUNCTION = LoraGroup
     return _FUNCTION
 
 
@@ -80,22 +106,84 @@ def _fusable(module) -> bool:
     return all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())
 
 
+def _adapter(module, x, args, kwargs) -> str | None:
+    """The one active adapter this call can fuse, or None (peft's own forward then handles the call)."""
+    active = module.active_adapters
+    if (args or kwargs or module.disable_adapters or module.merged or len(active) != 1
+            or active[0] not in module.lora_A or not x.is_floating_point()):
+        return None
+    return active[0]
+
+
+def _run(members, names, x):
+    adapters = []
+    for module, name in zip(members, names):
+        adapters += [module.lora_A[name].weight, module.lora_B[name].weight]
+    return _group_function().apply(x, tuple(m.base_layer for m in members), tuple(m.scaling[n] for m, n in
+                                                                                  zip(members, names)), *adapters)
+
+
+def _install_single(module) -> None:
+    module.forward = types.MethodType(_single_forward(module.forward), module)
+    module._fastload_fused = True
+
+
+def _install_group(members) -> None:
+    """The first member computes the group; each other member returns its share when called on the same x."""
+    leader, followers = members[0], members[1:]
+    for follower in followers:
+        follower._fastload_pending = None
+    original = leader.forward
+
+    def lead(self, x, *args, _original=original, **kwargs):
+        for follower in followers:
+            follower._fastload_pending = None
+        names = [_adapter(m, x, args, kwargs) for m in members]
+        if None in names or len(set(names)) != 1:
+            return _original(x, *args, **kwargs)
+        outs = _run(members, names, x)
+        for follower, out in zip(followers, outs[1:]):
+            follower._fastload_pending = (x, out)
+        return outs[0]
+
+    leader.forward = types.MethodType(lead, leader)
+    for follower in followers:
+        single = types.MethodType(_single_forward(follower.forward), follower)
+
+        def follow(self, x, *args, _single=single, **kwargs):
+            pending, self._fastload_pending = self._fastload_pending, None
+            if pending is not None and pending[0] is x and not args and not kwargs:
+                return pending[1]
+            return _single(x, *args, **kwargs)
+
+        follower.forward = types.MethodType(follow, follower)
+    for member in members:
+        member._fastload_fused = True
+
+
+def _single_forward(original):
+    def forward(self, x, *args, **kwargs):
+        name = _adapter(self, x, args, kwargs)
+        if name is None:
+            return original(x, *args, **kwargs)
+        return _run((self,), (name,), x)[0]
+
+    return forward
+
+
 def install_fused_lora(model) -> int:
-    """Give each fusable LoRA projection of this instance the fused forward; returns how many."""
-    count = 0
+    """Give each fusable LoRA projection of this instance the fused forward, grouped where siblings share an
+    input; returns how many projections."""
+    done = {id(m) for m in model.modules() if getattr(m, "_fastload_fused", False)}  # installed once only
+    already = len(done)
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(m is not None and _fusable(m) and id(m) not in done for m in members):
+                _install_group(members)
+                done.update(id(m) for m in members)
     for module in model.modules():
-        if _fusable(module):
-            original = module.forward
-
-            def forward(self, x, *args, _original=original, **kwargs):
-                active = self.active_adapters
-                if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-                        or active[0] not in self.lora_A or not x.is_floating_point()):
-                    return _original(x, *args, **kwargs)
-                name = active[0]
-                return _lora_function().apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                                              self.scaling[name])
-
-            module.forward = types.MethodType(forward, module)
-            count += 1
-    return count
+        if id(module) not in done and _fusable(module):
+            _install_single(module)
+            done.add(id(module))
+    return len(done) - already
