@@ -30,6 +30,7 @@ def test_default_chunks_stay_within_their_memory_bound_and_still_match():
     from fastload.engine.fused_loss import CHUNK_BYTES, chunk_tokens
 
     assert chunk_tokens(128_256) == 256 and chunk_tokens(32_000) == 1024 and chunk_tokens(49_152) == 512
+    assert chunk_tokens(128_256, bytes_per_logit=2) == 1024  # the Triton kernel keeps only the bf16 logits
     for vocab in (1_000, 32_000, 128_256, 262_144, 600_000):
         tokens = chunk_tokens(vocab)
         assert 128 <= tokens <= 4096 and (tokens * vocab * 8 <= CHUNK_BYTES or tokens == 128)
@@ -125,7 +126,7 @@ def test_smollm2_learns_as_much_with_the_engine(smollm2_dir):
     results = {}
     for engine in (False, True):
         model, tok = FastModel.from_pretrained(smollm2_dir, engine=engine, store=False, max_seq_length=128,
-                                               random_state=3)
+                                               random_state=3, dtype=torch.float32)  # fp32 even where bf16 is native
         opt = FastModel.get_optimizer(model, lr=1e-3)
         enc = tok([text], return_tensors="pt")
         losses = []
@@ -138,3 +139,62 @@ def test_smollm2_learns_as_much_with_the_engine(smollm2_dir):
         results[engine] = losses
     assert results[True][-1] < results[True][0] * 0.8
     assert abs(results[True][-1] - results[False][-1]) / results[False][-1] < 1e-3, results
+
+
+def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama):
+    """q/k/v (and gate/up) read the same input: one autograd node computes them all; a member called on another
+    input, or alone, still gives peft's result."""
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    nonzero_lora_b(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(2, 5, attn.q_proj.in_features, requires_grad=True)
+
+    def peft_reference(proj, inputs):
+        name = proj.active_adapters[0]
+        lora = proj.lora_B[name](proj.lora_A[name](inputs))
+        return proj.base_layer(inputs) + proj.scaling[name] * lora
+
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert q.grad_fn is k.grad_fn is v.grad_fn and type(q.grad_fn).__name__ == "LoraGroupBackward"
+    for proj, out in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v)):
+        assert torch.allclose(out, peft_reference(proj, x), atol=1e-5)
+    other = torch.randn_like(x)
+    attn.q_proj(x)
+    assert torch.allclose(attn.k_proj(other), peft_reference(attn.k_proj, other), atol=1e-5)  # not q's input
+    assert torch.allclose(attn.v_proj(other), peft_reference(attn.v_proj, other), atol=1e-5)  # q's result dropped
+    (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
+    expected = torch.autograd.grad(sum(w * peft_reference(p, x).sum() for w, p in
+                                       ((1, attn.q_proj), (2, attn.k_proj), (3, attn.v_proj))), x)[0]
+    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_swapped(tiny_llama):
+    """The instance forward behind the fused-RoPE lever (liger on CUDA), given transformers' own rotation: same
+    outputs and LoRA gradients in training; generation (a KV cache) goes through transformers' forward."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from fastload.engine.rotary import install_rotary_attention
+
+    calls = []
+
+    def rotate(q, k, cos, sin):
+        calls.append(q.shape)
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    plain, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
+    swapped, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
+    assert install_rotary_attention(swapped, rotate) == swapped.config.num_hidden_layers
+    nonzero_lora_b(plain)
+    nonzero_lora_b(swapped)
+    loss_p, grads_p = lora_grads(plain, tok)
+    loss_s, grads_s = lora_grads(swapped, tok)
+    assert calls and abs(loss_p - loss_s) < 1e-6
+    for name, g in grads_p.items():
+        assert torch.allclose(g, grads_s[name], rtol=1e-5, atol=1e-7), name
+    calls.clear()
+    FastModel.for_inference(swapped)
+    FastModel.for_inference(plain)
+    ids = tok(["hello world"], return_tensors="pt").input_ids
+    assert torch.equal(swapped.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
+                       plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False))
+    assert not calls  # eval mode with a cache: transformers' own forward

@@ -1,4 +1,4 @@
-"""Fused Triton kernels from liger-kernel (when installed) on this instance's RMSNorm and SwiGLU modules."""
+"""Fused Triton kernels from liger-kernel (when installed) on this instance's RMSNorm, SwiGLU and RoPE."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ def install_kernels(model) -> list[str]:
         used.append("liger_rmsnorm")
     if _swiglu(model):
         used.append("liger_swiglu")
+    if _rope(model):
+        used.append("liger_rope")
     return used
 
 
@@ -48,3 +50,14 @@ def _swiglu(model) -> bool:
             module.forward = types.MethodType(forward, module)
             count += 1
     return count > 0
+
+
+def _rope(model) -> bool:
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    from .rotary import install_rotary_attention
+
+    def rotate(query, key, cos, sin):
+        return LigerRopeFunction.apply(query, key, cos, sin)
+
+    return install_rotary_attention(model, rotate) > 0
