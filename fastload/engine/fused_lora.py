@@ -26,6 +26,10 @@ def _full_weight(base, dtype):
     state = getattr(weight, "quant_state", None)
     if state is None:  # a 16-bit base layer
         return weight.to(dtype)
+    from .triton_nf4 import dequantize_4bit, supported
+
+    if supported(weight.data, state):
+        return dequantize_4bit(weight.data, state).to(dtype)
     import bitsandbytes.functional as F
 
     return F.dequantize_4bit(weight.data, state).to(dtype)
@@ -45,9 +49,10 @@ def _group_function():
             # what bitsandbytes computes in (its compute_dtype), else the input's; outputs keep the input's dtype
             dtype = getattr(bases[0], "compute_dtype", None) or x.dtype
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, products = [], []
+            outs, products, casts = [], [], []
             for i, (base, s) in enumerate(zip(bases, scalings)):
                 a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
+                casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
                 xa = x2 @ a.t()
                 y = x2 @ _full_weight(base, dtype).t()
                 y.addmm_(xa, b.t(), alpha=s)
@@ -55,7 +60,7 @@ def _group_function():
                     y += base.bias.to(dtype)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype))
                 products.append(xa)
-            ctx.save_for_backward(x2, *products, *adapters)
+            ctx.save_for_backward(x2, *products, *casts)
             ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
             return tuple(outs)
 
@@ -63,16 +68,15 @@ def _group_function():
         def backward(ctx, *grad_ys):
             n = len(ctx.bases)
             saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
-            x2, products, adapters = saved[0], saved[1:1 + n], saved[1 + n:]
+            x2, products, casts = saved[0], saved[1:1 + n], saved[1 + n:]
             dtype = x2.dtype
             grad_x, grads = None, []
             for i, (base, s, grad_y) in enumerate(zip(ctx.bases, ctx.scalings, grad_ys)):
                 if grad_y is None:
                     grads += [None, None]
                     continue
-                lora_a, lora_b = adapters[2 * i], adapters[2 * i + 1]
+                a, b = casts[2 * i], casts[2 * i + 1]
                 dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-                a, b = lora_a.to(dtype), lora_b.to(dtype)
                 dyb = (dy @ b).mul_(s)                                  # (tokens, r)
                 needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
                 grads += [(dyb.t() @ x2).float() if needs_a else None,

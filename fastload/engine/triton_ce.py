@@ -60,6 +60,7 @@ def cross_entropy_in_place(logits, labels, loss_out, ignore_index: int = -100, w
                        BLOCK=block, WRITE_GRAD=write_grad, num_warps=32 if block >= 8192 else 8)
 
 
+@functools.lru_cache(maxsize=None)
 def available(device_type: str) -> bool:
     """Triton kernels run on CUDA devices, where triton is installed (it comes with CUDA builds of torch)."""
     if device_type != "cuda":
