@@ -160,3 +160,45 @@ def test_offload_prefetch_keeps_gradients_with_two_forwards_before_backward(gpu_
     for name, g in grads[0].items():
         rel = (g - grads[1][name]).norm() / g.norm()
         assert rel < 2e-2, f"{name}: relative gradient difference {rel:.2e}"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "plain-scales"])
+def test_triton_dequantize_matches_bitsandbytes_bit_for_bit(quant_type, double_quant):
+    import bitsandbytes.functional as F
+
+    from fastload.engine.triton_nf4 import dequantize_4bit, supported
+
+    weight = torch.randn(4096 + 64, 1000, dtype=torch.bfloat16, device="cuda")
+    packed, state = F.quantize_4bit(weight, quant_type=quant_type, compress_statistics=double_quant)
+    assert supported(packed, state)
+    assert torch.equal(dequantize_4bit(packed, state), F.dequantize_4bit(packed, state))
+
+
+def test_triton_norm_and_swiglu_match_transformers_within_bf16_rounding():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fastload.engine.triton_layers import rms_norm, swiglu
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    norm = LlamaRMSNorm(4096, eps=1e-5).cuda().to(torch.bfloat16).requires_grad_(False)
+    norm.weight.copy_(1 + 0.3 * torch.randn(4096, generator=gen, device="cuda"))
+    x = torch.randn(2, 512, 4096, generator=gen, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(x.shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    ref = norm(x)
+    (g_ref,) = torch.autograd.grad(ref, x, dy)
+    ours = rms_norm(x, norm.weight, 1e-5)
+    (g_ours,) = torch.autograd.grad(ours, x, dy)
+    assert (ours != ref).float().mean() < 0.01  # the same rounding steps: nearly every value identical
+    assert (g_ours.float() - g_ref.float()).norm() / g_ref.float().norm() < 1e-2
+
+    gate, up = (torch.randn(2, 512, 14336, generator=gen, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+    dh = torch.randn(gate.shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    ref = torch.nn.functional.silu(gate) * up
+    refs = torch.autograd.grad(ref, (gate, up), dh)
+    ours = swiglu(gate * 1, up * 1)  # copies: backward reuses its inputs' buffers
+    mine = torch.autograd.grad(ours, (gate, up), dh)
+    assert (ours != ref).float().mean() < 0.01
+    for a, b in zip(refs, mine):
+        assert (a.float() - b.float()).norm() / a.float().norm() < 1e-2

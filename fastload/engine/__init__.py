@@ -19,7 +19,7 @@ class EngineSettings:
     fused_lora: bool = True              # each LoRA projection as one autograd function in the compute dtype
     fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
     offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
-    kernels: bool = True                 # liger-kernel RMSNorm / SwiGLU where installed (CUDA only)
+    kernels: bool = True                 # Triton RMSNorm / SwiGLU, liger-kernel RoPE where installed (CUDA)
 
     @classmethod
     def from_user(cls, value) -> "EngineSettings":

@@ -1,36 +1,40 @@
-"""Fused Triton kernels from liger-kernel (when installed) on this instance's RMSNorm, SwiGLU and RoPE."""
+"""Fused Triton kernels on this instance's RMSNorm, SwiGLU and RoPE (CUDA only).
+
+RMSNorm and SwiGLU use fastload's own lean kernels (fastload.engine.triton_layers) wherever triton is installed;
+RoPE uses liger-kernel's when it is installed. A norm whose weight is trained keeps transformers' module.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import types
 
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
+MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
+
 
 def install_kernels(model) -> list[str]:
-    if importlib.util.find_spec("liger_kernel") is None:
-        return []
     used = []
-    if _rmsnorm(model):
-        used.append("liger_rmsnorm")
-    if _swiglu(model):
-        used.append("liger_swiglu")
-    if _rope(model):
+    if importlib.util.find_spec("triton") is not None:
+        if _rmsnorm(model):
+            used.append("triton_rmsnorm")
+        if _swiglu(model):
+            used.append("triton_swiglu")
+    if importlib.util.find_spec("liger_kernel") is not None and _rope(model):
         used.append("liger_rope")
     return used
 
 
 def _rmsnorm(model) -> bool:
-    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from .triton_layers import rms_norm
 
     count = 0
     for module in model.modules():
-        name = type(module).__name__
-        # Llama/Mistral/Qwen RMSNorm: weight * x_normed, no offset (Gemma's (1 + weight) differs: left alone)
-        if name in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm") and hasattr(module, "weight"):
+        if type(module).__name__ in NORMS and hasattr(module, "weight") and not module.weight.requires_grad:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
 
             def forward(self, hidden_states, _eps=eps):
-                return LigerRMSNormFunction.apply(hidden_states, self.weight, _eps, 0.0, "llama", False)
+                return rms_norm(hidden_states, self.weight, _eps)
 
             module.forward = types.MethodType(forward, module)
             count += 1
@@ -38,14 +42,13 @@ def _rmsnorm(model) -> bool:
 
 
 def _swiglu(model) -> bool:
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from .triton_layers import swiglu
 
     count = 0
     for module in model.modules():
-        if type(module).__name__ in ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP") and \
-                getattr(module.config, "hidden_act", "silu") in ("silu", "swish"):
+        if type(module).__name__ in MLPS and getattr(module.config, "hidden_act", "silu") in ("silu", "swish"):
             def forward(self, x):
-                return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+                return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
             module.forward = types.MethodType(forward, module)
             count += 1
