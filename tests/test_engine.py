@@ -198,3 +198,51 @@ def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_sw
     assert torch.equal(swapped.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
                        plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False))
     assert not calls  # eval mode with a cache: transformers' own forward
+
+
+def test_fused_projections_step_aside_for_what_they_do_not_compute(tiny_llama):
+    """Adapters added or switched after loading (DoRA, a lora_B bias), and a follower whose adapters were turned off
+    after its group ran: each call gives peft's own result."""
+    from peft import LoraConfig
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32,
+                                         lora={"lora_bias": True, "r": 4})
+    nonzero_lora_b(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(2, 5, attn.q_proj.in_features)
+
+    def peft_reference(proj, inputs):
+        name = proj.active_adapters[0]
+        return proj.base_layer(inputs) + proj.scaling[name] * proj.lora_B[name](proj.lora_A[name](inputs))
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n and n.endswith("bias"):
+                p.fill_(0.5)
+        assert torch.allclose(attn.q_proj(x), peft_reference(attn.q_proj, x), atol=1e-5)  # lora_B's bias counted
+
+        model.add_adapter("dora", LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj"]))
+        model.set_adapter("dora")
+        fused = attn.q_proj(x)
+        attn.q_proj.forward = type(attn.q_proj).forward.__get__(attn.q_proj)  # peft's forward, for reference
+        assert torch.allclose(fused, attn.q_proj(x), atol=1e-5)
+
+        model.set_adapter("default")
+        attn.k_proj(x)  # group leader q_proj no longer fused here; exercise the follower hand-off on layer 1
+        other = model.get_base_model().model.layers[1].self_attn
+        other.q_proj(x)  # leaves k and v results pending for x
+        with model.disable_adapter():
+            assert torch.allclose(other.k_proj(x), other.k_proj.base_layer(x), atol=1e-6)
+
+
+def test_lm_head_trained_after_loading_gets_its_gradient(tiny_llama):
+    """The fused loss returns no gradient for lm_head: once a later get_peft_model trains it (modules_to_save),
+    transformers' loss must run again."""
+    model, tok = FastModel.from_pretrained(tiny_llama, lora=None, store=False, dtype=torch.float32)
+    assert "fused_loss" in model.fastload_engine
+    model = FastModel.get_peft_model(model, modules_to_save=["lm_head"])
+    enc = tok(["the quick brown fox"], return_tensors="pt")
+    model.train()
+    model(**enc, labels=enc["input_ids"]).loss.backward()
+    trained = [p for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)

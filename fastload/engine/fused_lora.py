@@ -18,6 +18,7 @@ from __future__ import annotations
 import types
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
+# (cross-attention, whose k/v read another input, and members of unequal input width are never grouped)
 _FUNCTION = None
 
 
@@ -97,26 +98,34 @@ def _group_function():
 
 
 def _fusable(module) -> bool:
-    """A peft LoRA projection on a bitsandbytes 4-bit or plain linear layer, without DoRA, dropout or bias tricks."""
+    """A peft LoRA projection on a bitsandbytes 4-bit or plain linear layer (what its adapters do is checked per
+    call: adapters can be added or switched after installation)."""
     import torch
 
     base = getattr(module, "base_layer", None)
     if base is None or not hasattr(module, "lora_A") or type(base).__name__ not in ("Linear4bit", "Linear"):
         return False
-    if type(base).__name__ == "Linear" and not isinstance(base, torch.nn.Linear):
-        return False
-    if any(getattr(module, "use_dora", {}).values()):
-        return False
-    return all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values())
+    return type(base).__name__ != "Linear" or isinstance(base, torch.nn.Linear)
 
 
 def _adapter(module, x, args, kwargs) -> str | None:
-    """The one active adapter this call can fuse, or None (peft's own forward then handles the call)."""
+    """The one active adapter this call can fuse, or None (peft's own forward then handles the call): no DoRA or
+    other LoRA variant, no dropout, no bias on lora_B, no trained base bias."""
+    import torch
+
     active = module.active_adapters
     if (args or kwargs or module.disable_adapters or module.merged or len(active) != 1
             or active[0] not in module.lora_A or not x.is_floating_point()):
         return None
-    return active[0]
+    name = active[0]
+    if (module.use_dora.get(name) or name in getattr(module, "lora_variant", {})
+            or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+            or module.lora_B[name].bias is not None):
+        return None
+    bias = module.base_layer.bias
+    if bias is not None and bias.requires_grad:
+        return None
+    return name
 
 
 def _run(members, names, x):
@@ -133,7 +142,8 @@ def _install_single(module) -> None:
 
 
 def _install_group(members) -> None:
-    """The first member computes the group; each other member returns its share when called on the same x."""
+    """The first member computes the group; each other member returns its share when called next on the same x
+    with the same adapter state it was computed for, else computes its own."""
     leader, followers = members[0], members[1:]
     for follower in followers:
         follower._fastload_pending = None
@@ -147,7 +157,7 @@ def _install_group(members) -> None:
             return _original(x, *args, **kwargs)
         outs = _run(members, names, x)
         for follower, out in zip(followers, outs[1:]):
-            follower._fastload_pending = (x, out)
+            follower._fastload_pending = (x, names[0], out)
         return outs[0]
 
     leader.forward = types.MethodType(lead, leader)
@@ -156,8 +166,8 @@ def _install_group(members) -> None:
 
         def follow(self, x, *args, _single=single, **kwargs):
             pending, self._fastload_pending = self._fastload_pending, None
-            if pending is not None and pending[0] is x and not args and not kwargs:
-                return pending[1]
+            if pending is not None and pending[0] is x and pending[1] == _adapter(self, x, args, kwargs):
+                return pending[2]
             return _single(x, *args, **kwargs)
 
         follower.forward = types.MethodType(follow, follower)
@@ -183,7 +193,8 @@ def install_fused_lora(model) -> int:
     for parent in model.modules():
         for names in GROUPS:
             members = [getattr(parent, n, None) for n in names]
-            if all(m is not None and _fusable(m) and id(m) not in done for m in members):
+            if (all(m is not None and _fusable(m) and id(m) not in done for m in members)
+                    and len({m.in_features for m in members}) == 1 and "Cross" not in type(parent).__name__):
                 _install_group(members)
                 done.update(id(m) for m in members)
     for module in model.modules():

@@ -1,7 +1,8 @@
 """Fused Triton kernels on this instance's RMSNorm, SwiGLU and RoPE (CUDA only).
 
 RMSNorm and SwiGLU use fastload's own lean kernels (fastload.engine.triton_layers) wherever triton is installed;
-RoPE uses liger-kernel's when it is installed. A norm whose weight is trained keeps transformers' module.
+RoPE uses liger-kernel's when it is installed. A norm whose weight is trained (at the time of the call) runs
+transformers' forward.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ def _rmsnorm(model) -> bool:
 
     count = 0
     for module in model.modules():
-        if type(module).__name__ in NORMS and hasattr(module, "weight") and not module.weight.requires_grad:
+        if type(module).__name__ in NORMS and hasattr(module, "weight"):
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
 
-            def forward(self, hidden_states, _eps=eps):
+            def forward(self, hidden_states, _eps=eps, _original=module.forward):
+                if self.weight.requires_grad or not hidden_states.is_cuda:  # trained later: transformers computes
+                    return _original(hidden_states)
                 return rms_norm(hidden_states, self.weight, _eps)
 
             module.forward = types.MethodType(forward, module)

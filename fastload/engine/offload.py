@@ -2,9 +2,10 @@
 
 Plain checkpointing keeps one hidden-state tensor per layer on the GPU (1 GiB for an 8B model at 4,096 tokens).
 Here forward copies it to pinned host memory on a side stream, overlapped with the next layers' compute. Backward
-runs the layers in reverse: when one layer's backward starts, the input of the layer whose backward comes next is
-already being copied back on the side stream, so the copy overlaps this layer's recomputation instead of stalling
-it (an 8B step spent ~20 ms waiting on such copies). Short sequences, dropout (recomputation would need the same
+runs the layers in reverse: when one layer's backward starts, the input of the latest layer still waiting (in
+forward order) is already being copied back on the side stream, so the copy overlaps this layer's recomputation
+instead of stalling it (an 8B step spent ~20 ms waiting on such copies). With several graphs alive, backpropagated
+oldest first, that guess is wrong: the gradients stay right, the copies just run in line as before. Short sequences, dropout (recomputation would need the same
 random numbers) and scarce host memory fall back to plain non-reentrant checkpointing.
 """
 

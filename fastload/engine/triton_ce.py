@@ -62,9 +62,12 @@ def cross_entropy_in_place(logits, labels, loss_out, ignore_index: int = -100, w
 
 @functools.lru_cache(maxsize=None)
 def available(device_type: str) -> bool:
-    """Triton kernels run on CUDA devices, where triton is installed (it comes with CUDA builds of torch)."""
+    """Triton kernels run on NVIDIA CUDA devices, where triton is installed (it comes with CUDA builds of torch)."""
     if device_type != "cuda":
         return False
     import importlib.util
 
-    return importlib.util.find_spec("triton") is not None
+    import torch
+
+    # ROCm builds also say "cuda"; the launch settings here (32 warps) are NVIDIA's
+    return importlib.util.find_spec("triton") is not None and torch.version.hip is None

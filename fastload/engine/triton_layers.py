@@ -91,7 +91,8 @@ def _functions():
         def forward(ctx, x, weight, eps):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).contiguous()
-            y = torch.empty_like(x2)
+            # transformers: weight * normed.to(input dtype), so an fp32 weight gives an fp32 output
+            y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
             rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
             block, warps = _norm_launch(x2.shape[1])
             rmsnorm_forward[(x2.shape[0],)](x2, weight, y, rstd, x2.shape[1], eps, BLOCK=block, num_warps=warps)

@@ -64,8 +64,11 @@ def dequantize_4bit(packed, state, out=None):
 
 def supported(packed, state) -> bool:
     """What the kernel handles: a CUDA tensor packed two values a byte in bitsandbytes' (n/2, 1) layout, 16-bit
-    output, even block sizes. Remembered on the QuantState: asked three times a step for every weight."""
-    known = getattr(state, "_fastload_triton", None)
+    output, even block sizes. Remembered on the QuantState per device type: asked three times a step per weight."""
+    cache = getattr(state, "_fastload_triton", None)
+    if cache is None:
+        cache = state._fastload_triton = {}
+    known = cache.get(packed.device.type)
     if known is None:
         from .triton_ce import available
 
@@ -73,7 +76,7 @@ def supported(packed, state) -> bool:
                  and packed.shape[1] == 1 and state.blocksize % 2 == 0
                  and str(state.dtype) in ("torch.bfloat16", "torch.float16")
                  and packed.numel() * 2 == _numel(state.shape))
-        state._fastload_triton = known
+        cache[packed.device.type] = known
     return known
 
 
