@@ -216,7 +216,8 @@ def train_step(model, optimizer, ids):
 def profile_step(job: Job, step, steps: int = 2) -> dict:
     """Run `steps` more steps under torch.profiler after the timed ones; write where the time went, by kernel/op.
 
-    Returns the GPU's busy share of the wall time: far below 1 means the step waits on Python/launches, not kernels.
+    Returns the wall seconds and the GPU's busy seconds (device-side events only, as the table's "Self CUDA time
+    total"): busy far below wall means the step waits on the host (Python, launches), not on kernels.
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -233,7 +234,13 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
     wall = time.perf_counter() - started
     events = prof.key_averages()
     sort = "self_cuda_time_total" if job.device == "cuda" else "self_cpu_time_total"
-    busy = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 1e6 if job.device == "cuda" else None
+    busy = None
+    if job.device == "cuda":
+        from torch.autograd import DeviceType
+
+        # operator rows repeat their kernels' time: count the device-side rows alone, user ranges left out
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e6
     path = Path(job.profile) / f"profile-{job.name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"{job.name}: {steps} steps in {wall:.3f} s wall" + (f", kernels busy {busy:.3f} s" if busy else "")
