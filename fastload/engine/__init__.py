@@ -5,6 +5,7 @@ Each lever is a small module; `apply_engine(model, ...)` turns on the ones that 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .._log import logger
@@ -40,6 +41,19 @@ class EngineSettings:
         from ..errors import InvalidOption
 
         raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available(device_type: str) -> bool:
+    """fastload's Triton kernels run on NVIDIA CUDA devices where triton is installed (it comes with CUDA builds of
+    torch). ROCm builds also say "cuda"; the kernels' launch settings (up to 32 warps) are NVIDIA's."""
+    if device_type != "cuda":
+        return False
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("triton") is not None and torch.version.hip is None
 
 
 def install_fused_lora_if_any(model) -> bool:

@@ -147,14 +147,14 @@ def _install_group(members) -> None:
     leader, followers = members[0], members[1:]
     for follower in followers:
         follower._fastload_pending = None
-    original = leader.forward
+    alone = types.MethodType(_single_forward(leader.forward), leader)
 
-    def lead(self, x, *args, _original=original, **kwargs):
+    def lead(self, x, *args, _alone=alone, **kwargs):
         for follower in followers:
             follower._fastload_pending = None
         names = [_adapter(m, x, args, kwargs) for m in members]
         if None in names or len(set(names)) != 1:
-            return _original(x, *args, **kwargs)
+            return _alone(x, *args, **kwargs)  # fused on its own where it can, else peft's forward
         outs = _run(members, names, x)
         for follower, out in zip(followers, outs[1:]):
             follower._fastload_pending = (x, names[0], out)

@@ -103,9 +103,9 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
     """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen.
 
     On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton_ce)."""
-    from .triton_ce import available
+    from . import triton_available
 
-    use_kernel = (available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
+    use_kernel = (triton_available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
     chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
     global _FUNCTION

@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib.util
 import types
 
+from . import triton_available
+
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
 
 
 def install_kernels(model) -> list[str]:
     used = []
-    if importlib.util.find_spec("triton") is not None:
+    if triton_available("cuda"):
         if _rmsnorm(model):
             used.append("triton_rmsnorm")
         if _swiglu(model):

@@ -58,16 +58,3 @@ def cross_entropy_in_place(logits, labels, loss_out, ignore_index: int = -100, w
     block = min(32768, triton.next_power_of_2(cols))
     _kernel()[(rows,)](logits, logits.stride(0), labels, loss_out, cols, ignore_index,
                        BLOCK=block, WRITE_GRAD=write_grad, num_warps=32 if block >= 8192 else 8)
-
-
-@functools.lru_cache(maxsize=None)
-def available(device_type: str) -> bool:
-    """Triton kernels run on NVIDIA CUDA devices, where triton is installed (it comes with CUDA builds of torch)."""
-    if device_type != "cuda":
-        return False
-    import importlib.util
-
-    import torch
-
-    # ROCm builds also say "cuda"; the launch settings here (32 warps) are NVIDIA's
-    return importlib.util.find_spec("triton") is not None and torch.version.hip is None

@@ -83,6 +83,7 @@ def _norm_launch(n_cols: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def _functions():
     import torch
+    import triton
 
     rmsnorm_forward, rmsnorm_backward, swiglu_forward, swiglu_backward = _kernels()
 
@@ -114,7 +115,7 @@ def _functions():
             gate, up = gate.contiguous(), up.contiguous()
             out = torch.empty_like(gate)
             n = gate.numel()
-            swiglu_forward[(triton_cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK,
+            swiglu_forward[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK,
                                                                   num_warps=8)
             ctx.save_for_backward(gate, up)
             return out
@@ -124,15 +125,11 @@ def _functions():
             gate, up = ctx.saved_tensors
             grad = grad.contiguous()
             n = gate.numel()
-            swiglu_backward[(triton_cdiv(n, ELEMENTWISE_BLOCK),)](grad, gate, up, n, BLOCK=ELEMENTWISE_BLOCK,
+            swiglu_backward[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](grad, gate, up, n, BLOCK=ELEMENTWISE_BLOCK,
                                                                    num_warps=8)
             return gate, up
 
     return FrozenRMSNorm, SwiGLU
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def rms_norm(x, weight, eps: float):

@@ -10,6 +10,7 @@ nibbles, rebuilds each block's scale from its 8-bit code and the second-level sc
 from __future__ import annotations
 
 import functools
+import math
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
 
@@ -70,18 +71,12 @@ def supported(packed, state) -> bool:
         cache = state._fastload_triton = {}
     known = cache.get(packed.device.type)
     if known is None:
-        from .triton_ce import available
+        from . import triton_available
 
-        known = (available(packed.device.type) and packed.dtype.itemsize == 1 and packed.dim() == 2
+        known = (triton_available(packed.device.type) and packed.dtype.itemsize == 1 and packed.dim() == 2
                  and packed.shape[1] == 1 and state.blocksize % 2 == 0
                  and str(state.dtype) in ("torch.bfloat16", "torch.float16")
-                 and packed.numel() * 2 == _numel(state.shape))
+                 and packed.numel() * 2 == math.prod(state.shape))
         cache[packed.device.type] = known
     return known
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
