@@ -187,10 +187,7 @@ def run_train(job: Job, record: dict) -> None:
     for _ in range(job.warmup + job.steps):
         impls.synchronize(job.device)
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, optimizer, ids)
         impls.synchronize(job.device)
         times.append(time.perf_counter() - started)
         losses.append(float(loss.detach().float()))
