@@ -241,7 +241,10 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
     path = Path(job.profile) / f"profile-{job.name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"{job.name}: {steps} steps in {wall:.3f} s wall" + (f", kernels busy {busy:.3f} s" if busy else "")
-    path.write_text(header + "\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    text = header + "\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=90)
+    if job.device == "cuda":  # where the host's time goes too: a step that waits on launches shows it here
+        text += "\nBy host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+    path.write_text(text)
     return {"profile_wall_s": wall, "profile_gpu_busy_s": busy}
 
 
