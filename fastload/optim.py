@@ -1,4 +1,5 @@
-"""The default optimizer: bitsandbytes 8-bit AdamW over exactly the trainable parameters."""
+"""The default optimizer: bitsandbytes 8-bit AdamW over exactly the trainable parameters (without its per-parameter
+device synchronization: adamw8bit.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ def trainable_parameters(model):
 
 def get_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                   betas: tuple[float, float] = DEFAULT_BETAS, eps: float = DEFAULT_EPS, **kwargs):
-    """bitsandbytes.optim.AdamW8bit over the trainable (LoRA) parameters; extra kwargs go to AdamW8bit."""
-    import bitsandbytes as bnb
+    """bitsandbytes' AdamW8bit over the trainable (LoRA) parameters; extra kwargs go to AdamW8bit."""
+    from .adamw8bit import AdamW8bitNoSync
 
     params = trainable_parameters(model)
     if not params:
         raise InvalidOption("Building the optimizer", found="the model has no trainable parameters",
                             fix="load with LoRA (the default) or call FastModel.get_peft_model(model) first")
-    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **kwargs)
+    return AdamW8bitNoSync(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **kwargs)

@@ -35,7 +35,7 @@ def main(checkpoint: str, backend: str, steps: int = 6) -> None:
                       "loss_after_generation": loss.item(),
                       "lora_grads_after_generation": bool(lora_grads) and all(g is not None for g in lora_grads),
                       "trainable_only_lora": all("lora_" in n for n, p in model.named_parameters() if p.requires_grad),
-                      "optimizer": type(opt).__name__}))
+                      "optimizer_classes": [c.__name__ for c in type(opt).__mro__]}))
 
 
 if __name__ == "__main__":
