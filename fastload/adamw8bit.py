@@ -13,6 +13,8 @@ is bitsandbytes', bit for bit; `state_dict()` keeps one entry per parameter.
 Everything else keeps bitsandbytes' per-parameter step: paged optimizers, calls made on another CUDA stream (the
 kernels launch on the default stream, ordered only by the synchronization), parameters that are small, fp16/bf16,
 non-contiguous, of other sizes or with per-parameter overrides, and steps where some gradients are missing.
+As with torch's optimizers, the updates may still be running when `step()` returns: work on the default stream sees
+them in order; code that reads the parameters from another stream waits for it first (`wait_stream`).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ class _Pack:
     """Parameters of one group and device updated as one flat vector; their state entries are views of these."""
 
     members: list
-    first_index: int  # the first member's index in its group (bitsandbytes' get_config asks for one)
+    indices: list  # the members' indices in their group (bitsandbytes' get_config and overrides use them)
     sizes: list
     state1: torch.Tensor
     state2: torch.Tensor
     absmax1: torch.Tensor
     absmax2: torch.Tensor
     views: list  # each member's state["state1"]: replaced (load_state_dict, a user) means the pack is stale
+    stale: bool = False  # members' step counts went apart (a missing gradient): regroup them
 
 
 class AdamW8bitNoSync(AdamW8bit):
@@ -80,29 +83,33 @@ class AdamW8bitNoSync(AdamW8bit):
     def _packs(self, gindex: int, group: dict) -> list:
         cache = self.__dict__.setdefault("_fastload_packs", {})
         params = group["params"]
-        key = tuple(map(id, params))
+        key = (tuple(map(id, params)), sum(1 for p in params if self.state[p]))  # params, and how many have state
         packs = cache.get(gindex)
         if packs is None or packs[0] != key or not all(self._intact(pack) for pack in packs[1]):
             packs = cache[gindex] = (key, self._build_packs(gindex, group))
         return packs[1]
 
     def _intact(self, pack: _Pack) -> bool:
-        return all(self.state[p].get("state1") is view for p, view in zip(pack.members, pack.views))
+        return not pack.stale and all(self.state[p].get("state1") is view for p, view in zip(pack.members, pack.views))
+
+    def _overridden(self, gindex: int, pindex: int, p) -> bool:
+        """bitsandbytes reads per-parameter overrides (GlobalOptimManager.override_config) at every step."""
+        return (gindex, pindex) in self.mng.index2config or id(p) in self.mng.pid2config
 
     def _packable(self, gindex: int, pindex: int, p) -> bool:
         state = self.state[p]
         return (bool(state) and state["state1"].dtype == torch.uint8 and p.dtype == torch.float32
                 and p.is_contiguous() and p.numel() % BLOCK == 0 and "unorm_vec" not in state
-                and (gindex, pindex) not in self.mng.index2config and id(p) not in self.mng.pid2config)
+                and not self._overridden(gindex, pindex, p))
 
     @torch.no_grad()
     def _build_packs(self, gindex: int, group: dict) -> list:
-        by_device: dict = {}
+        together: dict = {}  # members of a pack share a device and a step count
         for pindex, p in enumerate(group["params"]):
             if self._packable(gindex, pindex, p):
-                by_device.setdefault(p.device, []).append((pindex, p))
+                together.setdefault((p.device, self.state[p]["step"]), []).append((pindex, p))
         packs = []
-        for indexed in (chunk for on_device in by_device.values() for chunk in _chunks(on_device)):
+        for indexed in (chunk for alike in together.values() for chunk in _chunks(alike)):
             if len(indexed) < 2:
                 continue
             members = [p for _, p in indexed]
@@ -117,8 +124,8 @@ class AdamW8bitNoSync(AdamW8bit):
                 for name in ("absmax1", "absmax2"):
                     state[name] = flat[name][block:block + n // BLOCK]
                 offset, block = offset + n, block + n // BLOCK
-            packs.append(_Pack(members, indexed[0][0], sizes, flat["state1"], flat["state2"], flat["absmax1"], flat["absmax2"],
-                               [s["state1"] for s in states]))
+            packs.append(_Pack(members, [i for i, _ in indexed], sizes, flat["state1"], flat["state2"],
+                               flat["absmax1"], flat["absmax2"], [s["state1"] for s in states]))
         return packs
 
     @torch.no_grad()
@@ -126,12 +133,19 @@ class AdamW8bitNoSync(AdamW8bit):
         """One bitsandbytes update over the pack; False (nothing done) where a member must go on its own."""
         grads = [p.grad for p in pack.members]
         steps = {self.state[p]["step"] for p in pack.members}
-        if len(steps) != 1 or any(g is None or g.dtype != torch.float32 or not g.is_contiguous() for g in grads):
+        if len(steps) != 1:
+            pack.stale = True  # regrouped by step count at the next step
             return False
+        if (any(g is None or g.dtype != torch.float32 or not g.is_contiguous() for g in grads)
+                or not all(p.is_contiguous() and p.dtype == torch.float32 and p.numel() == n
+                           and p.device == pack.state1.device for p, n in zip(pack.members, pack.sizes))
+                or ((self.mng.index2config or self.mng.pid2config)
+                    and any(self._overridden(gindex, i, p) for i, p in zip(pack.indices, pack.members)))):
+            return False  # each member goes through bitsandbytes' own update this step
         import bitsandbytes.functional as F
 
         first = pack.members[0]
-        config = self.get_config(gindex, pack.first_index, group)
+        config = self.get_config(gindex, pack.indices[0], group)
         step = steps.pop() + 1
         for p in pack.members:
             self.state[p]["step"] = step

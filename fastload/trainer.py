@@ -4,8 +4,9 @@ The model from FastModel.from_pretrained goes into either trainer unchanged. Wha
 (8-bit AdamW, LoRA learning rate, non-reentrant checkpointing, max_seq_length as SFT truncation, the device's
 precision) and a guard that keeps gradient checkpointing working whatever the trainer's own settings do.
 
-A Trainer built by hand works too; give it `optim="adamw_8bit"` in its TrainingArguments (or
-`optimizers=(FastModel.get_optimizer(model), None)`), else transformers picks its 32-bit fused AdamW.
+A Trainer built by hand works too; give it `optimizers=(FastModel.get_optimizer(model), None)` (fastload's
+AdamW8bit, with lean steps) or `optim="adamw_8bit"` in its TrainingArguments (transformers' bitsandbytes AdamW),
+else transformers picks its 32-bit fused AdamW.
 """
 
 from __future__ import annotations
@@ -114,6 +115,24 @@ def default_optim() -> str:
     return _name(field.default)
 
 
+def _fastload_optimizer_serves(model, args) -> bool:
+    """fastload's AdamW8bit (bitsandbytes' with lean steps) where the user left the optimizer to the defaults:
+    transformers' own, or "adamw_8bit" without optim_args. transformers' adamw_8bit is kept where it would differ:
+    a trained embedding (it gives embeddings 32-bit state), weight decay with trained biases or norms."""
+    import torch
+
+    name = _name(args.optim)
+    if name == default_optim():
+        return True
+    if name != TRAINER_OPTIM or getattr(args, "optim_args", None):
+        return False
+    trained = [n.lower() for n, p in model.named_parameters() if p.requires_grad]
+    if args.weight_decay and any("bias" in n or "norm" in n for n in trained):
+        return False  # transformers exempts biases and norms from weight decay with a second parameter group
+    return not any(isinstance(m, torch.nn.Embedding) and any(p.requires_grad for p in m.parameters(recurse=False))
+                   for m in model.modules())
+
+
 def _name(optim) -> str:
     return str(getattr(optim, "value", optim))
 
@@ -190,7 +209,8 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     train_dataset: tokenized examples (input_ids, labels...), packed rows (data.pack), raw records of a common
     shape (messages, ShareGPT, Alpaca, prompt/response; tokenized here, responses-only when responses_only=True),
     or for SFT any dataset TRL accepts. args: None for fastload's defaults (training_arguments). If args.optim is
-    still TrainingArguments' default, the optimizer is fastload's AdamW8bit; an optim the user set is kept.
+    TrainingArguments' default or "adamw_8bit", the optimizer is fastload's AdamW8bit (bitsandbytes', with lean
+    steps: fastload.adamw8bit); any other optim the user set is kept.
     """
     from .checkpointing import for_training, is_checkpointing
 
@@ -214,13 +234,13 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
     if "optimizers" not in trainer_kwargs and "optimizer_cls_and_kwargs" not in trainer_kwargs \
-            and _name(args.optim) == default_optim():
+            and _fastload_optimizer_serves(model, args):
         from .optim import get_optimizer
 
         trainer_kwargs["optimizers"] = (get_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                                       betas=(args.adam_beta1, args.adam_beta2),
                                                       eps=args.adam_epsilon), None)
-        logger.info("optimizer: bitsandbytes AdamW8bit (args.optim was left at transformers' default)")
+        logger.info("optimizer: fastload's bitsandbytes AdamW8bit (args.optim: %s)", _name(args.optim))
     callbacks = [*(trainer_kwargs.pop("callbacks", None) or []), checkpointing_guard(model)]
     kw = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
               processing_class=tokenizer, data_collator=data_collator, callbacks=callbacks, **trainer_kwargs)

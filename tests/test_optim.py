@@ -102,3 +102,78 @@ def test_large_models_pack_in_bounded_chunks(monkeypatch):
     after_ours, after_theirs = _steps(ours_opt, ours), _steps(theirs_opt, theirs)
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
     assert [len(p.members) for p in ours_opt._fastload_packs[0][1]] == [2, 2]
+
+
+def test_steps_after_a_missing_gradient_match_and_the_pack_comes_back():
+    """A member that missed a gradient has a lower step count (Adam's bias correction differs): it must not be
+    stepped with the others' count, and once counts are regrouped the LoRA matrices share launches again."""
+    ours, ours_opt, theirs, theirs_opt = _pair()
+    skip = {(1, 0)}
+    after_ours, after_theirs = _steps(ours_opt, ours, steps=5, skip=skip), _steps(theirs_opt, theirs, steps=5, skip=skip)
+    assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
+    assert [ours_opt.state[p]["step"] for p in ours[:4]] == [4, 5, 5, 5]
+    packs = ours_opt._fastload_packs[0][1]
+    assert [len(p.members) for p in packs] == [3]  # the three matrices in step; the fourth alone
+
+
+def test_loading_a_checkpoint_into_a_stepped_optimizer_resumes_from_the_checkpoint(tmp_path):
+    import bitsandbytes as bnb
+
+    ours, ours_opt, _, _ = _pair()
+    _steps(ours_opt, ours, steps=2)
+    saved_values = [p.detach().clone() for p in ours]
+    torch.save(ours_opt.state_dict(), tmp_path / "state.pt")
+    _steps(ours_opt, ours, steps=2, seed=3)  # training goes on, then is rolled back to the checkpoint
+    with torch.no_grad():
+        for p, v in zip(ours, saved_values):
+            p.copy_(v)
+    ours_opt.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    after = _steps(ours_opt, ours, steps=2, seed=7)
+
+    params = [torch.nn.Parameter(v.clone()) for v in saved_values]
+    reference = bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01, betas=(0.9, 0.99))
+    reference.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert all(torch.equal(a, b) for a, b in zip(after, _steps(reference, params, steps=2, seed=7)))
+
+
+def test_each_param_group_keeps_its_own_hyperparameters():
+    import bitsandbytes as bnb
+
+    from fastload.adamw8bit import AdamW8bitNoSync
+
+    def build(cls):
+        params = _params() + _params(seed=5)[:4]
+        opt = cls(params[:7], lr=1e-2, weight_decay=0.0, betas=(0.9, 0.99))
+        opt.add_param_group({"params": params[7:], "lr": 3e-2, "weight_decay": 0.1, "betas": (0.8, 0.9)})
+        return params, opt
+
+    (ours, ours_opt), (theirs, theirs_opt) = build(AdamW8bitNoSync), build(bnb.optim.AdamW8bit)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = None if p is ours[6] else torch.randn(p.shape, generator=g)
+            q.grad = None if p.grad is None else p.grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    assert [len(p.members) for p in ours_opt._fastload_packs[1][1]] == [4]
+
+
+def test_a_per_parameter_override_set_during_training_is_honoured():
+    """bitsandbytes reads GlobalOptimManager overrides at every step, for whichever member of a pack they name."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    manager = GlobalOptimManager.get_instance()
+    ours, ours_opt, theirs, theirs_opt = _pair()
+    try:
+        _steps(ours_opt, ours, steps=1)
+        _steps(theirs_opt, theirs, steps=1)
+        manager.override_config(ours[1], "lr", 0.0)
+        manager.override_config(theirs[1], "lr", 0.0)
+        frozen = ours[1].detach().clone()
+        after_ours, after_theirs = _steps(ours_opt, ours, steps=2, seed=4), _steps(theirs_opt, theirs, steps=2, seed=4)
+    finally:
+        for p in ours + theirs:
+            manager.pid2config.pop(id(p), None)
+    assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
+    assert torch.equal(after_ours[1], frozen) and not torch.equal(after_ours[0], _params()[0])

@@ -99,6 +99,10 @@ def test_default_optim_becomes_adamw8bit_but_a_chosen_one_is_kept(tiny, tmp_path
     plain = TrainingArguments(tmp_path / "a", report_to="none", max_steps=1)  # optim left at transformers' default
     trainer = FastModel.get_trainer(model, tok, RECORDS, args=plain)
     assert isinstance(trainer.optimizer, bnb.optim.AdamW8bit)
+    # fastload's own defaults (optim="adamw_8bit") get the same lean AdamW8bit, not transformers' stock one
+    trainer = FastModel.get_trainer(model, tok, RECORDS, args=FastModel.training_arguments(tmp_path / "c", max_steps=1))
+    assert type(trainer.optimizer).__name__ == "AdamW8bitNoSync"
+    assert trainer.optimizer.param_groups[0]["lr"] == trainer.args.learning_rate
     chosen = TrainingArguments(tmp_path / "b", report_to="none", max_steps=1, optim="adamw_torch")
     trainer = FastModel.get_trainer(model, tok, RECORDS, args=chosen)
     trainer.create_optimizer()
@@ -210,6 +214,14 @@ def test_sft_trainer_takes_records_responses_only(tiny, tmp_path):
     trainer.train()
     assert eight_bit_state(trainer.optimizer)
     assert dataset_loss(model, tok, RECORDS) < before - 0.1
+
+
+def test_trained_embeddings_keep_transformers_adamw8bit_with_its_32bit_embedding_state(tiny_llama, tmp_path):
+    model, tok = FastModel.from_pretrained(tiny_llama, max_seq_length=48)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    trainer = FastModel.get_trainer(model, tok, RECORDS, args=FastModel.training_arguments(tmp_path, max_steps=1))
+    trainer.create_optimizer()
+    assert type(trainer.optimizer).__module__.startswith("bitsandbytes")  # transformers' 8-bit AdamW, not fastload's
 
 
 def test_sft_default_max_length_becomes_max_seq_length(tiny, tmp_path):
