@@ -89,15 +89,16 @@ def main(argv=None) -> None:
         gradient_accumulation_steps=1, learning_rate=args.learning_rate, warmup_steps=0,
         lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", disable_tqdm=True)
     # Raw records go in as they are: get_trainer chat-templates them and scores only the assistant's tokens,
-    # with bitsandbytes' 8-bit AdamW as the optimizer.
+    # with bitsandbytes' 8-bit AdamW as the optimizer (stepped by fastload: fastload/adamw8bit.py).
     trainer = FastModel.get_trainer(model, tokenizer, train, args=training_args)
     trained = time.perf_counter()
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate may wrap it
     bits = getattr(getattr(optimizer, "args", None), "optim_bits", None)  # bitsandbytes keeps it there
+    kind = next((c for c in type(optimizer).__mro__ if c.__module__.startswith("bitsandbytes")), type(optimizer))
+    notes = ([f"{bits}-bit state"] if bits else []) + (["fastload's lean step"] if kind is not type(optimizer) else [])
     print(f"training: {args.steps} steps in {time.perf_counter() - trained:.0f} s, optimizer "
-          f"{type(optimizer).__module__.split('.')[0]}.{type(optimizer).__name__}"
-          + (f" ({bits}-bit state)" if bits else ""))
+          f"{kind.__module__.split('.')[0]}.{kind.__name__}" + (f" ({', '.join(notes)})" if notes else ""))
 
     after = answer_loss(model, tokenizer, heldout, args.max_seq_length)
     print(f"held-out loss after: {after:.3f}")

@@ -63,7 +63,7 @@ def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, exam
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "before training:" in out and "after training:" in out
-    assert re.search(r"optimizer bitsandbytes\.\w+ \(8-bit state\)", out), out
+    assert re.search(r"optimizer bitsandbytes\.AdamW8bit \(8-bit state, fastload's lean step\)", out), out
 
 
 def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):
