@@ -12,7 +12,11 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastload, installed or not
 
 
 def main() -> None:

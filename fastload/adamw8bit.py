@@ -1,18 +1,20 @@
 """bitsandbytes' AdamW8bit with the host work of a step made small: no device synchronization per parameter, and
-one update launch for all the LoRA matrices instead of one each.
+one update launch per pack of LoRA matrices (up to 16M values: one on Llama-3 1B, three on 8B) instead of one each.
 
 bitsandbytes' `step()` waits for the device after each parameter's update (its paged optimizers need that order for
 their prefetches), and each update costs ~100 us of Python and launch on the host. A LoRA model has hundreds of small
-parameters (224 for Llama-3 1B at 7 projections, 448 for 8B): profiled on an H100, a 1B step spent ~28 ms of its
-~210 ms in the optimizer, the GPU idle. bitsandbytes keeps 8-bit state in blocks of 256 values, so parameters whose
-sizes are multiples of 256 (every LoRA matrix of a usual shape) can live side by side in one flat state without a
-block straddling two of them: here their gradients and values are gathered into flat buffers and updated by one
-launch of bitsandbytes' own kernel over flat state that each parameter's state entries are views of. The arithmetic
-is bitsandbytes', bit for bit; `state_dict()` keeps one entry per parameter.
+parameters (224 for Llama-3 1B at 7 projections, 448 for 8B): on an H100, even without the synchronizations, a 1B
+step spent ~28 ms (cProfile) in the optimizer's per-parameter work. bitsandbytes keeps 8-bit state in blocks of 256
+values, so parameters whose sizes are multiples of 256 (every LoRA matrix of a usual shape) can live side by side in
+one flat state without a block straddling two of them: here their gradients and values are gathered into flat
+buffers and updated by one launch of bitsandbytes' own kernel over flat state that each parameter's state entries
+are views of. The arithmetic is bitsandbytes', bit for bit; `state_dict()` keeps one entry per parameter.
 
-Everything else keeps bitsandbytes' per-parameter step: paged optimizers, calls made on another CUDA stream (the
-kernels launch on the default stream, ordered only by the synchronization), parameters that are small, fp16/bf16,
-non-contiguous, of other sizes or with per-parameter overrides, and steps where some gradients are missing.
+Paged optimizers and calls made on another CUDA stream (the kernels launch on the default stream, ordered only by
+the synchronization) get bitsandbytes' own step, synchronization included. Parameters that are small, fp16/bf16,
+non-contiguous, of other sizes or with per-parameter overrides, and pack members without a gradient this step, are
+updated one by one by bitsandbytes' update (without the synchronization); members whose step counts went apart are
+regrouped by step count.
 As with torch's optimizers, the updates may still be running when `step()` returns: work on the default stream sees
 them in order; code that reads the parameters from another stream waits for it first (`wait_stream`).
 """

@@ -122,7 +122,8 @@ class FastModel:
     @staticmethod
     def get_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                       **kwargs: Any):
-        """bitsandbytes AdamW8bit over exactly the trainable parameters."""
+        """bitsandbytes AdamW8bit over exactly the trainable parameters, with fastload's lean step (one update
+        launch per pack of LoRA matrices, no device synchronization per parameter: fastload.adamw8bit)."""
         from .optim import get_optimizer
 
         return get_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
@@ -170,9 +171,11 @@ class FastModel:
 
     @staticmethod
     def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, **kwargs: Any):
-        """transformers' Trainer (TRL's SFTTrainer with sft=True) for the loaded model, AdamW8bit unless args.optim
-        was chosen. A Trainer built by hand should pass optim="adamw_8bit" (or optimizers=(FastModel.get_optimizer(
-        model), None)). Raw records (messages, ShareGPT, Alpaca, prompt/response) are tokenized responses-only."""
+        """transformers' Trainer (TRL's SFTTrainer with sft=True) for the loaded model, with fastload's AdamW8bit
+        where args.optim is left at transformers' default or "adamw_8bit" (see fastload.trainer.get_trainer). A
+        Trainer built by hand should pass optimizers=(FastModel.get_optimizer(model), None) (or optim="adamw_8bit":
+        transformers' bitsandbytes AdamW, slower steps). Raw records (messages, ShareGPT, Alpaca, prompt/response)
+        are tokenized responses-only."""
         from .trainer import get_trainer
 
         return get_trainer(model, tokenizer, train_dataset, args=args, sft=sft, **kwargs)

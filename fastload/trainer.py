@@ -210,7 +210,8 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     shape (messages, ShareGPT, Alpaca, prompt/response; tokenized here, responses-only when responses_only=True),
     or for SFT any dataset TRL accepts. args: None for fastload's defaults (training_arguments). If args.optim is
     TrainingArguments' default or "adamw_8bit", the optimizer is fastload's AdamW8bit (bitsandbytes', with lean
-    steps: fastload.adamw8bit); any other optim the user set is kept.
+    steps: fastload.adamw8bit), unless optim_args are set, an embedding is trained or weight decay meets trained
+    biases/norms (then transformers' adamw_8bit); any other optim the user set is kept.
     """
     from .checkpointing import for_training, is_checkpointing
 

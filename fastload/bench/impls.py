@@ -1,7 +1,8 @@
 """The implementations compared: each goes from a checkpoint folder to (model, optimizer) ready for a training step.
 
 All of them get the same LoRA (r=16, alpha=16, dropout 0, the seven Llama projections), gradient checkpointing and
-bitsandbytes AdamW8bit at lr 2e-4, so a difference in the numbers is a difference in how they load and train.
+bitsandbytes AdamW8bit at lr 2e-4 (stepped as each library's user gets it: fastload's get_optimizer for fastload),
+so a difference in the numbers is a difference in how they load and train.
 """
 
 from __future__ import annotations
