@@ -108,8 +108,13 @@ def cmd_quantize(args) -> int:
 
         out = Path(args.out).expanduser().absolute()
         with atomic_directory(out) as tmp:  # nothing half-written at --out, even on Ctrl-C
-            if plan.prequantized:  # already a 4-bit checkpoint (store, local or hub cache): copy it as it is
-                copy_checkpoint(local_files_of(plan, LoadOptions()), tmp)
+            if plan.prequantized:  # already a 4-bit checkpoint (store, local, hub cache or download): copy it as is
+                files = local_files_of(plan, LoadOptions())
+                if files is None:
+                    raise StoreError(f"Copying {args.source} to {out}", found=f"the files of {plan.location} are not "
+                                     "on this machine after loading it", fix="download it into the Hugging Face "
+                                     "cache (huggingface-cli download) and run the command again")
+                copy_checkpoint(files, tmp)
             else:
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))

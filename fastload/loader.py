@@ -329,7 +329,7 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     """The folder a plan's files are read from, when they are on this machine already (a directory or the HF cache)."""
     if Path(plan.location).is_dir():
         return Path(plan.location)
-    if plan.source == P.HUB_CACHE:
+    if plan.source in (P.HUB_CACHE, P.HUB_DOWNLOAD):  # a download is in the HF cache once loaded
         from .sources import cached_snapshot, hub_cache_dir
 
         return cached_snapshot(plan.location, plan.revision, hub_cache_dir(opts.cache_dir))

@@ -168,18 +168,17 @@ def _stored_or(req: Request, key: str | None, source: str, otherwise: Callable[[
 def from_store(req: Request) -> LoadPlan | None:
     if not req.store or not req.quant.quantized or (req.match and req.match.quantized):
         return None
-    key = entry_key(req.original, hub_commit(req.original, req) or req.revision, req.quant)
+    key = store_key_of(req.original, req.revision, req.quant, req.cache_dir)
     plan = _stored_or(req, key, req.original, lambda: None)  # type: ignore[arg-type,return-value]
     return plan
 
 
-def hub_commit(repo: str, req: Request) -> str | None:
-    """The commit of the repo's snapshot in the HF cache: a stored quantization is of that exact commit, so a
-    newer snapshot (the repo was updated and downloaded again) is quantized anew instead of served stale."""
-    if not REPO_ID.match(repo):
-        return None
-    snap = cached_snapshot(repo, req.revision, req.cache_dir)
-    return snap.name if snap is not None else None
+def store_key_of(source: str, revision: str | None, quant: QuantSettings, cache_dir: str) -> str:
+    """The store key of a 16-bit source: for a hub repo in the HF cache, of its snapshot's commit, so a newer
+    snapshot (the repo was updated and downloaded again) is quantized anew instead of served stale. The one place
+    the key is made: looking up, and storing after a load (a download's commit is known only then)."""
+    snap = cached_snapshot(source, revision, cache_dir) if REPO_ID.match(source) else None
+    return entry_key(source, snap.name if snap is not None else revision, quant)
 
 
 def prequantized_compatible(quant: QuantSettings, quant_type: str) -> str | None:
@@ -235,8 +234,8 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
                              "can be downloaded")
             return None
         return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
-                        config=info.config, original=repo, fingerprint=snap.name, store_key=req.store and entry_key(
-                            req.original, hub_commit(req.original, req) or req.revision, req.quant),
+                        config=info.config, original=repo, fingerprint=snap.name, store_key=req.store and store_key_of(
+                            req.original, req.revision, req.quant, req.cache_dir),
                         reason=f"no pre-quantized checkpoint available; {repo} (16-bit) is in the Hugging Face cache")
     return None
 

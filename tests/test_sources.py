@@ -197,3 +197,33 @@ def test_an_adapter_trained_on_a_hub_named_model_reloads_through_the_same_resolu
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, before, atol=1e-5)
 
+
+
+def test_a_model_quantized_after_its_download_is_found_in_the_store_next_time(tiny_llama, isolated_env, monkeypatch):
+    """A download's commit is known only once it is in the HF cache: the entry must be stored under the key the
+    next load looks up (the snapshot's commit), or every later load quantizes again."""
+    from fastload.backends.native import NativeBackend
+    from fastload.loader import LoadOptions
+
+    repo = "someone/tiny-llama-16bit"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    plan = fastload.resolve(repo)
+    assert plan.source == "hub-download" and not plan.prequantized and plan.store_key
+    put_in_hf_cache(hf_home(), repo, tiny_llama)  # what the download leaves behind
+    model, tokenizer = FastModel.from_pretrained(tiny_llama, lora=None, store=False)  # (the tests forbid the network)
+    NativeBackend()._store(plan, LoadOptions(), model, tokenizer, Store(isolated_env))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = fastload.resolve(repo)
+    assert again.source == "store" and again.prequantized
+
+
+def test_a_downloaded_checkpoint_is_found_on_disk_after_its_download(tiny_nf4, monkeypatch):
+    """`fastload quantize NAME --out DIR` copies a pre-quantized download from where the download put it."""
+    from fastload.loader import LoadOptions, local_files_of
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    plan = fastload.resolve(ORIGINAL)
+    assert plan.source == "hub-download" and plan.location == PREQUANTIZED
+    assert local_files_of(plan, LoadOptions()) is None  # not downloaded yet
+    snapshot = put_in_hf_cache(hf_home(), PREQUANTIZED, tiny_nf4)
+    assert local_files_of(plan, LoadOptions()) == snapshot

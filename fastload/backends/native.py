@@ -26,7 +26,7 @@ class NativeBackend:
                     model, tokenizer = self._load(plan, opts, store)
                 else:
                     model, tokenizer = self._load(plan, opts, store)
-                    self._store(plan, model, tokenizer, store)
+                    self._store(plan, opts, model, tokenizer, store)
         else:
             model, tokenizer = self._load(plan, opts, store)
         if plan.adapter:
@@ -76,8 +76,13 @@ class NativeBackend:
             return None
         return load_tokenizer(replace(plan, source=P.LOCAL, location=plan.adapter), opts)
 
-    def _store(self, plan, model, tokenizer, store):
+    def _store(self, plan, opts, model, tokenizer, store):
         started = time.perf_counter()
+        key = plan.store_key
+        if plan.source == P.HUB_DOWNLOAD:  # downloaded just now: keyed by the commit, as the next load looks it up
+            from ..sources import hub_cache_dir, store_key_of
+
+            key = store_key_of(plan.original, plan.revision, plan.quant, hub_cache_dir(opts.cache_dir))
 
         def save(directory):
             model.save_pretrained(directory, safe_serialization=True)
@@ -85,6 +90,6 @@ class NativeBackend:
 
         source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location,
                   "fingerprint": plan.fingerprint}
-        entry = store.write(plan.store_key, source, plan.quant, save)
+        entry = store.write(key, source, plan.quant, save)
         logger.info("stored the quantized model in %s (%.0f MB, %.1f s): the next load skips quantization",
                     entry.path, entry.size_bytes / 1e6, time.perf_counter() - started)
