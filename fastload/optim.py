@@ -25,4 +25,10 @@ def get_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_W
     if not params:
         raise InvalidOption("Building the optimizer", found="the model has no trainable parameters",
                             fix="load with LoRA (the default) or call FastModel.get_peft_model(model) first")
-    return AdamW8bitNoSync(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **kwargs)
+    try:
+        return AdamW8bitNoSync(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **kwargs)
+    except (TypeError, ValueError) as e:  # bitsandbytes' own checks: a negative lr, betas outside [0, 1), a typo
+        options = ", ".join(f"{k}={v!r}" for k, v in dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                                            **kwargs).items())
+        raise InvalidOption(f"Building the optimizer with {options}", found=f"bitsandbytes refused it: {e}",
+                            fix="lr and eps >= 0, betas in [0, 1), and only AdamW8bit's keyword arguments") from e

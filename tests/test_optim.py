@@ -91,6 +91,11 @@ def test_get_optimizer_gives_the_lean_adamw8bit_with_8bit_state(tiny_llama):
     opt = FastModel.get_optimizer(model)
     assert isinstance(opt, bnb.optim.AdamW8bit) and type(opt).__name__ == "AdamW8bitNoSync"
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
+    ids = torch.randint(0, 300, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    states = [opt.state[p] for p in opt.state if p.numel() >= 4096]  # bitsandbytes' 8-bit threshold
+    assert states and all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in states)
 
 
 def test_large_models_pack_in_bounded_chunks(monkeypatch):
@@ -177,3 +182,14 @@ def test_a_per_parameter_override_set_during_training_is_honoured():
             manager.pid2config.pop(id(p), None)
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
     assert torch.equal(after_ours[1], frozen) and not torch.equal(after_ours[0], _params()[0])
+
+
+@pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(betas=(0.9, 1.5)), dict(momentum=0.9)])
+def test_bad_optimizer_settings_are_fastload_errors_naming_them(tiny_llama, bad):
+    from fastload.errors import InvalidOption
+
+    model, _ = FastModel.from_pretrained(tiny_llama, max_seq_length=32)
+    with pytest.raises(InvalidOption) as err:
+        FastModel.get_optimizer(model, **bad)
+    name = next(iter(bad))
+    assert f"{name}=" in str(err.value) and "what to do" in str(err.value)
