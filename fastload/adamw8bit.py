@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import bitsandbytes.functional as F
 import torch
 from bitsandbytes.optim import AdamW8bit
 
@@ -42,7 +43,6 @@ class _Pack:
     absmax1: torch.Tensor
     absmax2: torch.Tensor
     views: list  # each member's state["state1"]: replaced (load_state_dict, a user) means the pack is stale
-    stale: bool = False  # members' step counts went apart (a missing gradient): regroup them
 
 
 class AdamW8bitNoSync(AdamW8bit):
@@ -92,7 +92,10 @@ class AdamW8bitNoSync(AdamW8bit):
         return packs[1]
 
     def _intact(self, pack: _Pack) -> bool:
-        return not pack.stale and all(self.state[p].get("state1") is view for p, view in zip(pack.members, pack.views))
+        """The members' state is still the pack's, and their step counts agree (a missed gradient sets one apart:
+        the pack is then regrouped by step count)."""
+        return (len({self.state[p]["step"] for p in pack.members}) == 1
+                and all(self.state[p].get("state1") is view for p, view in zip(pack.members, pack.views)))
 
     def _overridden(self, gindex: int, pindex: int, p) -> bool:
         """bitsandbytes reads per-parameter overrides (GlobalOptimManager.override_config) at every step."""
@@ -134,21 +137,15 @@ class AdamW8bitNoSync(AdamW8bit):
     def _update_pack(self, gindex: int, group: dict, pack: _Pack) -> bool:
         """One bitsandbytes update over the pack; False (nothing done) where a member must go on its own."""
         grads = [p.grad for p in pack.members]
-        steps = {self.state[p]["step"] for p in pack.members}
-        if len(steps) != 1:
-            pack.stale = True  # regrouped by step count at the next step
-            return False
         if (any(g is None or g.dtype != torch.float32 or not g.is_contiguous() for g in grads)
                 or not all(p.is_contiguous() and p.dtype == torch.float32 and p.numel() == n
                            and p.device == pack.state1.device for p, n in zip(pack.members, pack.sizes))
                 or ((self.mng.index2config or self.mng.pid2config)
                     and any(self._overridden(gindex, i, p) for i, p in zip(pack.indices, pack.members)))):
             return False  # each member goes through bitsandbytes' own update this step
-        import bitsandbytes.functional as F
-
         first = pack.members[0]
         config = self.get_config(gindex, pack.indices[0], group)
-        step = steps.pop() + 1
+        step = self.state[first]["step"] + 1  # the same for every member (_intact)
         for p in pack.members:
             self.state[p]["step"] = step
         values = torch.cat([p.reshape(-1) for p in pack.members])
