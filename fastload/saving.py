@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from ._log import logger
 from .errors import AdapterError, FastloadError, InvalidOption, SaveError
+from .store import pid_alive
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -85,16 +86,6 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
 
 # -- atomic output folders ----------------------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: alive
-        return True
-    return True
-
-
 def clean_leftovers(directory: Path) -> list[Path]:
     """What a save killed mid-way (SIGKILL, power loss) left beside `directory`: its temporary folder, removed; a
     previous save it had moved aside but not yet replaced, put back. Folders of live processes are left alone."""
@@ -102,7 +93,7 @@ def clean_leftovers(directory: Path) -> list[Path]:
     for leftover in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*-*")):
         kind, _, tag = leftover.name[len(directory.name) + 2:].partition("-")
         pid = tag.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if kind == "old" and not directory.exists():
             os.rename(leftover, directory)

@@ -231,7 +231,7 @@ class Store:
         for tmp in self.tmp_dir.iterdir():
             parts = tmp.name.split(".")
             pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            alive = pid is not None and _pid_alive(pid)
+            alive = pid is not None and pid_alive(pid)
             try:
                 old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
             except OSError:  # another process cleaned it up first
@@ -250,7 +250,8 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (another user's counts): its temporary files are still being written."""
     if pid == os.getpid():
         return True
     try:
