@@ -112,18 +112,24 @@ def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") 
     other files.
     """
     directory = Path(directory).expanduser().absolute()
-    if directory.parent.is_dir():
-        clean_leftovers(directory)
+    try:
+        if directory.parent.is_dir():
+            clean_leftovers(directory)
+    except OSError as e:
+        raise _save_error(directory, e) from e
     if directory.exists():
         if not directory.is_dir():
             raise InvalidOption(f"Saving to {directory}", found="a file with that name", fix="choose another path")
         if any(directory.iterdir()) and not (directory / marker).exists():
             raise InvalidOption(f"Saving to {directory}", found=f"a non-empty folder without {marker}: not a "
                                 "previous save, so it is not replaced", fix="choose a new or empty folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = directory.parent / f".{directory.name}.tmp-{tag}"
-    tmp.mkdir()
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise _save_error(directory, e) from e
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -140,11 +146,15 @@ def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") 
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, FastloadError):
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise SaveError(f"Saving to {directory}", found="the disk is full" if full else f"{type(e).__name__}: {e}",
-                            fix="free space or save elsewhere; the previous save (if any) is unchanged"
-                                if full else "check the folder's permissions, or save elsewhere") from e
+            raise _save_error(directory, e) from e
         raise
+
+
+def _save_error(directory: Path, e: OSError) -> SaveError:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return SaveError(f"Saving to {directory}", found="the disk is full" if full else f"{type(e).__name__}: {e}",
+                     fix="free space or save elsewhere; the previous save (if any) is unchanged"
+                         if full else "check the folder's permissions, or save elsewhere")
 
 
 # -- the LoRA deltas ----------------------------------------------------------------------------------------------

@@ -332,3 +332,15 @@ def test_bad_merge_options_are_explained(trained, saves):
         FastModel.save_merged(trained.model, saves / "m", max_shard_size="lots")
     assert_explained(e.value, "lots", "5GB")
     assert list(saves.iterdir()) == []
+
+
+def test_saving_under_a_file_is_a_save_error_and_writes_nothing(trained, saves):
+    """A path whose parent is a file cannot hold a folder: fastload's SaveError says where and what to do."""
+    from fastload.errors import SaveError
+
+    blocker = saves / "notes.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(SaveError, match="Saving to .*notes.txt/adapter") as err:
+        FastModel.save_adapter(trained.model, blocker / "adapter")
+    assert "what to do" in str(err.value)
+    assert sorted(p.name for p in saves.iterdir()) == ["notes.txt"]
