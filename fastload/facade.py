@@ -21,10 +21,15 @@ def lora_differences(current: dict, asked: LoraSettings) -> list[str]:
     wanted = {"r": asked.r, "lora_alpha": asked.lora_alpha, "lora_dropout": asked.lora_dropout, "bias": asked.bias,
               **asked.extra}
     found = [f"{k}: has {current.get(k)!r}, asked {v!r}" for k, v in wanted.items() if current.get(k) != v]
-    if asked.target_modules is not None and set(current.get("target_modules") or []) != set(asked.target_modules):
-        found.append(f"target_modules: has {sorted(current.get('target_modules') or [])}, asked "
-                     f"{sorted(asked.target_modules)}")
+    has, asked_targets = _targets(current.get("target_modules")), _targets(asked.target_modules)
+    if asked.target_modules is not None and has != asked_targets:
+        found.append(f"target_modules: has {has!r}, asked {asked_targets!r}")
     return found
+
+
+def _targets(value):
+    """peft's target_modules: a regex string, kept as is, or names in any order."""
+    return value if isinstance(value, str) else sorted(set(value or []))
 
 
 def quant_flags(load_in_4bit: bool | None, load_in_8bit: bool) -> dict:

@@ -155,6 +155,18 @@ def test_lora_options_and_get_peft_model(tiny_llama):
         assert word in err.value.found
 
 
+def test_adapters_targeted_by_a_regex_are_compared_as_the_regex():
+    """An adapter saved elsewhere may name its targets by a regex string: comparing its letters as a set would call
+    another regex 'the same settings' and silently keep the old adapters."""
+    from fastload.facade import lora_differences
+    from fastload.settings import LoraSettings
+
+    current = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "target_modules": "q_proj|v_proj"}
+    assert lora_differences(current, LoraSettings(target_modules="q_proj|v_proj")) == []
+    assert lora_differences(current, LoraSettings(target_modules="v_proj|q_proj"))
+    assert lora_differences(current, LoraSettings(target_modules=["q_proj", "v_proj"]))
+
+
 def test_checkpointing_off_and_inference_switch(tiny_llama):
     model, tok = FastModel.from_pretrained(tiny_llama, gradient_checkpointing=False)
     assert not model.get_base_model().is_gradient_checkpointing
