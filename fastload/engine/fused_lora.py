@@ -15,11 +15,11 @@ called next with that same input tensor.
 
 from __future__ import annotations
 
+import functools
 import types
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
 # (cross-attention, whose k/v read another input, and members of unequal input width are never grouped)
-_FUNCTION = None
 
 
 def _full_weight(base, dtype):
@@ -36,10 +36,8 @@ def _full_weight(base, dtype):
     return F.dequantize_4bit(weight.data, state).to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _group_function():
-    global _FUNCTION
-    if _FUNCTION is not None:
-        return _FUNCTION
     import torch
 
     class LoraGroup(torch.autograd.Function):
@@ -93,8 +91,7 @@ def _group_function():
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
             return grad_x, None, None, *grads
 
-    _FUNCTION = LoraGroup
-    return _FUNCTION
+    return LoraGroup
 
 
 def _fusable(module) -> bool:

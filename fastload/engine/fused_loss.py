@@ -7,6 +7,7 @@ Here each chunk's logits are made, turned into its loss and its gradient w.r.t. 
 
 from __future__ import annotations
 
+import functools
 import types
 
 IGNORE_INDEX = -100
@@ -30,6 +31,7 @@ def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> in
     return min(4096, max(128, 1 << (fits.bit_length() - 1)))
 
 
+@functools.lru_cache(maxsize=None)
 def _ce_function():
     import torch
 
@@ -96,9 +98,6 @@ def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
     return losses.sum()
 
 
-_FUNCTION = None
-
-
 def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int | None = None):
     """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen.
 
@@ -108,11 +107,8 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
     use_kernel = (triton_available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
     chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
-    global _FUNCTION
-    if _FUNCTION is None:
-        _FUNCTION = _ce_function()
     divisor = num_items if num_items is not None else int((labels != IGNORE_INDEX).sum().item())
-    return _FUNCTION.apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel)
+    return _ce_function().apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel)
 
 
 def supports_fused_loss(model) -> bool:

@@ -65,7 +65,4 @@ def _rope(model) -> bool:
 
     from .rotary import install_rotary_attention
 
-    def rotate(query, key, cos, sin):
-        return LigerRopeFunction.apply(query, key, cos, sin)
-
-    return install_rotary_attention(model, rotate) > 0
+    return install_rotary_attention(model, LigerRopeFunction.apply) > 0

@@ -42,7 +42,7 @@ def rotary_attention_forward(original, rotate):
         cos, sin = position_embeddings
         query, key = rotate(query, key, cos, sin)
         output, weights = _interface(self)(self, query, key, value, attention_mask,
-                                           dropout=self.attention_dropout if self.training else 0.0,
+                                           dropout=self.attention_dropout,  # (training only: see above)
                                            scaling=self.scaling, **kwargs)
         output = output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(output), weights
