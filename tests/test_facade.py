@@ -255,7 +255,7 @@ def test_too_little_memory_is_refused_before_reading_weights_with_what_would_fit
     monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "3000000")
     with pytest.raises(NotEnoughMemory) as err:
         FastModel.from_pretrained(tiny_llama, load_in_4bit=False, dtype=torch.float32, store=False)
-    assert "5.51" in err.value.found or "0.01 GiB" in err.value.found
+    assert "0.01 GiB" in err.value.found
     assert "load_in_4bit=True needs" in err.value.fix and "which fits" in err.value.fix
     monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "1000000")
     with pytest.raises(NotEnoughMemory) as err:
@@ -268,8 +268,7 @@ def test_weights_that_fit_but_training_may_not_load_with_a_warning_naming_a_shor
                                                                                               caplog):
     monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", "4000000")  # 1.4 MB of weights fit; training at 512 may not
     with caplog.at_level("WARNING", logger="fastload"):
-        model, _ = FastModel.from_pretrained(tiny_llama, dtype=torch.float32, store=False)
-    assert model is not None
+        FastModel.from_pretrained(tiny_llama, dtype=torch.float32, store=False)
     assert "LoRA training at max_seq_length=512 may need" in caplog.text
     assert "try max_seq_length=128" in caplog.text
     caplog.clear()

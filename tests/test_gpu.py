@@ -38,6 +38,13 @@ def test_native_trains_in_bf16_on_gpu(gpu_llama):
     assert q.weight.device.type == "cuda" and q.compute_dtype == torch.bfloat16
     result = run_worker(gpu_llama, "native")
     assert result["losses"][-1] < result["losses"][0] and "AdamW8bit" in result["optimizer_classes"]
+    assert_generates_then_trains_on(result)
+
+
+def assert_generates_then_trains_on(result: dict) -> None:
+    """The worker's for_inference / generate / for_training round trip, after which training goes on."""
+    assert result["generated_new_tokens"] == 8 and result["training_again"], result
+    assert result["lora_grads_after_generation"] and result["loss_after_generation"] < result["losses"][0], result
 
 
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed (pip install fastload[unsloth])")
@@ -48,9 +55,7 @@ def test_unsloth_and_native_start_from_the_same_loss_and_both_learn(gpu_llama):
     # LoRA B starts at zero, so step one is the base model's loss: equal up to bf16 kernel differences (~1e-2)
     assert abs(native["losses"][0] - unsloth["losses"][0]) / native["losses"][0] < 2e-2, (native, unsloth)
     assert native["losses"][-1] < native["losses"][0] and unsloth["losses"][-1] < unsloth["losses"][0]
-    for result in (native, unsloth):  # for_inference / generate / for_training, then training goes on
-        assert result["generated_new_tokens"] == 8 and result["training_again"], result
-        assert result["lora_grads_after_generation"] and result["loss_after_generation"] < result["losses"][0], result
+    assert_generates_then_trains_on(unsloth)
     print("native", native["losses"], "\nunsloth", unsloth["losses"])
 
 

@@ -7,7 +7,6 @@ Llama-shaped checkpoint made in-process, in bfloat16 on the GPU, so tolerances a
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from test_trainer import RECORDS, dataset_loss, eight_bit_state
 from tiny import make_checkpoint
 
 pytestmark = pytest.mark.gpu
-needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed (fastload[trl])")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +46,7 @@ def short_args(tmp_path, model, sft=False, **kw):
     return FastModel.training_arguments(tmp_path / "out", sft=sft, model=model, **options)
 
 
-@pytest.mark.parametrize("sft", [False, pytest.param(True, marks=needs_trl)], ids=["Trainer", "SFTTrainer"])
+@pytest.mark.parametrize("sft", [False, True], ids=["Trainer", "SFTTrainer"])
 def test_trainers_learn_on_the_gpu_in_bf16_with_8bit_adamw(llama, tmp_path, sft):
     model, tok = FastModel.from_pretrained(llama, max_seq_length=64)
     assert on_cuda_in_bf16(model)

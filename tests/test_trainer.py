@@ -222,6 +222,12 @@ def test_trained_embeddings_keep_transformers_adamw8bit_with_its_32bit_embedding
     trainer = FastModel.get_trainer(model, tok, RECORDS, args=FastModel.training_arguments(tmp_path, max_steps=1))
     trainer.create_optimizer()
     assert type(trainer.optimizer).__module__.startswith("bitsandbytes")  # transformers' 8-bit AdamW, not fastload's
+    from bitsandbytes.optim import GlobalOptimManager
+
+    assert trainer.optimizer.args.optim_bits == 8
+    embedding = model.get_input_embeddings()
+    assert any(m is embedding and config == {"optim_bits": 32}
+               for m, _, config in GlobalOptimManager.get_instance().module_weight_config_triple)
 
 
 def test_sft_default_max_length_becomes_max_seq_length(tiny, tmp_path):
