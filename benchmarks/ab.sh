@@ -16,6 +16,7 @@ shift
 case "$mode" in
     prepare)
         for rev in "$@"; do
+            [ "$rev" = . ] && { echo ".: this checkout, used as it is (nothing to prepare)"; continue; }
             dest=$REPO/bench-out/revs/$rev
             rm -rf "$dest" && mkdir -p "$dest"
             git archive "$rev" fastload registry | tar -x -C "$dest" || exit 1

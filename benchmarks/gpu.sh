@@ -49,6 +49,7 @@ case "$part" in
         bench --model llama3-8b --phase train --impl fastload,recipe,unsloth --append --plot
         ;;
     profile)  # where the step time goes: fastload and unsloth, 1B and 8B, 2 steps under torch.profiler each
+        rm -f "$WORK"/profile-*.txt  # no tables of an earlier run copied out with this one's
         bench --model llama3-1b --phase train --impl fastload,unsloth --steps 4 --warmup 2 --profile
         bench --model llama3-8b --phase train --impl fastload,unsloth --steps 4 --warmup 2 --profile --append
         cp "$WORK"/profile-*.txt "$OUT"/ 2>/dev/null

@@ -29,6 +29,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=45)
     args = parser.parse_args()
 
+    import os
+
+    from fastload.bench.driver import WORKER_ENV
+
+    os.environ.update(WORKER_ENV)  # as the bench's workers run: offline, no telemetry, before torch/unsloth import
     import torch
 
     from fastload.bench import impls
