@@ -16,11 +16,10 @@ def enable_checkpointing(model) -> None:
     base.enable_input_require_grads()
     base.config.use_cache = False
     model._fastload_checkpointing = True
-    if "offload_checkpointing" in (getattr(model, "fastload_engine", None) or []):
-        # gradient_checkpointing_enable put plain checkpointing back: the engine's lever must survive a mode switch
-        from .engine.offload import install_offloaded_checkpointing
+    # gradient_checkpointing_enable put torch's checkpointing back: the engine's function survives a mode switch
+    from .engine.offload import reinstall_engine_checkpointing
 
-        install_offloaded_checkpointing(base)
+    reinstall_engine_checkpointing(base)
 
 
 def is_checkpointing(model) -> bool:

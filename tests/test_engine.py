@@ -93,22 +93,22 @@ def test_fused_lora_comes_with_adapters_added_later_and_steps_aside_when_they_ar
     assert (with_lora - without).abs().max() > 1e-3  # adapters on: they change the output
 
 
-def test_offloaded_checkpointing_survives_generation_and_back(tiny_llama):
+def test_engine_checkpointing_survives_generation_and_back(tiny_llama):
     """The lever is CUDA-only, but its bookkeeping is not: after for_inference/for_training (what generate does)
     the layers must checkpoint through the offloading function again, not transformers' plain one."""
-    from fastload.engine.offload import install_offloaded_checkpointing, offloaded_checkpoint
+    from fastload.engine.offload import engine_checkpoint, install_engine_checkpointing
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False)
-    assert install_offloaded_checkpointing(model.get_base_model())
-    model.fastload_engine = [*model.fastload_engine, "offload_checkpointing"]
+    assert install_engine_checkpointing(model.get_base_model(), offload=True, graphs=True) == [
+        "offload_checkpointing", "cuda_graphs"]
 
     def functions():
         return {getattr(m._gradient_checkpointing_func, "func", None) for m in model.modules()
                 if getattr(m, "gradient_checkpointing", False)}
 
-    assert functions() == {offloaded_checkpoint}
+    assert functions() == {engine_checkpoint}
     FastModel.for_training(FastModel.for_inference(model))
-    assert functions() == {offloaded_checkpoint}
+    assert functions() == {engine_checkpoint}
 
 
 def test_engine_keeps_logits_for_inference(tiny_llama):
@@ -244,3 +244,44 @@ def test_lm_head_trained_after_loading_gets_its_gradient(tiny_llama):
     model(**enc, labels=enc["input_ids"]).loss.backward()
     trained = [p for n, p in model.named_parameters() if "lm_head" in n and p.requires_grad]
     assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_layer_graph_signature_follows_what_a_graph_bakes_in(tiny_llama):
+    """A captured layer graph is replayed only for calls with the same signature: same shapes and argument values,
+    same adapter state, same parameter addresses. Each change a user can make must give another signature."""
+    import functools
+
+    from fastload.engine.layer_graphs import _Call
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    layer = model.get_base_model().model.layers[0]
+    hidden = torch.randn(2, 8, model.config.hidden_size)
+    cos, sin = torch.randn(1, 8, 16), torch.randn(1, 8, 16)
+
+    def call(x=hidden, **overrides):
+        kwargs = dict(attention_mask=None, position_embeddings=(cos, sin), use_cache=False)
+        kwargs.update(overrides)
+        return _Call(functools.partial(layer.__call__, **kwargs), x)
+
+    first = call()
+    assert call().key == first.key and first.layer is layer
+    assert call(torch.randn(2, 8, model.config.hidden_size)).key == first.key  # values are inputs, not signature
+    assert call(torch.randn(1, 8, model.config.hidden_size)).key != first.key   # shapes are
+    assert call(use_cache=True).key != first.key                                # non-tensor arguments are
+    assert call(attention_mask=torch.ones(2, 1, 8, 8)).key != first.key
+    with model.disable_adapter():
+        assert call().key != first.key
+    q = layer.self_attn.q_proj
+    q.scaling["default"] *= 2
+    assert call().key != first.key
+    q.scaling["default"] /= 2
+    assert call().key == first.key
+    q.lora_A["default"].weight.requires_grad_(False)
+    assert call().key != first.key
+    q.lora_A["default"].weight.requires_grad_(True)
+    layer.mlp.down_proj.base_layer.weight.data = layer.mlp.down_proj.base_layer.weight.data.clone()  # moved
+    assert call().key != first.key
+    # the rebuilt call takes other tensors in the same places
+    new_cos = torch.zeros_like(cos)
+    rebuilt = first.rebuilt([new_cos if t is cos else t for t in (first.leaves[i] for i in first.tensor_slots)])
+    assert rebuilt.keywords["position_embeddings"][0] is new_cos and rebuilt.keywords["position_embeddings"][1] is sin

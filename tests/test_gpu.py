@@ -103,7 +103,7 @@ def _grads(model, ids):
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-OFF = {"fused_lora": False, "offload_checkpointing": False, "fused_loss": False, "kernels": False}
+OFF = {"fused_lora": False, "offload_checkpointing": False, "cuda_graphs": False, "fused_loss": False, "kernels": False}
 
 
 @pytest.mark.parametrize("levers", [dict(OFF, offload_checkpointing=True), dict(OFF, fused_lora=True),
@@ -125,6 +125,60 @@ def test_engine_levers_keep_loss_and_lora_gradients(gpu_llama, levers):
         assert g.norm() > 0, f"{name} has no gradient: the comparison would be empty"
         rel = (g - grads_f[name]).norm() / g.norm()
         assert rel < 5e-2, f"{name}: relative gradient difference {rel:.2e}"
+
+
+def _graphs_of(model):
+    from fastload.engine.layer_graphs import graphs_for
+
+    return graphs_for(model.get_base_model(), "cuda")
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "on-device"])
+def test_cuda_graphs_train_like_eager_layers(gpu_llama, offload):
+    """Steps with replayed layer graphs give eager's losses, and after a step the same LoRA weights; a shape seen
+    once runs eagerly; disabling the adapters (a DPO reference pass) is a different graph, not a stale one."""
+    from fastload.engine import layer_graphs
+
+    eager, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, offload_checkpointing=offload, fused_lora=True,
+                                                                kernels=True), store=False, random_state=1)
+    graphed, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, offload_checkpointing=offload, fused_lora=True,
+                                                                  kernels=True, cuda_graphs=True),
+                                           store=False, random_state=1)
+    assert "cuda_graphs" in graphed.fastload_engine and "cuda_graphs" not in eager.fastload_engine
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, eager.config.vocab_size, (2, 1024), generator=gen).cuda() for _ in range(5)]
+    odd = torch.randint(0, eager.config.vocab_size, (1, 640), generator=gen).cuda()
+    runs = []
+    for model in (eager, graphed):
+        nonzero_lora_b(model)
+        model.train()
+        optimizer = FastModel.get_optimizer(model, lr=1e-3)
+        losses = []
+        for ids in batches[:4] + [odd] + batches[4:]:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad(), model.disable_adapter():  # 3 calls: the third one would be captured
+            reference = [model(input_ids=batches[0], labels=batches[0]).loss.item() for _ in range(3)]
+        runs.append((losses, reference, {n: p.detach().float().clone() for n, p in model.named_parameters()
+                                         if p.requires_grad}))
+    graphs = _graphs_of(graphed)
+    layers = graphed.config.num_hidden_layers
+    # steps 1-2 eager, 3 captured then replayed, 4 and 6 replayed (forward and backward), 5 eager (new shape)
+    assert len([g for g in graphs.graphs.values() if g.backward is not None]) == layers
+    assert graphs.replays >= layers * 2 * 3, graphs.replays
+    (loss_e, ref_e, weights_e), (loss_g, ref_g, weights_g) = runs
+    for step, (a, b) in enumerate(zip(loss_e, loss_g)):
+        assert abs(a - b) / a < 1e-2, f"step {step + 1}: eager {a:.4f}, graphed {b:.4f}"
+    for a, b in zip(ref_e, ref_g):
+        assert abs(a - b) / a < 1e-2, (ref_e, ref_g)
+    assert abs(ref_g[0] - loss_g[0]) > 1e-3  # adapters off really changes the loss: the check above means something
+    for name, w in weights_e.items():
+        rel = (w - weights_g[name]).norm() / w.norm()
+        assert rel < 2e-2, f"{name}: relative weight difference {rel:.2e} after {len(loss_e)} steps"
+    assert layer_graphs.WARM_CALLS == 2  # the step numbers above assume it
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,10 +33,10 @@ def on_cuda_in_bf16(model) -> bool:
 
 def offloads(model) -> bool:
     """Every checkpointed decoder layer goes through the engine's offloading function (not a trainer's own)."""
-    from fastload.engine.offload import offloaded_checkpoint
+    from fastload.engine.offload import engine_checkpoint
 
     layers = model.get_base_model().model.layers
-    return all(getattr(layer._gradient_checkpointing_func, "func", None) is offloaded_checkpoint for layer in layers)
+    return all(getattr(layer._gradient_checkpointing_func, "func", None) is engine_checkpoint for layer in layers)
 
 
 def short_args(tmp_path, model, sft=False, **kw):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .._log import logger
 
-LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "kernels")
+LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", "kernels")
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class EngineSettings:
     fused_lora: bool = True              # each LoRA projection as one autograd function in the compute dtype
     fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
     offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
+    cuda_graphs: bool = True             # checkpointed layers replayed as CUDA graphs once a shape repeats (CUDA)
     kernels: bool = True                 # Triton RMSNorm / SwiGLU, liger-kernel RoPE where installed (CUDA)
 
     @classmethod
@@ -77,11 +78,11 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
 
         if install_fused_loss(base):
             used.append("fused_loss")
-    if settings.offload_checkpointing and gradient_checkpointing and device == "cuda":
-        from .offload import install_offloaded_checkpointing
+    if (settings.offload_checkpointing or settings.cuda_graphs) and gradient_checkpointing and device == "cuda":
+        from .offload import install_engine_checkpointing
 
-        if install_offloaded_checkpointing(base):
-            used.append("offload_checkpointing")
+        used += install_engine_checkpointing(base, offload=settings.offload_checkpointing,
+                                             graphs=settings.cuda_graphs)
     if settings.kernels and device == "cuda":
         from .kernels import install_kernels
 

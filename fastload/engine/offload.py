@@ -78,44 +78,80 @@ def _pop_and_prefetch_next(slot, stream) -> None:
         queue.pop()
 
 
+class _DeviceSlot:
+    """A layer input kept on the device (too small to be worth copying, or offloading is off)."""
+
+    __slots__ = ("hidden", "__weakref__")
+
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+    def prefetch(self, stream) -> None:
+        return
+
+    def take(self, stream):
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
+@functools.lru_cache(maxsize=None)
 def _function():
     import torch
 
-    class OffloadedCheckpoint(torch.autograd.Function):
+    class EngineCheckpoint(torch.autograd.Function):
+        """forward(run, graphs, offload, hidden, *trained_params) -> run(hidden), nothing saved but the input.
+
+        The trained parameters are inputs only so that a replayed backward graph can hand autograd their
+        gradients; an eager backward accumulates them itself and returns None for them."""
+
         @staticmethod
-        def forward(ctx, run, hidden):
-            stream = _side_stream(hidden.device)
-            host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
-            stream.wait_stream(torch.cuda.current_stream(hidden.device))
-            with torch.cuda.stream(stream):
-                host.copy_(hidden, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(stream)
-            hidden.record_stream(stream)  # keep the GPU buffer alive until the copy is done
-            ctx.run, ctx.slot = run, _Slot(host, copied, hidden.device)
-            _push(ctx.slot)
+        def forward(ctx, run, graphs, offload, hidden, *params):
+            if offload:
+                stream = _side_stream(hidden.device)
+                host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
+                stream.wait_stream(torch.cuda.current_stream(hidden.device))
+                with torch.cuda.stream(stream):
+                    host.copy_(hidden, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(stream)
+                hidden.record_stream(stream)  # keep the GPU buffer alive until the copy is done
+                ctx.slot = _Slot(host, copied, hidden.device)
+                _push(ctx.slot)
+            else:
+                ctx.slot = _DeviceSlot(hidden.detach())
+            ctx.run, ctx.graphs, ctx.n_params = run, graphs, len(params)
             ctx.input_requires_grad = hidden.requires_grad
             with torch.no_grad():
-                return run(hidden)
+                out = graphs.forward(run, hidden) if graphs is not None else None
+                return run(hidden) if out is None else out
 
         @staticmethod
         def backward(ctx, *grad_outs):
-            stream = _side_stream(ctx.slot.device)
-            hidden = ctx.slot.take(stream).detach().requires_grad_(ctx.input_requires_grad)
-            _pop_and_prefetch_next(ctx.slot, stream)
+            slot = ctx.slot
+            if isinstance(slot, _Slot):
+                stream = _side_stream(slot.device)
+                hidden = slot.take(stream)
+                _pop_and_prefetch_next(slot, stream)
+            else:
+                hidden = slot.take(None)
             ctx.slot = None
+            hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
+            replayed = ctx.graphs.backward(ctx.run, hidden, grad_outs) if ctx.graphs is not None else None
+            if replayed is not None and len(replayed[1]) == ctx.n_params:
+                grad_hidden, params, grads = replayed
+                return (None, None, None, grad_hidden, *(g.clone() if g is not None and needed else None
+                                                         for g, needed in zip(grads, ctx.needs_input_grad[4:])))
             with torch.enable_grad():
                 out = ctx.run(hidden)
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grad_outs) if torch.is_tensor(o) and o.requires_grad and g is not None]
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            return None, hidden.grad if ctx.input_requires_grad else None
+            return (None, None, None, hidden.grad if ctx.input_requires_grad else None, *([None] * ctx.n_params))
 
-    return OffloadedCheckpoint
+    return EngineCheckpoint
 
 
 _STREAMS: dict = {}
-_FN = None
 
 
 def _side_stream(device):
@@ -132,19 +168,26 @@ def _host_memory_available() -> int:
     return free_memory_bytes("cpu")
 
 
-def offloaded_checkpoint(function, hidden_states, *args, **kwargs):
-    """Same contract as the checkpoint function transformers calls: function(hidden_states, *args) -> output."""
+def engine_checkpoint(function, hidden_states, *args, offload: bool = True, graphs=None, **kwargs):
+    """Same contract as the checkpoint function transformers calls: function(hidden_states, *args) -> output.
+
+    offload: keep the layer's input in pinned host memory (inputs of at least MIN_BYTES); graphs: the model's
+    `layer_graphs.ModelGraphs`, or None for eager layers."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    global _FN
-    nbytes = hidden_states.numel() * hidden_states.element_size()
-    if args or not hidden_states.is_cuda or nbytes < MIN_BYTES:
+    if args or kwargs or not hidden_states.is_cuda:
         return checkpoint(function, hidden_states, *args, use_reentrant=False, **kwargs)
-    if _FN is None:
-        _FN = _function()
-    out = _FN.apply(function, hidden_states)
-    return out
+    offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
+    if not offload and graphs is None:
+        return checkpoint(function, hidden_states, use_reentrant=False)
+    params = ()
+    if graphs is not None:
+        from .layer_graphs import _layer_of
+
+        layer = _layer_of(function) if hasattr(function, "func") else None
+        params = tuple(p for p in layer.parameters() if p.requires_grad) if layer is not None else ()
+    return _function().apply(function, graphs, offload, hidden_states, *params)
 
 
 def _has_dropout(model) -> bool:
@@ -157,21 +200,47 @@ def _has_dropout(model) -> bool:
     return bool(getattr(config, "attention_dropout", 0) or 0)
 
 
-def install_offloaded_checkpointing(model) -> bool:
-    """Point this model's checkpointed layers at the offloading function (instance attributes only)."""
+def _checkpointed_layers(model) -> list:
+    return [m for m in model.modules()
+            if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False)]
+
+
+def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str]:
+    """Point this model's checkpointed layers at the engine's checkpoint function (instance attributes only):
+    inputs offloaded to pinned host memory and/or layers replayed as CUDA graphs; returns the levers used."""
     from .._log import logger
 
-    layers = [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False)]
-    if not layers:
-        return False
-    if _has_dropout(model):
-        logger.info("engine: offloaded checkpointing off (dropout > 0 needs replayed random numbers); plain checkpointing")
-        return False
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    per_layer_guess = getattr(config, "hidden_size", 4096) * 2 * 16384
-    if _host_memory_available() < 2 * len(layers) * per_layer_guess:
-        logger.info("engine: offloaded checkpointing off (little free host memory); plain checkpointing")
-        return False
+    layers = _checkpointed_layers(model)
+    if not layers or not (offload or graphs):
+        return []
+    if _has_dropout(model):  # recomputation (and a graph's replay) would need the same random numbers
+        logger.info("engine: offloaded checkpointing and CUDA graphs off (dropout > 0); plain checkpointing")
+        return []
+    if offload:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        per_layer_guess = getattr(config, "hidden_size", 4096) * 2 * 16384
+        if _host_memory_available() < 2 * len(layers) * per_layer_guess:
+            logger.info("engine: offloaded checkpointing off (little free host memory); layer inputs stay on the GPU")
+            offload = False
+    model_graphs = None
+    if graphs:
+        from .layer_graphs import graphs_for
+
+        model_graphs = graphs_for(model, next(model.parameters()).device)
+    if not (offload or model_graphs):
+        return []
+    function = functools.partial(engine_checkpoint, offload=offload, graphs=model_graphs)
     for layer in layers:
-        layer._gradient_checkpointing_func = functools.partial(offloaded_checkpoint)
+        layer._gradient_checkpointing_func = function
+    model._fastload_checkpoint_function = function
+    return (["offload_checkpointing"] if offload else []) + (["cuda_graphs"] if model_graphs else [])
+
+
+def reinstall_engine_checkpointing(model) -> bool:
+    """After transformers re-enabled checkpointing (its own function again): the engine's function back."""
+    function = getattr(model, "_fastload_checkpoint_function", None)
+    if function is None:
+        return False
+    for layer in _checkpointed_layers(model):
+        layer._gradient_checkpointing_func = function
     return True

@@ -1,0 +1,381 @@
+"""CUDA graphs of checkpointed decoder layers: each layer's forward, and its recomputation with backward, replayed
+as one graph each instead of hundreds of kernel launches issued from Python.
+
+A QLoRA step on a small model is bound by the host: on the 1B benchmark shape the GPU is busy for about a third of
+the step while Python issues ~5,000 launches (dequantization, LoRA matmuls, norms, RoPE, attention). Under
+checkpointing, a layer's work is two pure functions of its input: forward (nothing kept) and recomputation plus
+backward (input, output gradient -> input gradient, trained-parameter gradients). Each is captured once per call
+signature, after the signature was seen `WARM_CALLS` times (batches whose shapes vary never pay for a capture), and
+replayed from then on.
+
+What a graph bakes in is part of its signature: shapes, dtypes and strides of every tensor argument, the other
+arguments' values, the layer's adapter state (active adapter, disabled, merged, scaling), the addresses of its
+parameters (a merge or a move re-allocates them), which parameters are trained, autocast. Inputs are copied into
+the graphs' static buffers; outputs are copied out of them into buffers shared by all layers of a shape, so every
+graph of a model draws its temporaries from one memory pool and holds no memory of its own between replays.
+Anything the capture refuses (a host synchronization, an unsupported call, running out of memory) sends that
+signature back to eager execution for good, with one log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+
+WARM_CALLS = 2       # eager calls of a signature before it is captured
+MAX_SIGNATURES = 4   # distinct shapes a model captures; more run eagerly (pad batches to a few fixed lengths)
+MAX_SEEN = 4096      # signatures counted before the count starts over
+
+
+def _flatten(value, leaves: list):
+    """tuple/list/dict nesting -> structure with leaves replaced by their index in `leaves`."""
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(_flatten(v, leaves) for v in value)
+    if isinstance(value, dict):
+        return dict, tuple((k, _flatten(v, leaves)) for k, v in value.items())
+    leaves.append(value)
+    return None, len(leaves) - 1
+
+
+def _unflatten(structure, leaves: list):
+    kind, body = structure
+    if kind is None:
+        return leaves[body]
+    if kind is dict:
+        return {k: _unflatten(v, leaves) for k, v in body}
+    return kind(_unflatten(v, leaves) for v in body)
+
+
+def _meta(t) -> tuple:
+    return tuple(t.shape), t.dtype, t.stride(), t.requires_grad
+
+
+class _Call:
+    """One checkpointed call taken apart: the layer, the structure of its arguments, tensor leaves and the rest."""
+
+    __slots__ = ("layer", "func", "structure", "leaves", "tensor_slots", "shape_key", "key")
+
+    def __init__(self, function, hidden):
+        import torch
+
+        self.func = function.func
+        leaves: list = []
+        self.structure = _flatten((function.args, function.keywords), leaves)
+        self.leaves = leaves
+        self.tensor_slots = tuple(i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor))
+        self.layer = _layer_of(function)
+        tensor_metas = tuple(_meta(leaves[i]) for i in self.tensor_slots)
+        self.shape_key = (_meta(hidden), tensor_metas)
+        others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
+        self.key = (self.shape_key, self.func, others, _layer_state(self.layer),
+                    torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+
+    def rebuilt(self, tensors):
+        """The same call with `tensors` in place of its tensor leaves."""
+        leaves = list(self.leaves)
+        for slot, tensor in zip(self.tensor_slots, tensors):
+            leaves[slot] = tensor
+        args, keywords = _unflatten(self.structure, leaves)
+        return functools.partial(self.func, *args, **keywords)
+
+
+def _layer_of(function):
+    owner = getattr(function.func, "__self__", None)  # transformers <= 5.2x: partial(layer.__call__, **kwargs)
+    if owner is None and function.args:
+        owner = function.args[0]                        # later: partial(forward, layer, **kwargs)
+    return owner
+
+
+def _layer_state(layer) -> tuple:
+    """What a captured graph of this layer bakes in besides its arguments."""
+    adapters = getattr(layer, "_fastload_lora_modules", None)
+    if adapters is None:
+        adapters = layer._fastload_lora_modules = tuple(m for m in layer.modules() if hasattr(m, "lora_A"))
+    params = tuple(layer.parameters())
+    return (id(layer), layer.training,
+            tuple((tuple(m.active_adapters), m.disable_adapters, m.merged, tuple(m.scaling.items()))
+                  for m in adapters),
+            tuple(p.data_ptr() for p in params), tuple(p.requires_grad for p in params))
+
+
+class _Inputs:
+    """Static input buffers shared by every graph of one shape; a source tensor already copied (the same object,
+    unchanged since) is not copied again: all layers of a step get the same rotary tables and masks."""
+
+    def __init__(self, hidden, tensors):
+        self.hidden = hidden.detach().clone()
+        self.tensors = [t.detach().clone() for t in tensors]
+        self._sources = [None] * len(tensors)
+
+    def load(self, hidden, tensors) -> None:
+        self.hidden.copy_(hidden)
+        for i, source in enumerate(tensors):
+            last = self._sources[i]
+            if last is not None and last[0] is source and last[1] == source._version:
+                continue
+            self.tensors[i].copy_(source)
+            self._sources[i] = (source, source._version)
+
+
+class _LayerGraph:
+    __slots__ = ("forward", "backward", "params", "grad_slots", "inputs_need_grad", "outputs")
+
+    def __init__(self):
+        self.forward = self.backward = None
+        self.params, self.grad_slots, self.inputs_need_grad, self.outputs = (), (), False, None
+
+
+class ModelGraphs:
+    """The CUDA graphs of one model's checkpointed layers, with their shared memory pool and buffers."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pool = None
+        self.seen: dict = {}
+        self.graphs: dict = {}
+        self.failed: set = set()
+        self.shapes: set = set()
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self.grad_outputs: dict = {}
+        self.grads: dict = {}
+        self.replays = 0
+        self.disabled: str | None = None  # why nothing more is captured (what was captured still replays)
+        self._warned_shapes = False
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, function, hidden):
+        """The layer's output computed by replaying its graph, or None when this call runs eagerly."""
+        if not isinstance(function, functools.partial):
+            return None
+        call = _Call(function, hidden)
+        try:
+            if call.layer is None or call.key in self.failed:
+                return None
+        except TypeError:  # an argument that cannot be part of a signature (unhashable): eager
+            return None
+        graph = self.graphs.get(call.key)
+        if graph is None:
+            graph = self._maybe_capture_forward(call, hidden)
+            if graph is None:
+                return None
+        inputs = self.inputs[call.shape_key]
+        inputs.load(hidden, [call.leaves[i] for i in call.tensor_slots])
+        graph.forward.replay()
+        self.replays += 1
+        structure, buffers = graph.outputs
+        return _unflatten(structure, [b.clone() if b is not None else v for b, v in buffers])
+
+    def _maybe_capture_forward(self, call, hidden):
+        if len(self.seen) > MAX_SEEN:  # shapes that never repeat: forget them
+            self.seen.clear()
+        count = self.seen.get(call.key, 0) + 1
+        self.seen[call.key] = count
+        if count <= WARM_CALLS or self.disabled:
+            return None
+        if call.shape_key not in self.shapes and len(self.shapes) >= MAX_SIGNATURES:
+            if not self._warned_shapes:
+                self._warned_shapes = True
+                from .._log import logger
+
+                logger.info("engine: CUDA graphs for %d input shapes only; later shapes run eagerly (padding batches "
+                            "to a few fixed lengths, e.g. pad_to_multiple_of=64, lets every batch replay)",
+                            MAX_SIGNATURES)
+            self.failed.add(call.key)
+            return None
+        try:
+            graph = self._capture_forward(call, hidden)
+        except Exception as error:  # noqa: BLE001 - any refusal means: this signature runs eagerly
+            self._give_up(call.key, "forward", error)
+            return None
+        self.graphs[call.key] = graph
+        self.shapes.add(call.shape_key)
+        return graph
+
+    def _capture_forward(self, call, hidden):
+        import torch
+
+        tensors = [call.leaves[i] for i in call.tensor_slots]
+        inputs = self.inputs.get(call.shape_key)
+        if inputs is None:
+            inputs = self.inputs[call.shape_key] = _Inputs(hidden, tensors)
+        inputs.load(hidden, tensors)
+        run = call.rebuilt(inputs.tensors)
+        with torch.no_grad():
+            sample = _warm_up(lambda: run(inputs.hidden), self.device)
+        leaves: list = []
+        structure = _flatten(sample, leaves)
+        key = (call.shape_key, tuple(_meta(v) if isinstance(v, torch.Tensor) else None for v in leaves))
+        shared = self.outputs.get(key)
+        if shared is None:
+            shared = self.outputs[key] = [torch.empty_like(v) if isinstance(v, torch.Tensor) else None
+                                          for v in leaves]
+        del sample
+        graph = _LayerGraph()
+        graph.forward = torch.cuda.CUDAGraph()
+        with torch.no_grad(), self._capturing(graph.forward):
+            out_leaves: list = []
+            _flatten(run(inputs.hidden), out_leaves)
+            for buffer, value in zip(shared, out_leaves):
+                if buffer is not None:
+                    buffer.copy_(value)
+        graph.outputs = (structure, [(b, None if b is not None else v) for b, v in zip(shared, leaves)])
+        return graph
+
+    # -- backward ------------------------------------------------------------------------------------------------
+    def backward(self, function, hidden, grad_outs):
+        """(input gradient, trained parameters, their gradients) by replaying the layer's backward graph, or None
+        when this call runs eagerly."""
+        if not isinstance(function, functools.partial):
+            return None
+        call = _Call(function, hidden)
+        try:
+            graph = self.graphs.get(call.key)
+        except TypeError:
+            return None
+        if graph is None or call.key in self.failed:
+            return None
+        if graph.backward is None:
+            if self.disabled:
+                return None
+            try:
+                self._capture_backward(call, graph, hidden)
+            except Exception as error:  # noqa: BLE001
+                self._give_up(call.key, "backward", error)
+                return None
+        inputs = self.inputs[call.shape_key]
+        inputs.load(hidden, [call.leaves[i] for i in call.tensor_slots])
+        for buffer, grad in zip(graph.grad_slots[0], grad_outs):
+            if buffer is None:
+                continue
+            if grad is None:
+                buffer.zero_()
+            else:
+                buffer.copy_(grad)
+        graph.backward.replay()
+        self.replays += 1
+        grad_hidden, param_grads = graph.grad_slots[1], graph.grad_slots[2]
+        return (grad_hidden.clone() if grad_hidden is not None else None), graph.params, param_grads
+
+    def _capture_backward(self, call, graph, hidden) -> None:
+        import torch
+
+        layer = call.layer
+        params = tuple(p for p in layer.parameters() if p.requires_grad)
+        inputs = self.inputs[call.shape_key]
+        inputs.load(hidden, [call.leaves[i] for i in call.tensor_slots])
+        run = call.rebuilt(inputs.tensors)
+        needs_input_grad = hidden.requires_grad
+        structure, buffers = graph.outputs
+        out_key = tuple(None if b is None else _meta(b) for b, _ in buffers)
+        grad_outs = self.grad_outputs.get(out_key)
+        if grad_outs is None:  # one set for all layers of a shape, like the outputs
+            grad_outs = self.grad_outputs[out_key] = [torch.zeros_like(b) if b is not None and b.is_floating_point()
+                                                      else None for b, _ in buffers]
+
+        def step(trained):
+            x = inputs.hidden.detach().requires_grad_(needs_input_grad)
+            with torch.enable_grad():
+                leaves: list = []
+                _flatten(run(x), leaves)
+            pairs = [(o, g) for o, g in zip(leaves, grad_outs)
+                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = ((x,) if needs_input_grad else ()) + tuple(trained[id(p)] for p in params)
+            return torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+
+        with _fresh_leaves(layer, params) as leaves:
+            sample = _warm_up(lambda: step(leaves), self.device)
+        unused = [g is None for g in sample]
+        key = tuple(None if g is None else _meta(g)[:3] for g in sample)
+        shared = self.grads.get(key)
+        if shared is None:
+            shared = self.grads[key] = [None if g is None else torch.empty_like(g) for g in sample]
+        del sample
+        graph.backward = torch.cuda.CUDAGraph()
+        with _fresh_leaves(layer, params) as leaves, self._capturing(graph.backward):
+            for buffer, grad in zip(shared, step(leaves)):
+                if buffer is not None:
+                    buffer.copy_(grad)
+        first = 1 if needs_input_grad else 0
+        grad_hidden = shared[0] if needs_input_grad and not unused[0] else None
+        graph.params = params
+        graph.grad_slots = (grad_outs, grad_hidden, tuple(shared[first:]))
+
+    # -- shared --------------------------------------------------------------------------------------------------
+    def _capturing(self, graph):
+        import torch
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local")
+
+    def _give_up(self, key, part: str, error: Exception) -> None:
+        import torch
+
+        from .._log import logger
+
+        self.failed.add(key)
+        self.graphs.pop(key, None)
+        if torch.cuda.is_current_stream_capturing() or self.pool is not None:
+            try:  # a capture that raised may leave the allocator routing this thread's allocations to the pool
+                torch._C._cuda_endAllocateToPool(torch.device(self.device).index or 0, self.pool)
+            except Exception:  # noqa: BLE001 - nothing was left routed
+                pass
+        causes = []
+        while error is not None and len(causes) < 3:  # the first refusal is often the context of a later one
+            causes.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            error = error.__cause__ or error.__context__
+        self.disabled = f"a {part} capture failed"  # captured graphs still replay; nothing more is captured
+        logger.warning("engine: CUDA graphs: capturing a decoder layer's %s failed, so this model captures no more "
+                       "layers (those captured keep replaying; the rest run eagerly): %s", part, " <- ".join(causes))
+
+
+@contextlib.contextmanager
+def _fresh_leaves(layer, params):
+    """The layer's trained parameters swapped for new leaves on the same memory while a backward is warmed up or
+    captured. A parameter's gradient accumulator lives as long as the step's autograd graph holds it and remembers
+    the stream it was made on (the default one); differentiating the real parameter inside a capture would make
+    autograd synchronize that stream with the capturing one, which a capture refuses. Yields {id(param): leaf}."""
+    import torch
+
+    wanted = {id(p) for p in params}
+    fresh: dict = {}
+    swapped = []
+    for module in layer.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in wanted:
+                leaf = fresh.get(id(param))
+                if leaf is None:
+                    leaf = fresh[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=True)
+                module._parameters[name] = leaf
+                swapped.append((module, name, param))
+    try:
+        yield fresh
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def _warm_up(run, device):
+    """One call on a side stream before capture, as CUDA graphs require (lazy initialisations happen outside)."""
+    import torch
+
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        result = run()
+    current.wait_stream(side)
+    return result
+
+
+_ALL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def graphs_for(model, device) -> ModelGraphs:
+    """The model's graph set (one per model instance)."""
+    graphs = _ALL.get(model)
+    if graphs is None:
+        graphs = _ALL[model] = ModelGraphs(device)
+    return graphs
