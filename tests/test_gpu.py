@@ -139,11 +139,10 @@ def test_cuda_graphs_train_like_eager_layers(gpu_llama, offload):
     once runs eagerly; disabling the adapters (a DPO reference pass) is a different graph, not a stale one."""
     from fastload.engine import layer_graphs
 
-    eager, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, offload_checkpointing=offload, fused_lora=True,
-                                                                kernels=True), store=False, random_state=1)
-    graphed, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, offload_checkpointing=offload, fused_lora=True,
-                                                                  kernels=True, cuda_graphs=True),
-                                           store=False, random_state=1)
+    levers = dict(OFF, offload_checkpointing=offload, fused_lora=True, kernels=True, fused_loss=True)
+    eager, _ = FastModel.from_pretrained(gpu_llama, engine=levers, store=False, random_state=1)
+    graphed, _ = FastModel.from_pretrained(gpu_llama, engine=dict(levers, cuda_graphs=True), store=False,
+                                           random_state=1)
     assert "cuda_graphs" in graphed.fastload_engine and "cuda_graphs" not in eager.fastload_engine
     gen = torch.Generator().manual_seed(4)
     batches = [torch.randint(0, eager.config.vocab_size, (2, 1024), generator=gen).cuda() for _ in range(5)]
@@ -168,6 +167,7 @@ def test_cuda_graphs_train_like_eager_layers(gpu_llama, offload):
     layers = graphed.config.num_hidden_layers
     # steps 1-2 eager, 3 captured then replayed, 4 and 6 replayed (forward and backward), 5 eager (new shape)
     assert len([g for g in graphs.graphs.values() if g.backward is not None]) == layers
+    assert [key[0] for key in graphs.pure_graphs] == ["loss"]  # the chunked loss, captured once for the 2x1024
     assert graphs.replays >= layers * 2 * 3, graphs.replays
     (loss_e, ref_e, weights_e), (loss_g, ref_g, weights_g) = runs
     for step, (a, b) in enumerate(zip(loss_e, loss_g)):

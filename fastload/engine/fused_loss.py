@@ -37,9 +37,17 @@ def _ce_function():
 
     class ChunkedLinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel):
+        def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel, graphs=None):
             grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-            if use_kernel:
+            replayed = None
+            if graphs is not None and use_kernel and grad_hidden is not None:
+                # a pure function of (hidden, labels): replayed in the layers' memory pool, its logits chunks
+                # take no memory of their own
+                replayed = graphs.pure("loss", functools.partial(_loss_and_grad, weight=weight, chunk=chunk),
+                                       (hidden, labels), extra=(weight.data_ptr(), tuple(weight.shape), chunk))
+            if replayed is not None:
+                total, grad_hidden = replayed
+            elif use_kernel:
                 total = _kernel_chunks(hidden, weight, labels, chunk, grad_hidden)
             else:
                 total = _torch_chunks(hidden, weight, labels, chunk, grad_hidden)
@@ -52,8 +60,8 @@ def _ce_function():
         def backward(ctx, grad_out):
             (grad_hidden,) = ctx.saved_tensors
             if not ctx.has_grad:
-                return None, None, None, None, None, None
-            return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None, None
+                return None, None, None, None, None, None, None
+            return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None, None, None
 
     return ChunkedLinearCrossEntropy
 
@@ -98,17 +106,26 @@ def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
     return losses.sum()
 
 
-def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int | None = None):
+def _loss_and_grad(hidden, labels, weight, chunk):
+    import torch
+
+    grad_hidden = torch.empty_like(hidden)
+    return _kernel_chunks(hidden, weight, labels, chunk, grad_hidden), grad_hidden
+
+
+def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int | None = None,
+                                 graphs=None):
     """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen.
 
-    On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton_ce)."""
+    On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton_ce);
+    with `graphs` (the model's layer_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
     from . import triton_available
 
     use_kernel = (triton_available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
     chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
     divisor = num_items if num_items is not None else int((labels != IGNORE_INDEX).sum().item())
-    return _ce_function().apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel)
+    return _ce_function().apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs)
 
 
 def supports_fused_loss(model) -> bool:
@@ -147,7 +164,9 @@ def install_fused_loss(model) -> bool:
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items)
+        from .layer_graphs import graphs_of
+
+        loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None)
 
     model.forward = types.MethodType(forward, model)
