@@ -296,3 +296,23 @@ def test_default_optimizer_queues_its_updates_without_waiting_for_the_gpu():
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     waited_side, side = run(AdamW8bitNoSync, torch.cuda.Stream())
     assert waited_side and all(torch.equal(a, b) for a, b in zip(side, theirs))
+
+
+def test_cuda_graphs_stay_off_when_the_gpu_has_little_free_memory(gpu_llama, monkeypatch, caplog):
+    """The graphs' pool is spare memory turned into speed: with too little free, layers run eagerly and say so."""
+    from fastload.engine import layer_graphs
+
+    monkeypatch.setattr(layer_graphs, "MIN_FREE_FRACTION", 1.01)  # no GPU is ever that free
+    model, _ = FastModel.from_pretrained(gpu_llama, store=False)
+    assert "cuda_graphs" in model.fastload_engine
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(5)).cuda()
+    losses = []
+    with caplog.at_level("INFO", logger="fastload"):
+        for _ in range(layer_graphs.WARM_CALLS + 2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+    graphs = _graphs_of(model)
+    assert not graphs.graphs and not graphs.pure_graphs and graphs.disabled == "little free GPU memory"
+    assert "GiB free" in caplog.text and all(abs(x - losses[0]) < 1e-3 * losses[0] for x in losses)

@@ -15,6 +15,7 @@ KERNEL_DTYPES = ("bfloat16", "float16")  # fp32 runs use the torch path: its tol
 CHUNK_BYTES = 256 << 20  # transient memory of one chunk's logits (and, on the torch path, their fp32 copies)
 TORCH_BYTES_PER_LOGIT = 8  # torch path: bf16 logits, their fp32 copy, bf16 probabilities
 KERNEL_BYTES_PER_LOGIT = 2  # Triton path (CUDA): the bf16 logits alone, overwritten by their gradient
+GRAPHED_CHUNK_SHRINK = 4  # chunks a quarter the size when the loss replays as a CUDA graph (256 tokens on Llama-3)
 
 
 def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> int:
@@ -123,6 +124,10 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 
     use_kernel = (triton_available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
+    if chunk is None and graphs is not None and use_kernel:
+        # replayed as a graph, a chunk costs no launches from the host: smaller chunks keep the graphs' shared
+        # memory pool (which must fit the largest chunk's logits) small
+        chunk = chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT * GRAPHED_CHUNK_SHRINK)
     chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
     divisor = num_items if num_items is not None else int((labels != IGNORE_INDEX).sum().item())
     return _ce_function().apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs)

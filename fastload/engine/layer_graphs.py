@@ -26,6 +26,9 @@ import weakref
 WARM_CALLS = 2       # eager calls of a signature before it is captured
 MAX_SIGNATURES = 4   # distinct shapes a model captures; more run eagerly (pad batches to a few fixed lengths)
 MAX_SEEN = 4096      # signatures counted before the count starts over
+MIN_FREE_FRACTION = 0.15  # captures start only while this much of the GPU (and at least MIN_FREE_BYTES) is free:
+MIN_FREE_BYTES = 2 << 30  # the graphs' pool (about one layer's recomputation, ~0.5-1 GiB) is spare memory turned
+                          # into speed, never the cause of an out-of-memory error
 
 
 def _flatten(value, leaves: list):
@@ -185,6 +188,8 @@ class ModelGraphs:
                             MAX_SIGNATURES)
             self.failed.add(call.key)
             return None
+        if not self._room_to_capture():
+            return None
         try:
             graph = self._capture_forward(call, hidden)
         except Exception as error:  # noqa: BLE001 - any refusal means: this signature runs eagerly
@@ -238,7 +243,7 @@ class ModelGraphs:
         if graph is None or call.key in self.failed:
             return None
         if graph.backward is None:
-            if self.disabled:
+            if self.disabled or not self._room_to_capture():
                 return None
             try:
                 self._capture_backward(call, graph, hidden)
@@ -321,6 +326,8 @@ class ModelGraphs:
             if key not in self.shapes and len(self.shapes) >= MAX_SIGNATURES * 2:
                 self.failed.add(key)
                 return None
+            if not self._room_to_capture():
+                return None
             try:
                 entry = self._capture_pure(function, tensors)
             except Exception as error:  # noqa: BLE001
@@ -349,6 +356,20 @@ class ModelGraphs:
         return graph, inputs, outputs
 
     # -- shared --------------------------------------------------------------------------------------------------
+    def _room_to_capture(self) -> bool:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if free >= max(MIN_FREE_BYTES, MIN_FREE_FRACTION * total):
+            return True
+        from .._log import logger
+
+        self.disabled = "little free GPU memory"
+        logger.info("engine: CUDA graphs: no more layers captured, %.1f of %.1f GiB free (their memory pool would "
+                    "leave too little); the rest run eagerly", free / (1 << 30), total / (1 << 30))
+        return False
+
     def _capturing(self, graph):
         import torch
 
