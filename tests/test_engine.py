@@ -285,3 +285,48 @@ def test_layer_graph_signature_follows_what_a_graph_bakes_in(tiny_llama):
     new_cos = torch.zeros_like(cos)
     rebuilt = first.rebuilt([new_cos if t is cos else t for t in (first.leaves[i] for i in first.tensor_slots)])
     assert rebuilt.keywords["position_embeddings"][0] is new_cos and rebuilt.keywords["position_embeddings"][1] is sin
+
+
+def test_graph_inputs_copy_a_changed_source_and_skip_an_unchanged_one():
+    """Static graph inputs: the rotary tables every layer of a step shares are copied once, but a tensor changed in
+    place since (same object, new version) must be copied again, or a replay would read stale values."""
+    from fastload.engine.layer_graphs import _Inputs
+
+    hidden, cos = torch.randn(2, 4), torch.randn(4)
+    inputs = _Inputs(hidden, [cos])
+    inputs.tensors[0].zero_()
+    inputs.load(hidden, [cos])
+    assert torch.equal(inputs.tensors[0], cos)
+    inputs.tensors[0].zero_()  # what a copy would overwrite: an unchanged source is not copied again
+    inputs.load(hidden, [cos])
+    assert inputs.tensors[0].abs().sum() == 0
+    cos.mul_(2)  # changed in place: copied
+    inputs.load(hidden, [cos])
+    assert torch.equal(inputs.tensors[0], cos)
+    other = torch.randn(4)
+    inputs.load(hidden + 1, [other])
+    assert torch.equal(inputs.tensors[0], other) and torch.equal(inputs.hidden, hidden + 1)
+
+
+def test_backward_capture_differentiates_fresh_leaves_on_the_same_memory(tiny_llama):
+    """During a backward capture the trained parameters are swapped for new leaves on the same storage (their own
+    gradient accumulators), a parameter shared by two modules gets one leaf, and everything is put back after."""
+    from fastload.engine.layer_graphs import _fresh_leaves
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    nonzero_lora_b(model)  # else A's gradient is zero
+    layer = model.get_base_model().model.layers[0]
+    q, k = layer.self_attn.q_proj, layer.self_attn.k_proj
+    shared = q.lora_A["default"].weight
+    k.lora_A["default"].weight = shared  # tied, as some adapters are
+    params = tuple(p for p in layer.parameters() if p.requires_grad)
+    with _fresh_leaves(layer, params) as fresh:
+        leaf = q.lora_A["default"].weight
+        assert leaf is not shared and leaf is k.lora_A["default"].weight and leaf is fresh[id(shared)]
+        assert leaf.data_ptr() == shared.data_ptr() and leaf.is_leaf and leaf.requires_grad
+        assert set(fresh) == {id(p) for p in params}
+        x = torch.randn(3, q.in_features)
+        (grad,) = torch.autograd.grad(q(x).sum(), leaf)
+        assert grad.abs().sum() > 0 and shared.grad is None  # the real parameter is left alone
+    assert q.lora_A["default"].weight is shared and k.lora_A["default"].weight is shared
+    assert tuple(p for p in layer.parameters() if p.requires_grad) == params
