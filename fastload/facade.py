@@ -116,12 +116,19 @@ class FastModel:
         for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine"):
             if hasattr(model, attr):
                 setattr(peft_model, attr, getattr(model, attr))
+        if getattr(peft_model, "fastload_engine", None):
+            from .checkpointing import _base
+            from .engine.offload import uses_engine_checkpointing
+
+            if not uses_engine_checkpointing(_base(peft_model)):  # e.g. LoRA dropout turned them off
+                peft_model.fastload_engine = [lever for lever in peft_model.fastload_engine
+                                              if lever not in ("offload_checkpointing", "cuda_graphs")]
         engine = getattr(model, "fastload_engine_settings", None)
         if engine is not None and engine.fused_lora:
             from .engine import install_fused_lora_if_any
 
             if install_fused_lora_if_any(peft_model):
-                peft_model.fastload_engine = [*getattr(model, "fastload_engine", []), "fused_lora"]
+                peft_model.fastload_engine = [*getattr(peft_model, "fastload_engine", []), "fused_lora"]
         return peft_model
 
     @staticmethod

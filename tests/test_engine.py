@@ -330,3 +330,44 @@ def test_backward_capture_differentiates_fresh_leaves_on_the_same_memory(tiny_ll
         assert grad.abs().sum() > 0 and shared.grad is None  # the real parameter is left alone
     assert q.lora_A["default"].weight is shared and k.lora_A["default"].weight is shared
     assert tuple(p for p in layer.parameters() if p.requires_grad) == params
+
+
+def test_lora_dropout_added_later_turns_the_engines_checkpointing_off(tiny_llama):
+    """Recomputation must draw the forward's dropout masks, which only torch's checkpoint replays: adapters with
+    dropout added after loading put the layers back on it (and the model no longer claims the levers)."""
+    from fastload.engine.offload import install_engine_checkpointing, uses_engine_checkpointing
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, lora=None)
+    base = model
+    assert install_engine_checkpointing(base, offload=True, graphs=True)  # as on a GPU
+    model.fastload_engine = [*model.fastload_engine, "offload_checkpointing", "cuda_graphs"]
+    assert uses_engine_checkpointing(base)
+    peft_model = FastModel.get_peft_model(model, lora_dropout=0.1)
+    assert not uses_engine_checkpointing(peft_model.get_base_model())
+    assert not {"offload_checkpointing", "cuda_graphs"} & set(peft_model.fastload_engine)
+
+
+def test_layer_graph_signature_of_other_calls_and_late_adapters(tiny_llama):
+    """A partial that is not over a module gets no signature (it runs eagerly, no crash); adapters added after
+    the first call, and their scaling, are part of the signature; a namedtuple stays whole."""
+    import collections
+    import functools
+
+    from fastload.engine.layer_graphs import _Call, _flatten, _unflatten
+
+    assert _Call(functools.partial(torch.nn.Linear(4, 4)), torch.randn(2, 4)).key is None
+    assert _Call(functools.partial(torch.add, "not a module"), torch.randn(2, 4)).key is None
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, lora=None, dtype=torch.float32)
+    layer = model.model.layers[0]
+    hidden = torch.randn(1, 4, model.config.hidden_size)
+    before = _Call(functools.partial(layer.__call__, use_cache=False), hidden).key
+    peft_model = FastModel.get_peft_model(model)
+    layer = peft_model.get_base_model().model.layers[0]
+    with_adapters = _Call(functools.partial(layer.__call__, use_cache=False), hidden).key
+    assert with_adapters != before
+    layer.mlp.up_proj.scaling["default"] = 0.5
+    assert _Call(functools.partial(layer.__call__, use_cache=False), hidden).key != with_adapters
+    Pair = collections.namedtuple("Pair", "a b")
+    leaves: list = []
+    pair = Pair(torch.ones(1), torch.zeros(1))
+    assert _unflatten(_flatten((pair, [1]), leaves), leaves)[0] is pair and leaves[0] is pair

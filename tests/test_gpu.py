@@ -303,7 +303,7 @@ def test_cuda_graphs_stay_off_when_the_gpu_has_little_free_memory(gpu_llama, mon
     from fastload.engine import layer_graphs
 
     monkeypatch.setattr(layer_graphs, "MIN_FREE_FRACTION", 1.01)  # no GPU is ever that free
-    model, _ = FastModel.from_pretrained(gpu_llama, store=False)
+    model, _ = FastModel.from_pretrained(gpu_llama, store=False, engine={"cuda_graphs": True})
     assert "cuda_graphs" in model.fastload_engine
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(5)).cuda()
@@ -316,3 +316,69 @@ def test_cuda_graphs_stay_off_when_the_gpu_has_little_free_memory(gpu_llama, mon
     graphs = _graphs_of(model)
     assert not graphs.graphs and not graphs.pure_graphs and graphs.disabled == "little free GPU memory"
     assert "GiB free" in caplog.text and all(abs(x - losses[0]) < 1e-3 * losses[0] for x in losses)
+
+
+def _train_steps(model, batches, autocast=False):
+    model.train()
+    losses = []
+    for ids in batches:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cuda_graphs_stay_out_of_autocast_and_its_recomputation_keeps_it(gpu_llama):
+    """Under autocast (Trainer with bf16=True) a capture would bake autocast's cached weight casts in: layers run
+    eagerly, and their recomputation in backward runs under the forward's autocast, as torch's checkpoint does."""
+    batches = [torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(6)).cuda()] * 4
+    plain, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, fused_lora=False), store=False, random_state=1)
+    graphed, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, fused_lora=False, offload_checkpointing=True,
+                                                                  cuda_graphs=True), store=False, random_state=1)
+    nonzero_lora_b(plain)
+    nonzero_lora_b(graphed)
+    loss_p, grads_p = _train_steps(plain, batches, autocast=True)
+    loss_g, grads_g = _train_steps(graphed, batches, autocast=True)
+    assert not _graphs_of(graphed).graphs and not _graphs_of(graphed).pure_graphs
+    assert all(abs(a - b) / a < 1e-3 for a, b in zip(loss_p, loss_g)), (loss_p, loss_g)
+    for name, g in grads_p.items():
+        assert (g - grads_g[name]).norm() / g.norm() < 1e-2, name
+
+
+def test_a_refused_capture_leaves_eager_layers_on_the_default_stream(gpu_llama):
+    """A layer that synchronizes with the host cannot be captured: training goes on eagerly, with the same losses,
+    on the stream it was on, and the model stops trying."""
+    eager, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, fused_lora=True), store=False, random_state=1)
+    graphed, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, fused_lora=True, cuda_graphs=True),
+                                           store=False, random_state=1)
+    for model in (eager, graphed):
+        mlp = model.get_base_model().model.layers[1].mlp
+        original = mlp.forward
+        mlp.forward = lambda x, _original=original: _original(x) * (1.0 + 0.0 * float(x[0, 0, 0].item()))
+    batches = [torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(7)).cuda()] * 4
+    loss_e, _ = _train_steps(eager, batches)
+    loss_g, _ = _train_steps(graphed, batches)
+    graphs = _graphs_of(graphed)
+    assert graphs.disabled == "a forward capture failed", graphs.disabled
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert all(abs(a - b) / a < 1e-3 for a, b in zip(loss_e, loss_g)), (loss_e, loss_g)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "on-device"])
+def test_engine_checkpointing_backpropagates_a_retained_graph_twice(gpu_llama, offload):
+    """retain_graph=True then a second backward (torch's checkpoint allows it): gradients twice one backward's."""
+    model, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, offload_checkpointing=offload,
+                                                                cuda_graphs=not offload), store=False)
+    nonzero_lora_b(model)
+    model.train()
+    ids = torch.randint(0, 1000, (2, 1024), generator=torch.Generator().manual_seed(8)).cuda()
+    model(input_ids=ids, labels=ids).loss.backward()
+    once = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name, g in once.items():
+        twice = dict(model.named_parameters())[name].grad.float()
+        assert (twice - 2 * g).norm() / (2 * g).norm() < 1e-2, name

@@ -21,7 +21,7 @@ WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
 ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss": False},
                    "fastload-nolora": {"fused_lora": False},
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},
-                   "fastload-nographs": {"cuda_graphs": False}}
+                   "fastload-graphs": {"cuda_graphs": True}}
 IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS)
 # recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement
 LOADS = ("fastload", "recipe", "unsloth")

@@ -20,7 +20,9 @@ class EngineSettings:
     fused_lora: bool = True              # each LoRA projection as one autograd function in the compute dtype
     fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
     offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
-    cuda_graphs: bool = True             # checkpointed layers replayed as CUDA graphs once a shape repeats (CUDA)
+    cuda_graphs: bool = False            # checkpointed layers (and the loss) replayed as CUDA graphs once a shape
+                                         # repeats (CUDA): ~2x on a 1B model, for a memory pool of ~one layer's
+                                         # recomputation; opt-in until its guards have run on a GPU
     kernels: bool = True                 # Triton RMSNorm / SwiGLU, liger-kernel RoPE where installed (CUDA)
 
     @classmethod

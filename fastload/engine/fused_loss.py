@@ -124,7 +124,7 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 
     use_kernel = (triton_available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
-    if chunk is None and graphs is not None and use_kernel:
+    if chunk is None and graphs is not None and not graphs.disabled and use_kernel:
         # replayed as a graph, a chunk costs no launches from the host: smaller chunks keep the graphs' shared
         # memory pool (which must fit the largest chunk's logits) small
         chunk = chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT * GRAPHED_CHUNK_SHRINK)

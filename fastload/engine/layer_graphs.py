@@ -32,10 +32,11 @@ MIN_FREE_BYTES = 2 << 30  # the graphs' pool (about one layer's recomputation, ~
 
 
 def _flatten(value, leaves: list):
-    """tuple/list/dict nesting -> structure with leaves replaced by their index in `leaves`."""
-    if isinstance(value, (tuple, list)):
+    """tuple/list/dict nesting -> structure with leaves replaced by their index in `leaves`. Only these exact types
+    are taken apart (a namedtuple or a ModelOutput is a leaf, which a capture then refuses as an output)."""
+    if type(value) in (tuple, list):
         return type(value), tuple(_flatten(v, leaves) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return dict, tuple((k, _flatten(v, leaves)) for k, v in value.items())
     leaves.append(value)
     return None, len(leaves) - 1
@@ -51,7 +52,7 @@ def _unflatten(structure, leaves: list):
 
 
 def _meta(t) -> tuple:
-    return tuple(t.shape), t.dtype, t.stride(), t.requires_grad
+    return tuple(t.shape), t.dtype, t.stride(), t.requires_grad, t.device
 
 
 class _Call:
@@ -71,8 +72,8 @@ class _Call:
         tensor_metas = tuple(_meta(leaves[i]) for i in self.tensor_slots)
         self.shape_key = (_meta(hidden), tensor_metas)
         others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
-        self.key = (self.shape_key, self.func, others, _layer_state(self.layer),
-                    torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        state = _layer_state(self.layer) if self.layer is not None else None
+        self.key = (self.shape_key, self.func, others, state) if state is not None else None
 
     def rebuilt(self, tensors):
         """The same call with `tensors` in place of its tensor leaves."""
@@ -84,22 +85,46 @@ class _Call:
 
 
 def _layer_of(function):
+    """The module a checkpointed partial runs, or None (then it runs eagerly)."""
+    import torch
+
     owner = getattr(function.func, "__self__", None)  # transformers <= 5.2x: partial(layer.__call__, **kwargs)
     if owner is None and function.args:
         owner = function.args[0]                        # later: partial(forward, layer, **kwargs)
-    return owner
+    return owner if isinstance(owner, torch.nn.Module) else None
 
 
-def _layer_state(layer) -> tuple:
-    """What a captured graph of this layer bakes in besides its arguments."""
-    adapters = getattr(layer, "_fastload_lora_modules", None)
-    if adapters is None:
-        adapters = layer._fastload_lora_modules = tuple(m for m in layer.modules() if hasattr(m, "lora_A"))
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _layer_state(layer) -> tuple | None:
+    """What a captured graph of this layer bakes in besides its arguments, or None where a graph cannot stand for
+    the layer: dropout (each call draws new numbers), module hooks (a replay would skip them), a parameter off the
+    layer's device. Scanned on every call: adapters can be added, switched or rescaled at any time."""
+    import torch
+
+    adapters, addresses = [], []
+    for module in layer.modules():
+        if any(getattr(module, name, None) for name in _HOOKS):
+            return None
+        if isinstance(module, torch.nn.Dropout) and module.p > 0 and module.training:
+            return None
+        if hasattr(module, "lora_A"):
+            adapters.append((tuple(module.active_adapters), module.disable_adapters, module.merged,
+                             tuple(module.scaling.items())))
     params = tuple(layer.parameters())
-    return (id(layer), layer.training,
-            tuple((tuple(m.active_adapters), m.disable_adapters, m.merged, tuple(m.scaling.items()))
-                  for m in adapters),
-            tuple(p.data_ptr() for p in params), tuple(p.requires_grad for p in params))
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        return None
+    for p in params:
+        addresses.append(p.data_ptr())
+        state = getattr(p, "quant_state", None)  # a 4-bit weight's scales are read by address too
+        if state is not None:
+            addresses += [t.data_ptr() for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+            if getattr(state, "state2", None) is not None:
+                addresses += [state.state2.absmax.data_ptr(), state.state2.code.data_ptr()]
+    addresses += [b.data_ptr() for b in layer.buffers()]
+    return (id(layer), layer.training, tuple(adapters), tuple(addresses), tuple(p.requires_grad for p in params))
 
 
 class _Inputs:
@@ -109,16 +134,16 @@ class _Inputs:
     def __init__(self, hidden, tensors):
         self.hidden = hidden.detach().clone()
         self.tensors = [t.detach().clone() for t in tensors]
-        self._sources = [None] * len(tensors)
+        self._sources = [None] * len(tensors)  # (weak reference, version): a mask is not kept alive for this
 
     def load(self, hidden, tensors) -> None:
         self.hidden.copy_(hidden)
         for i, source in enumerate(tensors):
             last = self._sources[i]
-            if last is not None and last[0] is source and last[1] == source._version:
+            if last is not None and last[0]() is source and last[1] == source._version:
                 continue
             self.tensors[i].copy_(source)
-            self._sources[i] = (source, source._version)
+            self._sources[i] = (weakref.ref(source), source._version)
 
 
 class _LayerGraph:
@@ -133,8 +158,13 @@ class ModelGraphs:
     """The CUDA graphs of one model's checkpointed layers, with their shared memory pool and buffers."""
 
     def __init__(self, device):
-        self.device = device
+        import torch
+
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.pool = None
+        self.capture_stream = None
         self.seen: dict = {}
         self.graphs: dict = {}
         self.pure_graphs: dict = {}
@@ -151,11 +181,11 @@ class ModelGraphs:
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, function, hidden):
         """The layer's output computed by replaying its graph, or None when this call runs eagerly."""
-        if not isinstance(function, functools.partial):
+        if not self._applies(function, hidden):
             return None
         call = _Call(function, hidden)
         try:
-            if call.layer is None or call.key in self.failed:
+            if call.key is None or call.key in self.failed:
                 return None
         except TypeError:  # an argument that cannot be part of a signature (unhashable): eager
             return None
@@ -172,8 +202,9 @@ class ModelGraphs:
         return _unflatten(structure, [b.clone() if b is not None else v for b, v in buffers])
 
     def _maybe_capture_forward(self, call, hidden):
-        if len(self.seen) > MAX_SEEN:  # shapes that never repeat: forget them
+        if len(self.seen) > MAX_SEEN or len(self.failed) > MAX_SEEN:  # shapes that never repeat: forget them
             self.seen.clear()
+            self.failed.clear()
         count = self.seen.get(call.key, 0) + 1
         self.seen[call.key] = count
         if count <= WARM_CALLS or self.disabled:
@@ -212,6 +243,8 @@ class ModelGraphs:
             sample = _warm_up(lambda: run(inputs.hidden), self.device)
         leaves: list = []
         structure = _flatten(sample, leaves)
+        if not all(isinstance(v, torch.Tensor) or v is None for v in leaves):
+            raise TypeError("the layer returns something other than tensors, tuples, lists and dicts of them")
         key = (call.shape_key, tuple(_meta(v) if isinstance(v, torch.Tensor) else None for v in leaves))
         shared = self.outputs.get(key)
         if shared is None:
@@ -233,9 +266,11 @@ class ModelGraphs:
     def backward(self, function, hidden, grad_outs):
         """(input gradient, trained parameters, their gradients) by replaying the layer's backward graph, or None
         when this call runs eagerly."""
-        if not isinstance(function, functools.partial):
+        if not self._applies(function, hidden):
             return None
         call = _Call(function, hidden)
+        if call.key is None:
+            return None
         try:
             graph = self.graphs.get(call.key)
         except TypeError:
@@ -314,7 +349,9 @@ class ModelGraphs:
         layers' memory pool (so its temporaries share their memory); fresh output tensors, or None when eager."""
         import torch
 
-        key = (name, tuple(_meta(t) for t in tensors), extra, torch.is_grad_enabled())
+        if not all(t.device == self.device for t in tensors) or torch.is_autocast_enabled("cuda"):
+            return None
+        key = (name, tuple(_meta(t) for t in tensors), extra)
         entry = self.pure_graphs.get(key)
         if entry is None:
             if key in self.failed or self.disabled:
@@ -323,7 +360,7 @@ class ModelGraphs:
             self.seen[key] = count
             if count <= WARM_CALLS:
                 return None
-            if key not in self.shapes and len(self.shapes) >= MAX_SIGNATURES * 2:
+            if len(self.pure_graphs) >= MAX_SIGNATURES:
                 self.failed.add(key)
                 return None
             if not self._room_to_capture():
@@ -334,7 +371,6 @@ class ModelGraphs:
                 self._give_up(key, name, error)
                 return None
             self.pure_graphs[key] = entry
-            self.shapes.add(key)
         graph, inputs, outputs = entry
         for static, tensor in zip(inputs, tensors):
             static.copy_(tensor)
@@ -356,6 +392,15 @@ class ModelGraphs:
         return graph, inputs, outputs
 
     # -- shared --------------------------------------------------------------------------------------------------
+    def _applies(self, function, hidden) -> bool:
+        """Whether a graph may stand for this call at all: a partial over a module, on this model's device, which
+        is the current one, outside autocast (a capture would bake autocast's cached casts of the weights in, and
+        backward runs outside the forward's autocast region)."""
+        import torch
+
+        return (isinstance(function, functools.partial) and hidden.is_cuda and hidden.device == self.device
+                and torch.cuda.current_device() == hidden.device.index and not torch.is_autocast_enabled("cuda"))
+
     def _room_to_capture(self) -> bool:
         import torch
 
@@ -370,12 +415,24 @@ class ModelGraphs:
                     "leave too little); the rest run eagerly", free / (1 << 30), total / (1 << 30))
         return False
 
+    @contextlib.contextmanager
     def _capturing(self, graph):
+        """torch.cuda.graph on this model's device and its own capture stream; the thread's stream is put back
+        even when the capture fails (torch's context would leave the capture stream current)."""
         import torch
 
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        return torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local")
+        with torch.cuda.device(self.device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            if self.capture_stream is None:
+                self.capture_stream = torch.cuda.Stream(self.device)
+            previous = torch.cuda.current_stream(self.device)
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream,
+                                      capture_error_mode="thread_local"):
+                    yield
+            finally:
+                torch.cuda.set_stream(previous)
 
     def _give_up(self, key, part: str, error: Exception) -> None:
         import torch

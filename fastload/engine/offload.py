@@ -28,7 +28,8 @@ class _Slot:
         self.on_device = self.ready = None
 
     def prefetch(self, stream) -> None:
-        """Start copying back to the device on `stream` (after the copy to host finished)."""
+        """Start copying back to the device on `stream` (after the copy to host finished). The host copy stays
+        until the autograd graph lets go of this slot: a retained graph's second backward copies it back again."""
         import torch
 
         if self.on_device is not None or self.host is None:
@@ -37,8 +38,7 @@ class _Slot:
             stream.wait_event(self.copied)
             self.on_device = self.host.to(self.device, non_blocking=True)
             self.ready = torch.cuda.Event()
-            self.ready.record(stream)
-        self.host = None
+            self.ready.record(stream)  # (the host allocator keeps the pinned block until the copy has run)
 
     def take(self, stream):
         """The input on the device, usable on the current stream."""
@@ -90,8 +90,7 @@ class _DeviceSlot:
         return
 
     def take(self, stream):
-        hidden, self.hidden = self.hidden, None
-        return hidden
+        return self.hidden
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,6 +105,9 @@ def _function():
 
         @staticmethod
         def forward(ctx, run, graphs, offload, hidden, *params):
+            # what torch's checkpoint restores for recomputation: the forward's autocast state
+            ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                            torch.is_autocast_cache_enabled())
             if offload:
                 stream = _side_stream(hidden.device)
                 host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
@@ -134,14 +136,16 @@ def _function():
                 _pop_and_prefetch_next(slot, stream)
             else:
                 hidden = slot.take(None)
-            ctx.slot = None
             hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
-            replayed = ctx.graphs.backward(ctx.run, hidden, grad_outs) if ctx.graphs is not None else None
+            enabled, dtype, cache = ctx.autocast
+            replayed = None
+            if ctx.graphs is not None and not enabled:
+                replayed = ctx.graphs.backward(ctx.run, hidden, grad_outs)
             if replayed is not None and len(replayed[1]) == ctx.n_params:
                 grad_hidden, params, grads = replayed
                 return (None, None, None, grad_hidden, *(g.clone() if g is not None and needed else None
                                                          for g, needed in zip(grads, ctx.needs_input_grad[4:])))
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=cache):
                 out = ctx.run(hidden)
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grad_outs) if torch.is_tensor(o) and o.requires_grad and g is not None]
@@ -181,13 +185,23 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
     if not offload and graphs is None:
         return checkpoint(function, hidden_states, use_reentrant=False)
-    params = ()
-    if graphs is not None:
+    layer = None
+    if isinstance(function, functools.partial):
         from .layer_graphs import _layer_of
 
-        layer = _layer_of(function) if hasattr(function, "func") else None
-        params = tuple(p for p in layer.parameters() if p.requires_grad) if layer is not None else ()
+        layer = _layer_of(function)
+    if layer is not None and _uses_dropout(layer):  # recomputation must replay the forward's random numbers
+        return checkpoint(function, hidden_states, use_reentrant=False)
+    params = tuple(p for p in layer.parameters() if p.requires_grad) if graphs is not None and layer is not None \
+        else ()
     return _function().apply(function, graphs, offload, hidden_states, *params)
+
+
+def _uses_dropout(layer) -> bool:
+    """Dropout active in this layer now (LoRA dropout can be added after the engine was installed)."""
+    import torch
+
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in layer.modules())
 
 
 def _has_dropout(model) -> bool:
@@ -241,6 +255,18 @@ def reinstall_engine_checkpointing(model) -> bool:
     function = getattr(model, "_fastload_checkpoint_function", None)
     if function is None:
         return False
+    if _has_dropout(model):  # LoRA dropout added since: torch's checkpoint replays the forward's random numbers
+        from .._log import logger
+
+        logger.info("engine: offloaded checkpointing and CUDA graphs off (dropout > 0 added); plain checkpointing")
+        del model._fastload_checkpoint_function
+        return False
     for layer in _checkpointed_layers(model):
         layer._gradient_checkpointing_func = function
     return True
+
+
+def uses_engine_checkpointing(model) -> bool:
+    """Whether this model's checkpointed layers go through the engine's function."""
+    return any(getattr(layer._gradient_checkpointing_func, "func", None) is engine_checkpoint
+               for layer in _checkpointed_layers(model))
