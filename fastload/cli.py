@@ -98,10 +98,23 @@ def cmd_quantize(args) -> int:
     from .facade import FastModel
     from .store import Store
 
+    quant = dict(bnb_4bit_quant_type=args.quant_type, bnb_4bit_use_double_quant=not args.no_double_quant)
+    if args.out:  # a 4-bit checkpoint already on this machine is copied as it is, without loading it
+        from .sources import make_store, resolve
+
+        plan = resolve(args.source, store=make_store(True) or False, **quant)
+        files = local_files_of(plan, LoadOptions()) if plan.prequantized else None
+        if files is not None:
+            from .saving import atomic_directory
+
+            out = Path(args.out).expanduser().absolute()
+            note(args, f"copying the 4-bit checkpoint {plan.location}")
+            with atomic_directory(out) as tmp:
+                copy_checkpoint(files, tmp)
+            return _quantize_done(args, plan, out, True)
     note(args, f"loading {args.source} in 4-bit (quantizing on the fly unless a quantized copy exists)")
     model, tokenizer = FastModel.from_pretrained(args.source, lora=None, gradient_checkpointing=False, engine=False,
-                                                 bnb_4bit_quant_type=args.quant_type,
-                                                 bnb_4bit_use_double_quant=not args.no_double_quant)
+                                                 **quant)
     plan = model.fastload_plan
     if args.out:
         from .saving import atomic_directory
@@ -132,6 +145,10 @@ def cmd_quantize(args) -> int:
             raise StoreError(f"Quantizing {args.source} into the store", found="no store entry was written",
                              fix="check FASTLOAD_HOME is writable, or pass --out DIR")
         where, written = entry.path, True
+    return _quantize_done(args, plan, where, written)
+
+
+def _quantize_done(args, plan, where: Path, written: bool) -> int:
     size = sum(f.stat().st_size for f in where.iterdir() if f.is_file())
     data = {"source": args.source, "path": str(where), "written": written, "bytes": size,
             "quantization": plan.quant.describe(), "plan_source": plan.source}

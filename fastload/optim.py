@@ -16,19 +16,58 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+_NO_DECAY_NAMES = ("bias", "norm")  # transformers' rule: no weight decay on biases and normalisation weights
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """The trained parameters in transformers' groups: weight decay on matrices, none on biases and norms."""
+    decay, exempt, seen = [], [], set()
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}".lower()
+            is_norm = "norm" in type(module).__name__.lower()
+            (exempt if weight_decay and (is_norm or any(k in full for k in _NO_DECAY_NAMES)) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def keep_embeddings_in_32_bit(model) -> int:
+    """Trained embeddings get 32-bit optimizer state, as transformers' adamw_8bit gives them (8-bit state is
+    unstable for embeddings: bitsandbytes' advice); returns how many."""
+    import bitsandbytes as bnb
+    import torch
+
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad:
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+            count += 1
+    return count
+
+
 def get_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
                   betas: tuple[float, float] = DEFAULT_BETAS, eps: float = DEFAULT_EPS, **kwargs):
-    """bitsandbytes' AdamW8bit over the trainable (LoRA) parameters; extra kwargs go to AdamW8bit."""
+    """bitsandbytes' AdamW8bit over the trainable (LoRA) parameters, grouped and configured as transformers'
+    adamw_8bit does (no weight decay on biases and norms, 32-bit state for trained embeddings); extra kwargs go to
+    AdamW8bit."""
     from .adamw8bit import AdamW8bitNoSync
 
-    params = trainable_parameters(model)
-    if not params:
+    if not trainable_parameters(model):
         raise InvalidOption("Building the optimizer", found="the model has no trainable parameters",
                             fix="load with LoRA (the default) or call FastModel.get_peft_model(model) first")
     try:
-        return AdamW8bitNoSync(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **kwargs)
+        optimizer = AdamW8bitNoSync(parameter_groups(model, weight_decay), lr=lr, weight_decay=weight_decay,
+                                    betas=betas, eps=eps, **kwargs)
     except (TypeError, ValueError) as e:  # bitsandbytes' own checks: a negative lr, betas outside [0, 1), a typo
         options = ", ".join(f"{k}={v!r}" for k, v in dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                                                             **kwargs).items())
         raise InvalidOption(f"Building the optimizer with {options}", found=f"bitsandbytes refused it: {e}",
                             fix="lr and eps >= 0, betas in [0, 1), and only AdamW8bit's keyword arguments") from e
+    keep_embeddings_in_32_bit(model)
+    return optimizer

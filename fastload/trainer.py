@@ -116,21 +116,10 @@ def default_optim() -> str:
 
 
 def _fastload_optimizer_serves(model, args) -> bool:
-    """fastload's AdamW8bit (bitsandbytes' with lean steps) where the user left the optimizer to the defaults:
-    transformers' own, or "adamw_8bit" without optim_args. transformers' adamw_8bit is kept where it would differ:
-    a trained embedding (it gives embeddings 32-bit state), weight decay with trained biases or norms."""
-    import torch
-
+    """fastload's AdamW8bit (bitsandbytes' with lean steps, grouped and configured as transformers' adamw_8bit)
+    where the user left the optimizer to the defaults: transformers' own, or "adamw_8bit" without optim_args."""
     name = _name(args.optim)
-    if name == default_optim():
-        return True
-    if name != TRAINER_OPTIM or getattr(args, "optim_args", None):
-        return False
-    trained = [n.lower() for n, p in model.named_parameters() if p.requires_grad]
-    if args.weight_decay and any("bias" in n or "norm" in n for n in trained):
-        return False  # transformers exempts biases and norms from weight decay with a second parameter group
-    return not any(isinstance(m, torch.nn.Embedding) and any(p.requires_grad for p in m.parameters(recurse=False))
-                   for m in model.modules())
+    return name == default_optim() or (name == TRAINER_OPTIM and not getattr(args, "optim_args", None))
 
 
 def _name(optim) -> str:
@@ -210,8 +199,8 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     shape (messages, ShareGPT, Alpaca, prompt/response; tokenized here, responses-only when responses_only=True),
     or for SFT any dataset TRL accepts. args: None for fastload's defaults (training_arguments). If args.optim is
     TrainingArguments' default or "adamw_8bit", the optimizer is fastload's AdamW8bit (bitsandbytes', with lean
-    steps: fastload.adamw8bit), unless optim_args are set, an embedding is trained or weight decay meets trained
-    biases/norms (then transformers' adamw_8bit); any other optim the user set is kept.
+    steps: fastload.adamw8bit; no decay on biases and norms, 32-bit state for trained embeddings, as transformers'
+    adamw_8bit), unless optim_args are set (then transformers' adamw_8bit); any other optim the user set is kept.
     """
     from .checkpointing import for_training, is_checkpointing
 

@@ -123,7 +123,7 @@ def test_quantize_into_the_store_then_cache_list_verify_rm(tiny_llama, isolated_
     assert run_json(capsys, "cache", "list")["entries"] == []
 
 
-def test_quantize_to_out_writes_a_prequantized_checkpoint(tiny_llama, tmp_path, capsys):
+def test_quantize_to_out_writes_a_prequantized_checkpoint(tiny_llama, tmp_path, capsys, monkeypatch):
     out = tmp_path / "q4"
     done = run_json(capsys, "quantize", tiny_llama, "--out", out, "--quant-type", "fp4")
     assert done["path"] == str(out) and done["written"]
@@ -134,6 +134,12 @@ def test_quantize_to_out_writes_a_prequantized_checkpoint(tiny_llama, tmp_path, 
     assert plan["prequantized"] and plan["source"] == "local"
     # a source that is already 4-bit is copied as it is (transformers cannot save a model loaded that way)
     again = tmp_path / "copy"
+    from fastload import FastModel
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a 4-bit checkpoint on disk is copied without loading it")
+
+    monkeypatch.setattr(FastModel, "from_pretrained", no_load)
     assert run_json(capsys, "quantize", out, "--out", again)["written"]
     assert {f.name for f in again.iterdir()} == {f.name for f in out.iterdir()}
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

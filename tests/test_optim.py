@@ -193,3 +193,24 @@ def test_bad_optimizer_settings_are_fastload_errors_naming_them(tiny_llama, bad)
         FastModel.get_optimizer(model, **bad)
     name = next(iter(bad))
     assert f"{name}=" in str(err.value) and "what to do" in str(err.value)
+
+
+def test_weight_decay_spares_biases_and_norms_as_transformers_does(tiny_llama):
+    """FastModel.get_optimizer groups like transformers' adamw_8bit: with weight decay and no gradient, a trained
+    norm weight (and a bias) stays put while a LoRA matrix shrinks."""
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    norm = model.get_base_model().model.layers[0].input_layernorm.weight
+    norm.requires_grad_(True)
+    lora = model.get_base_model().model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    optimizer = FastModel.get_optimizer(model, lr=0.1, weight_decay=0.5)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+    assert any(p is norm for p in optimizer.param_groups[1]["params"])
+    norm_before, lora_before = norm.detach().clone(), lora.detach().clone()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.equal(norm, norm_before)
+    assert torch.allclose(lora, lora_before * (1 - 0.1 * 0.5))
+    without = FastModel.get_optimizer(model, lr=0.1)  # no decay asked: one group, as before
+    assert len(without.param_groups) == 1
