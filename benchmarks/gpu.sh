@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu.sh headline  # 1B and 8B 2048x2 for fastload, recipe, unsloth only (the README's table)
 #   bash benchmarks/gpu.sh long      # 8B 8192x1 for fastload, unsloth only
 #   bash benchmarks/gpu.sh profile   # 1B and 8B, fastload and unsloth, with a torch.profiler table each
+#   bash benchmarks/gpu.sh graphs    # 1B and 8B 2048x2: fastload with and without CUDA graphs, and unsloth
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -16,7 +17,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -54,6 +55,10 @@ case "$part" in
         bench --model llama3-8b --phase train --impl fastload,unsloth --steps 4 --warmup 2 --profile --append
         cp "$WORK"/profile-*.txt "$OUT"/ 2>/dev/null
         ;;
+    graphs)  # the opt-in CUDA graphs against the default and Unsloth, each pair from one run
+        bench --model llama3-1b --phase train --impl fastload,fastload-graphs,unsloth
+        bench --model llama3-8b --phase train --impl fastload,fastload-graphs,unsloth --append --plot
+        ;;
     long)  # 8B at 8192x1: fastload and unsloth (the recipe needs ~48 GiB and minutes here)
         bench --model llama3-8b --phase train --impl fastload,unsloth --seq 8192 --batch 1
         ;;
@@ -63,7 +68,7 @@ case "$part" in
             --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1, part2, part3, headline, long or profile" >&2
+        echo "unknown part '$part': use part1, part2, part3, headline, long, profile or graphs" >&2
         exit 2
         ;;
 esac

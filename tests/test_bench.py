@@ -158,6 +158,8 @@ def test_report_ratios_and_void_comparison():
     table = report.markdown(summary)
     assert "comparison void" in table and "| recipe-noupcast | error |" in table
     assert "OutOfMemoryError" in table  # the Errors section names the failure
+    agreeing = report.markdown(report.summarize(records[:2], {"device": "cuda", "seq": 2048, "batch": 2}))
+    assert "⚠" not in agreeing and "First-step losses agree" in agreeing  # no warning sign where none applies
 
 
 def test_runs_of_other_shapes_are_never_compared():

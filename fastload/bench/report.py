@@ -184,9 +184,14 @@ def markdown(summary: dict) -> str:
         lines.append("")
     if summary["errors"]:
         lines += ["## Errors", ""] + [f"- {e}" for e in summary["errors"]] + [""]
-    lines += ["Ratios: tokens/s ÷ reference above 1 is faster; memory ÷ reference below 1 is smaller; "
-              "load ÷ recipe below 1 is faster. ⚠: first-step loss differs by more than "
-              f"{LOSS_TOLERANCE:g} relative (comparison void)."]
+    legend = ("Ratios: tokens/s ÷ reference above 1 is faster; memory ÷ reference below 1 is smaller; "
+              "load ÷ recipe below 1 is faster.")
+    if cuda:
+        legend += (" Peak allocated: the larger of the run's peak and the timed steps' peak plus any CUDA graph pool "
+                   "(which the allocator stops counting once graphs are captured).")
+    if summary["void"]:
+        legend += f" ⚠: first-step loss differs by more than {LOSS_TOLERANCE:g} relative (comparison void)."
+    lines += [legend]
     return "\n".join(lines) + "\n"
 
 
