@@ -105,9 +105,13 @@ def cmd_quantize(args) -> int:
         plan = resolve(args.source, store=make_store(True) or False, **quant)
         files = local_files_of(plan, LoadOptions()) if plan.prequantized else None
         if files is not None:
+            from .checkpoint import check_tokenizer_files, inspect_checkpoint
             from .saving import atomic_directory
 
             out = Path(args.out).expanduser().absolute()
+            _refuse_out_inside(out, Path(files), args.source)
+            inspect_checkpoint(Path(files))  # what a load would check first: complete, safetensors, readable
+            check_tokenizer_files(Path(files))
             note(args, f"copying the 4-bit checkpoint {plan.location}")
             with atomic_directory(out) as tmp:
                 copy_checkpoint(files, tmp)
@@ -127,6 +131,7 @@ def cmd_quantize(args) -> int:
                     raise StoreError(f"Copying {args.source} to {out}", found=f"the files of {plan.location} are not "
                                      "on this machine after loading it", fix="download it into the Hugging Face "
                                      "cache (huggingface-cli download) and run the command again")
+                _refuse_out_inside(out, Path(files), args.source)
                 copy_checkpoint(files, tmp)
             else:
                 model.save_pretrained(str(tmp), safe_serialization=True)
@@ -148,12 +153,34 @@ def cmd_quantize(args) -> int:
     return _quantize_done(args, plan, where, written)
 
 
+def _refuse_out_inside(out: Path, files: Path, source: str) -> None:
+    """--out must not be (inside) the checkpoint being copied: a store entry would find a stranger and be removed."""
+    files = files.resolve()
+    out = out.resolve()
+    if out == files or files in out.parents:
+        raise InvalidOption(f"fastload quantize {source} --out {out}", found=f"{out} is inside the checkpoint it "
+                            f"would copy ({files})", fix="pass an --out folder outside it")
+
+
+def _written_quantization(where: Path, plan) -> str:
+    """The quantization of what is at `where` (its config), which for a copied checkpoint may differ from what
+    was asked (a 4-bit checkpoint is copied as it is)."""
+    try:
+        q = json.loads((where / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return plan.quant.describe()
+    if q.get("load_in_4bit"):
+        double = "+double quant" if q.get("bnb_4bit_use_double_quant") else ""
+        return f"4-bit {q.get('bnb_4bit_quant_type', 'nf4')}{double}"
+    return "8-bit" if q.get("load_in_8bit") else plan.quant.describe()
+
+
 def _quantize_done(args, plan, where: Path, written: bool) -> int:
     size = sum(f.stat().st_size for f in where.iterdir() if f.is_file())
     data = {"source": args.source, "path": str(where), "written": written, "bytes": size,
-            "quantization": plan.quant.describe(), "plan_source": plan.source}
+            "quantization": _written_quantization(where, plan), "plan_source": plan.source}
     verb = "wrote" if written else "already stored:"
-    emit(args, data, f"{verb} {where} ({size / 1e6:.1f} MB, {plan.quant.describe()})")
+    emit(args, data, f"{verb} {where} ({size / 1e6:.1f} MB, {data['quantization']})")
     return EXIT_OK
 
 

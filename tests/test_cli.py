@@ -4,6 +4,7 @@ exit codes, --json output, and each command doing what a user typing it expects.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import subprocess
@@ -140,7 +141,16 @@ def test_quantize_to_out_writes_a_prequantized_checkpoint(tiny_llama, tmp_path, 
         raise AssertionError("a 4-bit checkpoint on disk is copied without loading it")
 
     monkeypatch.setattr(FastModel, "from_pretrained", no_load)
-    assert run_json(capsys, "quantize", out, "--out", again)["written"]
+    copied = run_json(capsys, "quantize", out, "--out", again)
+    assert copied["written"] and copied["quantization"].startswith("4-bit fp4")  # what was copied, not the nf4 asked
+    code, _, err = run(capsys, "quantize", out, "--out", out / "inside")  # would nest a copy in its own source
+    assert code != 0 and "inside the checkpoint" in err and not (out / "inside").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    code, _, err = run(capsys, "quantize", broken, "--out", tmp_path / "from-broken")
+    assert code != 0 and not (tmp_path / "from-broken").exists(), err
     assert {f.name for f in again.iterdir()} == {f.name for f in out.iterdir()}
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
