@@ -47,7 +47,33 @@ class _Pack:
 
 class AdamW8bitNoSync(AdamW8bit):
     """`bitsandbytes.optim.AdamW8bit` whose step neither waits for the device between parameters nor launches one
-    update per LoRA matrix. Same state, kernels and results."""
+    update per LoRA matrix. Same state, kernels and results.
+
+    full_precision: parameters given 32-bit state (a trained embedding, as transformers' adamw_8bit does), set on
+    this optimizer alone: bitsandbytes' GlobalOptimManager would keep the module alive and, being global, hand
+    the setting to the same-numbered parameter of every optimizer made after it."""
+
+    def __init__(self, params, *args, full_precision=(), **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self._full_precision = {id(p) for p in full_precision}
+
+    def get_config(self, gindex, pindex, group):
+        config = super().get_config(gindex, pindex, group)
+        if id(group["params"][pindex]) in getattr(self, "_full_precision", ()):
+            config["optim_bits"] = 32
+        return config
+
+    def load_state_dict(self, state_dict):
+        """Also a state saved with other empty parameter groups: transformers' optimizer always has a no-decay
+        group (often empty), fastload's had one group before it grouped like transformers."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            ours = [g for g in self.param_groups if g["params"]]
+            theirs = [g for g in saved if g["params"]]
+            if [len(g["params"]) for g in ours] == [len(g["params"]) for g in theirs]:
+                state_dict = {**state_dict, "param_groups": theirs}
+                self.param_groups = ours
+        return super().load_state_dict(state_dict)
 
     def step(self, closure=None):
         if self.is_paged or not self._ordered_by_default_stream():
@@ -99,7 +125,8 @@ class AdamW8bitNoSync(AdamW8bit):
 
     def _overridden(self, gindex: int, pindex: int, p) -> bool:
         """bitsandbytes reads per-parameter overrides (GlobalOptimManager.override_config) at every step."""
-        return (gindex, pindex) in self.mng.index2config or id(p) in self.mng.pid2config
+        return ((gindex, pindex) in self.mng.index2config or id(p) in self.mng.pid2config
+                or id(p) in getattr(self, "_full_precision", ()))
 
     def _packable(self, gindex: int, pindex: int, p) -> bool:
         state = self.state[p]

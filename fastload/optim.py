@@ -20,7 +20,8 @@ _NO_DECAY_NAMES = ("bias", "norm")  # transformers' rule: no weight decay on bia
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """The trained parameters in transformers' groups: weight decay on matrices, none on biases and norms."""
+    """The trained parameters in transformers' two groups (the second may be empty, as in transformers, so that
+    checkpoints of either optimizer load into the other): weight decay on matrices, none on biases and norms."""
     decay, exempt, seen = [], [], set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -29,26 +30,16 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
             seen.add(id(p))
             full = f"{module_name}.{name}".lower()
             is_norm = "norm" in type(module).__name__.lower()
-            (exempt if weight_decay and (is_norm or any(k in full for k in _NO_DECAY_NAMES)) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if exempt:
-        groups.append({"params": exempt, "weight_decay": 0.0})
-    return [g for g in groups if g["params"]]
+            (exempt if is_norm or any(k in full for k in _NO_DECAY_NAMES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
-def keep_embeddings_in_32_bit(model) -> int:
-    """Trained embeddings get 32-bit optimizer state, as transformers' adamw_8bit gives them (8-bit state is
-    unstable for embeddings: bitsandbytes' advice); returns how many."""
-    import bitsandbytes as bnb
+def trained_embeddings(model) -> list:
+    """Trained embedding weights: they get 32-bit optimizer state, as transformers' adamw_8bit gives them (8-bit
+    state is unstable for embeddings: bitsandbytes' advice)."""
     import torch
 
-    manager = bnb.optim.GlobalOptimManager.get_instance()
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and module.weight.requires_grad:
-            manager.register_module_override(module, "weight", {"optim_bits": 32})
-            count += 1
-    return count
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad]
 
 
 def get_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_WEIGHT_DECAY,
@@ -63,11 +54,10 @@ def get_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_W
                             fix="load with LoRA (the default) or call FastModel.get_peft_model(model) first")
     try:
         optimizer = AdamW8bitNoSync(parameter_groups(model, weight_decay), lr=lr, weight_decay=weight_decay,
-                                    betas=betas, eps=eps, **kwargs)
+                                    betas=betas, eps=eps, full_precision=trained_embeddings(model), **kwargs)
     except (TypeError, ValueError) as e:  # bitsandbytes' own checks: a negative lr, betas outside [0, 1), a typo
         options = ", ".join(f"{k}={v!r}" for k, v in dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                                                             **kwargs).items())
         raise InvalidOption(f"Building the optimizer with {options}", found=f"bitsandbytes refused it: {e}",
                             fix="lr and eps >= 0, betas in [0, 1), and only AdamW8bit's keyword arguments") from e
-    keep_embeddings_in_32_bit(model)
     return optimizer

@@ -212,5 +212,48 @@ def test_weight_decay_spares_biases_and_norms_as_transformers_does(tiny_llama):
     optimizer.step()
     assert torch.equal(norm, norm_before)
     assert torch.allclose(lora, lora_before * (1 - 0.1 * 0.5))
-    without = FastModel.get_optimizer(model, lr=0.1)  # no decay asked: one group, as before
-    assert len(without.param_groups) == 1
+    without = FastModel.get_optimizer(model, lr=0.1)  # no decay asked: transformers' two groups, both without
+    assert [g["weight_decay"] for g in without.param_groups] == [0.0, 0.0]
+
+
+def test_optimizer_state_of_one_group_loads_into_transformers_two_groups(tiny_llama):
+    """A checkpoint's optimizer state from fastload's earlier single group (or transformers' groups with an empty
+    one) resumes into today's grouping: same moments, same next update."""
+    from fastload.adamw8bit import AdamW8bitNoSync
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    old = AdamW8bitNoSync(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    old.step()
+    new = FastModel.get_optimizer(model, lr=1e-2)
+    assert len(new.param_groups) == 2 and not new.param_groups[1]["params"]
+    new.load_state_dict(old.state_dict())
+    for p in params:
+        assert torch.equal(new.state[p]["state1"], old.state[p]["state1"]) and new.state[p]["step"] == 1
+    before = [p.detach().clone() for p in params]
+    new.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_a_trained_embeddings_32bit_state_stays_with_its_own_optimizer(tiny_llama):
+    """bitsandbytes' global override manager would give the next optimizer's first parameter 32-bit state too;
+    fastload's setting lives on the optimizer that asked for it."""
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    embedding = model.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    first = FastModel.get_optimizer(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    first.step()
+    assert first.state[embedding]["state1"].dtype == torch.float32
+    other, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    second = FastModel.get_optimizer(other)
+    trained = [p for p in other.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.randn_like(p)
+    second.step()
+    big = [p for p in trained if p.numel() >= 4096]  # bitsandbytes keeps smaller ones in 32 bits anyway
+    assert big and all(second.state[p]["state1"].dtype == torch.uint8 for p in big)
