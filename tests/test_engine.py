@@ -371,3 +371,28 @@ def test_layer_graph_signature_of_other_calls_and_late_adapters(tiny_llama):
     leaves: list = []
     pair = Pair(torch.ones(1), torch.zeros(1))
     assert _unflatten(_flatten((pair, [1]), leaves), leaves)[0] is pair and leaves[0] is pair
+
+
+def test_engine_checkpoint_function_frees_its_input_after_backward_and_allows_a_retained_graph():
+    """The engine's checkpoint Function (its on-device branch runs on the CPU too): gradients as without
+    checkpointing, a retained graph backpropagates twice, and once backward is done the saved input is freed."""
+    from fastload.engine.offload import _function
+
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    layer(x).sum().backward()
+    expected = {n: p.grad.clone() for n, p in layer.named_parameters()} | {"x": x.grad.clone()}
+    layer.zero_grad()
+    x.grad = None
+    hidden = x * 1.0  # a non-leaf input, as a decoder layer gets
+    out = _function().apply(layer, None, False, hidden)
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    for name, p in layer.named_parameters():
+        assert torch.allclose(p.grad, 2 * expected[name], atol=1e-6), name
+    assert torch.allclose(x.grad, 2 * expected["x"], atol=1e-6)
+    once = _function().apply(layer, None, False, x * 1.0)
+    assert once.grad_fn.saved_tensors[0].shape == (4, 8)  # the input, kept until backward
+    once.sum().backward()
+    with pytest.raises(RuntimeError, match="freed"):  # and let go of by autograd after it
+        once.grad_fn.saved_tensors

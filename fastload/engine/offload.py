@@ -19,32 +19,34 @@ MAX_QUEUE = 4096  # forward passes whose backward never ran leave dead entries: 
 
 
 class _Slot:
-    """One layer input on its way to host memory and back; lives as long as the autograd graph holds it."""
+    """One layer input on its way to host memory and back. The host copy itself is one of the autograd node's saved
+    tensors (freed after its backward, kept for a retained graph's second one); the slot holds a weak reference to
+    it, so a layer whose backward comes earlier can start bringing it back."""
 
     __slots__ = ("host", "copied", "device", "on_device", "ready", "__weakref__")
 
     def __init__(self, host, copied, device):
-        self.host, self.copied, self.device = host, copied, device
+        self.host, self.copied, self.device = weakref.ref(host), copied, device
         self.on_device = self.ready = None
 
-    def prefetch(self, stream) -> None:
-        """Start copying back to the device on `stream` (after the copy to host finished). The host copy stays
-        until the autograd graph lets go of this slot: a retained graph's second backward copies it back again."""
+    def prefetch(self, stream, host=None) -> None:
+        """Start copying back to the device on `stream` (after the copy to host finished)."""
         import torch
 
-        if self.on_device is not None or self.host is None:
+        host = host if host is not None else self.host()
+        if self.on_device is not None or host is None:
             return
         with torch.cuda.stream(stream):
             stream.wait_event(self.copied)
-            self.on_device = self.host.to(self.device, non_blocking=True)
+            self.on_device = host.to(self.device, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record(stream)  # (the host allocator keeps the pinned block until the copy has run)
 
-    def take(self, stream):
+    def take(self, stream, host):
         """The input on the device, usable on the current stream."""
         import torch
 
-        self.prefetch(stream)
+        self.prefetch(stream, host)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.ready)
         hidden, self.on_device = self.on_device, None
@@ -78,21 +80,6 @@ def _pop_and_prefetch_next(slot, stream) -> None:
         queue.pop()
 
 
-class _DeviceSlot:
-    """A layer input kept on the device (too small to be worth copying, or offloading is off)."""
-
-    __slots__ = ("hidden", "__weakref__")
-
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-    def prefetch(self, stream) -> None:
-        return
-
-    def take(self, stream):
-        return self.hidden
-
-
 @functools.lru_cache(maxsize=None)
 def _function():
     import torch
@@ -119,8 +106,10 @@ def _function():
                 hidden.record_stream(stream)  # keep the GPU buffer alive until the copy is done
                 ctx.slot = _Slot(host, copied, hidden.device)
                 _push(ctx.slot)
+                ctx.save_for_backward(host)
             else:
-                ctx.slot = _DeviceSlot(hidden.detach())
+                ctx.slot = None
+                ctx.save_for_backward(hidden)  # kept on the device, freed by autograd after backward
             ctx.run, ctx.graphs, ctx.n_params = run, graphs, len(params)
             ctx.input_requires_grad = hidden.requires_grad
             with torch.no_grad():
@@ -129,13 +118,14 @@ def _function():
 
         @staticmethod
         def backward(ctx, *grad_outs):
+            (saved,) = ctx.saved_tensors  # the host copy, or the input itself
             slot = ctx.slot
-            if isinstance(slot, _Slot):
+            if slot is not None:
                 stream = _side_stream(slot.device)
-                hidden = slot.take(stream)
+                hidden = slot.take(stream, saved)
                 _pop_and_prefetch_next(slot, stream)
             else:
-                hidden = slot.take(None)
+                hidden = saved
             hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
             enabled, dtype, cache = ctx.autocast
             replayed = None
