@@ -116,7 +116,7 @@ class FastModel:
         for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine"):
             if hasattr(model, attr):
                 setattr(peft_model, attr, getattr(model, attr))
-        if getattr(peft_model, "fastload_engine", None):
+        if checkpointing and getattr(peft_model, "fastload_engine", None):
             from .checkpointing import _base
             from .engine.offload import uses_engine_checkpointing
 

@@ -396,3 +396,26 @@ def test_engine_checkpoint_function_frees_its_input_after_backward_and_allows_a_
     once.sum().backward()
     with pytest.raises(RuntimeError, match="freed"):  # and let go of by autograd after it
         once.grad_fn.saved_tensors
+
+
+def test_layer_graph_signature_refuses_hooks_a_replay_would_skip(tiny_llama):
+    """A forward hook inside the checkpointed call would not run on a replay: no signature (eager). The layer's own
+    hook is outside the call when transformers checkpoints its forward (partial(forward, layer)), inside when it
+    checkpoints layer.__call__."""
+    import functools
+
+    from fastload.engine.layer_graphs import _Call
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    layer = model.get_base_model().model.layers[0]
+    hidden = torch.randn(1, 4, model.config.hidden_size)
+    by_forward = functools.partial(type(layer).forward, layer, use_cache=False)
+    by_call = functools.partial(layer.__call__, use_cache=False)
+    assert _Call(by_forward, hidden).key is not None and _Call(by_call, hidden).key is not None
+    own = layer.register_forward_hook(lambda *args: None)
+    assert _Call(by_forward, hidden).key is not None and _Call(by_call, hidden).key is None
+    own.remove()
+    inner = layer.mlp.register_forward_hook(lambda *args: None)
+    assert _Call(by_forward, hidden).key is None
+    inner.remove()
+    assert _Call(by_forward, hidden).key is not None

@@ -72,7 +72,10 @@ class _Call:
         tensor_metas = tuple(_meta(leaves[i]) for i in self.tensor_slots)
         self.shape_key = (_meta(hidden), tensor_metas)
         others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
-        state = _layer_state(self.layer) if self.layer is not None else None
+        # the layer's own hooks run inside the checkpointed call only when it wraps layer.__call__ (transformers
+        # before 5.2x); later ones wrap its forward, with the hooks outside
+        own = getattr(self.func, "__self__", None) is self.layer
+        state = _layer_state(self.layer, own_hooks=own) if self.layer is not None else None
         self.key = (self.shape_key, self.func, others, state) if state is not None else None
 
     def rebuilt(self, tensors):
@@ -97,7 +100,15 @@ def _layer_of(function):
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _layer_state(layer) -> tuple | None:
+def _say_once(layer, why: str) -> None:
+    if not getattr(layer, "_fastload_graphs_said", False):
+        from .._log import logger
+
+        layer._fastload_graphs_said = True
+        logger.info("engine: CUDA graphs: %s runs eagerly: %s", type(layer).__name__, why)
+
+
+def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
     """What a captured graph of this layer bakes in besides its arguments, or None where a graph cannot stand for
     the layer: dropout (each call draws new numbers), module hooks (a replay would skip them), a parameter off the
     layer's device. Scanned on every call: adapters can be added, switched or rescaled at any time."""
@@ -105,7 +116,8 @@ def _layer_state(layer) -> tuple | None:
 
     adapters, addresses = [], []
     for module in layer.modules():
-        if any(getattr(module, name, None) for name in _HOOKS):
+        if (module is not layer or own_hooks) and any(getattr(module, name, None) for name in _HOOKS):
+            _say_once(layer, "module hooks (transformers adds some once hidden states or attentions are asked for)")
             return None
         if isinstance(module, torch.nn.Dropout) and module.p > 0 and module.training:
             return None
