@@ -16,21 +16,22 @@ def trainable_parameters(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-_NO_DECAY_NAMES = ("bias", "norm")  # transformers' rule: no weight decay on biases and normalisation weights
+# transformers' Trainer.get_decay_parameter_names: no weight decay inside LayerNorm modules or on these names
+_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """The trained parameters in transformers' two groups (the second may be empty, as in transformers, so that
-    checkpoints of either optimizer load into the other): weight decay on matrices, none on biases and norms."""
-    decay, exempt, seen = [], [], set()
-    for module_name, module in model.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = f"{module_name}.{name}".lower()
-            is_norm = "norm" in type(module).__name__.lower()
-            (exempt if is_norm or any(k in full for k in _NO_DECAY_NAMES) else decay).append(p)
+    """The trained parameters in transformers' two groups, by its own rule (the second may be empty, as in
+    transformers, so that checkpoints of either optimizer load into the other): weight decay on matrices, none on
+    biases and norms."""
+    import torch
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], list(_NO_DECAY_PATTERNS)))
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if name in decayed else exempt).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
 
 
