@@ -60,7 +60,7 @@ class _Call:
 
     __slots__ = ("layer", "func", "structure", "leaves", "tensor_slots", "shape_key", "key")
 
-    def __init__(self, function, hidden):
+    def __init__(self, function, hidden, key=None):
         import torch
 
         self.func = function.func
@@ -74,6 +74,9 @@ class _Call:
         others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
         # the layer's own hooks run inside the checkpointed call only when it wraps layer.__call__ (transformers
         # before 5.2x); later ones wrap its forward, with the hooks outside
+        if key is not None:  # the forward's signature, reused by its backward: the same call, no second scan
+            self.key = key
+            return
         own = getattr(self.func, "__self__", None) is self.layer
         state = _layer_state(self.layer, own_hooks=own) if self.layer is not None else None
         self.key = (self.shape_key, self.func, others, state) if state is not None else None
@@ -196,6 +199,7 @@ class ModelGraphs:
         if not self._applies(function, hidden):
             return None
         call = _Call(function, hidden)
+        function._fastload_signature = call.key  # for this call's backward (the partial lives on its autograd node)
         try:
             if call.key is None or call.key in self.failed:
                 return None
@@ -280,7 +284,7 @@ class ModelGraphs:
         when this call runs eagerly."""
         if not self._applies(function, hidden):
             return None
-        call = _Call(function, hidden)
+        call = _Call(function, hidden, key=getattr(function, "_fastload_signature", None))
         if call.key is None:
             return None
         try:
