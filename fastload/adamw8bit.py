@@ -124,7 +124,8 @@ class AdamW8bitNoSync(AdamW8bit):
                 and all(self.state[p].get("state1") is view for p, view in zip(pack.members, pack.views)))
 
     def _overridden(self, gindex: int, pindex: int, p) -> bool:
-        """bitsandbytes reads per-parameter overrides (GlobalOptimManager.override_config) at every step."""
+        """bitsandbytes reads per-parameter overrides (GlobalOptimManager.override_config) at every step; this
+        optimizer's own 32-bit parameters (full_precision) take bitsandbytes' path too."""
         return ((gindex, pindex) in self.mng.index2config or id(p) in self.mng.pid2config
                 or id(p) in getattr(self, "_full_precision", ()))
 

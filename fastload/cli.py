@@ -530,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-store", action="store_true", help="ignore fastload's store of quantized checkpoints")
 
     p = command("quantize", cmd_quantize, "write a bitsandbytes 4-bit checkpoint (into the store, or --out)")
-    p.add_argument("source", help="the 16-bit model: hub id, registry name, local directory or .gguf file")
+    p.add_argument("source", help="the 16-bit model: hub id, registry name, local directory or .gguf file (with "
+                   "--out, a 4-bit checkpoint already on disk is copied as it is: --quant-type and "
+                   "--no-double-quant then do not apply)")
     p.add_argument("--out", help="write the checkpoint to this folder instead of fastload's store")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit data type (default nf4)")
     p.add_argument("--no-double-quant", action="store_true", help="keep the absmax scales in fp32")

@@ -135,7 +135,8 @@ class FastModel:
     def get_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                       **kwargs: Any):
         """bitsandbytes AdamW8bit over exactly the trainable parameters, with fastload's lean step (one update
-        launch per pack of LoRA matrices, no device synchronization per parameter: fastload.adamw8bit)."""
+        launch per pack of LoRA matrices, no device synchronization per parameter: fastload.adamw8bit), grouped
+        like transformers' adamw_8bit (no weight decay on biases and norms; 32-bit state for a trained embedding)."""
         from .optim import get_optimizer
 
         return get_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)

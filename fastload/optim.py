@@ -22,8 +22,8 @@ _NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
     """The trained parameters in transformers' two groups, by its own rule (the second may be empty, as in
-    transformers, so that checkpoints of either optimizer load into the other): weight decay on matrices, none on
-    biases and norms."""
+    transformers, so that checkpoints of either optimizer load into the other): no weight decay on biases and
+    norms, weight decay on all else."""
     import torch
     from transformers.trainer_pt_utils import get_parameter_names
 

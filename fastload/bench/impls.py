@@ -17,7 +17,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none"}
 LR = 2e-4
 WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
-# fastload-no<lever> trains with one engine lever off (fastload-noengine: all off), to measure what each lever gives
+# fastload-no<lever> trains with one engine lever off (fastload-noengine: all off), to measure what each lever gives;
+# fastload-graphs turns the opt-in cuda_graphs lever on
 ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss": False},
                    "fastload-nolora": {"fused_lora": False},
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},

@@ -21,7 +21,8 @@ GRAPHED_CHUNK_SHRINK = 4  # chunks a quarter the size when the loss replays as a
 def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> int:
     """Tokens per chunk: a power of two in [128, 4096] whose chunk stays within CHUNK_BYTES.
 
-    Llama-3's 128,256 words give 256 tokens on the torch path and 1,024 with the Triton kernel. Measured on an
+    Llama-3's 128,256 words give 256 tokens on the torch path and 1,024 with the Triton kernel (256 when the loss
+    may replay as a CUDA graph). Measured on an
     H100 at 2048 x 2: on the torch path 1,024-token chunks cost 1B 1.1 GiB more than 256-token ones (above
     Unsloth's peak) while 256-token ones starved its narrow lm_head matmuls (~13% slower); the kernel's
     2 bytes a logit gives 1,024-token chunks in the memory of 256. liger-kernel's fused linear cross-entropy was

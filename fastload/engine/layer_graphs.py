@@ -1,8 +1,9 @@
 """CUDA graphs of checkpointed decoder layers: each layer's forward, and its recomputation with backward, replayed
 as one graph each instead of hundreds of kernel launches issued from Python.
 
-A QLoRA step on a small model is bound by the host: on the 1B benchmark shape the GPU is busy for about a third of
-the step while Python issues ~5,000 launches (dequantization, LoRA matmuls, norms, RoPE, attention). Under
+A QLoRA step on a small model is bound by the host: on the 1B benchmark shape the GPU was busy for ~84 of ~226 ms
+while Python issued ~3,400 kernel launches a step (dequantization, LoRA matmuls, norms, RoPE, attention) and the
+calls around them. Under
 checkpointing, a layer's work is two pure functions of its input: forward (nothing kept) and recomputation plus
 backward (input, output gradient -> input gradient, trained-parameter gradients). Each is captured once per call
 signature, after the signature was seen `WARM_CALLS` times (batches whose shapes vary never pay for a capture), and
@@ -10,11 +11,12 @@ replayed from then on.
 
 What a graph bakes in is part of its signature: shapes, dtypes and strides of every tensor argument, the other
 arguments' values, the layer's adapter state (active adapter, disabled, merged, scaling), the addresses of its
-parameters (a merge or a move re-allocates them), which parameters are trained, autocast. Inputs are copied into
+parameters, 4-bit scales and buffers (a merge or a move re-allocates them), which parameters are trained. Calls
+under autocast, on another GPU, with module hooks or active dropout run eagerly. Inputs are copied into
 the graphs' static buffers; outputs are copied out of them into buffers shared by all layers of a shape, so every
 graph of a model draws its temporaries from one memory pool and holds no memory of its own between replays.
-Anything the capture refuses (a host synchronization, an unsupported call, running out of memory) sends that
-signature back to eager execution for good, with one log line.
+Anything the capture refuses (a host synchronization, an unsupported call, running out of memory) marks that
+signature eager and stops the model capturing (graphs already captured keep replaying), with one warning.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import functools
 import weakref
 
 WARM_CALLS = 2       # eager calls of a signature before it is captured
-MAX_SIGNATURES = 4   # distinct shapes a model captures; more run eagerly (pad batches to a few fixed lengths)
+MAX_SIGNATURES = 4   # layer input shapes a model captures (and, apart, loss graphs); more run eagerly
 MAX_SEEN = 4096      # signatures counted before the count starts over
 MIN_FREE_FRACTION = 0.15  # captures start only while this much of the GPU (and at least MIN_FREE_BYTES) is free:
 MIN_FREE_BYTES = 2 << 30  # the graphs' pool (about one layer's recomputation, ~0.5-1 GiB) is spare memory turned
@@ -73,7 +75,7 @@ class _Call:
         self.shape_key = (_meta(hidden), tensor_metas)
         others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
         # the layer's own hooks run inside the checkpointed call only when it wraps layer.__call__ (transformers
-        # before 5.2x); later ones wrap its forward, with the hooks outside
+        # 5.17 and earlier); later ones wrap its forward, with the hooks outside
         if key is not None:  # the forward's signature, reused by its backward: the same call, no second scan
             self.key = key
             return
@@ -94,7 +96,7 @@ def _layer_of(function):
     """The module a checkpointed partial runs, or None (then it runs eagerly)."""
     import torch
 
-    owner = getattr(function.func, "__self__", None)  # transformers <= 5.2x: partial(layer.__call__, **kwargs)
+    owner = getattr(function.func, "__self__", None)  # transformers 5.17: partial(layer.__call__, **kwargs)
     if owner is None and function.args:
         owner = function.args[0]                        # later: partial(forward, layer, **kwargs)
     return owner if isinstance(owner, torch.nn.Module) else None
@@ -114,7 +116,8 @@ def _say_once(layer, why: str) -> None:
 def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
     """What a captured graph of this layer bakes in besides its arguments, or None where a graph cannot stand for
     the layer: dropout (each call draws new numbers), module hooks (a replay would skip them), a parameter off the
-    layer's device. Scanned on every call: adapters can be added, switched or rescaled at any time."""
+    layer's device. Scanned on every forward call (its backward reuses that signature): adapters can be added,
+    switched or rescaled at any time."""
     import torch
 
     adapters, addresses = [], []
@@ -230,9 +233,8 @@ class ModelGraphs:
                 self._warned_shapes = True
                 from .._log import logger
 
-                logger.info("engine: CUDA graphs for %d input shapes only; later shapes run eagerly (padding batches "
-                            "to a few fixed lengths, e.g. pad_to_multiple_of=64, lets every batch replay)",
-                            MAX_SIGNATURES)
+                logger.info("engine: CUDA graphs for %d input shapes only; later shapes run eagerly (pad batches "
+                            "to at most that many lengths to replay every step)", MAX_SIGNATURES)
             self.failed.add(call.key)
             return None
         if not self._room_to_capture():

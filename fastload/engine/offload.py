@@ -1,12 +1,14 @@
-"""Checkpointing that keeps each decoder layer's input in pinned CPU memory until its backward.
+"""The engine's checkpoint function: each decoder layer's input kept in pinned CPU memory until its backward
+(offload_checkpointing) or on the device, and/or the layer replayed as CUDA graphs (cuda_graphs: layer_graphs.py).
 
 Plain checkpointing keeps one hidden-state tensor per layer on the GPU (1 GiB for an 8B model at 4,096 tokens).
 Here forward copies it to pinned host memory on a side stream, overlapped with the next layers' compute. Backward
 runs the layers in reverse: when one layer's backward starts, the input of the latest layer still waiting (in
 forward order) is already being copied back on the side stream, so the copy overlaps this layer's recomputation
-instead of stalling it (an 8B step spent ~20 ms waiting on such copies). With several graphs alive, backpropagated
-oldest first, that guess is wrong: the gradients stay right, the copies just run in line as before. Short sequences, dropout (recomputation would need the same
-random numbers) and scarce host memory fall back to plain non-reentrant checkpointing.
+instead of stalling it (an 8B step spent ~20 ms waiting on such copies). With several autograd graphs alive,
+backpropagated oldest first, that guess is wrong: the gradients stay right, the copies just run in line as before.
+Short sequences and scarce host memory keep the input on the device (with graphs) or fall back to torch's
+non-reentrant checkpointing (without); dropout always falls back to it (recomputation needs the same random numbers).
 """
 
 from __future__ import annotations
