@@ -102,15 +102,26 @@ def _layer_of(function):
     return owner if isinstance(owner, torch.nn.Module) else None
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
 def _say_once(layer, why: str) -> None:
     if not getattr(layer, "_fastload_graphs_said", False):
         from .._log import logger
 
         layer._fastload_graphs_said = True
         logger.info("engine: CUDA graphs: %s runs eagerly: %s", type(layer).__name__, why)
+
+
+def _modules_of(layer) -> list:
+    """layer.modules() in the same order (depth first, each once), without its recursive generators: the scan
+    below runs on every layer call, and three walks of a LoRA layer's ~80 modules took ~0.4 ms."""
+    seen, order, stack = set(), [], [layer]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        order.append(module)
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return order
 
 
 def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
@@ -120,20 +131,25 @@ def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
     switched or rescaled at any time."""
     import torch
 
-    adapters, addresses = [], []
-    for module in layer.modules():
-        if (module is not layer or own_hooks) and any(getattr(module, name, None) for name in _HOOKS):
+    adapters, params, buffers, seen = [], [], [], set()
+    for module in _modules_of(layer):
+        if (module is not layer or own_hooks) and (module._forward_hooks or module._forward_pre_hooks
+                                                   or module._backward_hooks or module._backward_pre_hooks):
             _say_once(layer, "module hooks (transformers adds some once hidden states or attentions are asked for)")
             return None
         if isinstance(module, torch.nn.Dropout) and module.p > 0 and module.training:
             return None
-        if hasattr(module, "lora_A"):
+        if "lora_A" in module._modules:
             adapters.append((tuple(module.active_adapters), module.disable_adapters, module.merged,
                              tuple(module.scaling.items())))
-    params = tuple(layer.parameters())
-    devices = {p.device for p in params}
-    if len(devices) > 1:
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        buffers += [b for b in module._buffers.values() if b is not None]
+    if len({p.device for p in params}) > 1:
         return None
+    addresses = []
     for p in params:
         addresses.append(p.data_ptr())
         state = getattr(p, "quant_state", None)  # a 4-bit weight's scales are read by address too
@@ -141,7 +157,7 @@ def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
             addresses += [t.data_ptr() for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
             if getattr(state, "state2", None) is not None:
                 addresses += [state.state2.absmax.data_ptr(), state.state2.code.data_ptr()]
-    addresses += [b.data_ptr() for b in layer.buffers()]
+    addresses += [b.data_ptr() for b in buffers]
     return (id(layer), layer.training, tuple(adapters), tuple(addresses), tuple(p.requires_grad for p in params))
 
 

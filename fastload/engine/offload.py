@@ -193,7 +193,9 @@ def _uses_dropout(layer) -> bool:
     """Dropout active in this layer now (LoRA dropout can be added after the engine was installed)."""
     import torch
 
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in layer.modules())
+    from .layer_graphs import _modules_of
+
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in _modules_of(layer))
 
 
 def _has_dropout(model) -> bool:
