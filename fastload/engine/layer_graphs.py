@@ -73,12 +73,12 @@ class _Call:
         self.layer = _layer_of(function)
         tensor_metas = tuple(_meta(leaves[i]) for i in self.tensor_slots)
         self.shape_key = (_meta(hidden), tensor_metas)
-        others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
-        # the layer's own hooks run inside the checkpointed call only when it wraps layer.__call__ (transformers
-        # 5.17 and earlier); later ones wrap its forward, with the hooks outside
         if key is not None:  # the forward's signature, reused by its backward: the same call, no second scan
             self.key = key
             return
+        others = tuple(None if isinstance(v, torch.Tensor) else v for v in leaves)
+        # the layer's own hooks run inside the checkpointed call only when it wraps layer.__call__ (transformers
+        # 5.17 and earlier); later ones wrap its forward, with the hooks outside
         own = getattr(self.func, "__self__", None) is self.layer
         state = _layer_state(self.layer, own_hooks=own) if self.layer is not None else None
         self.key = (self.shape_key, self.func, others, state) if state is not None else None
@@ -124,29 +124,36 @@ def _modules_of(layer) -> list:
     return order
 
 
-def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
-    """What a captured graph of this layer bakes in besides its arguments, or None where a graph cannot stand for
-    the layer: dropout (each call draws new numbers), module hooks (a replay would skip them), a parameter off the
-    layer's device. Scanned on every forward call (its backward reuses that signature): adapters can be added,
-    switched or rescaled at any time."""
-    import torch
-
-    adapters, params, buffers, seen = [], [], [], set()
-    for module in _modules_of(layer):
-        if (module is not layer or own_hooks) and (module._forward_hooks or module._forward_pre_hooks
-                                                   or module._backward_hooks or module._backward_pre_hooks):
-            _say_once(layer, "module hooks (transformers adds some once hidden states or attentions are asked for)")
-            return None
-        if isinstance(module, torch.nn.Dropout) and module.p > 0 and module.training:
-            return None
-        if "lora_A" in module._modules:
-            adapters.append((tuple(module.active_adapters), module.disable_adapters, module.merged,
-                             tuple(module.scaling.items())))
+def parameters_of(modules) -> list:
+    """The parameters of these modules (from _modules_of), each once, in layer.parameters()' order."""
+    params, seen = [], set()
+    for module in modules:
         for p in module._parameters.values():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
+    return params
+
+
+def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
+    """What a captured graph of this layer bakes in besides its arguments, or None where a graph cannot stand for
+    the layer: module hooks (a replay would skip them), a parameter off the layer's device. (Active dropout never
+    gets here: the engine's checkpoint hands such a layer to torch's.) Scanned on every forward call (its backward
+    reuses that signature): adapters can be added, switched or rescaled at any time."""
+    import torch
+
+    modules = _modules_of(layer)
+    adapters, buffers = [], []
+    for module in modules:
+        if (module is not layer or own_hooks) and (module._forward_hooks or module._forward_pre_hooks
+                                                   or module._backward_hooks or module._backward_pre_hooks):
+            _say_once(layer, "module hooks (transformers adds some once hidden states or attentions are asked for)")
+            return None
+        if "lora_A" in module._modules:
+            adapters.append((tuple(module.active_adapters), module.disable_adapters, module.merged,
+                             tuple(module.scaling.items())))
         buffers += [b for b in module._buffers.values() if b is not None]
+    params = parameters_of(modules)
     if len({p.device for p in params}) > 1:
         return None
     addresses = []
@@ -181,11 +188,11 @@ class _Inputs:
 
 
 class _LayerGraph:
-    __slots__ = ("forward", "backward", "params", "grad_slots", "inputs_need_grad", "outputs")
+    __slots__ = ("forward", "backward", "params", "grad_slots", "outputs")
 
     def __init__(self):
         self.forward = self.backward = None
-        self.params, self.grad_slots, self.inputs_need_grad, self.outputs = (), (), False, None
+        self.params, self.grad_slots, self.outputs = (), (), None
 
 
 class ModelGraphs:
@@ -337,7 +344,7 @@ class ModelGraphs:
         import torch
 
         layer = call.layer
-        params = tuple(p for p in layer.parameters() if p.requires_grad)
+        params = tuple(p for p in parameters_of(_modules_of(layer)) if p.requires_grad)  # as the Function's inputs
         inputs = self.inputs[call.shape_key]
         inputs.load(hidden, [call.leaves[i] for i in call.tensor_slots])
         run = call.rebuilt(inputs.tensors)
@@ -361,7 +368,6 @@ class ModelGraphs:
 
         with _fresh_leaves(layer, params) as leaves:
             sample = _warm_up(lambda: step(leaves), self.device)
-        unused = [g is None for g in sample]
         key = tuple(None if g is None else _meta(g)[:3] for g in sample)
         shared = self.grads.get(key)
         if shared is None:
@@ -372,10 +378,8 @@ class ModelGraphs:
             for buffer, grad in zip(shared, step(leaves)):
                 if buffer is not None:
                     buffer.copy_(grad)
-        first = 1 if needs_input_grad else 0
-        grad_hidden = shared[0] if needs_input_grad and not unused[0] else None
         graph.params = params
-        graph.grad_slots = (grad_outs, grad_hidden, tuple(shared[first:]))
+        graph.grad_slots = (grad_outs, shared[0] if needs_input_grad else None, tuple(shared[int(needs_input_grad):]))
 
     # -- other pure functions (the loss) ---------------------------------------------------------------------------
     def pure(self, name: str, function, tensors, extra=()):
@@ -475,9 +479,9 @@ class ModelGraphs:
 
         self.failed.add(key)
         self.graphs.pop(key, None)
-        if torch.cuda.is_current_stream_capturing() or self.pool is not None:
+        if self.pool is not None:
             try:  # a capture that raised may leave the allocator routing this thread's allocations to the pool
-                torch._C._cuda_endAllocateToPool(torch.device(self.device).index or 0, self.pool)
+                torch._C._cuda_endAllocateToPool(self.device.index, self.pool)
             except Exception:  # noqa: BLE001 - nothing was left routed
                 pass
         causes = []

@@ -134,7 +134,7 @@ def _function():
             if ctx.graphs is not None and not enabled:
                 replayed = ctx.graphs.backward(ctx.run, hidden, grad_outs)
             if replayed is not None and len(replayed[1]) == ctx.n_params:
-                grad_hidden, params, grads = replayed
+                grad_hidden, _, grads = replayed
                 return (None, None, None, grad_hidden, *(g.clone() if g is not None and needed else None
                                                          for g, needed in zip(grads, ctx.needs_input_grad[4:])))
             with torch.enable_grad(), torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=cache):
@@ -177,33 +177,30 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
     if not offload and graphs is None:
         return checkpoint(function, hidden_states, use_reentrant=False)
-    layer = None
-    if isinstance(function, functools.partial):
-        from .layer_graphs import _layer_of
+    from .layer_graphs import _layer_of, _modules_of, parameters_of
 
-        layer = _layer_of(function)
-    if layer is not None and _uses_dropout(layer):  # recomputation must replay the forward's random numbers
+    layer = _layer_of(function) if isinstance(function, functools.partial) else None
+    modules = _modules_of(layer) if layer is not None else []
+    if _uses_dropout(modules):  # recomputation must replay the forward's random numbers: torch's checkpoint does
         return checkpoint(function, hidden_states, use_reentrant=False)
-    params = tuple(p for p in layer.parameters() if p.requires_grad) if graphs is not None and layer is not None \
-        else ()
+    params = tuple(p for p in parameters_of(modules) if p.requires_grad) if graphs is not None else ()
     return _function().apply(function, graphs, offload, hidden_states, *params)
 
 
-def _uses_dropout(layer) -> bool:
-    """Dropout active in this layer now (LoRA dropout can be added after the engine was installed)."""
+def _uses_dropout(modules) -> bool:
+    """Dropout active in these modules now (LoRA dropout can be added after the engine was installed)."""
+    return any(_is_dropout(m) and m.training for m in modules)
+
+
+def _is_dropout(module) -> bool:
     import torch
 
-    from .layer_graphs import _modules_of
-
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in _modules_of(layer))
+    return isinstance(module, torch.nn.Dropout) and module.p > 0
 
 
 def _has_dropout(model) -> bool:
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout) and module.p > 0:
-            return True
+    if any(_is_dropout(m) for m in model.modules()):
+        return True
     config = getattr(model, "config", None)
     return bool(getattr(config, "attention_dropout", 0) or 0)
 
