@@ -105,38 +105,29 @@ def cmd_quantize(args) -> int:
         plan = resolve(args.source, store=make_store(True) or False, **quant)
         files = local_files_of(plan, LoadOptions()) if plan.prequantized else None
         if files is not None:
-            from .checkpoint import check_tokenizer_files, inspect_checkpoint
-            from .saving import atomic_directory
-
-            out = Path(args.out).expanduser().absolute()
-            _refuse_out_inside(out, Path(files), args.source)
-            inspect_checkpoint(Path(files))  # what a load would check first: complete, safetensors, readable
-            check_tokenizer_files(Path(files))
             note(args, f"copying the 4-bit checkpoint {plan.location}")
-            with atomic_directory(out) as tmp:
-                copy_checkpoint(files, tmp)
+            out = _copy_prequantized(Path(files), args.out, args.source)
             return _quantize_done(args, plan, out, True)
     note(args, f"loading {args.source} in 4-bit (quantizing on the fly unless a quantized copy exists)")
     model, tokenizer = FastModel.from_pretrained(args.source, lora=None, gradient_checkpointing=False, engine=False,
                                                  **quant)
     plan = model.fastload_plan
     if args.out:
-        from .saving import atomic_directory
+        if plan.prequantized:  # a 4-bit checkpoint that was downloaded while loading it: copied as it is
+            files = local_files_of(plan, LoadOptions())
+            if files is None:
+                raise StoreError(f"Copying {args.source} to {args.out}", found=f"the files of {plan.location} are "
+                                 "not on this machine after loading it", fix="download it into the Hugging Face "
+                                 "cache (huggingface-cli download) and run the command again")
+            where = _copy_prequantized(Path(files), args.out, args.source)
+        else:
+            from .saving import atomic_directory
 
-        out = Path(args.out).expanduser().absolute()
-        with atomic_directory(out) as tmp:  # nothing half-written at --out, even on Ctrl-C
-            if plan.prequantized:  # already a 4-bit checkpoint (store, local, hub cache or download): copy it as is
-                files = local_files_of(plan, LoadOptions())
-                if files is None:
-                    raise StoreError(f"Copying {args.source} to {out}", found=f"the files of {plan.location} are not "
-                                     "on this machine after loading it", fix="download it into the Hugging Face "
-                                     "cache (huggingface-cli download) and run the command again")
-                _refuse_out_inside(out, Path(files), args.source)
-                copy_checkpoint(files, tmp)
-            else:
+            where = Path(args.out).expanduser().absolute()
+            with atomic_directory(where) as tmp:  # nothing half-written at --out, even on Ctrl-C
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 tokenizer.save_pretrained(str(tmp))
-        where, written = out, True
+        written = True
     elif plan.source == P.STORE:
         where, written = Path(plan.location), False
     elif plan.prequantized:
@@ -153,13 +144,22 @@ def cmd_quantize(args) -> int:
     return _quantize_done(args, plan, where, written)
 
 
-def _refuse_out_inside(out: Path, files: Path, source: str) -> None:
-    """--out must not be (inside) the checkpoint being copied: a store entry would find a stranger and be removed."""
-    files = files.resolve()
-    out = out.resolve()
-    if out == files or files in out.parents:
+def _copy_prequantized(files: Path, out_arg: str, source: str) -> Path:
+    """A 4-bit checkpoint copied as it is into --out, checked as a load would check it (complete, safetensors,
+    tokenizer), atomically (nothing half-written, even on Ctrl-C); never into itself (a store entry would find a
+    stranger and be removed)."""
+    from .checkpoint import check_tokenizer_files, inspect_checkpoint
+    from .saving import atomic_directory
+
+    out = Path(out_arg).expanduser().absolute()
+    if out.resolve() == files.resolve() or files.resolve() in out.resolve().parents:
         raise InvalidOption(f"fastload quantize {source} --out {out}", found=f"{out} is inside the checkpoint it "
                             f"would copy ({files})", fix="pass an --out folder outside it")
+    inspect_checkpoint(files)
+    check_tokenizer_files(files)
+    with atomic_directory(out) as tmp:
+        copy_checkpoint(files, tmp)
+    return out
 
 
 def _written_quantization(where: Path, plan) -> str:

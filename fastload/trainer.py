@@ -115,7 +115,7 @@ def default_optim() -> str:
     return _name(field.default)
 
 
-def _fastload_optimizer_serves(model, args) -> bool:
+def _fastload_optimizer_serves(args) -> bool:
     """fastload's AdamW8bit (bitsandbytes' with lean steps, grouped and configured as transformers' adamw_8bit)
     where the user left the optimizer to the defaults: transformers' own, or "adamw_8bit" without optim_args."""
     name = _name(args.optim)
@@ -224,7 +224,7 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
     if "optimizers" not in trainer_kwargs and "optimizer_cls_and_kwargs" not in trainer_kwargs \
-            and _fastload_optimizer_serves(model, args):
+            and _fastload_optimizer_serves(args):
         from .optim import get_optimizer
 
         trainer_kwargs["optimizers"] = (get_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
