@@ -318,6 +318,11 @@ def test_cuda_graphs_stay_off_when_the_gpu_has_little_free_memory(gpu_llama, mon
     assert "GiB free" in caplog.text and all(abs(x - losses[0]) < 1e-3 * losses[0] for x in losses)
 
 
+def _ids(model, shape, seed):
+    """Token ids the model's vocabulary has (an id past it fails a device-side assert that ends the process)."""
+    return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed)).cuda()
+
+
 def _train_steps(model, batches, autocast=False):
     model.train()
     losses = []
@@ -332,8 +337,8 @@ def _train_steps(model, batches, autocast=False):
 def test_cuda_graphs_stay_out_of_autocast_and_its_recomputation_keeps_it(gpu_llama):
     """Under autocast (Trainer with bf16=True) a capture would bake autocast's cached weight casts in: layers run
     eagerly, and their recomputation in backward runs under the forward's autocast, as torch's checkpoint does."""
-    batches = [torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(6)).cuda()] * 4
     plain, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, fused_lora=False), store=False, random_state=1)
+    batches = [_ids(plain, (2, 512), 6)] * 4
     graphed, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, fused_lora=False, offload_checkpointing=True,
                                                                   cuda_graphs=True), store=False, random_state=1)
     nonzero_lora_b(plain)
@@ -356,7 +361,7 @@ def test_a_refused_capture_leaves_eager_layers_on_the_default_stream(gpu_llama):
         mlp = model.get_base_model().model.layers[1].mlp
         original = mlp.forward
         mlp.forward = lambda x, _original=original: _original(x) * (1.0 + 0.0 * float(x[0, 0, 0].item()))
-    batches = [torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(7)).cuda()] * 4
+    batches = [_ids(eager, (2, 512), 7)] * 4
     loss_e, _ = _train_steps(eager, batches)
     loss_g, _ = _train_steps(graphed, batches)
     graphs = _graphs_of(graphed)
@@ -372,7 +377,7 @@ def test_engine_checkpointing_backpropagates_a_retained_graph_twice(gpu_llama, o
                                                                 cuda_graphs=not offload), store=False)
     nonzero_lora_b(model)
     model.train()
-    ids = torch.randint(0, 1000, (2, 1024), generator=torch.Generator().manual_seed(8)).cuda()
+    ids = _ids(model, (2, 1024), 8)
     model(input_ids=ids, labels=ids).loss.backward()
     once = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
