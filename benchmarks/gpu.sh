@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu.sh part2   # Llama-3 8B: train 2048x2 for fastload, recipe, unsloth, fastload without fused
 #                                  # LoRA; then loads for fastload, recipe
 #   bash benchmarks/gpu.sh part3   # Llama-3 8B: train 8192x1 for fastload, unsloth; 2048x2 with engine levers off
-#   bash benchmarks/gpu.sh headline  # 1B and 8B 2048x2 for fastload, recipe, unsloth only (the README's table)
+#   bash benchmarks/gpu.sh headline  # 1B and 8B 2048x2 for fastload, recipe, unsloth, then fastload-graphs (the
+#                                    # opt-in CUDA graphs) if the budget allows (the README's table)
 #   bash benchmarks/gpu.sh long      # 8B 8192x1 for fastload, unsloth only
 #   bash benchmarks/gpu.sh profile   # 1B and 8B, fastload and unsloth, with a torch.profiler table each
 #   bash benchmarks/gpu.sh graphs    # 1B and 8B 2048x2: fastload with and without CUDA graphs, and unsloth
@@ -45,9 +46,9 @@ case "$part" in
         bench --model llama3-8b --impl fastload,recipe,unsloth,fastload-nolora --phase train
         bench --model llama3-8b --impl fastload,recipe --phase load --append --plot
         ;;
-    headline)  # the README's table in one run: 1B and 8B at 2048x2 for fastload, recipe, unsloth
-        bench --model llama3-1b --phase train --impl fastload,recipe,unsloth
-        bench --model llama3-8b --phase train --impl fastload,recipe,unsloth --append --plot
+    headline)  # the README's table in one run: 1B and 8B at 2048x2 for fastload, recipe, unsloth (+ graphs)
+        bench --model llama3-1b --phase train --impl fastload,recipe,unsloth,fastload-graphs
+        bench --model llama3-8b --phase train --impl fastload,recipe,unsloth,fastload-graphs --append --plot
         ;;
     profile)  # where the step time goes: fastload and unsloth, 1B and 8B, 2 steps under torch.profiler each
         rm -f "$WORK"/profile-*.txt  # no tables of an earlier run copied out with this one's

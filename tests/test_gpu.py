@@ -237,6 +237,33 @@ def test_triton_dequantize_matches_bitsandbytes_bit_for_bit(quant_type, double_q
     assert torch.equal(dequantize_4bit(packed, state), F.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("rank", [8, 16, 64])
+def test_triton_dequantize_with_a_merged_adapter_rounds_once(rank):
+    """W + s B A from the 4-bit weight and the adapter, rounded to bf16 once: what fp32 arithmetic then one
+    rounding gives, but for the order of the rank-r sums (a rare last-bit difference)."""
+    import copy
+
+    import bitsandbytes.functional as F
+
+    from fastload.engine.triton_nf4 import dequantize_4bit_lora, lora_supported
+
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    weight = torch.randn(4096 + 96, 1000, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = F.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    a = torch.randn(rank, 1000, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.05
+    b = torch.randn(4096 + 96, rank, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.05
+    assert lora_supported(packed, state, a, b)
+    fp32_state = copy.copy(state)
+    fp32_state.dtype = torch.float32
+    exact = F.dequantize_4bit(packed, fp32_state) + 0.5 * (b.float() @ a.float())
+    ours = dequantize_4bit_lora(packed, state, a, b, 0.5)
+    assert ours.dtype == torch.bfloat16 and ours.shape == weight.shape
+    rounded = exact.bfloat16()
+    assert (ours != rounded).float().mean() < 1e-3
+    assert ((ours.float() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
+    assert (ours.float() - F.dequantize_4bit(packed, state).float()).abs().max() > 1e-3  # the adapter is in
+
+
 def test_triton_norm_and_swiglu_match_transformers_within_bf16_rounding():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 

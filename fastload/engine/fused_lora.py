@@ -3,8 +3,14 @@
 peft computes the adapter branch in the adapters' dtype (fp32 here, kept so on purpose for the optimizer): every
 projection casts its input to fp32, multiplies in fp32 and adds an fp32 (tokens x out) result back, and autograd
 keeps those copies for backward. Here the fp32 adapters are cast to the compute dtype once per call (r x in values,
-not tokens x in), the adapter product is accumulated into the base matmul's output in place, and backward
-re-dequantizes the 4-bit weight instead of keeping it. Gradients of A and B come back in fp32.
+not tokens x in) and backward re-dequantizes the 4-bit weight instead of keeping it. Gradients of A and B come back in
+fp32.
+
+A 4-bit weight is dequantized into a fresh buffer every call anyway, so the adapter is merged into that buffer
+(W + s B A, one Triton kernel on CUDA) and the input is multiplied once: no (tokens x out) adapter product added to
+the output in forward and recomputation, no (tokens x in) one added to the input gradient in backward. In exact
+arithmetic the result is peft's; in 16 bits the merged weight is rounded once per element, as the dequantized
+weight already is. A 16-bit base weight is used as it is, with the adapter product added to the output.
 
 Projections that read the same input (q/k/v of attention, gate/up of a gated MLP) run as one group: one saved
 input, one autograd node, and backward accumulates their input gradients in place into one buffer instead of
@@ -36,6 +42,20 @@ def _full_weight(base, dtype):
     return F.dequantize_4bit(weight.data, state).to(dtype)
 
 
+def _merged_weight(base, a, b, scaling, dtype):
+    """W + scaling * b @ a for a 4-bit base (None for a 16-bit one: its weight is not copied, so nothing to merge
+    into): W's fresh dequantized buffer takes the adapter's product."""
+    weight = base.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return None
+    from .triton_nf4 import dequantize_4bit_lora, lora_supported
+
+    if dtype == state.dtype and lora_supported(weight.data, state, a, b):
+        return dequantize_4bit_lora(weight.data, state, a, b, scaling)
+    return _full_weight(base, dtype).addmm_(b, a, alpha=scaling)
+
+
 @functools.lru_cache(maxsize=None)
 def _group_function():
     import torch
@@ -52,13 +72,18 @@ def _group_function():
             for i, (base, s) in enumerate(zip(bases, scalings)):
                 a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
                 casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
-                xa = x2 @ a.t()
-                y = x2 @ _full_weight(base, dtype).t()
-                y.addmm_(xa, b.t(), alpha=s)
+                merged = _merged_weight(base, a, b, s, dtype)
+                if merged is not None:
+                    y = x2 @ merged.t()
+                    products.append(None)  # x A^T, for B's gradient, is made in backward
+                else:
+                    xa = x2 @ a.t()
+                    y = x2 @ _full_weight(base, dtype).t()
+                    y.addmm_(xa, b.t(), alpha=s)
+                    products.append(xa)
                 if base.bias is not None:
                     y += base.bias.to(dtype)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype))
-                products.append(xa)
             ctx.save_for_backward(x2, *products, *casts)
             ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
             return tuple(outs)
@@ -78,15 +103,18 @@ def _group_function():
                 dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
                 dyb = (dy @ b).mul_(s)                                  # (tokens, r)
                 needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
+                xa = products[i] if products[i] is not None or not needs_b else x2 @ a.t()
                 grads += [(dyb.t() @ x2).float() if needs_a else None,
-                          (dy.t() @ products[i]).float().mul_(s) if needs_b else None]
+                          (dy.t() @ xa).float().mul_(s) if needs_b else None]
                 if ctx.needs_input_grad[0]:
-                    weight = _full_weight(base, dtype)
+                    merged = _merged_weight(base, a, b, s, dtype) if products[i] is None else None
+                    weight = merged if merged is not None else _full_weight(base, dtype)
                     if grad_x is None:
                         grad_x = dy @ weight
                     else:
                         grad_x.addmm_(dy, weight)
-                    grad_x.addmm_(dyb, a)
+                    if merged is None:
+                        grad_x.addmm_(dyb, a)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
             return grad_x, None, None, *grads
