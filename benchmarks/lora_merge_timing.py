@@ -3,7 +3,10 @@
   added:  W = dequantize(W4); y = x W^T; y += s (x A^T) B^T     (the adapter product added to the output)
   merged: W' = dequantize(W4) + s B A (one kernel); y = x W'^T   (fastload.engine.triton_nf4.dequantize_4bit_lora)
 
-    python benchmarks/lora_merge_timing.py   # needs CUDA, triton and bitsandbytes; prints a table in microseconds
+    python benchmarks/lora_merge_timing.py   # needs CUDA, triton and bitsandbytes; prints tables in microseconds
+
+The second table times the kernels alone: bitsandbytes-layout dequantization, the merging kernel with the tile its
+autotuner chose, and every tile it chooses from.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ def _time_us(function) -> float:
 def main() -> None:
     import bitsandbytes.functional as F
 
+    import triton
+
+    from fastload.engine import triton_nf4
     from fastload.engine.triton_nf4 import dequantize_4bit, dequantize_4bit_lora
 
     gen = torch.Generator(device="cuda").manual_seed(0)
+    kernels = []
     print(f"{'projection':<10} {'out x in':>13} {'added us':>9} {'merged us':>9} {'merged/added':>12}")
     for name, (out, inp) in SHAPES.items():
         packed, state = F.quantize_4bit(torch.randn(out, inp, device="cuda", dtype=torch.bfloat16, generator=gen),
@@ -49,6 +56,25 @@ def main() -> None:
 
         t_added, t_merged = _time_us(added), _time_us(merged)
         print(f"{name:<10} {out:>6} x {inp:<6} {t_added:>9.1f} {t_merged:>9.1f} {t_merged / t_added:>12.3f}")
+        kernels.append((name, packed, state, a, b))
+    kernel = triton_nf4._lora_kernel()
+    print(f"\n{'projection':<10} {'dequantize':>10} {'merging':>8}  " + "  ".join(
+        f"{m}x{n}/{w}w" for m, n, w in triton_nf4.LORA_TILES) + "   (us; tile rows x columns / warps)")
+    for name, packed, state, a, b in kernels:
+        rows, cols = state.shape
+        nested = state.state2
+
+        def tile(m, n, w, packed=packed, state=state, a=a, b=b, rows=rows, cols=cols, nested=nested):
+            out = torch.empty(state.shape, dtype=state.dtype, device="cuda")
+            kernel.fn[(triton.cdiv(rows, m), triton.cdiv(cols, n))](
+                packed, state.absmax, nested.absmax, nested.code, state.offset, state.code, a, b, out, rows, cols,
+                RANK, 0.5, BLOCKSIZE=state.blocksize, BLOCKSIZE2=nested.blocksize, NESTED=True, R=RANK, BM=m, BN=n,
+                num_warps=w)
+
+        times = [_time_us(lambda t=t: tile(*t)) for t in triton_nf4.LORA_TILES]
+        print(f"{name:<10} {_time_us(lambda: dequantize_4bit(packed, state)):>10.1f} "
+              f"{_time_us(lambda: dequantize_4bit_lora(packed, state, a, b, 0.5)):>8.1f}  "
+              + "  ".join(f"{t:>{len(f'{m}x{n}/{w}w')}.1f}" for t, (m, n, w) in zip(times, triton_nf4.LORA_TILES)))
 
 
 if __name__ == "__main__":

@@ -50,17 +50,25 @@ def _kernel():
     return dequantize_4bit
 
 
+# tile shapes for the adapter-merging kernel, timed on first use per weight shape (Triton's autotuner): the best
+# one depends on the weight's width and the GPU; a tile too large for its warps spills registers (5x slower)
+LORA_TILES = ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (64, 64, 4))
+
+
 @functools.lru_cache(maxsize=None)
 def _lora_kernel():
     import triton
     import triton.language as tl
 
+    @triton.autotune(configs=[triton.Config({"BM": m, "BN": n}, num_warps=w) for m, n, w in LORA_TILES],
+                     key=["rows", "cols", "R"])
     @triton.jit
     def dequantize_4bit_lora(packed_ptr, scales_ptr, scales2_ptr, code2_ptr, offset_ptr, code_ptr, a_ptr, b_ptr,
                              out_ptr, rows, cols, rank, scaling, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                             NESTED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        byte_col = tl.program_id(1).to(tl.int64) * (BN // 2) + tl.arange(0, BN // 2)
+                             NESTED: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # 32-bit offsets: lora_supported admits weights of fewer than 2**31 values
+        row = tl.program_id(0) * BM + tl.arange(0, BM)
+        byte_col = tl.program_id(1) * (BN // 2) + tl.arange(0, BN // 2)
         in_range = (row < rows)[:, None] & (byte_col < cols // 2)[None, :]
         byte = row[:, None] * (cols // 2) + byte_col[None, :]
         packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
@@ -75,7 +83,7 @@ def _lora_kernel():
         high = tl.load(code_ptr + (packed >> 4)) * scale
         low = tl.load(code_ptr + (packed & 0xF)) * scale
         weight = tl.interleave(high, low)  # (BM, BN) in fp32
-        col = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+        col = tl.program_id(1) * BN + tl.arange(0, BN)
         k = tl.arange(0, R)
         b = tl.load(b_ptr + row[:, None] * rank + k[None, :], mask=(row < rows)[:, None] & (k < rank)[None, :],
                     other=0.0)
@@ -98,21 +106,23 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     nested = bool(state.nested)
     second = state.state2 if nested else None
-    block_m, block_n = 64, 128
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+
+    def grid(tile):
+        return triton.cdiv(rows, tile["BM"]), triton.cdiv(cols, tile["BN"])
+
     _lora_kernel()[grid](packed, state.absmax, second.absmax if nested else state.absmax,
                          second.code if nested else state.code, state.offset if nested else state.absmax,
                          state.code, a, b, out, rows, cols, a.shape[0], float(scaling), BLOCKSIZE=state.blocksize,
-                         BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested, BM=block_m, BN=block_n,
-                         R=max(16, triton.next_power_of_2(a.shape[0])), num_warps=4)
+                         BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested,
+                         R=max(16, triton.next_power_of_2(a.shape[0])))
     return out
 
 
 def lora_supported(packed, state, a, b) -> bool:
-    """The adapter-merging kernel's extra conditions: an even row length (whole bytes per row) and adapters of the
-    weight's dtype laid out contiguously, of a rank one tensor-core dot covers."""
-    return (supported(packed, state) and state.shape[1] % 2 == 0 and a.dtype == b.dtype == state.dtype
-            and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= 128
+    """The adapter-merging kernel's extra conditions: an even row length (whole bytes per row), fewer than 2**31
+    values, adapters of the weight's dtype laid out contiguously, of a rank one tensor-core dot covers."""
+    return (supported(packed, state) and state.shape[1] % 2 == 0 and packed.numel() * 2 < 2 ** 31
+            and a.dtype == b.dtype == state.dtype and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= 128
             and a.shape == (b.shape[1], state.shape[1]) and b.shape[0] == state.shape[0])
 
 
