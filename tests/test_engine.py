@@ -147,10 +147,14 @@ def peft_reference(proj, inputs):
     return proj.base_layer(inputs) + proj.scaling[name] * proj.lora_B[name](proj.lora_A[name](inputs))
 
 
-def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama):
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4-bit base, adapter merged", "16-bit base"])
+def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama, load_in_4bit):
     """q/k/v (and gate/up) read the same input: one autograd node computes them all; a member called on another
-    input, or alone, still gives peft's result."""
-    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    input, or alone, still gives peft's result (a 4-bit weight with the adapter merged into its dequantized copy,
+    a 16-bit one with the adapter's product added)."""
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, load_in_4bit=load_in_4bit)
+    assert (type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__
+            == ("Linear4bit" if load_in_4bit else "Linear"))
     nonzero_lora_b(model)
     attn = model.get_base_model().model.layers[0].self_attn
     x = torch.randn(2, 5, attn.q_proj.in_features, requires_grad=True)
