@@ -7,6 +7,7 @@ is allowed). Nothing here reads weights or touches the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -82,6 +83,15 @@ class Request:
     registry: Registry
     match: Match | None
     tried: list[str] = field(default_factory=list)
+    snapshots: dict = field(default_factory=dict)
+
+    def snapshot(self, repo_id: str, revision: str | None) -> Path | None:
+        """cached_snapshot, asked once per repo and revision in this resolution (the store key and the hub-cache
+        source both need the original's snapshot: each lookup lists the cache and checks its files)."""
+        key = (repo_id, revision)
+        if key not in self.snapshots:
+            self.snapshots[key] = cached_snapshot(repo_id, revision, self.cache_dir)
+        return self.snapshots[key]
 
     def plan(self, **kw: Any) -> LoadPlan:
         kw.setdefault("quant", self.quant)
@@ -168,16 +178,20 @@ def _stored_or(req: Request, key: str | None, source: str, otherwise: Callable[[
 def from_store(req: Request) -> LoadPlan | None:
     if not req.store or not req.quant.quantized or (req.match and req.match.quantized):
         return None
-    key = store_key_of(req.original, req.revision, req.quant, req.cache_dir)
+    key = store_key_of(req.original, req.revision, req.quant, req.cache_dir, snapshot_of=req.snapshot)
     plan = _stored_or(req, key, req.original, lambda: None)  # type: ignore[arg-type,return-value]
     return plan
 
 
-def store_key_of(source: str, revision: str | None, quant: QuantSettings, cache_dir: str) -> str:
+def store_key_of(source: str, revision: str | None, quant: QuantSettings, cache_dir: str,
+                 snapshot_of: Callable[[str, str | None], Path | None] | None = None) -> str:
     """The store key of a 16-bit source: for a hub repo in the HF cache, of its snapshot's commit, so a newer
     snapshot (the repo was updated and downloaded again) is quantized anew instead of served stale. The one place
-    the key is made: looking up, and storing after a load (a download's commit is known only then)."""
-    snap = cached_snapshot(source, revision, cache_dir) if REPO_ID.match(source) else None
+    the key is made: looking up, and storing after a load (a download's commit is known only then). snapshot_of:
+    a resolution's memoized lookup (default: the cache as it is now)."""
+    if snapshot_of is None:
+        snapshot_of = functools.partial(cached_snapshot, cache_dir=cache_dir)
+    snap = snapshot_of(source, revision) if REPO_ID.match(source) else None
     return entry_key(source, snap.name if snap is not None else revision, quant)
 
 
@@ -201,7 +215,7 @@ def from_registry_cache(req: Request) -> LoadPlan | None:
         if why_not:
             req.tried.append(f"registry: {q.id} skipped ({why_not})")
             continue
-        snap = cached_snapshot(q.id, q.revision, req.cache_dir)
+        snap = req.snapshot(q.id, q.revision)
         if snap is not None:
             return req.plan(source=P.HUB_CACHE, location=q.id, revision=q.revision, prequantized=True,
                             original=req.match.entry.id, reason=f"the registry maps {req.name!r} to {q.id} ({q.kind}), "
@@ -216,7 +230,7 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
     if req.match is not None and req.match.quantized is None:
         candidates += [r for r in (req.match.entry.id, req.match.entry.mirror) if r and r not in candidates]
     for repo in candidates:
-        snap = cached_snapshot(repo, req.revision, req.cache_dir)
+        snap = req.snapshot(repo, req.revision)
         if snap is None:
             req.tried.append(f"hub cache: {repo} is not in the Hugging Face cache")
             continue
@@ -235,7 +249,7 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
             return None
         return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
                         config=info.config, original=repo, fingerprint=snap.name, store_key=req.store and store_key_of(
-                            req.original, req.revision, req.quant, req.cache_dir),
+                            req.original, req.revision, req.quant, req.cache_dir, snapshot_of=req.snapshot),
                         reason=f"no pre-quantized checkpoint available; {repo} (16-bit) is in the Hugging Face cache")
     return None
 

@@ -99,6 +99,20 @@ def test_without_prequantized_the_source_is_quantized_once_then_loaded_from_the_
     assert updated.source == "hub-cache" and updated.fingerprint == "f" * 40 and updated.store_key != first.store_key
 
 
+def test_resolution_reads_each_cached_snapshot_once(tiny_llama, isolated_env, monkeypatch):
+    """A load of a cached 16-bit repo needs its snapshot for the store key and as the source; each lookup lists
+    the cache and checks its files, so one resolution asks once."""
+    import fastload.sources as sources
+
+    put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
+    asked = []
+    real = sources.cached_snapshot
+    monkeypatch.setattr(sources, "cached_snapshot", lambda repo, *a, **k: asked.append(repo) or real(repo, *a, **k))
+    plan = fastload.resolve(ORIGINAL)
+    assert plan.source == "hub-cache" and plan.store_key and plan.fingerprint
+    assert sorted(asked) == sorted(set(asked)) and ORIGINAL in asked, asked
+
+
 def test_store_false_opts_out(tiny_llama, isolated_env):
     FastModel.from_pretrained(tiny_llama, lora=None, store=False)
     assert Store(isolated_env).entries() == []
