@@ -34,7 +34,7 @@ def main() -> None:
 
     import triton
 
-    from fastload.engine import triton_nf4
+    from fastload.engine import nf4_kernels
     from fastload.engine.triton_nf4 import dequantize_4bit, dequantize_4bit_lora
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -57,9 +57,9 @@ def main() -> None:
         t_added, t_merged = _time_us(added), _time_us(merged)
         print(f"{name:<10} {out:>6} x {inp:<6} {t_added:>9.1f} {t_merged:>9.1f} {t_merged / t_added:>12.3f}")
         kernels.append((name, packed, state, a, b))
-    kernel = triton_nf4._lora_kernel()
+    kernel = nf4_kernels.dequantize_4bit_lora
     print(f"\n{'projection':<10} {'dequantize':>10} {'merging':>8}  " + "  ".join(
-        f"{m}x{n}/{w}w" for m, n, w in triton_nf4.LORA_TILES) + "   (us; tile rows x columns / warps)")
+        f"{m}x{n}/{w}w" for m, n, w in nf4_kernels.LORA_TILES) + "   (us; tile rows x columns / warps)")
     for name, packed, state, a, b in kernels:
         rows, cols = state.shape
         nested = state.state2
@@ -71,10 +71,10 @@ def main() -> None:
                 RANK, 0.5, BLOCKSIZE=state.blocksize, BLOCKSIZE2=nested.blocksize, NESTED=True, R=RANK, BM=m, BN=n,
                 num_warps=w)
 
-        times = [_time_us(lambda t=t: tile(*t)) for t in triton_nf4.LORA_TILES]
+        times = [_time_us(lambda t=t: tile(*t)) for t in nf4_kernels.LORA_TILES]
         print(f"{name:<10} {_time_us(lambda: dequantize_4bit(packed, state)):>10.1f} "
               f"{_time_us(lambda: dequantize_4bit_lora(packed, state, a, b, 0.5)):>8.1f}  "
-              + "  ".join(f"{t:>{len(f'{m}x{n}/{w}w')}.1f}" for t, (m, n, w) in zip(times, triton_nf4.LORA_TILES)))
+              + "  ".join(f"{t:>{len(f'{m}x{n}/{w}w')}.1f}" for t, (m, n, w) in zip(times, nf4_kernels.LORA_TILES)))
 
 
 if __name__ == "__main__":

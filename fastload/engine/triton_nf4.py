@@ -10,92 +10,16 @@ nibbles, rebuilds each block's scale from its 8-bit code and the second-level sc
 the values are rounded, so a LoRA projection multiplies its input once by W + s B A instead of adding a second
 (tokens x out) product to the base matmul's output: on an 8B model that addition read and wrote every projection's
 output three times a step (forward, recomputation, input gradient), ~12% of the step.
+
+The kernels themselves are in `nf4_kernels` (imported at the first launch: it imports triton); here are the
+launches and the checks of what they handle.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def dequantize_4bit(packed_ptr, scales_ptr, scales2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, n_bytes,
-                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                        BYTES: tl.constexpr):
-        start = tl.program_id(0).to(tl.int64) * BYTES
-        offs = start + tl.arange(0, BYTES)
-        in_range = offs < n_bytes
-        packed = tl.load(packed_ptr + offs, mask=in_range, other=0).to(tl.int32)
-        block = (offs * 2) // BLOCKSIZE  # both values of a byte share a block: block sizes are even
-        if NESTED:
-            scale_code = tl.load(scales_ptr + block, mask=in_range, other=0).to(tl.int32)
-            scale = (tl.load(code2_ptr + scale_code, mask=in_range, other=0.0)
-                     * tl.load(scales2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0)
-                     + tl.load(offset_ptr))
-        else:
-            scale = tl.load(scales_ptr + block, mask=in_range, other=0.0)
-        high = tl.load(code_ptr + (packed >> 4)) * scale      # the first value of a byte is its high nibble
-        low = tl.load(code_ptr + (packed & 0xF)) * scale
-        values = tl.interleave(high, low).to(out_ptr.dtype.element_ty)
-        out_offs = start * 2 + tl.arange(0, 2 * BYTES)
-        tl.store(out_ptr + out_offs, values, mask=out_offs < n_bytes * 2)
-
-    return dequantize_4bit
-
-
-# tile shapes for the adapter-merging kernel, timed on first use per weight shape (Triton's autotuner): the best
-# one depends on the weight's width and the GPU; a tile too large for its warps spills registers (5x slower)
-LORA_TILES = ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (64, 64, 4))
-
-
-@functools.lru_cache(maxsize=None)
-def _lora_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.autotune(configs=[triton.Config({"BM": m, "BN": n}, num_warps=w) for m, n, w in LORA_TILES],
-                     key=["rows", "cols", "R"])
-    @triton.jit
-    def dequantize_4bit_lora(packed_ptr, scales_ptr, scales2_ptr, code2_ptr, offset_ptr, code_ptr, a_ptr, b_ptr,
-                             out_ptr, rows, cols, rank, scaling, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                             NESTED: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        # 32-bit offsets: lora_supported admits weights of fewer than 2**31 values
-        row = tl.program_id(0) * BM + tl.arange(0, BM)
-        byte_col = tl.program_id(1) * (BN // 2) + tl.arange(0, BN // 2)
-        in_range = (row < rows)[:, None] & (byte_col < cols // 2)[None, :]
-        byte = row[:, None] * (cols // 2) + byte_col[None, :]
-        packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-        block = (byte * 2) // BLOCKSIZE  # both values of a byte share a block: block sizes are even
-        if NESTED:
-            scale_code = tl.load(scales_ptr + block, mask=in_range, other=0).to(tl.int32)
-            scale = (tl.load(code2_ptr + scale_code, mask=in_range, other=0.0)
-                     * tl.load(scales2_ptr + block // BLOCKSIZE2, mask=in_range, other=0.0)
-                     + tl.load(offset_ptr))
-        else:
-            scale = tl.load(scales_ptr + block, mask=in_range, other=0.0)
-        high = tl.load(code_ptr + (packed >> 4)) * scale
-        low = tl.load(code_ptr + (packed & 0xF)) * scale
-        weight = tl.interleave(high, low)  # (BM, BN) in fp32
-        col = tl.program_id(1) * BN + tl.arange(0, BN)
-        k = tl.arange(0, R)
-        b = tl.load(b_ptr + row[:, None] * rank + k[None, :], mask=(row < rows)[:, None] & (k < rank)[None, :],
-                    other=0.0)
-        a = tl.load(a_ptr + k[:, None] * cols + col[None, :], mask=(k < rank)[:, None] & (col < cols)[None, :],
-                    other=0.0)
-        weight += scaling * tl.dot(b, a)  # fp32 accumulation of the rank-r product
-        tl.store(out_ptr + row[:, None] * cols + col[None, :], weight.to(out_ptr.dtype.element_ty),
-                 mask=(row < rows)[:, None] & (col < cols)[None, :])
-
-    return dequantize_4bit_lora
-
-
 _LORA_TILE_CHOSEN: dict = {}  # (rows, cols, R, dtype, device) -> the autotuner's choice, launched without it after
 
 
@@ -104,6 +28,8 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     QuantState, a (r x in) and b (out x r) contiguous in that same dtype."""
     import torch
     import triton
+
+    from .nf4_kernels import dequantize_4bit_lora as kernel
 
     rows, cols = state.shape
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
@@ -114,7 +40,6 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
             state.offset if nested else state.absmax, state.code, a, b, out, rows, cols, a.shape[0], float(scaling))
     constants = dict(BLOCKSIZE=state.blocksize, BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested,
                      R=rank_padded)
-    kernel = _lora_kernel()
     key = (rows, cols, rank_padded, state.dtype, packed.device)
     chosen = _LORA_TILE_CHOSEN.get(key)
     if chosen is None:  # first call for this shape: the autotuner times every tile, then remembers its choice
@@ -140,17 +65,19 @@ def dequantize_4bit(packed, state, out=None):
     """The 16-bit weight (state.shape, state.dtype) of a bitsandbytes 4-bit tensor and its QuantState."""
     import torch
 
+    from .nf4_kernels import dequantize_4bit as kernel
+
     n_bytes = packed.numel()
     if out is None:
         out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     nested = bool(state.nested)
     second = state.state2 if nested else None
     grid = ((n_bytes + BYTES_PER_PROGRAM - 1) // BYTES_PER_PROGRAM,)
-    _kernel()[grid](packed, state.absmax, second.absmax if nested else state.absmax,
-                    second.code if nested else state.code, state.offset if nested else state.absmax,
-                    state.code, out, n_bytes, BLOCKSIZE=state.blocksize,
-                    BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested, BYTES=BYTES_PER_PROGRAM,
-                    num_warps=4)
+    kernel[grid](packed, state.absmax, second.absmax if nested else state.absmax,
+                 second.code if nested else state.code, state.offset if nested else state.absmax,
+                 state.code, out, n_bytes, BLOCKSIZE=state.blocksize,
+                 BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested, BYTES=BYTES_PER_PROGRAM,
+                 num_warps=4)
     return out
 
 
