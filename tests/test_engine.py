@@ -147,19 +147,34 @@ def peft_reference(proj, inputs):
     return proj.base_layer(inputs) + proj.scaling[name] * proj.lora_B[name](proj.lora_A[name](inputs))
 
 
-@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4-bit base, adapter merged", "16-bit base"])
-def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama, load_in_4bit):
+@pytest.mark.parametrize("load_in_4bit, tokens, merges", [(True, 200, True), (True, 10, False), (False, 200, False)],
+                         ids=["4-bit base, long call: adapter merged", "4-bit base, short call: product added",
+                              "16-bit base: product added"])
+def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama, load_in_4bit, tokens, merges,
+                                                                      monkeypatch):
     """q/k/v (and gate/up) read the same input: one autograd node computes them all; a member called on another
-    input, or alone, still gives peft's result (a 4-bit weight with the adapter merged into its dequantized copy,
-    a 16-bit one with the adapter's product added)."""
+    input, or alone, still gives peft's result, and so do the gradients of the input and of A and B. A 4-bit weight
+    takes the adapter into its dequantized copy on calls long enough for that to pay; otherwise the adapter's
+    product is added to the output."""
+    from fastload.engine import fused_lora
+
+    merged, real = [], fused_lora._merged_weight
+
+    def spy(*args):
+        weight = real(*args)
+        merged.append(weight is not None)
+        return weight
+
+    monkeypatch.setattr(fused_lora, "_merged_weight", spy)
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, load_in_4bit=load_in_4bit)
     assert (type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__
             == ("Linear4bit" if load_in_4bit else "Linear"))
     nonzero_lora_b(model)
     attn = model.get_base_model().model.layers[0].self_attn
-    x = torch.randn(2, 5, attn.q_proj.in_features, requires_grad=True)
+    x = torch.randn(2, tokens // 2, attn.q_proj.in_features, requires_grad=True)
 
     q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    assert any(merged) == merges
     assert q.grad_fn is k.grad_fn is v.grad_fn and type(q.grad_fn).__name__ == "LoraGroupBackward"
     for proj, out in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v)):
         assert torch.allclose(out, peft_reference(proj, x), atol=1e-5)
@@ -167,10 +182,37 @@ def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama
     attn.q_proj(x)
     assert torch.allclose(attn.k_proj(other), peft_reference(attn.k_proj, other), atol=1e-5)  # not q's input
     assert torch.allclose(attn.v_proj(other), peft_reference(attn.v_proj, other), atol=1e-5)  # q's result dropped
-    (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
-    expected = torch.autograd.grad(sum(w * peft_reference(p, x).sum() for w, p in
-                                       ((1, attn.q_proj), (2, attn.k_proj), (3, attn.v_proj))), x)[0]
-    assert torch.allclose(x.grad, expected, rtol=1e-4, atol=1e-5)
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    adapters = [w for p in projections for w in (p.lora_A["default"].weight, p.lora_B["default"].weight)]
+    fused = torch.autograd.grad(q.sum() + 2 * k.sum() + 3 * v.sum(), [x, *adapters])
+    expected = torch.autograd.grad(sum(w * peft_reference(p, x).sum() for w, p in zip((1, 2, 3), projections)),
+                                   [x, *adapters])
+    for ours, theirs in zip(fused, expected):
+        assert theirs.abs().max() > 0 and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_training_from_a_fresh_adapter_follows_the_plain_path(tiny_llama, monkeypatch):
+    """peft starts B at zero, so early on the adapter's change to a merged bf16 weight is below the weight's own
+    rounding step: the engine's losses must still follow the plain path's, step by step, in bf16."""
+    from fastload.engine import fused_lora
+
+    merges, real = [], fused_lora._merged_weight
+    monkeypatch.setattr(fused_lora, "_merged_weight", lambda *a: merges.append(1) or real(*a))
+    ids = torch.randint(0, 300, (2, 100), generator=torch.Generator().manual_seed(0))  # long enough to merge
+    curves = {}
+    for engine in (False, True):
+        model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.bfloat16, engine=engine,
+                                             random_state=3)
+        optimizer = FastModel.get_optimizer(model, lr=2e-3)
+        curves[engine] = []
+        for _ in range(12):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curves[engine].append(loss.item())
+    assert merges and curves[True][-1] < 0.9 * curves[True][0]
+    assert all(abs(a - b) < 2e-3 * a for a, b in zip(curves[False], curves[True])), curves
 
 
 def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_swapped(tiny_llama):
@@ -203,6 +245,21 @@ def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_sw
     assert torch.equal(swapped.generate(input_ids=ids, max_new_tokens=4, do_sample=False),
                        plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False))
     assert not calls  # eval mode with a cache: transformers' own forward
+
+
+def test_rotary_attention_steps_aside_where_its_kernel_cannot_launch(tiny_llama):
+    """Triton launches on the current CUDA device only: where the lever's check says no (a layer on another GPU),
+    the attention runs transformers' own rotation and gives its result."""
+    from fastload.engine import triton_runs_on
+    from fastload.engine.rotary import install_rotary_attention
+
+    calls = []
+    plain, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
+    guarded, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
+    install_rotary_attention(guarded, lambda *a: calls.append(1), applies=triton_runs_on)  # CPU: never applies
+    loss_p, _ = lora_grads(plain, tok)
+    loss_g, _ = lora_grads(guarded, tok)
+    assert not calls and loss_p == loss_g
 
 
 def test_fused_projections_step_aside_for_what_they_do_not_compute(tiny_llama):

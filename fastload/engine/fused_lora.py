@@ -6,11 +6,12 @@ keeps those copies for backward. Here the fp32 adapters are cast to the compute 
 not tokens x in) and backward re-dequantizes the 4-bit weight instead of keeping it. Gradients of A and B come back in
 fp32.
 
-A 4-bit weight is dequantized into a fresh buffer every call anyway, so the adapter is merged into that buffer
-(W + s B A, one Triton kernel on CUDA) and the input is multiplied once: no (tokens x out) adapter product added to
-the output in forward and recomputation, no (tokens x in) one added to the input gradient in backward. In exact
-arithmetic the result is peft's; in 16 bits the merged weight is rounded once per element, as the dequantized
-weight already is. A 16-bit base weight is used as it is, with the adapter product added to the output.
+A 4-bit weight is dequantized into a fresh buffer every call anyway, so on calls with enough tokens to pay for it
+the adapter is merged into that buffer (W + s B A, one Triton kernel on CUDA) and the input is multiplied once: no
+(tokens x out) adapter product added to the output in forward and recomputation, no (tokens x in) one added to the
+input gradient in backward. In exact arithmetic the result is peft's; in 16 bits the merged weight is rounded once
+per element, as the dequantized weight already is (bf16 training from a fresh adapter follows the plain path's
+losses: tests/test_engine.py). A 16-bit base weight is used as it is, with the adapter product added to the output.
 
 Projections that read the same input (q/k/v of attention, gate/up of a gated MLP) run as one group: one saved
 input, one autograd node, and backward accumulates their input gradients in place into one buffer instead of
@@ -25,6 +26,11 @@ import functools
 import types
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
+# Merging costs ~1 ns per weight value more than dequantizing alone (8B on an H100) and saves ~25-30 ns per token
+# per projection (the adapter product added to the output): it pays from ~half the smaller side of the weight in
+# tokens per call (measured break-even 1.5k-2k tokens for 4,096-wide 8B weights; benchmarks/lora_merge_timing.py).
+# Shorter calls, decoding above all, add the product to the output as before.
+MERGE_MIN_TOKENS_PER_WIDTH = 0.5
 # (cross-attention, whose k/v read another input, and members of unequal input width are never grouped)
 
 
@@ -40,6 +46,10 @@ def _full_weight(base, dtype):
     import bitsandbytes.functional as F
 
     return F.dequantize_4bit(weight.data, state).to(dtype)
+
+
+def _merge_pays(tokens: int, base) -> bool:
+    return tokens >= MERGE_MIN_TOKENS_PER_WIDTH * min(base.in_features, base.out_features)
 
 
 def _merged_weight(base, a, b, scaling, dtype):
@@ -72,7 +82,7 @@ def _group_function():
             for i, (base, s) in enumerate(zip(bases, scalings)):
                 a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
                 casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
-                merged = _merged_weight(base, a, b, s, dtype)
+                merged = _merged_weight(base, a, b, s, dtype) if _merge_pays(x2.shape[0], base) else None
                 if merged is not None:
                     y = x2 @ merged.t()
                     products.append(None)  # x A^T, for B's gradient, is made in backward
@@ -100,20 +110,21 @@ def _group_function():
                     grads += [None, None]
                     continue
                 a, b = casts[2 * i], casts[2 * i + 1]
+                was_merged = products[i] is None  # forward merged the adapter into the weight
                 dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-                dyb = (dy @ b).mul_(s)                                  # (tokens, r)
                 needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
-                xa = products[i] if products[i] is not None or not needs_b else x2 @ a.t()
+                needs_x = ctx.needs_input_grad[0]
+                dyb = (dy @ b).mul_(s) if needs_a or (needs_x and not was_merged) else None  # (tokens, r)
+                xa = x2 @ a.t() if was_merged and needs_b else products[i]
                 grads += [(dyb.t() @ x2).float() if needs_a else None,
                           (dy.t() @ xa).float().mul_(s) if needs_b else None]
-                if ctx.needs_input_grad[0]:
-                    merged = _merged_weight(base, a, b, s, dtype) if products[i] is None else None
-                    weight = merged if merged is not None else _full_weight(base, dtype)
+                if needs_x:
+                    weight = _merged_weight(base, a, b, s, dtype) if was_merged else _full_weight(base, dtype)
                     if grad_x is None:
                         grad_x = dy @ weight
                     else:
                         grad_x.addmm_(dy, weight)
-                    if merged is None:
+                    if not was_merged:
                         grad_x.addmm_(dyb, a)
             if grad_x is not None:
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)

@@ -121,9 +121,9 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 
     On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton_ce);
     with `graphs` (the model's layer_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
-    from . import triton_available
+    from . import triton_runs_on
 
-    use_kernel = (triton_available(hidden.device.type) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
+    use_kernel = (triton_runs_on(hidden) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
     if chunk is None and graphs is not None and not graphs.disabled and use_kernel:
         # replayed as a graph, a chunk costs no launches from the host: smaller chunks keep the graphs' shared

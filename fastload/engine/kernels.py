@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import types
 
-from . import triton_available
+from . import triton_available, triton_runs_on
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
@@ -37,7 +37,8 @@ def _rmsnorm(model) -> bool:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
 
             def forward(self, hidden_states, _eps=eps, _original=module.forward):
-                if self.weight.requires_grad or not hidden_states.is_cuda:  # trained later: transformers computes
+                if self.weight.requires_grad or not triton_runs_on(hidden_states):  # trained later, or on another
+                    # device than Triton launches on: transformers computes
                     return _original(hidden_states)
                 return rms_norm(hidden_states, self.weight, _eps)
 
@@ -52,7 +53,9 @@ def _swiglu(model) -> bool:
     count = 0
     for module in model.modules():
         if type(module).__name__ in MLPS and getattr(module.config, "hidden_act", "silu") in ("silu", "swish"):
-            def forward(self, x):
+            def forward(self, x, _original=module.forward):
+                if not triton_runs_on(x):
+                    return _original(x)
                 return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
             module.forward = types.MethodType(forward, module)
@@ -65,4 +68,4 @@ def _rope(model) -> bool:
 
     from .rotary import install_rotary_attention
 
-    return install_rotary_attention(model, LigerRopeFunction.apply) > 0
+    return install_rotary_attention(model, LigerRopeFunction.apply, applies=triton_runs_on) > 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# tile shapes for the adapter-merging kernel, timed on first use per weight shape (Triton's autotuner): the best
-# one depends on the weight's width and the GPU; a tile too large for its warps spills registers (5x slower)
+# tile shapes (rows, columns, warps) for the adapter-merging kernel, timed on first use per weight shape by Triton's
+# autotuner: the best one depends on the weight's shape and the GPU (benchmarks/lora_merge_timing.py times each)
 LORA_TILES = ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (64, 64, 4))
 
 

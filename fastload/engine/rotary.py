@@ -26,12 +26,14 @@ def _interface(module):
     return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def rotary_attention_forward(original, rotate):
-    """A forward for one attention module: `rotate(q, k, cos, sin) -> (q, k)` replaces transformers' rotation."""
+def rotary_attention_forward(original, rotate, applies=None):
+    """A forward for one attention module: `rotate(q, k, cos, sin) -> (q, k)` replaces transformers' rotation
+    (where `applies(hidden_states)`, if given)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         if (args or position_embeddings is None or not self.training
-                or any(kwargs.get(name) is not None for name in _SKIP)):
+                or any(kwargs.get(name) is not None for name in _SKIP)
+                or (applies is not None and not applies(hidden_states))):
             return original(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         kwargs = {name: value for name, value in kwargs.items() if name not in _SKIP}
         input_shape = hidden_states.shape[:-1]
@@ -50,11 +52,11 @@ def rotary_attention_forward(original, rotate):
     return forward
 
 
-def install_rotary_attention(model, rotate) -> int:
+def install_rotary_attention(model, rotate, applies=None) -> int:
     count = 0
     for module in model.modules():
         if type(module).__name__ in CLASSES and not getattr(module, "_fastload_rotary", False):
-            module.forward = types.MethodType(rotary_attention_forward(module.forward, rotate), module)
+            module.forward = types.MethodType(rotary_attention_forward(module.forward, rotate, applies), module)
             module._fastload_rotary = True
             count += 1
     return count

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
-_LORA_TILE_CHOSEN: dict = {}  # (rows, cols, R, dtype, device) -> the autotuner's choice, launched without it after
+_LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
+_TENSOR_CORES: dict = {}  # device -> whether the merging kernel's tl.dot compiles there
 
 
 def dequantize_4bit_lora(packed, state, a, b, scaling: float):
@@ -40,7 +41,7 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
             state.offset if nested else state.absmax, state.code, a, b, out, rows, cols, a.shape[0], float(scaling))
     constants = dict(BLOCKSIZE=state.blocksize, BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested,
                      R=rank_padded)
-    key = (rows, cols, rank_padded, state.dtype, packed.device)
+    key = (rows, cols, rank_padded, state.dtype, nested, state.blocksize, packed.device)
     chosen = _LORA_TILE_CHOSEN.get(key)
     if chosen is None:  # first call for this shape: the autotuner times every tile, then remembers its choice
         kernel[lambda tile: (triton.cdiv(rows, tile["BM"]), triton.cdiv(cols, tile["BN"]))](*args, **constants)
@@ -55,10 +56,12 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
 
 def lora_supported(packed, state, a, b) -> bool:
     """The adapter-merging kernel's extra conditions: an even row length (whole bytes per row), fewer than 2**31
-    values, adapters of the weight's dtype laid out contiguously, of a rank one tensor-core dot covers."""
+    values, adapters of the weight's dtype laid out contiguously, of a rank one tensor-core dot covers, a GPU whose
+    tensor cores take 16-bit inputs."""
     return (supported(packed, state) and state.shape[1] % 2 == 0 and packed.numel() * 2 < 2 ** 31
             and a.dtype == b.dtype == state.dtype and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= 128
-            and a.shape == (b.shape[1], state.shape[1]) and b.shape[0] == state.shape[0])
+            and a.shape == (b.shape[1], state.shape[1]) and b.shape[0] == state.shape[0]
+            and _tensor_cores_take_16bit(packed.device))
 
 
 def dequantize_4bit(packed, state, out=None):
@@ -82,8 +85,9 @@ def dequantize_4bit(packed, state, out=None):
 
 
 def supported(packed, state) -> bool:
-    """What the kernel handles: a CUDA tensor packed two values a byte in bitsandbytes' (n/2, 1) layout, 16-bit
-    output, even block sizes. Remembered on the QuantState per device type: asked three times a step per weight."""
+    """What the kernel handles: a tensor on the current CUDA device packed two values a byte in bitsandbytes' (n/2,
+    1) layout, 16-bit output, even block sizes. The layout part is remembered on the QuantState per device type:
+    asked three times a step per weight."""
     cache = getattr(state, "_fastload_triton", None)
     if cache is None:
         cache = state._fastload_triton = {}
@@ -96,5 +100,19 @@ def supported(packed, state) -> bool:
                  and str(state.dtype) in ("torch.bfloat16", "torch.float16")
                  and packed.numel() * 2 == math.prod(state.shape))
         cache[packed.device.type] = known
+    if not known:
+        return False
+    from . import triton_runs_on
+
+    return triton_runs_on(packed)
+
+
+def _tensor_cores_take_16bit(device) -> bool:
+    """tl.dot on bf16 needs Ampere (compute capability 8.0) or newer; asked once per device."""
+    known = _TENSOR_CORES.get(device)
+    if known is None:
+        import torch
+
+        known = _TENSOR_CORES[device] = torch.cuda.get_device_capability(device) >= (8, 0)
     return known
 
