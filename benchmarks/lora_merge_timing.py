@@ -5,8 +5,11 @@
 
     python benchmarks/lora_merge_timing.py   # needs CUDA, triton and bitsandbytes; prints tables in microseconds
 
-The second table times the kernels alone: bitsandbytes-layout dequantization, the merging kernel with the tile its
-autotuner chose, and every tile it chooses from.
+The second table times the kernels alone: bitsandbytes-layout dequantization, the merging kernel as fastload
+launches it (the autotuner's choice), and every tile it chooses from, each launched the same way as the others in
+its table but not as the merging column (compare the tile columns with each other). Times are per call: CUDA events
+around 50 back-to-back calls, so where the host launches more slowly than the GPU runs (the small k/v shapes) they
+measure the host.
 """
 
 from __future__ import annotations
