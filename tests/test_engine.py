@@ -147,9 +147,11 @@ def peft_reference(proj, inputs):
     return proj.base_layer(inputs) + proj.scaling[name] * proj.lora_B[name](proj.lora_A[name](inputs))
 
 
-@pytest.mark.parametrize("load_in_4bit, tokens, merges", [(True, 200, True), (True, 10, False), (False, 200, False)],
-                         ids=["4-bit base, long call: adapter merged", "4-bit base, short call: product added",
-                              "16-bit base: product added"])
+@pytest.mark.parametrize("load_in_4bit, tokens, merges", [
+    (True, 200, {"q": True, "k": True, "v": True}), (True, 100, {"q": False, "k": True, "v": True}),
+    (True, 10, {"q": False, "k": False, "v": False}), (False, 200, {"q": False, "k": False, "v": False})],
+    ids=["4-bit base, long call: adapters merged", "4-bit base, k/v merged but not the wider q",
+         "4-bit base, short call: products added", "16-bit base: products added"])
 def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama, load_in_4bit, tokens, merges,
                                                                       monkeypatch):
     """q/k/v (and gate/up) read the same input: one autograd node computes them all; a member called on another
@@ -158,11 +160,11 @@ def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama
     product is added to the output."""
     from fastload.engine import fused_lora
 
-    merged, real = [], fused_lora._merged_weight
+    merged, real = {}, fused_lora._merged_weight
 
-    def spy(*args):
-        weight = real(*args)
-        merged.append(weight is not None)
+    def spy(base, *args):
+        weight = real(base, *args)
+        merged.setdefault(base.out_features, weight is not None)
         return weight
 
     monkeypatch.setattr(fused_lora, "_merged_weight", spy)
@@ -174,7 +176,8 @@ def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama
     x = torch.randn(2, tokens // 2, attn.q_proj.in_features, requires_grad=True)
 
     q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    assert any(merged) == merges
+    widths = {"q": attn.q_proj.out_features, "k": attn.k_proj.out_features}  # v is as wide as k
+    assert {name: merged.get(widths[name if name != "v" else "k"], False) for name in merges} == merges
     assert q.grad_fn is k.grad_fn is v.grad_fn and type(q.grad_fn).__name__ == "LoraGroupBackward"
     for proj, out in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v)):
         assert torch.allclose(out, peft_reference(proj, x), atol=1e-5)
@@ -256,10 +259,24 @@ def test_rotary_attention_steps_aside_where_its_kernel_cannot_launch(tiny_llama)
     calls = []
     plain, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
     guarded, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
-    install_rotary_attention(guarded, lambda *a: calls.append(1), applies=triton_runs_on)  # CPU: never applies
+    assert install_rotary_attention(guarded, lambda *a: calls.append(1), applies=triton_runs_on) > 0
     loss_p, _ = lora_grads(plain, tok)
     loss_g, _ = lora_grads(guarded, tok)
-    assert not calls and loss_p == loss_g
+    assert not calls and loss_p == loss_g  # a CPU tensor: no Triton launch
+
+
+def test_triton_launches_only_on_the_current_cuda_device(monkeypatch):
+    """Triton launches on the current device: a tensor on another GPU (device_map over several) must be told no."""
+    import types
+
+    import fastload.engine as engine
+
+    monkeypatch.setattr(engine, "triton_available", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    on = types.SimpleNamespace
+    assert engine.triton_runs_on(on(device=torch.device("cuda", 1)))
+    assert not engine.triton_runs_on(on(device=torch.device("cuda", 0)))
+    assert not engine.triton_runs_on(on(device=torch.device("cpu")))
 
 
 def test_fused_projections_step_aside_for_what_they_do_not_compute(tiny_llama):

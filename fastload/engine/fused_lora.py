@@ -26,9 +26,10 @@ import functools
 import types
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
-# Merging costs ~1 ns per weight value more than dequantizing alone (8B on an H100) and saves ~25-30 ns per token
-# per projection (the adapter product added to the output): it pays from ~half the smaller side of the weight in
-# tokens per call (measured break-even 1.5k-2k tokens for 4,096-wide 8B weights; benchmarks/lora_merge_timing.py).
+# Merging costs ~1 ns per weight value more than dequantizing alone (8B on an H100) and saves per token ~26-31 ns on
+# the MLP weights, ~11 ns on q/o (the adapter product added to the output): it pays from ~half the smaller side of
+# the weight in tokens per call (break-even 1.5k-2k tokens for 8B's 4,096-wide weights, from
+# benchmarks/results/2026-11-25-h100-e/lora-merge-timing-direct-launch.txt; k/v's, host-bound there, not measured).
 # Shorter calls, decoding above all, add the product to the output as before.
 MERGE_MIN_TOKENS_PER_WIDTH = 0.5
 # (cross-attention, whose k/v read another input, and members of unequal input width are never grouped)
@@ -53,8 +54,10 @@ def _merge_pays(tokens: int, base) -> bool:
 
 
 def _merged_weight(base, a, b, scaling, dtype):
-    """W + scaling * b @ a for a 4-bit base (None for a 16-bit one: its weight is not copied, so nothing to merge
-    into): W's fresh dequantized buffer takes the adapter's product."""
+    """W + scaling * b @ a where merging pays, else None (the caller adds the adapter's product to the output): a 4-bit
+    base (a 16-bit weight is not copied, so there is nothing to merge into) whose fresh dequantized buffer takes the
+    adapter's product, by fastload's Triton kernel on CUDA, by torch on the CPU (the README's main job: 40 steps in
+    58-61 s before, 55 s with it, on 2 cores). On CUDA without the kernel no merge: torch's extra pass over the weight would cost more."""
     weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
@@ -63,6 +66,8 @@ def _merged_weight(base, a, b, scaling, dtype):
 
     if dtype == state.dtype and lora_supported(weight.data, state, a, b):
         return dequantize_4bit_lora(weight.data, state, a, b, scaling)
+    if weight.device.type == "cuda":
+        return None
     return _full_weight(base, dtype).addmm_(b, a, alpha=scaling)
 
 

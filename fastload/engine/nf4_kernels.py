@@ -40,7 +40,7 @@ def dequantize_4bit(packed_ptr, scales_ptr, scales2_ptr, code2_ptr, offset_ptr, 
 
 
 @triton.autotune(configs=[triton.Config({"BM": m, "BN": n}, num_warps=w) for m, n, w in LORA_TILES],
-                 key=["rows", "cols", "R"])
+                 key=["rows", "cols", "R", "NESTED", "BLOCKSIZE"])
 @triton.jit
 def dequantize_4bit_lora(packed_ptr, scales_ptr, scales2_ptr, code2_ptr, offset_ptr, code_ptr, a_ptr, b_ptr,
                          out_ptr, rows, cols, rank, scaling, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,

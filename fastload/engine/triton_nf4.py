@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 
+from . import triton_runs_on
+
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
 _LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
-_TENSOR_CORES: dict = {}  # device -> whether the merging kernel's tl.dot compiles there
+_CAPABILITY: dict = {}  # device -> its compute capability (the merging kernel's tl.dot needs tensor cores)
 
 
 def dequantize_4bit_lora(packed, state, a, b, scaling: float):
@@ -57,11 +59,11 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
 def lora_supported(packed, state, a, b) -> bool:
     """The adapter-merging kernel's extra conditions: an even row length (whole bytes per row), fewer than 2**31
     values, adapters of the weight's dtype laid out contiguously, of a rank one tensor-core dot covers, a GPU whose
-    tensor cores take 16-bit inputs."""
+    tensor cores take that dtype."""
     return (supported(packed, state) and state.shape[1] % 2 == 0 and packed.numel() * 2 < 2 ** 31
             and a.dtype == b.dtype == state.dtype and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= 128
             and a.shape == (b.shape[1], state.shape[1]) and b.shape[0] == state.shape[0]
-            and _tensor_cores_take_16bit(packed.device))
+            and _tensor_cores_take(state.dtype, packed.device))
 
 
 def dequantize_4bit(packed, state, out=None):
@@ -100,19 +102,15 @@ def supported(packed, state) -> bool:
                  and str(state.dtype) in ("torch.bfloat16", "torch.float16")
                  and packed.numel() * 2 == math.prod(state.shape))
         cache[packed.device.type] = known
-    if not known:
-        return False
-    from . import triton_runs_on
-
-    return triton_runs_on(packed)
+    return known and triton_runs_on(packed)
 
 
-def _tensor_cores_take_16bit(device) -> bool:
-    """tl.dot on bf16 needs Ampere (compute capability 8.0) or newer; asked once per device."""
-    known = _TENSOR_CORES.get(device)
-    if known is None:
+def _tensor_cores_take(dtype, device) -> bool:
+    """tl.dot on bf16 needs Ampere (compute capability 8.0) or newer, on fp16 Volta (7.0); asked once per device."""
+    capability = _CAPABILITY.get(device)
+    if capability is None:
         import torch
 
-        known = _TENSOR_CORES[device] = torch.cuda.get_device_capability(device) >= (8, 0)
-    return known
+        capability = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return capability >= ((8, 0) if str(dtype) == "torch.bfloat16" else (7, 0))
 
