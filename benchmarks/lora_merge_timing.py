@@ -38,7 +38,7 @@ def main() -> None:
     import triton
 
     from fastload.engine import nf4_kernels
-    from fastload.engine.triton_nf4 import dequantize_4bit, dequantize_4bit_lora
+    from fastload.engine.triton_nf4 import dequantize_4bit, dequantize_4bit_lora, quant_state_args
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     kernels = []
@@ -65,14 +65,12 @@ def main() -> None:
         f"{m}x{n}/{w}w" for m, n, w in nf4_kernels.LORA_TILES) + "   (us; tile rows x columns / warps)")
     for name, packed, state, a, b in kernels:
         rows, cols = state.shape
-        nested = state.state2
+        scales, layout = quant_state_args(state)
 
-        def tile(m, n, w, packed=packed, state=state, a=a, b=b, rows=rows, cols=cols, nested=nested):
+        def tile(m, n, w, packed=packed, state=state, a=a, b=b, rows=rows, cols=cols, scales=scales, layout=layout):
             out = torch.empty(state.shape, dtype=state.dtype, device="cuda")
             kernel.fn[(triton.cdiv(rows, m), triton.cdiv(cols, n))](
-                packed, state.absmax, nested.absmax, nested.code, state.offset, state.code, a, b, out, rows, cols,
-                RANK, 0.5, BLOCKSIZE=state.blocksize, BLOCKSIZE2=nested.blocksize, NESTED=True, R=RANK, BM=m, BN=n,
-                num_warps=w)
+                packed, *scales, a, b, out, rows, cols, RANK, 0.5, **layout, R=RANK, BM=m, BN=n, num_warps=w)
 
         times = [_time_us(lambda t=t: tile(*t)) for t in nf4_kernels.LORA_TILES]
         print(f"{name:<10} {_time_us(lambda: dequantize_4bit(packed, state)):>10.1f} "

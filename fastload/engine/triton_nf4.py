@@ -36,14 +36,11 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
 
     rows, cols = state.shape
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
-    nested = bool(state.nested)
-    second = state.state2 if nested else None
+    scales, layout = quant_state_args(state)
     rank_padded = max(16, triton.next_power_of_2(a.shape[0]))
-    args = (packed, state.absmax, second.absmax if nested else state.absmax, second.code if nested else state.code,
-            state.offset if nested else state.absmax, state.code, a, b, out, rows, cols, a.shape[0], float(scaling))
-    constants = dict(BLOCKSIZE=state.blocksize, BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested,
-                     R=rank_padded)
-    key = (rows, cols, rank_padded, state.dtype, nested, state.blocksize, packed.device)
+    args = (packed, *scales, a, b, out, rows, cols, a.shape[0], float(scaling))
+    constants = dict(layout, R=rank_padded)
+    key = (rows, cols, rank_padded, state.dtype, layout["NESTED"], state.blocksize, packed.device)
     chosen = _LORA_TILE_CHOSEN.get(key)
     if chosen is None:  # first call for this shape: the autotuner times every tile, then remembers its choice
         kernel[lambda tile: (triton.cdiv(rows, tile["BM"]), triton.cdiv(cols, tile["BN"]))](*args, **constants)
@@ -75,15 +72,20 @@ def dequantize_4bit(packed, state, out=None):
     n_bytes = packed.numel()
     if out is None:
         out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    scales, layout = quant_state_args(state)
+    grid = ((n_bytes + BYTES_PER_PROGRAM - 1) // BYTES_PER_PROGRAM,)
+    kernel[grid](packed, *scales, out, n_bytes, **layout, BYTES=BYTES_PER_PROGRAM, num_warps=4)
+    return out
+
+
+def quant_state_args(state) -> tuple[tuple, dict]:
+    """What both kernels take after the packed weight: block scales, their own scales, code and offset where the
+    scales are quantized (placeholders where not), the 4-bit code; and the layout constants."""
     nested = bool(state.nested)
     second = state.state2 if nested else None
-    grid = ((n_bytes + BYTES_PER_PROGRAM - 1) // BYTES_PER_PROGRAM,)
-    kernel[grid](packed, state.absmax, second.absmax if nested else state.absmax,
-                 second.code if nested else state.code, state.offset if nested else state.absmax,
-                 state.code, out, n_bytes, BLOCKSIZE=state.blocksize,
-                 BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested, BYTES=BYTES_PER_PROGRAM,
-                 num_warps=4)
-    return out
+    scales = (state.absmax, second.absmax if nested else state.absmax, second.code if nested else state.code,
+              state.offset if nested else state.absmax, state.code)
+    return scales, dict(BLOCKSIZE=state.blocksize, BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested)
 
 
 def supported(packed, state) -> bool:
