@@ -54,12 +54,12 @@ class AdamW8bitNoSync(AdamW8bit):
     the setting to the same-numbered parameter of every optimizer made after it."""
 
     def __init__(self, params, *args, full_precision=(), **kwargs):
-        super().__init__(params, *args, **kwargs)
         self._full_precision = {id(p) for p in full_precision}
+        super().__init__(params, *args, **kwargs)
 
     def get_config(self, gindex, pindex, group):
         config = super().get_config(gindex, pindex, group)
-        if id(group["params"][pindex]) in getattr(self, "_full_precision", ()):
+        if id(group["params"][pindex]) in self._full_precision:
             config["optim_bits"] = 32
         return config
 
@@ -127,7 +127,7 @@ class AdamW8bitNoSync(AdamW8bit):
         """bitsandbytes reads per-parameter overrides (GlobalOptimManager.override_config) at every step; this
         optimizer's own 32-bit parameters (full_precision) take bitsandbytes' path too."""
         return ((gindex, pindex) in self.mng.index2config or id(p) in self.mng.pid2config
-                or id(p) in getattr(self, "_full_precision", ()))
+                or id(p) in self._full_precision)
 
     def _packable(self, gindex: int, pindex: int, p) -> bool:
         state = self.state[p]
