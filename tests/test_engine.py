@@ -502,15 +502,15 @@ def test_layer_graph_signature_refuses_hooks_a_replay_would_skip(tiny_llama):
 def test_a_layer_with_active_dropout_is_recomputed_by_torchs_checkpoint(tiny_llama):
     """Per call, the engine's checkpoint hands a layer whose dropout is active (LoRA dropout in training) to torch's
     checkpoint, which replays the forward's random numbers; in eval mode, or with p=0, the engine keeps it."""
-    from fastload.engine.layer_graphs import _modules_of
+    from fastload.engine.layer_graphs import modules_of
     from fastload.engine.offload import _uses_dropout
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, lora={"lora_dropout": 0.1})
     layer = model.get_base_model().model.layers[0]
     model.train()
-    assert _uses_dropout(_modules_of(layer))
+    assert _uses_dropout(modules_of(layer))
     model.eval()
-    assert not _uses_dropout(_modules_of(layer))
+    assert not _uses_dropout(modules_of(layer))
     plain, _ = FastModel.from_pretrained(tiny_llama, store=False)
     plain.train()
-    assert not _uses_dropout(_modules_of(plain.get_base_model().model.layers[0]))
+    assert not _uses_dropout(modules_of(plain.get_base_model().model.layers[0]))

@@ -70,7 +70,7 @@ class _Call:
         self.structure = _flatten((function.args, function.keywords), leaves)
         self.leaves = leaves
         self.tensor_slots = tuple(i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor))
-        self.layer = _layer_of(function)
+        self.layer = layer_of(function)
         tensor_metas = tuple(_meta(leaves[i]) for i in self.tensor_slots)
         self.shape_key = (_meta(hidden), tensor_metas)
         if key is not None:  # the forward's signature, reused by its backward: the same call, no second scan
@@ -92,7 +92,7 @@ class _Call:
         return functools.partial(self.func, *args, **keywords)
 
 
-def _layer_of(function):
+def layer_of(function):
     """The module a checkpointed partial runs, or None (then it runs eagerly)."""
     import torch
 
@@ -110,7 +110,7 @@ def _say_once(layer, why: str) -> None:
         logger.info("engine: CUDA graphs: %s runs eagerly: %s", type(layer).__name__, why)
 
 
-def _modules_of(layer) -> list:
+def modules_of(layer) -> list:
     """layer.modules() in the same order (depth first, each once), without its recursive generators: the scan
     below runs on every layer call, and three walks of a LoRA layer's ~80 modules took ~0.4 ms."""
     seen, order, stack = set(), [], [layer]
@@ -125,7 +125,7 @@ def _modules_of(layer) -> list:
 
 
 def parameters_of(modules) -> list:
-    """The parameters of these modules (from _modules_of), each once, in layer.parameters()' order."""
+    """The parameters of these modules (from modules_of), each once, in layer.parameters()' order."""
     params, seen = [], set()
     for module in modules:
         for p in module._parameters.values():
@@ -142,7 +142,7 @@ def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
     reuses that signature): adapters can be added, switched or rescaled at any time."""
     import torch
 
-    modules = _modules_of(layer)
+    modules = modules_of(layer)
     adapters, buffers = [], []
     for module in modules:
         if (module is not layer or own_hooks) and (module._forward_hooks or module._forward_pre_hooks
@@ -344,7 +344,7 @@ class ModelGraphs:
         import torch
 
         layer = call.layer
-        params = tuple(p for p in parameters_of(_modules_of(layer)) if p.requires_grad)  # as the Function's inputs
+        params = tuple(p for p in parameters_of(modules_of(layer)) if p.requires_grad)  # as the Function's inputs
         inputs = self.inputs[call.shape_key]
         inputs.load(hidden, [call.leaves[i] for i in call.tensor_slots])
         run = call.rebuilt(inputs.tensors)

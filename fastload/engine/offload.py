@@ -177,10 +177,10 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
     if not offload and graphs is None:
         return checkpoint(function, hidden_states, use_reentrant=False)
-    from .layer_graphs import _layer_of, _modules_of, parameters_of
+    from .layer_graphs import layer_of, modules_of, parameters_of
 
-    layer = _layer_of(function) if isinstance(function, functools.partial) else None
-    modules = _modules_of(layer) if layer is not None else []
+    layer = layer_of(function) if isinstance(function, functools.partial) else None
+    modules = modules_of(layer) if layer is not None else []
     if _uses_dropout(modules):  # recomputation must replay the forward's random numbers: torch's checkpoint does
         return checkpoint(function, hidden_states, use_reentrant=False)
     params = tuple(p for p in parameters_of(modules) if p.requires_grad) if graphs is not None else ()
