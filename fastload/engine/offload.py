@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import weakref
 
+from .layer_graphs import graphs_for, layer_of, modules_of, parameters_of
+
 MIN_BYTES = 4 * 1024 * 1024  # below this per layer, copies cost more than the memory they save
 MAX_QUEUE = 4096  # forward passes whose backward never ran leave dead entries: pruned past this length
 
@@ -177,8 +179,6 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
     if not offload and graphs is None:
         return checkpoint(function, hidden_states, use_reentrant=False)
-    from .layer_graphs import layer_of, modules_of, parameters_of
-
     layer = layer_of(function) if isinstance(function, functools.partial) else None
     modules = modules_of(layer) if layer is not None else []
     if _uses_dropout(modules):  # recomputation must replay the forward's random numbers: torch's checkpoint does
@@ -229,8 +229,6 @@ def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str
             offload = False
     model_graphs = None
     if graphs:
-        from .layer_graphs import graphs_for
-
         model_graphs = graphs_for(model, next(model.parameters()).device)
     if not (offload or model_graphs):
         return []
