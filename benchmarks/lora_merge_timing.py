@@ -1,7 +1,7 @@
 """GPU time of one 4-bit LoRA projection, two ways, on Llama-3 8B's shapes (4,096 tokens, r=16, bf16):
 
   added:  W = dequantize(W4); y = x W^T; y += s (x A^T) B^T     (the adapter product added to the output)
-  merged: W' = dequantize(W4) + s B A (one kernel); y = x W'^T   (fastload.engine.triton_nf4.dequantize_4bit_lora)
+  merged: W' = dequantize(W4) + s B A (one kernel); y = x W'^T   (fastload.engine.triton.nf4.dequantize_4bit_lora)
 
     python benchmarks/lora_merge_timing.py   # needs CUDA, triton and bitsandbytes; prints tables in microseconds
 
@@ -37,8 +37,8 @@ def main() -> None:
 
     import triton
 
-    from fastload.engine import nf4_kernels
-    from fastload.engine.triton_nf4 import dequantize_4bit, dequantize_4bit_lora, quant_state_args
+    from fastload.engine.triton import nf4_kernels
+    from fastload.engine.triton.nf4 import dequantize_4bit, dequantize_4bit_lora, quant_state_args
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     kernels = []

@@ -8,24 +8,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import errors
-from ._log import set_verbosity
+from fastload import errors
+from fastload._log import set_verbosity
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "FastModel": ("facade", "FastModel"),
-    "resolve": ("sources", "resolve"),
-    "LoadPlan": ("plan", "LoadPlan"),
-    "Store": ("store", "Store"),
-    "register": ("registry", "register"),
-    "get_registry": ("registry", "get_registry"),
-    "estimate": ("memory", "estimate"),
-    "QuantSettings": ("settings", "QuantSettings"),
-    "LoraSettings": ("settings", "LoraSettings"),
+    "FastModel": ("fastload.facade", "FastModel"),
+    "resolve": ("fastload.sources.resolve", "resolve"),
+    "LoadPlan": ("fastload.sources.plan", "LoadPlan"),
+    "Store": ("fastload.sources.store", "Store"),
+    "register": ("fastload.sources.registry", "register"),
+    "get_registry": ("fastload.sources.registry", "get_registry"),
+    "estimate": ("fastload.load.memory", "estimate"),
+    "QuantSettings": ("fastload.settings", "QuantSettings"),
+    "LoraSettings": ("fastload.settings", "LoraSettings"),
 }
 
-_SUBMODULES = {"registry", "store", "memory", "data", "saving", "cli", "settings", "plan", "devices", "lora"}
+# `fastload.<name>` attribute access for modules, including those that moved into subpackages
+_SUBMODULES = {
+    "registry": "fastload.registry",
+    "data": "fastload.data",
+    "settings": "fastload.settings",
+    "cli": "fastload.cli",
+    "sources": "fastload.sources",
+    "load": "fastload.load",
+    "train": "fastload.train",
+    "save": "fastload.save",
+    "engine": "fastload.engine",
+    "store": "fastload.sources.store",
+    "plan": "fastload.sources.plan",
+    "memory": "fastload.load.memory",
+    "devices": "fastload.load.devices",
+    "lora": "fastload.train.lora",
+    "saving": "fastload.save.saving",
+}
 
 __all__ = ["errors", "set_verbosity", "__version__", *_LAZY]
 
@@ -35,11 +52,11 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'fastload' has no attribute {name!r}")

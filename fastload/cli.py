@@ -17,8 +17,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from ._log import logger, set_verbosity
-from .errors import FastloadError, InvalidOption, ModelNotFound, StoreError
+from fastload._log import logger, set_verbosity
+from fastload.errors import FastloadError, InvalidOption, ModelNotFound, StoreError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 LOADING_COMMANDS = {"quantize", "train", "merge", "generate", "estimate"}
@@ -72,7 +72,7 @@ def plan_dict(plan) -> dict:
 
 
 def cmd_resolve(args) -> int:
-    from .sources import resolve
+    from fastload.sources.resolve import resolve
 
     plan = resolve(args.name, revision=args.revision, store=not args.no_store)
     emit(args, plan_dict(plan), plan.explain())
@@ -85,7 +85,7 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     """Every file of a checkpoint folder but the store's manifest (hub-cache links are followed)."""
     import shutil
 
-    from .store import MANIFEST
+    from fastload.sources.store import MANIFEST
 
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != MANIFEST:
@@ -93,14 +93,14 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from . import plan as P
-    from .loader import LoadOptions, local_files_of
-    from .facade import FastModel
-    from .store import Store
+    from fastload.sources import plan as P
+    from fastload.load.loader import LoadOptions, local_files_of
+    from fastload.facade import FastModel
+    from fastload.sources.store import Store
 
     quant = dict(bnb_4bit_quant_type=args.quant_type, bnb_4bit_use_double_quant=not args.no_double_quant)
     if args.out:  # a 4-bit checkpoint already on this machine is copied as it is, without loading it
-        from .sources import make_store, resolve
+        from fastload.sources.resolve import make_store, resolve
 
         plan = resolve(args.source, store=make_store(True) or False, **quant)
         files = local_files_of(plan, LoadOptions()) if plan.prequantized else None
@@ -121,7 +121,7 @@ def cmd_quantize(args) -> int:
                                  "cache (huggingface-cli download) and run the command again")
             where = _copy_prequantized(Path(files), args.out, args.source)
         else:
-            from .saving import atomic_directory
+            from fastload.save.saving import atomic_directory
 
             where = Path(args.out).expanduser().absolute()
             with atomic_directory(where) as tmp:  # nothing half-written at --out, even on Ctrl-C
@@ -148,8 +148,8 @@ def _copy_prequantized(files: Path, out_arg: str, source: str) -> Path:
     """A 4-bit checkpoint copied as it is into --out, checked as a load would check it (complete, safetensors,
     tokenizer), atomically (nothing half-written, even on Ctrl-C); never into itself (a store entry would find a
     stranger and be removed)."""
-    from .checkpoint import check_tokenizer_files, inspect_checkpoint
-    from .saving import atomic_directory
+    from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
+    from fastload.save.saving import atomic_directory
 
     out = Path(out_arg).expanduser().absolute()
     if out.resolve() == files.resolve() or files.resolve() in out.resolve().parents:
@@ -259,7 +259,7 @@ def save_adapter_into(model, tokenizer, out: Path) -> None:
     import shutil
     import uuid
 
-    from .saving import name_base_model
+    from fastload.save.saving import name_base_model
 
     name_base_model(model, getattr(model, "fastload_plan", None))
     tmp = out / f".adapter.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -277,8 +277,8 @@ def save_adapter_into(model, tokenizer, out: Path) -> None:
 def cmd_train(args) -> int:
     from transformers import PrinterCallback
 
-    from .data import load_records
-    from .facade import FastModel
+    from fastload.data import load_records
+    from fastload.facade import FastModel
 
     records = load_records(args.data)  # read first: a bad file fails before minutes of loading
     if not records:
@@ -316,8 +316,8 @@ def cmd_train(args) -> int:
 # -- merge, generate ----------------------------------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
-    from .facade import FastModel
-    from .sources import resolve
+    from fastload.facade import FastModel
+    from fastload.sources.resolve import resolve
 
     if not resolve(args.adapter_dir).adapter:  # the plan alone tells, before minutes of loading
         raise InvalidOption(f"Merging {args.adapter_dir}", found="it is a model, not a LoRA adapter directory",
@@ -330,7 +330,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .facade import FastModel
+    from fastload.facade import FastModel
 
     model, tokenizer = FastModel.from_pretrained(args.model, lora=None, gradient_checkpointing=False,
                                                  max_seq_length=args.seq)
@@ -346,9 +346,9 @@ def cmd_generate(args) -> int:
 def config_for_estimate(name: str) -> tuple[Any, str]:
     """(config dict or parameter count, where it came from): a local config.json, a resolvable model's config, or
     the registry's parameter count when no config is on this machine."""
-    from .checkpoint import read_config
-    from .registry import get_registry
-    from .sources import resolve
+    from fastload.sources.checkpoint_files import read_config
+    from fastload.sources.registry import get_registry
+    from fastload.sources.resolve import resolve
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -377,7 +377,7 @@ def config_for_estimate(name: str) -> tuple[Any, str]:
 
 
 def cmd_estimate(args) -> int:
-    from . import memory
+    from fastload.load import memory
 
     config, basis = config_for_estimate(args.name)
     if isinstance(config, float):
@@ -396,7 +396,7 @@ def entry_dict(entry) -> dict:
 
 
 def cmd_cache(args) -> int:
-    from .store import Store
+    from fastload.sources.store import Store
 
     store = Store()
     if args.action == "list":
@@ -443,7 +443,7 @@ def _registry_line(entry) -> str:
 
 
 def cmd_registry(args) -> int:
-    from .registry import get_registry
+    from fastload.sources.registry import get_registry
 
     reg = get_registry()
     if args.action == "show":
@@ -468,7 +468,7 @@ def cmd_registry(args) -> int:
 
 
 def run_bench(argv: list[str]) -> int:
-    from .bench.driver import main as bench_main
+    from fastload.bench.driver import main as bench_main
 
     try:
         return bench_main(argv)
@@ -507,7 +507,7 @@ def _common(json_output: bool) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from fastload import __version__
 
     parser = argparse.ArgumentParser(prog="fastload", description="Load, quantize, fine-tune (QLoRA) and merge "
                                      "language models in one line each.")

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import InvalidOption
+from fastload.errors import InvalidOption
 
 IGNORE_INDEX = -100  # what transformers' cross-entropy skips
 

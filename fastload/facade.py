@@ -6,11 +6,11 @@ import os
 import time
 from typing import Any
 
-from . import plan as P
-from ._log import logger
-from .errors import AdapterError, InvalidOption
-from .loader import LoadOptions
-from .settings import LoraSettings
+from fastload.sources import plan as P
+from fastload._log import logger
+from fastload.errors import AdapterError, InvalidOption
+from fastload.load.loader import LoadOptions
+from fastload.settings import LoraSettings
 
 _DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSettings)
 BACKENDS = ("native", "unsloth", "auto")
@@ -57,8 +57,8 @@ class FastModel:
 
         Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
         """
-        from .backends import choose_backend
-        from .sources import make_store, resolve
+        from fastload.backends import choose_backend
+        from fastload.sources.resolve import make_store, resolve
 
         if backend not in BACKENDS:
             raise InvalidOption(f"backend={backend!r}", found=f"known backends: {', '.join(BACKENDS)}",
@@ -67,7 +67,7 @@ class FastModel:
             raise InvalidOption(f"max_seq_length={max_seq_length!r}", found="it must be a positive integer",
                                 fix="use e.g. max_seq_length=2048")
         if attn_implementation == "xformers":
-            from .attention.xformers_attention import register_xformers_attention
+            from fastload.load.attention.xformers_attention import register_xformers_attention
 
             attn_implementation = register_xformers_attention()
         lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
@@ -84,7 +84,7 @@ class FastModel:
         impl = choose_backend(backend, plan, opts)
         model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
         if impl.name == "native":
-            from .engine import EngineSettings, apply_engine
+            from fastload.engine import EngineSettings, apply_engine
 
             model.fastload_engine_settings = EngineSettings.from_user(engine)
             model.fastload_engine = apply_engine(model, model.fastload_engine_settings, bool(gradient_checkpointing))
@@ -98,8 +98,8 @@ class FastModel:
     @classmethod
     def get_peft_model(cls, model, random_state: int | None = 3407, **lora_options: Any):
         """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection)."""
-        from .checkpointing import enable_checkpointing, is_checkpointing
-        from .lora import apply_lora, has_adapters, lora_settings_of
+        from fastload.train.checkpointing import enable_checkpointing, is_checkpointing
+        from fastload.train.lora import apply_lora, has_adapters, lora_settings_of
 
         settings = LoraSettings.from_user(lora_options)
         if has_adapters(model):
@@ -117,15 +117,15 @@ class FastModel:
             if hasattr(model, attr):
                 setattr(peft_model, attr, getattr(model, attr))
         if checkpointing and getattr(peft_model, "fastload_engine", None):
-            from .checkpointing import _base
-            from .engine.offload import uses_engine_checkpointing
+            from fastload.train.checkpointing import _base
+            from fastload.engine.offloaded_checkpoint import uses_engine_checkpointing
 
             if not uses_engine_checkpointing(_base(peft_model)):  # e.g. LoRA dropout turned them off
                 peft_model.fastload_engine = [lever for lever in peft_model.fastload_engine
                                               if lever not in ("offload_checkpointing", "cuda_graphs")]
         engine = getattr(model, "fastload_engine_settings", None)
         if engine is not None and engine.fused_lora:
-            from .engine import install_fused_lora_if_any
+            from fastload.engine import install_fused_lora_if_any
 
             if install_fused_lora_if_any(peft_model):
                 peft_model.fastload_engine = [*getattr(peft_model, "fastload_engine", []), "fused_lora"]
@@ -135,9 +135,9 @@ class FastModel:
     def get_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                       **kwargs: Any):
         """bitsandbytes AdamW8bit over exactly the trainable parameters, with fastload's lean step (one update
-        launch per pack of LoRA matrices, no device synchronization per parameter: fastload.adamw8bit), grouped
+        launch per pack of LoRA matrices, no device synchronization per parameter: fastload.train.adamw8bit), grouped
         like transformers' adamw_8bit (no weight decay on biases and norms; 32-bit state for a trained embedding)."""
-        from .optim import get_optimizer
+        from fastload.train.optim import get_optimizer
 
         return get_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
 
@@ -149,7 +149,7 @@ class FastModel:
 
             FastLanguageModel.for_inference(model)
             return model
-        from .checkpointing import for_inference
+        from fastload.train.checkpointing import for_inference
 
         return for_inference(model)
 
@@ -161,42 +161,42 @@ class FastModel:
 
             FastLanguageModel.for_training(model)
             return model
-        from .checkpointing import for_training
+        from fastload.train.checkpointing import for_training
 
         return for_training(model)
 
     @staticmethod
     def resolve(model_name, **options: Any):
-        from .sources import resolve
+        from fastload.sources.resolve import resolve
 
         return resolve(model_name, **options)
 
-    # -- the rest of the notebook: train, save, merge, generate (fastload.trainer / saving / generation) ----------
+    # -- the rest of the notebook: train, save, merge, generate (fastload.train.trainer / saving / generation) ----------
 
     @staticmethod
     def training_arguments(output_dir: str | os.PathLike = "outputs", sft: bool = False, model=None, **kwargs: Any):
         """TrainingArguments (SFTConfig when sft=True) with fastload's defaults: optim="adamw_8bit", lr 2e-4,
         non-reentrant gradient checkpointing, bf16/fp16 as the device computes, report_to="none"; with `model`,
         SFT's max_length is model.max_seq_length. Any field given here wins."""
-        from .trainer import training_arguments
+        from fastload.train.trainer import training_arguments
 
         return training_arguments(output_dir, sft=sft, model=model, **kwargs)
 
     @staticmethod
     def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, **kwargs: Any):
         """transformers' Trainer (TRL's SFTTrainer with sft=True) for the loaded model, with fastload's AdamW8bit
-        where args.optim is left at transformers' default or "adamw_8bit" (see fastload.trainer.get_trainer). A
+        where args.optim is left at transformers' default or "adamw_8bit" (see fastload.train.trainer.get_trainer). A
         Trainer built by hand should pass optimizers=(FastModel.get_optimizer(model), None) (or optim="adamw_8bit":
         transformers' bitsandbytes AdamW, slower steps). Raw records (messages, ShareGPT, Alpaca, prompt/response)
         are tokenized responses-only."""
-        from .trainer import get_trainer
+        from fastload.train.trainer import get_trainer
 
         return get_trainer(model, tokenizer, train_dataset, args=args, sft=sft, **kwargs)
 
     @staticmethod
     def save_adapter(model, directory: str | os.PathLike, tokenizer=None):
         """The LoRA adapter alone; FastModel.from_pretrained(directory) loads base + adapter to train on."""
-        from .saving import save_adapter
+        from fastload.save.saving import save_adapter
 
         return save_adapter(model, directory, tokenizer=tokenizer)
 
@@ -205,14 +205,14 @@ class FastModel:
                     quantize: bool = False, **kwargs: Any):
         """LoRA merged into 16-bit weights (the 16-bit source if on this machine, else the dequantized 4-bit ones),
         saved for plain transformers; quantize=True writes a bitsandbytes 4-bit checkpoint instead."""
-        from .saving import save_merged
+        from fastload.save.saving import save_merged
 
         return save_merged(model, directory, tokenizer=tokenizer, source=source, quantize=quantize, **kwargs)
 
     @staticmethod
     def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any):
         """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text."""
-        from .generation import generate
+        from fastload.train.generation import generate
 
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
 

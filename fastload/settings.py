@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidOption
+from fastload.errors import InvalidOption
 
 QUANT_TYPES = ("nf4", "fp4")
 DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",

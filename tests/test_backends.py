@@ -9,7 +9,7 @@ import pytest
 from fastload import FastModel
 from fastload.backends import choose_backend
 from fastload.errors import BackendUnavailable, InvalidOption
-from fastload.loader import LoadOptions
+from fastload.load.loader import LoadOptions
 
 
 @pytest.fixture

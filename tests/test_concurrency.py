@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fastload import FastModel
-from fastload.store import Store
+from fastload.sources.store import Store
 from helpers_faults import WEIGHTS, leftover_tmp, logits
 
 TESTS = Path(__file__).parent
@@ -40,7 +40,7 @@ print(json.dumps({"source": model.fastload_plan.source, "quantized_now": model.f
 STOPPED_WRITER = """
 import os, sys, time
 from pathlib import Path
-import fastload.store
+import fastload.sources.store
 import transformers.modeling_utils as mu
 from fastload import FastModel
 ready, where = Path(os.environ["READY_FILE"]), os.environ["KILL_POINT"]
@@ -57,11 +57,11 @@ if where == "half-written weights":
         wait_for_the_kill()
     mu.safe_save_file = half_then_wait
 else:  # every file written, the manifest not yet, the folder not yet renamed into place
-    real_hash = fastload.store.file_sha256
+    real_hash = fastload.sources.store.file_sha256
     def wait_then_hash(path, *a, **kw):
         wait_for_the_kill()
         return real_hash(path, *a, **kw)
-    fastload.store.file_sha256 = wait_then_hash
+    fastload.sources.store.file_sha256 = wait_then_hash
 FastModel.from_pretrained(sys.argv[1], lora=None, gradient_checkpointing=False)
 print("not killed")
 """
@@ -143,7 +143,7 @@ def test_storing_process_killed_mid_write_then_load_succeeds(tiny_llama, isolate
 STOPPED_SAVER = """
 import os, sys, time
 from pathlib import Path
-import fastload.saving as saving
+import fastload.save.saving as saving
 target, point, ready = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 real_rename = os.rename
 def rename(src, dst):
@@ -165,7 +165,7 @@ with saving.atomic_directory(target, marker="adapter_config.json") as tmp:
 def test_a_save_killed_mid_way_is_cleaned_up_or_put_back_by_the_next_save(tmp_path, kill_point):
     """SIGKILL while saving an adapter: the previous save stays readable (put back if it had been moved aside),
     and the next save to the same place removes what the killed one left."""
-    from fastload.saving import atomic_directory
+    from fastload.save.saving import atomic_directory
 
     target = tmp_path / "adapter"
     target.mkdir()

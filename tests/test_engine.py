@@ -96,7 +96,7 @@ def test_fused_lora_comes_with_adapters_added_later_and_steps_aside_when_they_ar
 def test_engine_checkpointing_survives_generation_and_back(tiny_llama):
     """The lever is CUDA-only, but its bookkeeping is not: after for_inference/for_training (what generate does)
     the layers must checkpoint through the offloading function again, not transformers' plain one."""
-    from fastload.engine.offload import engine_checkpoint, install_engine_checkpointing
+    from fastload.engine.offloaded_checkpoint import engine_checkpoint, install_engine_checkpointing
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False)
     assert install_engine_checkpointing(model.get_base_model(), offload=True, graphs=True) == [
@@ -329,7 +329,7 @@ def test_layer_graph_signature_follows_what_a_graph_bakes_in(tiny_llama):
     same adapter state, same parameter addresses. Each change a user can make must give another signature."""
     import functools
 
-    from fastload.engine.layer_graphs import _Call
+    from fastload.engine.cuda_graphs import _Call
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
     layer = model.get_base_model().model.layers[0]
@@ -368,7 +368,7 @@ def test_layer_graph_signature_follows_what_a_graph_bakes_in(tiny_llama):
 def test_graph_inputs_copy_a_changed_source_and_skip_an_unchanged_one():
     """Static graph inputs: the rotary tables every layer of a step shares are copied once, but a tensor changed in
     place since (same object, new version) must be copied again, or a replay would read stale values."""
-    from fastload.engine.layer_graphs import _Inputs
+    from fastload.engine.cuda_graphs import _Inputs
 
     hidden, cos = torch.randn(2, 4), torch.randn(4)
     inputs = _Inputs(hidden, [cos])
@@ -389,7 +389,7 @@ def test_graph_inputs_copy_a_changed_source_and_skip_an_unchanged_one():
 def test_backward_capture_differentiates_fresh_leaves_on_the_same_memory(tiny_llama):
     """During a backward capture the trained parameters are swapped for new leaves on the same storage (their own
     gradient accumulators), a parameter shared by two modules gets one leaf, and everything is put back after."""
-    from fastload.engine.layer_graphs import _fresh_leaves
+    from fastload.engine.cuda_graphs import _fresh_leaves
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
     nonzero_lora_b(model)  # else A's gradient is zero
@@ -413,7 +413,7 @@ def test_backward_capture_differentiates_fresh_leaves_on_the_same_memory(tiny_ll
 def test_lora_dropout_added_later_turns_the_engines_checkpointing_off(tiny_llama):
     """Recomputation must draw the forward's dropout masks, which only torch's checkpoint replays: adapters with
     dropout added after loading put the layers back on it (and the model no longer claims the levers)."""
-    from fastload.engine.offload import install_engine_checkpointing, uses_engine_checkpointing
+    from fastload.engine.offloaded_checkpoint import install_engine_checkpointing, uses_engine_checkpointing
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, lora=None)
     base = model
@@ -431,7 +431,7 @@ def test_layer_graph_signature_of_other_calls_and_late_adapters(tiny_llama):
     import collections
     import functools
 
-    from fastload.engine.layer_graphs import _Call, _flatten, _unflatten
+    from fastload.engine.cuda_graphs import _Call, _flatten, _unflatten
 
     assert _Call(functools.partial(torch.nn.Linear(4, 4)), torch.randn(2, 4)).key is None
     assert _Call(functools.partial(torch.add, "not a module"), torch.randn(2, 4)).key is None
@@ -454,7 +454,7 @@ def test_layer_graph_signature_of_other_calls_and_late_adapters(tiny_llama):
 def test_engine_checkpoint_function_frees_its_input_after_backward_and_allows_a_retained_graph():
     """The engine's checkpoint Function (its on-device branch runs on the CPU too): gradients as without
     checkpointing, a retained graph backpropagates twice, and once backward is done the saved input is freed."""
-    from fastload.engine.offload import _function
+    from fastload.engine.offloaded_checkpoint import _function
 
     layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
     x = torch.randn(4, 8, requires_grad=True)
@@ -482,7 +482,7 @@ def test_layer_graph_signature_refuses_hooks_a_replay_would_skip(tiny_llama):
     checkpoints layer.__call__."""
     import functools
 
-    from fastload.engine.layer_graphs import _Call
+    from fastload.engine.cuda_graphs import _Call
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
     layer = model.get_base_model().model.layers[0]
@@ -502,8 +502,8 @@ def test_layer_graph_signature_refuses_hooks_a_replay_would_skip(tiny_llama):
 def test_a_layer_with_active_dropout_is_recomputed_by_torchs_checkpoint(tiny_llama):
     """Per call, the engine's checkpoint hands a layer whose dropout is active (LoRA dropout in training) to torch's
     checkpoint, which replays the forward's random numbers; in eval mode, or with p=0, the engine keeps it."""
-    from fastload.engine.layer_graphs import modules_of
-    from fastload.engine.offload import _uses_dropout
+    from fastload.engine.cuda_graphs import modules_of
+    from fastload.engine.offloaded_checkpoint import _uses_dropout
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, lora={"lora_dropout": 0.1})
     layer = model.get_base_model().model.layers[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastload import FastModel
-from fastload.checkpoint import inspect_checkpoint
+from fastload.sources.checkpoint_files import inspect_checkpoint
 from fastload.errors import FastloadError
 from helpers_faults import WEIGHTS, pack_safetensors, read_safetensors
 from tiny import make_checkpoint

@@ -63,7 +63,7 @@ def xformers_runs() -> bool:
     """xformers installed and its kernels load with this torch (wheels are built for one torch release)."""
     if importlib.util.find_spec("xformers") is None:
         return False
-    from fastload.attention.xformers_attention import _check_kernels_load
+    from fastload.load.attention.xformers_attention import _check_kernels_load
     from fastload.errors import BackendUnavailable
 
     try:
@@ -128,7 +128,7 @@ def test_engine_levers_keep_loss_and_lora_gradients(gpu_llama, levers):
 
 
 def _graphs_of(model):
-    from fastload.engine.layer_graphs import graphs_for
+    from fastload.engine.cuda_graphs import graphs_for
 
     return graphs_for(model.get_base_model(), "cuda")
 
@@ -137,7 +137,7 @@ def _graphs_of(model):
 def test_cuda_graphs_train_like_eager_layers(gpu_llama, offload):
     """Steps with replayed layer graphs give eager's losses, and after a step the same LoRA weights; a shape seen
     once runs eagerly; disabling the adapters (a DPO reference pass) is a different graph, not a stale one."""
-    from fastload.engine import layer_graphs
+    from fastload.engine import cuda_graphs
 
     levers = dict(OFF, offload_checkpointing=offload, fused_lora=True, kernels=True, fused_loss=True)
     eager, _ = FastModel.from_pretrained(gpu_llama, engine=levers, store=False, random_state=1)
@@ -178,7 +178,7 @@ def test_cuda_graphs_train_like_eager_layers(gpu_llama, offload):
     for name, w in weights_e.items():
         rel = (w - weights_g[name]).norm() / w.norm()
         assert rel < 2e-2, f"{name}: relative weight difference {rel:.2e} after {len(loss_e)} steps"
-    assert layer_graphs.WARM_CALLS == 2  # the step numbers above assume it
+    assert cuda_graphs.WARM_CALLS == 2  # the step numbers above assume it
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -229,7 +229,7 @@ def test_offload_prefetch_keeps_gradients_with_two_forwards_before_backward(gpu_
 def test_triton_dequantize_matches_bitsandbytes_bit_for_bit(quant_type, double_quant):
     import bitsandbytes.functional as F
 
-    from fastload.engine.triton_nf4 import dequantize_4bit, supported
+    from fastload.engine.triton.nf4 import dequantize_4bit, supported
 
     weight = torch.randn(4096 + 64, 1000, dtype=torch.bfloat16, device="cuda")
     packed, state = F.quantize_4bit(weight, quant_type=quant_type, compress_statistics=double_quant)
@@ -245,7 +245,7 @@ def test_triton_dequantize_with_a_merged_adapter_rounds_once(rank):
 
     import bitsandbytes.functional as F
 
-    from fastload.engine.triton_nf4 import dequantize_4bit_lora, lora_supported
+    from fastload.engine.triton.nf4 import dequantize_4bit_lora, lora_supported
 
     gen = torch.Generator(device="cuda").manual_seed(rank)
     weight = torch.randn(4096 + 96, 1000, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -267,7 +267,7 @@ def test_triton_dequantize_with_a_merged_adapter_rounds_once(rank):
 def test_triton_norm_and_swiglu_match_transformers_within_bf16_rounding():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from fastload.engine.triton_layers import rms_norm, swiglu
+    from fastload.engine.triton.layers import rms_norm, swiglu
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     norm = LlamaRMSNorm(4096, eps=1e-5).cuda().to(torch.bfloat16).requires_grad_(False)
@@ -298,7 +298,7 @@ def test_default_optimizer_queues_its_updates_without_waiting_for_the_gpu():
     (on the default stream), with the same result; on a side stream it keeps bitsandbytes' synchronization."""
     import bitsandbytes as bnb
 
-    from fastload.adamw8bit import AdamW8bitNoSync
+    from fastload.train.adamw8bit import AdamW8bitNoSync
 
     def run(cls, stream=None):
         torch.manual_seed(0)
@@ -327,16 +327,16 @@ def test_default_optimizer_queues_its_updates_without_waiting_for_the_gpu():
 
 def test_cuda_graphs_stay_off_when_the_gpu_has_little_free_memory(gpu_llama, monkeypatch, caplog):
     """The graphs' pool is spare memory turned into speed: with too little free, layers run eagerly and say so."""
-    from fastload.engine import layer_graphs
+    from fastload.engine import cuda_graphs
 
-    monkeypatch.setattr(layer_graphs, "MIN_FREE_FRACTION", 1.01)  # no GPU is ever that free
+    monkeypatch.setattr(cuda_graphs, "MIN_FREE_FRACTION", 1.01)  # no GPU is ever that free
     model, _ = FastModel.from_pretrained(gpu_llama, store=False, engine={"cuda_graphs": True})
     assert "cuda_graphs" in model.fastload_engine
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(5)).cuda()
     losses = []
     with caplog.at_level("INFO", logger="fastload"):
-        for _ in range(layer_graphs.WARM_CALLS + 2):
+        for _ in range(cuda_graphs.WARM_CALLS + 2):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             losses.append(loss.item())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastload import FastModel
-from fastload.trainer import checkpointing_state
+from fastload.train.trainer import checkpointing_state
 from test_trainer import RECORDS, dataset_loss, eight_bit_state
 from tiny import make_checkpoint
 
@@ -33,7 +33,7 @@ def on_cuda_in_bf16(model) -> bool:
 
 def offloads(model) -> bool:
     """Every checkpointed decoder layer goes through the engine's offloading function (not a trainer's own)."""
-    from fastload.engine.offload import engine_checkpoint
+    from fastload.engine.offloaded_checkpoint import engine_checkpoint
 
     layers = model.get_base_model().model.layers
     return all(getattr(layer._gradient_checkpointing_func, "func", None) is engine_checkpoint for layer in layers)

@@ -30,7 +30,7 @@ def _steps(optimizer, params, steps=3, seed=1, skip=()):
 def _pair(**kwargs):
     import bitsandbytes as bnb
 
-    from fastload.adamw8bit import AdamW8bitNoSync
+    from fastload.train.adamw8bit import AdamW8bitNoSync
 
     ours, theirs = _params(), _params()
     kwargs = {"lr": 1e-2, "weight_decay": 0.01, "betas": (0.9, 0.99), **kwargs}
@@ -66,7 +66,7 @@ def test_state_dict_resumes_the_same_training_with_either_optimizer(tmp_path, re
     optimizer, and fastload's loads one saved by bitsandbytes'."""
     import bitsandbytes as bnb
 
-    from fastload.adamw8bit import AdamW8bitNoSync
+    from fastload.train.adamw8bit import AdamW8bitNoSync
 
     ours, ours_opt, theirs, theirs_opt = _pair()
     _steps(ours_opt, ours, steps=2)
@@ -100,7 +100,7 @@ def test_get_optimizer_gives_the_lean_adamw8bit_with_8bit_state(tiny_llama):
 
 def test_large_models_pack_in_bounded_chunks(monkeypatch):
     """The gathered values and gradients of a pack are temporary memory: a pack stays under PACK_VALUES."""
-    from fastload import adamw8bit
+    from fastload.train import adamw8bit
 
     monkeypatch.setattr(adamw8bit, "PACK_VALUES", 24576 + 9216)
     ours, ours_opt, theirs, theirs_opt = _pair()
@@ -144,7 +144,7 @@ def test_loading_a_checkpoint_into_a_stepped_optimizer_resumes_from_the_checkpoi
 def test_each_param_group_keeps_its_own_hyperparameters():
     import bitsandbytes as bnb
 
-    from fastload.adamw8bit import AdamW8bitNoSync
+    from fastload.train.adamw8bit import AdamW8bitNoSync
 
     def build(cls):
         params = _params() + _params(seed=5)[:4]
@@ -219,7 +219,7 @@ def test_weight_decay_spares_biases_and_norms_as_transformers_does(tiny_llama):
 def test_optimizer_state_of_one_group_loads_into_transformers_two_groups(tiny_llama):
     """A checkpoint's optimizer state from fastload's earlier single group (or transformers' groups with an empty
     one) resumes into today's grouping: same moments, same next update."""
-    from fastload.adamw8bit import AdamW8bitNoSync
+    from fastload.train.adamw8bit import AdamW8bitNoSync
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]

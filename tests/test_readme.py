@@ -55,7 +55,7 @@ def test_every_cli_command_is_in_the_readme():
 def test_the_readme_estimate_figures_are_what_the_code_computes():
     """The README compares `fastload estimate` on the benchmark's shapes with measured peaks; keep its side true."""
     from fastload.bench.models import llama_config
-    from fastload.memory import GIB, estimate
+    from fastload.load.memory import GIB, estimate
 
     for shape, seq, batch in (("llama3-8b", 2048, 2), ("llama3-8b", 8192, 1), ("llama3-1b", 2048, 2)):
         total = estimate(llama_config(shape), seq=seq, batch=batch).training_total(4) / GIB

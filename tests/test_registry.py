@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from fastload.registry import (REPO_ID, RegistryFormatError, get_registry, load_registry, parse_file, register,
+from fastload.sources.registry import (REPO_ID, RegistryFormatError, get_registry, load_registry, parse_file, register,
                                shipped_registry_dir)
 
 

@@ -19,13 +19,13 @@ from typing import Callable
 import pytest
 
 import fastload
-import fastload.plan
+import fastload.sources.plan
 import fastload.settings
 from fastload import FastModel
 from fastload.errors import (AdapterError, CheckpointCorrupt, CheckpointIncomplete, DeviceUnavailable, FastloadError,
                              GatedModel, InvalidOption, ModelNotFound, NotEnoughMemory, StoreEntryCorrupt, StoreError,
                              UnsafeCheckpoint, UnsupportedArchitecture)
-from fastload.store import MANIFEST, Store
+from fastload.sources.store import MANIFEST, Store
 from helpers_faults import (WEIGHTS, drop_tensor, edit_config, leftover_tmp, logits, read_safetensors, tree_snapshot,
                             write_safetensors)
 
@@ -103,11 +103,11 @@ def hub_answers(error_class, message: str):
     """Run the loader's error translation around the hub's real exception for a refusal (status 403 or 404)."""
     import httpx2  # the HTTP client huggingface_hub builds its errors from
 
-    from fastload.loader import translated_errors
+    from fastload.load.loader import translated_errors
 
     status = 403 if "restricted" in message else 404
     response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/owner/name"))
-    plan = fastload.plan.LoadPlan(name="owner/name", source="hub-download", location="owner/name", prequantized=False,
+    plan = fastload.sources.plan.LoadPlan(name="owner/name", source="hub-download", location="owner/name", prequantized=False,
                                   quant=fastload.settings.QuantSettings(), reason="a test")
 
     def call():
@@ -420,7 +420,7 @@ def case_unknown_dtype(ctx):
 def case_compute_dtype_the_gpu_lacks(ctx):
     import torch
 
-    from fastload.devices import check_dtype_supported
+    from fastload.load.devices import check_dtype_supported
 
     # a pre-Ampere GPU as torch reports it: no bf16 arithmetic
     ctx.monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
@@ -679,7 +679,7 @@ class ConnectionLog:
 
 
 def test_hub_download_plan_while_offline_fails_without_a_connection_attempt(monkeypatch):
-    from fastload.loader import LoadOptions, load_tokenizer, load_weights
+    from fastload.load.loader import LoadOptions, load_tokenizer, load_weights
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     plan = fastload.resolve("someone-unknown/some-model-7b")  # online: the plan is a download

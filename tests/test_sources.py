@@ -10,7 +10,7 @@ import torch
 import fastload
 from fastload import FastModel
 from fastload.errors import ModelNotFound
-from fastload.store import Store
+from fastload.sources.store import Store
 from hfcache import put_in_hf_cache
 
 ORIGINAL = "meta-llama/Meta-Llama-3-8B"
@@ -102,7 +102,7 @@ def test_without_prequantized_the_source_is_quantized_once_then_loaded_from_the_
 def test_resolution_reads_each_cached_snapshot_once(tiny_llama, isolated_env, monkeypatch):
     """A load of a cached 16-bit repo needs its snapshot for the store key and as the source; each lookup lists
     the cache and checks its files, so one resolution asks once."""
-    import fastload.sources as sources
+    import fastload.sources.resolve as sources
 
     put_in_hf_cache(hf_home(), ORIGINAL, tiny_llama)
     asked = []
@@ -217,7 +217,7 @@ def test_a_model_quantized_after_its_download_is_found_in_the_store_next_time(ti
     """A download's commit is known only once it is in the HF cache: the entry must be stored under the key the
     next load looks up (the snapshot's commit), or every later load quantizes again."""
     from fastload.backends.native import NativeBackend
-    from fastload.loader import LoadOptions
+    from fastload.load.loader import LoadOptions
 
     repo = "someone/tiny-llama-16bit"
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -233,7 +233,7 @@ def test_a_model_quantized_after_its_download_is_found_in_the_store_next_time(ti
 
 def test_a_downloaded_checkpoint_is_found_on_disk_after_its_download(tiny_nf4, monkeypatch):
     """`fastload quantize NAME --out DIR` copies a pre-quantized download from where the download put it."""
-    from fastload.loader import LoadOptions, local_files_of
+    from fastload.load.loader import LoadOptions, local_files_of
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     plan = fastload.resolve(ORIGINAL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .._log import logger
+from fastload._log import logger
 
 
 class Backend(Protocol):
@@ -15,11 +15,11 @@ class Backend(Protocol):
 
 def choose_backend(asked: str, plan, opts) -> Backend:
     """native unless asked otherwise; 'auto' takes unsloth only where it can run, and says why not otherwise."""
-    from .native import NativeBackend
+    from fastload.backends.native import NativeBackend
 
     if asked == "native":
         return NativeBackend()
-    from .unsloth_backend import UnslothBackend, import_failure, unsloth_unavailable_reason
+    from fastload.backends.unsloth_backend import UnslothBackend, import_failure, unsloth_unavailable_reason
 
     reason = unsloth_unavailable_reason(plan, opts)
     if reason is None:
@@ -27,7 +27,7 @@ def choose_backend(asked: str, plan, opts) -> Backend:
         reason = import_failure()
     if asked == "unsloth":
         if reason:
-            from ..errors import BackendUnavailable
+            from fastload.errors import BackendUnavailable
 
             raise BackendUnavailable("backend='unsloth' was asked for", found=reason.found, fix=reason.fix)
         return UnslothBackend()

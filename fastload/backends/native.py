@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from .. import plan as P
-from .._log import logger
-from ..checkpointing import enable_checkpointing
-from ..loader import load_tokenizer, load_weights, materialize_gguf
+from fastload.sources import plan as P
+from fastload._log import logger
+from fastload.train.checkpointing import enable_checkpointing
+from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
 
 
 class NativeBackend:
@@ -30,18 +30,18 @@ class NativeBackend:
         else:
             model, tokenizer = self._load(plan, opts, store)
         if plan.adapter:
-            from ..saving import load_adapter
+            from fastload.save.saving import load_adapter
 
             if lora is not None and lora != type(lora)():
                 logger.info("the adapter's own settings are used (lora=... applies to new adapters only)")
             model = load_adapter(model, plan.adapter)
             tokenizer = self._adapter_tokenizer(plan, opts) or tokenizer
         elif lora is not None:
-            from ..lora import apply_lora
+            from fastload.train.lora import apply_lora
 
             model = apply_lora(model, lora, random_state)
         if getattr(model, "peft_config", None):
-            from ..saving import name_base_model
+            from fastload.save.saving import name_base_model
 
             name_base_model(model, plan)  # adapter_config.json then names the 16-bit source, findable later
         elif getattr(model, "is_quantized", False):
@@ -80,7 +80,7 @@ class NativeBackend:
         started = time.perf_counter()
         key = plan.store_key
         if plan.source == P.HUB_DOWNLOAD:  # downloaded just now: keyed by the commit, as the next load looks it up
-            from ..sources import hub_cache_dir, store_key_of
+            from fastload.sources.resolve import hub_cache_dir, store_key_of
 
             key = store_key_of(plan.original, plan.revision, plan.quant, hub_cache_dir(opts.cache_dir))
 

@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import plan as P
-from .._log import logger
-from ..settings import QuantSettings
+from fastload.sources import plan as P
+from fastload._log import logger
+from fastload.settings import QuantSettings
 
 # model_type values Unsloth's FastLanguageModel has its own fast path for (unsloth/models/loader.py dispatch)
 UNSLOTH_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3")
@@ -38,7 +38,7 @@ def plan_model_type(plan) -> str | None:
         return plan.config.get("model_type")
     local = Path(plan.location)
     if not local.is_dir():
-        from ..sources import cached_snapshot, hub_cache_dir
+        from fastload.sources.resolve import cached_snapshot, hub_cache_dir
 
         local = cached_snapshot(plan.location, plan.revision, hub_cache_dir(None)) or local
     try:
@@ -117,8 +117,8 @@ class UnslothBackend:
     name = "unsloth"
 
     def load(self, plan, opts, store, lora, gradient_checkpointing, random_state):
-        from ..loader import choose_dtype, load_tokenizer
-        from ..sources import cached_snapshot, hub_cache_dir
+        from fastload.load.loader import choose_dtype, load_tokenizer
+        from fastload.sources.resolve import cached_snapshot, hub_cache_dir
 
         location = plan.location
         if plan.source == P.HUB_CACHE:
@@ -138,7 +138,7 @@ class UnslothBackend:
                 random_state=random_state if random_state is not None else 3407,
                 use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
             if lora is not None:
-                from ..lora import find_lora_targets
+                from fastload.train.lora import find_lora_targets
 
                 targets = list(lora.target_modules) if lora.target_modules else find_lora_targets(model)
                 model = FastLanguageModel.get_peft_model(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with command-line arguments; returns the exit code (0: all measured, losses agree)."""
-    from .driver import main as run
+    from fastload.bench.driver import main as run
 
     return run(argv)
 

@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from fastload.bench import main
 
 sys.exit(main())

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import models, pagecache
-from .impls import IMPLS, LOADS, unsloth_importable
-from .worker import Job
+from fastload.bench import models, pagecache
+from fastload.bench.impls import IMPLS, LOADS, unsloth_importable
+from fastload.bench.worker import Job
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
 MIN_JOB_SECONDS = 20  # with less of --time-budget left, a job is recorded as skipped rather than started
@@ -178,7 +178,7 @@ def prepare_out(out: Path, append: bool) -> Path:
 
 def run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path, log: Path, meta: dict, started: float) -> None:
     """Run the jobs in order, one worker each, rewriting the results after every job (a killed run keeps them)."""
-    from . import report
+    from fastload.bench import report
 
     cannot: dict[tuple[str, str], str] = {}  # (model, what) -> why jobs needing it are skipped
     print(f"fastload bench: {len(jobs)} jobs on {args.device} ({args.dtype}); log: {log}", flush=True)
@@ -206,7 +206,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path, log: Path, me
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every measurement succeeded and the losses agree, 1 otherwise."""
-    from . import report
+    from fastload.bench import report
 
     args = build_parser().parse_args(argv)
     started = time.monotonic()

@@ -88,7 +88,7 @@ def _adamw8bit(model):
 
 def timed_store(root: str | Path):
     """A fastload Store that remembers how long writing its entry took (the cost of the first load only)."""
-    from fastload.store import Store
+    from fastload.sources.store import Store
 
     class TimedStore(Store):
         write_s: float | None = None

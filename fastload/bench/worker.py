@@ -108,13 +108,13 @@ def memory(device: str, prefix: str) -> dict:
 
 def load_files(job: Job) -> list[Path]:
     """The weight files this load will read (the page cache is made warm or cold for exactly these)."""
-    from .models import weight_files
+    from fastload.bench.models import weight_files
 
     if job.variant == "onthefly":
         return weight_files(job.model_dir)
     if job.impl == "fastload":
         from fastload import resolve
-        from fastload.store import Store
+        from fastload.sources.store import Store
 
         plan = resolve(job.model_dir, store=Store(job.fastload_home))
         if plan.source != "store":
@@ -127,7 +127,7 @@ def load_files(job: Job) -> list[Path]:
 
 
 def prepare_cache(job: Job, files: list[Path]) -> dict:
-    from . import pagecache
+    from fastload.bench import pagecache
 
     if job.cache == "cold":
         facts = pagecache.make_cold(files, allow_drop_caches=job.cold_method == "auto")
@@ -141,7 +141,7 @@ def prepare_cache(job: Job, files: list[Path]) -> dict:
 
 
 def run_load(job: Job, record: dict) -> None:
-    from . import impls
+    from fastload.bench import impls
 
     store = False
     if job.impl == "fastload" and (job.variant, job.cache) != ("onthefly", "cold"):
@@ -172,7 +172,7 @@ def make_batch(job: Job, vocab_size: int):
 def run_train(job: Job, record: dict) -> None:
     import torch
 
-    from . import impls
+    from fastload.bench import impls
 
     r = impls.ready(job.impl, job.model_dir, job.device, job.dtype, job.seq, job.seed)
     model, optimizer = r.model, r.optimizer
@@ -239,7 +239,7 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job.device == "cuda" else [])
-    from . import impls
+    from fastload.bench import impls
 
     impls.synchronize(job.device)
     started = time.perf_counter()
@@ -280,11 +280,11 @@ def run(job: Job) -> dict:
         if job.fastload_home:
             os.environ["FASTLOAD_HOME"] = job.fastload_home
         if job.phase == "create":
-            from .models import create_checkpoint
+            from fastload.bench.models import create_checkpoint
 
             record.update(create_checkpoint(job.model, job.model_dir, device=job.device))
         else:
-            from . import impls
+            from fastload.bench import impls
 
             import fastload
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .._log import logger
+from fastload._log import logger
 
 LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", "kernels")
 
@@ -34,14 +34,14 @@ class EngineSettings:
         if value is False:
             return cls(**{lever: False for lever in LEVERS})
         if isinstance(value, dict):
-            from ..errors import InvalidOption
+            from fastload.errors import InvalidOption
 
             unknown = set(value) - set(LEVERS)
             if unknown:
                 raise InvalidOption(f"engine={value!r}", found=f"unknown lever(s) {sorted(unknown)}",
                                     fix=f"use keys among {', '.join(LEVERS)}")
             return cls(**value)
-        from ..errors import InvalidOption
+        from fastload.errors import InvalidOption
 
         raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
 
@@ -71,14 +71,14 @@ def triton_runs_on(tensor) -> bool:
 
 def install_fused_lora_if_any(model) -> bool:
     """The fused LoRA lever on this instance's adapters (none yet with lora=None: get_peft_model adds it later)."""
-    from .fused_lora import install_fused_lora
+    from fastload.engine.fused_lora import install_fused_lora
 
     return install_fused_lora(model) > 0
 
 
 def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> list[str]:
     """Turn on the levers for this model instance; returns the names of those turned on."""
-    from ..checkpointing import _base
+    from fastload.train.checkpointing import _base
 
     base = _base(model)
     device = next(base.parameters()).device.type
@@ -86,17 +86,17 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
     if settings.fused_lora and install_fused_lora_if_any(model):
         used.append("fused_lora")
     if settings.fused_loss:
-        from .fused_loss import install_fused_loss
+        from fastload.engine.fused_loss import install_fused_loss
 
         if install_fused_loss(base):
             used.append("fused_loss")
     if (settings.offload_checkpointing or settings.cuda_graphs) and gradient_checkpointing and device == "cuda":
-        from .offload import install_engine_checkpointing
+        from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
 
         used += install_engine_checkpointing(base, offload=settings.offload_checkpointing,
                                              graphs=settings.cuda_graphs)
     if settings.kernels and device == "cuda":
-        from .kernels import install_kernels
+        from fastload.engine.kernels import install_kernels
 
         used += install_kernels(base)
     logger.info("engine: %s", ", ".join(used) if used else "no lever applies here")

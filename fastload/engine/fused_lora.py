@@ -40,7 +40,7 @@ def _full_weight(base, dtype):
     state = getattr(weight, "quant_state", None)
     if state is None:  # a 16-bit base layer
         return weight.to(dtype)
-    from .triton_nf4 import dequantize_4bit, supported
+    from fastload.engine.triton.nf4 import dequantize_4bit, supported
 
     if supported(weight.data, state):
         return dequantize_4bit(weight.data, state).to(dtype)
@@ -62,7 +62,7 @@ def _merged_weight(base, a, b, scaling, dtype):
     state = getattr(weight, "quant_state", None)
     if state is None:
         return None
-    from .triton_nf4 import dequantize_4bit_lora, lora_supported
+    from fastload.engine.triton.nf4 import dequantize_4bit_lora, lora_supported
 
     if dtype == state.dtype and lora_supported(weight.data, state, a, b):
         return dequantize_4bit_lora(weight.data, state, a, b, scaling)

@@ -95,7 +95,7 @@ def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
     """As _torch_chunks, with the Triton kernel turning each chunk's logits into their gradient in place."""
     import torch
 
-    from .triton_ce import cross_entropy_in_place
+    from fastload.engine.triton.cross_entropy import cross_entropy_in_place
 
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     labels = labels.contiguous()
@@ -119,9 +119,9 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
                                  graphs=None):
     """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen.
 
-    On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton_ce);
-    with `graphs` (the model's layer_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
-    from . import triton_runs_on
+    On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton.cross_entropy);
+    with `graphs` (the model's cuda_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
+    from fastload.engine import triton_runs_on
 
     use_kernel = (triton_runs_on(hidden) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
@@ -170,7 +170,7 @@ def install_fused_loss(model) -> bool:
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        from .layer_graphs import graphs_of
+        from fastload.engine.cuda_graphs import graphs_of
 
         loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None)

@@ -1,6 +1,6 @@
 """Fused Triton kernels on this instance's RMSNorm, SwiGLU and RoPE (CUDA only).
 
-RMSNorm and SwiGLU use fastload's own lean kernels (fastload.engine.triton_layers) wherever triton is installed;
+RMSNorm and SwiGLU use fastload's own lean kernels (fastload.engine.triton.layers) wherever triton is installed;
 RoPE uses liger-kernel's when it is installed. A norm whose weight is trained (at the time of the call) runs
 transformers' forward.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import types
 
-from . import triton_available, triton_runs_on
+from fastload.engine import triton_available, triton_runs_on
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
@@ -29,7 +29,7 @@ def install_kernels(model) -> list[str]:
 
 
 def _rmsnorm(model) -> bool:
-    from .triton_layers import rms_norm
+    from fastload.engine.triton.layers import rms_norm
 
     count = 0
     for module in model.modules():
@@ -48,7 +48,7 @@ def _rmsnorm(model) -> bool:
 
 
 def _swiglu(model) -> bool:
-    from .triton_layers import swiglu
+    from fastload.engine.triton.layers import swiglu
 
     count = 0
     for module in model.modules():
@@ -66,6 +66,6 @@ def _swiglu(model) -> bool:
 def _rope(model) -> bool:
     from liger_kernel.ops.rope import LigerRopeFunction
 
-    from .rotary import install_rotary_attention
+    from fastload.engine.rotary import install_rotary_attention
 
     return install_rotary_attention(model, LigerRopeFunction.apply, applies=triton_runs_on) > 0

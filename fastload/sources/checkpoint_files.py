@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointCorrupt, CheckpointIncomplete, UnsafeCheckpoint
+from fastload.errors import CheckpointCorrupt, CheckpointIncomplete, UnsafeCheckpoint
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -1,5 +1,5 @@
 """The engine's checkpoint function: each decoder layer's input kept in pinned CPU memory until its backward
-(offload_checkpointing) or on the device, and/or the layer replayed as CUDA graphs (cuda_graphs: layer_graphs.py).
+(offload_checkpointing) or on the device, and/or the layer replayed as CUDA graphs (lever cuda_graphs: cuda_graphs.py).
 
 Plain checkpointing keeps one hidden-state tensor per layer on the GPU (1 GiB for an 8B model at 4,096 tokens).
 Here forward copies it to pinned host memory on a side stream, overlapped with the next layers' compute. Backward
@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import weakref
 
-from .layer_graphs import graphs_for, layer_of, modules_of, parameters_of
+from fastload.engine.cuda_graphs import graphs_for, layer_of, modules_of, parameters_of
 
 MIN_BYTES = 4 * 1024 * 1024  # below this per layer, copies cost more than the memory they save
 MAX_QUEUE = 4096  # forward passes whose backward never ran leave dead entries: pruned past this length
@@ -161,7 +161,7 @@ def _side_stream(device):
 
 
 def _host_memory_available() -> int:
-    from ..devices import free_memory_bytes
+    from fastload.load.devices import free_memory_bytes
 
     return free_memory_bytes("cpu")
 
@@ -170,7 +170,7 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     """Same contract as the checkpoint function transformers calls: function(hidden_states, *args) -> output.
 
     offload: keep the layer's input in pinned host memory (inputs of at least MIN_BYTES); graphs: the model's
-    `layer_graphs.ModelGraphs`, or None for eager layers."""
+    `cuda_graphs.ModelGraphs`, or None for eager layers."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -213,7 +213,7 @@ def _checkpointed_layers(model) -> list:
 def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str]:
     """Point this model's checkpointed layers at the engine's checkpoint function (instance attributes only):
     inputs offloaded to pinned host memory and/or layers replayed as CUDA graphs; returns the levers used."""
-    from .._log import logger
+    from fastload._log import logger
 
     layers = _checkpointed_layers(model)
     if not layers or not (offload or graphs):
@@ -245,7 +245,7 @@ def reinstall_engine_checkpointing(model) -> bool:
     if function is None:
         return False
     if _has_dropout(model):  # LoRA dropout added since: torch's checkpoint replays the forward's random numbers
-        from .._log import logger
+        from fastload._log import logger
 
         logger.info("engine: offloaded checkpointing and CUDA graphs off (dropout > 0 added); plain checkpointing")
         del model._fastload_checkpoint_function

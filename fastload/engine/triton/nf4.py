@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from . import triton_runs_on
+from fastload.engine import triton_runs_on
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
 _LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
@@ -32,7 +32,7 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     import torch
     import triton
 
-    from .nf4_kernels import dequantize_4bit_lora as kernel
+    from fastload.engine.triton.nf4_kernels import dequantize_4bit_lora as kernel
 
     rows, cols = state.shape
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
@@ -67,7 +67,7 @@ def dequantize_4bit(packed, state, out=None):
     """The 16-bit weight (state.shape, state.dtype) of a bitsandbytes 4-bit tensor and its QuantState."""
     import torch
 
-    from .nf4_kernels import dequantize_4bit as kernel
+    from fastload.engine.triton.nf4_kernels import dequantize_4bit as kernel
 
     n_bytes = packed.numel()
     if out is None:
@@ -97,7 +97,7 @@ def supported(packed, state) -> bool:
         cache = state._fastload_triton = {}
     known = cache.get(packed.device.type)
     if known is None:
-        from . import triton_available
+        from fastload.engine import triton_available
 
         known = (triton_available(packed.device.type) and packed.dtype.itemsize == 1 and packed.dim() == 2
                  and packed.shape[1] == 1 and state.blocksize % 2 == 0

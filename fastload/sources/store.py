@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ._log import logger
-from .errors import StoreEntryCorrupt, StoreError
-from .settings import QuantSettings
+from fastload._log import logger
+from fastload.errors import StoreEntryCorrupt, StoreError
+from fastload.settings import QuantSettings
 
 FORMAT_VERSION = 1
 MANIFEST = "fastload-manifest.json"
@@ -34,7 +34,7 @@ def default_root() -> Path:
     env = os.environ.get("FASTLOAD_HOME")
     if env:
         return Path(env).expanduser()
-    from .paths import user_cache_dir
+    from fastload.sources.user_dirs import user_cache_dir
 
     return user_cache_dir()
 
@@ -204,7 +204,7 @@ class Store:
                     os.fsync(fh.fileno())
                 st = f.stat()
                 files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
-            from . import __version__
+            from fastload import __version__
 
             manifest = {"format": FORMAT_VERSION, "key": key, "fastload_version": __version__,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,

@@ -20,9 +20,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from ._log import logger
-from .errors import AdapterError, FastloadError, InvalidOption, SaveError
-from .store import pid_alive
+from fastload._log import logger
+from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
+from fastload.sources.store import pid_alive
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -245,8 +245,8 @@ def find_16bit_source(plan) -> Path | None:
     """
     if plan is None or not plan.original:
         return None
-    from .checkpoint import inspect_checkpoint
-    from .errors import CheckpointError
+    from fastload.sources.checkpoint_files import inspect_checkpoint
+    from fastload.errors import CheckpointError
 
     candidates: list[Path] = []
     original = Path(plan.original).expanduser()
@@ -255,10 +255,10 @@ def find_16bit_source(plan) -> Path | None:
     elif original.suffix == ".gguf" and original.is_file():
         candidates.append(_converted_gguf(original))
     else:
-        from .registry import REPO_ID
+        from fastload.sources.registry import REPO_ID
 
         if REPO_ID.match(plan.original):
-            from .sources import cached_snapshot, hub_cache_dir
+            from fastload.sources.resolve import cached_snapshot, hub_cache_dir
 
             revision = plan.revision if plan.location == plan.original else None
             snapshot = cached_snapshot(plan.original, revision, hub_cache_dir(None))
@@ -266,7 +266,7 @@ def find_16bit_source(plan) -> Path | None:
                 candidates.append(snapshot)
         spec = plan.registry_entry.packaged_gguf if plan.registry_entry is not None else None
         if spec:
-            from .sources import packaged_gguf_path
+            from fastload.sources.resolve import packaged_gguf_path
 
             gguf = packaged_gguf_path(spec)
             if gguf is not None:
@@ -282,8 +282,8 @@ def find_16bit_source(plan) -> Path | None:
 
 
 def _converted_gguf(gguf: Path) -> Path:
-    from .gguf import converted_dir
-    from .store import default_root
+    from fastload.load.gguf import converted_dir
+    from fastload.sources.store import default_root
 
     return converted_dir(gguf, default_root())
 
@@ -304,7 +304,7 @@ def parse_size(size: int | str) -> int:
 def _dtype(value):
     import torch
 
-    from .settings import dtype_name
+    from fastload.settings import dtype_name
 
     name = dtype_name(value, "dtype")
     return getattr(torch, name) if name else None
@@ -375,7 +375,7 @@ def _refuse_own_source(directory, plan, src: Path | None) -> None:
 
 def source_keys(src: Path) -> set[str]:
     """Every tensor name of a safetensors checkpoint, from the headers only."""
-    from .checkpoint import find_weight_files, read_safetensors_header
+    from fastload.sources.checkpoint_files import find_weight_files, read_safetensors_header
 
     shards, _ = find_weight_files(src, allow_pickle=False)
     return {k for shard in shards for k in read_safetensors_header(shard) if k != "__metadata__"}
@@ -387,7 +387,7 @@ def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype, shard_by
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from .checkpoint import find_weight_files
+    from fastload.sources.checkpoint_files import find_weight_files
 
     shards, _ = find_weight_files(src, allow_pickle=False)
     writer = ShardWriter(out, shard_bytes)
@@ -566,9 +566,9 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     """Load the merged 16-bit checkpoint through fastload's 4-bit quantization and save it as a bnb-4bit checkpoint."""
     import dataclasses
 
-    from .loader import LoadOptions, load_weights
-    from .sources import resolve
-    from .settings import QuantSettings
+    from fastload.load.loader import LoadOptions, load_weights
+    from fastload.sources.resolve import resolve
+    from fastload.settings import QuantSettings
 
     quant = plan.quant if plan is not None and plan.quant.load_in_4bit else QuantSettings()
     options = {k: v for k, v in dataclasses.asdict(quant).items()}

@@ -3,7 +3,7 @@ device synchronization: adamw8bit.py)."""
 
 from __future__ import annotations
 
-from .errors import InvalidOption
+from fastload.errors import InvalidOption
 
 DEFAULT_LR = 2e-4
 DEFAULT_WEIGHT_DECAY = 0.0
@@ -48,7 +48,7 @@ def get_optimizer(model, lr: float = DEFAULT_LR, weight_decay: float = DEFAULT_W
     """bitsandbytes' AdamW8bit over the trainable (LoRA) parameters, grouped and configured as transformers'
     adamw_8bit does (no weight decay on biases and norms, 32-bit state for trained embeddings); extra kwargs go to
     AdamW8bit."""
-    from .adamw8bit import AdamW8bitNoSync
+    from fastload.train.adamw8bit import AdamW8bitNoSync
 
     if not trainable_parameters(model):
         raise InvalidOption("Building the optimizer", found="the model has no trainable parameters",

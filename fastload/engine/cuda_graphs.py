@@ -104,7 +104,7 @@ def layer_of(function):
 
 def _say_once(layer, why: str) -> None:
     if not getattr(layer, "_fastload_graphs_said", False):
-        from .._log import logger
+        from fastload._log import logger
 
         layer._fastload_graphs_said = True
         logger.info("engine: CUDA graphs: %s runs eagerly: %s", type(layer).__name__, why)
@@ -254,7 +254,7 @@ class ModelGraphs:
         if call.shape_key not in self.shapes and len(self.shapes) >= MAX_SIGNATURES:
             if not self._warned_shapes:
                 self._warned_shapes = True
-                from .._log import logger
+                from fastload._log import logger
 
                 logger.info("engine: CUDA graphs for %d input shapes only; later shapes run eagerly (pad batches "
                             "to at most that many lengths to replay every step)", MAX_SIGNATURES)
@@ -446,7 +446,7 @@ class ModelGraphs:
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         if free >= max(MIN_FREE_BYTES, MIN_FREE_FRACTION * total):
             return True
-        from .._log import logger
+        from fastload._log import logger
 
         self.disabled = "little free GPU memory"
         logger.info("engine: CUDA graphs: no more layers captured, %.1f of %.1f GiB free (their memory pool would "
@@ -475,7 +475,7 @@ class ModelGraphs:
     def _give_up(self, key, part: str, error: Exception) -> None:
         import torch
 
-        from .._log import logger
+        from fastload._log import logger
 
         self.failed.add(key)
         self.graphs.pop(key, None)

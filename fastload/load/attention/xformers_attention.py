@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import BackendUnavailable
+from fastload.errors import BackendUnavailable
 
 NAME = "xformers"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._log import logger
-from .errors import AdapterError, UnsupportedArchitecture
-from .settings import LoraSettings
+from fastload._log import logger
+from fastload.errors import AdapterError, UnsupportedArchitecture
+from fastload.settings import LoraSettings
 
 
 def _is_linear(module) -> bool:

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from .errors import DeviceUnavailable, InvalidOption
+from fastload.errors import DeviceUnavailable, InvalidOption
 
 
 def cuda_available() -> bool:

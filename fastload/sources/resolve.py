@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import plan as P
-from .checkpoint import inspect_checkpoint, read_safetensors_header
-from .errors import CheckpointCorrupt, ModelNotFound
-from .plan import LoadPlan
-from .registry import REPO_ID, Match, Registry, get_registry
-from .settings import QuantSettings
-from .store import Store, entry_key
+from fastload.sources import plan as P
+from fastload.sources.checkpoint_files import inspect_checkpoint, read_safetensors_header
+from fastload.errors import CheckpointCorrupt, ModelNotFound
+from fastload.sources.plan import LoadPlan
+from fastload.sources.registry import REPO_ID, Match, Registry, get_registry
+from fastload.settings import QuantSettings
+from fastload.sources.store import Store, entry_key
 
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -16,9 +16,9 @@ import dataclasses
 import os
 from typing import Any
 
-from ._log import logger
-from .errors import BackendUnavailable, InvalidOption
-from .optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TRAINER_OPTIM
+from fastload._log import logger
+from fastload.errors import BackendUnavailable, InvalidOption
+from fastload.train.optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TRAINER_OPTIM
 
 # fastload's training defaults, written once; anything given to training_arguments(...) wins.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -64,7 +64,7 @@ def precision_flags(model=None) -> dict[str, bool]:
     """
     import torch
 
-    from .devices import choose_compute_dtype
+    from fastload.load.devices import choose_compute_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = compute_dtype_of(model) if model is not None else choose_compute_dtype(device)
@@ -165,7 +165,7 @@ def _prepare_dataset(dataset, tokenizer, max_length, sft: bool, responses_only: 
     Datasets that already have input_ids pass unchanged; for SFT, a datasets.Dataset of TRL's own formats
     (messages, text, prompt/completion) also passes unchanged, and TRL tokenizes it.
     """
-    from .data import prepare_records
+    from fastload.data import prepare_records
 
     if dataset is None:
         return None
@@ -199,10 +199,10 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     shape (messages, ShareGPT, Alpaca, prompt/response; tokenized here, responses-only when responses_only=True),
     or for SFT any dataset TRL accepts. args: None for fastload's defaults (training_arguments). If args.optim is
     TrainingArguments' default or "adamw_8bit", the optimizer is fastload's AdamW8bit (bitsandbytes', with lean
-    steps: fastload.adamw8bit; no decay on biases and norms, 32-bit state for trained embeddings, as transformers'
+    steps: fastload.train.adamw8bit; no decay on biases and norms, 32-bit state for trained embeddings, as transformers'
     adamw_8bit), unless optim_args are set (then transformers' adamw_8bit); any other optim the user set is kept.
     """
-    from .checkpointing import for_training, is_checkpointing
+    from fastload.train.checkpointing import for_training, is_checkpointing
 
     if args is None:
         args = training_arguments(DEFAULT_OUTPUT_DIR, sft=sft, model=model)
@@ -216,7 +216,7 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     eval_dataset = _prepare_dataset(eval_dataset, tokenizer, max_length, sft, responses_only)
     packed = "position_ids" in _columns(train_dataset)
     if data_collator is None and (not sft or packed):
-        from .data import Collator
+        from fastload.data import Collator
 
         data_collator = Collator(tokenizer)
     if sft and packed:
@@ -225,7 +225,7 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
         args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
     if "optimizers" not in trainer_kwargs and "optimizer_cls_and_kwargs" not in trainer_kwargs \
             and _fastload_optimizer_serves(args):
-        from .optim import get_optimizer
+        from fastload.train.optim import get_optimizer
 
         trainer_kwargs["optimizers"] = (get_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
                                                       betas=(args.adam_beta1, args.adam_beta2),
@@ -263,7 +263,7 @@ def checkpointing_state(model) -> dict[str, Any]:
 
     use_reentrant is None for a checkpoint function other than torch's (fastload's engine may install one).
     """
-    from .checkpointing import _base, is_checkpointing
+    from fastload.train.checkpointing import _base, is_checkpointing
 
     base = _base(model)
     reentrant = None
@@ -290,7 +290,7 @@ def _same_function(f, g) -> bool:
 
 def checkpoint_functions(model) -> dict:
     """The checkpoint function of every checkpointed layer, by module."""
-    from .checkpointing import _base
+    from fastload.train.checkpointing import _base
 
     return {m: m._gradient_checkpointing_func for m in _base(model).modules()
             if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)}
@@ -299,7 +299,7 @@ def checkpoint_functions(model) -> dict:
 def ensure_checkpointing(model, saved: dict | None = None, allow_reentrant: bool = False) -> bool:
     """Put back the checkpoint functions the model had (`saved`) where a trainer replaced them, make torch's
     checkpointing non-reentrant unless allowed, and enable input grads; True when something had to be fixed."""
-    from .checkpointing import _base
+    from fastload.train.checkpointing import _base
 
     fixed = False
     if saved and not allow_reentrant:

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import plan as P
-from ._log import logger
-from .devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
-from .errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
+from fastload.sources import plan as P
+from fastload._log import logger
+from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
+from fastload.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
                      ModelNotFound, NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
-from .plan import LoadPlan
-from .settings import dtype_name
+from fastload.sources.plan import LoadPlan
+from fastload.settings import dtype_name
 
 
 @dataclass
@@ -41,7 +41,7 @@ def hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
     local = plan.source in (P.LOCAL, P.STORE) or Path(plan.location).is_dir()
     kw: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code}
     if not local:
-        from .sources import hub_cache_dir
+        from fastload.sources.resolve import hub_cache_dir
 
         kw.update(revision=plan.revision, cache_dir=hub_cache_dir(opts.cache_dir), token=opts.token,
                   local_files_only=plan.source != P.HUB_DOWNLOAD)
@@ -160,7 +160,7 @@ def classify_load_error(e: Exception, where: str, part: str):
 def check_reachable(plan: LoadPlan, opts: LoadOptions) -> None:
     """A download plan made while online must not reach out once offline is set: huggingface_hub reads
     HF_HUB_OFFLINE only at its import, so the check is fastload's, done before any hub call."""
-    from .sources import hub_offline
+    from fastload.sources.resolve import hub_offline
 
     if plan.will_download and hub_offline(opts.local_files_only):
         raise ModelNotFound(f"Downloading {plan.location!r} from the hub",
@@ -257,7 +257,7 @@ def keep_4bit_layout_stable(model) -> None:
 
 
 def materialize_gguf(plan: LoadPlan, store_root) -> LoadPlan:
-    from .gguf import convert_gguf
+    from fastload.load.gguf import convert_gguf
 
     directory = convert_gguf(Path(plan.location) / plan.gguf_file, store_root)
     return replace(plan, location=str(directory), gguf_file=None)
@@ -266,7 +266,7 @@ def materialize_gguf(plan: LoadPlan, store_root) -> LoadPlan:
 def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    from .checkpoint import check_tokenizer_files
+    from fastload.sources.checkpoint_files import check_tokenizer_files
 
     check_reachable(plan, opts)
     if Path(plan.location).is_dir():
@@ -309,7 +309,7 @@ def check_weight_shapes(plan: LoadPlan, config, weight_files) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import read_safetensors_header
+    from fastload.sources.checkpoint_files import read_safetensors_header
 
     saved = {name: meta["shape"] for f in weight_files for name, meta in read_safetensors_header(f).items()
              if name != "__metadata__"}
@@ -330,7 +330,7 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     if Path(plan.location).is_dir():
         return Path(plan.location)
     if plan.source in (P.HUB_CACHE, P.HUB_DOWNLOAD):  # a download is in the HF cache once loaded
-        from .sources import cached_snapshot, hub_cache_dir
+        from fastload.sources.resolve import cached_snapshot, hub_cache_dir
 
         return cached_snapshot(plan.location, plan.revision, hub_cache_dir(opts.cache_dir))
     return None
@@ -341,8 +341,8 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import check_tokenizer_files, inspect_checkpoint
-    from .memory import check_fits
+    from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
+    from fastload.load.memory import check_fits
 
     device_map = resolve_device_map(opts.device_map)
     device = main_device(device_map)

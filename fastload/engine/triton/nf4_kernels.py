@@ -1,4 +1,4 @@
-"""The Triton kernels behind fastload.engine.triton_nf4, imported only when one is launched (this module imports
+"""The Triton kernels behind fastload.engine.triton.nf4, imported only when one is launched (this module imports
 triton at the top, which `import fastload` must not)."""
 
 from __future__ import annotations

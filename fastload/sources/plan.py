@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .settings import QuantSettings
+from fastload.settings import QuantSettings
 
 if TYPE_CHECKING:
-    from .registry import RegistryEntry
+    from fastload.sources.registry import RegistryEntry
 
 # Where a plan's weights come from.
 LOCAL = "local"                    # a directory the user named

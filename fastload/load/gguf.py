@@ -7,12 +7,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ._log import logger
-from .errors import CheckpointCorrupt, ModelNotFound
+from fastload._log import logger
+from fastload.errors import CheckpointCorrupt, ModelNotFound
 
 
 def converted_dir(gguf_path: Path, root: Path) -> Path:
-    from .sources import local_fingerprint
+    from fastload.sources.resolve import local_fingerprint
 
     return root / "converted" / f"{gguf_path.stem}--{local_fingerprint(gguf_path)}"
 
@@ -22,7 +22,7 @@ def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = 
     import torch
     from filelock import FileLock
 
-    from .store import default_root
+    from fastload.sources.store import default_root
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():

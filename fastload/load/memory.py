@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import CheckpointCorrupt, FastloadError, NotEnoughMemory, UnsupportedArchitecture
+from fastload.errors import CheckpointCorrupt, FastloadError, NotEnoughMemory, UnsupportedArchitecture
 
 GIB = 1024 ** 3
 NF4_BLOCK = 64            # weights per absmax block
@@ -31,7 +31,7 @@ def count_params(config) -> ParamCounts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .lora import _is_linear, decoder_layers
+    from fastload.train.lora import _is_linear, decoder_layers
 
     if isinstance(config, dict):
         cfg = dict(config)
@@ -202,8 +202,8 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
     Weights that fit but leave too little for LoRA training at max_seq_length (batch 1, checkpointing) only warn:
     the training estimate is an upper bound (see the README), and the user may only want to generate.
     Returns the weights' estimate in bytes."""
-    from ._log import logger
-    from .devices import free_memory_bytes
+    from fastload._log import logger
+    from fastload.load.devices import free_memory_bytes
 
     free = free_memory_bytes(device)
     floor = weights_floor_bytes(config, other_bytes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from .errors import InvalidOption
+from fastload.errors import InvalidOption
 
 
 @contextlib.contextmanager
@@ -27,7 +27,7 @@ def left_padding(tokenizer) -> Iterator[Any]:
 def prompt_text(tokenizer, prompt) -> tuple[str, bool]:
     """(text to tokenize, whether the chat template was applied): a string becomes one user turn when the tokenizer
     has a chat template; a list of messages is templated as is, with the assistant's turn opened."""
-    from .data import render
+    from fastload.data import render
 
     if isinstance(prompt, str):
         if not getattr(tokenizer, "chat_template", None):
@@ -47,7 +47,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any
     """
     import torch
 
-    from .checkpointing import for_inference, for_training
+    from fastload.train.checkpointing import for_inference, for_training
 
     single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)

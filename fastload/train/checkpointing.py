@@ -17,7 +17,7 @@ def enable_checkpointing(model) -> None:
     base.config.use_cache = False
     model._fastload_checkpointing = True
     # gradient_checkpointing_enable put torch's checkpointing back: the engine's function survives a mode switch
-    from .engine.offload import reinstall_engine_checkpointing
+    from fastload.engine.offloaded_checkpoint import reinstall_engine_checkpointing
 
     reinstall_engine_checkpointing(base)
 

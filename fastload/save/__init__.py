@@ -1,0 +1,1 @@
+"""Trained -> saved: the adapter alone, or merged into a 16-bit or re-quantized checkpoint."""
