@@ -173,13 +173,19 @@ def warm_imports() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
+    import importlib
+
+    import fastload
     import fastload.cli  # noqa: F401
     import fastload.data  # noqa: F401
-    import fastload.facade  # noqa: F401
-    import fastload.loader  # noqa: F401
-    import fastload.saving  # noqa: F401
-    import fastload.sources  # noqa: F401
-    import fastload.trainer  # noqa: F401
+
+    _ = fastload.FastModel, fastload.resolve, fastload.Store  # the public surface, imported lazily by fastload
+    # the modules a load, save or train imports on first use, in the flat layout and the regrouped one
+    for name in ("loader", "saving", "trainer", "sources", "load.loader", "save", "train.trainer", "sources.store"):
+        try:
+            importlib.import_module(f"fastload.{name}")
+        except ImportError:
+            pass
 
 
 def serve() -> None:
