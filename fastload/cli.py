@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from fastload._log import logger, set_verbosity
 from fastload.errors import FastloadError, InvalidOption, ModelNotFound, StoreError
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 LOADING_COMMANDS = {"quantize", "train", "merge", "generate", "estimate"}
@@ -545,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --out")
     p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
-    p.add_argument("--seq", type=positive_int, default=2048, help="max_seq_length: longer records are truncated")
+    p.add_argument("--seq", type=positive_int, default=DEFAULT_MAX_SEQ_LENGTH,
+                   help="max_seq_length: longer records are truncated")
     p.add_argument("--batch", type=positive_int, default=2, help="per-device batch size")
     p.add_argument("--grad-accum", type=positive_int, default=4, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate")
@@ -553,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=positive_int, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--save-steps", type=positive_int, default=100, help="save a resumable checkpoint every N steps")
     p.add_argument("--keep", type=positive_int, default=2, help="how many checkpoint-N folders to keep")
-    p.add_argument("--seed", type=int, default=3407, help="random seed")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
 
     p = command("merge", cmd_merge, "merge a LoRA adapter into its base and save a model plain transformers loads")
     p.add_argument("adapter_dir", help="folder holding adapter_config.json")
@@ -572,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("estimate", cmd_estimate, "memory needed to load and QLoRA-train a model, before loading it",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("name", help="registry name, hub id in the HF cache, or a folder with config.json")
-    p.add_argument("--seq", type=positive_int, default=2048, help="sequence length of a training batch")
+    p.add_argument("--seq", type=positive_int, default=DEFAULT_MAX_SEQ_LENGTH,
+                   help="sequence length of a training batch")
     p.add_argument("--batch", type=positive_int, default=1, help="batch size")
     p.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
 

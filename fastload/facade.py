@@ -10,7 +10,7 @@ from fastload.sources import plan as P
 from fastload._log import logger
 from fastload.errors import AdapterError, InvalidOption
 from fastload.load.loader import LoadOptions
-from fastload.settings import LoraSettings
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, LoraSettings
 
 _DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSettings)
 BACKENDS = ("native", "unsloth", "auto")
@@ -49,7 +49,7 @@ class FastModel:
                         lora: Any = _DEFAULT, gradient_checkpointing: bool | str = True, device_map: Any = None,
                         revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
                         local_files_only: bool | None = None, trust_remote_code: bool = False,
-                        attn_implementation: str | None = "sdpa", random_state: int | None = 3407,
+                        attn_implementation: str | None = "sdpa", random_state: int | None = DEFAULT_SEED,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
                         backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
                         **quant_options: Any):
@@ -65,7 +65,7 @@ class FastModel:
                                 fix="use 'native' (default), 'unsloth' or 'auto'")
         if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length <= 0):
             raise InvalidOption(f"max_seq_length={max_seq_length!r}", found="it must be a positive integer",
-                                fix="use e.g. max_seq_length=2048")
+                                fix=f"use e.g. max_seq_length={DEFAULT_MAX_SEQ_LENGTH}")
         if attn_implementation == "xformers":
             from fastload.load.attention.xformers_attention import register_xformers_attention
 
@@ -96,7 +96,7 @@ class FastModel:
         return model, tokenizer
 
     @classmethod
-    def get_peft_model(cls, model, random_state: int | None = 3407, **lora_options: Any):
+    def get_peft_model(cls, model, random_state: int | None = DEFAULT_SEED, **lora_options: Any):
         """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection)."""
         from fastload.train.checkpointing import enable_checkpointing, is_checkpointing
         from fastload.train.lora import apply_lora, has_adapters, lora_settings_of

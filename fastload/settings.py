@@ -16,6 +16,11 @@ DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
                "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 STORAGE_NAMES = ("uint8", "bfloat16", "float16", "float32")
 
+DEFAULT_MAX_SEQ_LENGTH = 2048
+"""Tokens per training sequence when none is asked; capped at the model's own positions."""
+DEFAULT_SEED = 3407
+"""Seed of LoRA's initialisation and of training when none is given (Unsloth's notebooks use the same)."""
+
 
 def dtype_name(value: Any, option: str) -> str | None:
     """Normalise a dtype given as torch.dtype or string to its canonical name ('bfloat16'...)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fastload.sources import plan as P
 from fastload._log import logger
-from fastload.settings import QuantSettings
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, QuantSettings
 
 # model_type values Unsloth's FastLanguageModel has its own fast path for (unsloth/models/loader.py dispatch)
 UNSLOTH_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3")
@@ -130,12 +130,12 @@ class UnslothBackend:
 
             q = plan.quant
             model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=location, max_seq_length=opts.max_seq_length or 2048, dtype=dtype,
+                model_name=location, max_seq_length=opts.max_seq_length or DEFAULT_MAX_SEQ_LENGTH, dtype=dtype,
                 load_in_4bit=q.load_in_4bit or plan.prequantized and q.bits == 16, load_in_8bit=q.load_in_8bit,
                 load_in_16bit=not q.quantized and not plan.prequantized, token=opts.token,
                 trust_remote_code=opts.trust_remote_code, rope_scaling=opts.rope_scaling,
                 revision=plan.revision if plan.source == P.HUB_DOWNLOAD else None, use_exact_model_name=True,
-                random_state=random_state if random_state is not None else 3407,
+                random_state=random_state if random_state is not None else DEFAULT_SEED,
                 use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
             if lora is not None:
                 from fastload.train.lora import find_lora_targets
@@ -143,7 +143,7 @@ class UnslothBackend:
                 targets = list(lora.target_modules) if lora.target_modules else find_lora_targets(model)
                 model = FastLanguageModel.get_peft_model(
                     model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias=lora.bias,
-                    target_modules=targets, random_state=random_state if random_state is not None else 3407,
+                    target_modules=targets, random_state=random_state if random_state is not None else DEFAULT_SEED,
                     use_gradient_checkpointing="unsloth" if gradient_checkpointing in (True, "unsloth") else False,
                     **lora.extra)
         if store is not None and plan.store_key and not plan.prequantized:
@@ -152,6 +152,6 @@ class UnslothBackend:
             fixed = load_tokenizer(plan, opts) if tokenizer.pad_token is None else tokenizer
             fixed.padding_side = "right"
             tokenizer = fixed
-        model.max_seq_length = opts.max_seq_length or 2048
+        model.max_seq_length = opts.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
         model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer

@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import types
 
+from fastload.structure import is_linear4bit, is_plain_linear
+
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
 # Merging costs ~1 ns per weight value more than dequantizing alone (8B on an H100) and saves per token ~26-31 ns on
 # the MLP weights, ~11 ns on q/o (the adapter product added to the output): it pays from ~half the smaller side of
@@ -144,9 +146,9 @@ def _fusable(module) -> bool:
     import torch
 
     base = getattr(module, "base_layer", None)
-    if base is None or not hasattr(module, "lora_A") or type(base).__name__ not in ("Linear4bit", "Linear"):
+    if base is None or not hasattr(module, "lora_A"):
         return False
-    return type(base).__name__ != "Linear" or isinstance(base, torch.nn.Linear)
+    return is_linear4bit(base) or is_plain_linear(base)
 
 
 def _adapter(module, x, args, kwargs) -> str | None:
@@ -231,7 +233,7 @@ def install_fused_lora(model) -> int:
     input; returns how many projections."""
     done = {id(m) for m in model.modules() if getattr(m, "_fastload_fused", False)}  # installed once only
     already = len(done)
-    for parent in model.modules():
+    for parent in model.modules():  # a cross-attention's q reads another input than its k/v: never grouped
         for names in GROUPS:
             members = [getattr(parent, n, None) for n in names]
             if (all(m is not None and _fusable(m) and id(m) not in done for m in members)

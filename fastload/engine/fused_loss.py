@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import types
 
+from fastload.structure import is_plain_linear
+
 IGNORE_INDEX = -100
 KERNEL_DTYPES = ("bfloat16", "float16")  # fp32 runs use the torch path: its tolerances are fp32 round-off
 CHUNK_BYTES = 256 << 20  # transient memory of one chunk's logits (and, on the torch path, their fp32 copies)
@@ -139,7 +141,7 @@ def supports_fused_loss(model) -> bool:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head = getattr(model, "lm_head", None)
-    if head is None or not hasattr(model, "model") or type(head).__name__ != "Linear" or head.bias is not None:
+    if head is None or not hasattr(model, "model") or not is_plain_linear(head) or head.bias is not None:
         return False
     if head.weight.requires_grad:
         return False  # trained lm_head (modules_to_save): let transformers compute its gradient

@@ -11,6 +11,7 @@ import importlib.util
 import types
 
 from fastload.engine import triton_available, triton_runs_on
+from fastload.structure import class_named
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
@@ -33,7 +34,7 @@ def _rmsnorm(model) -> bool:
 
     count = 0
     for module in model.modules():
-        if type(module).__name__ in NORMS and hasattr(module, "weight"):
+        if class_named(module, NORMS) and hasattr(module, "weight"):
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
 
             def forward(self, hidden_states, _eps=eps, _original=module.forward):
@@ -52,7 +53,7 @@ def _swiglu(model) -> bool:
 
     count = 0
     for module in model.modules():
-        if type(module).__name__ in MLPS and getattr(module.config, "hidden_act", "silu") in ("silu", "swish"):
+        if class_named(module, MLPS) and getattr(module.config, "hidden_act", "silu") in ("silu", "swish"):
             def forward(self, x, _original=module.forward):
                 if not triton_runs_on(x):
                     return _original(x)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 import types
 
+from fastload.structure import class_named
+
 CLASSES = ("LlamaAttention",)  # same forward; Mistral/Qwen add sliding windows or norms: left to transformers
 _SKIP = ("cache", "past_key_values", "cache_position")
 
@@ -55,7 +57,7 @@ def rotary_attention_forward(original, rotate, applies=None):
 def install_rotary_attention(model, rotate, applies=None) -> int:
     count = 0
     for module in model.modules():
-        if type(module).__name__ in CLASSES and not getattr(module, "_fastload_rotary", False):
+        if class_named(module, CLASSES) and not getattr(module, "_fastload_rotary", False):
             module.forward = types.MethodType(rotary_attention_forward(module.forward, rotate, applies), module)
             module._fastload_rotary = True
             count += 1

@@ -13,12 +13,12 @@ from fastload.load.devices import check_dtype_supported, choose_compute_dtype, m
 from fastload.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
                      ModelNotFound, NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
 from fastload.sources.plan import LoadPlan
-from fastload.settings import dtype_name
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 
 
 @dataclass
 class LoadOptions:
-    max_seq_length: int | None = None  # None: 2048, capped at the model's positions
+    max_seq_length: int | None = None  # None: DEFAULT_MAX_SEQ_LENGTH, capped at the model's positions
     dtype: Any = None
     device_map: Any = None
     token: str | bool | None = None
@@ -178,11 +178,8 @@ def load_config(plan: LoadPlan, opts: LoadOptions):
         return AutoConfig.from_pretrained(plan.location, **hub_kwargs(plan, opts))
 
 
-DEFAULT_MAX_SEQ_LENGTH = 2048
-
-
 def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
-    """The sequence length to train with: as asked, or (unset) 2048 capped at the model's positions."""
+    """The sequence length to train with: as asked, or (unset) DEFAULT_MAX_SEQ_LENGTH capped at the model's positions."""
     positions = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                         "max_position_embeddings", None)
     if max_seq_length is None:
@@ -228,17 +225,21 @@ def bnb_config(plan: LoadPlan, compute_dtype):
 
 def set_compute_dtype(model, dtype) -> None:
     """Pre-quantized checkpoints carry the compute dtype of the machine that made them; use this device's."""
+    from fastload.structure import is_linear4bit
+
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit" and getattr(module, "compute_dtype", None) != dtype:
+        if is_linear4bit(module) and getattr(module, "compute_dtype", None) != dtype:
             module.compute_dtype = dtype
 
 
 def cast_unquantized(model, dtype) -> int:
     """transformers keeps a pre-quantized checkpoint's other weights (embeddings, norms, lm_head) in their stored
     dtype whatever `dtype` asks; cast them, or an fp32 load from a bf16 checkpoint computes in bf16 after all."""
+    from fastload.structure import is_quantized_linear
+
     changed = 0
     for module in model.modules():
-        if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        if is_quantized_linear(module):
             continue
         for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastload.errors import CheckpointCorrupt, FastloadError, NotEnoughMemory, UnsupportedArchitecture
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH
 
 GIB = 1024 ** 3
 NF4_BLOCK = 64            # weights per absmax block
@@ -31,7 +32,7 @@ def count_params(config) -> ParamCounts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fastload.train.lora import _is_linear, decoder_layers
+    from fastload.structure import decoder_layers, is_linear
 
     if isinstance(config, dict):
         cfg = dict(config)
@@ -55,7 +56,7 @@ def count_params(config) -> ParamCounts:
                                 f"{(str(e).splitlines() or [''])[0][:300]}",
                                 fix="restore config.json from the original checkpoint") from e
     layers = decoder_layers(model)
-    proj = sum(m.weight.numel() for layer in (layers or []) for m in layer.modules() if _is_linear(m))
+    proj = sum(m.weight.numel() for layer in (layers or []) for m in layer.modules() if is_linear(m))
     total = sum(p.numel() for p in model.parameters())
     if getattr(config, "tie_word_embeddings", False):
         total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -142,12 +143,12 @@ class MemoryEstimate:
                 "training_total_16bit": self.training_total(16, True), "basis": self.basis}
 
 
-def estimate(config, seq: int = 2048, batch: int = 1, r: int = 16) -> MemoryEstimate:
+def estimate(config, seq: int = DEFAULT_MAX_SEQ_LENGTH, batch: int = 1, r: int = 16) -> MemoryEstimate:
     """Memory of loading and QLoRA-training the model a config describes (a transformers config or a dict)."""
     return estimate_counts(count_params(config), seq, batch, r)
 
 
-def estimate_counts(counts: ParamCounts, seq: int = 2048, batch: int = 1, r: int = 16, basis: str = "") -> MemoryEstimate:
+def estimate_counts(counts: ParamCounts, seq: int = DEFAULT_MAX_SEQ_LENGTH, batch: int = 1, r: int = 16, basis: str = "") -> MemoryEstimate:
     lora = lora_params(counts, r) * 4  # fp32 adapters
     return MemoryEstimate(counts=counts, weights_16bit=weight_bytes(counts, 16), weights_8bit=weight_bytes(counts, 8),
                           weights_4bit=weight_bytes(counts, 4, True), weights_4bit_no_dq=weight_bytes(counts, 4, False),
@@ -226,7 +227,7 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
     def training_need(seq: int) -> int:
         return estimate_counts(counts, seq=seq, batch=1).training_total(bits)
 
-    seq = max_seq_length or 2048
+    seq = max_seq_length or DEFAULT_MAX_SEQ_LENGTH
     if training_need(seq) > free:
         shorter = seq
         while shorter > 64 and training_need(shorter) > free:

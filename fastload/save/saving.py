@@ -481,11 +481,12 @@ def _merge_into_model(model, deltas: Deltas, out: Path, out_dtype, shard_bytes: 
 
 def _model_tensors(base, adapter: str):
     """(checkpoint key, reader) for every weight of the loaded model: 4/8-bit weights dequantized, ties written once."""
+    from fastload.structure import is_linear4bit, is_linear8bit
+
     seen: set[int] = set()
     for mname, module in base.named_modules():
         if ".lora_" in f".{mname}" or "original_module" in mname:
             continue
-        kind = type(module).__name__
         tensors = list(module.named_parameters(recurse=False)) + [
             (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
         for pname, tensor in tensors:
@@ -496,9 +497,9 @@ def _model_tensors(base, adapter: str):
             if ptr in seen:  # tied weights (lm_head = embed_tokens): the checkpoint holds them once
                 continue
             seen.add(ptr)
-            if pname == "weight" and kind == "Linear4bit":
+            if pname == "weight" and is_linear4bit(module):
                 yield key, (lambda t=tensor: _dequantize_4bit(t))
-            elif pname == "weight" and kind == "Linear8bitLt":
+            elif pname == "weight" and is_linear8bit(module):
                 yield key, (lambda t=tensor, m=module: _dequantize_8bit(t, m))
             else:
                 yield key, (lambda t=tensor: t.detach().to("cpu"))

@@ -7,27 +7,7 @@ from typing import Any
 from fastload._log import logger
 from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.settings import LoraSettings
-
-
-def _is_linear(module) -> bool:
-    import torch
-
-    if isinstance(module, torch.nn.Linear):
-        return True
-    name = type(module).__name__
-    return name in ("Linear4bit", "Linear8bitLt", "Linear1D", "QuantLinear")
-
-
-def decoder_layers(model):
-    """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class."""
-    import torch
-
-    best = None
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    return best
+from fastload.structure import decoder_layers, is_linear
 
 
 def _router_widths(config) -> set[int]:
@@ -51,7 +31,7 @@ def find_lora_targets(model) -> list[str]:
     names: set[str] = set()
     for layer in layers:
         for full, module in layer.named_modules():
-            if full and _is_linear(module) and getattr(module, "out_features", None) not in skip_widths:
+            if full and is_linear(module) and getattr(module, "out_features", None) not in skip_widths:
                 names.add(full.split(".")[-1])
     if not names:
         raise UnsupportedArchitecture(f"Finding LoRA targets in {type(model).__name__}",

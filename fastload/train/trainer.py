@@ -48,9 +48,11 @@ def import_trl():
 
 def compute_dtype_of(model):
     """The dtype the model computes in: its 4-bit layers' compute dtype, else its parameters' dtype."""
+    from fastload.structure import is_linear4bit
+
     for module in model.modules():
         dtype = getattr(module, "compute_dtype", None)
-        if type(module).__name__ == "Linear4bit" and dtype is not None:
+        if is_linear4bit(module) and dtype is not None:
             return dtype
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     return getattr(base, "dtype", None)

@@ -1,0 +1,58 @@
+"""What a loaded model is made of: its decoder layers and the kinds of its linear layers.
+
+One home for module-kind checks: `isinstance` against the real classes. bitsandbytes' classes are looked up only
+when bitsandbytes is already imported — a model cannot hold its layers otherwise — so these checks import nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def _bnb_class(name: str):
+    nn = sys.modules.get("bitsandbytes.nn")
+    return getattr(nn, name, None) if nn is not None else None
+
+
+def is_linear4bit(module) -> bool:
+    """A bitsandbytes 4-bit (NF4/FP4) linear layer."""
+    cls = _bnb_class("Linear4bit")
+    return cls is not None and isinstance(module, cls)
+
+
+def is_linear8bit(module) -> bool:
+    """A bitsandbytes LLM.int8 linear layer."""
+    cls = _bnb_class("Linear8bitLt")
+    return cls is not None and isinstance(module, cls)
+
+
+def is_quantized_linear(module) -> bool:
+    return is_linear4bit(module) or is_linear8bit(module)
+
+
+def is_plain_linear(module) -> bool:
+    """torch's own Linear (16/32-bit weights), not a quantized subclass."""
+    return isinstance(module, torch.nn.Linear) and not is_quantized_linear(module)
+
+
+def is_linear(module) -> bool:
+    """Anything LoRA can target as a projection: torch Linear, its quantized subclasses, other libraries' quantized
+    linears that peft also adapts."""
+    return isinstance(module, torch.nn.Linear) or class_named(module, ("Linear1D", "QuantLinear"))
+
+
+def class_named(module, names) -> bool:
+    """For transformers' per-architecture classes (LlamaRMSNorm, Qwen2MLP, ...): one name per family, no common base."""
+    return type(module).__name__ in names
+
+
+def decoder_layers(model):
+    """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class."""
+    best = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    return best
