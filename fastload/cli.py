@@ -99,6 +99,8 @@ def cmd_quantize(args) -> int:
     from .store import Store
 
     quant = dict(bnb_4bit_quant_type=args.quant_type, bnb_4bit_use_double_quant=not args.no_double_quant)
+    if args.out:
+        _refuse_out_in_source(args, [args.source])
     if args.out:  # a 4-bit checkpoint already on this machine is copied as it is, without loading it
         from .sources import make_store, resolve
 
@@ -113,6 +115,7 @@ def cmd_quantize(args) -> int:
                                                  **quant)
     plan = model.fastload_plan
     if args.out:
+        _refuse_out_in_source(args, [plan.location, plan.original])
         if plan.prequantized:  # a 4-bit checkpoint that was downloaded while loading it: copied as it is
             files = local_files_of(plan, LoadOptions())
             if files is None:
@@ -142,6 +145,15 @@ def cmd_quantize(args) -> int:
                              fix="check FASTLOAD_HOME is writable, or pass --out DIR")
         where, written = entry.path, True
     return _quantize_done(args, plan, where, written)
+
+
+def _refuse_out_in_source(args, sources: list) -> None:
+    """--out must not be (or lie in, or hold) what is quantized: the 16-bit original would be replaced."""
+    from .atomic import refuse_source
+
+    refuse_source(args.out, sources, f"fastload quantize {args.source} --out {args.out}",
+                  found="--out is the checkpoint being quantized, or lies inside the checkpoint, or holds it: "
+                  "the original would be replaced")
 
 
 def _copy_prequantized(files: Path, out_arg: str, source: str) -> Path:
@@ -254,24 +266,14 @@ def progress_callback(quiet: bool):
 
 
 def save_adapter_into(model, tokenizer, out: Path) -> None:
-    """Write the adapter files into --out beside the trainer's checkpoints, each by atomic rename, config last:
-    a reader that sees adapter_config.json sees a whole adapter."""
-    import shutil
-    import uuid
-
-    from .saving import name_base_model
+    """Write the adapter into --out beside the trainer's checkpoints as one folder swap (fastload.atomic): a kill
+    leaves the previous adapter or the new one, whole; checkpoint-N folders and the user's own files stay."""
+    from .saving import atomic_directory, name_base_model
 
     name_base_model(model, getattr(model, "fastload_plan", None))
-    tmp = out / f".adapter.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        files = sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_config.json")
-        for f in files:
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_train(args) -> int:
