@@ -35,6 +35,10 @@ STALE_SECONDS = 6 * 3600
 USER_DOC_SUFFIXES = (".md", ".txt")
 # tests only: {"point": ..., "dest": ..., "ready": ...} stops the writer there so a real SIGKILL lands mid-write
 PAUSE_ENV = "FASTLOAD_TEST_PAUSE_AT"
+# a save from before RECORD existed: the files this save writes again and its weights count as fastload's (a stale
+# shard kept beside new ones would be loaded); everything else there (a user's notes, checkpoint-N) is kept
+LEGACY = "\0legacy"
+LEGACY_STALE = (".safetensors", ".bin", ".index.json")
 LEFTOVER_NAME = re.compile(r"^\.(?P<dest>.+)\.(?P<role>tmp|old|del)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
 
 
@@ -140,6 +144,8 @@ def atomic_folder(dest: str | os.PathLike, kind: str, marker_file: str | None = 
         write_marker(tmp, "tmp")
         yield tmp
         _pause("written", dest)
+        if LEGACY in ours:
+            ours = (ours - {LEGACY}) | {p.name for p in tmp.iterdir()}
         _leave_out_user_files(tmp, dest, ours)
         if record:
             names = sorted(p.name for p in tmp.iterdir() if p.name not in (MARKER, RECORD))
@@ -166,8 +172,8 @@ def owned_names(dest: Path, kind: str, marker_file: str | None, into_existing: b
             raise InvalidOption(f"Saving a {kind} to {dest}", found=f"it holds a {recorded['kind']} fastload wrote",
                                 fix="choose another folder")
         return set(recorded["files"]) & names
-    if marker_file and (dest / marker_file).is_file():  # a save from before the record: its files, not its folders
-        return {n for n in names if (dest / n).is_file()}
+    if marker_file and (dest / marker_file).is_file():  # a save from before the record existed
+        return {LEGACY} | {n for n in names if (dest / n).is_file() and n.endswith(LEGACY_STALE)}
     if into_existing:
         return set()
     raise InvalidOption(f"Saving to {dest}", found=f"a non-empty folder without {marker_file or RECORD}: not a "
