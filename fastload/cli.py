@@ -286,6 +286,10 @@ def cmd_train(args) -> int:
     if not records:
         raise InvalidOption(f"Training on {args.data}", found="the file holds no records", fix="give a non-empty file")
     out = Path(args.out).expanduser().absolute()
+    if out.parent.is_dir():  # a previous run killed while writing its adapter: put its folder back first
+        from .atomic import clean_leftovers
+
+        clean_leftovers(out.parent, out)
     resume_from = None
     if args.resume:
         resume_from = newest_checkpoint(out)
