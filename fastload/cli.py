@@ -499,6 +499,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for --steps: 0 means "use --epochs"; a negative count is a usage error, not ignored."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for --epochs and --lr: a positive finite number, else a usage error before anything loads."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
 def _common(json_output: bool) -> argparse.ArgumentParser:
     """Options every command takes, also after its name; SUPPRESS keeps the top-level values unless given here."""
     p = argparse.ArgumentParser(add_help=False)
@@ -549,12 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model (any name `fastload resolve` accepts)")
     p.add_argument("--out", required=True, help="folder for checkpoints (checkpoint-N) and the final adapter")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --out")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
+    p.add_argument("--steps", type=non_negative_int, default=0,
+                   help="stop after this many optimizer steps (0: use --epochs)")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data when --steps is 0")
     p.add_argument("--seq", type=positive_int, default=2048, help="max_seq_length: longer records are truncated")
     p.add_argument("--batch", type=positive_int, default=2, help="per-device batch size")
     p.add_argument("--grad-accum", type=positive_int, default=4, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate")
     p.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=positive_int, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--save-steps", type=positive_int, default=100, help="save a resumable checkpoint every N steps")
