@@ -171,3 +171,122 @@ def test_an_adapter_write_killed_mid_way_leaves_a_whole_adapter_and_the_next_run
     assert adapter_rank(out) == (8, 8)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "checkpoint-3").is_dir()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")], "leftovers of the killed write"
+
+
+# -- 11: a pickled adapter ------------------------------------------------------------------------------------------
+
+def test_a_pickled_adapter_is_not_unpickled_without_allow_pickle(tiny_llama, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from fastload.errors import UnsafeCheckpoint
+
+    model, tok = FastModel.from_pretrained(tiny_llama, gradient_checkpointing=False, store=False)
+    adapter = FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), adapter / "adapter_model.bin")  # what older peft versions wrote
+    weights.unlink()
+    with pytest.raises(UnsafeCheckpoint, match="adapter_model.bin") as e:
+        FastModel.from_pretrained(adapter, gradient_checkpointing=False, store=False)
+    assert "allow_pickle=True" in e.value.fix
+    trusted, _ = FastModel.from_pretrained(adapter, gradient_checkpointing=False, store=False, allow_pickle=True)
+    assert trusted.fastload_plan.adapter == str(adapter)
+
+
+# -- 15: file names that leave the checkpoint or the package -------------------------------------------------------
+
+def test_a_shard_index_naming_a_file_outside_the_checkpoint_is_not_read(tiny_copy):
+    from fastload.errors import CheckpointCorrupt
+
+    outside = tiny_copy.parent / "someone-elses.safetensors"
+    os.rename(tiny_copy / "model.safetensors", outside)
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../someone-elses.safetensors"}}
+    (tiny_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointCorrupt, match="leave the checkpoint"):
+        FastModel.from_pretrained(tiny_copy, lora=None, store=False)
+    index["weight_map"]["model.embed_tokens.weight"] = str(outside)  # an absolute path
+    (tiny_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointCorrupt, match="leave the checkpoint"):
+        FastModel.from_pretrained(tiny_copy, lora=None, store=False)
+
+
+def test_a_registry_packaged_gguf_path_outside_its_package_is_refused(tmp_path, monkeypatch):
+    from fastload.registry import RegistryFormatError, get_registry, reset_registry
+    from fastload.sources import packaged_gguf_path
+
+    assert packaged_gguf_path("json:../os.py") is None  # a real file one folder up, never offered
+    user = tmp_path / "registry.toml"
+    user.write_text('[[model]]\nid = "someone/model"\nfamily = "llama"\npackaged_gguf = "json:../../etc/passwd"\n')
+    monkeypatch.setenv("FASTLOAD_REGISTRY", str(user))
+    reset_registry()
+    with pytest.raises(RegistryFormatError, match="packaged_gguf"):
+        get_registry()
+
+
+# -- 14: a user alias equal to a shipped id -------------------------------------------------------------------------
+
+def test_a_user_alias_cannot_redirect_a_shipped_id_to_another_repository(tmp_path, monkeypatch, caplog):
+    from fastload.registry import get_registry, reset_registry
+
+    shipped = "CohereForAI/c4ai-command-r-08-2024"
+    user = tmp_path / "registry.toml"
+    user.write_text(f'[[model]]\nid = "mallory/command-r"\nfamily = "cohere"\naliases = ["{shipped}", "my-r"]\n')
+    monkeypatch.setenv("FASTLOAD_REGISTRY", str(user))
+    reset_registry()
+    with caplog.at_level("WARNING", logger="fastload"):
+        registry = get_registry()
+    assert registry.find(shipped).entry.id == shipped  # still the shipped entry
+    assert registry.find("my-r").entry.id == "mallory/command-r"  # the user's other alias works
+    assert any(shipped in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+    # replacing a shipped entry on purpose: an entry with that very id
+    user.write_text(f'[[model]]\nid = "{shipped}"\nfamily = "cohere"\nmirror = "mallory/command-r"\n')
+    reset_registry()
+    assert get_registry().find(shipped).entry.mirror == "mallory/command-r"
+
+
+# -- 12: resolving a registry name imports nothing -----------------------------------------------------------------
+
+def test_resolving_a_packaged_gguf_entry_runs_no_code_of_the_package(tmp_path, monkeypatch):
+    from fastload.sources import packaged_gguf_path
+
+    ran = tmp_path / "package-code-ran"
+    pkg = tmp_path / "site" / "hostile_pkg"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f"open({str(ran)!r}, 'w').write('imported')\n")
+    (pkg / "models" / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert packaged_gguf_path("hostile_pkg.models:m.gguf") == pkg / "models" / "m.gguf"
+    assert packaged_gguf_path("hostile_pkg:models/m.gguf") is None  # folders go in the package part
+    assert not ran.exists() and "hostile_pkg" not in sys.modules
+
+
+# -- 9: training options that cannot work --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option", [["--epochs", "-3"], ["--epochs", "0"], ["--epochs", "nan"], ["--steps", "-5"],
+                                    ["--lr", "0"]])
+def test_a_negative_epoch_or_step_count_is_a_usage_error_not_an_untrained_adapter(tiny_llama, data_file, tmp_path,
+                                                                                   capsys, option):
+    out = tmp_path / "run"
+    code, err = run(capsys, "train", data_file, "--model", tiny_llama, "--out", out, *option)
+    assert code == 2 and option[0] in err, err
+    assert not out.exists()  # nothing trained, nothing saved
+
+
+# -- 8: a missing answer is not the answer "None" ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, text, where", [
+    ("data.jsonl", '{"prompt": "hi", "response": "hello"}\n{"prompt": "how are you?", "response": null}\n', "record 2"),
+    ("data.csv", "prompt,response\nhi,hello\nhow are you?\n", "record 2 (line 3)"),
+    ("data.json", '[{"instruction": "add", "input": "1 1", "output": null}]', "record 1")])
+def test_a_record_without_its_answer_is_refused_not_trained_on_as_none(tiny_llama, tmp_path, capsys, name, text, where):
+    from fastload.data import load_records, to_messages
+
+    data = tmp_path / name
+    data.write_text(text)
+    with pytest.raises(InvalidOption, match="null") as e:
+        load_records(data)
+    assert where in e.value.found
+    with pytest.raises(InvalidOption, match="missing"):  # records given straight to the trainer
+        to_messages({"prompt": "how are you?", "response": None})
+    code, err = run(capsys, "train", data, "--model", tiny_llama, "--out", tmp_path / "run")
+    assert code == 1 and where in err and not (tmp_path / "run").exists()
