@@ -22,8 +22,8 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ._log import logger
 from .errors import InvalidOption

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import user_files_snapshot
+
 from fastload import FastModel
 from fastload.cli import main
 from fastload.errors import InvalidOption
@@ -43,12 +43,12 @@ def data_file(tmp_path) -> Path:
 
 
 def adapter_rank(folder: Path) -> tuple[int, int]:
-    """(rank in adapter_config.json, rank of the saved lora_A weights): equal when config and weights belong together."""
+    """(rank in adapter_config.json, rank of the saved lora_A weights): equal when config and weights match."""
     from safetensors import safe_open
 
     config = json.loads((folder / "adapter_config.json").read_text())
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        key = next(k for k in f.keys() if "lora_A" in k)
+        key = next(k for k in f.keys() if "lora_A" in k)  # noqa: SIM118 (a safe_open handle, not a dict)
         return config["r"], f.get_slice(key).get_shape()[0]
 
 
