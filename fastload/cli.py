@@ -100,6 +100,8 @@ def cmd_quantize(args) -> int:
     from fastload.sources.store import Store
 
     quant = dict(bnb_4bit_quant_type=args.quant_type, bnb_4bit_use_double_quant=not args.no_double_quant)
+    if args.out:
+        _refuse_out_in_source(args, [args.source])
     if args.out:  # a 4-bit checkpoint already on this machine is copied as it is, without loading it
         from fastload.sources.resolve import make_store, resolve
 
@@ -114,6 +116,7 @@ def cmd_quantize(args) -> int:
                                                  **quant)
     plan = model.fastload_plan
     if args.out:
+        _refuse_out_in_source(args, [plan.location, plan.original])
         if plan.prequantized:  # a 4-bit checkpoint that was downloaded while loading it: copied as it is
             files = local_files_of(plan, LoadOptions())
             if files is None:
@@ -143,6 +146,15 @@ def cmd_quantize(args) -> int:
                              fix="check FASTLOAD_HOME is writable, or pass --out DIR")
         where, written = entry.path, True
     return _quantize_done(args, plan, where, written)
+
+
+def _refuse_out_in_source(args, sources: list) -> None:
+    """--out must not be (or lie in, or hold) what is quantized: the 16-bit original would be replaced."""
+    from fastload.atomic import refuse_source
+
+    refuse_source(args.out, sources, f"fastload quantize {args.source} --out {args.out}",
+                  found="--out is the checkpoint being quantized, or lies inside the checkpoint, or holds it: "
+                  "the original would be replaced")
 
 
 def _copy_prequantized(files: Path, out_arg: str, source: str) -> Path:
@@ -255,24 +267,14 @@ def progress_callback(quiet: bool):
 
 
 def save_adapter_into(model, tokenizer, out: Path) -> None:
-    """Write the adapter files into --out beside the trainer's checkpoints, each by atomic rename, config last:
-    a reader that sees adapter_config.json sees a whole adapter."""
-    import shutil
-    import uuid
-
-    from fastload.save.saving import name_base_model
+    """Write the adapter into --out beside the trainer's checkpoints as one folder swap (fastload.atomic): a kill
+    leaves the previous adapter or the new one, whole; checkpoint-N folders and the user's own files stay."""
+    from fastload.save.saving import atomic_directory, name_base_model
 
     name_base_model(model, getattr(model, "fastload_plan", None))
-    tmp = out / f".adapter.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        files = sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_config.json")
-        for f in files:
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cmd_train(args) -> int:
@@ -285,6 +287,10 @@ def cmd_train(args) -> int:
     if not records:
         raise InvalidOption(f"Training on {args.data}", found="the file holds no records", fix="give a non-empty file")
     out = Path(args.out).expanduser().absolute()
+    if out.parent.is_dir():  # a previous run killed while writing its adapter: put its folder back first
+        from fastload.atomic import clean_leftovers
+
+        clean_leftovers(out.parent, out)
     resume_from = None
     if args.resume:
         resume_from = newest_checkpoint(out)
@@ -494,6 +500,30 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type for --steps: 0 means "use --epochs"; a negative count is a usage error, not ignored."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for --epochs and --lr: a positive finite number, else a usage error before anything loads."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
 def _common(json_output: bool) -> argparse.ArgumentParser:
     """Options every command takes, also after its name; SUPPRESS keeps the top-level values unless given here."""
     p = argparse.ArgumentParser(add_help=False)
@@ -544,13 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model (any name `fastload resolve` accepts)")
     p.add_argument("--out", required=True, help="folder for checkpoints (checkpoint-N) and the final adapter")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --out")
-    p.add_argument("--steps", type=int, default=0, help="stop after this many optimizer steps (0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data when --steps is 0")
+    p.add_argument("--steps", type=non_negative_int, default=0,
+                   help="stop after this many optimizer steps (0: use --epochs)")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data when --steps is 0")
     p.add_argument("--seq", type=positive_int, default=DEFAULT_MAX_SEQ_LENGTH,
                    help="max_seq_length: longer records are truncated")
     p.add_argument("--batch", type=positive_int, default=2, help="per-device batch size")
     p.add_argument("--grad-accum", type=positive_int, default=4, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate")
     p.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=positive_int, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--save-steps", type=positive_int, default=100, help="save a resumable checkpoint every N steps")

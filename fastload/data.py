@@ -33,6 +33,10 @@ def to_messages(record: dict) -> list[dict[str, str]]:
     if not isinstance(record, dict):
         raise InvalidOption(f"Converting a record to chat messages", found=f"a {type(record).__name__}, not a dict",
                             fix=f"pass dicts of one of these shapes: {'; '.join(SHAPES)}")
+    missing = missing_text(record)
+    if missing:
+        raise InvalidOption("Converting a record to chat messages", found=f"its {missing!r} is missing (null)",
+                            fix="fill it in or drop the record")
     system = record.get("system")
     head = [{"role": "system", "content": str(system)}] if isinstance(system, str) and system.strip() else []
     if isinstance(record.get("messages"), list):
@@ -53,6 +57,15 @@ def to_messages(record: dict) -> list[dict[str, str]]:
     raise InvalidOption("Converting a record to chat messages", found=f"a record with keys {sorted(record)}",
                         fix=f"give records of one of these shapes: {'; '.join(SHAPES)}; or build the messages "
                             "yourself and pass {'messages': [...]}")
+
+
+TEXT_FIELDS = ("instruction", "output", "prompt", "response", "completion")
+
+
+def missing_text(record: dict) -> str | None:
+    """The first text field a record has but leaves empty (JSON null, a CSV row cut short), or None when whole:
+    str(None) would otherwise be trained on as the literal answer "None"."""
+    return next((k for k in TEXT_FIELDS if k in record and record[k] is None), None)
 
 
 def _turns(turns: list, field: str) -> list[dict[str, str]]:
@@ -109,6 +122,12 @@ def load_records(path: str | os.PathLike) -> list[dict]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise InvalidOption(f"Reading records from {path}", found="not a list of objects",
                             fix="a .json file holds a list of objects ([{...}, {...}]); .jsonl one object per line")
+    for number, record in enumerate(records, 1):
+        missing = missing_text(record)
+        if missing:
+            where = f"record {number}" + (f" (line {number + 1})" if suffix in (".csv", ".tsv") else "")
+            raise InvalidOption(f"Reading records from {path}", found=f"{where} has no {missing!r} (null, or a row "
+                                "cut short)", fix="fill it in or drop the record; it would be trained on as 'None'")
     return records
 
 

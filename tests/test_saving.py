@@ -177,7 +177,9 @@ def test_requantized_merge_loads_prequantized_and_matches_the_merged_model(train
     out = FastModel.save_merged(trained.model, tmp_path / "merged4", tokenizer=trained.tok, quantize=True)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["load_in_4bit"] and config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    assert not [f for f in out.iterdir() if f.name.startswith(".")], "temporary files left in the output"
+    from fastload.atomic import RECORD
+
+    assert not [f for f in out.iterdir() if f.name.startswith(".") and f.name != RECORD], "temporary files left"
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     # 4-bit projections, 16-bit embeddings: well under half the 16-bit merge (fp32 embeddings would not be)
     assert size(out) < 0.5 * size(merged16), (size(out), size(merged16))
@@ -306,10 +308,16 @@ def test_a_folder_of_other_files_or_the_source_itself_is_never_replaced(trained,
 
 
 def test_a_previous_save_is_replaced(trained, saves):
+    from fastload.atomic import RECORD
+
     out = FastModel.save_adapter(trained.model, saves / "adapter")
-    (out / "stale.txt").write_text("from the previous save")
+    (out / "stale.txt").write_text("from the previous save")  # a file fastload wrote there: listed in its record
+    record = json.loads((out / RECORD).read_text())
+    (out / RECORD).write_text(json.dumps({**record, "files": record["files"] + ["stale.txt"]}))
+    (out / "notes.md").write_text("the user's own notes")  # not fastload's: kept
     FastModel.save_adapter(trained.model, out)
     assert (out / "adapter_model.safetensors").is_file() and not (out / "stale.txt").exists()
+    assert (out / "notes.md").read_text() == "the user's own notes"
     assert [f.name for f in saves.iterdir()] == ["adapter"]
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from fastload._log import logger
@@ -60,11 +58,9 @@ def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = 
         eos = eos[0] if isinstance(eos, list) else eos
         if eos is not None and tok.eos_token_id != eos:  # GGUF metadata can name <|im_start|> as eos; generation knows better
             tok.eos_token = tok.convert_ids_to_tokens(eos)
-        tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
-        try:
+        from fastload.atomic import atomic_folder
+
+        with atomic_folder(target, kind="converted GGUF", marker_file="config.json", record=False) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

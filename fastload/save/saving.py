@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 from fastload._log import logger
 from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
-from fastload.sources.store import pid_alive
+from fastload.atomic import atomic_folder, refuse_source
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -86,68 +84,25 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
 
 # -- atomic output folders ----------------------------------------------------------------------------------------
 
-def clean_leftovers(directory: Path) -> list[Path]:
-    """What a save killed mid-way (SIGKILL, power loss) left beside `directory`: its temporary folder, removed; a
-    previous save it had moved aside but not yet replaced, put back. Folders of live processes are left alone."""
-    done = []
-    for leftover in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*-*")):
-        kind, _, tag = leftover.name[len(directory.name) + 2:].partition("-")
-        pid = tag.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
-            continue
-        if kind == "old" and not directory.exists():
-            os.rename(leftover, directory)
-            logger.warning("put back %s: a save killed mid-way had moved it aside", directory)
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-        done.append(leftover)
-    return done
-
-
 @contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, marker: str = "config.json") -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `directory`, on any error (or Ctrl-C) it is removed.
+def atomic_directory(directory: str | os.PathLike, marker: str = "config.json",
+                     into_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `directory` (fastload.atomic), on any error (or
+    Ctrl-C) it is removed and a disk or permission problem becomes a SaveError.
 
-    An existing non-empty folder is replaced only when it holds `marker` (a previous save), never a folder of
-    other files.
+    An existing non-empty folder is written only when it is a previous save (it holds `marker` or fastload's record),
+    or with into_existing; files fastload did not write are never overwritten, and folders in it (checkpoint-N)
+    are kept.
     """
     directory = Path(directory).expanduser().absolute()
+    kind = "adapter" if marker == "adapter_config.json" else "model"
     try:
-        if directory.parent.is_dir():
-            clean_leftovers(directory)
+        with atomic_folder(directory, kind=kind, marker_file=marker, into_existing=into_existing) as tmp:
+            yield tmp
     except OSError as e:
+        if isinstance(e, FastloadError):
+            raise
         raise _save_error(directory, e) from e
-    if directory.exists():
-        if not directory.is_dir():
-            raise InvalidOption(f"Saving to {directory}", found="a file with that name", fix="choose another path")
-        if any(directory.iterdir()) and not (directory / marker).exists():
-            raise InvalidOption(f"Saving to {directory}", found=f"a non-empty folder without {marker}: not a "
-                                "previous save, so it is not replaced", fix="choose a new or empty folder")
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = directory.parent / f".{directory.name}.tmp-{tag}"
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise _save_error(directory, e) from e
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{tag}"
-            os.rename(directory, old)
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, FastloadError):
-            raise _save_error(directory, e) from e
-        raise
 
 
 def _save_error(directory: Path, e: OSError) -> SaveError:
@@ -363,14 +318,13 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
 
 
 def _refuse_own_source(directory, plan, src: Path | None) -> None:
-    """A folder the model is read from holds config.json, so it would pass for a previous save and be replaced:
-    saving over it would destroy the original the merge (and any later merge) starts from."""
-    target = Path(directory).expanduser().resolve()
-    # plan.original may be a repo id, which is no folder: only the folders actually read count
-    own = [Path(p).expanduser().resolve() for p in (src, plan and plan.location) if p and Path(p).expanduser().is_dir()]
-    if any(target == p or target in p.parents for p in own):
-        raise InvalidOption(f"Saving the merged model to {target}", found="that folder holds the model it is merged "
-                            "from; replacing it would lose the original weights", fix="choose another folder")
+    """Every folder the merge reads from (the 16-bit source, the loaded location, the original a store entry was
+    made from, the adapter) holds config files that could pass for a previous save: saving over one, or into it,
+    would destroy what this merge and every later one starts from."""
+    sources = [src] + ([plan.location, plan.original, plan.adapter] if plan is not None else [])
+    refuse_source(directory, sources, f"Saving the merged model to {Path(directory).expanduser().absolute()}",
+                  found="that folder holds the model it is merged from (or lies inside or around it); replacing it "
+                  "would lose the original weights")
 
 
 def source_keys(src: Path) -> set[str]:

@@ -187,6 +187,12 @@ def read_safetensors_header(file: Path) -> dict:
                                 fix="download or save the checkpoint again; the file is damaged or was cut short") from e
 
 
+def is_plain_file_name(name) -> bool:
+    """A bare file name (no folder part, not absolute, not '..'): what a checkpoint's own files are called."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
 def find_weight_files(path: Path, allow_pickle: bool) -> tuple[tuple[Path, ...], bool]:
     index = path / SAFETENSORS_INDEX
     if index.is_file():
@@ -196,6 +202,10 @@ def find_weight_files(path: Path, allow_pickle: bool) -> tuple[tuple[Path, ...],
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointCorrupt(f"Reading {index}", found=f"not a valid shard index ({e})",
                                     fix="restore the index file from the original checkpoint") from e
+        outside = sorted({s for s in weight_map.values() if not is_plain_file_name(s)})
+        if outside:  # an index naming ../x or /x would make the load read a file outside the checkpoint
+            raise CheckpointCorrupt(f"Reading {index}", found=f"shard names that leave the checkpoint folder: "
+                                    f"{outside[:3]}", fix="restore the index file from the original checkpoint")
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise CheckpointIncomplete(f"Loading the sharded checkpoint in {path}",

@@ -61,6 +61,12 @@ def _fail(origin: str, where: str, problem: str) -> RegistryFormatError:
                                fix="fix the entry following the schema in registry/README.md")
 
 
+def _packaged_gguf_ok(spec: str) -> bool:
+    package, sep, filename = spec.partition(":")
+    plain = filename not in ("", ".", "..") and not any(c in filename for c in "/\\\0")
+    return bool(sep) and plain and all(part.isidentifier() for part in package.split("."))
+
+
 def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> RegistryEntry:
     """Validate one [[model]] table (or dict given to register()) and turn it into an entry."""
     if not isinstance(raw, dict):
@@ -82,6 +88,9 @@ def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> Reg
                       ("packaged_gguf", str)):
         if key in raw and not isinstance(raw[key], kind):
             raise _fail(origin, where, f"'{key}' has the wrong type ({type(raw[key]).__name__})")
+    if "packaged_gguf" in raw and not _packaged_gguf_ok(raw["packaged_gguf"]):
+        raise _fail(origin, where, f"'packaged_gguf' {raw['packaged_gguf']!r} is not 'python_package:file.gguf' "
+                    "(a file name inside the package, no folder part)")
     if "mirror" in raw and not REPO_ID.match(raw["mirror"]):
         raise _fail(origin, where, f"'mirror' {raw['mirror']!r} is not a repo id")
     quantized = []
@@ -194,6 +203,13 @@ class Registry:
             keys.append((entry.mirror, Match(entry, None, "mirror")))
         for key, match in keys:
             taken = self._index.get(key.lower())
+            if match.matched_as != "id" and taken is not None and taken.matched_as == "id" \
+                    and taken.entry.id.lower() != entry.id.lower():
+                # an id always names its own entry: an alias cannot send it to another owner's repository
+                logger.warning("registry: %s (from %s) gives %r as its %s, but that is the id of another entry (from "
+                               "%s); ignored: to replace that entry, give an entry with that id", entry.id,
+                               entry.origin, key, match.matched_as, taken.entry.origin)
+                continue
             if override and taken is not None and taken.entry.id.lower() != entry.id.lower():
                 logger.info("registry: %r now names %s (from %s), no longer %s", key, entry.id, entry.origin,
                             taken.entry.id)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from fastload.sources import plan as P
 from fastload.sources.checkpoint_files import inspect_checkpoint, read_safetensors_header
-from fastload.errors import CheckpointCorrupt, ModelNotFound
+from fastload.errors import CheckpointCorrupt, ModelNotFound, UnsafeCheckpoint
 from fastload.sources.plan import LoadPlan
 from fastload.sources.registry import REPO_ID, Match, Registry, get_registry
 from fastload.settings import QuantSettings
@@ -143,6 +143,17 @@ def from_local_path(req: Request) -> LoadPlan | None:
         fingerprint=fingerprint, reason="a local 16-bit checkpoint; no stored quantization of it yet"))
 
 
+def _refuse_pickled_adapter(req: Request, path: Path) -> None:
+    """peft falls back to adapter_model.bin when no safetensors file is there: unpickling it can run code."""
+    if req.allow_pickle or (path / "adapter_model.safetensors").is_file():
+        return
+    pickled = sorted(p.name for p in path.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise UnsafeCheckpoint(f"Loading the adapter in {path}", found=f"its weights are pickled ({pickled[0]}), "
+                               "which can run code when read", fix="pass allow_pickle=True if you trust its origin, "
+                               "or save the adapter again with safetensors")
+
+
 def from_adapter_dir(req: Request, path: Path) -> LoadPlan:
     """A LoRA adapter directory: resolve its base model, then put the adapter on top."""
     try:
@@ -153,6 +164,7 @@ def from_adapter_dir(req: Request, path: Path) -> LoadPlan:
     if not base or not isinstance(base, str):
         raise ModelNotFound(f"Loading the adapter in {path}", found="adapter_config.json names no base model",
                             fix="set base_model_name_or_path in adapter_config.json to the base repo id or directory")
+    _refuse_pickled_adapter(req, path)
     base_plan = resolve_request(replace(req, name=base, match=req.registry.find(base), tried=[]))
     return replace(base_plan, name=req.name, adapter=str(path),
                    tried=(*req.tried, f"adapter directory: base model {base!r}", *base_plan.tried))
@@ -255,17 +267,23 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
 
 
 def packaged_gguf_path(spec: str) -> Path | None:
-    """'package:file.gguf' -> the file inside the installed package, found without importing the package."""
+    """'package[.sub]:file.gguf' -> the file inside the installed package, found without importing anything: only
+    the top-level package is located (find_spec of a dotted name would import its parent), the rest is folders."""
     import importlib.util
 
+    from fastload.sources.checkpoint_files import is_plain_file_name
+
     package, _, filename = spec.partition(":")
+    top, *subs = package.split(".")
+    if not is_plain_file_name(filename) or not all(p.isidentifier() for p in (top, *subs)):
+        return None  # a file name with ../ or an absolute path would read outside the package
     try:
-        found = importlib.util.find_spec(package)
+        found = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
     if found is None or not found.submodule_search_locations:
         return None
-    path = Path(list(found.submodule_search_locations)[0]) / filename
+    path = Path(list(found.submodule_search_locations)[0]).joinpath(*subs, filename)
     return path if path.is_file() else None
 
 

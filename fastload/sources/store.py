@@ -13,20 +13,18 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from fastload._log import logger
+from fastload.atomic import MARKER, atomic_folder, clean_leftovers, discard, pid_alive  # noqa: F401 (pid_alive: re-export)
 from fastload.errors import StoreEntryCorrupt, StoreError
 from fastload.settings import QuantSettings
 
 FORMAT_VERSION = 1
 MANIFEST = "fastload-manifest.json"
-STALE_TMP_SECONDS = 6 * 3600
 
 
 def default_root() -> Path:
@@ -191,73 +189,42 @@ class Store:
         The caller holds self.lock(key). Errors (disk full, interrupt) remove the temporary folder and re-raise.
         """
         self.cleanup_tmp()
-        tmp = self.tmp_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         final = self.entries_dir / f"{_slug(source['id'])}--{key}"
         try:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
             self.entries_dir.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-            save(tmp)
-            files = {}
-            for f in sorted(tmp.iterdir()):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                st = f.stat()
-                files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
-            from fastload import __version__
-
-            manifest = {"format": FORMAT_VERSION, "key": key, "fastload_version": __version__,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
-                        "quantization": {k: v for k, v in quant.__dict__.items()}, "files": files}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
             if final.exists():  # a damaged leftover: replace it
                 self._discard(final)
-            os.rename(tmp, final)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            with atomic_folder(final, kind="store entry", staging=self.tmp_dir, record=False) as tmp:
+                save(tmp)
+                files = {}
+                for f in sorted(tmp.iterdir()):
+                    if f.name == MARKER:
+                        continue
+                    st = f.stat()
+                    files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
+                from fastload import __version__
+
+                manifest = {"format": FORMAT_VERSION, "key": key, "fastload_version": __version__,
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
+                            "quantization": {k: v for k, v in quant.__dict__.items()}, "files": files}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(f"Storing the quantized model in {self.root}", found=f"the disk is full ({e.strerror})",
                                  fix="free space, set FASTLOAD_HOME to a larger disk, or pass store=False") from e
-            if isinstance(e, OSError):
-                raise StoreError(f"Storing the quantized model in {self.root}", found=f"{type(e).__name__}: {e}",
-                                 fix="check permissions, set FASTLOAD_HOME elsewhere, or pass store=False") from e
-            raise
+            raise StoreError(f"Storing the quantized model in {self.root}", found=f"{type(e).__name__}: {e}",
+                             fix="check permissions, set FASTLOAD_HOME elsewhere, or pass store=False") from e
         return StoreEntry(key, final, manifest)
 
     def cleanup_tmp(self) -> None:
-        """Remove temporary folders of writers that died (process gone) or are very old."""
-        if not self.tmp_dir.is_dir():
-            return
-        for tmp in self.tmp_dir.iterdir():
-            parts = tmp.name.split(".")
-            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            alive = pid is not None and pid_alive(pid)
-            try:
-                old = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
-            except OSError:  # another process cleaned it up first
-                continue
-            if not alive or old:
-                shutil.rmtree(tmp, ignore_errors=True)
+        """Remove the temporary folders fastload marked as its own whose writer died (process gone) or that are
+        very old; whatever else lies in tmp/ (a user's own folders, when FASTLOAD_HOME is shared) stays."""
+        if self.tmp_dir.is_dir():
+            clean_leftovers(self.tmp_dir)
 
     def _discard(self, path: Path) -> None:
         """Move aside then delete, so no reader ever sees a half-deleted entry under its real name."""
-        trash = self.tmp_dir / f"trash.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(path, trash)
+            discard(path, staging=self.tmp_dir)
         except OSError:
             return
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs (another user's counts): its temporary files are still being written."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
