@@ -253,7 +253,7 @@ def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_sw
 def test_rotary_attention_steps_aside_where_its_kernel_cannot_launch(tiny_llama):
     """Triton launches on the current CUDA device only: where the lever's check says no (a layer on another GPU),
     the attention runs transformers' own rotation and gives its result."""
-    from fastload.engine import triton_runs_on
+    from fastload.engine.triton.launch import triton_runs_on
     from fastload.engine.rotary import install_rotary_attention
 
     calls = []
@@ -269,14 +269,14 @@ def test_triton_launches_only_on_the_current_cuda_device(monkeypatch):
     """Triton launches on the current device: a tensor on another GPU (device_map over several) must be told no."""
     import types
 
-    import fastload.engine as engine
+    from fastload.engine.triton import launch
 
-    monkeypatch.setattr(engine, "triton_available", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(launch, "triton_available", lambda device_type: device_type == "cuda")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     on = types.SimpleNamespace
-    assert engine.triton_runs_on(on(device=torch.device("cuda", 1)))
-    assert not engine.triton_runs_on(on(device=torch.device("cuda", 0)))
-    assert not engine.triton_runs_on(on(device=torch.device("cpu")))
+    assert launch.triton_runs_on(on(device=torch.device("cuda", 1)))
+    assert not launch.triton_runs_on(on(device=torch.device("cuda", 0)))
+    assert not launch.triton_runs_on(on(device=torch.device("cpu")))
 
 
 def test_fused_projections_step_aside_for_what_they_do_not_compute(tiny_llama):
@@ -454,7 +454,7 @@ def test_layer_graph_signature_of_other_calls_and_late_adapters(tiny_llama):
 def test_engine_checkpoint_function_frees_its_input_after_backward_and_allows_a_retained_graph():
     """The engine's checkpoint Function (its on-device branch runs on the CPU too): gradients as without
     checkpointing, a retained graph backpropagates twice, and once backward is done the saved input is freed."""
-    from fastload.engine.offloaded_checkpoint import _function
+    from fastload.engine.offloaded_checkpoint import EngineCheckpoint
 
     layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
     x = torch.randn(4, 8, requires_grad=True)
@@ -463,13 +463,13 @@ def test_engine_checkpoint_function_frees_its_input_after_backward_and_allows_a_
     layer.zero_grad()
     x.grad = None
     hidden = x * 1.0  # a non-leaf input, as a decoder layer gets
-    out = _function().apply(layer, None, False, hidden)
+    out = EngineCheckpoint.apply(layer, None, False, hidden)
     out.sum().backward(retain_graph=True)
     out.sum().backward()
     for name, p in layer.named_parameters():
         assert torch.allclose(p.grad, 2 * expected[name], atol=1e-6), name
     assert torch.allclose(x.grad, 2 * expected["x"], atol=1e-6)
-    once = _function().apply(layer, None, False, x * 1.0)
+    once = EngineCheckpoint.apply(layer, None, False, x * 1.0)
     assert once.grad_fn.saved_tensors[0].shape == (4, 8)  # the input, kept until backward
     once.sum().backward()
     with pytest.raises(RuntimeError, match="freed"):  # and let go of by autograd after it

@@ -5,7 +5,6 @@ Each lever is a small module; `apply_engine(model, ...)` turns on the ones that 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from fastload._log import logger
@@ -44,29 +43,6 @@ class EngineSettings:
         from fastload.errors import InvalidOption
 
         raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available(device_type: str) -> bool:
-    """fastload's Triton kernels run on NVIDIA CUDA devices where triton is installed (it comes with CUDA builds of
-    torch). ROCm builds also say "cuda"; the kernels' launch settings (up to 32 warps) are NVIDIA's."""
-    if device_type != "cuda":
-        return False
-    import importlib.util
-
-    import torch
-
-    return importlib.util.find_spec("triton") is not None and torch.version.hip is None
-
-
-def triton_runs_on(tensor) -> bool:
-    """Whether a Triton kernel can be launched on this tensor now: Triton launches on the current CUDA device, so
-    a layer placed on another GPU (device_map over several) takes the torch path."""
-    if not triton_available(tensor.device.type):
-        return False
-    import torch
-
-    return tensor.device.index is None or tensor.device.index == torch.cuda.current_device()
 
 
 def install_fused_lora_if_any(model) -> bool:

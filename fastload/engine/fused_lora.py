@@ -22,8 +22,9 @@ called next with that same input tensor.
 
 from __future__ import annotations
 
-import functools
 import types
+
+import torch
 
 from fastload.structure import is_linear4bit, is_plain_linear
 
@@ -73,77 +74,70 @@ def _merged_weight(base, a, b, scaling, dtype):
     return _full_weight(base, dtype).addmm_(b, a, alpha=scaling)
 
 
-@functools.lru_cache(maxsize=None)
-def _group_function():
-    import torch
+class LoraGroup(torch.autograd.Function):
+    """forward(x, bases, scalings, a_1, b_1, ..., a_n, b_n) -> (y_1, ..., y_n)."""
 
-    class LoraGroup(torch.autograd.Function):
-        """forward(x, bases, scalings, a_1, b_1, ..., a_n, b_n) -> (y_1, ..., y_n)."""
+    @staticmethod
+    def forward(ctx, x, bases, scalings, *adapters):
+        # what bitsandbytes computes in (its compute_dtype), else the input's; outputs keep the input's dtype
+        dtype = getattr(bases[0], "compute_dtype", None) or x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        outs, products, casts = [], [], []
+        for i, (base, s) in enumerate(zip(bases, scalings)):
+            a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
+            casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
+            merged = _merged_weight(base, a, b, s, dtype) if _merge_pays(x2.shape[0], base) else None
+            if merged is not None:
+                y = x2 @ merged.t()
+                products.append(None)  # x A^T, for B's gradient, is made in backward
+            else:
+                xa = x2 @ a.t()
+                y = x2 @ _full_weight(base, dtype).t()
+                y.addmm_(xa, b.t(), alpha=s)
+                products.append(xa)
+            if base.bias is not None:
+                y += base.bias.to(dtype)
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype))
+        ctx.save_for_backward(x2, *products, *casts)
+        ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
+        return tuple(outs)
 
-        @staticmethod
-        def forward(ctx, x, bases, scalings, *adapters):
-            # what bitsandbytes computes in (its compute_dtype), else the input's; outputs keep the input's dtype
-            dtype = getattr(bases[0], "compute_dtype", None) or x.dtype
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            outs, products, casts = [], [], []
-            for i, (base, s) in enumerate(zip(bases, scalings)):
-                a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
-                casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
-                merged = _merged_weight(base, a, b, s, dtype) if _merge_pays(x2.shape[0], base) else None
-                if merged is not None:
-                    y = x2 @ merged.t()
-                    products.append(None)  # x A^T, for B's gradient, is made in backward
+    @staticmethod
+    def backward(ctx, *grad_ys):
+        n = len(ctx.bases)
+        saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
+        x2, products, casts = saved[0], saved[1:1 + n], saved[1 + n:]
+        dtype = x2.dtype
+        grad_x, grads = None, []
+        for i, (base, s, grad_y) in enumerate(zip(ctx.bases, ctx.scalings, grad_ys)):
+            if grad_y is None:
+                grads += [None, None]
+                continue
+            a, b = casts[2 * i], casts[2 * i + 1]
+            was_merged = products[i] is None  # forward merged the adapter into the weight
+            dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+            needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
+            needs_x = ctx.needs_input_grad[0]
+            dyb = (dy @ b).mul_(s) if needs_a or (needs_x and not was_merged) else None  # (tokens, r)
+            xa = x2 @ a.t() if was_merged and needs_b else products[i]
+            grads += [(dyb.t() @ x2).float() if needs_a else None,
+                      (dy.t() @ xa).float().mul_(s) if needs_b else None]
+            if needs_x:
+                weight = _merged_weight(base, a, b, s, dtype) if was_merged else _full_weight(base, dtype)
+                if grad_x is None:
+                    grad_x = dy @ weight
                 else:
-                    xa = x2 @ a.t()
-                    y = x2 @ _full_weight(base, dtype).t()
-                    y.addmm_(xa, b.t(), alpha=s)
-                    products.append(xa)
-                if base.bias is not None:
-                    y += base.bias.to(dtype)
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype))
-            ctx.save_for_backward(x2, *products, *casts)
-            ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
-            return tuple(outs)
-
-        @staticmethod
-        def backward(ctx, *grad_ys):
-            n = len(ctx.bases)
-            saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
-            x2, products, casts = saved[0], saved[1:1 + n], saved[1 + n:]
-            dtype = x2.dtype
-            grad_x, grads = None, []
-            for i, (base, s, grad_y) in enumerate(zip(ctx.bases, ctx.scalings, grad_ys)):
-                if grad_y is None:
-                    grads += [None, None]
-                    continue
-                a, b = casts[2 * i], casts[2 * i + 1]
-                was_merged = products[i] is None  # forward merged the adapter into the weight
-                dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-                needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
-                needs_x = ctx.needs_input_grad[0]
-                dyb = (dy @ b).mul_(s) if needs_a or (needs_x and not was_merged) else None  # (tokens, r)
-                xa = x2 @ a.t() if was_merged and needs_b else products[i]
-                grads += [(dyb.t() @ x2).float() if needs_a else None,
-                          (dy.t() @ xa).float().mul_(s) if needs_b else None]
-                if needs_x:
-                    weight = _merged_weight(base, a, b, s, dtype) if was_merged else _full_weight(base, dtype)
-                    if grad_x is None:
-                        grad_x = dy @ weight
-                    else:
-                        grad_x.addmm_(dy, weight)
-                    if not was_merged:
-                        grad_x.addmm_(dyb, a)
-            if grad_x is not None:
-                grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
-            return grad_x, None, None, *grads
-
-    return LoraGroup
+                    grad_x.addmm_(dy, weight)
+                if not was_merged:
+                    grad_x.addmm_(dyb, a)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
+        return grad_x, None, None, *grads
 
 
 def _fusable(module) -> bool:
     """A peft LoRA projection on a bitsandbytes 4-bit or plain linear layer (what its adapters do is checked per
     call: adapters can be added or switched after installation)."""
-    import torch
 
     base = getattr(module, "base_layer", None)
     if base is None or not hasattr(module, "lora_A"):
@@ -154,8 +148,6 @@ def _fusable(module) -> bool:
 def _adapter(module, x, args, kwargs) -> str | None:
     """The one active adapter this call can fuse, or None (peft's own forward then handles the call): no DoRA or
     other LoRA variant, no dropout, no bias on lora_B, no trained base bias."""
-    import torch
-
     active = module.active_adapters
     if (args or kwargs or module.disable_adapters or module.merged or len(active) != 1
             or active[0] not in module.lora_A or not x.is_floating_point()):
@@ -175,7 +167,7 @@ def _run(members, names, x):
     adapters = []
     for module, name in zip(members, names):
         adapters += [module.lora_A[name].weight, module.lora_B[name].weight]
-    return _group_function().apply(x, tuple(m.base_layer for m in members), tuple(m.scaling[n] for m, n in
+    return LoraGroup.apply(x, tuple(m.base_layer for m in members), tuple(m.scaling[n] for m, n in
                                                                                   zip(members, names)), *adapters)
 
 

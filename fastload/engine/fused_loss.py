@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import types
 
+import torch
+
 from fastload.structure import is_plain_linear
 
 IGNORE_INDEX = -100
@@ -35,45 +37,37 @@ def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> in
     return min(4096, max(128, 1 << (fits.bit_length() - 1)))
 
 
-@functools.lru_cache(maxsize=None)
-def _ce_function():
-    import torch
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel, graphs=None):
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        replayed = None
+        if graphs is not None and use_kernel and grad_hidden is not None:
+            # a pure function of (hidden, labels): replayed in the layers' memory pool, its logits chunks
+            # take no memory of their own
+            replayed = graphs.pure("loss", functools.partial(_loss_and_grad, weight=weight, chunk=chunk),
+                                   (hidden, labels), extra=(weight.data_ptr(), tuple(weight.shape), chunk))
+        if replayed is not None:
+            total, grad_hidden = replayed
+        elif use_kernel:
+            total = _kernel_chunks(hidden, weight, labels, chunk, grad_hidden)
+        else:
+            total = _torch_chunks(hidden, weight, labels, chunk, grad_hidden)
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
+        ctx.divisor = divisor
+        ctx.has_grad = grad_hidden is not None
+        return total / divisor
 
-    class ChunkedLinearCrossEntropy(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel, graphs=None):
-            grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
-            replayed = None
-            if graphs is not None and use_kernel and grad_hidden is not None:
-                # a pure function of (hidden, labels): replayed in the layers' memory pool, its logits chunks
-                # take no memory of their own
-                replayed = graphs.pure("loss", functools.partial(_loss_and_grad, weight=weight, chunk=chunk),
-                                       (hidden, labels), extra=(weight.data_ptr(), tuple(weight.shape), chunk))
-            if replayed is not None:
-                total, grad_hidden = replayed
-            elif use_kernel:
-                total = _kernel_chunks(hidden, weight, labels, chunk, grad_hidden)
-            else:
-                total = _torch_chunks(hidden, weight, labels, chunk, grad_hidden)
-            ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
-            ctx.divisor = divisor
-            ctx.has_grad = grad_hidden is not None
-            return total / divisor
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            (grad_hidden,) = ctx.saved_tensors
-            if not ctx.has_grad:
-                return None, None, None, None, None, None, None
-            return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None, None, None
-
-    return ChunkedLinearCrossEntropy
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        if not ctx.has_grad:
+            return None, None, None, None, None, None, None
+        return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None, None, None
 
 
 def _torch_chunks(hidden, weight, labels, chunk, grad_hidden):
     """Summed loss; grad_hidden (if given) filled with d(sum)/d(hidden). Any device, any float dtype."""
-    import torch
-
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; float64 stays float64
     total = torch.zeros((), dtype=acc, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
@@ -95,8 +89,6 @@ def _torch_chunks(hidden, weight, labels, chunk, grad_hidden):
 
 def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
     """As _torch_chunks, with the Triton kernel turning each chunk's logits into their gradient in place."""
-    import torch
-
     from fastload.engine.triton.cross_entropy import cross_entropy_in_place
 
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -111,8 +103,6 @@ def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
 
 
 def _loss_and_grad(hidden, labels, weight, chunk):
-    import torch
-
     grad_hidden = torch.empty_like(hidden)
     return _kernel_chunks(hidden, weight, labels, chunk, grad_hidden), grad_hidden
 
@@ -123,7 +113,7 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 
     On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton.cross_entropy);
     with `graphs` (the model's cuda_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
-    from fastload.engine import triton_runs_on
+    from fastload.engine.triton.launch import triton_runs_on
 
     use_kernel = (triton_runs_on(hidden) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
@@ -133,7 +123,7 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
         chunk = chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT * GRAPHED_CHUNK_SHRINK)
     chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
     divisor = num_items if num_items is not None else int((labels != IGNORE_INDEX).sum().item())
-    return _ce_function().apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs)
 
 
 def supports_fused_loss(model) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import types
 
-from fastload.engine import triton_available, triton_runs_on
+from fastload.engine.triton.launch import triton_available, triton_runs_on
 from fastload.structure import class_named
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import weakref
 
+import torch
+
 from fastload.engine.cuda_graphs import graphs_for, layer_of, modules_of, parameters_of
 
 MIN_BYTES = 4 * 1024 * 1024  # below this per layer, copies cost more than the memory they save
@@ -35,8 +37,6 @@ class _Slot:
 
     def prefetch(self, stream, host=None) -> None:
         """Start copying back to the device on `stream` (after the copy to host finished)."""
-        import torch
-
         host = host if host is not None else self.host()
         if self.on_device is not None or host is None:
             return
@@ -48,8 +48,6 @@ class _Slot:
 
     def take(self, stream, host):
         """The input on the device, usable on the current stream."""
-        import torch
-
         self.prefetch(stream, host)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(self.ready)
@@ -84,77 +82,69 @@ def _pop_and_prefetch_next(slot, stream) -> None:
         queue.pop()
 
 
-@functools.lru_cache(maxsize=None)
-def _function():
-    import torch
+class EngineCheckpoint(torch.autograd.Function):
+    """forward(run, graphs, offload, hidden, *trained_params) -> run(hidden), nothing saved but the input.
 
-    class EngineCheckpoint(torch.autograd.Function):
-        """forward(run, graphs, offload, hidden, *trained_params) -> run(hidden), nothing saved but the input.
+    The trained parameters are inputs only so that a replayed backward graph can hand autograd their
+    gradients; an eager backward accumulates them itself and returns None for them."""
 
-        The trained parameters are inputs only so that a replayed backward graph can hand autograd their
-        gradients; an eager backward accumulates them itself and returns None for them."""
+    @staticmethod
+    def forward(ctx, run, graphs, offload, hidden, *params):
+        # what torch's checkpoint restores for recomputation: the forward's autocast state
+        ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+                        torch.is_autocast_cache_enabled())
+        if offload:
+            stream = _side_stream(hidden.device)
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            with torch.cuda.stream(stream):
+                host.copy_(hidden, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+            hidden.record_stream(stream)  # keep the GPU buffer alive until the copy is done
+            ctx.slot = _Slot(host, copied, hidden.device)
+            _push(ctx.slot)
+            ctx.save_for_backward(host)
+        else:
+            ctx.slot = None
+            ctx.save_for_backward(hidden)  # kept on the device, freed by autograd after backward
+        ctx.run, ctx.graphs, ctx.n_params = run, graphs, len(params)
+        ctx.input_requires_grad = hidden.requires_grad
+        with torch.no_grad():
+            out = graphs.forward(run, hidden) if graphs is not None else None
+            return run(hidden) if out is None else out
 
-        @staticmethod
-        def forward(ctx, run, graphs, offload, hidden, *params):
-            # what torch's checkpoint restores for recomputation: the forward's autocast state
-            ctx.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-                            torch.is_autocast_cache_enabled())
-            if offload:
-                stream = _side_stream(hidden.device)
-                host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
-                stream.wait_stream(torch.cuda.current_stream(hidden.device))
-                with torch.cuda.stream(stream):
-                    host.copy_(hidden, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(stream)
-                hidden.record_stream(stream)  # keep the GPU buffer alive until the copy is done
-                ctx.slot = _Slot(host, copied, hidden.device)
-                _push(ctx.slot)
-                ctx.save_for_backward(host)
-            else:
-                ctx.slot = None
-                ctx.save_for_backward(hidden)  # kept on the device, freed by autograd after backward
-            ctx.run, ctx.graphs, ctx.n_params = run, graphs, len(params)
-            ctx.input_requires_grad = hidden.requires_grad
-            with torch.no_grad():
-                out = graphs.forward(run, hidden) if graphs is not None else None
-                return run(hidden) if out is None else out
-
-        @staticmethod
-        def backward(ctx, *grad_outs):
-            (saved,) = ctx.saved_tensors  # the host copy, or the input itself
-            slot = ctx.slot
-            if slot is not None:
-                stream = _side_stream(slot.device)
-                hidden = slot.take(stream, saved)
-                _pop_and_prefetch_next(slot, stream)
-            else:
-                hidden = saved
-            hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
-            enabled, dtype, cache = ctx.autocast
-            replayed = None
-            if ctx.graphs is not None and not enabled:
-                replayed = ctx.graphs.backward(ctx.run, hidden, grad_outs)
-            if replayed is not None and len(replayed[1]) == ctx.n_params:
-                grad_hidden, _, grads = replayed
-                return (None, None, None, grad_hidden, *(g.clone() if g is not None and needed else None
-                                                         for g, needed in zip(grads, ctx.needs_input_grad[4:])))
-            with torch.enable_grad(), torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=cache):
-                out = ctx.run(hidden)
-            outs = out if isinstance(out, tuple) else (out,)
-            pairs = [(o, g) for o, g in zip(outs, grad_outs) if torch.is_tensor(o) and o.requires_grad and g is not None]
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            return (None, None, None, hidden.grad if ctx.input_requires_grad else None, *([None] * ctx.n_params))
-
-    return EngineCheckpoint
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        (saved,) = ctx.saved_tensors  # the host copy, or the input itself
+        slot = ctx.slot
+        if slot is not None:
+            stream = _side_stream(slot.device)
+            hidden = slot.take(stream, saved)
+            _pop_and_prefetch_next(slot, stream)
+        else:
+            hidden = saved
+        hidden = hidden.detach().requires_grad_(ctx.input_requires_grad)
+        enabled, dtype, cache = ctx.autocast
+        replayed = None
+        if ctx.graphs is not None and not enabled:
+            replayed = ctx.graphs.backward(ctx.run, hidden, grad_outs)
+        if replayed is not None and len(replayed[1]) == ctx.n_params:
+            grad_hidden, _, grads = replayed
+            return (None, None, None, grad_hidden, *(g.clone() if g is not None and needed else None
+                                                     for g, needed in zip(grads, ctx.needs_input_grad[4:])))
+        with torch.enable_grad(), torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=cache):
+            out = ctx.run(hidden)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outs) if torch.is_tensor(o) and o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, hidden.grad if ctx.input_requires_grad else None, *([None] * ctx.n_params))
 
 
 _STREAMS: dict = {}
 
 
 def _side_stream(device):
-    import torch
-
     if device not in _STREAMS:
         _STREAMS[device] = torch.cuda.Stream(device)
     return _STREAMS[device]
@@ -171,7 +161,6 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
 
     offload: keep the layer's input in pinned host memory (inputs of at least MIN_BYTES); graphs: the model's
     `cuda_graphs.ModelGraphs`, or None for eager layers."""
-    import torch
     from torch.utils.checkpoint import checkpoint
 
     if args or kwargs or not hidden_states.is_cuda:
@@ -184,7 +173,7 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     if _uses_dropout(modules):  # recomputation must replay the forward's random numbers: torch's checkpoint does
         return checkpoint(function, hidden_states, use_reentrant=False)
     params = tuple(p for p in parameters_of(modules) if p.requires_grad) if graphs is not None else ()
-    return _function().apply(function, graphs, offload, hidden_states, *params)
+    return EngineCheckpoint.apply(function, graphs, offload, hidden_states, *params)
 
 
 def _uses_dropout(modules) -> bool:
@@ -193,8 +182,6 @@ def _uses_dropout(modules) -> bool:
 
 
 def _is_dropout(module) -> bool:
-    import torch
-
     return isinstance(module, torch.nn.Dropout) and module.p > 0
 
 

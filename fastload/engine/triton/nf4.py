@@ -18,18 +18,20 @@ launches and the checks of what they handle.
 from __future__ import annotations
 
 import math
+import weakref
 
-from fastload.engine import triton_runs_on
+import torch
+
+from fastload.engine.triton.launch import tensor_cores_take, triton_available, triton_runs_on
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
 _LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
-_CAPABILITY: dict = {}  # device -> its compute capability (the merging kernel's tl.dot needs tensor cores)
+_LAYOUT_CHECKED: dict = {}  # id(QuantState) -> (its weak reference, {device type: handled}); asked thrice a step
 
 
 def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     """W + scaling * b @ a in the weight's 16-bit dtype, rounded once: W from a bitsandbytes 4-bit tensor and its
     QuantState, a (r x in) and b (out x r) contiguous in that same dtype."""
-    import torch
     import triton
 
     from fastload.engine.triton.nf4_kernels import dequantize_4bit_lora as kernel
@@ -60,13 +62,11 @@ def lora_supported(packed, state, a, b) -> bool:
     return (supported(packed, state) and state.shape[1] % 2 == 0 and packed.numel() * 2 < 2 ** 31
             and a.dtype == b.dtype == state.dtype and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= 128
             and a.shape == (b.shape[1], state.shape[1]) and b.shape[0] == state.shape[0]
-            and _tensor_cores_take(state.dtype, packed.device))
+            and tensor_cores_take(state.dtype, packed.device))
 
 
 def dequantize_4bit(packed, state, out=None):
     """The 16-bit weight (state.shape, state.dtype) of a bitsandbytes 4-bit tensor and its QuantState."""
-    import torch
-
     from fastload.engine.triton.nf4_kernels import dequantize_4bit as kernel
 
     n_bytes = packed.numel()
@@ -88,31 +88,24 @@ def quant_state_args(state) -> tuple[tuple, dict]:
     return scales, dict(BLOCKSIZE=state.blocksize, BLOCKSIZE2=second.blocksize if nested else 1, NESTED=nested)
 
 
+def _layout_cache(state) -> dict:
+    """Per-QuantState answers, kept beside bitsandbytes' object rather than on it (QuantState is unhashable)."""
+    key = id(state)
+    entry = _LAYOUT_CHECKED.get(key)
+    if entry is None or entry[0]() is not state:
+        entry = _LAYOUT_CHECKED[key] = (weakref.ref(state, lambda _, k=key: _LAYOUT_CHECKED.pop(k, None)), {})
+    return entry[1]
+
+
 def supported(packed, state) -> bool:
     """What the kernel handles: a tensor on the current CUDA device packed two values a byte in bitsandbytes' (n/2,
-    1) layout, 16-bit output, even block sizes. The layout part is remembered on the QuantState per device type:
-    asked three times a step per weight."""
-    cache = getattr(state, "_fastload_triton", None)
-    if cache is None:
-        cache = state._fastload_triton = {}
+    1) layout, 16-bit output, even block sizes. The layout part is remembered per QuantState and device type."""
+    cache = _layout_cache(state)
     known = cache.get(packed.device.type)
     if known is None:
-        from fastload.engine import triton_available
-
         known = (triton_available(packed.device.type) and packed.dtype.itemsize == 1 and packed.dim() == 2
                  and packed.shape[1] == 1 and state.blocksize % 2 == 0
                  and str(state.dtype) in ("torch.bfloat16", "torch.float16")
                  and packed.numel() * 2 == math.prod(state.shape))
         cache[packed.device.type] = known
     return known and triton_runs_on(packed)
-
-
-def _tensor_cores_take(dtype, device) -> bool:
-    """tl.dot on bf16 needs Ampere (compute capability 8.0) or newer, on fp16 Volta (7.0); asked once per device."""
-    capability = _CAPABILITY.get(device)
-    if capability is None:
-        import torch
-
-        capability = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
-    return capability >= ((8, 0) if str(dtype) == "torch.bfloat16" else (7, 0))
-
