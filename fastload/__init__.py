@@ -23,9 +23,12 @@ _LAZY = {
     "estimate": ("memory", "estimate"),
     "QuantSettings": ("settings", "QuantSettings"),
     "LoraSettings": ("settings", "LoraSettings"),
+    # Unsloth's names (fastload.compat.unsloth): a notebook changes only its imports
+    "FastLanguageModel": ("compat.unsloth", "FastLanguageModel"),
+    "is_bfloat16_supported": ("compat.unsloth", "is_bfloat16_supported"),
 }
 
-_SUBMODULES = {"registry", "store", "memory", "data", "saving", "cli", "settings", "plan", "devices", "lora"}
+_SUBMODULES = {"registry", "store", "memory", "data", "saving", "cli", "settings", "plan", "devices", "lora", "chat_templates"}
 
 __all__ = ["errors", "set_verbosity", "__version__", *_LAZY]
 

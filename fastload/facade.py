@@ -9,6 +9,9 @@ from typing import Any
 from . import plan as P
 from ._log import logger
 from .errors import AdapterError, InvalidOption
+from .compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
+from .compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
+from .compat.save_methods import attach_save_methods
 from .loader import LoadOptions
 from .settings import LoraSettings
 
@@ -60,6 +63,10 @@ class FastModel:
         from .backends import choose_backend
         from .sources import make_store, resolve
 
+        if quant_options.keys() & UNSLOTH_LOAD_NAMES:  # Unsloth's keyword names, as a notebook passes them
+            translated, quant_options = split_load_options(quant_options)
+            gradient_checkpointing = translated.get("gradient_checkpointing", gradient_checkpointing)
+            load_in_4bit = translated.get("load_in_4bit", load_in_4bit)
         if backend not in BACKENDS:
             raise InvalidOption(f"backend={backend!r}", found=f"known backends: {', '.join(BACKENDS)}",
                                 fix="use 'native' (default), 'unsloth' or 'auto'")
@@ -92,24 +99,34 @@ class FastModel:
         model.fastload_plan = plan
         model.fastload_backend = impl.name
         tokenizer.model_max_length = model.max_seq_length or tokenizer.model_max_length
+        attach_save_methods(model)
         logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
         return model, tokenizer
 
     @classmethod
     def get_peft_model(cls, model, random_state: int | None = 3407, **lora_options: Any):
-        """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection)."""
+        """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection).
+
+        Unsloth's keywords (use_gradient_checkpointing, loftq_config, max_seq_length...) are understood. On a model
+        that still has the untrained adapter from_pretrained added, the asked adapter replaces it (logged).
+        """
         from .checkpointing import enable_checkpointing, is_checkpointing
         from .lora import apply_lora, has_adapters, lora_settings_of
 
-        settings = LoraSettings.from_user(lora_options)
+        lora_options, asked = split_peft_options(lora_options)
+        settings = LoraSettings.from_user(target_groups_settings(model, lora_options, asked))
         if has_adapters(model):
             differences = lora_differences(lora_settings_of(model), settings)
             if not differences:
-                return model  # asking again for the adapters it has (e.g. a notebook cell run twice)
-            raise AdapterError("Adding LoRA adapters", found="the model already has adapters that differ from those "
-                               "asked: " + "; ".join(differences),
-                               fix="load the model again with lora=None, or keep the adapters it has")
-        checkpointing = is_checkpointing(model)
+                return apply_peft_extras(model, asked)  # the adapters it has (e.g. a notebook cell run twice)
+            if not untrained_adapter(model):
+                raise AdapterError("Adding LoRA adapters", found="the model already has trained adapters that differ "
+                                   "from those asked: " + "; ".join(differences),
+                                   fix="load the model again with lora=None, or keep the adapters it has")
+            logger.info("replacing the untrained LoRA adapter from_pretrained added with the one asked (%s)",
+                        "; ".join(differences))
+            model = unload_adapter(model)
+        checkpointing = asked.get("gradient_checkpointing", is_checkpointing(model))
         peft_model = apply_lora(model, settings, random_state)
         if checkpointing:
             enable_checkpointing(peft_model)
@@ -128,8 +145,9 @@ class FastModel:
             from .engine import install_fused_lora_if_any
 
             if install_fused_lora_if_any(peft_model):
-                peft_model.fastload_engine = [*getattr(peft_model, "fastload_engine", []), "fused_lora"]
-        return peft_model
+                levers = [lever for lever in getattr(peft_model, "fastload_engine", []) if lever != "fused_lora"]
+                peft_model.fastload_engine = [*levers, "fused_lora"]
+        return apply_peft_extras(attach_save_methods(peft_model), asked)
 
     @staticmethod
     def get_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
