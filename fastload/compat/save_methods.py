@@ -158,7 +158,6 @@ def upload_folder(folder: Path, repo_id: str, token: str | bool | None = None, p
                   revision: str | None = None) -> str:
     """Create the repo if needed and upload the folder in one commit; errors name the repo, never the token."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
         raise InvalidOption(f"Uploading to {repo_id!r}", found="not a Hub repo id", fix="use 'your-name/model-name'")
@@ -167,7 +166,7 @@ def upload_folder(folder: Path, repo_id: str, token: str | bool | None = None, p
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
                                    create_pr=create_pr, revision=revision)
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except Exception as e:  # HTTP status, connection (httpx's errors are not OSErrors), offline mode: all one failure
         found = str(e).splitlines()[0][:300] if e.args else type(e).__name__
         if isinstance(token, str) and token:
             found = found.replace(token, "***")
