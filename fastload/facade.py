@@ -108,7 +108,7 @@ class FastModel:
         """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection).
 
         Unsloth's keywords (use_gradient_checkpointing, loftq_config, max_seq_length...) are understood. On a model
-        that still has the untrained adapter from_pretrained added, the asked adapter replaces it (logged).
+        that still has the untrained default adapter from_pretrained added, the asked adapter replaces it (logged).
         """
         from .checkpointing import enable_checkpointing, is_checkpointing
         from .lora import apply_lora, has_adapters, lora_settings_of
@@ -119,11 +119,12 @@ class FastModel:
             differences = lora_differences(lora_settings_of(model), settings)
             if not differences:
                 return apply_peft_extras(model, asked)  # the adapters it has (e.g. a notebook cell run twice)
-            if not untrained_adapter(model):
-                raise AdapterError("Adding LoRA adapters", found="the model already has trained adapters that differ "
-                                   "from those asked: " + "; ".join(differences),
+            default = not lora_differences(lora_settings_of(model), LoraSettings())
+            if not (default and untrained_adapter(model)):
+                raise AdapterError("Adding LoRA adapters", found="the model already has adapters that differ from "
+                                   "those asked: " + "; ".join(differences),
                                    fix="load the model again with lora=None, or keep the adapters it has")
-            logger.info("replacing the untrained LoRA adapter from_pretrained added with the one asked (%s)",
+            logger.info("replacing the untrained default LoRA adapter from_pretrained added with the one asked (%s)",
                         "; ".join(differences))
             model = unload_adapter(model)
         checkpointing = asked.get("gradient_checkpointing", is_checkpointing(model))

@@ -179,7 +179,7 @@ if False: # Pushing to HF Hub
     tokenizer.push_to_hub("HF_USERNAME/gemma_3_lora", token = "YOUR_HF_TOKEN")
 
 # ---- cell 41
-if os.environ.get("NOTEBOOK_SAVE_GGUF") == "1": # [port] was False: on once fastload.export.gguf exists
+if os.environ.get("NOTEBOOK_SAVE_GGUF") == "1": # [port] was False: on once the GGUF writer exists
     model.save_pretrained_gguf(
         "gemma_3_finetune",
         tokenizer,

@@ -15,8 +15,8 @@ MODEL_ATTRS = ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_
 
 
 def untrained_adapter(model) -> bool:
-    """peft starts every lora_B at zero, so an adapter whose B matrices are all zero was never trained (nor loaded
-    from a save): replacing it loses nothing."""
+    """peft starts every lora_B at zero, so all-zero B matrices mean no training step and no loaded save: replacing
+    the adapter loses nothing."""
     import torch
 
     b_matrices = [p for name, p in model.named_parameters() if "lora_B" in name]
