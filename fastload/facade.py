@@ -8,10 +8,10 @@ from typing import Any
 
 from . import plan as P
 from ._log import logger
-from .errors import AdapterError, InvalidOption
 from .compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
 from .compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
 from .compat.save_methods import attach_save_methods
+from .errors import AdapterError, InvalidOption
 from .loader import LoadOptions
 from .settings import LoraSettings
 

@@ -9,15 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from fastload import FastLanguageModel, FastModel, is_bfloat16_supported
-from fastload.chat_templates import get_chat_template, standardize_sharegpt, train_on_responses_only
-from fastload.errors import AdapterError, BackendUnavailable, InvalidOption, SaveError
 from tiny import make_tokenizer, nonzero_lora_b
 
-UNSLOTH_PEFT = dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                    lora_alpha=16, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth",
-                    random_state=3407, use_rslora=False, loftq_config=None)
+from fastload import FastLanguageModel, FastModel, is_bfloat16_supported
+from fastload.chat_templates import (
+    get_chat_template,
+    standardize_sharegpt,
+    train_on_responses_only,
+)
+from fastload.errors import AdapterError, BackendUnavailable, InvalidOption, SaveError
+
+UNSLOTH_PEFT = {"r": 16,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "lora_alpha": 16, "lora_dropout": 0, "bias": "none", "use_gradient_checkpointing": "unsloth",
+                "random_state": 3407, "use_rslora": False, "loftq_config": None}
 SAVE_METHODS = ("save_pretrained_merged", "save_pretrained_gguf", "push_to_hub_merged", "push_to_hub_gguf")
 
 
@@ -38,15 +43,16 @@ def peft_model(tiny_llama):
 
 
 def test_from_pretrained_returns_no_adapters_and_get_peft_model_adds_them(tiny_llama):
-    model, tok = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), max_seq_length=128,
-                                                   fast_inference=False, fix_tokenizer=True)
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), max_seq_length=128,
+                                                 fast_inference=False, fix_tokenizer=True)
     assert not getattr(model, "peft_config", None)
     assert not any(p.requires_grad for p in model.parameters())
     model = FastLanguageModel.get_peft_model(model, **UNSLOTH_PEFT, max_seq_length=96)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     config = model.peft_config["default"]
-    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (16, 16, sorted(UNSLOTH_PEFT["target_modules"]))
+    wanted = sorted(UNSLOTH_PEFT["target_modules"])
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (16, 16, wanted)
     assert model.get_base_model().is_gradient_checkpointing and model.max_seq_length == 96
 
 
@@ -135,9 +141,8 @@ def test_push_to_hub_merged_builds_then_fails_cleanly_offline_without_showing_th
     model, tok = peft_model
     token = "hf_SECRETsecretSECRET1234"
     before = set(Path(tempfile.gettempdir()).glob("fastload-push-*"))
-    with caplog.at_level("INFO", logger="fastload"):
-        with pytest.raises(SaveError, match="me/finetune") as err:  # the tests allow no network
-            model.push_to_hub_merged("me/finetune", tok, save_method="lora", token=token)
+    with caplog.at_level("INFO", logger="fastload"), pytest.raises(SaveError, match="me/finetune") as err:
+        model.push_to_hub_merged("me/finetune", tok, save_method="lora", token=token)  # the tests allow no network
     assert "saved the LoRA adapter" in caplog.text  # the folder was built before the upload was tried
     assert token not in str(err.value) and token not in caplog.text
     assert set(Path(tempfile.gettempdir()).glob("fastload-push-*")) == before

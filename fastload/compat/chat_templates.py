@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import json
-import tomllib
 from importlib import resources
 from typing import Any
+
+import tomllib
 
 from .._log import logger
 from ..data import IGNORE_INDEX, ROLE_ALIASES

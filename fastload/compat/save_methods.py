@@ -142,7 +142,7 @@ def push_to_hub_gguf(self, repo_id: str, tokenizer=None, quantization_method: st
                      commit_message: str | None = DEFAULT_COMMIT_MESSAGE, private: bool | None = None,
                      token: str | bool | None = None, create_pr: bool = False, revision: str | None = None,
                      **unused: Any) -> str:
-    """Write the GGUF file(s) in a temporary place and upload them to the Hub repo `repo_id` (see push_to_hub_merged)."""
+    """Write the GGUF file(s) in a temporary folder and upload them to the Hub repo `repo_id`."""
     _log_unused("push_to_hub_gguf", unused)
     save_gguf = gguf_writer()
     with tempfile.TemporaryDirectory(prefix="fastload-push-") as tmp:
