@@ -11,6 +11,7 @@ from ._log import logger
 from .compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
 from .compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
 from .compat.save_methods import attach_save_methods
+from .compat.trl_install import install_trl_compat
 from .errors import AdapterError, InvalidOption
 from .loader import LoadOptions
 from .settings import LoraSettings
@@ -63,7 +64,8 @@ class FastModel:
         from .backends import choose_backend
         from .sources import make_store, resolve
 
-        if quant_options.keys() & UNSLOTH_LOAD_NAMES:  # Unsloth's keyword names, as a notebook passes them
+        if quant_options.keys() & UNSLOTH_LOAD_NAMES:  # Unsloth's keyword names: an Unsloth notebook, whose
+            install_trl_compat()                        # SFTTrainer cell then needs TRL to take Unsloth's keywords
             translated, quant_options = split_load_options(quant_options)
             gradient_checkpointing = translated.get("gradient_checkpointing", gradient_checkpointing)
             load_in_4bit = translated.get("load_in_4bit", load_in_4bit)

@@ -17,6 +17,7 @@ from .._log import logger
 from ..data import IGNORE_INDEX, ROLE_ALIASES
 from ..errors import InvalidOption
 from .options import log_once
+from .trl_install import install_trl_compat
 
 DEFAULT_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
 SHAREGPT_MAPPING = {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}
@@ -84,8 +85,6 @@ def get_chat_template(tokenizer, chat_template: str | tuple = "chatml", mapping:
     Raises:
         InvalidOption: an unknown template name.
     """
-    from .unsloth import install_trl_compat
-
     install_trl_compat()
     for name in sorted(unused):
         log_once("get_chat_template: Unsloth option %s accepted and not used here", name)

@@ -2,8 +2,9 @@
 
 Unsloth notebooks pass `tokenizer=`, `dataset_text_field=`, `max_seq_length=` and `packing=` to SFTTrainer (names
 TRL has since moved or renamed), and build SFTConfig without a precision, which TRL then sets to bf16 even where the
-device has none. Importing Unsloth makes trl accept them; so does loading through fastload's Unsloth surface
-(FastLanguageModel, fastload.chat_templates): `trl.SFTTrainer` and `trl.SFTConfig` become the subclasses below,
+device has none. Importing Unsloth makes trl accept them; so does using fastload's Unsloth surface
+(FastLanguageModel, fastload.chat_templates, FastModel given Unsloth's keyword names such as full_finetuning):
+`trl.SFTTrainer` and `trl.SFTConfig` become the subclasses below,
 which translate those names, choose the device's precision when none was asked, and give a fastload model
 fastload's AdamW8bit and checkpointing guard. TRL's own classes are not modified.
 """

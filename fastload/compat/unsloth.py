@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from ..facade import FastModel
+from .trl_install import install_trl_compat
 
 
 class FastLanguageModel(FastModel):
@@ -54,13 +55,3 @@ def is_bfloat16_supported() -> bool:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return choose_compute_dtype(device) == torch.bfloat16
-
-
-def install_trl_compat() -> None:
-    """trl's SFTTrainer / SFTConfig as Unsloth notebooks call them (fastload.compat.trl_compat); without TRL,
-    nothing to do."""
-    try:
-        from . import trl_compat
-    except ImportError:
-        return
-    trl_compat.install()
