@@ -239,6 +239,12 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     return trainer
 
 
+def sft_args_for(model, args):
+    """An SFTConfig for this model: max_length at its max_seq_length where left at TRL's default, non-reentrant
+    checkpointing (what get_trainer does to the args it is given)."""
+    return _normalize_args(args, model, sft=True)
+
+
 def argument_fields(sft: bool) -> set[str]:
     """The field names of TrainingArguments (SFTConfig with sft=True): what get_trainer routes into its args."""
     return {f.name for f in dataclasses.fields(arguments_class(sft)) if f.init}

@@ -74,6 +74,9 @@ def test_fastmodel_takes_unsloth_load_names(tiny_llama):
                                          use_gradient_checkpointing=False, load_in_8bit=False)
     assert model.peft_config  # FastModel keeps its one-call default
     assert not model.get_base_model().is_gradient_checkpointing
+    import trl
+
+    assert trl.SFTTrainer.__module__ == "fastload.compat.trl_compat"  # the notebook's SFTTrainer cell will run
     with pytest.raises(InvalidOption, match="full_finetuning"):
         FastModel.from_pretrained(str(tiny_llama), full_finetuning=True)
 

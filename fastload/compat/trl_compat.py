@@ -73,9 +73,9 @@ class SFTTrainer(TrlSFTTrainer):
             log_once("SFTTrainer(%s): passed on to its SFTConfig", ", ".join(f"{k}=" for k in sorted(moved)))
         dtypes = None
         if getattr(model, "fastload_plan", None) is not None:
-            from ..trainer import _normalize_args, add_fastload_parts
+            from ..trainer import add_fastload_parts, sft_args_for
 
-            args = _normalize_args(args, model, sft=True)
+            args = sft_args_for(model, args)
             kwargs = add_fastload_parts(model, args, kwargs)
             dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
         super().__init__(model, args, *more, **kwargs)
