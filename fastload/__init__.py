@@ -23,11 +23,14 @@ _LAZY = {
     "estimate": ("fastload.load.memory", "estimate"),
     "QuantSettings": ("fastload.settings", "QuantSettings"),
     "LoraSettings": ("fastload.settings", "LoraSettings"),
+    # Unsloth's names (fastload.compat.unsloth): a notebook changes only its imports
+    "FastLanguageModel": ("fastload.compat.unsloth", "FastLanguageModel"),
+    "is_bfloat16_supported": ("fastload.compat.unsloth", "is_bfloat16_supported"),
 }
 
 # `fastload.<name>` attribute access for modules, including those that moved into subpackages
 _SUBMODULES = {
-    "registry": "fastload.registry",
+    "registry": "fastload.sources.registry",
     "data": "fastload.data",
     "settings": "fastload.settings",
     "cli": "fastload.cli",
@@ -42,6 +45,7 @@ _SUBMODULES = {
     "devices": "fastload.load.devices",
     "lora": "fastload.train.lora",
     "saving": "fastload.save.saving",
+    "chat_templates": "fastload.chat_templates",
 }
 
 __all__ = ["errors", "set_verbosity", "__version__", *_LAZY]

@@ -8,6 +8,10 @@ from typing import Any
 
 from fastload.sources import plan as P
 from fastload._log import logger
+from fastload.compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
+from fastload.compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
+from fastload.compat.save_methods import attach_save_methods
+from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, InvalidOption
 from fastload.load.loader import LoadOptions
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, LoraSettings
@@ -60,6 +64,11 @@ class FastModel:
         from fastload.backends import choose_backend
         from fastload.sources.resolve import make_store, resolve
 
+        if quant_options.keys() & UNSLOTH_LOAD_NAMES:  # Unsloth's keyword names: an Unsloth notebook, whose
+            install_trl_compat()                        # SFTTrainer cell then needs TRL to take Unsloth's keywords
+            translated, quant_options = split_load_options(quant_options)
+            gradient_checkpointing = translated.get("gradient_checkpointing", gradient_checkpointing)
+            load_in_4bit = translated.get("load_in_4bit", load_in_4bit)
         if backend not in BACKENDS:
             raise InvalidOption(f"backend={backend!r}", found=f"known backends: {', '.join(BACKENDS)}",
                                 fix="use 'native' (default), 'unsloth' or 'auto'")
@@ -92,24 +101,35 @@ class FastModel:
         model.fastload_plan = plan
         model.fastload_backend = impl.name
         tokenizer.model_max_length = model.max_seq_length or tokenizer.model_max_length
+        attach_save_methods(model)
         logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
         return model, tokenizer
 
     @classmethod
     def get_peft_model(cls, model, random_state: int | None = DEFAULT_SEED, **lora_options: Any):
-        """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection)."""
+        """Add LoRA adapters to a model loaded with lora=None (defaults: r=16, alpha=16, every projection).
+
+        Unsloth's keywords (use_gradient_checkpointing, loftq_config, max_seq_length...) are understood. On a model
+        that still has the untrained default adapter from_pretrained added, the asked adapter replaces it (logged).
+        """
         from fastload.train.checkpointing import enable_checkpointing, is_checkpointing
         from fastload.train.lora import apply_lora, has_adapters, lora_settings_of
 
-        settings = LoraSettings.from_user(lora_options)
+        lora_options, asked = split_peft_options(lora_options)
+        settings = LoraSettings.from_user(target_groups_settings(model, lora_options, asked))
         if has_adapters(model):
             differences = lora_differences(lora_settings_of(model), settings)
             if not differences:
-                return model  # asking again for the adapters it has (e.g. a notebook cell run twice)
-            raise AdapterError("Adding LoRA adapters", found="the model already has adapters that differ from those "
-                               "asked: " + "; ".join(differences),
-                               fix="load the model again with lora=None, or keep the adapters it has")
-        checkpointing = is_checkpointing(model)
+                return apply_peft_extras(model, asked)  # the adapters it has (e.g. a notebook cell run twice)
+            default = not lora_differences(lora_settings_of(model), LoraSettings())
+            if not (default and untrained_adapter(model)):
+                raise AdapterError("Adding LoRA adapters", found="the model already has adapters that differ from "
+                                   "those asked: " + "; ".join(differences),
+                                   fix="load the model again with lora=None, or keep the adapters it has")
+            logger.info("replacing the untrained default LoRA adapter from_pretrained added with the one asked (%s)",
+                        "; ".join(differences))
+            model = unload_adapter(model)
+        checkpointing = asked.get("gradient_checkpointing", is_checkpointing(model))
         peft_model = apply_lora(model, settings, random_state)
         if checkpointing:
             enable_checkpointing(peft_model)
@@ -128,8 +148,9 @@ class FastModel:
             from fastload.engine import install_fused_lora_if_any
 
             if install_fused_lora_if_any(peft_model):
-                peft_model.fastload_engine = [*getattr(peft_model, "fastload_engine", []), "fused_lora"]
-        return peft_model
+                levers = [lever for lever in getattr(peft_model, "fastload_engine", []) if lever != "fused_lora"]
+                peft_model.fastload_engine = [*levers, "fused_lora"]
+        return apply_peft_extras(attach_save_methods(peft_model), asked)
 
     @staticmethod
     def get_optimizer(model, lr: float = 2e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),

@@ -206,8 +206,11 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     """
     from fastload.train.checkpointing import for_training, is_checkpointing
 
+    fields = {k: trainer_kwargs.pop(k) for k in list(trainer_kwargs) if k in argument_fields(sft)}
     if args is None:
-        args = training_arguments(DEFAULT_OUTPUT_DIR, sft=sft, model=model)
+        args = training_arguments(DEFAULT_OUTPUT_DIR, sft=sft, model=model, **fields)
+    elif fields:  # get_trainer(..., args=args, max_steps=10): the keywords win over args' values
+        args = dataclasses.replace(args, **fields)
     args = _normalize_args(args, model, sft)
     for_training(model)  # a model left in generation mode gets train mode and its checkpointing back
     if not args.gradient_checkpointing and is_checkpointing(model):
@@ -225,17 +228,9 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
         # TRL's own collator would add an all-ones attention_mask and let packed sequences see each other
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
-    if "optimizers" not in trainer_kwargs and "optimizer_cls_and_kwargs" not in trainer_kwargs \
-            and _fastload_optimizer_serves(args):
-        from fastload.train.optim import get_optimizer
-
-        trainer_kwargs["optimizers"] = (get_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                                      betas=(args.adam_beta1, args.adam_beta2),
-                                                      eps=args.adam_epsilon), None)
-        logger.info("optimizer: fastload's bitsandbytes AdamW8bit (args.optim: %s)", _name(args.optim))
-    callbacks = [*(trainer_kwargs.pop("callbacks", None) or []), checkpointing_guard(model)]
+    trainer_kwargs = add_fastload_parts(model, args, trainer_kwargs)
     kw = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-              processing_class=tokenizer, data_collator=data_collator, callbacks=callbacks, **trainer_kwargs)
+              processing_class=tokenizer, data_collator=data_collator, **trainer_kwargs)
     if not sft:
         from transformers import Trainer
 
@@ -244,6 +239,36 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     trainer = import_trl().SFTTrainer(**kw)
     restore_adapter_dtypes(model, dtypes)
     return trainer
+
+
+def sft_args_for(model, args):
+    """An SFTConfig for this model: max_length at its max_seq_length where left at TRL's default, non-reentrant
+    checkpointing (what get_trainer does to the args it is given)."""
+    return _normalize_args(args, model, sft=True)
+
+
+def argument_fields(sft: bool) -> set[str]:
+    """The field names of TrainingArguments (SFTConfig with sft=True): what get_trainer routes into its args."""
+    return {f.name for f in dataclasses.fields(arguments_class(sft)) if f.init}
+
+
+def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
+    """A trainer's keyword arguments plus fastload's AdamW8bit (where args leave the optimizer to the defaults and
+    none is given) and the checkpointing guard (once)."""
+    trainer_kwargs = dict(trainer_kwargs)
+    if "optimizers" not in trainer_kwargs and "optimizer_cls_and_kwargs" not in trainer_kwargs \
+            and _fastload_optimizer_serves(args):
+        from fastload.train.optim import get_optimizer
+
+        trainer_kwargs["optimizers"] = (get_optimizer(model, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                                      betas=(args.adam_beta1, args.adam_beta2),
+                                                      eps=args.adam_epsilon), None)
+        logger.info("optimizer: fastload's bitsandbytes AdamW8bit (args.optim: %s)", _name(args.optim))
+    callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+    if not any(getattr(c, "fastload_checkpointing_guard", False) for c in callbacks):
+        callbacks.append(checkpointing_guard(model))
+    trainer_kwargs["callbacks"] = callbacks
+    return trainer_kwargs
 
 
 def restore_adapter_dtypes(model, dtypes: dict) -> None:
@@ -330,6 +355,8 @@ def checkpointing_guard(model):
     saved = checkpoint_functions(model)
 
     class CheckpointingGuard(TrainerCallback):
+        fastload_checkpointing_guard = True  # one per trainer: add_fastload_parts looks for it
+
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is None:
                 return
