@@ -1,0 +1,1 @@
+"""Loading: from a load plan to a model on its device."""
