@@ -243,6 +243,7 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
             wanted = plan_tensors(model, where, plan.prequantized)
             fill(model, wanted, where, dtype, device, plan.prequantized)
             finish(model, hf_quantizer, device, plan.location)
+            model.fastload_direct_load = True
             return model
     except NotCovered as e:
         reason = str(e)
