@@ -42,6 +42,10 @@ def wants_background(model, device) -> bool:
         return False
     if not getattr(model, "fastload_direct_load", False):
         return False
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
+    except ImportError:  # an older transformers: save_pretrained's own ways, on this thread
+        return False
     return asked == "background" or str(device).startswith("cuda")
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -237,13 +238,21 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
     device = device_of(device_map) if reason is None else None
     try:
         if reason is None:
+            started = time.perf_counter()
             model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
                                                  device_map, [str(f) for f in weight_files])
             where = read_headers(weight_files)
             wanted = plan_tensors(model, where, plan.prequantized)
+            built = time.perf_counter()
             fill(model, wanted, where, dtype, device, plan.prequantized)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            filled = time.perf_counter()
             finish(model, hf_quantizer, device, plan.location)
             model.fastload_direct_load = True
+            logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
+                        built - started, len(where), "placed" if plan.prequantized else "quantized",
+                        filled - built, time.perf_counter() - filled)
             return model
     except NotCovered as e:
         reason = str(e)
