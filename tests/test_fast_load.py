@@ -68,9 +68,12 @@ def assert_same_model(reference, model, device="cpu") -> None:
         assert torch.equal(reference(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_direct_load_on_the_fly_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch):
-    reference = load(family_checkpoint, monkeypatch, direct=False, store=False)
-    model = load(family_checkpoint, monkeypatch, direct=True, store=False)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_direct_load_on_the_fly_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, dtype):
+    import torch
+
+    reference = load(family_checkpoint, monkeypatch, direct=False, store=False, dtype=getattr(torch, dtype))
+    model = load(family_checkpoint, monkeypatch, direct=True, store=False, dtype=getattr(torch, dtype))
     assert_same_model(reference, model)
 
 

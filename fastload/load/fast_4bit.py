@@ -10,6 +10,7 @@ for bit (tests/test_fast_load.py). Anything else returns None with the reason, a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -80,9 +81,20 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
-    hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
-                                  use_kernels=False)
+    with default_dtype(dtype):  # from_pretrained swaps the layers inside its dtype context: their biases take it
+        hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
+                                      use_kernels=False)
     return model, hf_quantizer
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def read_headers(files) -> dict[str, Path]:
