@@ -26,7 +26,8 @@ from .._log import logger
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                        "quant_state.bitsandbytes__fp4")
 SWITCH = "FASTLOAD_DIRECT_LOAD"  # =0 takes transformers' from_pretrained for every load
-READ_AHEAD = 8  # tensors read but not yet placed: bounds the device memory a fast reader can get ahead by
+READERS = min(8, os.cpu_count() or 1)  # reader threads over all shards, each on a run of neighbouring tensors
+READ_AHEAD = 16  # tensors read but not yet placed: bounds the device memory the readers can get ahead by
 
 
 class NotCovered(Exception):
@@ -97,14 +98,17 @@ def default_dtype(dtype):
         torch.set_default_dtype(before)
 
 
-def read_headers(files) -> dict[str, Path]:
-    """Tensor name -> the file it is in (headers only)."""
+def read_headers(files) -> tuple[dict[str, Path], dict[str, tuple[int, int]]]:
+    """Tensor name -> the file it is in, and -> its byte span in that file (headers only)."""
     from ..checkpoint import read_safetensors_header
 
-    where = {}
+    where, spans = {}, {}
     for f in files:
-        where.update({name: Path(f) for name in read_safetensors_header(Path(f)) if name != "__metadata__"})
-    return where
+        for name, meta in read_safetensors_header(Path(f)).items():
+            if name != "__metadata__":
+                where[name] = Path(f)
+                spans[name] = tuple(meta["data_offsets"])
+    return where, spans
 
 
 def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str, list[str]]:
@@ -138,13 +142,34 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str,
     return wanted
 
 
-def stream_tensors(where: dict[str, Path], device: torch.device, out: queue.Queue) -> list[threading.Thread]:
-    """One reader thread per shard puts (name, tensor on `device`) on `out`; a reader's error is put there too."""
-    from safetensors import safe_open
-
+def reader_chunks(where: dict[str, Path], spans: dict[str, tuple[int, int]], readers: int):
+    """(file, names) chunks of about equal bytes, each a run of neighbouring tensors: one reader thread each."""
     by_file: dict[Path, list[str]] = {}
     for name, f in where.items():
         by_file.setdefault(f, []).append(name)
+    total = sum(end - begin for begin, end in spans.values()) or 1
+    chunks = []
+    for f, names in by_file.items():
+        names.sort(key=lambda n: spans[n][0])
+        size = sum(spans[n][1] - spans[n][0] for n in names)
+        target = size / max(1, round(readers * size / total))
+        chunk, filled = [], 0
+        for name in names:
+            chunk.append(name)
+            filled += spans[name][1] - spans[name][0]
+            if filled >= target:
+                chunks.append((f, chunk))
+                chunk, filled = [], 0
+        if chunk:
+            chunks.append((f, chunk))
+    return chunks
+
+
+def stream_tensors(where, spans, device: torch.device, out: queue.Queue) -> list[threading.Thread]:
+    """Reader threads (READERS, over runs of neighbouring tensors) put (name, tensor on `device`) on `out`; a
+    reader's error is put there too."""
+    from safetensors import safe_open
+
     target = str(device) if device.type == "cuda" else "cpu"
 
     def read(f: Path, names: list[str]) -> None:
@@ -155,8 +180,8 @@ def stream_tensors(where: dict[str, Path], device: torch.device, out: queue.Queu
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             out.put((None, e))
 
-    threads = [threading.Thread(target=read, args=(f, names), daemon=True, name=f"fastload-read-{f.name}")
-               for f, names in by_file.items()]
+    threads = [threading.Thread(target=read, args=chunk, daemon=True, name=f"fastload-read-{i}")
+               for i, chunk in enumerate(reader_chunks(where, spans, READERS))]
     for t in threads:
         t.start()
     return threads
@@ -189,12 +214,12 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
         module._buffers[name] = value
 
 
-def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], dtype, device, prequantized: bool) -> None:
+def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dtype, device, prequantized: bool) -> None:
     """Read every shard (a thread each) and place each weight as soon as all of its tensors have arrived."""
     owner = {part: key for key, parts in wanted.items() for part in parts}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     out: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-    threads = stream_tensors(where, device, out)
+    threads = stream_tensors(where, spans, device, out)
     for _ in range(len(owner)):
         name, tensor = out.get()
         if name is None:
@@ -253,10 +278,10 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
             started = time.perf_counter()
             model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
                                                  device_map, [str(f) for f in weight_files])
-            where = read_headers(weight_files)
+            where, spans = read_headers(weight_files)
             wanted = plan_tensors(model, where, plan.prequantized)
             built = time.perf_counter()
-            fill(model, wanted, where, dtype, device, plan.prequantized)
+            fill(model, wanted, where, spans, dtype, device, plan.prequantized)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             filled = time.perf_counter()
