@@ -78,7 +78,7 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
         raise NotCovered(f"transformers' quantizer API differs ({e})") from e
     if hf_quantizer is None or type(hf_quantizer).__name__ != "Bnb4BitHfQuantizer":
         raise NotCovered("the checkpoint is not bitsandbytes 4-bit")
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), skipped_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
@@ -86,6 +86,16 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
         hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
                                       use_kernels=False)
     return model, hf_quantizer
+
+
+def skipped_init():
+    """transformers' switch for skipping random initialization: every weight is read afterwards, and drawing
+    random numbers into meta tensors still costs seconds (torch's reference kernels run per tensor)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 @contextlib.contextmanager
