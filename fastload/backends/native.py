@@ -83,13 +83,20 @@ class NativeBackend:
             from fastload.sources.resolve import hub_cache_dir, store_key_of
 
             key = store_key_of(plan.original, plan.revision, plan.quant, hub_cache_dir(opts.cache_dir))
+        source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location,
+                  "fingerprint": plan.fingerprint}
+
+        from fastload.load.background_store import start_store_write, wants_background
+
+        if wants_background(model, next(model.parameters()).device):
+            start_store_write(store, key, source, plan.quant, model, tokenizer)
+            logger.info("store: writing the quantized model in the background (the load does not wait for it)")
+            return
 
         def save(directory):
             model.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
 
-        source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location,
-                  "fingerprint": plan.fingerprint}
         entry = store.write(key, source, plan.quant, save)
         logger.info("stored the quantized model in %s (%.0f MB, %.1f s): the next load skips quantization",
                     entry.path, entry.size_bytes / 1e6, time.perf_counter() - started)

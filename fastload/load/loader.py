@@ -337,6 +337,16 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     return None
 
 
+def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config):
+    """fastload's direct 4-bit load (fastload.load.fast_4bit) when it covers the plan, else None."""
+    if info is None or not info.safetensors or not (plan.prequantized or plan.quant.quantized):
+        return None
+    from fastload.load.fast_4bit import load_direct
+
+    with translated_errors(plan):
+        return load_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config)
+
+
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
     import torch
@@ -371,8 +381,12 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    with translated_errors(plan), hub_stays_local(plan):
-        model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
+    model = direct_load(plan, opts, config, dtype, device_map, info, kw.get("quantization_config"))
+    if model is not None:
+        info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
+    else:
+        with translated_errors(plan), hub_stays_local(plan):
+            model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
     extra = extra_layer_keys(model, info.get("unexpected_keys", []))

@@ -1,0 +1,153 @@
+"""The store entry written off the critical path: a writer thread saves the loaded 4-bit model while training starts.
+
+What is saved is taken on the calling thread, right after the load: the state dict as save_pretrained would write
+it (tensor references: the packed 4-bit weights are never written again, and QLoRA trains adapters, not the base),
+the config files and the tokenizer files. The writer thread copies the tensors to the host one at a time on a side
+CUDA stream (so the copies overlap the first training steps instead of queueing behind them) and streams them into
+one safetensors file inside Store.write's temporary folder, which is renamed into place only when whole.
+
+Exit policy: the writer is a non-daemon thread, so a normal interpreter exit waits for it (a short script still
+leaves its entry behind); a process killed mid-write (SIGKILL, power loss) leaves only a temporary folder named
+with its pid and fastload's marker, which the next writer removes (Store.cleanup_tmp). A reader never sees a partial entry.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import struct
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fastload._log import logger
+from fastload.atomic import MARKER, leftover_name, write_marker
+
+SWITCH = "FASTLOAD_STORE_WRITE"  # "background" or "wait"; unset: background for a model on a GPU, wait on the CPU
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                      torch.bool: "BOOL"}
+_writers: list[threading.Thread] = []
+
+
+def wants_background(model, device) -> bool:
+    """Whether this load's store entry is written in the background (see SWITCH); only for a direct load, whose
+    tensors carry the checkpoint's own names (no conversion to undo when saving)."""
+    asked = os.environ.get(SWITCH, "").strip().lower()
+    if asked in ("wait", "sync", "0", "off"):
+        return False
+    if not getattr(model, "fastload_direct_load", False):
+        return False
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
+    except ImportError:  # an older transformers: save_pretrained's own ways, on this thread
+        return False
+    return asked == "background" or str(device).startswith("cuda")
+
+
+def tensors_to_save(model) -> dict[str, torch.Tensor]:
+    """The state dict save_pretrained writes: bitsandbytes' packed weights and quantization states, ties removed."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return {name: t.detach() for name, t in state.items()}
+
+
+def write_config_files(model, directory: Path) -> None:
+    """config.json and generation_config.json as save_pretrained writes them."""
+    config = copy.deepcopy(model.config)
+    config.dtype = str(model.dtype).split(".")[1]
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], stream=None) -> None:
+    """One safetensors file written tensor by tensor: never more than one tensor's bytes in host memory."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors.values():
+            with torch.cuda.stream(stream):  # None: the current stream
+                host = t.contiguous().to("cpu")
+            f.write(host.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def start_store_write(store, key: str, source: dict, quant, model, tokenizer) -> threading.Thread:
+    """Stage what the entry holds (on this thread), then write and publish it on a writer thread.
+
+    Args:
+        store: the fastload Store.
+        key: the entry's key.
+        source: the entry's source facts (as Store.write records them).
+        quant: the QuantSettings the model was quantized with.
+        model: the freshly loaded 4-bit model (before LoRA).
+        tokenizer: its tokenizer.
+
+    Returns:
+        The writer thread (started).
+    """
+    # a marked temporary folder (fastload.atomic): if this process dies, the next writer's clean-up removes it
+    staging = leftover_name(store.entries_dir / f"staged-{key}", "tmp", staging=store.tmp_dir)
+    staging.mkdir(parents=True)
+    write_marker(staging, "tmp")
+    write_config_files(model, staging)
+    tokenizer.save_pretrained(staging)
+    tensors = tensors_to_save(model)
+    ready = None
+    if any(t.is_cuda for t in tensors.values()):
+        ready = torch.cuda.Event()
+        ready.record()  # the writer's side stream waits for the load's last kernels, not for training's
+
+    def save(directory) -> None:
+        for f in staging.iterdir():
+            if f.name == MARKER:
+                continue
+            shutil.move(str(f), str(Path(directory) / f.name))
+        stream = None
+        if ready is not None:
+            stream = torch.cuda.Stream()
+            stream.wait_event(ready)
+        write_safetensors(Path(directory) / "model.safetensors", tensors, stream)
+
+    def write() -> None:
+        started = time.perf_counter()
+        try:
+            with store.lock(key):
+                if store.lookup(key) is not None:
+                    logger.info("store: another process stored %s meanwhile; this copy is not written", key)
+                    return
+                entry = store.write(key, source, quant, save)
+            logger.info("stored the quantized model in %s in the background (%.0f MB, %.1f s)", entry.path,
+                        entry.size_bytes / 1e6, time.perf_counter() - started)
+        except Exception as e:  # noqa: BLE001 - a failed store write must not end the training it runs beside
+            logger.warning("the background store write failed; the next load quantizes again: %s", e)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    thread = threading.Thread(target=write, name=f"fastload-store-{key}", daemon=False)
+    thread.start()
+    _writers.append(thread)
+    return thread
+
+
+def wait_for_store_writes(timeout: float | None = None) -> None:
+    """Block until every background store write of this process is done (tests, benchmarks, `fastload quantize`)."""
+    for thread in list(_writers):
+        thread.join(timeout)
+        if not thread.is_alive():
+            _writers.remove(thread)

@@ -1,0 +1,307 @@
+"""The direct 4-bit load: a meta-device skeleton whose bitsandbytes layers are filled straight from safetensors.
+
+transformers' from_pretrained goes through a per-tensor conversion pipeline built for every quantization method and
+sharding layout; for the common case (one device, safetensors whose names are the model's own, bitsandbytes NF4/FP4)
+fastload builds the same modules with transformers' own quantizer, then reads each shard once, with one reader thread
+per shard, and hands every tensor to the same bitsandbytes constructor transformers uses (Params4bit for on-the-fly
+quantization, Params4bit.from_prequantized for a stored entry). The result is the model from_pretrained returns, bit
+for bit (tests/test_fast_load.py). Anything else returns None with the reason, and the caller takes the general path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from fastload._log import logger
+
+QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                       "quant_state.bitsandbytes__fp4")
+SWITCH = "FASTLOAD_DIRECT_LOAD"  # =0 takes transformers' from_pretrained for every load
+READERS = min(8, os.cpu_count() or 1)  # reader threads over all shards, each on a run of neighbouring tensors
+READ_AHEAD = 16  # tensors read but not yet placed: bounds the device memory the readers can get ahead by
+
+
+class NotCovered(Exception):
+    """The direct load does not cover this checkpoint; the message says why (logged once, general path taken)."""
+
+
+def why_not_covered(plan, opts, device_map, weight_files) -> str | None:
+    """None when the direct load can serve this plan, else the reason it cannot (one log line)."""
+    quant = plan.quant
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return f"{SWITCH} turns it off"
+    if not plan.prequantized and not (quant.load_in_4bit and not quant.load_in_8bit):
+        return "only 4-bit quantization is covered"
+    if plan.prequantized and plan.quant.load_in_8bit:
+        return "8-bit checkpoints are not covered"
+    if opts.trust_remote_code or opts.model_kwargs or opts.rope_scaling:
+        return "remote code, rope_scaling and extra model arguments take the general path"
+    if quant.llm_int8_enable_fp32_cpu_offload:
+        return "CPU offload takes the general path"
+    if not weight_files or any(Path(f).suffix != ".safetensors" for f in weight_files):
+        return "the checkpoint is not in safetensors files"
+    devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+    if len(devices) != 1 or "disk" in devices:
+        return "the model is spread over several devices"
+    return None
+
+
+def device_of(device_map) -> torch.device:
+    value = next(iter(device_map.values())) if isinstance(device_map, dict) else device_map
+    return torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+
+
+def build_skeleton(config, dtype, quantization_config, attn_implementation, device_map, files):
+    """The model with every weight on the meta device and transformers' bitsandbytes layers in place.
+
+    Buffers (rotary frequencies) are made for real, as from_pretrained's initialization makes them.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    config = copy.deepcopy(config)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    try:
+        hf_quantizer, config, device_map = get_hf_quantizer(config, quantization_config, device_map, True, {})
+    except TypeError as e:  # another transformers version: its own from_pretrained knows its quantizer's calls
+        raise NotCovered(f"transformers' quantizer API differs ({e})") from e
+    if hf_quantizer is None or type(hf_quantizer).__name__ != "Bnb4BitHfQuantizer":
+        raise NotCovered("the checkpoint is not bitsandbytes 4-bit")
+    with init_empty_weights(include_buffers=False), skipped_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
+        raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
+    with default_dtype(dtype):  # from_pretrained swaps the layers inside its dtype context: their biases take it
+        hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
+                                      use_kernels=False)
+    return model, hf_quantizer
+
+
+def skipped_init():
+    """transformers' switch for skipping random initialization: every weight is read afterwards, and drawing
+    random numbers into meta tensors still costs seconds (torch's reference kernels run per tensor)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def read_headers(files) -> tuple[dict[str, Path], dict[str, tuple[int, int]]]:
+    """Tensor name -> the file it is in, and -> its byte span in that file (headers only)."""
+    from fastload.sources.checkpoint_files import read_safetensors_header
+
+    where, spans = {}, {}
+    for f in files:
+        for name, meta in read_safetensors_header(Path(f)).items():
+            if name != "__metadata__":
+                where[name] = Path(f)
+                spans[name] = tuple(meta["data_offsets"])
+    return where, spans
+
+
+def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str, list[str]]:
+    """Each module's parameter or buffer -> the checkpoint tensors it is made of; NotCovered unless they match exactly.
+
+    A missing, extra or renamed tensor is left to the general path, which reports it as fastload always has.
+    """
+    import bitsandbytes as bnb
+
+    wanted: dict[str, list[str]] = {}
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name, _ in module.named_parameters(recurse=False):
+            key = prefix + name
+            parts = [key]
+            if isinstance(module, bnb.nn.Linear4bit) and name == "weight" and prequantized:
+                parts += [f"{key}.{s}" for s in QUANT_STAT_SUFFIXES if f"{key}.{s}" in where]
+            if key not in where and key in tied:
+                continue  # tied to another weight: tie_weights fills it
+            wanted[key] = parts
+        persistent = set(getattr(module, "_buffers", {})) - set(getattr(module, "_non_persistent_buffers_set", ()))
+        for name in persistent:
+            if getattr(module, name, None) is not None and prefix + name in where:
+                wanted[prefix + name] = [prefix + name]
+    used = {part for parts in wanted.values() for part in parts}
+    missing = sorted(k for k, parts in wanted.items() if any(p not in where for p in parts))
+    extra = sorted(set(where) - used)
+    if missing or extra:
+        raise NotCovered(f"checkpoint names differ from the model's ({(missing + extra)[:3]})")
+    return wanted
+
+
+def reader_chunks(where: dict[str, Path], spans: dict[str, tuple[int, int]], readers: int):
+    """(file, names) chunks of about equal bytes, each a run of neighbouring tensors: one reader thread each."""
+    by_file: dict[Path, list[str]] = {}
+    for name, f in where.items():
+        by_file.setdefault(f, []).append(name)
+    total = sum(end - begin for begin, end in spans.values()) or 1
+    chunks = []
+    for f, names in by_file.items():
+        names.sort(key=lambda n: spans[n][0])
+        size = sum(spans[n][1] - spans[n][0] for n in names)
+        target = size / max(1, round(readers * size / total))
+        chunk, filled = [], 0
+        for name in names:
+            chunk.append(name)
+            filled += spans[name][1] - spans[name][0]
+            if filled >= target:
+                chunks.append((f, chunk))
+                chunk, filled = [], 0
+        if chunk:
+            chunks.append((f, chunk))
+    return chunks
+
+
+def stream_tensors(where, spans, device: torch.device, out: queue.Queue) -> list[threading.Thread]:
+    """Reader threads (READERS, over runs of neighbouring tensors) put (name, tensor on `device`) on `out`; a
+    reader's error is put there too."""
+    from safetensors import safe_open
+
+    target = str(device) if device.type == "cuda" else "cpu"
+
+    def read(f: Path, names: list[str]) -> None:
+        try:
+            with safe_open(str(f), framework="pt", device=target) as reader:
+                for name in names:
+                    out.put((name, reader.get_tensor(name)))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            out.put((None, e))
+
+    threads = [threading.Thread(target=read, args=chunk, daemon=True, name=f"fastload-read-{i}")
+               for i, chunk in enumerate(reader_chunks(where, spans, READERS))]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequantized: bool) -> None:
+    """Put one parameter or buffer in place as transformers' loading would: the same casts, the same bnb calls."""
+    import bitsandbytes as bnb
+
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    value = parts[key]
+    if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
+        if prequantized:
+            stats = {k[len(key) + 1:]: v for k, v in parts.items() if k != key}
+            param = bnb.nn.Params4bit.from_prequantized(data=value.to(device), quantized_stats=stats,
+                                                        requires_grad=False, device=device, module=module)
+        else:
+            old = module.weight
+            param = bnb.nn.Params4bit(value.to(device=device, dtype=dtype), requires_grad=False,
+                                      **old.__dict__).to(device)
+        module._parameters["weight"] = param
+        return
+    current = getattr(module, name)
+    target_dtype = dtype if value.is_floating_point() and (prequantized or current.dtype == dtype) else current.dtype
+    value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
+    else:
+        module._buffers[name] = value
+
+
+def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dtype, device, prequantized: bool) -> None:
+    """Read every shard (a thread each) and place each weight as soon as all of its tensors have arrived."""
+    owner = {part: key for key, parts in wanted.items() for part in parts}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    out: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    threads = stream_tensors(where, spans, device, out)
+    for _ in range(len(owner)):
+        name, tensor = out.get()
+        if name is None:
+            raise tensor
+        key = owner[name]
+        pending.setdefault(key, {})[name] = tensor
+        if len(pending[key]) == len(wanted[key]):
+            place(model, key, pending.pop(key), dtype, device, prequantized)
+    for t in threads:
+        t.join()
+
+
+def finish(model, hf_quantizer, device, location: str) -> None:
+    """What from_pretrained does after the weights: buffers on the device, ties, eval mode, generation config."""
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    model.tie_weights()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if left:
+        raise NotCovered(f"weights left unfilled: {left[:3]}")
+    model.config.name_or_path = location
+    model.eval()
+    model.hf_quantizer = hf_quantizer
+    hf_quantizer.postprocess_model(model)
+    generation = Path(location) / "generation_config.json"
+    if model.can_generate() and generation.is_file():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(location)
+        except (OSError, ValueError, json.JSONDecodeError):
+            pass  # from_pretrained keeps the config-derived one as well when the file cannot be read
+
+
+def load_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config):
+    """The model as from_pretrained would return it, or None (reason logged) when the direct load does not cover it.
+
+    Args:
+        plan: the LoadPlan (a local directory or store entry: plan.location holds the files).
+        opts: the LoadOptions of this load.
+        config: the transformers config read from plan.location.
+        dtype: the compute dtype; weights that are not quantized are cast to it, as from_pretrained does.
+        device_map: the resolved device map (one device).
+        weight_files: the checkpoint's safetensors files.
+        quantization_config: the BitsAndBytesConfig to quantize with, or None for a pre-quantized checkpoint.
+
+    Returns:
+        The model, or None.
+    """
+    reason = why_not_covered(plan, opts, device_map, weight_files)
+    device = device_of(device_map) if reason is None else None
+    try:
+        if reason is None:
+            started = time.perf_counter()
+            model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
+                                                 device_map, [str(f) for f in weight_files])
+            where, spans = read_headers(weight_files)
+            wanted = plan_tensors(model, where, plan.prequantized)
+            built = time.perf_counter()
+            fill(model, wanted, where, spans, dtype, device, plan.prequantized)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            filled = time.perf_counter()
+            finish(model, hf_quantizer, device, plan.location)
+            model.fastload_direct_load = True
+            logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
+                        built - started, len(where), "placed" if plan.prequantized else "quantized",
+                        filled - built, time.perf_counter() - filled)
+            return model
+    except NotCovered as e:
+        reason = str(e)
+    logger.info("direct 4-bit load not used (%s): loading through transformers", reason)
+    return None

@@ -1,0 +1,211 @@
+"""The direct 4-bit load (fastload.load.fast_4bit) and the background store write (fastload.load.background_store).
+
+The reference is transformers' from_pretrained, the path every load took before (FASTLOAD_DIRECT_LOAD=0): the direct
+load must give the same model bit for bit — the same module types, packed 4-bit weights, quantization states, other
+weights, config and logits — on the fly and from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers_faults import drop_tensor
+from tiny import make_checkpoint
+
+from fastload import FastModel
+from fastload.sources.store import Store
+
+OFF = {"FASTLOAD_DIRECT_LOAD": "0"}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def family_checkpoint(request, tmp_path_factory) -> Path:
+    """A tiny bf16 checkpoint per family: Llama (tied nothing, no biases) and Qwen2 (q/k/v biases)."""
+    return make_checkpoint(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+def load(path, monkeypatch, direct: bool, **options):
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1" if direct else "0")
+    options = {"lora": None, "engine": False, "gradient_checkpointing": False, **options}
+    model, _ = FastModel.from_pretrained(path, **options)
+    return model
+
+
+def assert_same_model(reference, model, device="cpu") -> None:
+    """Everything a user of the loaded model could observe, compared exactly."""
+    import bitsandbytes as bnb
+    import torch
+
+    assert getattr(model, "fastload_direct_load", False) and not getattr(reference, "fastload_direct_load", False)
+    assert {n: type(m) for n, m in reference.named_modules()} == {n: type(m) for n, m in model.named_modules()}
+    expected, got = reference.state_dict(), model.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        other = got[name]
+        assert (tensor.dtype, tensor.shape, tensor.device) == (other.dtype, other.shape, other.device), name
+        assert torch.equal(tensor, other), name
+    for name, module in reference.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            mine = model.get_submodule(name)
+            assert (module.compute_dtype, module.quant_storage) == (mine.compute_dtype, mine.quant_storage), name
+            assert module.weight.quant_state == mine.weight.quant_state, name
+            assert mine.quant_state is mine.weight.quant_state
+    for attr in ("is_quantized", "is_loaded_in_4bit", "quantization_method", "training", "max_seq_length"):
+        assert getattr(reference, attr, None) == getattr(model, attr, None), attr
+    assert type(reference.hf_quantizer) is type(model.hf_quantizer)
+    assert reference.config.to_dict() == model.config.to_dict()
+    assert reference.generation_config.to_dict() == model.generation_config.to_dict()
+    ids = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_direct_load_on_the_fly_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, dtype):
+    import torch
+
+    reference = load(family_checkpoint, monkeypatch, direct=False, store=False, dtype=getattr(torch, dtype))
+    model = load(family_checkpoint, monkeypatch, direct=True, store=False, dtype=getattr(torch, dtype))
+    assert_same_model(reference, model)
+
+
+def test_direct_load_from_the_store_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, isolated_env):
+    first = load(family_checkpoint, monkeypatch, direct=False)
+    assert first.fastload_plan.source == "local"
+    reference = load(family_checkpoint, monkeypatch, direct=False)
+    model = load(family_checkpoint, monkeypatch, direct=True)
+    assert model.fastload_plan.source == "store" == reference.fastload_plan.source
+    assert_same_model(reference, model)
+
+
+def test_direct_load_with_lora_and_checkpointing_trains_like_from_pretrained(tiny_llama, monkeypatch):
+    """The whole facade (LoRA, checkpointing, engine) on top of either load: the same first loss and gradients."""
+    import torch
+
+    losses = []
+    for direct in (False, True):
+        model = load(tiny_llama, monkeypatch, direct, store=False, lora={}, gradient_checkpointing=True,
+                     engine=True, dtype=torch.float32)
+        model.train()
+        ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        losses.append((loss.item(), grads))
+    assert losses[0][0] == losses[1][0]
+    assert losses[0][1].keys() == losses[1][1].keys() and losses[0][1]
+    assert all(torch.equal(losses[0][1][n], losses[1][1][n]) for n in losses[0][1])
+
+
+def test_a_checkpoint_the_direct_load_does_not_cover_takes_the_old_path_and_its_error(tiny_copy, monkeypatch, caplog):
+    """A missing tensor: the direct load steps aside (one line says why) and the user gets fastload's usual error."""
+    from fastload.errors import CheckpointIncomplete
+
+    drop_tensor(tiny_copy / "model.safetensors", "model.layers.1.mlp.down_proj.weight")
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1")
+    with caplog.at_level(logging.INFO, logger="fastload"), pytest.raises(CheckpointIncomplete, match="missing"):
+        FastModel.from_pretrained(tiny_copy, lora=None, store=False)
+    assert any("direct 4-bit load not used" in r.getMessage() and "down_proj" in r.getMessage()
+               for r in caplog.records)
+
+
+# -- the store entry written in the background -------------------------------------------------------------------
+
+def entry_dir(home: Path) -> Path:
+    (entry,) = Store(home).entries()
+    return entry.path
+
+
+def test_background_store_entry_loads_as_the_waited_one(family_checkpoint, monkeypatch, tmp_path):
+    """The writer thread's entry (one streamed safetensors file) and save_pretrained's give the same model."""
+    from fastload.load.background_store import wait_for_store_writes
+
+    models, files = [], []
+    for mode in ("wait", "background"):
+        monkeypatch.setenv("FASTLOAD_STORE_WRITE", mode)
+        home = tmp_path / mode
+        first = load(family_checkpoint, monkeypatch, direct=True, store=home)
+        assert first.fastload_quantized_now
+        wait_for_store_writes()
+        assert [problem for _, problem in Store(home).verify()] == [None]
+        files.append({f.name for f in entry_dir(home).iterdir()})
+        assert json.loads((entry_dir(home) / "config.json").read_text()) == json.loads(
+            (entry_dir(tmp_path / "wait") / "config.json").read_text())
+        models.append(load(family_checkpoint, monkeypatch, direct=False, store=home))
+        assert models[-1].fastload_plan.source == "store"
+    assert files[0] == files[1]
+    waited, background = models
+    ids = __import__("torch").arange(24).reshape(2, 12)
+    assert waited.state_dict().keys() == background.state_dict().keys()
+    assert all(__import__("torch").equal(t, background.state_dict()[k]) for k, t in waited.state_dict().items())
+    assert __import__("torch").equal(waited(input_ids=ids).logits, background(input_ids=ids).logits)
+
+
+CHILD = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from fastload import FastModel
+FastModel.from_pretrained({checkpoint!r}, lora=None, engine=False, store={home!r})
+print("loaded", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_store_write_killed_mid_way_leaves_a_whole_entry_or_none(tmp_path):
+    """SIGKILL while the background writer works: the store holds a whole entry or none, and the next load works."""
+    checkpoint = make_checkpoint(tmp_path / "model", "llama", hidden_size=512, intermediate_size=2048)
+    home = tmp_path / "home"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(Path(__file__).parent), checkpoint=str(checkpoint), home=str(home)))
+    env = dict(os.environ, FASTLOAD_STORE_WRITE="background", FASTLOAD_HOME=str(home), HF_HUB_OFFLINE="1")
+    child = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    tmp_dir, killed_mid_write = home / "tmp", False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            writing = [d for d in tmp_dir.glob("*.*.*") if (d / "model.safetensors").exists()] \
+                if tmp_dir.is_dir() else []
+            if writing:
+                os.kill(child.pid, signal.SIGKILL)
+                killed_mid_write = not any((home / "quantized").glob("*"))
+                break
+            time.sleep(0.0005)
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    store = Store(home)
+    entries = store.entries()
+    assert len(entries) <= 1
+    assert all(problem is None for _, problem in store.verify())  # whole, or absent
+    if killed_mid_write:
+        assert entries == [] and any(tmp_dir.iterdir())  # only the dead writer's temporary folder is left
+    model, _ = FastModel.from_pretrained(checkpoint, lora=None, engine=False, store=store)
+    assert model.fastload_plan.source in ("local", "store")
+    from fastload.load.background_store import wait_for_store_writes
+
+    wait_for_store_writes()
+    assert [problem for _, problem in store.verify()] == [None]
+    assert not [d for d in tmp_dir.iterdir() if f".{child.pid}." in d.name]  # the dead writer's folder is gone
+
+
+@pytest.mark.gpu
+def test_direct_load_on_the_gpu_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, isolated_env):
+    import torch
+
+    for store in (False, True):
+        if store:
+            load(family_checkpoint, monkeypatch, direct=False, dtype=torch.bfloat16)  # stores the entry
+        reference = load(family_checkpoint, monkeypatch, direct=False, store=store, dtype=torch.bfloat16)
+        model = load(family_checkpoint, monkeypatch, direct=True, store=store, dtype=torch.bfloat16)
+        assert_same_model(reference, model, device="cuda")
