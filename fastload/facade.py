@@ -210,6 +210,13 @@ class FastModel:
         return save_merged(model, directory, tokenizer=tokenizer, source=source, quantize=quantize, **kwargs)
 
     @staticmethod
+    def save_gguf(model, path: str | os.PathLike, tokenizer=None, quantization: str = "q8_0", **kwargs: Any):
+        """One .gguf file for llama.cpp / Ollama (LoRA merged first) and an Ollama Modelfile beside it."""
+        from .export.gguf import save_gguf
+
+        return save_gguf(model, path, tokenizer=tokenizer, quantization=quantization, **kwargs)
+
+    @staticmethod
     def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any):
         """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text."""
         from .generation import generate
