@@ -1,0 +1,202 @@
+"""GGUF export (fastload.export): files that transformers' own GGUF loader (and llama.cpp, when llama-cpp-python is
+installed) read back to the same model, the tokenizer and chat template inside, an Ollama Modelfile beside it,
+refusals up front, and no partial file after a failure.
+
+Tolerances, on logits of magnitude ~1-1.5 (tiny random models) compared with the float32 checkpoint the file was
+written from: F16 rounds every weight to 11 significant bits (max logit difference measured 7e-4 -> bound 5e-3);
+BF16 to 8 bits (measured 5e-3 -> 2e-2); Q8_0 to 8-bit integers per 32-value block (measured 1.5e-2 -> 6e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import CHATML, make_checkpoint, nonzero_lora_b
+
+from fastload.errors import BackendUnavailable, FastloadError, InvalidOption, UnsupportedArchitecture
+from fastload.export.gguf import save_gguf
+
+TOLERANCE = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2}
+TEXT = "hello world, the quick brown fox jumps over the lazy dog"
+
+
+def has_llama_cpp() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_back(gguf_file: Path):
+    """The GGUF as transformers' own GGUF loader reads it: model (float32) and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    return model.eval(), tok
+
+
+def reference(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(folder))
+
+
+def max_logit_diff(a, b, ids) -> float:
+    with torch.no_grad():
+        return (a(ids).logits - b(ids).logits).abs().max().item()
+
+
+def gguf_fields(gguf_file: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_file))
+    keep = ("general.architecture", "general.file_type", "tokenizer.chat_template", "tokenizer.ggml.model",
+            "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.bos_token_id")
+    fields = {k: reader.fields[k].contents() for k in keep if k in reader.fields}
+    fields["tensor_types"] = {t.name: t.tensor_type.name for t in reader.tensors}
+    return fields
+
+
+@pytest.fixture(scope="module")
+def fp32_checkpoints(tmp_path_factory):
+    """float32 tiny checkpoints (the exact reference), one per family, built when first asked for."""
+    root, built = tmp_path_factory.mktemp("gguf-src"), {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = make_checkpoint(root / f"tiny-{family}", family, dtype="float32")
+        return built[family]
+
+    return get
+
+
+# -- the file matches the model it was written from ---------------------------------------------------------------
+
+@pytest.mark.parametrize("family,quantization", [
+    ("llama", "f16"), ("llama", "bf16"), ("llama", "q8_0"), ("qwen2", "f16"), ("qwen2", "q8_0"),
+    ("mistral", "f16"), ("qwen3", "f16"), ("gemma2", "f16"), ("gemma3_text", "f16"), ("phi3", "f16")])
+def test_transformers_reads_the_gguf_back_to_the_same_logits_and_tokens(fp32_checkpoints, tmp_path, family,
+                                                                        quantization):
+    src = fp32_checkpoints(family)
+    out = save_gguf(src, tmp_path / "out" / "model.gguf", quantization=quantization)
+    ref, ref_tok = reference(src)
+    model, tok = read_back(out)
+    ids = ref_tok(TEXT, return_tensors="pt").input_ids
+    assert tok(TEXT, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert max_logit_diff(ref, model, ids) < TOLERANCE[quantization]
+    fields = gguf_fields(out)
+    assert fields["tokenizer.chat_template"] == CHATML
+    assert fields["tokenizer.ggml.eos_token_id"] == ref_tok.eos_token_id
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    weight_type = fields["tensor_types"]["blk.0.ffn_down.weight"]
+    assert weight_type == quantization.upper() and fields["tensor_types"]["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_a_lora_model_is_merged_into_its_16bit_source_and_written(tiny_llama, tmp_path, caplog):
+    """The 4-bit LoRA model exported: its GGUF equals save_merged's folder (the merge transformers already trusts)."""
+    from fastload import FastModel
+
+    model, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    nonzero_lora_b(model)
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        out = FastModel.save_gguf(model, tmp_path / "gguf" / "tuned.gguf", tok, quantization="f16")
+    assert "merging the LoRA adapter into the 16-bit source" in caplog.text
+    assert "merge check on" in caplog.text  # the merge's cost is reported on the way
+    merged = FastModel.save_merged(model, tmp_path / "merged", tok, dtype=torch.float32, verify=False)
+    ref, ref_tok = reference(merged)
+    ids = ref_tok(TEXT, return_tensors="pt").input_ids
+    gguf_model, _ = read_back(out)
+    assert max_logit_diff(ref, gguf_model, ids) < TOLERANCE["f16"]
+    base, _ = reference(tiny_llama)
+    assert max_logit_diff(base, gguf_model, ids) > 10 * TOLERANCE["f16"], "the adapter is not in the GGUF"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "tuned.gguf"]  # no temporary folder left
+
+
+# -- Ollama -------------------------------------------------------------------------------------------------------
+
+def test_modelfile_has_the_chat_format_and_stop_tokens(fp32_checkpoints, tmp_path):
+    out = save_gguf(fp32_checkpoints("llama"), tmp_path / "model.gguf", quantization="q8_0")
+    text = (tmp_path / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in text
+    assert "{{ range .Messages }}<|im_start|>{{ .Role }}" in text.replace("{{-", "{{")
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    assert out.is_file()
+
+
+def test_modelfile_for_an_unknown_chat_format_says_it_is_plain():
+    from fastload.export.ollama import modelfile_text
+
+    text = modelfile_text("m.gguf", "{{ bos_token }}{% for m in messages %}### {{ m.content }}{% endfor %}", "</s>")
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text and "could not be translated" in text
+    assert 'PARAMETER stop "</s>"' in text
+
+
+# -- refusals and failures ----------------------------------------------------------------------------------------
+
+def test_an_unsupported_family_is_refused_before_anything_is_written(tmp_path):
+    from transformers import AutoConfig
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(AutoConfig.for_model("gpt2").to_dict()))
+    with pytest.raises(UnsupportedArchitecture) as caught:
+        save_gguf(folder, tmp_path / "out" / "gpt2.gguf")
+    assert "'gpt2'" in caught.value.asked and "llama" in caught.value.found and "convert_hf_to_gguf" in caught.value.fix
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_unknown_quantization_is_refused(fp32_checkpoints, tmp_path):
+    with pytest.raises(InvalidOption, match="q4_k_m"):
+        save_gguf(fp32_checkpoints("llama"), tmp_path / "m.gguf", quantization="q3_x")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(has_llama_cpp(), reason="llama-cpp-python is installed: the k-quant is written instead")
+def test_a_kquant_without_llama_cpp_names_the_extra(fp32_checkpoints, tmp_path):
+    with pytest.raises(BackendUnavailable) as caught:
+        save_gguf(fp32_checkpoints("llama"), tmp_path / "m.gguf", quantization="q4_k_m")
+    assert "llama-cpp-python" in caught.value.found and "q8_0" in caught.value.fix
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_cut_short_leaves_the_previous_file_and_no_partial_one(fp32_checkpoints, tmp_path):
+    """A real fault: the process may not write more than 1 MB (RLIMIT_FSIZE), the GGUF needs ~2.7 MB."""
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"previous export")
+    script = textwrap.dedent(f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        from fastload.errors import SaveError
+        from fastload.export.gguf import save_gguf
+        try:
+            save_gguf({str(fp32_checkpoints("llama"))!r}, {str(out)!r}, quantization="f16")
+        except SaveError as e:
+            print("SaveError", e.found)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "SaveError" in result.stdout, result.stderr[-2000:]
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_a_quantized_folder_is_refused(tiny_llama, tmp_path):
+    folder = tmp_path / "q"
+    folder.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
+    with pytest.raises(FastloadError, match="quantized checkpoint"):
+        save_gguf(folder, tmp_path / "m.gguf", quantization="f16")
