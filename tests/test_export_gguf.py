@@ -200,3 +200,35 @@ def test_a_quantized_folder_is_refused(tiny_llama, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "bitsandbytes"}}))
     with pytest.raises(FastloadError, match="quantized checkpoint"):
         save_gguf(folder, tmp_path / "m.gguf", quantization="f16")
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+def test_cli_exports_a_trained_adapter(tiny_llama, tmp_path, capsys):
+    from fastload import FastModel
+    from fastload.cli import main
+
+    model, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    nonzero_lora_b(model)
+    adapter = FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    merged = FastModel.save_merged(model, tmp_path / "merged", tok, dtype=torch.float32, verify=False)
+    capsys.readouterr()
+    out = tmp_path / "gguf" / "tuned.gguf"
+    assert main(["export", "gguf", str(adapter), "--out", str(out), "--quant", "f16", "--json", "-q"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["out"] == str(out) and Path(data["modelfile"]).is_file()
+    ref, ref_tok = reference(merged)
+    ids = ref_tok(TEXT, return_tensors="pt").input_ids
+    assert max_logit_diff(ref, read_back(out)[0], ids) < TOLERANCE["f16"]
+
+
+def test_cli_refuses_an_unsupported_family_with_fastloads_message(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from fastload.cli import main
+
+    folder = tmp_path / "opt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(AutoConfig.for_model("opt").to_dict()))
+    assert main(["export", "gguf", str(folder), "--out", str(tmp_path / "o.gguf")]) == 1
+    assert "families fastload writes" in capsys.readouterr().err
