@@ -17,6 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,3 +233,139 @@ def test_cli_refuses_an_unsupported_family_with_fastloads_message(tmp_path, caps
     (folder / "config.json").write_text(json.dumps(AutoConfig.for_model("opt").to_dict()))
     assert main(["export", "gguf", str(folder), "--out", str(tmp_path / "o.gguf")]) == 1
     assert "families fastload writes" in capsys.readouterr().err
+
+
+# -- the adapter alone for llama.cpp --lora -----------------------------------------------------------------------
+
+def gguf_tensors(gguf_file: Path) -> dict:
+    from gguf import GGUFReader
+
+    return {t.name: np.array(t.data, dtype=np.float32) for t in GGUFReader(str(gguf_file)).tensors}
+
+
+def test_lora_adapter_file_adds_up_to_the_merged_gguf(tiny_llama, tmp_path):
+    """base GGUF + alpha/r * lora_b @ lora_a (llama.cpp's arithmetic) == the merged model's GGUF, tensor by tensor:
+    the adapter's names, shapes, q/k row order and scaling are those of the base file."""
+    from gguf import GGUFReader
+
+    from fastload import FastModel
+    from fastload.export.lora_gguf import save_lora_gguf
+
+    model, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    nonzero_lora_b(model)
+    adapter = save_lora_gguf(model, tmp_path / "adapter.gguf")
+    base = gguf_tensors(save_gguf(tiny_llama, tmp_path / "base" / "base.gguf", quantization="f32"))
+    merged = gguf_tensors(save_gguf(model, tmp_path / "merged" / "merged.gguf", tok, quantization="f32",
+                                    verify=False))
+    reader = GGUFReader(str(adapter))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    lora = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    adapted = sorted({n.rsplit(".", 1)[0] for n in lora})
+    assert len(adapted) == 2 * 7  # 2 layers x 7 projections
+    for name in adapted:
+        a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
+        delta = alpha / a.shape[0] * (b @ a)
+        assert np.abs(delta).max() > 1e-3, name
+        # the merged file holds bf16 (the source's dtype) values: one bf16 rounding step apart at most
+        assert np.abs(base[name] + delta - merged[name]).max() < 2e-4, name
+
+
+# -- the real SmolLM2-135M ----------------------------------------------------------------------------------------
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers."]
+
+
+@pytest.fixture(scope="module")
+def smollm2_export(smollm2_dir, tmp_path_factory):
+    """SmolLM2 in 4-bit with a non-zero LoRA adapter, exported as F16 GGUF, Q8_0 GGUF and a merged folder."""
+    from fastload import FastModel
+
+    root = tmp_path_factory.mktemp("smollm2-gguf")
+    with pytest.MonkeyPatch.context() as mp:  # module scope runs before the per-test isolation: isolate here too
+        mp.setenv("FASTLOAD_HOME", str(root / "home"))
+        mp.setenv("HF_HOME", str(root / "hf-home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        model, tok = FastModel.from_pretrained(smollm2_dir, store=False, dtype=torch.float32)
+        nonzero_lora_b(model)
+        merged = FastModel.save_merged(model, root / "merged", tok, dtype=torch.float32, verify=False)
+        f16 = FastModel.save_gguf(model, root / "f16" / "smollm2.gguf", tok, quantization="f16", verify=False)
+        q8 = FastModel.save_gguf(model, root / "q8" / "smollm2.gguf", tok, quantization="q8_0", verify=False)
+        from fastload.export.lora_gguf import save_lora_gguf
+
+        adapter = save_lora_gguf(model, root / "adapter" / "adapter.gguf")
+        base = save_gguf(smollm2_dir, root / "base" / "base.gguf", quantization="f16")
+    return dict(merged=merged, f16=f16, q8=q8, tok=tok, adapter=adapter, base=base)
+
+
+def greedy(model, tok, prompt: str, n: int = 16) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_generates_like_the_merged_model_in_transformers(smollm2_export):
+    """Tolerance: logits of SmolLM2 reach ~20-30; F16 weights over 30 layers: < 0.1; Q8_0: < 1.0."""
+    ref, tok = reference(smollm2_export["merged"])
+    f16, gguf_tok = read_back(smollm2_export["f16"])
+    q8, _ = read_back(smollm2_export["q8"])
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    assert gguf_tok(TEXT, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert max_logit_diff(ref, f16, ids) < 0.1
+    assert max_logit_diff(ref, q8, ids) < 1.0
+    for prompt in PROMPTS:
+        assert greedy(f16, tok, prompt) == greedy(ref, tok, prompt), prompt
+
+
+def llama_cpp_logits(gguf_file: Path, token_ids: list[int], lora: Path | None = None) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_file), lora_path=str(lora) if lora else None, logits_all=True, n_ctx=256,
+                n_threads=2, verbose=False, seed=0)
+    llm.eval(token_ids)
+    logits = np.array(llm.scores[:len(token_ids)], dtype=np.float32)
+    llm.close()
+    return logits
+
+
+needs_llama_cpp = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python is not installed (the "
+                                     "'llamacpp' extra; it compiles llama.cpp on install, minutes)")
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_runs_the_smollm2_gguf_like_transformers(smollm2_export):
+    """llama.cpp's own reader and graph: next-token logits on each prompt's tokens match the merged transformers
+    model (F16: < 0.1 on logits of ~20-30; Q8_0: < 1.0), and greedy generation gives the same tokens (F16)."""
+    from llama_cpp import Llama
+
+    ref, tok = reference(smollm2_export["merged"])
+    for prompt in PROMPTS:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected = ref(ids).logits[0].numpy()
+        assert np.abs(llama_cpp_logits(smollm2_export["f16"], ids[0].tolist()) - expected).max() < 0.1
+        assert np.abs(llama_cpp_logits(smollm2_export["q8"], ids[0].tolist()) - expected).max() < 1.0
+        llm = Llama(model_path=str(smollm2_export["f16"]), n_ctx=256, n_threads=2, verbose=False, seed=0)
+        assert llm.tokenize(tok.decode(ids[0]).encode(), add_bos=False, special=True) == ids[0].tolist()
+        expected_tokens = greedy(ref, tok, prompt)  # up to 16 tokens, fewer when it ends with eos
+        out = llm.generate(ids[0].tolist(), temp=0.0, top_k=1)
+        tokens = [next(out) for _ in expected_tokens]
+        llm.close()
+        assert tokens == expected_tokens, prompt
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+def test_llama_cpp_applies_the_lora_adapter_file_like_the_merged_model(smollm2_export):
+    ids = smollm2_export["tok"](TEXT).input_ids
+    merged = llama_cpp_logits(smollm2_export["f16"], ids)
+    with_lora = llama_cpp_logits(smollm2_export["base"], ids, lora=smollm2_export["adapter"])
+    without = llama_cpp_logits(smollm2_export["base"], ids)
+    assert np.abs(with_lora - merged).max() < 0.1
+    assert np.abs(without - merged).max() > 1.0, "the adapter changes nothing: the test would not see a bad one"

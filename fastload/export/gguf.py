@@ -105,7 +105,7 @@ def _llama_cpp():
         import llama_cpp
     except ImportError as e:
         raise BackendUnavailable("Writing a llama.cpp k-quant GGUF", found="llama-cpp-python is not installed",
-                                 fix="pip install 'fastload[gguf]' (llama-cpp-python), or use quantization='q8_0' "
+                                 fix="pip install 'fastload[llamacpp]' (llama-cpp-python), or use quantization='q8_0' "
                                      "or 'f16', which fastload writes itself") from e
     return llama_cpp
 
