@@ -217,6 +217,14 @@ class FastModel:
         return save_gguf(model, path, tokenizer=tokenizer, quantization=quantization, **kwargs)
 
     @staticmethod
+    def push_to_hub(model, repo_id: str, tokenizer=None, what: str = "adapter", private: bool = True,
+                    token: str | None = None, **kwargs: Any):
+        """Build the adapter / merged / merged-4bit / gguf folder with a model card and upload it in one commit."""
+        from .export.hub import push_to_hub
+
+        return push_to_hub(model, repo_id, tokenizer, what=what, private=private, token=token, **kwargs)
+
+    @staticmethod
     def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any):
         """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text."""
         from .generation import generate

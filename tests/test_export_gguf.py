@@ -268,8 +268,8 @@ def test_lora_adapter_file_adds_up_to_the_merged_gguf(tiny_llama, tmp_path):
         a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]
         delta = alpha / a.shape[0] * (b @ a)
         assert np.abs(delta).max() > 1e-3, name
-        # the merged file holds bf16 (the source's dtype) values: one bf16 rounding step apart at most
-        assert np.abs(base[name] + delta - merged[name]).max() < 2e-4, name
+        # the merged file holds bf16 values (the source's dtype): apart by one bf16 rounding (8 bits: 2^-8 relative)
+        assert np.all(np.abs(base[name] + delta - merged[name]) <= 2.0 ** -8 * np.abs(merged[name]) + 1e-7), name
 
 
 # -- the real SmolLM2-135M ----------------------------------------------------------------------------------------
@@ -307,18 +307,31 @@ def greedy(model, tok, prompt: str, n: int = 16) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
+def rounded_to_f16(model):
+    """The model with its matrices rounded to float16 as the F16 GGUF stores them (1-D tensors stay float32)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    return model
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_generates_like_the_merged_model_in_transformers(smollm2_export):
-    """Tolerance: logits of SmolLM2 reach ~20-30; F16 weights over 30 layers: < 0.1; Q8_0: < 1.0."""
+    """Logits of SmolLM2 reach ~20-30. Against the merged float32 model with its matrices rounded to float16 (what
+    F16 stores), the F16 file differs by float32 round-off only (< 1e-2); against the unrounded model F16's rounding
+    costs up to ~0.3 (measured 0.26, bound 0.5) and Q8_0's a few tenths more (bound 1.5)."""
     ref, tok = reference(smollm2_export["merged"])
     f16, gguf_tok = read_back(smollm2_export["f16"])
     q8, _ = read_back(smollm2_export["q8"])
     ids = tok(TEXT, return_tensors="pt").input_ids
     assert gguf_tok(TEXT, return_tensors="pt").input_ids.tolist() == ids.tolist()
-    assert max_logit_diff(ref, f16, ids) < 0.1
-    assert max_logit_diff(ref, q8, ids) < 1.0
+    assert max_logit_diff(ref, f16, ids) < 0.5
+    assert max_logit_diff(ref, q8, ids) < 1.5
+    ref16 = rounded_to_f16(ref)
+    assert max_logit_diff(ref16, f16, ids) < 1e-2
     for prompt in PROMPTS:
-        assert greedy(f16, tok, prompt) == greedy(ref, tok, prompt), prompt
+        assert greedy(f16, tok, prompt) == greedy(ref16, tok, prompt), prompt
 
 
 def llama_cpp_logits(gguf_file: Path, token_ids: list[int], lora: Path | None = None) -> np.ndarray:
