@@ -20,10 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from tiny import CHATML, make_checkpoint, nonzero_lora_b
 
-from fastload.errors import BackendUnavailable, FastloadError, InvalidOption, UnsupportedArchitecture
+from fastload.errors import (
+    BackendUnavailable,
+    FastloadError,
+    InvalidOption,
+    UnsupportedArchitecture,
+)
 from fastload.export.gguf import save_gguf
 
 TOLERANCE = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2}
@@ -188,7 +192,8 @@ def test_a_write_cut_short_leaves_the_previous_file_and_no_partial_one(fp32_chec
             print("SaveError", e.found)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            check=False)
     assert "SaveError" in result.stdout, result.stderr[-2000:]
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
@@ -296,7 +301,7 @@ def smollm2_export(smollm2_dir, tmp_path_factory):
 
         adapter = save_lora_gguf(model, root / "adapter" / "adapter.gguf")
         base = save_gguf(smollm2_dir, root / "base" / "base.gguf", quantization="f16")
-    return dict(merged=merged, f16=f16, q8=q8, tok=tok, adapter=adapter, base=base)
+    return {"merged": merged, "f16": f16, "q8": q8, "tok": tok, "adapter": adapter, "base": base}
 
 
 def greedy(model, tok, prompt: str, n: int = 16) -> list[int]:

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-
 from tiny import nonzero_lora_b
 
 from fastload import FastModel

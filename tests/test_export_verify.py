@@ -9,7 +9,6 @@ import logging
 import math
 
 import torch
-
 from tiny import nonzero_lora_b
 
 from fastload import FastModel

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from .gguf import save_gguf
 
     source = Path(args.source).expanduser()
-    options = dict(quantization=args.quant, modelfile=not args.no_modelfile)
+    options = {"quantization": args.quant, "modelfile": not args.no_modelfile}
     if (source / "adapter_config.json").is_file():
         from ..facade import FastModel
 

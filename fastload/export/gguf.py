@@ -15,15 +15,28 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .._log import logger
-from ..errors import BackendUnavailable, CheckpointIncomplete, FastloadError, InvalidOption
-from .families import Family, add_hyperparameters, family_for, llama3_rope_factors, skipped, transform
+from ..errors import (
+    BackendUnavailable,
+    CheckpointIncomplete,
+    FastloadError,
+    InvalidOption,
+)
+from .families import (
+    Family,
+    add_hyperparameters,
+    family_for,
+    llama3_rope_factors,
+    skipped,
+    transform,
+)
 
 # fastload's own writers; the k-quants go through llama.cpp's quantizer (name -> llama_ftype value)
 OWN_TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -222,8 +235,7 @@ def _write_own(folder: Path, out: Path, quantization: str, tokenizer_dir: Path) 
         writer.flush()
     finally:
         writer.close()
-    logger.info("wrote %s (%s, %s, %d tensors)", out.name if out.name[0] != "." else "the GGUF", family.arch,
-                quantization, len(plans))
+    logger.info("GGUF written: %s architecture, %s, %d tensors", family.arch, quantization, len(plans))
 
 
 def _add_metadata(writer, folder: Path, family: Family, config: dict, quantization: str) -> None:

@@ -72,8 +72,9 @@ def model_card(model, repo_id: str, what: str, training: dict | None = None) -> 
     config = (getattr(model, "peft_config", None) or {}).get(active_adapter(model))
     library = "peft" if what == "adapter" else "gguf" if what == "gguf" else "transformers"
     header = ["---", f"base_model: {base}", f"library_name: {library}", "tags:", "- fastload", "- lora", "---"]
-    lines = [f"# {repo_id.split('/')[1]}", "", f"Fine-tuned from `{base}` with LoRA using fastload {__version__}; "
-             f"this repository holds the {_describe(what)}.", ""]
+    summary = (f"Fine-tuned from `{base}` with LoRA using fastload {__version__}; this repository holds the "
+               f"{_describe(what)}.")
+    lines = [f"# {repo_id.split('/')[1]}", "", summary, ""]
     if config is not None:
         targets = ", ".join(sorted(config.target_modules)) if not isinstance(config.target_modules, str) \
             else config.target_modules

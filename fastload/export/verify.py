@@ -7,9 +7,9 @@ numbers here show how much, on held-out texts when given, else on a chat written
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .._log import logger
 
@@ -46,9 +46,11 @@ def probe_texts(tokenizer, texts: Sequence[str] | None = None) -> list[str]:
     if texts:
         return [str(t) for t in texts]
     if getattr(tokenizer, "chat_template", None):
+        from jinja2.exceptions import TemplateError
+
         try:
             return [tokenizer.apply_chat_template(PROBE_CHAT, tokenize=False)]
-        except Exception as e:  # a template that needs other roles or arguments: plain text still measures
+        except (TemplateError, ValueError, TypeError) as e:  # a template needing other roles: plain text measures too
             logger.info("merge check: the chat template did not render (%s); probing plain text", type(e).__name__)
     return list(PROBE_PLAIN)
 
@@ -65,7 +67,6 @@ def report_merge(model, merged_dir: str | Path, tokenizer=None, texts: Sequence[
     Returns:
         The MergeReport, or None when no tokenizer is available (logged).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged_dir = Path(merged_dir)
