@@ -109,6 +109,19 @@ def test_transformers_reads_the_gguf_back_to_the_same_logits_and_tokens(fp32_che
     assert weight_type == quantization.upper() and fields["tensor_types"]["blk.0.attn_norm.weight"] == "F32"
 
 
+def test_a_sentencepiece_style_tokenizer_reads_back_to_the_same_tokens(tmp_path):
+    """Llama-2/Mistral/Gemma tokenizers (BPE with byte fallback) go in as llama.cpp's SentencePiece vocab."""
+    from tiny import make_sentencepiece_style_tokenizer
+
+    tok = make_sentencepiece_style_tokenizer()
+    src = make_checkpoint(tmp_path / "spm", "llama", dtype="float32", tokenizer=tok)
+    out = save_gguf(src, tmp_path / "out" / "spm.gguf", quantization="f16")
+    _, gguf_tok = read_back(out)
+    for text in (TEXT, "a stitch in time saves nine: é ñ 0123"):  # é, ñ: not in the vocab, so byte pieces
+        assert gguf_tok(text).input_ids == tok(text).input_ids, text
+    assert gguf_fields(out)["tokenizer.ggml.model"] == "llama"
+
+
 def test_a_lora_model_is_merged_into_its_16bit_source_and_written(tiny_llama, tmp_path, caplog):
     """The 4-bit LoRA model exported: its GGUF equals save_merged's folder (the merge transformers already trusts)."""
     from fastload import FastModel

@@ -49,12 +49,25 @@ def add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> None:
                                       "tokenizer; fastload writes BPE tokenizers",
                                       fix="convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
     if model.get("byte_fallback"):
-        _add_sentencepiece_style(writer, tokenizer_dir, vocab_size)
+        _add_sentencepiece_style(writer, data, vocab_size)
     else:
         _add_byte_level(writer, data, vocab_size)
     # merges (byte-level BPE only), bos/eos/unk/pad ids, add_bos/add_eos and the chat template
-    gguf.SpecialVocab(tokenizer_dir, load_merges=not model.get("byte_fallback"), n_vocab=vocab_size).add_to_gguf(
-        writer, quiet=True)
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=not model.get("byte_fallback"), n_vocab=vocab_size)
+    # llama.cpp adds a bos token unless told otherwise; say what the tokenizer itself does
+    special.add_special_token.setdefault("bos", _adds_leading_special(data))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _adds_leading_special(tokenizer_json: dict) -> bool:
+    """Whether tokenizer.json's post-processor puts a special token (bos) before the text."""
+    pp = tokenizer_json.get("post_processor") or {}
+    steps = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
+    for step in steps:
+        single = (step.get("single") or []) if step.get("type") == "TemplateProcessing" else []
+        if single and "SpecialToken" in single[0]:
+            return True
+    return False
 
 
 def _add_byte_level(writer, data: dict, vocab_size: int) -> None:
@@ -76,26 +89,35 @@ def _add_byte_level(writer, data: dict, vocab_size: int) -> None:
     writer.add_token_types(token_types)
 
 
-def _add_sentencepiece_style(writer, tokenizer_dir: Path, vocab_size: int) -> None:
-    """Llama-2 / Mistral / Gemma tokenizers: BPE with byte fallback, stored as llama.cpp's SentencePiece vocab."""
+def _add_sentencepiece_style(writer, data: dict, vocab_size: int) -> None:
+    """Llama-2 / Mistral / Gemma tokenizers (BPE with byte fallback) as llama.cpp's SentencePiece vocab. Its merges
+    follow the pieces' scores; SentencePiece numbers pieces in merge order, so a piece's score is minus its id."""
     import gguf
-    from gguf.vocab import LlamaHfVocab
 
-    tokens, scores, types = [], [], []
-    for text, score, kind in LlamaHfVocab(tokenizer_dir).all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(kind)
-    _check_fits(len(tokens), vocab_size)
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    by_id: dict[int, str] = {i: t for t, i in data["model"]["vocab"].items()}
+    types = {i: _piece_type(t) for i, t in by_id.items()}
+    scores = {i: -float(i) if types[i] == gguf.TokenType.NORMAL else 0.0 for i in by_id}
+    for added in data.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        scores[added["id"]] = 0.0
+    unk = data["model"].get("unk_token")
+    for i, t in by_id.items():
+        if t == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+    _check_fits(max(by_id) + 1, vocab_size)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
+    writer.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    writer.add_token_scores([scores.get(i, -1e9) for i in range(vocab_size)])
+    writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(vocab_size)])
+
+
+def _piece_type(text: str):
+    import gguf
+
+    is_byte = len(text) == 6 and text.startswith("<0x") and text.endswith(">")
+    return gguf.TokenType.BYTE if is_byte else gguf.TokenType.NORMAL
 
 
 def _check_fits(n_tokens: int, vocab_size: int) -> None:
