@@ -116,3 +116,20 @@ def test_a_refused_upload_is_a_save_error_without_the_token(hub, tuned):
     with pytest.raises(SaveError) as caught:  # the server has no such endpoint for this repo type
         FastModel.push_to_hub(model, "me/tuned", tok, token=TOKEN, endpoint=hub["endpoint"] + "/nowhere")
     assert TOKEN not in str(caught.value)
+
+
+def test_cli_pushes_an_adapter_with_the_logged_in_token(hub, tuned, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from fastload.cli import main
+
+    model, tok = tuned
+    adapter = FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub["endpoint"])
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    capsys.readouterr()
+    assert main(["export", "hub", str(adapter), "--repo", "me/tuned", "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["commit"].endswith("/commit/abc123")
+    assert "adapter_model.safetensors" in hub["files"] and f"Bearer {TOKEN}" in hub["auth"]
+    assert TOKEN not in captured.out + captured.err

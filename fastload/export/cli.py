@@ -1,4 +1,4 @@
-"""`fastload export gguf SOURCE --out FILE`: the GGUF exit on the command line.
+"""`fastload export gguf SOURCE --out FILE` and `fastload export hub SOURCE --repo user/name` on the command line.
 
 SOURCE is a trained adapter folder (what `fastload train --out` wrote: base + adapter are loaded and merged) or a
 merged 16-bit folder (converted as it is). Only argparse is imported here; the work happens in run().
@@ -27,10 +27,38 @@ def add_arguments(parser: argparse.ArgumentParser, parents: list[argparse.Argume
                       help="merge into the 16-bit original (auto: when on this machine) or the dequantized weights")
     gguf.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
     gguf.add_argument("--no-verify", action="store_true", help="skip measuring what the merge cost")
+    gguf.set_defaults(export=run_gguf)
+
+    hub = formats.add_parser("hub", help="push a trained adapter to the Hugging Face Hub (adapter, merged, gguf)",
+                             description="build the folder with a model card and upload it in one commit",
+                             parents=list(parents))
+    hub.add_argument("source", help="adapter folder (adapter_config.json, what `fastload train --out` wrote)")
+    hub.add_argument("--repo", required=True, help="user/name on the Hub (created private unless --public)")
+    hub.add_argument("--what", choices=("adapter", "merged", "merged-4bit", "gguf"), default="adapter",
+                     help="what to upload (default: the adapter alone)")
+    hub.add_argument("--quant", choices=QUANT_CHOICES, default="q8_0", help="GGUF type with --what gguf")
+    hub.add_argument("--public", action="store_true", help="create the repository public")
+    hub.set_defaults(export=run_hub)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export as asked; prints the written path (JSON with --json). Returns the exit code."""
+    """Export as asked; prints what was written (JSON with --json). Returns the exit code."""
+    return args.export(args)
+
+
+def run_hub(args: argparse.Namespace) -> int:
+    """The token comes from huggingface_hub's login or HF_TOKEN, never from the command line (shell history)."""
+    from ..facade import FastModel
+    from .hub import push_to_hub
+
+    model, tokenizer = FastModel.from_pretrained(args.source, gradient_checkpointing=False, engine=False)
+    url = push_to_hub(model, args.repo, tokenizer, what=args.what, private=not args.public, quantization=args.quant)
+    data = {"source": args.source, "repo": args.repo, "what": args.what, "commit": url}
+    print(json.dumps(data, indent=2) if getattr(args, "json", False) else f"pushed {args.what} to {url}")
+    return 0
+
+
+def run_gguf(args: argparse.Namespace) -> int:
     from .gguf import save_gguf
 
     source = Path(args.source).expanduser()
