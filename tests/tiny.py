@@ -23,10 +23,11 @@ SHAPES = {
                   num_key_value_heads=1, head_dim=64, max_position_embeddings=512),
     "qwen3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=128, max_position_embeddings=512),
+    # Gemma-2/3 scale attention by query_pre_attn_scalar (256 by default), llama.cpp by head_dim: real 2B/9B sizes
     "gemma2": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=64, max_position_embeddings=512, sliding_window=64),
+                   num_key_value_heads=2, head_dim=256, max_position_embeddings=512, sliding_window=64),
     "gemma3_text": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=64, max_position_embeddings=512, sliding_window=64),
+                        num_key_value_heads=2, head_dim=256, max_position_embeddings=512, sliding_window=64),
     "phi3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0),
 }

@@ -43,7 +43,9 @@ ROPE_TYPES = {None, "default", "linear", "llama3"}
 def rope_parameters(config: dict) -> dict:
     """transformers 5 keeps rope settings in `rope_parameters`; older configs in `rope_theta` and `rope_scaling`."""
     params = dict(config.get("rope_scaling") or {})
-    params.update(config.get("rope_parameters") or {})
+    nested = config.get("rope_parameters") or {}
+    # Gemma-3 keeps one set per attention kind; llama.cpp reads the full-attention one (sliding layers: base 10000)
+    params.update(nested.get("full_attention", nested) if isinstance(nested.get("full_attention"), dict) else nested)
     if "rope_theta" in config and "rope_theta" not in params:
         params["rope_theta"] = config["rope_theta"]
     if "type" in params and "rope_type" not in params:
