@@ -152,8 +152,9 @@ def _merged_folder(model, near: Path, tokenizer, source: str, verify: bool, prob
     from ..saving import save_merged
 
     with _scratch(near, "merged") as tmp:
-        merged = save_merged(model, tmp / "model", tokenizer=tokenizer, source=source, verify=verify,
-                             probe_texts=probe_texts)
+        # merged in float32: rounding to the source's bf16 first, then to F16/Q8_0, would round twice
+        merged = save_merged(model, tmp / "model", tokenizer=tokenizer, source=source, dtype="float32",
+                             verify=verify, probe_texts=probe_texts)
         yield merged
 
 
