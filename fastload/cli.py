@@ -20,9 +20,10 @@ from typing import Any, Callable
 from fastload._log import logger, set_verbosity
 from fastload.errors import FastloadError, InvalidOption, ModelNotFound, StoreError
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED
+from fastload.export import cli as export_cli
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-LOADING_COMMANDS = {"quantize", "train", "merge", "generate", "estimate"}
+LOADING_COMMANDS = {"quantize", "train", "merge", "generate", "estimate", "export"}
 GIB = 1024 ** 3
 
 
@@ -594,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", action="store_true", help="write a bitsandbytes 4-bit checkpoint instead of 16-bit")
     p.add_argument("--source", choices=("auto", "16bit", "dequantized"), default="auto",
                    help="merge into the 16-bit original (auto: when on this machine) or the dequantized 4-bit weights")
+
+    p = command("export", export_cli.run, "export a trained adapter or merged model: `export gguf` for llama.cpp")
+    export_cli.add_arguments(p, parents=[data])
 
     p = command("generate", cmd_generate, "generate text from a model or a trained adapter")
     p.add_argument("model", help="model name or adapter directory")

@@ -231,6 +231,21 @@ class FastModel:
         return save_merged(model, directory, tokenizer=tokenizer, source=source, quantize=quantize, **kwargs)
 
     @staticmethod
+    def save_gguf(model, path: str | os.PathLike, tokenizer=None, quantization: str = "q8_0", **kwargs: Any):
+        """One .gguf file for llama.cpp / Ollama (LoRA merged first) and an Ollama Modelfile beside it."""
+        from fastload.export.gguf import save_gguf
+
+        return save_gguf(model, path, tokenizer=tokenizer, quantization=quantization, **kwargs)
+
+    @staticmethod
+    def push_to_hub(model, repo_id: str, tokenizer=None, what: str = "adapter", private: bool = True,
+                    token: str | None = None, **kwargs: Any):
+        """Build the adapter / merged / merged-4bit / gguf folder with a model card and upload it in one commit."""
+        from fastload.export.hub import push_to_hub
+
+        return push_to_hub(model, repo_id, tokenizer, what=what, private=private, token=token, **kwargs)
+
+    @staticmethod
     def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any):
         """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text."""
         from fastload.train.generation import generate

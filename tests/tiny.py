@@ -21,6 +21,13 @@ SHAPES = {
                     num_key_value_heads=2, max_position_embeddings=512),
     "gemma": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=64, max_position_embeddings=512),
+    "qwen3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=128, max_position_embeddings=512),
+    # Gemma-2/3 scale attention by query_pre_attn_scalar (256 by default), llama.cpp by head_dim: real 2B/9B sizes
+    "gemma2": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=256, max_position_embeddings=512, sliding_window=64),
+    "gemma3_text": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=256, max_position_embeddings=512, sliding_window=64),
     "phi3": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0),
 }
@@ -50,18 +57,19 @@ def make_tokenizer(vocab_size: int = 384):
 
 
 def make_checkpoint(directory: Path, family: str = "llama", dtype: str = "bfloat16", seed: int = 0,
-                    tokenizer: bool = True, **overrides) -> Path:
-    """Save a randomly initialised model of the family's shape as a real safetensors checkpoint."""
+                                    tokenizer=True, **overrides) -> Path:
+    """Save a randomly initialised model of the family's shape as a real safetensors checkpoint (tokenizer: True for
+    the byte-level BPE one, False for none, or a tokenizer object to save)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
-    tok = make_tokenizer()
+    tok = tokenizer if not isinstance(tokenizer, bool) else make_tokenizer()
     config = AutoConfig.for_model(family, vocab_size=len(tok), **{**SHAPES[family], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(directory)
-    if tokenizer:
+    if tokenizer is not False:
         tok.save_pretrained(directory)
     return directory
 
@@ -75,3 +83,26 @@ def nonzero_lora_b(model, seed: int = 0) -> None:
         for name, p in sorted(model.named_parameters()):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def make_sentencepiece_style_tokenizer(vocab_size: int = 384):
+    """A Llama-2-style tokenizer.json: BPE with byte fallback, '▁' for spaces, <0xXX> byte pieces in the vocab."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=vocab_size - len(specials),
+                                                                show_progress=False))
+    learned = sorted(trained.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = {t: i for i, t in enumerate(specials + [t for t, _ in learned])}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in __import__("json").loads(trained.to_str())["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = trained.normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHATML
+    return fast

@@ -266,13 +266,16 @@ def _dtype(value):
 
 
 def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str = "auto", quantize: bool = False,
-                dtype: Any = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+                dtype: Any = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE, verify: bool = True,
+                probe_texts=None) -> Path:
     """Merge the LoRA adapter into 16-bit weights and save a checkpoint plain transformers loads.
 
     source: "16bit" merges into the 16-bit original (must be on this machine), "dequantized" into the loaded 4-bit
     weights dequantized, "auto" the first when available. dtype: of the written weights (default: the source's
     16-bit dtype; bfloat16 for dequantized weights). quantize=True writes a bitsandbytes 4-bit checkpoint of the
-    merged model instead (fastload loads it pre-quantized).
+    merged model instead (fastload loads it pre-quantized). verify: evaluate the LoRA model and the merged 16-bit
+    result on a probe batch (probe_texts, else a chat in the tokenizer's template) and log the loss/perplexity
+    delta and the max logit difference (fastload.export.verify); False skips it.
     """
     if source not in SOURCES:
         raise InvalidOption(f"source={source!r}", found=f"choices: {', '.join(SOURCES)}",
@@ -310,6 +313,10 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
             tokenizer.save_pretrained(str(target))
         elif not _has_tokenizer(target):
             _copy_tokenizer_files(plan, target)
+        if verify:
+            from fastload.export.verify import report_merge
+
+            report_merge(model, target, tokenizer, probe_texts)
         if quantize:
             _quantize_into(target, tmp, plan)
             shutil.rmtree(target)
