@@ -80,7 +80,8 @@ class NativeBackend:
         started = time.perf_counter()
         key = plan.store_key
         if plan.source == P.HUB_DOWNLOAD:  # downloaded just now: keyed by the commit, as the next load looks it up
-            from fastload.sources.resolve import hub_cache_dir, store_key_of
+            from fastload.sources.hub import hub_cache_dir
+            from fastload.sources.resolve import store_key_of
 
             key = store_key_of(plan.original, plan.revision, plan.quant, hub_cache_dir(opts.cache_dir))
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from fastload._log import logger
 from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
 from fastload.atomic import atomic_folder, refuse_source
+from fastload.sources.hub import hub_calls_off
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -73,8 +74,8 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     _require_adapters(model, "Saving the LoRA adapter")
     name_base_model(model, getattr(model, "fastload_plan", None))
     directory = Path(directory)
-    with atomic_directory(directory, marker="adapter_config.json") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
+        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     logger.info("saved the LoRA adapter in %s (base: %s)", directory,
@@ -213,7 +214,7 @@ def find_16bit_source(plan) -> Path | None:
         from fastload.sources.registry import REPO_ID
 
         if REPO_ID.match(plan.original):
-            from fastload.sources.resolve import cached_snapshot, hub_cache_dir
+            from fastload.sources.hub import cached_snapshot, hub_cache_dir
 
             revision = plan.revision if plan.location == plan.original else None
             snapshot = cached_snapshot(plan.original, revision, hub_cache_dir(None))

@@ -19,42 +19,13 @@ from typing import Any, Callable
 from fastload.sources import plan as P
 from fastload.sources.checkpoint_files import inspect_checkpoint, read_safetensors_header
 from fastload.errors import CheckpointCorrupt, ModelNotFound, UnsafeCheckpoint
+from fastload.sources.hub import cached_snapshot, hub_cache_dir, hub_offline
 from fastload.sources.plan import LoadPlan
 from fastload.sources.registry import REPO_ID, Match, Registry, get_registry
 from fastload.settings import QuantSettings
 from fastload.sources.store import Store, entry_key
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def hub_offline(local_files_only: bool | None) -> bool:
-    if local_files_only:
-        return True
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_cache_dir(cache_dir: str | os.PathLike | None) -> str:
-    """The hub cache as the environment says now (huggingface_hub reads it once, at its import)."""
-    if cache_dir:
-        return str(cache_dir)
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
-
-
-def cached_snapshot(repo_id: str, revision: str | None, cache_dir: str) -> Path | None:
-    """The snapshot folder of a repo fully present in the HF cache (config and weights), else None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None
-    if not (path / "config.json").is_file() or not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
-        return None
-    return path
 
 
 def local_fingerprint(path: Path) -> str:

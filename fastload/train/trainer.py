@@ -239,11 +239,25 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     if not sft:
         from transformers import Trainer
 
-        return Trainer(**kw)
+        return saving_locally(Trainer)(**kw)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer = import_trl().SFTTrainer(**kw)
+    trainer = saving_locally(import_trl().SFTTrainer)(**kw)
     restore_adapter_dtypes(model, dtypes)
     return trainer
+
+
+def saving_locally(trainer_cls):
+    """The trainer class whose checkpoints never reach the hub: each one runs peft's save, which otherwise looks up
+    the base repo's config.json online (the repo id and token leave the machine; a slow hub stalls every save)."""
+    from fastload.sources.hub import hub_calls_off
+
+    class SavingLocally(trainer_cls):
+        def _save(self, *args, **kwargs):
+            with hub_calls_off():
+                return super()._save(*args, **kwargs)
+
+    SavingLocally.__name__ = SavingLocally.__qualname__ = f"Fastload{trainer_cls.__name__}"
+    return SavingLocally
 
 
 def restore_adapter_dtypes(model, dtypes: dict) -> None:
