@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from fastload.sources import plan as P
 from fastload._log import logger
 from fastload.train.checkpointing import enable_checkpointing
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_source(plan):
+    """Where the tokenizer is read from: a store entry keeps a copy made when it was stored, and its key covers only
+    config and weights, so a local source folder's own tokenizer files win: edits to its chat template or special
+    tokens after the first load are seen. A hub snapshot or GGUF source is keyed by its commit or bytes already."""
+    original = Path(plan.original) if plan.source == P.STORE and plan.original else None
+    if original is not None and original.is_dir() and any((original / name).is_file() for name in TOKENIZER_FILES):
+        return replace(plan, source=P.LOCAL, location=str(original))
+    return plan
 
 
 class NativeBackend:
@@ -63,7 +78,7 @@ class NativeBackend:
         what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)
-        tokenizer = load_tokenizer(plan, opts)
+        tokenizer = load_tokenizer(tokenizer_source(plan), opts)
         model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer
 
