@@ -101,7 +101,8 @@ def hub_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def probe_hub(repo_id: str, revision: str | None, token: str | bool | None, timeout: float = HUB_TIMEOUT_S) -> None:
+def probe_hub(repo_id: str, revision: str | None, token: str | bool | None, timeout: float = HUB_TIMEOUT_S,
+              endpoint: str | None = None) -> None:
     """Ask the hub for the repo's config.json once, within `timeout`, before transformers does (it waits for each
     file and retries failed connections for ~30 s). Any HTTP answer means the hub is there: what it says (no such
     repo, gated) is left to the load that follows. No answer raises ModelNotFound naming the endpoint.
@@ -112,8 +113,8 @@ def probe_hub(repo_id: str, revision: str | None, token: str | bool | None, time
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    endpoint = hub_endpoint()
-    url = hf_hub_url(repo_id, "config.json", revision=revision)
+    endpoint = endpoint or hub_endpoint()
+    url = hf_hub_url(repo_id, "config.json", revision=revision, endpoint=endpoint)
     try:
         get_session().head(url, headers=build_hf_headers(token=token), timeout=timeout, follow_redirects=True)
     except Exception as e:  # noqa: BLE001 - every transport failure is the same answer for the user
