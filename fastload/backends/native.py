@@ -25,6 +25,18 @@ def tokenizer_source(plan):
     return plan
 
 
+def requantize_plan(plan, opts, store):
+    """The plan that loads a store entry's 16-bit source again (the entry itself gone), as the user's name."""
+    from dataclasses import asdict
+
+    from fastload.sources.resolve import resolve
+
+    fresh = resolve(plan.original, revision=plan.revision, cache_dir=opts.cache_dir,
+                    local_files_only=opts.local_files_only, store=store, allow_pickle=opts.allow_pickle,
+                    quantization_config=asdict(plan.quant))
+    return replace(fresh, name=plan.name, adapter=plan.adapter)
+
+
 class NativeBackend:
     name = "native"
 
@@ -42,6 +54,10 @@ class NativeBackend:
                 else:
                     model, tokenizer = self._load(plan, opts, store)
                     self._store(plan, opts, model, tokenizer, store)
+        elif plan.source == P.STORE and store is not None:
+            model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state)
+            if model is None:  # the entry was damaged: discarded and loaded again from its source
+                return tokenizer
         else:
             model, tokenizer = self._load(plan, opts, store)
         if plan.adapter:
@@ -69,6 +85,25 @@ class NativeBackend:
         else:
             logger.info("gradient checkpointing: off, as asked (activations of every layer stay in memory)")
         return model, tokenizer
+
+    def _load_stored(self, plan, opts, store, *load_args):
+        """A store entry whose damage no check caught (the sampled hash reads a few MiB) can still fail to load: it
+        is discarded and the model loaded from its source, quantized and stored again, instead of every later load
+        failing on it. Returns (model, tokenizer), or (None, what load returned) after such a rebuild."""
+        from fastload.errors import CheckpointError
+
+        try:
+            return self._load(plan, opts, store)
+        except CheckpointError as e:
+            if not plan.original or not plan.store_key:
+                raise
+            logger.warning("store entry %s does not load (%s): discarded; loading %s again", Path(plan.location).name,
+                           e.found or e, plan.original)
+            store.remove(plan.store_key)
+            fresh = requantize_plan(plan, opts, store)
+            if fresh.source == P.STORE:
+                raise
+            return None, self.load(fresh, opts, store, *load_args)
 
     def _load(self, plan, opts, store):
         if plan.gguf_file:
