@@ -315,7 +315,19 @@ def clean_leftovers(where: Path, dest: Path | None = None) -> list[Path]:
         elif m["role"] != "old" and mark is not None and writer_gone(mark):
             shutil.rmtree(leftover, ignore_errors=True)
             done.append(leftover)
+        elif m["role"] == "tmp" and mark is None and _unmarked_and_empty(leftover, int(m["pid"])):
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(leftover)
     return done
+
+
+def _unmarked_and_empty(folder: Path, pid: int) -> bool:
+    """A writer killed between creating its temporary folder and marking it leaves it empty (or with a cut marker):
+    nothing in it can be anyone's, so once that pid is gone it is removed like a marked one."""
+    try:
+        return not pid_alive(pid) and all(p.name == MARKER for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _put_back(old: Path, dest: Path, mark: dict | None, pid: int) -> bool:

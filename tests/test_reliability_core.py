@@ -90,3 +90,18 @@ def test_a_huge_answer_is_cut_before_templating_without_changing_the_tokens():
     cut = tokenize_conversation(tok, messages, max_seq_length=64)
     whole = tokenize_conversation(tok, messages, max_seq_length=None)
     assert cut["input_ids"] == whole["input_ids"][:64] and cut["labels"] == whole["labels"][:64]
+
+
+def test_an_empty_unmarked_temporary_folder_of_a_dead_writer_is_cleaned_and_user_files_stay(tmp_path):
+    """A writer SIGKILLed between creating its temporary folder and marking it: the next write removes the empty
+    folder; a folder of the same name shape holding anything stays (it cannot be proven ours)."""
+    from fastload.atomic import clean_leftovers
+
+    dead = 2 ** 22 + 12345  # above Linux's default pid_max: no process has it
+    empty = tmp_path / f".entry.tmp-{dead}-0123abcd"
+    kept = tmp_path / f".notes.tmp-{dead}-0123abce"
+    empty.mkdir()
+    kept.mkdir()
+    (kept / "mine.txt").write_text("a user's file")
+    assert clean_leftovers(tmp_path) == [empty]
+    assert (kept / "mine.txt").is_file()
