@@ -110,7 +110,8 @@ def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> Reg
         if kind not in QUANT_KINDS:
             raise _fail(origin, where, f"quantized kind {kind!r} is not one of {QUANT_KINDS}")
         if not isinstance(q.get("revision", ""), str):
-            raise _fail(origin, where, f"quantized revision {q.get('revision')!r} is not text (a branch, tag or commit)")
+            raise _fail(origin, where, f"quantized revision {q.get('revision')!r} is not text (a branch, tag or "
+                        "commit)")
         if q.get("quant_type", "nf4") not in ("nf4", "fp4"):
             raise _fail(origin, where, f"quant_type {q.get('quant_type')!r} is not nf4 or fp4")
         quantized.append(Quantized(id=qid, kind=kind, quant_type=q.get("quant_type", "nf4"), revision=q.get("revision")))

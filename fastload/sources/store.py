@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from fastload._log import logger
-from fastload.atomic import MARKER, atomic_folder, clean_leftovers, discard, disk_full_error, pid_alive  # noqa: F401 (pid_alive: re-export)
+from fastload.atomic import (MARKER, atomic_folder, clean_leftovers, discard, disk_full_error,  # noqa: F401
+                             pid_alive)  # pid_alive: re-export
 from fastload.errors import FastloadError, StoreEntryCorrupt, StoreError
 from fastload.sources.checkpoint_files import is_plain_file_name
 from fastload.settings import QuantSettings
