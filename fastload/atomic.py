@@ -14,6 +14,7 @@ that are very old; a folder moved aside is only ever put back, never deleted uns
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -40,6 +41,42 @@ PAUSE_ENV = "FASTLOAD_TEST_PAUSE_AT"
 LEGACY = "\0legacy"
 LEGACY_STALE = (".safetensors", ".bin", ".index.json")
 LEFTOVER_NAME = re.compile(r"^\.(?P<dest>.+)\.(?P<role>tmp|old|del)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
+
+
+# -- a full disk, however it is reported -------------------------------------------------------------------------
+
+# how libraries report a failed write without an OSError: safetensors (Rust) "No space left on device (os error 28)",
+# torch's zip writer "unexpected pos ..." / "PytorchStreamWriter failed writing file"
+_WRITE_FAILED = ("unexpected pos", "failed writing file", "file write failed", "write failed")
+NEARLY_FULL_BYTES = 64 << 20
+
+
+def disk_full_error(error: BaseException, folder: str | os.PathLike) -> OSError | None:
+    """The OSError(ENOSPC) behind `error` when a write failed because the disk is full, else None. safetensors and
+    torch raise their own types for it: the errno is found in the cause chain or the message, and a write failure
+    that names none counts as full when the disk holding `folder` has almost no space left."""
+    seen: BaseException | None = error
+    write_failed = False
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        text = str(seen)
+        if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_failed = write_failed or any(w in text for w in _WRITE_FAILED)
+        seen = seen.__cause__ or seen.__context__
+    if write_failed and _free_bytes(Path(folder)) < NEARLY_FULL_BYTES:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def _free_bytes(folder: Path) -> int:
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return 1 << 62
 
 
 # -- ownership ----------------------------------------------------------------------------------------------------
@@ -278,7 +315,19 @@ def clean_leftovers(where: Path, dest: Path | None = None) -> list[Path]:
         elif m["role"] != "old" and mark is not None and writer_gone(mark):
             shutil.rmtree(leftover, ignore_errors=True)
             done.append(leftover)
+        elif m["role"] == "tmp" and mark is None and _unmarked_and_empty(leftover, int(m["pid"])):
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(leftover)
     return done
+
+
+def _unmarked_and_empty(folder: Path, pid: int) -> bool:
+    """A writer killed between creating its temporary folder and marking it leaves it empty (or with a cut marker):
+    nothing in it can be anyone's, so once that pid is gone it is removed like a marked one."""
+    try:
+        return not pid_alive(pid) and all(p.name == MARKER for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _put_back(old: Path, dest: Path, mark: dict | None, pid: int) -> bool:

@@ -65,7 +65,12 @@ TEXT_FIELDS = ("instruction", "output", "prompt", "response", "completion")
 def missing_text(record: dict) -> str | None:
     """The first text field a record has but leaves empty (JSON null, a CSV row cut short), or None when whole:
     str(None) would otherwise be trained on as the literal answer "None"."""
-    return next((k for k in TEXT_FIELDS if k in record and record[k] is None), None)
+    return next((k for k in TEXT_FIELDS if k in record and _is_missing(record[k])), None)
+
+
+def _is_missing(value: Any) -> bool:
+    """JSON null or a CSV row cut short (None), or pandas' NaN: str() of either would be trained on as text."""
+    return value is None or isinstance(value, float) and value != value
 
 
 def _turns(turns: list, field: str) -> list[dict[str, str]]:
@@ -96,10 +101,41 @@ def _text(content: Any) -> str:
 # -- files -> records ---------------------------------------------------------------------------------------------
 
 def load_records(path: str | os.PathLike) -> list[dict]:
-    """Read a dataset file: JSON Lines (.jsonl), JSON (a list of objects) or CSV (a header row), by extension."""
+    """Read a dataset file: JSON Lines (.jsonl), JSON (a list of objects) or CSV (a header row), by extension.
+
+    Raises:
+        InvalidOption: no such regular file, bytes that are not UTF-8 (naming the byte offset), invalid or too deeply
+            nested JSON, or records of no known shape.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise InvalidOption(f"Reading records from {path}", found="no such file", fix="check the path")
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError:
+        offset = first_non_utf8_byte(path)
+        raise InvalidOption(f"Reading records from {path}", found=f"its bytes are not UTF-8 text (at byte offset "
+                            f"{offset})", fix="convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def first_non_utf8_byte(path: Path, chunk: int = 1 << 20) -> int | None:
+    """The file offset of the first byte that is not UTF-8 (the decoder's own offset counts from its chunk)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return done - pending + e.start
+            done += len(block)
+    return None
+
+
+def _read_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         records = []
@@ -134,9 +170,9 @@ def load_records(path: str | os.PathLike) -> list[dict]:
 def _json(text: str, path: Path, where: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InvalidOption(f"Reading records from {path}", found=f"{where} is not valid JSON ({e})",
-                            fix="fix or remove that line") from e
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: arrays or objects nested too deep
+        raise InvalidOption(f"Reading records from {path}", found=f"{where} is not valid JSON ({type(e).__name__}: "
+                            f"{e})", fix="fix or remove that line") from e
 
 
 # -- messages -> tokens -------------------------------------------------------------------------------------------
@@ -146,7 +182,16 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidOption("Applying the chat template", found=f"{type(tokenizer).__name__} has no chat_template",
                             fix="set tokenizer.chat_template (a Jinja template) or use a chat/instruct model")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # the template's own raise_exception(...), a syntax error, an undefined name
+        roles = [m.get("role") for m in messages if isinstance(m, dict)]
+        raise InvalidOption("Applying the chat template", found=f"the chat template refused these messages (roles "
+                            f"{roles}): {type(e).__name__}: {e}",
+                            fix="give messages the template accepts (some refuse a system turn or need user and "
+                                "assistant to alternate), or fix tokenizer.chat_template") from e
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -173,6 +218,19 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
+# no token of a real vocabulary is longer than this many characters: text beyond max_seq_length times it cannot
+# reach the first max_seq_length tokens, so it is cut before the template renders it
+MAX_CHARS_PER_TOKEN = 64
+
+
+def cut_long_messages(messages: list[dict], max_seq_length: int) -> list[dict]:
+    """Messages whose content is cut to what max_seq_length tokens could hold: a 100 MB record with a 64-token
+    limit is otherwise rendered and tokenized whole (minutes, gigabytes) to keep 64 tokens."""
+    limit = max(max_seq_length, 1) * MAX_CHARS_PER_TOKEN
+    return [{**m, "content": m["content"][:limit]} if isinstance(m.get("content"), str) and len(m["content"]) > limit
+            else m for m in messages]
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int | None = None,
                           responses_only: bool = True) -> dict[str, list[int]]:
     """Chat-template a conversation into input_ids / attention_mask / labels.
@@ -180,6 +238,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int |
     responses_only=True keeps labels only on the assistant's tokens (everything else -100), so the model learns to
     answer, not to predict the prompts. Sequences are cut to max_seq_length (None: no cut).
     """
+    if max_seq_length is not None:
+        messages = cut_long_messages(messages, max_seq_length)
     full, spans = assistant_spans(tokenizer, messages)
     # the template already wrote BOS and friends: adding special tokens again would double them
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)

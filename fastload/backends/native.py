@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from fastload.sources import plan as P
 from fastload._log import logger
 from fastload.train.checkpointing import enable_checkpointing
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_source(plan):
+    """Where the tokenizer is read from: a store entry keeps a copy made when it was stored, and its key covers only
+    config and weights, so a local source folder's own tokenizer files win: edits to its chat template or special
+    tokens after the first load are seen. A hub snapshot or GGUF source is keyed by its commit or bytes already."""
+    original = Path(plan.original) if plan.source == P.STORE and plan.original else None
+    if original is not None and original.is_dir() and any((original / name).is_file() for name in TOKENIZER_FILES):
+        return replace(plan, source=P.LOCAL, location=str(original))
+    return plan
+
+
+def requantize_plan(plan, opts, store):
+    """The plan that loads a store entry's 16-bit source again (the entry itself gone), as the user's name."""
+    from dataclasses import asdict
+
+    from fastload.sources.resolve import resolve
+
+    fresh = resolve(plan.original, revision=plan.revision, cache_dir=opts.cache_dir,
+                    local_files_only=opts.local_files_only, store=store, allow_pickle=opts.allow_pickle,
+                    quantization_config=asdict(plan.quant))
+    return replace(fresh, name=plan.name, adapter=plan.adapter)
 
 
 class NativeBackend:
@@ -27,6 +54,10 @@ class NativeBackend:
                 else:
                     model, tokenizer = self._load(plan, opts, store)
                     self._store(plan, opts, model, tokenizer, store)
+        elif plan.source == P.STORE and store is not None:
+            model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state)
+            if model is None:  # the entry was damaged: discarded and loaded again from its source
+                return tokenizer
         else:
             model, tokenizer = self._load(plan, opts, store)
         if plan.adapter:
@@ -55,6 +86,25 @@ class NativeBackend:
             logger.info("gradient checkpointing: off, as asked (activations of every layer stay in memory)")
         return model, tokenizer
 
+    def _load_stored(self, plan, opts, store, *load_args):
+        """A store entry whose damage no check caught (the sampled hash reads a few MiB) can still fail to load: it
+        is discarded and the model loaded from its source, quantized and stored again, instead of every later load
+        failing on it. Returns (model, tokenizer), or (None, what load returned) after such a rebuild."""
+        from fastload.errors import CheckpointError
+
+        try:
+            return self._load(plan, opts, store)
+        except CheckpointError as e:
+            if not plan.original or not plan.store_key:
+                raise
+            logger.warning("store entry %s does not load (%s): discarded; loading %s again", Path(plan.location).name,
+                           e.found or e, plan.original)
+            store.remove(plan.store_key)
+            fresh = requantize_plan(plan, opts, store)
+            if fresh.source == P.STORE:
+                raise
+            return None, self.load(fresh, opts, store, *load_args)
+
     def _load(self, plan, opts, store):
         if plan.gguf_file:
             plan = materialize_gguf(plan, store.root if store is not None else None)
@@ -63,7 +113,7 @@ class NativeBackend:
         what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)
-        tokenizer = load_tokenizer(plan, opts)
+        tokenizer = load_tokenizer(tokenizer_source(plan), opts)
         model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer
 
@@ -80,7 +130,8 @@ class NativeBackend:
         started = time.perf_counter()
         key = plan.store_key
         if plan.source == P.HUB_DOWNLOAD:  # downloaded just now: keyed by the commit, as the next load looks it up
-            from fastload.sources.resolve import hub_cache_dir, store_key_of
+            from fastload.sources.hub import hub_cache_dir
+            from fastload.sources.resolve import store_key_of
 
             key = store_key_of(plan.original, plan.revision, plan.quant, hub_cache_dir(opts.cache_dir))
         source = {"id": plan.original or plan.location, "revision": plan.revision, "location": plan.location,

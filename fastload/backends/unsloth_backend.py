@@ -38,7 +38,7 @@ def plan_model_type(plan) -> str | None:
         return plan.config.get("model_type")
     local = Path(plan.location)
     if not local.is_dir():
-        from fastload.sources.resolve import cached_snapshot, hub_cache_dir
+        from fastload.sources.hub import cached_snapshot, hub_cache_dir
 
         local = cached_snapshot(plan.location, plan.revision, hub_cache_dir(None)) or local
     try:
@@ -118,7 +118,7 @@ class UnslothBackend:
 
     def load(self, plan, opts, store, lora, gradient_checkpointing, random_state):
         from fastload.load.loader import choose_dtype, load_tokenizer
-        from fastload.sources.resolve import cached_snapshot, hub_cache_dir
+        from fastload.sources.hub import cached_snapshot, hub_cache_dir
 
         location = plan.location
         if plan.source == P.HUB_CACHE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 from fastload._log import logger
@@ -44,7 +45,7 @@ def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = 
         try:
             tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        except (ValueError, OSError, KeyError) as e:
+        except (ValueError, OSError, KeyError, IndexError, EOFError, struct.error) as e:  # struct: a cut header
             raise CheckpointCorrupt(f"Reading the GGUF file {gguf_path}", found=f"{type(e).__name__}: {e}",
                                     fix="check that the file is a whole GGUF model of a supported architecture") from e
         config = loaded.config

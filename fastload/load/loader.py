@@ -12,6 +12,7 @@ from fastload._log import logger
 from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
 from fastload.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
                      ModelNotFound, NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
+from fastload.sources.hub import cached_snapshot, check_reachable, hub_cache_dir, hub_kwargs, hub_stays_local
 from fastload.sources.plan import LoadPlan
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 
@@ -37,15 +38,12 @@ def torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
-def hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
-    local = plan.source in (P.LOCAL, P.STORE) or Path(plan.location).is_dir()
-    kw: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code}
-    if not local:
-        from fastload.sources.resolve import hub_cache_dir
+def _hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
+    return hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
 
-        kw.update(revision=plan.revision, cache_dir=hub_cache_dir(opts.cache_dir), token=opts.token,
-                  local_files_only=plan.source != P.HUB_DOWNLOAD)
-    return kw
+
+def _check_reachable(plan: LoadPlan, opts: LoadOptions) -> None:
+    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
 
 
 @contextlib.contextmanager
@@ -78,26 +76,6 @@ def translated_errors(plan: LoadPlan, part: str = "model"):
             raise
         raise CheckpointCorrupt(where, found=f"the weight reader failed on the file: {_first_line(e)}",
                                 fix="download or save the checkpoint again") from e
-
-
-@contextlib.contextmanager
-def hub_stays_local(plan: LoadPlan):
-    """Keep huggingface_hub off the network while a load reads local or cached files.
-
-    huggingface_hub reads HF_HUB_OFFLINE once, at its import, and even with local_files_only=True fetches a list
-    from the hub to build its request headers; so a load that downloads nothing is made offline while it runs.
-    """
-    if plan.will_download:
-        yield
-        return
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
 
 
 def _first_line(e: BaseException) -> str:
@@ -157,25 +135,12 @@ def classify_load_error(e: Exception, where: str, part: str):
     return None
 
 
-def check_reachable(plan: LoadPlan, opts: LoadOptions) -> None:
-    """A download plan made while online must not reach out once offline is set: huggingface_hub reads
-    HF_HUB_OFFLINE only at its import, so the check is fastload's, done before any hub call."""
-    from fastload.sources.resolve import hub_offline
-
-    if plan.will_download and hub_offline(opts.local_files_only):
-        raise ModelNotFound(f"Downloading {plan.location!r} from the hub",
-                            found="the load needs a download, but the hub is off limits now (offline: HF_HUB_OFFLINE "
-                                  "is set or local_files_only=True)",
-                            fix="download it while online (huggingface-cli download), or unset HF_HUB_OFFLINE / "
-                                "local_files_only")
-
-
 def load_config(plan: LoadPlan, opts: LoadOptions):
     from transformers import AutoConfig
 
-    check_reachable(plan, opts)
+    _check_reachable(plan, opts)
     with translated_errors(plan), hub_stays_local(plan):
-        return AutoConfig.from_pretrained(plan.location, **hub_kwargs(plan, opts))
+        return AutoConfig.from_pretrained(plan.location, **_hub_kwargs(plan, opts))
 
 
 def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
@@ -269,11 +234,11 @@ def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right
 
     from fastload.sources.checkpoint_files import check_tokenizer_files
 
-    check_reachable(plan, opts)
+    _check_reachable(plan, opts)
     if Path(plan.location).is_dir():
         check_tokenizer_files(Path(plan.location))
     with translated_errors(plan, "tokenizer"), hub_stays_local(plan):
-        tok = AutoTokenizer.from_pretrained(plan.location, **hub_kwargs(plan, opts))
+        tok = AutoTokenizer.from_pretrained(plan.location, **_hub_kwargs(plan, opts))
     if tok.pad_token is None:
         # a pad distinct from eos keeps eos learnable; fall back to eos/unk when the vocabulary has no spare token
         for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>"):
@@ -331,8 +296,6 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     if Path(plan.location).is_dir():
         return Path(plan.location)
     if plan.source in (P.HUB_CACHE, P.HUB_DOWNLOAD):  # a download is in the HF cache once loaded
-        from fastload.sources.resolve import cached_snapshot, hub_cache_dir
-
         return cached_snapshot(plan.location, plan.revision, hub_cache_dir(opts.cache_dir))
     return None
 
@@ -369,7 +332,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
                other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
-    kw = dict(hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
+    kw = dict(_hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
               attn_implementation=opts.attn_implementation, **opts.model_kwargs)
     if not opts.allow_pickle:
         kw["use_safetensors"] = True

@@ -20,7 +20,8 @@ from typing import Any, Iterator
 
 from fastload._log import logger
 from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
-from fastload.atomic import atomic_folder, refuse_source
+from fastload.atomic import atomic_folder, disk_full_error, refuse_source
+from fastload.sources.hub import hub_calls_off
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
@@ -49,14 +50,44 @@ def name_base_model(model, plan) -> None:
             config.base_model_name_or_path = name
 
 
+def check_adapter_files(adapter_dir: Path) -> None:
+    """The adapter's rank and weights are sound, checked before peft: it compares a rank given as text with numbers
+    (TypeError), falls back to a hub download for a missing weights file, raises safetensors' own damaged-file error."""
+    from fastload.sources.checkpoint_files import read_safetensors_header
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        config = None  # resolve read it already; peft reports what is left
+    for key in ("r", "lora_alpha"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"adapter_config.json has "
+                               f"{key}={value!r}; it must be a positive number", fix="restore adapter_config.json "
+                               "from the save that wrote the weights")
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            read_safetensors_header(weights)
+        except FastloadError as e:
+            raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"adapter_model.safetensors is "
+                               f"damaged: {e.found}", fix="save the adapter again (FastModel.save_adapter)") from e
+    elif not any(adapter_dir.glob("adapter_model.*")):
+        raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found="no adapter_model.safetensors (the "
+                           "weights) beside adapter_config.json", fix="copy the adapter's weights file there, or save "
+                           "the adapter again (FastModel.save_adapter)")
+
+
 def load_adapter(model, adapter_dir: str | os.PathLike):
     """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones."""
     import torch
     from peft import PeftModel
 
+    check_adapter_files(Path(adapter_dir))
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    except (ValueError, RuntimeError, KeyError, OSError) as e:
+    except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type
         raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:300]}",
                            fix="check that adapter_config.json names the base model the adapter was trained on") from e
@@ -73,8 +104,8 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     _require_adapters(model, "Saving the LoRA adapter")
     name_base_model(model, getattr(model, "fastload_plan", None))
     directory = Path(directory)
-    with atomic_directory(directory, marker="adapter_config.json") as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
+        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     logger.info("saved the LoRA adapter in %s (base: %s)", directory,
@@ -99,10 +130,15 @@ def atomic_directory(directory: str | os.PathLike, marker: str = "config.json",
     try:
         with atomic_folder(directory, kind=kind, marker_file=marker, into_existing=into_existing) as tmp:
             yield tmp
+    except FastloadError:
+        raise
     except OSError as e:
-        if isinstance(e, FastloadError):
-            raise
         raise _save_error(directory, e) from e
+    except Exception as e:  # safetensors and torch report a full disk with their own exception types
+        full = disk_full_error(e, directory)
+        if full is None:
+            raise
+        raise _save_error(directory, full) from e
 
 
 def _save_error(directory: Path, e: OSError) -> SaveError:
@@ -213,7 +249,7 @@ def find_16bit_source(plan) -> Path | None:
         from fastload.sources.registry import REPO_ID
 
         if REPO_ID.match(plan.original):
-            from fastload.sources.resolve import cached_snapshot, hub_cache_dir
+            from fastload.sources.hub import cached_snapshot, hub_cache_dir
 
             revision = plan.revision if plan.location == plan.original else None
             snapshot = cached_snapshot(plan.original, revision, hub_cache_dir(None))

@@ -39,7 +39,7 @@ def read_config(path: Path) -> dict:
                                    fix="point at a directory saved by save_pretrained (config.json + *.safetensors)")
     try:
         config = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointCorrupt(f"Reading {cfg_file}", found=f"it is not valid JSON ({e})",
                                 fix="restore config.json from the original checkpoint") from e
     if not isinstance(config, dict) or not isinstance(config.get("model_type", ""), str):
@@ -199,8 +199,8 @@ def find_weight_files(path: Path, allow_pickle: bool) -> tuple[tuple[Path, ...],
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = sorted({path / s for s in weight_map.values()})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointCorrupt(f"Reading {index}", found=f"not a valid shard index ({e})",
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointCorrupt(f"Reading {index}", found=f"not a valid shard index ({type(e).__name__}: {e})",
                                     fix="restore the index file from the original checkpoint") from e
         outside = sorted({s for s in weight_map.values() if not is_plain_file_name(s)})
         if outside:  # an index naming ../x or /x would make the load read a file outside the checkpoint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -15,6 +16,8 @@ from fastload.errors import InvalidOption
 
 SCHEMA_VERSION = 1
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# a registry file is a few KiB of TOML: a bound keeps FASTLOAD_REGISTRY=/dev/zero (or a huge file) from eating memory
+MAX_REGISTRY_FILE_BYTES = 4 << 20
 QUANT_KINDS = ("bnb-4bit", "unsloth-bnb-4bit")
 ENTRY_POINT_GROUP = "fastload.registry"
 _MODEL_KEYS = {"id", "aliases", "family", "params", "context_length", "gated", "mirror", "quantized", "packaged_gguf"}
@@ -86,8 +89,11 @@ def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> Reg
         raise _fail(origin, where, "'aliases' must be a list of non-empty strings")
     for key, kind in (("params", (int, float)), ("context_length", int), ("gated", bool), ("mirror", str),
                       ("packaged_gguf", str)):
-        if key in raw and not isinstance(raw[key], kind):
+        if key in raw and (not isinstance(raw[key], kind) or kind is not bool and isinstance(raw[key], bool)):
             raise _fail(origin, where, f"'{key}' has the wrong type ({type(raw[key]).__name__})")
+    for key in ("params", "context_length"):  # nan, inf, 0 and negatives would reach memory estimates as numbers
+        if key in raw and not (math.isfinite(raw[key]) and raw[key] > 0):
+            raise _fail(origin, where, f"'{key}' must be a positive finite number, not {raw[key]!r}")
     if "packaged_gguf" in raw and not _packaged_gguf_ok(raw["packaged_gguf"]):
         raise _fail(origin, where, f"'packaged_gguf' {raw['packaged_gguf']!r} is not 'python_package:file.gguf' "
                     "(a file name inside the package, no folder part)")
@@ -103,6 +109,9 @@ def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> Reg
         kind = q.get("kind", "bnb-4bit")
         if kind not in QUANT_KINDS:
             raise _fail(origin, where, f"quantized kind {kind!r} is not one of {QUANT_KINDS}")
+        if not isinstance(q.get("revision", ""), str):
+            raise _fail(origin, where, f"quantized revision {q.get('revision')!r} is not text (a branch, tag or "
+                        "commit)")
         if q.get("quant_type", "nf4") not in ("nf4", "fp4"):
             raise _fail(origin, where, f"quant_type {q.get('quant_type')!r} is not nf4 or fp4")
         quantized.append(Quantized(id=qid, kind=kind, quant_type=q.get("quant_type", "nf4"), revision=q.get("revision")))
@@ -112,11 +121,29 @@ def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> Reg
                          origin=origin)
 
 
-def parse_file(path: Path) -> list[RegistryEntry]:
+def read_registry_text(path: Path) -> str:
+    """A registry file's text: only a regular file (a FIFO would block, /dev/zero never end), of bounded size."""
+    if not path.is_file():
+        raise _fail(str(path), "file", "not a regular file (a device, FIFO or socket); name a .toml file")
     try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise _fail(str(path), "file", f"not valid TOML ({e})") from e
+        with open(path, "rb") as f:
+            data = f.read(MAX_REGISTRY_FILE_BYTES + 1)
+    except OSError as e:
+        raise _fail(str(path), "file", f"cannot be read ({e.strerror or e})") from e
+    if len(data) > MAX_REGISTRY_FILE_BYTES:
+        raise _fail(str(path), "file", f"larger than {MAX_REGISTRY_FILE_BYTES >> 20} MiB; a registry file is small")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _fail(str(path), "file", f"not UTF-8 text (byte {e.start}: {e.reason})") from e
+
+
+def parse_file(path: Path) -> list[RegistryEntry]:
+    text = read_registry_text(path)
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as e:  # RecursionError: arrays or tables nested too deep
+        raise _fail(str(path), "file", f"not valid TOML ({type(e).__name__}: {e})") from e
     schema = data.get("schema", SCHEMA_VERSION)
     if schema != SCHEMA_VERSION:
         raise _fail(str(path), "schema", f"version {schema!r}; this fastload reads version {SCHEMA_VERSION}")

@@ -19,42 +19,13 @@ from typing import Any, Callable
 from fastload.sources import plan as P
 from fastload.sources.checkpoint_files import inspect_checkpoint, read_safetensors_header
 from fastload.errors import CheckpointCorrupt, ModelNotFound, UnsafeCheckpoint
+from fastload.sources.hub import cached_snapshot, hub_cache_dir, hub_offline
 from fastload.sources.plan import LoadPlan
 from fastload.sources.registry import REPO_ID, Match, Registry, get_registry
 from fastload.settings import QuantSettings
 from fastload.sources.store import Store, entry_key
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-def hub_offline(local_files_only: bool | None) -> bool:
-    if local_files_only:
-        return True
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_cache_dir(cache_dir: str | os.PathLike | None) -> str:
-    """The hub cache as the environment says now (huggingface_hub reads it once, at its import)."""
-    if cache_dir:
-        return str(cache_dir)
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
-
-
-def cached_snapshot(repo_id: str, revision: str | None, cache_dir: str) -> Path | None:
-    """The snapshot folder of a repo fully present in the HF cache (config and weights), else None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None
-    if not (path / "config.json").is_file() or not (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
-        return None
-    return path
 
 
 def local_fingerprint(path: Path) -> str:
@@ -158,16 +129,53 @@ def from_adapter_dir(req: Request, path: Path) -> LoadPlan:
     """A LoRA adapter directory: resolve its base model, then put the adapter on top."""
     try:
         base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointCorrupt(f"Reading the adapter in {path}", found=f"adapter_config.json is not a JSON object ({e})",
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
+        raise CheckpointCorrupt(f"Reading the adapter in {path}",
+                                found=f"adapter_config.json is not a JSON object ({type(e).__name__}: {e})",
                                 fix="save the adapter again with model.save_pretrained") from e
     if not base or not isinstance(base, str):
         raise ModelNotFound(f"Loading the adapter in {path}", found="adapter_config.json names no base model",
+                            fix="set base_model_name_or_path in adapter_config.json to the base repo id or directory")
+    problem = name_problem(base) or _adapter_base_problem(base, path)
+    if problem:
+        raise ModelNotFound(f"Loading the adapter in {path}", found=f"adapter_config.json names the base model "
+                            f"{_shown(base)}: {problem}",
                             fix="set base_model_name_or_path in adapter_config.json to the base repo id or directory")
     _refuse_pickled_adapter(req, path)
     base_plan = resolve_request(replace(req, name=base, match=req.registry.find(base), tried=[]))
     return replace(base_plan, name=req.name, adapter=str(path),
                    tried=(*req.tried, f"adapter directory: base model {base!r}", *base_plan.tried))
+
+
+def _adapter_base_problem(base: str, path: Path) -> str | None:
+    """An adapter's base must be a model: naming an adapter folder (itself, or a chain) would recurse forever."""
+    base_path = Path(base).expanduser()
+    if base_path.is_dir() and (base_path / ADAPTER_CONFIG).is_file():
+        return "the adapter itself" if base_path.resolve() == path else "another adapter folder, not a model"
+    return None
+
+
+# a hub repo id part is at most 96 characters (the hub's rule); a path component at most 255 bytes (Linux, macOS)
+MAX_NAME_CHARS = 4096
+MAX_COMPONENT_BYTES = 255
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 80 else name[:60] + "..." + name[-10:])
+
+
+def name_problem(name: str) -> str | None:
+    """Why a model name can be neither a path nor a repo id, found before the file system is asked (a too long
+    name makes the OS raise ENAMETOOLONG, a NUL byte ValueError), or None."""
+    if len(name) > MAX_NAME_CHARS:
+        return f"it is {len(name)} characters long; no path or repo id is longer than {MAX_NAME_CHARS}"
+    if "\0" in name:
+        return "it holds a NUL byte"
+    longest = max((len(os.fsencode(part)) for part in re.split(r"[\\/]", name)), default=0)
+    if longest > MAX_COMPONENT_BYTES:
+        return (f"one of its parts is {longest} bytes long; a folder or file name is at most {MAX_COMPONENT_BYTES} "
+                "bytes and a hub repo id part at most 96 characters")
+    return None
 
 
 def _original_of_quantized(config: dict, req: Request) -> str | None:
@@ -335,6 +343,10 @@ SOURCES: tuple[Callable[[Request], LoadPlan | None], ...] = (
 
 
 def resolve_request(req: Request) -> LoadPlan:
+    problem = name_problem(req.name)
+    if problem:
+        raise ModelNotFound(f"Resolving the model name {_shown(req.name)}", found=problem,
+                            fix="pass a hub repo id ('owner/name'), a registry alias, or a local directory")
     for source in SOURCES:
         plan = source(req)
         if plan is not None:

@@ -1,8 +1,9 @@
 """The local store: every checkpoint fastload quantized, saved once so the next load is a pre-quantized load.
 
 Entries are written into a temporary folder and renamed into place under a per-entry lock, so a reader sees a
-whole entry or none. Each entry's manifest records every file's size, mtime and sha256; a file whose size
-differs, or whose mtime differs and whose hash no longer matches, marks the entry corrupt: never loaded, rebuilt.
+whole entry or none. Each entry's manifest records every file's size, mtime, sha256 and a sampled sha256; a file
+whose size differs, whose mtime differs and whose hash no longer matches, or whose sample hash (checked on every
+load) differs marks the entry corrupt: never loaded, rebuilt.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from fastload._log import logger
-from fastload.atomic import MARKER, atomic_folder, clean_leftovers, discard, pid_alive  # noqa: F401 (pid_alive: re-export)
-from fastload.errors import StoreEntryCorrupt, StoreError
+from fastload.atomic import (MARKER, atomic_folder, clean_leftovers, discard, disk_full_error,  # noqa: F401
+                             pid_alive)  # pid_alive: re-export
+from fastload.errors import FastloadError, StoreEntryCorrupt, StoreError
+from fastload.sources.checkpoint_files import is_plain_file_name
 from fastload.settings import QuantSettings
 
 FORMAT_VERSION = 1
@@ -49,6 +52,51 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# files up to this size are hashed whole on every load; larger ones by a sample: their first and last MiB and
+# SAMPLE_BLOCKS blocks spread between (a few MiB read whatever the size; `cache verify` hashes everything)
+WHOLE_HASH_BYTES = 16 << 20
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES, SAMPLE_EDGE_BYTES = 64, 64 << 10, 1 << 20
+
+
+def file_sample_sha256(path: Path) -> str:
+    """sha256 of a file, or for a large one of a fixed sample of it: a changed header, tail or spread block is seen
+    at load time without reading gigabytes."""
+    size = path.stat().st_size
+    if size <= WHOLE_HASH_BYTES:
+        return file_sha256(path)
+    h = hashlib.sha256()
+    step = (size - 2 * SAMPLE_EDGE_BYTES) // (SAMPLE_BLOCKS + 1)
+    spans = [(0, SAMPLE_EDGE_BYTES), *((SAMPLE_EDGE_BYTES + step * (i + 1), SAMPLE_BLOCK_BYTES)
+                                       for i in range(SAMPLE_BLOCKS)), (size - SAMPLE_EDGE_BYTES, SAMPLE_EDGE_BYTES)]
+    with open(path, "rb") as f:
+        for offset, length in spans:
+            f.seek(offset)
+            h.update(f.read(length))
+    return h.hexdigest()
+
+
+def manifest_problem(manifest, key: str) -> str | None:
+    """What makes a manifest unusable (hand-edited, another format, wrong types), or None: a manifest is data from
+    disk, and every later load, `cache list`, `verify` and `rm` must survive a damaged one."""
+    if not isinstance(manifest, dict):
+        return f"the manifest is a {type(manifest).__name__}, not an object"
+    if manifest.get("format") != FORMAT_VERSION or manifest.get("key") != key:
+        return "manifest of another format or key"
+    source, files = manifest.get("source"), manifest.get("files")
+    if not isinstance(source, dict) or not isinstance(source.get("id"), str):
+        return "the manifest names no source"
+    if not isinstance(files, dict):
+        return "the manifest's file list is not an object"
+    for name, meta in files.items():
+        if not is_plain_file_name(name):
+            return f"the manifest names a file outside the entry: {name!r}"
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)
+                                                 for k in ("size", "mtime_ns")) \
+                or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("sample_sha256", ""), str):
+            return f"the manifest's record of {name!r} is damaged"
+    return None
 
 
 def _slug(text: str) -> str:
@@ -89,11 +137,13 @@ class Store:
     def _read_manifest(self, path: Path, key: str) -> dict:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreEntryCorrupt(f"Reading store entry {path.name}", found=f"its manifest is missing or damaged ({e})",
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise StoreEntryCorrupt(f"Reading store entry {path.name}", found=f"its manifest is missing or damaged "
+                                    f"({type(e).__name__}: {str(e)[:200]})",
                                     fix="it will be rebuilt; or remove it with `fastload cache rm`") from e
-        if manifest.get("format") != FORMAT_VERSION or manifest.get("key") != key or "files" not in manifest:
-            raise StoreEntryCorrupt(f"Reading store entry {path.name}", found="manifest of another format or key",
+        problem = manifest_problem(manifest, key)
+        if problem:
+            raise StoreEntryCorrupt(f"Reading store entry {path.name}", found=problem,
                                     fix="it will be rebuilt; or remove it with `fastload cache rm`")
         return manifest
 
@@ -116,7 +166,8 @@ class Store:
                 raise StoreEntryCorrupt(f"Checking store entry {path.name}",
                                         found=f"{name} has {st.st_size} bytes, the manifest says {meta['size']} (truncated?)",
                                         fix="it will be rebuilt; or remove it with `fastload cache rm`")
-            if (full or st.st_mtime_ns != meta["mtime_ns"]) and file_sha256(f) != meta["sha256"]:
+            if (full or st.st_mtime_ns != meta["mtime_ns"]) and file_sha256(f) != meta["sha256"] \
+                    or not full and meta.get("sample_sha256") and file_sample_sha256(f) != meta["sample_sha256"]:
                 raise StoreEntryCorrupt(f"Checking store entry {path.name}", found=f"{name} changed since it was written",
                                         fix="it will be rebuilt; or remove it with `fastload cache rm`")
         return manifest
@@ -201,17 +252,24 @@ class Store:
                     if f.name == MARKER:
                         continue
                     st = f.stat()
-                    files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
+                    files[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f),
+                                     "sample_sha256": file_sample_sha256(f)}
                 from fastload import __version__
 
                 manifest = {"format": FORMAT_VERSION, "key": key, "fastload_version": __version__,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
                             "quantization": {k: v for k, v in quant.__dict__.items()}, "files": files}
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError(f"Storing the quantized model in {self.root}", found=f"the disk is full ({e.strerror})",
-                                 fix="free space, set FASTLOAD_HOME to a larger disk, or pass store=False") from e
+        except FastloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors and torch report a full disk with their own types
+            full = disk_full_error(e, self.root)
+            if full is not None:
+                raise StoreError(f"Storing the quantized model in {self.root}", found=f"the disk is full "
+                                 f"({full.strerror})", fix="free space, set FASTLOAD_HOME to a larger disk, or pass "
+                                 "store=False") from e
+            if not isinstance(e, OSError):
+                raise
             raise StoreError(f"Storing the quantized model in {self.root}", found=f"{type(e).__name__}: {e}",
                              fix="check permissions, set FASTLOAD_HOME elsewhere, or pass store=False") from e
         return StoreEntry(key, final, manifest)

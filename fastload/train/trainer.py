@@ -234,9 +234,9 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     if not sft:
         from transformers import Trainer
 
-        return Trainer(**kw)
+        return saving_locally(Trainer)(**kw)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer = import_trl().SFTTrainer(**kw)
+    trainer = saving_locally(import_trl().SFTTrainer)(**kw)
     restore_adapter_dtypes(model, dtypes)
     return trainer
 
@@ -269,6 +269,34 @@ def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
         callbacks.append(checkpointing_guard(model))
     trainer_kwargs["callbacks"] = callbacks
     return trainer_kwargs
+
+
+def saving_locally(trainer_cls):
+    """The trainer class whose checkpoints never reach the hub: each one runs peft's save, which otherwise looks up
+    the base repo's config.json online (the repo id and token leave the machine; a slow hub stalls every save).
+    A checkpoint that fails on a full disk says so (torch reports it as "unexpected pos", safetensors in Rust)."""
+    from fastload.atomic import disk_full_error
+    from fastload.errors import SaveError
+    from fastload.sources.hub import hub_calls_off
+
+    class SavingLocally(trainer_cls):
+        def _save(self, *args, **kwargs):
+            with hub_calls_off():
+                return super()._save(*args, **kwargs)
+
+        def _save_checkpoint(self, *args, **kwargs):
+            try:
+                return super()._save_checkpoint(*args, **kwargs)
+            except Exception as e:
+                full = None if isinstance(e, SaveError) else disk_full_error(e, self.args.output_dir)
+                if full is None:
+                    raise
+                raise SaveError(f"Saving a training checkpoint in {self.args.output_dir}", found="the disk is full",
+                                fix="free space or pass another output folder; the checkpoints saved before are "
+                                    "kept, --resume continues from the last one") from e
+
+    SavingLocally.__name__ = SavingLocally.__qualname__ = f"Fastload{trainer_cls.__name__}"
+    return SavingLocally
 
 
 def restore_adapter_dtypes(model, dtypes: dict) -> None:
