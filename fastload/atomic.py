@@ -14,19 +14,21 @@ that are very old; a folder moved aside is only ever put back, never deleted uns
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fastload._log import logger
-from fastload.errors import InvalidOption
+from fastload.errors import InvalidOption, SaveError
 
 MARKER = ".fastload-tmp"
 RECORD = ".fastload-written"
@@ -107,6 +109,34 @@ def refuse_source(dest: str | os.PathLike, sources: Iterable, asked: str, found:
             raise InvalidOption(asked, found=found or f"{target} is the source it reads from, or inside or around it "
                                 f"({src}); writing there would destroy the original",
                                 fix="choose another folder, outside the source")
+
+
+def check_writable(dest: str | os.PathLike, asked: str) -> None:
+    """Refuse, before any long work, a destination folder that cannot be written: a file, or a folder (or the
+    nearest existing folder above it) on a read-only file system or without write permission.
+
+    A probe file is created and removed: permission bits alone do not tell (root ignores them, a read-only mount
+    does not show in them).
+
+    Args:
+        dest: the folder a command will write (it may not exist yet).
+        asked: what was asked, for the error message.
+    Raises:
+        InvalidOption: dest is an existing file.
+        SaveError: nothing can be written there (its message names the folder and why).
+    """
+    target = Path(dest).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise InvalidOption(asked, found=f"{target} is a file, not a folder", fix="choose a new or existing folder")
+    folder = next(p for p in (target, *target.parents) if p.is_dir())
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{MARKER}-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        why = "its file system is read-only" if e.errno == errno.EROFS else f"{e.strerror or e} ({type(e).__name__})"
+        raise SaveError(asked, found=f"{folder} cannot be written: {why}",
+                        fix="choose a folder you can write to, or make this one writable") from e
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
