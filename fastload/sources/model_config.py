@@ -3,10 +3,11 @@ else the registry's parameter count."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-from fastload.errors import ModelNotFound
+from fastload.errors import InvalidOption, ModelNotFound
 
 
 def config_or_param_count(name: str) -> tuple[Any, str]:
@@ -42,8 +43,18 @@ def config_or_param_count(name: str) -> tuple[Any, str]:
         if (Path(plan.location) / "config.json").is_file():
             return read_config(Path(plan.location)), f"the config of {plan.location}"
     if match is not None and match.entry.params:  # nothing on this machine yet (a download would be needed)
-        return float(match.entry.params), (f"the registry's parameter count of {match.entry.id} (approximate: no "
+        return _param_count(match.entry), (f"the registry's parameter count of {match.entry.id} (approximate: no "
                                            "config on this machine, a Llama-like shape is assumed)")
     raise ModelNotFound(f"Estimating memory for {name!r}", found=f"no config.json of it on this machine "
                         f"({plan.source}: {plan.location}) and no parameter count in the registry",
                         fix="download it first (huggingface-cli download), or pass a folder with config.json")
+
+
+def _param_count(entry) -> float:
+    """The registry's parameter count of `entry`, refused when it is no positive finite number (nan, inf, text)."""
+    params = entry.params
+    if isinstance(params, bool) or not isinstance(params, (int, float)) or not math.isfinite(params) or params <= 0:
+        raise InvalidOption(f"Estimating memory for {entry.id}", found=f"its registry entry ({entry.origin}) gives "
+                            f"params = {params!r}, not a positive parameter count",
+                            fix="correct params in that registry file, or pass a folder with config.json")
+    return float(params)
