@@ -35,6 +35,7 @@ class Command:
         loads_model: it imports transformers (its logging is then set by -v / --quiet too).
         json: it takes --json.
         defaults_in_help: its --help shows every default.
+        run_argv: for a command with its own parser (bench): runs it on every argument after its name, --help too.
     """
 
     run: Callable[[argparse.Namespace], int]
@@ -43,6 +44,7 @@ class Command:
     loads_model: bool = False
     json: bool = True
     defaults_in_help: bool = False
+    run_argv: Callable[[list[str]], int] | None = None
 
     @classmethod
     def of(cls, module: str, help: str, **options) -> Command:
@@ -73,12 +75,11 @@ PARSER_DATA: dict[str, Command] = {
                                registry.add_search_arguments),
     "registry show": Command(registry.show, "one entry in full", registry.add_show_arguments),
     "bench": Command(bench.run, "benchmark load and training against the plain recipe (python -m fastload.bench)",
-                     bench.add_arguments, json=False),
+                     bench.add_arguments, json=False, run_argv=bench.run_argv),
 }
 # the help line of a command that only groups actions ("cache rm"); a group not named here lists its actions
 GROUP_HELP = {"cache": "list, remove or verify fastload's store of quantized checkpoints",
               "registry": "the registry of pre-quantized checkpoints"}
-PASSTHROUGH = "bench"  # everything after it, --help included, belongs to the benchmark's own parser
 
 
 def _common(json_output: bool) -> argparse.ArgumentParser:
@@ -123,7 +124,7 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
     Args:
         commands: the table (default: PARSER_DATA).
     Returns:
-        The parser; a parsed command carries `func` (what runs it) and `entry` (its Command).
+        The parser; a parsed command carries `func` (what runs it) and `command_entry` (its Command).
     """
     commands = PARSER_DATA if commands is None else commands
     parser = _top_parser()
@@ -133,14 +134,14 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
     for name, entry in commands.items():
         group, _, action = name.partition(" ")
         options = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter} if entry.defaults_in_help else {}
-        if name == PASSTHROUGH:
+        if entry.run_argv is not None:  # listed for --help; its own parser reads its arguments
             options["add_help"] = False
         p = (_group(sub, groups, group, commands) if action else sub).add_parser(
             action or name, help=entry.help, description=entry.help,
-            parents=[] if name == PASSTHROUGH else [parents[entry.json]], **options)
+            parents=[] if entry.run_argv is not None else [parents[entry.json]], **options)
         if entry.arguments is not None:
             entry.arguments(p)
-        p.set_defaults(func=entry.run, entry=entry)
+        p.set_defaults(func=entry.run, command_entry=entry)
     return parser
 
 
@@ -172,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     args, restore = None, None
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        if argv[:1] == [PASSTHROUGH]:
-            return bench.run_argv(argv[1:])
+        own_parser = PARSER_DATA.get(argv[0]) if argv else None
+        if own_parser is not None and own_parser.run_argv is not None:
+            return own_parser.run_argv(argv[1:])
         args, code = _parse(argv)
         if args is None:
             return code
-        restore = configure_logging(args, args.entry.loads_model)
+        restore = configure_logging(args, args.command_entry.loads_model)
         return args.func(args)
     except FastloadError as e:
         return _report(e, args)

@@ -29,9 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     quant = {"bnb_4bit_quant_type": args.quant_type, "bnb_4bit_use_double_quant": not args.no_double_quant}
     if args.out:
-        check_out(args, [args.source])
         plan = resolve(args.source, store=make_store(True) or False, **quant)
-        check_out(args, [plan.location, plan.original])
+        check_out(args, [args.source, plan.location, plan.original])
         files = local_files_of(plan, LoadOptions()) if plan.prequantized else None
         if files is not None:  # a 4-bit checkpoint already on this machine is copied as it is, without loading it
             note(args, f"copying the 4-bit checkpoint {plan.location}")
@@ -42,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     plan = model.fastload_plan
     if not args.out:
         return done(args, plan, *stored(args, plan))
-    check_out(args, [plan.location, plan.original])
+    refuse_source(args, [plan.location, plan.original])  # where the load really found it (a download)
     if not plan.prequantized:
         return done(args, plan, save_quantized(model, tokenizer, args.out), True)
     files = local_files_of(plan, LoadOptions())  # a 4-bit checkpoint downloaded while loading it: copied as it is
@@ -57,13 +56,19 @@ def asked(args: argparse.Namespace) -> str:
     return f"fastload quantize {args.source} --out {args.out}"
 
 
-def check_out(args: argparse.Namespace, sources: list) -> None:
-    """--out must be writable and must not be (or lie in, or hold) what is quantized: the original would be
-    replaced. Checked before loading, and again once the load has found where the checkpoint really is."""
-    from fastload.atomic import check_writable, refuse_source
+def refuse_source(args: argparse.Namespace, sources: list) -> None:
+    """--out must not be (or lie in, or hold) what is quantized: the original would be replaced."""
+    from fastload import atomic
 
-    refuse_source(args.out, sources, asked(args), found="--out is the checkpoint being quantized, or lies inside the "
-                  "checkpoint, or holds it: the original would be replaced")
+    atomic.refuse_source(args.out, sources, asked(args), found="--out is the checkpoint being quantized, or lies "
+                         "inside the checkpoint, or holds it: the original would be replaced")
+
+
+def check_out(args: argparse.Namespace, sources: list) -> None:
+    """Before loading: --out is writable and is not what is quantized."""
+    from fastload.atomic import check_writable
+
+    refuse_source(args, sources)
     check_writable(args.out, asked(args))
 
 

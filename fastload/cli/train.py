@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
     resume_from = resume_point(args, out)
     model, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=args.seq,
                                                  lora={"r": args.r, "lora_alpha": args.alpha or args.r})
-    options = dict(per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.grad_accum,
-                   learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.steps or -1,
-                   save_strategy="steps", save_steps=args.save_steps, save_total_limit=args.keep, logging_steps=1,
-                   disable_tqdm=True, include_num_input_tokens_seen=True, seed=args.seed)
+    options = {"per_device_train_batch_size": args.batch, "gradient_accumulation_steps": args.grad_accum,
+               "learning_rate": args.lr, "num_train_epochs": args.epochs, "max_steps": args.steps or -1,
+               "save_strategy": "steps", "save_steps": args.save_steps, "save_total_limit": args.keep,
+               "logging_steps": 1, "disable_tqdm": True, "include_num_input_tokens_seen": True, "seed": args.seed}
     training_args = FastModel.training_arguments(out, model=model, **options)
     progress = progress_callback(args.quiet)
     trainer = FastModel.get_trainer(model, tokenizer, records, args=training_args, callbacks=[progress])
