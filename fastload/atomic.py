@@ -14,14 +14,12 @@ that are very old; a folder moved aside is only ever put back, never deleted uns
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import json
 import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -115,8 +113,8 @@ def check_writable(dest: str | os.PathLike, asked: str) -> None:
     """Refuse, before any long work, a destination folder that cannot be written: a file, or a folder (or the
     nearest existing folder above it) on a read-only file system or without write permission.
 
-    A probe file is created and removed: permission bits alone do not tell (root ignores them, a read-only mount
-    does not show in them).
+    access(2) answers for the mount too (a read-only bind mount refuses even root), so nothing is written to find
+    out: no probe file appears in the user's folder.
 
     Args:
         dest: the folder a command will write (it may not exist yet).
@@ -129,14 +127,12 @@ def check_writable(dest: str | os.PathLike, asked: str) -> None:
     if target.exists() and not target.is_dir():
         raise InvalidOption(asked, found=f"{target} is a file, not a folder", fix="choose a new or existing folder")
     folder = next(p for p in (target, *target.parents) if p.is_dir())
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f"{MARKER}-probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        why = "its file system is read-only" if e.errno == errno.EROFS else f"{e.strerror or e} ({type(e).__name__})"
-        raise SaveError(asked, found=f"{folder} cannot be written: {why}",
-                        fix="choose a folder you can write to, or make this one writable") from e
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    read_only = hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    why = "its file system is read-only" if read_only else "you have no permission to write there"
+    raise SaveError(asked, found=f"{folder} cannot be written: {why}",
+                    fix="choose a folder you can write to, or make this one writable")
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
