@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from fastload._log import logger
 from fastload.cli import bench, cache, estimate, generate, merge, quantize, registry, resolve, train
 from fastload.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CurrentStderr, configure_logging
+from fastload.cli.unexpected import as_fastload_error
 from fastload.errors import FastloadError
 
 
@@ -187,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         print("fastload: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the user gets a fastload error, never a raw traceback
-        from fastload.cli.unexpected import as_fastload_error
-
         return _report(as_fastload_error(e, argv), args)
     finally:
         if restore is not None:
