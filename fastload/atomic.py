@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fastload._log import logger
-from fastload.errors import InvalidOption
+from fastload.errors import InvalidOption, SaveError
 
 MARKER = ".fastload-tmp"
 RECORD = ".fastload-written"
@@ -144,6 +144,32 @@ def refuse_source(dest: str | os.PathLike, sources: Iterable, asked: str, found:
             raise InvalidOption(asked, found=found or f"{target} is the source it reads from, or inside or around it "
                                 f"({src}); writing there would destroy the original",
                                 fix="choose another folder, outside the source")
+
+
+def check_writable(dest: str | os.PathLike, asked: str) -> None:
+    """Refuse, before any long work, a destination folder that cannot be written: a file, or a folder (or the
+    nearest existing folder above it) on a read-only file system or without write permission.
+
+    access(2) answers for the mount too (a read-only bind mount refuses even root), so nothing is written to find
+    out: no probe file appears in the user's folder.
+
+    Args:
+        dest: the folder a command will write (it may not exist yet).
+        asked: what was asked, for the error message.
+    Raises:
+        InvalidOption: dest is an existing file.
+        SaveError: nothing can be written there (its message names the folder and why).
+    """
+    target = Path(dest).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise InvalidOption(asked, found=f"{target} is a file, not a folder", fix="choose a new or existing folder")
+    folder = next(p for p in (target, *target.parents) if p.is_dir())
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    read_only = hasattr(os, "statvfs") and bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    why = "its file system is read-only" if read_only else "you have no permission to write there"
+    raise SaveError(asked, found=f"{folder} cannot be written: {why}",
+                    fix="choose a folder you can write to, or make this one writable")
 
 
 # -- writing ------------------------------------------------------------------------------------------------------

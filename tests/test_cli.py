@@ -64,6 +64,51 @@ def test_unknown_model_exits_1_naming_the_closest_registry_names(capsys):
     assert code == 1 and "Traceback" in err and "ModelNotFound" in err
 
 
+TRAIN = ["train", "data.jsonl", "--model", "m", "--out", "run"]
+GENERATE = ["generate", "m", "--prompt", "hi"]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (TRAIN + ["--epochs", "nan"], "--epochs"), (TRAIN + ["--epochs", "inf"], "--epochs"),
+    (TRAIN + ["--epochs", "0"], "--epochs"), (TRAIN + ["--steps", "-5"], "--steps"), (TRAIN + ["--lr", "0"], "--lr"),
+    (TRAIN + ["--lr", "nan"], "--lr"), (TRAIN + ["--seed", "-1"], "--seed"),
+    (TRAIN + ["--seed", str(2 ** 32)], "--seed"),
+    (GENERATE + ["--temperature", "-1"], "--temperature"), (GENERATE + ["--temperature", "inf"], "--temperature"),
+    (GENERATE + ["--prompt", " "], "--prompt")])
+def test_values_no_command_can_use_are_usage_errors(argv, option, capsys):
+    """Refused by the parser (exit 2) naming the option: nothing is read or loaded first (the names do not exist)."""
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and f"argument {option}" in err, err
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for argv in (["train", "d.jsonl", "--model", "m", "--out", mine], ["merge", "a", "--out", mine],
+                 ["quantize", "m", "--out", mine]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "notes.txt is an existing file" in err, err
+    assert mine.read_text() == "mine"
+
+
+def test_an_error_the_library_left_raw_still_reads_as_a_fastload_error(capsys):
+    """A name longer than any file name the OS takes: exit 1 with what was asked, found and to do, no traceback."""
+    code, out, err = run(capsys, "resolve", "n" * 5000)
+    assert code == 1 and out == ""
+    assert "fastload: error: fastload resolve nnn" in err and "what to do" in err and "Traceback" not in err
+    assert "Traceback" in run(capsys, "resolve", "n" * 5000, "--debug")[2]
+
+
+def test_a_command_module_joins_the_table_in_one_line():
+    """How `fastload export gguf` (a module with add_arguments/run) is added: one Command.of entry in PARSER_DATA."""
+    from fastload.cli import PARSER_DATA, Command, build_parser
+
+    parser = build_parser({**PARSER_DATA, "export demo": Command.of("fastload.cli.resolve", "a grouped command")})
+    args = parser.parse_args(["export", "demo", "some/model", "--json"])
+    assert (args.command, args.action, args.name, args.json) == ("export", "demo", "some/model", True)
+    assert args.func.__module__ == "fastload.cli.resolve"
+
+
 def test_installed_console_script_runs():
     script = Path(sys.executable).with_name("fastload")
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)

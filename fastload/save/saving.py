@@ -113,6 +113,26 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     return directory
 
 
+def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
+    """Write the adapter into a training folder beside the trainer's checkpoints, as one folder swap.
+
+    Unlike save_adapter it writes into a folder it did not create (`fastload train --out`): a kill leaves the
+    previous adapter or the new one, whole; checkpoint-N folders and the user's own files stay.
+
+    Args:
+        model: the trained model with its LoRA adapters.
+        tokenizer: its tokenizer, saved beside the adapter.
+        out: the training folder.
+    Raises:
+        InvalidOption: the adapter would overwrite files fastload did not write (nothing is written then).
+        SaveError: the disk is full or the folder cannot be written.
+    """
+    name_base_model(model, getattr(model, "fastload_plan", None))
+    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+
 # -- atomic output folders ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -1,0 +1,28 @@
+"""`fastload estimate NAME`: memory needed to load and QLoRA-train a model, before loading it."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastload.cli.arguments import positive_int
+from fastload.cli.output import EXIT_OK, emit
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registry name, hub id in the HF cache, or a folder with config.json")
+    parser.add_argument("--seq", type=positive_int, default=DEFAULT_MAX_SEQ_LENGTH,
+                        help="sequence length of a training batch")
+    parser.add_argument("--batch", type=positive_int, default=1, help="batch size")
+    parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastload.load import memory
+    from fastload.sources.model_config import config_or_param_count
+
+    config, basis = config_or_param_count(args.name)
+    counts = memory.approximate_counts(config) if isinstance(config, float) else memory.count_params(config)
+    est = memory.estimate_counts(counts, args.seq, args.batch, args.r, basis=basis)
+    emit(args, {"name": args.name, **est.as_dict()}, est.table())
+    return EXIT_OK
