@@ -102,3 +102,5 @@ def test_fastmodel_notebook_saves_a_merged_16bit_model_transformers_loads(notebo
     assert torch.allclose(merged[key].float(), base[key].float(), atol=0.05)  # ... into this base
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert model.config.num_hidden_layers == 30
+    if (NOTEBOOKS.parent.parent / "fastload" / "export" / "gguf.py").is_file():  # the GGUF cell runs with the writer
+        assert any(path.stat().st_size > 0 for path in (tmp_path / "gemma_3_finetune").rglob("*.gguf"))

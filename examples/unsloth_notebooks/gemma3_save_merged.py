@@ -13,7 +13,6 @@ fastload.export.gguf exists.
 # ---- cell 6: load in 16-bit
 # [unsloth] from unsloth import FastModel
 from fastload import FastModel
-import importlib.util
 import os
 import torch
 
@@ -132,5 +131,7 @@ _ = model.generate(
 model.save_pretrained_merged("gemma_3_finetune_16bit", tokenizer, save_method="merged_16bit")  # [port] on
 
 # ---- cell 41: GGUF
-if importlib.util.find_spec("fastload.export") and importlib.util.find_spec("fastload.export.gguf"):  # [port]
+import fastload  # [port] the GGUF cell runs where this fastload has its GGUF writer (fastload.export.gguf)
+
+if os.path.exists(os.path.join(os.path.dirname(fastload.__file__), "export", "gguf.py")):  # [port]
     model.save_pretrained_gguf("gemma_3_finetune", tokenizer, quantization_method="Q8_0")
