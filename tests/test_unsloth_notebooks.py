@@ -104,3 +104,28 @@ def test_fastmodel_notebook_saves_a_merged_16bit_model_transformers_loads(notebo
     assert model.config.num_hidden_layers == 30
     if (NOTEBOOKS.parent.parent / "fastload" / "export" / "gguf.py").is_file():  # the GGUF cell runs with the writer
         assert any(path.stat().st_size > 0 for path in (tmp_path / "gemma_3_finetune").rglob("*.gguf"))
+
+
+def checkpoint_functions(model) -> set:
+    """What each decoder layer calls to checkpoint itself, as (function, keywords) pairs."""
+    from fastload.structure import decoder_layers
+    from fastload.train.checkpointing import _base
+
+    found = set()
+    for layer in decoder_layers(_base(model)):
+        func = layer._gradient_checkpointing_func
+        found.add((getattr(func, "func", func), tuple(sorted(getattr(func, "keywords", {}).items()))))
+    return found
+
+
+def test_unsloth_checkpointing_on_the_cpu_is_the_default_paths_checkpointing(tiny_llama):
+    """use_gradient_checkpointing="unsloth" must not pick a slower checkpoint (e.g. one that offloads to the host)
+    for a model already on the CPU: every layer checkpoints exactly as FastModel.from_pretrained's default does."""
+    from fastload import FastLanguageModel, FastModel
+
+    default, _ = FastModel.from_pretrained(str(tiny_llama))
+    base, _ = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), load_in_4bit=True)
+    notebook = FastLanguageModel.get_peft_model(base, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                                use_gradient_checkpointing="unsloth", random_state=3407)
+    assert checkpoint_functions(notebook) == checkpoint_functions(default)
+    assert len(checkpoint_functions(default)) == 1  # one function for every layer
