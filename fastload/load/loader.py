@@ -25,7 +25,7 @@ class LoadOptions:
     cache_dir: str | None = None
     local_files_only: bool | None = None
     trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: str | None = None  # None/"auto": the best the architecture runs here (load.attention.choice)
     allow_pickle: bool = False
     rope_scaling: dict | None = None
     model_kwargs: dict = field(default_factory=dict)
@@ -132,7 +132,8 @@ def classify_load_error(e: Exception, where: str, part: str):
         return CheckpointIncomplete(where, found="config.json has no model_type, so no architecture can be chosen",
                                     fix="restore config.json from the original checkpoint (it names e.g. \"model_type\": \"llama\")")
     if "attn_implementation" in text:
-        return InvalidOption(where, found=first, fix="use attn_implementation='sdpa' (default) or 'eager'")
+        return InvalidOption(where, found=first, fix="leave attn_implementation unset: fastload picks the best "
+                                                     "implementation this model supports on this device")
     if "size mismatch" in text or "shape" in low and "mismatch" in low or "ignore_mismatched_sizes" in text:
         # transformers 5 prints the mismatched keys in a report and raises only "You set `ignore_mismatched_sizes`..."
         return CheckpointIncomplete(where, found=f"weights do not match the config: {first}",
@@ -359,8 +360,11 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
                other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
+    from fastload.load.attention.choice import choose_attn_implementation
+
+    attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     kw = dict(hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
-              attn_implementation=opts.attn_implementation, **opts.model_kwargs)
+              attn_implementation=attention, **opts.model_kwargs)
     if not opts.allow_pickle:
         kw["use_safetensors"] = True
     if opts.rope_scaling:
