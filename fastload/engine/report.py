@@ -71,9 +71,15 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
         from fastload.train.checkpointing import _base
 
         skipped["fused_loss"] = fused_loss_blocker(_base(model))
-    kernels = {"triton_rmsnorm", "triton_swiglu"}
+    kernels = {"triton_rmsnorm", "triton_swiglu"} | ({"liger_rope"} if _installed("liger_kernel") else set())
     if settings.kernels and device == "cuda" and not kernels <= set(used):
         missing = ", ".join(sorted(kernels - set(used)))
-        skipped["kernels"] = f"{missing}: no Llama-style RMSNorm/SwiGLU module in {type(model).__name__} " \
-                             "(or triton is not installed)"
+        skipped["kernels"] = (f"{missing}: written for Llama-style RMSNorm/SwiGLU/attention modules, which "
+                              f"{type(model).__name__} lacks (or triton is not installed)")
     return skipped
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
