@@ -350,6 +350,9 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     device = main_device(device_map)
     dtype = choose_dtype(plan, opts, device)
     config = load_config(plan, opts)
+    from fastload.load.attention.choice import choose_attn_implementation
+
+    attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
     local = local_files_of(plan, opts)
     info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
@@ -360,9 +363,6 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
                other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
-    from fastload.load.attention.choice import choose_attn_implementation
-
-    attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     kw = dict(hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
               attn_implementation=attention, **opts.model_kwargs)
     if not opts.allow_pickle:

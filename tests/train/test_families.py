@@ -219,3 +219,23 @@ def test_family_engine_matches_plain_on_gpu(family, tmp_path):
     with torch.no_grad():
         assert (fast.generate(**prompt, max_new_tokens=6, do_sample=False).tolist()
                 == plain.generate(**prompt, max_new_tokens=6, do_sample=False).tolist())
+
+
+def test_family_without_causal_lm_is_unsupported_architecture(tmp_path):
+    """A checkpoint transformers cannot build as a causal LM (here a ViT image encoder) ends in fastload's error
+    naming the architecture, not transformers' ValueError."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from fastload import FastModel
+    from fastload.errors import UnsupportedArchitecture
+    from tiny import make_tokenizer
+
+    config = AutoConfig.for_model("vit", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "vit")
+    make_tokenizer().save_pretrained(tmp_path / "vit")
+    with pytest.raises(UnsupportedArchitecture) as err:
+        FastModel.from_pretrained(str(tmp_path / "vit"))
+    assert "ViT" in str(err.value)

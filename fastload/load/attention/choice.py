@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 from fastload._log import logger
-from fastload.errors import InvalidOption
+from fastload.errors import InvalidOption, UnsupportedArchitecture
 
 AUTO = ("auto", None)
 HALF_DTYPES = ("float16", "bfloat16")
@@ -70,6 +70,11 @@ def choose_attn_implementation(config, device: str, dtype, asked: str | None) ->
     """
     runnable = runnable_implementations(config, device, dtype)
     cls = model_class(config)
+    if cls is None and not getattr(config, "auto_map", None):
+        raise UnsupportedArchitecture(f"Loading a model of model_type {config.model_type!r}",
+                                      found=f"transformers {_version()} has no causal language model for "
+                                            f"{type(config).__name__} (it is not a text generator, or is newer)",
+                                      fix="pick a text-generation checkpoint, or upgrade transformers")
     arch = cls.__name__ if cls is not None else type(config).__name__
     if asked in AUTO:
         best = next(name for name in runnable if name in AUTO_CHOICES)
@@ -92,3 +97,9 @@ AUTO_CHOICES = ("flash_attention_2", "sdpa", "eager")
 
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
