@@ -53,7 +53,7 @@ class FastModel:
                         lora: Any = _DEFAULT, gradient_checkpointing: bool | str = True, device_map: Any = None,
                         revision: str | None = None, token: str | bool | None = None, cache_dir: str | None = None,
                         local_files_only: bool | None = None, trust_remote_code: bool = False,
-                        attn_implementation: str | None = "sdpa", random_state: int | None = DEFAULT_SEED,
+                        attn_implementation: str | None = None, random_state: int | None = DEFAULT_SEED,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
                         backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
                         **quant_options: Any):
@@ -141,15 +141,17 @@ class FastModel:
             from fastload.engine.offloaded_checkpoint import uses_engine_checkpointing
 
             if not uses_engine_checkpointing(_base(peft_model)):  # e.g. LoRA dropout turned them off
-                peft_model.fastload_engine = [lever for lever in peft_model.fastload_engine
-                                              if lever not in ("offload_checkpointing", "cuda_graphs")]
+                from fastload.engine.report import rebuilt
+
+                kept = [lever for lever in peft_model.fastload_engine
+                        if lever not in ("offload_checkpointing", "cuda_graphs")]
+                peft_model.fastload_engine = rebuilt(peft_model.fastload_engine, kept)
         engine = getattr(model, "fastload_engine_settings", None)
         if engine is not None and engine.fused_lora:
             from fastload.engine import install_fused_lora_if_any
+            from fastload.engine.report import note_fused_lora
 
-            if install_fused_lora_if_any(peft_model):
-                levers = [lever for lever in getattr(peft_model, "fastload_engine", []) if lever != "fused_lora"]
-                peft_model.fastload_engine = [*levers, "fused_lora"]
+            peft_model.fastload_engine = note_fused_lora(peft_model, install_fused_lora_if_any(peft_model))
         return apply_peft_extras(attach_save_methods(peft_model), asked)
 
     @staticmethod

@@ -115,5 +115,5 @@ def test_xformers_without_a_gpu_is_a_clear_error(tiny_llama, tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendUnavailable) as err:
         FastModel.from_pretrained(tiny_llama, attn_implementation="xformers")
-    assert "need a CUDA GPU" in err.value.found and "sdpa" in err.value.fix
+    assert "need a CUDA GPU" in err.value.found and "attn_implementation unset" in err.value.fix
     assert "xformers" not in sys.modules

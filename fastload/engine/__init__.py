@@ -53,7 +53,8 @@ def install_fused_lora_if_any(model) -> bool:
 
 
 def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> list[str]:
-    """Turn on the levers for this model instance; returns the names of those turned on."""
+    """Turn on the levers for this model instance; returns the names of those turned on (an EngineReport, whose
+    `skipped` says which asked-for levers leave part of this model on the plain path, and why)."""
     from fastload.train.checkpointing import _base
 
     base = _base(model)
@@ -75,5 +76,9 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
         from fastload.engine.kernels import install_kernels
 
         used += install_kernels(base)
-    logger.info("engine: %s", ", ".join(used) if used else "no lever applies here")
-    return used
+    from fastload.engine.report import EngineReport, skipped_levers
+
+    report = EngineReport(used, skipped_levers(model, settings, used, device))
+    logger.info("engine: %s%s", ", ".join(used) if used else "no lever applies here",
+                "".join(f"; not {lever}: {why}" for lever, why in report.skipped.items()))
+    return report

@@ -138,7 +138,7 @@ def supports_fused_loss(model) -> bool:
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(text, attr, None) not in (None, 1, 1.0):
             return False
-    return True
+    return not getattr(text, "output_router_logits", False)  # MoE load-balancing loss: transformers adds it
 
 
 def install_fused_loss(model) -> bool:

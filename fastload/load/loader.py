@@ -26,7 +26,7 @@ class LoadOptions:
     cache_dir: str | None = None
     local_files_only: bool | None = None
     trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: str | None = None  # None/"auto": the best the architecture runs here (load.attention.choice)
     allow_pickle: bool = False
     rope_scaling: dict | None = None
     model_kwargs: dict = field(default_factory=dict)
@@ -110,7 +110,8 @@ def classify_load_error(e: Exception, where: str, part: str):
         return CheckpointIncomplete(where, found="config.json has no model_type, so no architecture can be chosen",
                                     fix="restore config.json from the original checkpoint (it names e.g. \"model_type\": \"llama\")")
     if "attn_implementation" in text:
-        return InvalidOption(where, found=first, fix="use attn_implementation='sdpa' (default) or 'eager'")
+        return InvalidOption(where, found=first, fix="leave attn_implementation unset: fastload picks the best "
+                                                     "implementation this model supports on this device")
     if "size mismatch" in text or "shape" in low and "mismatch" in low or "ignore_mismatched_sizes" in text:
         # transformers 5 prints the mismatched keys in a report and raises only "You set `ignore_mismatched_sizes`..."
         return CheckpointIncomplete(where, found=f"weights do not match the config: {first}",
@@ -322,6 +323,9 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     device = main_device(device_map)
     dtype = choose_dtype(plan, opts, device)
     config = load_config(plan, opts)
+    from fastload.load.attention.choice import choose_attn_implementation
+
+    attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
     local = local_files_of(plan, opts)
     info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
@@ -333,7 +337,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(_hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
-              attn_implementation=opts.attn_implementation, **opts.model_kwargs)
+              attn_implementation=attention, **opts.model_kwargs)
     if not opts.allow_pickle:
         kw["use_safetensors"] = True
     if opts.rope_scaling:
@@ -344,7 +348,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    model = direct_load(plan, opts, config, dtype, device_map, info, kw.get("quantization_config"))
+    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info, kw.get("quantization_config"))
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
@@ -365,6 +369,9 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         if cast_unquantized(model, dtype):
             logger.info("cast the unquantized weights of %s to %s", plan.name, str(dtype).replace("torch.", ""))
     keep_4bit_layout_stable(model)
+    from fastload.load.experts import note_unquantized_experts
+
+    note_unquantized_experts(model, plan.quant.quantized or plan.prequantized, dtype)
     model.config.use_cache = False
     model.max_seq_length = max_seq_length
     return model, dtype, device

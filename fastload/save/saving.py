@@ -206,7 +206,8 @@ class Deltas:
         self.modules: dict[str, Any] = {}
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and self.adapter in getattr(module, "lora_A", {}):
-                self.modules[checkpoint_key(name, self.adapter) + ".weight"] = module
+                # LoRA on a bare parameter (MoE experts) names it; on a Linear it is the weight
+                self.modules[f"{checkpoint_key(name, self.adapter)}.{getattr(module, 'parameter_name', 'weight')}"] = module
         # trained tensors that replace the base's: modules_to_save copies, biases trained with bias="all"/"lora_only"
         self.replaced: dict[str, Any] = {}
         for name, p in model.named_parameters():

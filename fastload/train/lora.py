@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
+
+import torch
 
 from fastload._log import logger
 from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear
+
+
+# LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
+PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
 
 
 def _router_widths(config) -> set[int]:
@@ -40,6 +47,57 @@ def find_lora_targets(model) -> list[str]:
     return sorted(names)
 
 
+def find_expert_parameters(model) -> tuple[list[str], int, int]:
+    """The fused expert weights of a mixture-of-experts model: 3-D parameters whose first axis counts the experts
+    (transformers 5 keeps Mixtral's, Qwen3-MoE's, gpt-oss's experts so, not as Linear modules).
+
+    Returns:
+        (names peft's `target_parameters` matches, e.g. ["experts.down_proj", "experts.gate_up_proj"], the number
+        of experts, the number of layers holding them); ([], 0, 0) for a dense model. Routers are 2-D: never listed.
+    """
+    experts = _router_widths(getattr(model, "config", None))
+    layers = decoder_layers(model)
+    if not experts or layers is None:
+        return [], 0, 0
+    names, layers_with = set(), 0
+    for layer in layers:
+        found = {f"{mname.split('.')[-1]}.{pname}" for mname, module in layer.named_modules()
+                 if mname and not isinstance(module, torch.nn.modules.conv._ConvNd)
+                 for pname, p in module.named_parameters(recurse=False) if p.ndim == 3 and p.shape[0] in experts}
+        names |= found
+        layers_with += bool(found)
+    sizes = {p.shape[0] for layer in layers for n, p in layer.named_parameters() if n.endswith(tuple(names))}
+    return sorted(names), max(sizes, default=0), layers_with
+
+
+def experts_blocked_by(model, names: list[str], settings: LoraSettings) -> str | None:
+    """Why the expert weights cannot carry LoRA with these settings, or None when they can."""
+    blockers = [f"{key}={value!r}" for key, value in (("lora_dropout", settings.lora_dropout),
+                                                      *((k, settings.extra.get(k)) for k in PARAM_LORA_UNSUPPORTED))
+                if value]
+    if blockers:
+        return f"peft's LoRA on parameters (ParamWrapper) does not support {', '.join(blockers)}"
+    stored = {str(p.dtype).replace("torch.", "") for n, p in model.named_parameters()
+              if n.endswith(tuple(names)) and not p.is_floating_point()}
+    if stored:
+        return f"the expert weights are stored quantized ({', '.join(sorted(stored))}), which peft cannot adapt"
+    return None
+
+
+def _expert_targets(model, settings: LoraSettings) -> tuple[list[str], str]:
+    """target_parameters for the default LoRA and the words the load log uses for them ("" for a dense model)."""
+    names, experts, layers = find_expert_parameters(model)
+    if not names:
+        return [], ""
+    reason = experts_blocked_by(model, names, settings)
+    params = "/".join(sorted({n.split(".")[-1] for n in names}))
+    if reason:
+        logger.warning("LoRA leaves the experts' %s untrained (%d experts x %d layers): %s", params, experts, layers,
+                       reason)
+        return [], ""
+    return names, f" + experts' {params} ({experts} experts x {layers} layers)"
+
+
 def has_adapters(model) -> bool:
     return bool(getattr(model, "peft_config", None))
 
@@ -50,6 +108,10 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     from peft import LoraConfig, get_peft_model
 
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
+    experts, experts_note = ([], "") if settings.target_modules or "target_parameters" in settings.extra else (
+        _expert_targets(model, settings))
+    if experts:
+        settings = replace(settings, extra={**settings.extra, "target_parameters": experts})
     leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:
@@ -68,8 +130,9 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
             p.data = p.data.float()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    logger.info("LoRA r=%s alpha=%s on %s: %s trainable parameters (%.2f%% of %s)", settings.r, settings.lora_alpha,
-                ",".join(targets), f"{trainable:,}", 100 * trainable / max(total, 1), f"{total:,}")
+    logger.info("LoRA r=%s alpha=%s on %s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
+                settings.lora_alpha, ",".join(targets), experts_note, f"{trainable:,}", 100 * trainable / max(total, 1),
+                f"{total:,}")
     return peft_model
 
 

@@ -17,13 +17,14 @@ def register_xformers_attention() -> str:
     """Register the function (idempotent) and return the name to pass as attn_implementation."""
     if importlib.util.find_spec("xformers") is None:
         raise BackendUnavailable("attn_implementation='xformers' was asked for", found="xformers is not installed",
-                                 fix="pip install 'fastload[xformers]' (matching your torch), or use 'sdpa' (default)")
+                                 fix="pip install 'fastload[xformers]' (matching your torch), "
+                                     "or leave attn_implementation unset")
     import torch
 
     if not torch.cuda.is_available():
         raise BackendUnavailable("attn_implementation='xformers' was asked for",
                                  found="xformers' kernels need a CUDA GPU and torch sees none",
-                                 fix="use attn_implementation='sdpa' (default) on the CPU")
+                                 fix="leave attn_implementation unset (default) on the CPU")
     _check_kernels_load()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -46,7 +47,8 @@ def _check_kernels_load() -> None:
         raise BackendUnavailable("attn_implementation='xformers' was asked for",
                                  found=f"xformers {xformers.__version__} cannot run its kernels with torch "
                                        f"{torch.__version__}: {str(e).splitlines()[0][:200]}",
-                                 fix="install the xformers build made for this torch, or use 'sdpa' (default)") from e
+                                 fix="install the xformers build made for this torch, "
+                                     "or leave attn_implementation unset") from e
 
 
 def _bias_from_mask(mask, heads: int, dtype):

@@ -1,0 +1,85 @@
+"""What the engine did to one model: the levers on, and each asked-for lever that does not apply to it, with why.
+
+`model.fastload_engine` stays a list of lever names (what code checks with `in`); `.skipped` says what a family
+misses, so a lever never falls back in silence (e.g. Mixtral's expert adapters, which no fused path covers).
+"""
+
+from __future__ import annotations
+
+
+class EngineReport(list):
+    """The names of the levers on, as a list; `skipped` maps a lever that does not apply to the reason."""
+
+    def __init__(self, used=(), skipped: dict[str, str] | None = None):
+        super().__init__(used)
+        self.skipped = dict(skipped or {})
+
+    def __repr__(self) -> str:
+        if not self.skipped:
+            return super().__repr__()
+        notes = "; ".join(f"{lever}: {why}" for lever, why in self.skipped.items())
+        return f"{super().__repr__()} (not applied: {notes})"
+
+
+def rebuilt(report, used) -> EngineReport:
+    """A report with other levers on, keeping the reasons of the old one (which may be a plain list)."""
+    return EngineReport(used, getattr(report, "skipped", {}))
+
+
+def note_fused_lora(model, installed: bool) -> EngineReport:
+    """The model's report once adapters were added after the load: fused_lora on if installed, and the expert
+    adapters it does not cover named."""
+    report = rebuilt(getattr(model, "fastload_engine", []), getattr(model, "fastload_engine", []))
+    if installed and "fused_lora" not in report:
+        report.append("fused_lora")
+    experts = expert_adapters(model)
+    if experts:
+        report.skipped["fused_lora"] = EXPERTS_NOT_FUSED.format(experts)
+    return report
+
+
+EXPERTS_NOT_FUSED = ("{} expert adapter(s) on fused 3-D weights run peft's ParamWrapper path "
+                     "(the fused path covers Linear projections only)")
+
+
+def expert_adapters(model) -> int:
+    """How many LoRA adapters sit on bare parameters (peft's ParamWrapper: the fused experts of MoE models)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return sum(isinstance(module, ParamWrapper) for module in model.modules())
+
+
+def fused_loss_blocker(model) -> str:
+    """Why the fused lm_head + cross-entropy does not apply to this model (it declined)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(text, attr, None) not in (None, 1, 1.0):
+            return f"the model changes the logits after lm_head ({attr}={getattr(text, attr)})"
+    if getattr(text, "output_router_logits", False):
+        return "the loss adds the routers' load-balancing term (output_router_logits=True)"
+    return "the output head is not a plain, frozen, bias-free Linear"
+
+
+def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, str]:
+    """Each lever asked for that leaves part of this model on the plain path, and why."""
+    skipped = {}
+    experts = expert_adapters(model)
+    if settings.fused_lora and experts:
+        skipped["fused_lora"] = EXPERTS_NOT_FUSED.format(experts)
+    if settings.fused_loss and "fused_loss" not in used:
+        from fastload.train.checkpointing import _base
+
+        skipped["fused_loss"] = fused_loss_blocker(_base(model))
+    kernels = {"triton_rmsnorm", "triton_swiglu"} | ({"liger_rope"} if _installed("liger_kernel") else set())
+    if settings.kernels and device == "cuda" and not kernels <= set(used):
+        missing = ", ".join(sorted(kernels - set(used)))
+        skipped["kernels"] = (f"{missing}: written for Llama-style RMSNorm/SwiGLU/attention modules, which "
+                              f"{type(model).__name__} lacks (or triton is not installed)")
+    return skipped
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None

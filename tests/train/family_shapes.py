@@ -1,0 +1,76 @@
+"""Tiny in-process configs for every model family fastload names (registry/*.toml) and a few more users reach for.
+
+Two layers, hidden 64, the tiny tokenizer's vocabulary: each family's own structure (softcaps, QK norms, sinks,
+experts, convolutions, Mamba mixers) at a size that trains in a second on the CPU.
+"""
+
+from __future__ import annotations
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+EXPERTS = dict(num_experts_per_tok=2)
+
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": dict(head_dim=16),
+    "phi3": {},
+    "granite": {},
+    "olmo2": {},
+    "cohere": {},
+    "cohere2": {},
+    "starcoder2": {},
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16),
+    "gemma3_text": dict(head_dim=16),
+    "gemma3": "multimodal",
+    "lfm2": dict(block_dim=64, block_ff_dim=128, layer_types=["conv", "full_attention"]),
+    "granitemoehybrid": dict(num_local_experts=4, **EXPERTS, shared_intermediate_size=128,
+                             layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
+                             mamba_d_state=16, mamba_expand=2, mamba_chunk_size=16),
+    "mixtral": dict(num_local_experts=4, **EXPERTS),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=64, decoder_sparse_step=1, head_dim=16, **EXPERTS),
+    "gpt_oss": dict(num_local_experts=4, head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                    sliding_window=32, **EXPERTS),
+}
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid")
+
+
+def family_config(family: str, tokenizer):
+    """The tiny config of `family`, its special tokens those of `tokenizer`."""
+    from transformers import AutoConfig
+
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if FAMILIES[family] == "multimodal":
+        return _gemma3(ids)
+    return AutoConfig.for_model(family, **COMMON, **ids, **FAMILIES[family])
+
+
+def _gemma3(ids: dict):
+    """Gemma-3 (4B and up) is image-text: a tiny SigLIP tower beside the tiny text model; trained on text only."""
+    from transformers import AutoConfig
+
+    text = dict(model_type="gemma3_text", **COMMON, **ids, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    return AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                image_token_id=ids["vocab_size"] - 1, boi_token_index=ids["vocab_size"] - 2,
+                                eoi_token_index=ids["vocab_size"] - 3, tie_word_embeddings=False)
+
+
+def make_family_checkpoint(directory, family: str, seed: int = 0):
+    """A random fp32 checkpoint of `family` saved as real safetensors with the tiny tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    config = family_config(family, tok)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
