@@ -95,7 +95,7 @@ def test_an_error_the_library_left_raw_still_reads_as_a_fastload_error(capsys):
     """A name longer than any file name the OS takes: exit 1 with what was asked, found and to do, no traceback."""
     code, out, err = run(capsys, "resolve", "n" * 5000)
     assert code == 1 and out == ""
-    assert "fastload: error: fastload resolve nnn" in err and "what to do" in err and "Traceback" not in err
+    assert "fastload: error:" in err and "nnnn" in err and "what to do" in err and "Traceback" not in err
     assert "Traceback" in run(capsys, "resolve", "n" * 5000, "--debug")[2]
 
 
@@ -103,9 +103,9 @@ def test_a_command_module_joins_the_table_in_one_line():
     """How `fastload export gguf` (a module with add_arguments/run) is added: one Command.of entry in PARSER_DATA."""
     from fastload.cli import PARSER_DATA, Command, build_parser
 
-    parser = build_parser({**PARSER_DATA, "export demo": Command.of("fastload.cli.resolve", "a grouped command")})
-    args = parser.parse_args(["export", "demo", "some/model", "--json"])
-    assert (args.command, args.action, args.name, args.json) == ("export", "demo", "some/model", True)
+    parser = build_parser({**PARSER_DATA, "demo run": Command.of("fastload.cli.resolve", "a grouped command")})
+    args = parser.parse_args(["demo", "run", "some/model", "--json"])
+    assert (args.command, args.action, args.name, args.json) == ("demo", "run", "some/model", True)
     assert args.func.__module__ == "fastload.cli.resolve"
 
 
