@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from fastload._log import logger
 from fastload.cli import bench, cache, estimate, generate, merge, quantize, registry, resolve, train
+from fastload.export import cli as export_cli
 from fastload.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CurrentStderr, configure_logging
 from fastload.cli.unexpected import as_fastload_error
 from fastload.errors import FastloadError
@@ -55,8 +56,10 @@ class Command:
 
 
 PARSER_DATA: dict[str, Command] = {
-    "export": Command.of("fastload.export.cli", "export a trained model: one GGUF file (llama.cpp, Ollama) or a "
-                         "push to the Hugging Face Hub", loads_model=True),
+    "export gguf": Command(export_cli.run_gguf, "merge the adapter and write one .gguf file for llama.cpp / Ollama "
+                           "(with an Ollama Modelfile)", export_cli.add_gguf_arguments, loads_model=True),
+    "export hub": Command(export_cli.run_hub, "push a trained adapter (or its merge, or a GGUF) to the Hugging Face "
+                          "Hub in one commit", export_cli.add_hub_arguments, loads_model=True),
     "resolve": Command(resolve.run, "show the load plan for a model name and why, without loading anything",
                        resolve.add_arguments),
     "quantize": Command(quantize.run, "write a bitsandbytes 4-bit checkpoint (into the store, or --out)",

@@ -13,12 +13,8 @@ from pathlib import Path
 QUANT_CHOICES = ("f16", "bf16", "q8_0", "f32", "q4_k_m", "q5_k_m", "q4_k_s", "q5_k_s", "q6_k", "q4_0")
 
 
-def add_arguments(parser: argparse.ArgumentParser, parents: list[argparse.ArgumentParser] = ()) -> None:
-    """The `export` command's formats (one so far: gguf) and their options; parents: the CLI's shared flags."""
-    formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    gguf = formats.add_parser("gguf", help="one .gguf file for llama.cpp / Ollama, with an Ollama Modelfile",
-                              description="merge the adapter (if SOURCE is one) and write one .gguf file",
-                              parents=list(parents))
+def add_gguf_arguments(gguf: argparse.ArgumentParser) -> None:
+    """`fastload export gguf`: one .gguf file for llama.cpp / Ollama, with an Ollama Modelfile."""
     gguf.add_argument("source", help="adapter folder (adapter_config.json) or merged 16-bit folder (config.json)")
     gguf.add_argument("--out", required=True, help="the .gguf file to write (Modelfile goes beside it)")
     gguf.add_argument("--quant", choices=QUANT_CHOICES, default="q8_0",
@@ -27,23 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser, parents: list[argparse.Argume
                       help="merge into the 16-bit original (auto: when on this machine) or the dequantized weights")
     gguf.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
     gguf.add_argument("--no-verify", action="store_true", help="skip measuring what the merge cost")
-    gguf.set_defaults(export=run_gguf)
 
-    hub = formats.add_parser("hub", help="push a trained adapter to the Hugging Face Hub (adapter, merged, gguf)",
-                             description="build the folder with a model card and upload it in one commit",
-                             parents=list(parents))
+
+def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
+    """`fastload export hub`: build the folder with a model card and upload it in one commit."""
     hub.add_argument("source", help="adapter folder (adapter_config.json, what `fastload train --out` wrote)")
     hub.add_argument("--repo", required=True, help="user/name on the Hub (created private unless --public)")
     hub.add_argument("--what", choices=("adapter", "merged", "merged-4bit", "gguf"), default="adapter",
                      help="what to upload (default: the adapter alone)")
     hub.add_argument("--quant", choices=QUANT_CHOICES, default="q8_0", help="GGUF type with --what gguf")
     hub.add_argument("--public", action="store_true", help="create the repository public")
-    hub.set_defaults(export=run_hub)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export as asked; prints what was written (JSON with --json). Returns the exit code."""
-    return args.export(args)
 
 
 def run_hub(args: argparse.Namespace) -> int:
