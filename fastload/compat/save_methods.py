@@ -97,8 +97,8 @@ def save_pretrained_gguf(self, save_directory: str | os.PathLike, tokenizer=None
                                 token=token)
     save_gguf = gguf_writer()
     directory = Path(save_directory)
-    for method in _gguf_methods(quantization_method):
-        save_gguf(self, directory, tokenizer, quantization=method)
+    for method in _gguf_methods(quantization_method):  # one file per method in the folder, as Unsloth names them
+        save_gguf(self, directory / f"model.{method.upper()}.gguf", tokenizer, quantization=method)
     return directory
 
 
@@ -148,7 +148,7 @@ def push_to_hub_gguf(self, repo_id: str, tokenizer=None, quantization_method: st
     with tempfile.TemporaryDirectory(prefix="fastload-push-") as tmp:
         folder = Path(tmp) / "gguf"
         for method in _gguf_methods(quantization_method):
-            save_gguf(self, folder, tokenizer, quantization=method)
+            save_gguf(self, folder / f"model.{method.upper()}.gguf", tokenizer, quantization=method)
         return upload_folder(folder, repo_id, token=token, private=private, commit_message=commit_message,
                              create_pr=create_pr, revision=revision)
 
