@@ -83,7 +83,7 @@ def report_merge(model, merged_dir: str | Path, tokenizer=None, texts: Sequence[
         after = _logits(merged, batch)
     finally:
         del merged
-    mask = batch["attention_mask"].bool()
+    mask = batch["attention_mask"].bool().cpu()  # the logits come back on the CPU
     report = MergeReport(loss_before=_loss(before, batch), loss_after=_loss(after, batch),
                          max_logit_diff=float((before - after).abs()[mask].max()), n_tokens=int(mask.sum()))
     logger.info("%s", report.describe())
