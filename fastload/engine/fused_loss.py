@@ -12,6 +12,7 @@ import types
 
 import torch
 
+from fastload.model_state import is_patched, mark_patched
 from fastload.structure import is_plain_linear
 
 IGNORE_INDEX = -100
@@ -143,7 +144,7 @@ def supports_fused_loss(model) -> bool:
 
 def install_fused_loss(model) -> bool:
     """Give this instance a forward that, when training with labels, returns the loss and no logits."""
-    if not supports_fused_loss(model) or getattr(model, "_fastload_fused_loss", False):
+    if not supports_fused_loss(model) or is_patched(model, model, "fused_loss"):
         return False
     original = model.forward
 
@@ -168,5 +169,5 @@ def install_fused_loss(model) -> bool:
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None)
 
     model.forward = types.MethodType(forward, model)
-    model._fastload_fused_loss = True
+    mark_patched(model, model, "fused_loss")
     return True
