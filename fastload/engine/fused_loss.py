@@ -12,6 +12,7 @@ import types
 
 import torch
 
+from fastload.engine.cuda_graphs import graphs_of
 from fastload.model_state import is_patched, mark_patched
 from fastload.structure import is_plain_linear
 
@@ -163,8 +164,6 @@ def install_fused_loss(model) -> bool:
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        from fastload.engine.cuda_graphs import graphs_of
-
         loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None)
 
