@@ -14,6 +14,7 @@ from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, InvalidOption
 from fastload.load.loader import LoadOptions
+from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, LoraSettings
 
 _DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSettings)
@@ -95,11 +96,10 @@ class FastModel:
         if impl.name == "native":
             from fastload.engine import EngineSettings, apply_engine
 
-            model.fastload_engine_settings = EngineSettings.from_user(engine)
-            model.fastload_engine = apply_engine(model, model.fastload_engine_settings, bool(gradient_checkpointing))
+            apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing))
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
-        model.fastload_plan = plan
-        model.fastload_backend = impl.name
+        state = state_of(model)
+        state.plan, state.backend = plan, impl.name
         tokenizer.model_max_length = model.max_seq_length or tokenizer.model_max_length
         attach_save_methods(model)
         logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
@@ -133,25 +133,11 @@ class FastModel:
         peft_model = apply_lora(model, settings, random_state)
         if checkpointing:
             enable_checkpointing(peft_model)
-        for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine"):
-            if hasattr(model, attr):
-                setattr(peft_model, attr, getattr(model, attr))
-        if checkpointing and getattr(peft_model, "fastload_engine", None):
-            from fastload.train.checkpointing import _base
-            from fastload.engine.offloaded_checkpoint import uses_engine_checkpointing
+        engine = state_of(peft_model).engine_settings
+        if engine is not None:  # the levers that apply to the new adapters (apply_engine keeps what it installed)
+            from fastload.engine import apply_engine
 
-            if not uses_engine_checkpointing(_base(peft_model)):  # e.g. LoRA dropout turned them off
-                from fastload.engine.report import rebuilt
-
-                kept = [lever for lever in peft_model.fastload_engine
-                        if lever not in ("offload_checkpointing", "cuda_graphs")]
-                peft_model.fastload_engine = rebuilt(peft_model.fastload_engine, kept)
-        engine = getattr(model, "fastload_engine_settings", None)
-        if engine is not None and engine.fused_lora:
-            from fastload.engine import install_fused_lora_if_any
-            from fastload.engine.report import note_fused_lora
-
-            peft_model.fastload_engine = note_fused_lora(peft_model, install_fused_lora_if_any(peft_model))
+            apply_engine(peft_model, engine, bool(checkpointing))
         return apply_peft_extras(attach_save_methods(peft_model), asked)
 
     @staticmethod
@@ -167,7 +153,7 @@ class FastModel:
     @staticmethod
     def for_inference(model):
         """Generation mode: checkpointing off, KV cache on, eval."""
-        if getattr(model, "fastload_backend", None) == "unsloth":
+        if state_of(model, create=False).backend == "unsloth":
             from unsloth import FastLanguageModel  # already imported by the load that chose it
 
             FastLanguageModel.for_inference(model)
@@ -179,7 +165,7 @@ class FastModel:
     @staticmethod
     def for_training(model):
         """Training mode again, with checkpointing as it was."""
-        if getattr(model, "fastload_backend", None) == "unsloth":
+        if state_of(model, create=False).backend == "unsloth":
             from unsloth import FastLanguageModel
 
             FastLanguageModel.for_training(model)

@@ -30,7 +30,7 @@ def main(checkpoint: str, backend: str, steps: int = 6) -> None:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
-    print(json.dumps({"backend": model.fastload_backend, "losses": losses,
+    print(json.dumps({"backend": model.fastload.backend, "losses": losses,
                       "generated_new_tokens": generated.shape[1] - 16, "training_again": model.training,
                       "loss_after_generation": loss.item(),
                       "lora_grads_after_generation": bool(lora_grads) and all(g is not None for g in lora_grads),

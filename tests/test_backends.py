@@ -48,7 +48,7 @@ def test_unsloth_without_gpu_is_refused_and_auto_falls_back(tiny_llama, placehol
     assert "CUDA GPU" in err.value.found and "native" in err.value.fix
     with caplog.at_level("INFO", logger="fastload"):
         model, _ = FastModel.from_pretrained(tiny_llama, backend="auto")
-    assert model.fastload_backend == "native"
+    assert model.fastload.backend == "native"
     assert "backend auto: native, because Unsloth needs a CUDA GPU" in caplog.text
     assert "unsloth" not in sys.modules
 

@@ -32,7 +32,7 @@ while not go.exists():
 model, tok = FastModel.from_pretrained(sys.argv[1], lora=None, gradient_checkpointing=False)
 with torch.no_grad():
     out = model(torch.tensor(%r)).logits.float()
-print(json.dumps({"source": model.fastload_plan.source, "quantized_now": model.fastload_quantized_now,
+print(json.dumps({"source": model.fastload.plan.source, "quantized_now": model.fastload.quantized_now,
                   "logits": out[0, :, :8].tolist()}))
 """ % (IDS,)
 
@@ -98,7 +98,7 @@ def test_three_processes_loading_one_uncached_model_make_one_entry(tiny_llama, i
     import torch
 
     model, _ = FastModel.from_pretrained(tiny_llama, lora=None, gradient_checkpointing=False)
-    assert model.fastload_plan.source == "store"
+    assert model.fastload.plan.source == "store"
     here = logits(model, torch.tensor(IDS))[0, :, :8]
     assert torch.allclose(here, torch.tensor(results[0]["logits"]), atol=1e-5)
 
@@ -130,12 +130,12 @@ def test_storing_process_killed_mid_write_then_load_succeeds(tiny_llama, isolate
     assert fastload.resolve(tiny_llama).source == "local"  # nothing stored is offered
 
     model, _ = FastModel.from_pretrained(tiny_llama, lora=None, gradient_checkpointing=False)  # the lock is free
-    assert model.fastload_quantized_now
+    assert model.fastload.quantized_now
     [entry] = store.entries()
     assert store.verify() == [(entry, None)]
     assert leftover_tmp(isolated_env) == []  # the dead writer's folder was cleaned up
     again, _ = FastModel.from_pretrained(tiny_llama, lora=None, gradient_checkpointing=False)
-    assert again.fastload_plan.source == "store" and Path(again.fastload_plan.location) == entry.path
+    assert again.fastload.plan.source == "store" and Path(again.fastload.plan.location) == entry.path
     assert (entry.path / WEIGHTS).is_file()
 
 

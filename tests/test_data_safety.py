@@ -63,7 +63,7 @@ def test_user_files_in_fastload_home_tmp_survive_a_store_write(tiny_llama, isola
         (tmp / folder / name).write_text(f"the user's {name}")
     before = user_files_snapshot(tmp)
     model, _ = FastModel.from_pretrained(tiny_llama, lora=None, gradient_checkpointing=False)
-    assert model.fastload_quantized_now  # a store write happened, with its clean-up of tmp/
+    assert model.fastload.quantized_now  # a store write happened, with its clean-up of tmp/
     assert user_files_snapshot(tmp) == before
 
 
@@ -87,7 +87,7 @@ def test_quantize_out_onto_its_own_source_keeps_the_16bit_original(tiny_llama, t
 def test_merging_into_the_16bit_original_of_a_stored_model_keeps_the_original(tiny_copy):
     FastModel.from_pretrained(tiny_copy, gradient_checkpointing=False)  # quantizes and stores
     model, tok = FastModel.from_pretrained(tiny_copy, gradient_checkpointing=False)
-    assert model.fastload_plan.source == "store"  # the protection must cover the original, not the store entry
+    assert model.fastload.plan.source == "store"  # the protection must cover the original, not the store entry
     before = user_files_snapshot(tiny_copy)
     for target in (tiny_copy, tiny_copy / "merged"):
         with pytest.raises(InvalidOption, match="merged from"):
@@ -190,7 +190,7 @@ def test_a_pickled_adapter_is_not_unpickled_without_allow_pickle(tiny_llama, tmp
         FastModel.from_pretrained(adapter, gradient_checkpointing=False, store=False)
     assert "allow_pickle=True" in e.value.fix
     trusted, _ = FastModel.from_pretrained(adapter, gradient_checkpointing=False, store=False, allow_pickle=True)
-    assert trusted.fastload_plan.adapter == str(adapter)
+    assert trusted.fastload.plan.adapter == str(adapter)
 
 
 # -- 15: file names that leave the checkpoint or the package -------------------------------------------------------

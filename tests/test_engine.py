@@ -413,12 +413,14 @@ def test_backward_capture_differentiates_fresh_leaves_on_the_same_memory(tiny_ll
 def test_lora_dropout_added_later_turns_the_engines_checkpointing_off(tiny_llama):
     """Recomputation must draw the forward's dropout masks, which only torch's checkpoint replays: adapters with
     dropout added after loading put the layers back on it (and the model no longer claims the levers)."""
+    from fastload.engine import apply_engine
     from fastload.engine.offloaded_checkpoint import install_engine_checkpointing, uses_engine_checkpointing
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, lora=None)
     base = model
     assert install_engine_checkpointing(base, offload=True, graphs=True)  # as on a GPU
-    model.fastload_engine = [*model.fastload_engine, "offload_checkpointing", "cuda_graphs"]
+    apply_engine(model, model.fastload.engine_settings, gradient_checkpointing=True)  # the report reads the registry
+    assert {"offload_checkpointing", "cuda_graphs"} <= set(model.fastload_engine)
     assert uses_engine_checkpointing(base)
     peft_model = FastModel.get_peft_model(model, lora_dropout=0.1)
     assert not uses_engine_checkpointing(peft_model.get_base_model())

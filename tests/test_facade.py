@@ -191,7 +191,7 @@ def test_prequantized_checkpoint_loads_without_requantizing(tiny_llama, tmp_path
     plan = fastload.resolve(out)
     assert plan.prequantized and plan.source == "local"
     again, _ = FastModel.from_pretrained(out, lora=None)
-    assert again.fastload_quantized_now is False
+    assert again.fastload.quantized_now is False
     a = model.model.layers[1].mlp.down_proj.weight
     b = again.model.layers[1].mlp.down_proj.weight
     assert torch.equal(a.data, b.data)

@@ -21,6 +21,7 @@ from helpers_faults import drop_tensor
 from tiny import make_checkpoint
 
 from fastload import FastModel
+from fastload.model_state import state_of
 from fastload.sources.store import Store
 
 OFF = {"FASTLOAD_DIRECT_LOAD": "0"}
@@ -44,7 +45,7 @@ def assert_same_model(reference, model, device="cpu") -> None:
     import bitsandbytes as bnb
     import torch
 
-    assert getattr(model, "fastload_direct_load", False) and not getattr(reference, "fastload_direct_load", False)
+    assert state_of(model).direct_load and not state_of(reference, create=False).direct_load
     assert {n: type(m) for n, m in reference.named_modules()} == {n: type(m) for n, m in model.named_modules()}
     expected, got = reference.state_dict(), model.state_dict()
     assert expected.keys() == got.keys()
@@ -79,10 +80,10 @@ def test_direct_load_on_the_fly_is_the_model_from_pretrained_makes(family_checkp
 
 def test_direct_load_from_the_store_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, isolated_env):
     first = load(family_checkpoint, monkeypatch, direct=False)
-    assert first.fastload_plan.source == "local"
+    assert first.fastload.plan.source == "local"
     reference = load(family_checkpoint, monkeypatch, direct=False)
     model = load(family_checkpoint, monkeypatch, direct=True)
-    assert model.fastload_plan.source == "store" == reference.fastload_plan.source
+    assert model.fastload.plan.source == "store" == reference.fastload.plan.source
     assert_same_model(reference, model)
 
 
@@ -133,14 +134,14 @@ def test_background_store_entry_loads_as_the_waited_one(family_checkpoint, monke
         monkeypatch.setenv("FASTLOAD_STORE_WRITE", mode)
         home = tmp_path / mode
         first = load(family_checkpoint, monkeypatch, direct=True, store=home)
-        assert first.fastload_quantized_now
+        assert first.fastload.quantized_now
         wait_for_store_writes()
         assert [problem for _, problem in Store(home).verify()] == [None]
         files.append({f.name for f in entry_dir(home).iterdir()})
         assert json.loads((entry_dir(home) / "config.json").read_text()) == json.loads(
             (entry_dir(tmp_path / "wait") / "config.json").read_text())
         models.append(load(family_checkpoint, monkeypatch, direct=False, store=home))
-        assert models[-1].fastload_plan.source == "store"
+        assert models[-1].fastload.plan.source == "store"
     assert files[0] == files[1]
     waited, background = models
     ids = __import__("torch").arange(24).reshape(2, 12)
@@ -191,7 +192,7 @@ def test_a_store_write_killed_mid_way_leaves_a_whole_entry_or_none(tmp_path):
     if killed_mid_write:
         assert entries == [] and any(tmp_dir.iterdir())  # only the dead writer's temporary folder is left
     model, _ = FastModel.from_pretrained(checkpoint, lora=None, engine=False, store=store)
-    assert model.fastload_plan.source in ("local", "store")
+    assert model.fastload.plan.source in ("local", "store")
     from fastload.load.background_store import wait_for_store_writes
 
     wait_for_store_writes()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastload import FastModel
-from fastload.train.trainer import checkpointing_state
+from fastload.train.checkpointing import checkpointing_state
 from test_trainer import RECORDS, dataset_loss, eight_bit_state
 from tiny import make_checkpoint
 
@@ -117,7 +117,7 @@ def test_requantized_merge_loads_prequantized_on_the_gpu(trained):
     model, tok, ids, root = trained
     out = FastModel.save_merged(model, root / "merged4", tokenizer=tok, source="dequantized", quantize=True)
     loaded, _ = FastModel.from_pretrained(out, max_seq_length=64, lora=None, store=False)
-    assert loaded.fastload_plan.prequantized
+    assert loaded.fastload.plan.prequantized
     assert loaded.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
     # re-quantizing merged weights adds NF4 round-off of the deltas on top
     assert rel(logits(model, ids), logits(loaded, ids)) < 0.15

@@ -43,7 +43,7 @@ def test_default_optimizer_updates_exactly_as_bitsandbytes_adamw8bit():
     start = _params()
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
     assert not torch.equal(after_ours[0], start[0]) and torch.equal(after_ours[-1], start[-1])
-    packs = ours_opt._fastload_packs[0][1]
+    packs = ours_opt._pack_cache[0][1]
     assert len(packs) == 1 and len(packs[0].members) == 4  # the four LoRA-like matrices share one update
     for p, q in zip(ours, theirs):  # and the state each parameter shows is bitsandbytes' state
         for name in ("state1", "state2", "absmax1", "absmax2"):
@@ -106,7 +106,7 @@ def test_large_models_pack_in_bounded_chunks(monkeypatch):
     ours, ours_opt, theirs, theirs_opt = _pair()
     after_ours, after_theirs = _steps(ours_opt, ours), _steps(theirs_opt, theirs)
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
-    assert [len(p.members) for p in ours_opt._fastload_packs[0][1]] == [2, 2]
+    assert [len(p.members) for p in ours_opt._pack_cache[0][1]] == [2, 2]
 
 
 def test_steps_after_a_missing_gradient_match_and_the_pack_comes_back():
@@ -117,7 +117,7 @@ def test_steps_after_a_missing_gradient_match_and_the_pack_comes_back():
     after_ours, after_theirs = _steps(ours_opt, ours, steps=5, skip=skip), _steps(theirs_opt, theirs, steps=5, skip=skip)
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
     assert [ours_opt.state[p]["step"] for p in ours[:4]] == [4, 5, 5, 5]
-    packs = ours_opt._fastload_packs[0][1]
+    packs = ours_opt._pack_cache[0][1]
     assert [len(p.members) for p in packs] == [3]  # the three matrices in step; the fourth alone
 
 
@@ -161,7 +161,7 @@ def test_each_param_group_keeps_its_own_hyperparameters():
         ours_opt.step()
         theirs_opt.step()
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
-    assert [len(p.members) for p in ours_opt._fastload_packs[1][1]] == [4]
+    assert [len(p.members) for p in ours_opt._pack_cache[1][1]] == [4]
 
 
 def test_a_per_parameter_override_set_during_training_is_honoured():

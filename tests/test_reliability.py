@@ -650,8 +650,8 @@ def test_token_never_reaches_logs_errors_or_manifests(tiny_llama, tiny_copy, iso
         errors.append(caught.value)
     captured = capfd.readouterr()
     texts = [caplog.text, captured.out, captured.err, *map(str, errors), *map(repr, errors),
-             *(str(e.__cause__) for e in errors), *(m.fastload_plan.explain() for m in models),
-             *(repr(m.fastload_plan) for m in models), *(repr(m.config) for m in models)]
+             *(str(e.__cause__) for e in errors), *(m.fastload.plan.explain() for m in models),
+             *(repr(m.fastload.plan) for m in models), *(repr(m.config) for m in models)]
     texts += [p.read_text(errors="replace") for p in isolated_env.rglob("*") if p.is_file() and p.suffix == ".json"]
     assert len(Store(isolated_env).entries()) == 2, "both loads should have stored their quantization"
     assert "fastload" in caplog.text  # the logs were captured at all
@@ -708,7 +708,7 @@ def test_loads_from_the_hf_cache_make_no_connection_attempt(tiny_llama, tmp_path
     monkeypatch.setattr(_detect_agent, "_registry", None, raising=False)
     log = ConnectionLog(monkeypatch)
     model, _ = load("someone/cached-tiny")
-    assert model.fastload_plan.source == "hub-cache"
+    assert model.fastload.plan.source == "hub-cache"
     assert log.attempts == []
 
 
@@ -723,7 +723,7 @@ def test_disk_full_while_storing_then_space_freed(tiny_llama, isolated_env, monk
     store = Store(isolated_env)
     assert store.entries() == [] and leftover_tmp(isolated_env) == []
     model, _ = load(tiny_llama)  # space freed: the next load quantizes and stores normally
-    assert model.fastload_quantized_now and [p for _, p in store.verify()] == [None]
+    assert model.fastload.quantized_now and [p for _, p in store.verify()] == [None]
 
 
 @pytest.mark.parametrize("interrupt,when", [(KeyboardInterrupt, "storing"), (RuntimeError, "storing"),
@@ -754,10 +754,10 @@ def test_interrupted_quantize_or_store_leaves_no_entry(tiny_llama, isolated_env,
     assert Store(isolated_env).entries() == [] and leftover_tmp(isolated_env) == []
     assert fastload.resolve(tiny_llama).source == "local"  # nothing stored is offered to the next load
     model, _ = load(tiny_llama)
-    assert model.fastload_quantized_now
+    assert model.fastload.quantized_now
     [entry] = Store(isolated_env).entries()
     again, _ = load(tiny_llama)
-    assert again.fastload_plan.source == "store" and again.fastload_plan.location == str(entry.path)
+    assert again.fastload.plan.source == "store" and again.fastload.plan.location == str(entry.path)
 
 
 def corrupt_in_place(file: Path, keep_mtime: bool = False) -> None:
@@ -795,7 +795,7 @@ def test_store_entry_changed_on_disk_is_never_loaded(tiny_llama, isolated_env, d
     with caplog.at_level("WARNING", logger="fastload"):
         model, _ = load(tiny_llama, gradient_checkpointing=False)
     assert "damaged" in caplog.text
-    assert model.fastload_quantized_now  # rebuilt from the 16-bit source, not loaded from the damaged entry
+    assert model.fastload.quantized_now  # rebuilt from the 16-bit source, not loaded from the damaged entry
     assert torch.equal(logits(model, ids), expected)
     assert [p for _, p in store.verify()] == [None] and len(store.entries()) == 1
 

@@ -117,7 +117,7 @@ def test_adapter_round_trip_gives_the_same_logits_and_trains_on(trained):
     assert Path(config["base_model_name_or_path"]) == trained.src  # names the 16-bit source: findable later
 
     model, tok = FastModel.from_pretrained(trained.adapter, max_seq_length=SEQ, store=False, dtype=torch.float32)
-    assert model.fastload_plan.adapter == str(trained.adapter)
+    assert model.fastload.plan.adapter == str(trained.adapter)
     assert max_diff(logits_of(model, trained.enc), trained.logits, trained.enc) <= 1e-6
 
     params = lora_params(model)
@@ -185,11 +185,11 @@ def test_requantized_merge_loads_prequantized_and_matches_the_merged_model(train
     assert size(out) < 0.5 * size(merged16), (size(out), size(merged16))
 
     model, _ = FastModel.from_pretrained(out, max_seq_length=SEQ, lora=None, store=False, dtype=torch.float32)
-    assert model.fastload_plan.prequantized
+    assert model.fastload.plan.prequantized
     # the same NF4 quantization of the same merged weights, done on the fly: what the saved checkpoint must equal
     on_the_fly, _ = FastModel.from_pretrained(merged16, max_seq_length=SEQ, lora=None, store=False,
                                               dtype=torch.float32)
-    assert not on_the_fly.fastload_plan.prequantized
+    assert not on_the_fly.fastload.plan.prequantized
     assert max_diff(logits_of(model, trained.enc), logits_of(on_the_fly, trained.enc), trained.enc) <= 1e-4
 
 

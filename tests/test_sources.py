@@ -44,7 +44,7 @@ def test_original_id_and_alias_load_the_cached_prequantized_checkpoint(tiny_nf4)
         assert plan.prequantized and plan.location == PREQUANTIZED and plan.source == "hub-cache"
         assert plan.original == ORIGINAL
     model, _ = FastModel.from_pretrained("llama-3-8b")
-    assert model.fastload_quantized_now is False
+    assert model.fastload.quantized_now is False
     assert torch.equal(packed(model), packed(FastModel.from_pretrained(tiny_nf4, lora=None)[0]))
 
 
@@ -74,13 +74,13 @@ def test_without_prequantized_the_source_is_quantized_once_then_loaded_from_the_
     first = fastload.resolve(ORIGINAL)
     assert first.source == "hub-cache" and not first.prequantized and first.store_key
     model1, _ = FastModel.from_pretrained(ORIGINAL, lora=None)
-    assert model1.fastload_quantized_now
+    assert model1.fastload.quantized_now
     entries = Store(isolated_env).entries()
     assert len(entries) == 1 and entries[0].source == ORIGINAL
     second = fastload.resolve(ORIGINAL)
     assert second.source == "store" and second.prequantized
     model2, _ = FastModel.from_pretrained(ORIGINAL, lora=None)
-    assert model2.fastload_quantized_now is False
+    assert model2.fastload.quantized_now is False
     assert torch.equal(packed(model1), packed(model2))
     # other settings are another entry
     assert fastload.resolve(ORIGINAL, bnb_4bit_quant_type="fp4").source == "hub-cache"
@@ -135,7 +135,7 @@ def test_damaged_store_entry_is_rebuilt(tiny_llama, isolated_env, caplog):
     assert plan.source == "local" and not plan.prequantized  # the damaged entry is never trusted
     assert "damaged" in caplog.text
     model, _ = FastModel.from_pretrained(tiny_llama, lora=None)
-    assert model.fastload_quantized_now
+    assert model.fastload.quantized_now
     assert [p for e, p in Store(isolated_env).verify()] == [None]
 
 
@@ -206,7 +206,7 @@ def test_an_adapter_trained_on_a_hub_named_model_reloads_through_the_same_resolu
     adapter = FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == ORIGINAL
     again, _ = FastModel.from_pretrained(adapter, store=False, dtype=torch.float32)
-    assert again.fastload_plan.adapter == str(adapter) and again.fastload_plan.location == ORIGINAL
+    assert again.fastload.plan.adapter == str(adapter) and again.fastload.plan.location == ORIGINAL
     again.eval()
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, before, atol=1e-5)

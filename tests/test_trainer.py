@@ -10,7 +10,7 @@ import pytest
 from fastload import FastModel
 from fastload.load.devices import cpu_has_native_bf16
 from fastload.errors import BackendUnavailable, InvalidOption
-from fastload.train.trainer import checkpointing_state, ensure_checkpointing
+from fastload.train.checkpointing import checkpointing_state, ensure_checkpointing
 
 RECORDS = [{"messages": [{"role": "user", "content": "hello world"},
                          {"role": "assistant", "content": "the quick brown fox jumps over the lazy dog"}]},
@@ -138,7 +138,7 @@ def _lora_grads(model, tok):
 def test_guard_restores_the_models_checkpointing_after_a_trainer_replaced_it(tiny):
     """A trainer that re-enables checkpointing its own way (reentrant, input-grad hooks removed) must not change
     what the model trains: the guard puts the model's non-reentrant functions back and LoRA gets the same grads."""
-    from fastload.train.trainer import checkpoint_functions
+    from fastload.train.checkpointing import checkpoint_functions
 
     model, tok = tiny
     expected = _lora_grads(model, tok)

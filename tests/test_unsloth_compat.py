@@ -18,6 +18,7 @@ from fastload.chat_templates import (
     train_on_responses_only,
 )
 from fastload.errors import AdapterError, BackendUnavailable, InvalidOption, SaveError
+from fastload.train.checkpointing import CheckpointingGuard
 
 UNSLOTH_PEFT = {"r": 16,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -87,7 +88,7 @@ def test_fastmodel_get_peft_model_replaces_the_untrained_default_adapter(tiny_ll
     assert model.peft_config["default"].r == 32 and list(model.peft_config) == ["default"]
     shapes = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
     assert shapes == {32}  # no rank-16 layer of the old adapter left
-    assert "save_pretrained_merged" in vars(model) and model.fastload_plan is not None
+    assert "save_pretrained_merged" in vars(model) and model.fastload.plan is not None
 
 
 def test_fastmodel_get_peft_model_keeps_a_trained_adapter(tiny_llama):
@@ -213,7 +214,7 @@ def test_sft_trainer_takes_unsloths_keywords_and_fastloads_parts(peft_model, tmp
     assert trainer.processing_class is tok and trainer.args.max_length == 96
     assert trainer.args.dataset_text_field == "text" and not trainer.args.fp16
     assert trainer.args.bf16 is is_bfloat16_supported()  # TRL alone would ask bf16 and fail on a CPU without it
-    assert any(getattr(c, "fastload_checkpointing_guard", False) for c in trainer.callback_handler.callbacks)
+    assert any(isinstance(c, CheckpointingGuard) for c in trainer.callback_handler.callbacks)
     assert type(trainer.optimizer).__module__.startswith("fastload")  # fastload's AdamW8bit
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastload.sources import plan as P
 from fastload._log import logger
+from fastload.model_state import state_of
 from fastload.train.checkpointing import enable_checkpointing
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
 
@@ -114,7 +115,7 @@ class NativeBackend:
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)
         tokenizer = load_tokenizer(tokenizer_source(plan), opts)
-        model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
+        state_of(model).quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer
 
     def _adapter_tokenizer(self, plan, opts):

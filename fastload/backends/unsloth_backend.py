@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastload.sources import plan as P
 from fastload._log import logger
+from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, QuantSettings
 
 # model_type values Unsloth's FastLanguageModel has its own fast path for (unsloth/models/loader.py dispatch)
@@ -153,5 +154,5 @@ class UnslothBackend:
             fixed.padding_side = "right"
             tokenizer = fixed
         model.max_seq_length = opts.max_seq_length or DEFAULT_MAX_SEQ_LENGTH
-        model.fastload_quantized_now = not plan.prequantized and plan.quant.quantized
+        state_of(model).quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer

@@ -114,6 +114,7 @@ def fastload_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int,
                    engine: Any = True) -> Ready:
     """FastModel.from_pretrained (quantize, LoRA, checkpointing in one call) + FastModel.get_optimizer."""
     from fastload import FastModel
+    from fastload.model_state import state_of
 
     started = time.perf_counter()
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=seq, dtype=torch_dtype(dtype),
@@ -123,7 +124,7 @@ def fastload_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int,
     loaded = time.perf_counter()
     optimizer = FastModel.get_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
     return Ready(model, optimizer, loaded - started, time.perf_counter() - started,
-                 store_write_s=getattr(store, "write_s", None), source=model.fastload_plan.source)
+                 store_write_s=getattr(store, "write_s", None), source=state_of(model).plan.source)
 
 
 def bnb_nf4_config(dtype: str):

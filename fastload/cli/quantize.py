@@ -9,6 +9,7 @@ from pathlib import Path
 from fastload.cli.arguments import out_folder
 from fastload.cli.output import EXIT_OK, emit, note
 from fastload.errors import InvalidOption, StoreError
+from fastload.model_state import state_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     note(args, f"loading {args.source} in 4-bit (quantizing on the fly unless a quantized copy exists)")
     model, tokenizer = FastModel.from_pretrained(args.source, lora=None, gradient_checkpointing=False, engine=False,
                                                  **quant)
-    plan = model.fastload_plan
+    plan = state_of(model).plan
     if not args.out:
         return done(args, plan, *stored(args, plan))
     refuse_source(args, [plan.location, plan.original])  # where the load really found it (a download)

@@ -9,9 +9,9 @@ from fastload._log import logger
 
 ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv",
                    "out_proj", "dense", "query", "key", "value"}
-# fastload's attributes on a loaded model: carried over when the model object changes (unload, new peft wrapper)
-MODEL_ATTRS = ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine",
-               "_fastload_checkpointing")
+# attributes a peft wrapper may hold itself, carried over when it is unloaded (fastload's own state sits on the
+# model under the wrapper: model_state.py)
+MODEL_ATTRS = ("max_seq_length",)
 
 
 def untrained_adapter(model) -> bool:
@@ -24,7 +24,7 @@ def untrained_adapter(model) -> bool:
 
 
 def unload_adapter(model):
-    """The base model without its LoRA layers, keeping fastload's attributes."""
+    """The base model without its LoRA layers, keeping max_seq_length (its fastload state is on it already)."""
     base = model.unload()
     for attr in MODEL_ATTRS:
         if hasattr(model, attr):
@@ -50,15 +50,11 @@ def target_groups_settings(model, lora_options: dict[str, Any], asked: dict[str,
 
 def apply_peft_extras(model, asked: dict[str, Any]):
     """max_seq_length and use_gradient_checkpointing=False as get_peft_model was asked; returns the model."""
-    from fastload.train.checkpointing import _base, is_checkpointing
+    from fastload.train.checkpointing import disable_checkpointing, is_checkpointing
 
     if "max_seq_length" in asked:
         model.max_seq_length = asked["max_seq_length"]
     if asked.get("gradient_checkpointing") is False and is_checkpointing(model):
-        _base(model).gradient_checkpointing_disable()
-        model._fastload_checkpointing = False
-        engine = getattr(model, "fastload_engine", None)
-        if engine:
-            model.fastload_engine = [lever for lever in engine if lever not in ("offload_checkpointing", "cuda_graphs")]
+        disable_checkpointing(model)  # the engine's checkpointing levers leave its report with it
         logger.info("gradient checkpointing: off, as asked (use_gradient_checkpointing=False)")
     return model

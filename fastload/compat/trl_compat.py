@@ -18,6 +18,7 @@ import trl
 
 from fastload._log import logger
 from fastload.compat.options import log_once
+from fastload.model_state import state_of
 
 TrlSFTTrainer, TrlSFTConfig = trl.SFTTrainer, trl.SFTConfig
 # SFTTrainer keywords of older TRL (and of Unsloth's patched trainer) that are SFTConfig fields now: old -> new name
@@ -72,7 +73,7 @@ class SFTTrainer(TrlSFTTrainer):
         if moved:
             log_once("SFTTrainer(%s): passed on to its SFTConfig", ", ".join(f"{k}=" for k in sorted(moved)))
         dtypes = None
-        if getattr(model, "fastload_plan", None) is not None:
+        if state_of(model, create=False).plan is not None:
             from fastload.train.trainer import add_fastload_parts, sft_args_for
 
             args = sft_args_for(model, args)

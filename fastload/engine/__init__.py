@@ -8,6 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastload._log import logger
+from fastload.engine.fused_lora import install_fused_lora
+from fastload.engine.fused_loss import install_fused_loss
+from fastload.engine.kernels import RMSNORM, ROPE, SWIGLU, install_kernels
+from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
+from fastload.engine.report import EngineReport, skipped_levers
+from fastload.errors import InvalidOption
+from fastload.model_state import base_model, set_engine_report, state_of
 
 LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", "kernels")
 
@@ -33,52 +40,59 @@ class EngineSettings:
         if value is False:
             return cls(**{lever: False for lever in LEVERS})
         if isinstance(value, dict):
-            from fastload.errors import InvalidOption
-
             unknown = set(value) - set(LEVERS)
             if unknown:
                 raise InvalidOption(f"engine={value!r}", found=f"unknown lever(s) {sorted(unknown)}",
                                     fix=f"use keys among {', '.join(LEVERS)}")
             return cls(**value)
-        from fastload.errors import InvalidOption
-
         raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
 
 
-def install_fused_lora_if_any(model) -> bool:
-    """The fused LoRA lever on this instance's adapters (none yet with lora=None: get_peft_model adds it later)."""
-    from fastload.engine.fused_lora import install_fused_lora
+def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> EngineReport:
+    """Turn on the levers for this model instance and say which are on.
 
-    return install_fused_lora(model) > 0
+    Safe to call again (e.g. once get_peft_model has added adapters): a lever already installed is kept as it is,
+    one that now applies is installed, and the model keeps one report object, updated in place.
 
+    Args:
+        model: the loaded model, or its peft wrapper.
+        settings: which levers to use (EngineSettings.from_user).
+        gradient_checkpointing: whether the model checkpoints (the checkpointing levers need it).
 
-def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> list[str]:
-    """Turn on the levers for this model instance; returns the names of those turned on (an EngineReport, whose
-    `skipped` says which asked-for levers leave part of this model on the plain path, and why)."""
-    from fastload.train.checkpointing import _base
-
-    base = _base(model)
+    Returns:
+        The model's EngineReport (also `model.fastload.engine` and `model.fastload_engine`): the names of the levers
+        on, as a list; `skipped` says which asked-for levers leave part of this model on the plain path, and why.
+    """
+    base = base_model(model)
+    state = state_of(base)
     device = next(base.parameters()).device.type
-    used = []
-    if settings.fused_lora and install_fused_lora_if_any(model):
-        used.append("fused_lora")
+    if settings.fused_lora:
+        install_fused_lora(model)
     if settings.fused_loss:
-        from fastload.engine.fused_loss import install_fused_loss
-
-        if install_fused_loss(base):
-            used.append("fused_loss")
+        install_fused_loss(base)
     if (settings.offload_checkpointing or settings.cuda_graphs) and gradient_checkpointing and device == "cuda":
-        from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
-
-        used += install_engine_checkpointing(base, offload=settings.offload_checkpointing,
-                                             graphs=settings.cuda_graphs)
+        install_engine_checkpointing(base, offload=settings.offload_checkpointing, graphs=settings.cuda_graphs)
     if settings.kernels and device == "cuda":
-        from fastload.engine.kernels import install_kernels
-
-        used += install_kernels(base)
-    from fastload.engine.report import EngineReport, skipped_levers
-
-    report = EngineReport(used, skipped_levers(model, settings, used, device))
-    logger.info("engine: %s%s", ", ".join(used) if used else "no lever applies here",
-                "".join(f"; not {lever}: {why}" for lever, why in report.skipped.items()))
+        install_kernels(base)
+    used = levers_on(base)
+    skipped = skipped_levers(model, settings, used, device)
+    first = state.engine is None
+    report = EngineReport() if first else state.engine
+    changed = first or list(report) != used or report.skipped != skipped
+    report[:], report.skipped = used, skipped
+    state.engine_settings = settings
+    set_engine_report(base, report)
+    if changed:
+        logger.info("engine: %s%s", ", ".join(used) if used else "no lever applies here",
+                    "".join(f"; not {lever}: {why}" for lever, why in skipped.items()))
     return report
+
+
+def levers_on(base) -> list[str]:
+    """The levers on in this model now, in LEVERS' order (kernels by name): what its modules were patched with,
+    and the levers of the checkpoint function the engine registered."""
+    patched = {lever for module in base.modules() for lever in state_of(base).levers_of(module)}
+    registered = state_of(base).checkpoint_function
+    on = patched | set(registered.levers if registered is not None else ())
+    order = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", RMSNORM, SWIGLU, ROPE)
+    return [lever for lever in order if lever in on]

@@ -25,6 +25,8 @@ import contextlib
 import functools
 import weakref
 
+from fastload.model_state import state_of
+
 WARM_CALLS = 2       # eager calls of a signature before it is captured
 MAX_SIGNATURES = 4   # layer input shapes a model captures (and, apart, loss graphs); more run eagerly
 MAX_SEEN = 4096      # signatures counted before the count starts over
@@ -102,11 +104,14 @@ def layer_of(function):
     return owner if isinstance(owner, torch.nn.Module) else None
 
 
+_SAID: weakref.WeakSet = weakref.WeakSet()  # layers whose eager reason was logged (nothing written on them)
+
+
 def _say_once(layer, why: str) -> None:
-    if not getattr(layer, "_fastload_graphs_said", False):
+    if layer not in _SAID:
         from fastload._log import logger
 
-        layer._fastload_graphs_said = True
+        _SAID.add(layer)
         logger.info("engine: CUDA graphs: %s runs eagerly: %s", type(layer).__name__, why)
 
 
@@ -210,6 +215,7 @@ class ModelGraphs:
         self.graphs: dict = {}
         self.pure_graphs: dict = {}
         self.failed: set = set()
+        self.signatures = weakref.WeakKeyDictionary()  # a forward's partial -> its signature, for its backward
         self.shapes: set = set()
         self.inputs: dict = {}
         self.outputs: dict = {}
@@ -225,7 +231,7 @@ class ModelGraphs:
         if not self._applies(function, hidden):
             return None
         call = _Call(function, hidden)
-        function._fastload_signature = call.key  # for this call's backward (the partial lives on its autograd node)
+        self.signatures[function] = call.key  # for this call's backward (the partial lives on its autograd node)
         try:
             if call.key is None or call.key in self.failed:
                 return None
@@ -309,7 +315,7 @@ class ModelGraphs:
         when this call runs eagerly."""
         if not self._applies(function, hidden):
             return None
-        call = _Call(function, hidden, key=getattr(function, "_fastload_signature", None))
+        call = _Call(function, hidden, key=self.signatures.get(function))
         if call.key is None:
             return None
         try:
@@ -539,17 +545,14 @@ def _warm_up(run, device):
     return result
 
 
-_ALL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def graphs_for(model, device) -> ModelGraphs:
-    """The model's graph set (one per model instance), made on first use."""
-    graphs = _ALL.get(model)
-    if graphs is None:
-        graphs = _ALL[model] = ModelGraphs(device)
-    return graphs
+    """The model's graph set (one per model instance, kept on its state), made on first use."""
+    state = state_of(model)
+    if state.graphs is None:
+        state.graphs = ModelGraphs(device)
+    return state.graphs
 
 
 def graphs_of(model) -> ModelGraphs | None:
     """The model's graph set if the cuda_graphs lever made one."""
-    return _ALL.get(model)
+    return state_of(model, create=False).graphs

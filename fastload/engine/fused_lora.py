@@ -26,7 +26,10 @@ import types
 
 import torch
 
+from fastload.model_state import is_patched, mark_patched
 from fastload.structure import is_linear4bit, is_plain_linear
+
+LEVER = "fused_lora"
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
 # Merging costs ~1 ns per weight value more than dequantizing alone (8B on an H100) and saves per token ~26-31 ns on
@@ -171,43 +174,41 @@ def _run(members, names, x):
                                                                                   zip(members, names)), *adapters)
 
 
-def _install_single(module) -> None:
+def _install_single(model, module) -> None:
     module.forward = types.MethodType(_single_forward(module.forward), module)
-    module._fastload_fused = True
+    mark_patched(model, module, LEVER)
 
 
-def _install_group(members) -> None:
+def _install_group(model, members) -> None:
     """The first member computes the group; each other member returns its share when called next on the same x
     with the same adapter state it was computed for, else computes its own."""
     leader, followers = members[0], members[1:]
-    for follower in followers:
-        follower._fastload_pending = None
+    pending: dict = {}  # follower's index -> (x, adapter name, its output), set by the leader's call
     alone = types.MethodType(_single_forward(leader.forward), leader)
 
     def lead(self, x, *args, _alone=alone, **kwargs):
-        for follower in followers:
-            follower._fastload_pending = None
+        pending.clear()
         names = [_adapter(m, x, args, kwargs) for m in members]
         if None in names or len(set(names)) != 1:
             return _alone(x, *args, **kwargs)  # fused on its own where it can, else peft's forward
         outs = _run(members, names, x)
-        for follower, out in zip(followers, outs[1:]):
-            follower._fastload_pending = (x, names[0], out)
+        for index, out in enumerate(outs[1:]):
+            pending[index] = (x, names[0], out)
         return outs[0]
 
     leader.forward = types.MethodType(lead, leader)
-    for follower in followers:
+    for index, follower in enumerate(followers):
         single = types.MethodType(_single_forward(follower.forward), follower)
 
-        def follow(self, x, *args, _single=single, **kwargs):
-            pending, self._fastload_pending = self._fastload_pending, None
-            if pending is not None and pending[0] is x and pending[1] == _adapter(self, x, args, kwargs):
-                return pending[2]
+        def follow(self, x, *args, _single=single, _index=index, **kwargs):
+            share = pending.pop(_index, None)
+            if share is not None and share[0] is x and share[1] == _adapter(self, x, args, kwargs):
+                return share[2]
             return _single(x, *args, **kwargs)
 
         follower.forward = types.MethodType(follow, follower)
     for member in members:
-        member._fastload_fused = True
+        mark_patched(model, member, LEVER)
 
 
 def _single_forward(original):
@@ -223,17 +224,17 @@ def _single_forward(original):
 def install_fused_lora(model) -> int:
     """Give each fusable LoRA projection of this instance the fused forward, grouped where siblings share an
     input; returns how many projections."""
-    done = {id(m) for m in model.modules() if getattr(m, "_fastload_fused", False)}  # installed once only
+    done = {id(m) for m in model.modules() if is_patched(model, m, LEVER)}  # installed once only
     already = len(done)
     for parent in model.modules():  # a cross-attention's q reads another input than its k/v: never grouped
         for names in GROUPS:
             members = [getattr(parent, n, None) for n in names]
             if (all(m is not None and _fusable(m) and id(m) not in done for m in members)
                     and len({m.in_features for m in members}) == 1 and "Cross" not in type(parent).__name__):
-                _install_group(members)
+                _install_group(model, members)
                 done.update(id(m) for m in members)
     for module in model.modules():
         if id(module) not in done and _fusable(module):
-            _install_single(module)
+            _install_single(model, module)
             done.add(id(module))
     return len(done) - already

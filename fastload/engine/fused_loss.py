@@ -12,6 +12,8 @@ import types
 
 import torch
 
+from fastload.engine.cuda_graphs import graphs_of
+from fastload.model_state import is_patched, mark_patched
 from fastload.structure import is_plain_linear
 
 IGNORE_INDEX = -100
@@ -143,7 +145,7 @@ def supports_fused_loss(model) -> bool:
 
 def install_fused_loss(model) -> bool:
     """Give this instance a forward that, when training with labels, returns the loss and no logits."""
-    if not supports_fused_loss(model) or getattr(model, "_fastload_fused_loss", False):
+    if not supports_fused_loss(model) or is_patched(model, model, "fused_loss"):
         return False
     original = model.forward
 
@@ -162,11 +164,9 @@ def install_fused_loss(model) -> bool:
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        from fastload.engine.cuda_graphs import graphs_of
-
         loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None)
 
     model.forward = types.MethodType(forward, model)
-    model._fastload_fused_loss = True
+    mark_patched(model, model, "fused_loss")
     return True

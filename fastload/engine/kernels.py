@@ -10,8 +10,13 @@ from __future__ import annotations
 import importlib.util
 import types
 
+from fastload.engine.rotary import LEVER as ROPE
+from fastload.engine.rotary import install_rotary_attention
 from fastload.engine.triton.launch import triton_available, triton_runs_on
+from fastload.model_state import is_patched, mark_patched
 from fastload.structure import class_named
+
+RMSNORM, SWIGLU = "triton_rmsnorm", "triton_swiglu"  # the engine report's names
 
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
@@ -21,20 +26,19 @@ def install_kernels(model) -> list[str]:
     used = []
     if triton_available("cuda"):
         if _rmsnorm(model):
-            used.append("triton_rmsnorm")
+            used.append(RMSNORM)
         if _swiglu(model):
-            used.append("triton_swiglu")
+            used.append(SWIGLU)
     if importlib.util.find_spec("liger_kernel") is not None and _rope(model):
-        used.append("liger_rope")
+        used.append(ROPE)
     return used
 
 
 def _rmsnorm(model) -> bool:
     from fastload.engine.triton.layers import rms_norm
 
-    count = 0
     for module in model.modules():
-        if class_named(module, NORMS) and hasattr(module, "weight"):
+        if class_named(module, NORMS) and hasattr(module, "weight") and not is_patched(model, module, RMSNORM):
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
 
             def forward(self, hidden_states, _eps=eps, _original=module.forward):
@@ -44,29 +48,33 @@ def _rmsnorm(model) -> bool:
                 return rms_norm(hidden_states, self.weight, _eps)
 
             module.forward = types.MethodType(forward, module)
-            count += 1
-    return count > 0
+            mark_patched(model, module, RMSNORM)
+    return _any_patched(model, RMSNORM)
 
 
 def _swiglu(model) -> bool:
     from fastload.engine.triton.layers import swiglu
 
-    count = 0
     for module in model.modules():
-        if class_named(module, MLPS) and getattr(module.config, "hidden_act", "silu") in ("silu", "swish"):
+        if (class_named(module, MLPS) and getattr(module.config, "hidden_act", "silu") in ("silu", "swish")
+                and not is_patched(model, module, SWIGLU)):
             def forward(self, x, _original=module.forward):
                 if not triton_runs_on(x):
                     return _original(x)
                 return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
             module.forward = types.MethodType(forward, module)
-            count += 1
-    return count > 0
+            mark_patched(model, module, SWIGLU)
+    return _any_patched(model, SWIGLU)
 
 
 def _rope(model) -> bool:
     from liger_kernel.ops.rope import LigerRopeFunction
 
-    from fastload.engine.rotary import install_rotary_attention
+    install_rotary_attention(model, LigerRopeFunction.apply, applies=triton_runs_on)
+    return _any_patched(model, ROPE)
 
-    return install_rotary_attention(model, LigerRopeFunction.apply, applies=triton_runs_on) > 0
+
+def _any_patched(model, lever: str) -> bool:
+    """Whether the lever is on somewhere in this model (patched now or by an earlier call: installs are once)."""
+    return any(is_patched(model, module, lever) for module in model.modules())

@@ -18,7 +18,14 @@ import weakref
 
 import torch
 
+from fastload._log import logger
 from fastload.engine.cuda_graphs import graphs_for, layer_of, modules_of, parameters_of
+from fastload.load.devices import free_memory_bytes
+from fastload.model_state import state_of
+from fastload.train.checkpointing import (
+    checkpointed_layers,
+    register_checkpoint_function,
+)
 
 MIN_BYTES = 4 * 1024 * 1024  # below this per layer, copies cost more than the memory they save
 MAX_QUEUE = 4096  # forward passes whose backward never ran leave dead entries: pruned past this length
@@ -151,8 +158,6 @@ def _side_stream(device):
 
 
 def _host_memory_available() -> int:
-    from fastload.load.devices import free_memory_bytes
-
     return free_memory_bytes("cpu")
 
 
@@ -192,17 +197,15 @@ def _has_dropout(model) -> bool:
     return bool(getattr(config, "attention_dropout", 0) or 0)
 
 
-def _checkpointed_layers(model) -> list:
-    return [m for m in model.modules()
-            if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False)]
-
-
 def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str]:
-    """Point this model's checkpointed layers at the engine's checkpoint function (instance attributes only):
-    inputs offloaded to pinned host memory and/or layers replayed as CUDA graphs; returns the levers used."""
-    from fastload._log import logger
-
-    layers = _checkpointed_layers(model)
+    """Register the engine's checkpoint function on this model's state (train/checkpointing.py points the
+    checkpointed layers at it, instance attributes only): inputs offloaded to pinned host memory and/or layers
+    replayed as CUDA graphs; returns the levers used. Called again, it keeps the function it registered."""
+    registered = state_of(model).checkpoint_function
+    if registered is not None and getattr(registered.function, "func", None) is engine_checkpoint:
+        register_checkpoint_function(model, registered.function, registered.applies, registered.levers)
+        return list(registered.levers) if state_of(model).checkpoint_function is not None else []
+    layers = checkpointed_layers(model)
     if not layers or not (offload or graphs):
         return []
     if _has_dropout(model):  # recomputation (and a graph's replay) would need the same random numbers
@@ -219,30 +222,13 @@ def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str
         model_graphs = graphs_for(model, next(model.parameters()).device)
     if not (offload or model_graphs):
         return []
+    levers = (["offload_checkpointing"] if offload else []) + (["cuda_graphs"] if model_graphs else [])
     function = functools.partial(engine_checkpoint, offload=offload, graphs=model_graphs)
-    for layer in layers:
-        layer._gradient_checkpointing_func = function
-    model._fastload_checkpoint_function = function
-    return (["offload_checkpointing"] if offload else []) + (["cuda_graphs"] if model_graphs else [])
-
-
-def reinstall_engine_checkpointing(model) -> bool:
-    """After transformers re-enabled checkpointing (its own function again): the engine's function back."""
-    function = getattr(model, "_fastload_checkpoint_function", None)
-    if function is None:
-        return False
-    if _has_dropout(model):  # LoRA dropout added since: torch's checkpoint replays the forward's random numbers
-        from fastload._log import logger
-
-        logger.info("engine: offloaded checkpointing and CUDA graphs off (dropout > 0 added); plain checkpointing")
-        del model._fastload_checkpoint_function
-        return False
-    for layer in _checkpointed_layers(model):
-        layer._gradient_checkpointing_func = function
-    return True
+    register_checkpoint_function(model, function, applies=lambda base: not _has_dropout(base), levers=tuple(levers))
+    return levers
 
 
 def uses_engine_checkpointing(model) -> bool:
     """Whether this model's checkpointed layers go through the engine's function."""
     return any(getattr(layer._gradient_checkpointing_func, "func", None) is engine_checkpoint
-               for layer in _checkpointed_layers(model))
+               for layer in checkpointed_layers(model))

@@ -1,10 +1,13 @@
 """What the engine did to one model: the levers on, and each asked-for lever that does not apply to it, with why.
 
-`model.fastload_engine` stays a list of lever names (what code checks with `in`); `.skipped` says what a family
-misses, so a lever never falls back in silence (e.g. Mixtral's expert adapters, which no fused path covers).
+The report is `model.fastload.engine`, also reached as `model.fastload_engine`: a list of lever names (what code checks
+with `in`), one object for the model's life; `.skipped` says what a family misses, so a lever never falls back in
+silence (e.g. Mixtral's expert adapters, which no fused path covers).
 """
 
 from __future__ import annotations
+
+from fastload.model_state import base_model
 
 
 class EngineReport(list):
@@ -19,23 +22,6 @@ class EngineReport(list):
             return super().__repr__()
         notes = "; ".join(f"{lever}: {why}" for lever, why in self.skipped.items())
         return f"{super().__repr__()} (not applied: {notes})"
-
-
-def rebuilt(report, used) -> EngineReport:
-    """A report with other levers on, keeping the reasons of the old one (which may be a plain list)."""
-    return EngineReport(used, getattr(report, "skipped", {}))
-
-
-def note_fused_lora(model, installed: bool) -> EngineReport:
-    """The model's report once adapters were added after the load: fused_lora on if installed, and the expert
-    adapters it does not cover named."""
-    report = rebuilt(getattr(model, "fastload_engine", []), getattr(model, "fastload_engine", []))
-    if installed and "fused_lora" not in report:
-        report.append("fused_lora")
-    experts = expert_adapters(model)
-    if experts:
-        report.skipped["fused_lora"] = EXPERTS_NOT_FUSED.format(experts)
-    return report
 
 
 EXPERTS_NOT_FUSED = ("{} expert adapter(s) on fused 3-D weights run peft's ParamWrapper path "
@@ -68,9 +54,7 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
     if settings.fused_lora and experts:
         skipped["fused_lora"] = EXPERTS_NOT_FUSED.format(experts)
     if settings.fused_loss and "fused_loss" not in used:
-        from fastload.train.checkpointing import _base
-
-        skipped["fused_loss"] = fused_loss_blocker(_base(model))
+        skipped["fused_loss"] = fused_loss_blocker(base_model(model))
     kernels = {"triton_rmsnorm", "triton_swiglu"} | ({"liger_rope"} if _installed("liger_kernel") else set())
     if settings.kernels and device == "cuda" and not kernels <= set(used):
         missing = ", ".join(sorted(kernels - set(used)))

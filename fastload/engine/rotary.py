@@ -12,7 +12,10 @@ from __future__ import annotations
 import sys
 import types
 
+from fastload.model_state import is_patched, mark_patched
 from fastload.structure import class_named
+
+LEVER = "liger_rope"  # the name the engine report gives it (kernels.py)
 
 CLASSES = ("LlamaAttention",)  # same forward; Mistral/Qwen add sliding windows or norms: left to transformers
 _SKIP = ("cache", "past_key_values", "cache_position")
@@ -57,8 +60,8 @@ def rotary_attention_forward(original, rotate, applies=None):
 def install_rotary_attention(model, rotate, applies=None) -> int:
     count = 0
     for module in model.modules():
-        if class_named(module, CLASSES) and not getattr(module, "_fastload_rotary", False):
+        if class_named(module, CLASSES) and not is_patched(model, module, LEVER):
             module.forward = types.MethodType(rotary_attention_forward(module.forward, rotate, applies), module)
-            module._fastload_rotary = True
+            mark_patched(model, module, LEVER)
             count += 1
     return count

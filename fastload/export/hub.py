@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastload._log import logger
 from fastload.errors import InvalidOption, SaveError
+from fastload.model_state import state_of
 
 WHAT = ("adapter", "merged", "merged-4bit", "gguf")
 
@@ -68,7 +69,7 @@ def model_card(model, repo_id: str, what: str, training: dict | None = None) -> 
     from fastload import __version__
     from fastload.save.saving import active_adapter, base_model_id
 
-    base = base_model_id(getattr(model, "fastload_plan", None)) or getattr(model.config, "_name_or_path", "")
+    base = base_model_id(state_of(model, create=False).plan) or getattr(model.config, "_name_or_path", "")
     config = (getattr(model, "peft_config", None) or {}).get(active_adapter(model))
     library = "peft" if what == "adapter" else "gguf" if what == "gguf" else "transformers"
     header = ["---", f"base_model: {base}", f"library_name: {library}", "tags:", "- fastload", "- lora", "---"]

@@ -26,6 +26,7 @@ import torch
 
 from fastload._log import logger
 from fastload.atomic import MARKER, leftover_name, write_marker
+from fastload.model_state import state_of
 
 SWITCH = "FASTLOAD_STORE_WRITE"  # "background" or "wait"; unset: background for a model on a GPU, wait on the CPU
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -40,7 +41,7 @@ def wants_background(model, device) -> bool:
     asked = os.environ.get(SWITCH, "").strip().lower()
     if asked in ("wait", "sync", "0", "off"):
         return False
-    if not getattr(model, "fastload_direct_load", False):
+    if not state_of(model, create=False).direct_load:
         return False
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401

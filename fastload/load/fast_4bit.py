@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastload._log import logger
+from fastload.model_state import state_of
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                        "quant_state.bitsandbytes__fp4")
@@ -296,7 +297,7 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
                 torch.cuda.synchronize(device)
             filled = time.perf_counter()
             finish(model, hf_quantizer, device, plan.location)
-            model.fastload_direct_load = True
+            state_of(model).direct_load = True
             logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
                         built - started, len(where), "placed" if plan.prequantized else "quantized",
                         filled - built, time.perf_counter() - filled)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from fastload._log import logger
 from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
 from fastload.atomic import atomic_folder, disk_full_error, refuse_source
+from fastload.model_state import state_of
 from fastload.sources.hub import hub_calls_off
 
 SOURCES = ("auto", "16bit", "dequantized")
@@ -102,7 +103,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
 def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given."""
     _require_adapters(model, "Saving the LoRA adapter")
-    name_base_model(model, getattr(model, "fastload_plan", None))
+    name_base_model(model, state_of(model, create=False).plan)
     directory = Path(directory)
     with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
         model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
@@ -127,7 +128,7 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
         InvalidOption: the adapter would overwrite files fastload did not write (nothing is written then).
         SaveError: the disk is full or the folder cannot be written.
     """
-    name_base_model(model, getattr(model, "fastload_plan", None))
+    name_base_model(model, state_of(model, create=False).plan)
     with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -340,7 +341,7 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
     shard_bytes = parse_size(max_shard_size)
     out_dtype = _dtype(dtype)
     deltas = Deltas(model)
-    plan = getattr(model, "fastload_plan", None)
+    plan = state_of(model, create=False).plan
     src = find_16bit_source(plan) if source in ("auto", "16bit") else None
     _refuse_own_source(directory, plan, src)
     if source == "16bit" and src is None:
@@ -545,7 +546,7 @@ def _source_dtype(model):
     """The 16-bit dtype the model was published in (the plan's config.json), if it was 16-bit."""
     import torch
 
-    plan = getattr(model, "fastload_plan", None)
+    plan = state_of(model, create=False).plan
     config = (plan.config if plan is not None else None) or {}
     name = config.get("dtype") or config.get("torch_dtype")
     dtype = getattr(torch, str(name), None) if name else None

@@ -109,7 +109,7 @@ class AdamW8bitNoSync(AdamW8bit):
     # -- packing -----------------------------------------------------------------------------------------------
 
     def _packs(self, gindex: int, group: dict) -> list:
-        cache = self.__dict__.setdefault("_fastload_packs", {})
+        cache = self.__dict__.setdefault("_pack_cache", {})
         params = group["params"]
         key = (tuple(map(id, params)), sum(1 for p in params if self.state[p]))  # params, and how many have state
         packs = cache.get(gindex)

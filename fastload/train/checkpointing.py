@@ -1,35 +1,98 @@
-"""Gradient checkpointing and the train/generate mode switch."""
+"""Gradient checkpointing, in one place: on and off, the train/generate mode switch, and keeping it on through a
+Trainer's own setup.
+
+Checkpointing is non-reentrant with input grads on (LoRA gets gradients through a frozen embedding) and the KV cache
+off. The engine may register a checkpoint function of its own (offloaded inputs, CUDA graphs) on the model's state;
+this module points the checkpointed layers at it each time checkpointing is turned on, since transformers'
+`gradient_checkpointing_enable` puts torch's back.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 
-def _base(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+from transformers import TrainerCallback
 
+from fastload._log import logger
+from fastload.model_state import CheckpointFunction, base_model, state_of
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant checkpointing, input grads on (LoRA gets gradients through a frozen embedding), no KV cache."""
-    base = _base(model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    base.enable_input_require_grads()
-    base.config.use_cache = False
-    model._fastload_checkpointing = True
-    # gradient_checkpointing_enable put torch's checkpointing back: the engine's function survives a mode switch
-    from fastload.engine.offloaded_checkpoint import reinstall_engine_checkpointing
-
-    reinstall_engine_checkpointing(base)
+_base = base_model  # the name the rest of fastload imports from here
 
 
 def is_checkpointing(model) -> bool:
     return bool(getattr(_base(model), "is_gradient_checkpointing", False))
 
 
+def checkpointed_layers(model) -> list:
+    """The modules transformers checkpoints (each calls its `_gradient_checkpointing_func`)."""
+    return [m for m in _base(model).modules()
+            if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False)]
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant checkpointing, input grads on, no KV cache; the registered checkpoint function, if any."""
+    base = _base(model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    base.config.use_cache = False
+    state_of(base).checkpointing = True
+    _use_registered_function(base)
+
+
+def disable_checkpointing(model) -> None:
+    """Checkpointing off for good (not a mode switch): the registered function and its levers go too."""
+    _base(model).gradient_checkpointing_disable()
+    state = state_of(model)
+    state.checkpointing = False
+    _drop_registered_function(state)
+
+
+def register_checkpoint_function(model, function: Callable, applies: Callable[[Any], bool],
+                                 levers: tuple[str, ...]) -> None:
+    """The engine's checkpoint function for this model's checkpointed layers, now and whenever checkpointing is
+    turned on again.
+
+    Args:
+        model: the model (or its peft wrapper).
+        function: called as transformers calls its checkpoint function: function(layer_call, *args, **kwargs).
+        applies: applies(base_model) is False once the function may no longer serve (e.g. dropout added since).
+        levers: the engine report's lever names that stand or fall with the function.
+    """
+    state_of(model).checkpoint_function = CheckpointFunction(function, applies, tuple(levers))
+    _use_registered_function(_base(model))
+
+
+def _use_registered_function(base) -> bool:
+    """Point the checkpointed layers at the registered function; False when none is (or it no longer applies)."""
+    state = state_of(base)
+    registered = state.checkpoint_function
+    if registered is None:
+        return False
+    if not registered.applies(base):
+        logger.info("engine: %s off (dropout > 0 added); plain checkpointing", " and ".join(registered.levers))
+        _drop_registered_function(state)
+        return False
+    for layer in checkpointed_layers(base):
+        layer._gradient_checkpointing_func = registered.function
+    return True
+
+
+def _drop_registered_function(state) -> None:
+    """Forget the registered function and take its levers out of the engine's report (the same report object)."""
+    registered, state.checkpoint_function = state.checkpoint_function, None
+    if registered is not None and state.engine is not None:
+        state.engine[:] = [lever for lever in state.engine if lever not in registered.levers]
+
+
+# -- the train / generate mode switch -------------------------------------------------------------------------------
+
 def for_inference(model):
     """Checkpointing off, KV cache on, eval mode; remembers whether to turn checkpointing back on."""
     base = _base(model)
-    model._fastload_checkpointing = getattr(model, "_fastload_checkpointing", is_checkpointing(model))
+    state = state_of(base)
+    if state.checkpointing is None:
+        state.checkpointing = is_checkpointing(model)
     if is_checkpointing(model):
         base.gradient_checkpointing_disable()
     base.config.use_cache = True
@@ -42,6 +105,86 @@ def for_training(model):
     base = _base(model)
     model.train()
     base.config.use_cache = False
-    if getattr(model, "_fastload_checkpointing", False) and not is_checkpointing(model):
+    if state_of(base).checkpointing and not is_checkpointing(model):
         enable_checkpointing(model)
     return model
+
+
+# -- checkpointing that survives the trainer ------------------------------------------------------------------------
+
+def checkpointing_state(model) -> dict[str, Any]:
+    """What a user would check: is checkpointing on, is it reentrant, do inputs require grad (for frozen layers).
+
+    use_reentrant is None for a checkpoint function other than torch's (fastload's engine may install one).
+    """
+    reentrant = None
+    funcs = checkpoint_functions(model)
+    if funcs:
+        func = next(iter(funcs.values()))
+        if _is_torch_checkpoint(func):
+            reentrant = func.keywords.get("use_reentrant", True) is not False
+    return {"enabled": is_checkpointing(model), "use_reentrant": reentrant,
+            "input_grads": bool(getattr(_base(model), "_require_grads_hooks", None))}
+
+
+def _is_torch_checkpoint(func) -> bool:
+    from torch.utils.checkpoint import checkpoint
+
+    return getattr(func, "func", None) is checkpoint
+
+
+def _same_function(f, g) -> bool:
+    """Two checkpoint functions that behave alike (a trainer re-creates an equal partial every time)."""
+    return f is g or (getattr(f, "func", f) is getattr(g, "func", g)
+                      and getattr(f, "args", ()) == getattr(g, "args", ())
+                      and getattr(f, "keywords", {}) == getattr(g, "keywords", {}))
+
+
+def checkpoint_functions(model) -> dict:
+    """The checkpoint function of every checkpointed layer, by module."""
+    return {m: m._gradient_checkpointing_func for m in _base(model).modules()
+            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)}
+
+
+def ensure_checkpointing(model, saved: dict | None = None, allow_reentrant: bool = False) -> bool:
+    """Put back the checkpoint functions the model had (`saved`) where a trainer replaced them, make torch's
+    checkpointing non-reentrant unless allowed, and enable input grads; True when something had to be fixed."""
+    fixed = False
+    if saved and not allow_reentrant:
+        for module, func in saved.items():
+            if not _same_function(module._gradient_checkpointing_func, func) or not module.gradient_checkpointing:
+                module._gradient_checkpointing_func, module.gradient_checkpointing = func, True
+                fixed = True
+    state = checkpointing_state(model)
+    if not state["enabled"]:
+        return fixed
+    base = _base(model)
+    if state["use_reentrant"] and not allow_reentrant:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fixed = True
+    if not checkpointing_state(model)["input_grads"]:
+        base.enable_input_require_grads()
+        fixed = True
+    return fixed
+
+
+class CheckpointingGuard(TrainerCallback):
+    """Once the Trainer has applied its own checkpointing settings (train begin), restores the model's: the same
+    functions (non-reentrant, or the engine's) and input grads. One per trainer (add_fastload_parts checks)."""
+
+    def __init__(self, model):
+        self.saved = checkpoint_functions(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        asked = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") if args.gradient_checkpointing \
+            else None
+        if ensure_checkpointing(model, self.saved, allow_reentrant=asked is True):
+            logger.info("gradient checkpointing: the model's own (non-reentrant, input grads on) restored after "
+                        "the trainer's setup")
+
+
+def checkpointing_guard(model) -> CheckpointingGuard:
+    """The TrainerCallback that keeps this model's checkpointing through a Trainer's setup."""
+    return CheckpointingGuard(model)

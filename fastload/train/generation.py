@@ -11,6 +11,7 @@ import contextlib
 from typing import Any, Iterator
 
 from fastload.errors import InvalidOption
+from fastload.train.checkpointing import for_inference, for_training
 
 
 @contextlib.contextmanager
@@ -46,8 +47,6 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any
     afterwards if it was training. kwargs go to model.generate (do_sample=True, temperature=..., ...).
     """
     import torch
-
-    from fastload.train.checkpointing import for_inference, for_training
 
     single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)

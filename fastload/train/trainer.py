@@ -18,6 +18,12 @@ from typing import Any
 
 from fastload._log import logger
 from fastload.errors import BackendUnavailable, InvalidOption
+from fastload.train.checkpointing import (
+    CheckpointingGuard,
+    checkpointing_guard,
+    for_training,
+    is_checkpointing,
+)
 from fastload.train.optim import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TRAINER_OPTIM
 
 # fastload's training defaults, written once; anything given to training_arguments(...) wins.
@@ -204,8 +210,6 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     steps: fastload.train.adamw8bit; no decay on biases and norms, 32-bit state for trained embeddings, as transformers'
     adamw_8bit), unless optim_args are set (then transformers' adamw_8bit); any other optim the user set is kept.
     """
-    from fastload.train.checkpointing import for_training, is_checkpointing
-
     fields = {k: trainer_kwargs.pop(k) for k in list(trainer_kwargs) if k in argument_fields(sft)}
     if args is None:
         args = training_arguments(DEFAULT_OUTPUT_DIR, sft=sft, model=model, **fields)
@@ -265,7 +269,7 @@ def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
                                                       eps=args.adam_epsilon), None)
         logger.info("optimizer: fastload's bitsandbytes AdamW8bit (args.optim: %s)", _name(args.optim))
     callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
-    if not any(getattr(c, "fastload_checkpointing_guard", False) for c in callbacks):
+    if not any(isinstance(c, CheckpointingGuard) for c in callbacks):
         callbacks.append(checkpointing_guard(model))
     trainer_kwargs["callbacks"] = callbacks
     return trainer_kwargs
@@ -309,89 +313,3 @@ def restore_adapter_dtypes(model, dtypes: dict) -> None:
     if changed:
         logger.info("kept %d adapter tensors in %s (TRL had cast them to bf16)", changed,
                     str(next(iter(dtypes.values()))).replace("torch.", ""))
-
-
-# -- gradient checkpointing that survives the trainer ------------------------------------------------------------
-
-def checkpointing_state(model) -> dict[str, Any]:
-    """What a user would check: is checkpointing on, is it reentrant, do inputs require grad (for frozen layers).
-
-    use_reentrant is None for a checkpoint function other than torch's (fastload's engine may install one).
-    """
-    from fastload.train.checkpointing import _base, is_checkpointing
-
-    base = _base(model)
-    reentrant = None
-    funcs = checkpoint_functions(model)
-    if funcs:
-        func = next(iter(funcs.values()))
-        if _is_torch_checkpoint(func):
-            reentrant = func.keywords.get("use_reentrant", True) is not False
-    return {"enabled": is_checkpointing(model), "use_reentrant": reentrant,
-            "input_grads": bool(getattr(base, "_require_grads_hooks", None))}
-
-
-def _is_torch_checkpoint(func) -> bool:
-    from torch.utils.checkpoint import checkpoint
-
-    return getattr(func, "func", None) is checkpoint
-
-
-def _same_function(f, g) -> bool:
-    """Two checkpoint functions that behave alike (a trainer re-creates an equal partial every time)."""
-    return f is g or (getattr(f, "func", f) is getattr(g, "func", g) and getattr(f, "args", ()) == getattr(g, "args", ())
-                      and getattr(f, "keywords", {}) == getattr(g, "keywords", {}))
-
-
-def checkpoint_functions(model) -> dict:
-    """The checkpoint function of every checkpointed layer, by module."""
-    from fastload.train.checkpointing import _base
-
-    return {m: m._gradient_checkpointing_func for m in _base(model).modules()
-            if getattr(m, "gradient_checkpointing", False) and getattr(m, "_gradient_checkpointing_func", None)}
-
-
-def ensure_checkpointing(model, saved: dict | None = None, allow_reentrant: bool = False) -> bool:
-    """Put back the checkpoint functions the model had (`saved`) where a trainer replaced them, make torch's
-    checkpointing non-reentrant unless allowed, and enable input grads; True when something had to be fixed."""
-    from fastload.train.checkpointing import _base
-
-    fixed = False
-    if saved and not allow_reentrant:
-        for module, func in saved.items():
-            if not _same_function(module._gradient_checkpointing_func, func) or not module.gradient_checkpointing:
-                module._gradient_checkpointing_func, module.gradient_checkpointing = func, True
-                fixed = True
-    state = checkpointing_state(model)
-    if not state["enabled"]:
-        return fixed
-    base = _base(model)
-    if state["use_reentrant"] and not allow_reentrant:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        fixed = True
-    if not checkpointing_state(model)["input_grads"]:
-        base.enable_input_require_grads()
-        fixed = True
-    return fixed
-
-
-def checkpointing_guard(model):
-    """A TrainerCallback that, once the Trainer has applied its own checkpointing settings (train begin), restores
-    the model's: the same functions (non-reentrant, or the engine's offloading one) and input grads."""
-    from transformers import TrainerCallback
-
-    saved = checkpoint_functions(model)
-
-    class CheckpointingGuard(TrainerCallback):
-        fastload_checkpointing_guard = True  # one per trainer: add_fastload_parts looks for it
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is None:
-                return
-            asked = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") if args.gradient_checkpointing \
-                else None
-            if ensure_checkpointing(model, saved, allow_reentrant=asked is True):
-                logger.info("gradient checkpointing: the model's own (non-reentrant, input grads on) restored after "
-                            "the trainer's setup")
-
-    return CheckpointingGuard()

@@ -166,7 +166,7 @@ def test_save_merged_into_the_16bit_source_after_a_store_load(worker, case_dir, 
         from fastload import FastModel
         ops.load(model, store=True)
         m, t = ops.load(model, store=True)
-        result["source"] = m.fastload_plan.source
+        result["source"] = m.fastload.plan.source
         result["r"] = ops.attempt(lambda: FastModel.save_merged(m, model, tokenizer=t, source="dequantized"))
     """, model=model_copy), env={"FASTLOAD_HOME": str(case_dir / "home")}, timeout=120)
     assert_ran(outcome)
@@ -214,7 +214,7 @@ def test_edited_chat_template_is_seen_by_the_next_load(worker, case_dir, model_c
         cfg_file.write_text(json.dumps(cfg))
         m, t = ops.load(model, store=True)
         result["template"] = t.chat_template
-        result["source"] = m.fastload_plan.source
+        result["source"] = m.fastload.plan.source
     """, model=model_copy), env={"FASTLOAD_HOME": str(case_dir / "home")}, timeout=120)
     assert_ran(outcome)
     assert "EDITED" in (outcome.result["template"] or ""), \

@@ -190,7 +190,7 @@ def test_load_from_a_read_only_store_that_holds_the_entry(worker, case_dir, tiny
     assert_ran(first, "filling the store")
     outcome = worker.run(code("""
         m, t = ops.load(model, store=True)
-        result["source"] = m.fastload_plan.source
+        result["source"] = m.fastload.plan.source
     """, model=str(tiny_llama)), env={"FASTLOAD_HOME": str(home)}, readonly=[home], timeout=90)
     assert_ran(outcome, "load from a read-only store holding the entry")
     assert outcome.result["source"] == "store"
@@ -269,7 +269,7 @@ def test_load_from_a_read_only_hugging_face_cache(worker, case_dir, tiny_llama):
     (cache / "models--faultorg--tiny" / "refs" / "main").write_text("a" * 40)
     outcome = worker.run(code("""
         m, t = ops.load("faultorg/tiny", store=False)
-        result["source"] = m.fastload_plan.source
+        result["source"] = m.fastload.plan.source
     """), readonly=[cache], env={"HF_HUB_CACHE": str(cache), "FASTLOAD_HOME": str(case_dir / "home")}, timeout=90)
     assert_ran(outcome, "load from a read-only HF cache")
     assert outcome.result["source"] == "hub-cache"

@@ -389,7 +389,7 @@ def test_entry_bytes_changed_with_size_and_mtime_kept_is_not_served(worker, stor
     weights.write_bytes(bytes(damaged))
     import os
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
-    outcome = worker.run(code("m, t = ops.load(model, store=True)\nresult['source'] = m.fastload_plan.source",
+    outcome = worker.run(code("m, t = ops.load(model, store=True)\nresult['source'] = m.fastload.plan.source",
                               model=str(tiny_llama)), env={"FASTLOAD_HOME": str(home)}, timeout=90)
     assert_ran(outcome)
     served = next((home / "quantized").glob("*/model.safetensors")).read_bytes()
