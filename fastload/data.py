@@ -31,7 +31,7 @@ SHAPES = ("messages: [{role, content}]", "conversations: [{from: human|gpt|syste
 def to_messages(record: dict) -> list[dict[str, str]]:
     """One record of a common dataset shape -> `[{"role", "content"}, ...]` (see SHAPES)."""
     if not isinstance(record, dict):
-        raise InvalidOption(f"Converting a record to chat messages", found=f"a {type(record).__name__}, not a dict",
+        raise InvalidOption("Converting a record to chat messages", found=f"a {type(record).__name__}, not a dict",
                             fix=f"pass dicts of one of these shapes: {'; '.join(SHAPES)}")
     missing = missing_text(record)
     if missing:

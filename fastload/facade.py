@@ -6,7 +6,6 @@ import os
 import time
 from typing import Any
 
-from fastload.sources import plan as P
 from fastload._log import logger
 from fastload.compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
 from fastload.compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
@@ -89,7 +88,8 @@ class FastModel:
         logger.info("source: %s (%s)", plan.location, plan.reason)
         opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
                            cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+                           attn_implementation=attn_implementation, allow_pickle=allow_pickle,
+                           rope_scaling=rope_scaling)
         impl = choose_backend(backend, plan, opts)
         model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
         if impl.name == "native":
@@ -133,12 +133,13 @@ class FastModel:
         peft_model = apply_lora(model, settings, random_state)
         if checkpointing:
             enable_checkpointing(peft_model)
-        for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine"):
+        for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings",
+                     "fastload_engine"):
             if hasattr(model, attr):
                 setattr(peft_model, attr, getattr(model, attr))
         if checkpointing and getattr(peft_model, "fastload_engine", None):
-            from fastload.train.checkpointing import _base
             from fastload.engine.offloaded_checkpoint import uses_engine_checkpointing
+            from fastload.train.checkpointing import _base
 
             if not uses_engine_checkpointing(_base(peft_model)):  # e.g. LoRA dropout turned them off
                 from fastload.engine.report import rebuilt
@@ -194,7 +195,7 @@ class FastModel:
 
         return resolve(model_name, **options)
 
-    # -- the rest of the notebook: train, save, merge, generate (fastload.train.trainer / saving / generation) ----------
+    # -- the rest of the notebook: train, save, merge, generate (fastload.train.trainer / saving / generation) ---
 
     @staticmethod
     def training_arguments(output_dir: str | os.PathLike = "outputs", sft: bool = False, model=None, **kwargs: Any):

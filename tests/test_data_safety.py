@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import user_files_snapshot
 
+from conftest import user_files_snapshot
 from fastload import FastModel
 from fastload.cli import main
 from fastload.errors import InvalidOption

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_faults import drop_tensor
-from tiny import make_checkpoint
 
 from fastload import FastModel
 from fastload.sources.store import Store
+from helpers_faults import drop_tensor
+from tiny import make_checkpoint
 
 OFF = {"FASTLOAD_DIRECT_LOAD": "0"}
 

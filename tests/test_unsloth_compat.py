@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tokenizer, nonzero_lora_b
 
 from fastload import FastLanguageModel, FastModel, is_bfloat16_supported
 from fastload.chat_templates import (
@@ -18,6 +17,7 @@ from fastload.chat_templates import (
     train_on_responses_only,
 )
 from fastload.errors import AdapterError, BackendUnavailable, InvalidOption, SaveError
+from tiny import make_tokenizer, nonzero_lora_b
 
 UNSLOTH_PEFT = {"r": 16,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

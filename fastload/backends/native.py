@@ -6,11 +6,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fastload.sources import plan as P
 from fastload._log import logger
-from fastload.train.checkpointing import enable_checkpointing
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
-
+from fastload.sources import plan as P
+from fastload.train.checkpointing import enable_checkpointing
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 

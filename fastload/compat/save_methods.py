@@ -14,8 +14,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from fastload.errors import BackendUnavailable, InvalidOption, SaveError
 from fastload.compat.options import log_once
+from fastload.errors import BackendUnavailable, InvalidOption, SaveError
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_4bit_forced", "lora")
 # Unsloth's names for its GGUF presets -> the quantization they stand for

@@ -60,7 +60,8 @@ def _merged_weight(base, a, b, scaling, dtype):
     """W + scaling * b @ a where merging pays, else None (the caller adds the adapter's product to the output): a 4-bit
     base (a 16-bit weight is not copied, so there is nothing to merge into) whose fresh dequantized buffer takes the
     adapter's product, by fastload's Triton kernel on CUDA, by torch on the CPU (the README's main job: 40 steps in
-    58-61 s before, 55 s with it, on 2 cores). On CUDA without the kernel no merge: torch's extra pass over the weight would cost more."""
+    58-61 s before, 55 s with it, on 2 cores). On CUDA without the kernel no merge: torch's extra pass over the weight
+    would cost more."""
     weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is None:

@@ -31,7 +31,8 @@ def resolve_device_map(device_map: Any) -> Any:
                             fix="leave it unset (the GPU if there is one, else the CPU), or pass 'cpu', 'cuda', "
                                 "'cuda:1', 'auto' or a dict of module names to devices")
     wants_gpu = (isinstance(device_map, str) and device_map.startswith("cuda")) or isinstance(device_map, int) or (
-        isinstance(device_map, dict) and any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
+        isinstance(device_map, dict)
+        and any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
     if wants_gpu and not cuda_available():
         raise DeviceUnavailable(f"device_map={device_map!r} asks for a CUDA GPU",
                                 found="torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False)",
@@ -75,7 +76,8 @@ def check_dtype_supported(dtype, device: str) -> None:
 
     if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
         name = torch.cuda.get_device_name()
-        raise InvalidOption("compute dtype bfloat16 was asked for", found=f"{name} has no bf16 arithmetic (capability < 8.0)",
+        raise InvalidOption("compute dtype bfloat16 was asked for",
+                            found=f"{name} has no bf16 arithmetic (capability < 8.0)",
                             fix="use dtype=torch.float16, or leave dtype unset to choose automatically")
 
 

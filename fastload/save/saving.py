@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fastload._log import logger
-from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
 from fastload.atomic import atomic_folder, disk_full_error, refuse_source
+from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
 from fastload.sources.hub import hub_calls_off
 
 SOURCES = ("auto", "16bit", "dequantized")
@@ -207,7 +207,8 @@ class Deltas:
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and self.adapter in getattr(module, "lora_A", {}):
                 # LoRA on a bare parameter (MoE experts) names it; on a Linear it is the weight
-                self.modules[f"{checkpoint_key(name, self.adapter)}.{getattr(module, 'parameter_name', 'weight')}"] = module
+                parameter = getattr(module, "parameter_name", "weight")
+                self.modules[f"{checkpoint_key(name, self.adapter)}.{parameter}"] = module
         # trained tensors that replace the base's: modules_to_save copies, biases trained with bias="all"/"lora_only"
         self.replaced: dict[str, Any] = {}
         for name, p in model.named_parameters():
@@ -257,8 +258,8 @@ def find_16bit_source(plan) -> Path | None:
     """
     if plan is None or not plan.original:
         return None
-    from fastload.sources.checkpoint_files import inspect_checkpoint
     from fastload.errors import CheckpointError
+    from fastload.sources.checkpoint_files import inspect_checkpoint
 
     candidates: list[Path] = []
     original = Path(plan.original).expanduser()
@@ -363,7 +364,8 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
             logger.info("merging the LoRA adapter into the 16-bit source %s", src)
             _merge_into_source(deltas, src, target, out_dtype, shard_bytes)
         else:
-            why = "asked for" if source == "dequantized" else f"no 16-bit source of {base_model_id(plan)!r} on this machine"
+            why = ("asked for" if source == "dequantized"
+                   else f"no 16-bit source of {base_model_id(plan)!r} on this machine")
             logger.info("merging the LoRA adapter into the dequantized 4-bit weights (%s)", why)
             _merge_into_model(model, deltas, target, out_dtype, shard_bytes)
         if tokenizer is not None:
@@ -586,8 +588,8 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     import dataclasses
 
     from fastload.load.loader import LoadOptions, load_weights
-    from fastload.sources.resolve import resolve
     from fastload.settings import QuantSettings
+    from fastload.sources.resolve import resolve
 
     quant = plan.quant if plan is not None and plan.quant.load_in_4bit else QuantSettings()
     options = {k: v for k, v in dataclasses.asdict(quant).items()}
@@ -607,5 +609,6 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     del model
     written = {f.name for f in out.iterdir()}
     for f in merged.iterdir():  # tokenizer and chat template files
-        if f.is_file() and f.name not in written and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != SAFETENSORS_INDEX:
+        is_weights = f.name.endswith(WEIGHT_SUFFIXES) or f.name == SAFETENSORS_INDEX
+        if f.is_file() and f.name not in written and not is_weights:
             shutil.copy2(f, out / f.name)

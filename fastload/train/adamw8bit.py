@@ -103,7 +103,8 @@ class AdamW8bitNoSync(AdamW8bit):
         """bitsandbytes launches its CUDA update kernels on the legacy default stream: work the caller queued on
         another stream is ordered before them only by the synchronization. (Other accelerators keep it too.)"""
         devices = {p.device for group in self.param_groups for p in group["params"]}
-        return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
+        return all(d.type == "cpu"
+                   or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
                    for d in devices)
 
     # -- packing -----------------------------------------------------------------------------------------------

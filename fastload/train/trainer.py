@@ -339,7 +339,8 @@ def _is_torch_checkpoint(func) -> bool:
 
 def _same_function(f, g) -> bool:
     """Two checkpoint functions that behave alike (a trainer re-creates an equal partial every time)."""
-    return f is g or (getattr(f, "func", f) is getattr(g, "func", g) and getattr(f, "args", ()) == getattr(g, "args", ())
+    return f is g or (getattr(f, "func", f) is getattr(g, "func", g)
+                      and getattr(f, "args", ()) == getattr(g, "args", ())
                       and getattr(f, "keywords", {}) == getattr(g, "keywords", {}))
 
 

@@ -165,6 +165,8 @@ def probe_mounts() -> str | None:
 
 def warm_imports() -> None:
     """Everything a case needs, imported before the first fork (no torch op runs here: forked OpenMP would hang)."""
+    import importlib
+
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import safetensors.torch  # noqa: F401
@@ -172,8 +174,6 @@ def warm_imports() -> None:
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
-
-    import importlib
 
     import fastload
     import fastload.cli  # noqa: F401

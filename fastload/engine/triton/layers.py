@@ -50,7 +50,8 @@ class FrozenRMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, x2.shape[1]).contiguous()
         dx = torch.empty_like(x2)
         block, warps = _norm_launch(x2.shape[1])
-        _kernels().rmsnorm_backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, x2.shape[1], BLOCK=block, num_warps=warps)
+        _kernels().rmsnorm_backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, x2.shape[1],
+                                                    BLOCK=block, num_warps=warps)
         return dx.view(dy.shape), None, None
 
 

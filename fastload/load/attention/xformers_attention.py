@@ -80,7 +80,8 @@ def xformers_attention_forward(module, query, key, value, attention_mask, dropou
             attention_mask = attention_mask == 0 if attention_mask.dtype.is_floating_point else attention_mask.bool()
         bias = _bias_from_mask(attention_mask, q.shape[2], q.dtype)
     elif causal and q_len > 1:
-        bias = xops.LowerTriangularMask() if q_len == kv_len else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        bias = (xops.LowerTriangularMask() if q_len == kv_len
+                else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask())
     else:
         bias = None
     out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout if module.training else 0.0, scale=scaling)
