@@ -220,7 +220,7 @@ class FastModel:
     @staticmethod
     def save_adapter(model, directory: str | os.PathLike, tokenizer=None):
         """The LoRA adapter alone; FastModel.from_pretrained(directory) loads base + adapter to train on."""
-        from fastload.save.saving import save_adapter
+        from fastload.save.adapters import save_adapter
 
         return save_adapter(model, directory, tokenizer=tokenizer)
 
@@ -229,7 +229,7 @@ class FastModel:
                     quantize: bool = False, **kwargs: Any):
         """LoRA merged into 16-bit weights (the 16-bit source if on this machine, else the dequantized 4-bit ones),
         saved for plain transformers; quantize=True writes a bitsandbytes 4-bit checkpoint instead."""
-        from fastload.save.saving import save_merged
+        from fastload.save.merged import save_merged
 
         return save_merged(model, directory, tokenizer=tokenizer, source=source, quantize=quantize, **kwargs)
 

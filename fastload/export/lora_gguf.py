@@ -35,7 +35,7 @@ def save_lora_gguf(model, path: str | os.PathLike) -> Path:
     import gguf
 
     from fastload.export.gguf import _atomic_file
-    from fastload.save.saving import Deltas
+    from fastload.save.merged import Deltas
 
     config = model.config.to_dict()
     family = family_for(config)

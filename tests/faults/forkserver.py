@@ -181,7 +181,8 @@ def warm_imports() -> None:
 
     _ = fastload.FastModel, fastload.resolve, fastload.Store  # the public surface, imported lazily by fastload
     # the modules a load, save or train imports on first use, in the flat layout and the regrouped one
-    for name in ("loader", "saving", "trainer", "sources", "load.loader", "save", "train.trainer", "sources.store"):
+    for name in ("loader", "saving", "trainer", "sources", "load.loader", "save", "save.adapters", "save.merged",
+                 "train.trainer", "sources.store"):
         try:
             importlib.import_module(f"fastload.{name}")
         except ImportError:
