@@ -48,14 +48,6 @@ def torch_dtype(name: str | None):
     return getattr(torch, name) if name else None
 
 
-def _hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
-    return hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
-
-
-def _check_reachable(plan: LoadPlan, opts: LoadOptions) -> None:
-    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
-
-
 @contextlib.contextmanager
 def translated_errors(plan: LoadPlan, part: str = "model"):
     """Turn the errors of huggingface_hub, transformers and safetensors into fastload's, keeping the cause."""
@@ -151,9 +143,10 @@ def classify_load_error(e: Exception, where: str, part: str):
 def load_config(plan: LoadPlan, opts: LoadOptions):
     from transformers import AutoConfig
 
-    _check_reachable(plan, opts)
+    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
+    kw = hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
     with translated_errors(plan), hub_stays_local(plan):
-        return AutoConfig.from_pretrained(plan.location, **_hub_kwargs(plan, opts))
+        return AutoConfig.from_pretrained(plan.location, **kw)
 
 
 def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
@@ -248,11 +241,12 @@ def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right
 
     from fastload.sources.checkpoint_files import check_tokenizer_files
 
-    _check_reachable(plan, opts)
+    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
     if Path(plan.location).is_dir():
         check_tokenizer_files(Path(plan.location))
+    kw = hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
     with translated_errors(plan, "tokenizer"), hub_stays_local(plan):
-        tok = AutoTokenizer.from_pretrained(plan.location, **_hub_kwargs(plan, opts))
+        tok = AutoTokenizer.from_pretrained(plan.location, **kw)
     if tok.pad_token is None:
         # a pad distinct from eos keeps eos learnable; fall back to eos/unk when the vocabulary has no spare token
         for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>"):
@@ -350,8 +344,9 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
                other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
-    kw = dict(_hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
-              attn_implementation=attention, **opts.model_kwargs)
+    kw = dict(hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code),
+              dtype=dtype, device_map=device_map, output_loading_info=True, attn_implementation=attention,
+              **opts.model_kwargs)
     if not opts.allow_pickle:
         kw["use_safetensors"] = True
     if opts.rope_scaling:
