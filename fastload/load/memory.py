@@ -146,7 +146,21 @@ class MemoryEstimate:
 
 
 def estimate(config, seq: int = DEFAULT_MAX_SEQ_LENGTH, batch: int = 1, r: int = 16) -> MemoryEstimate:
-    """Memory of loading and QLoRA-training the model a config describes (a transformers config or a dict)."""
+    """Memory of loading and QLoRA-training the model a config describes (a transformers config or a dict).
+
+    Args:
+        config: a transformers config or its dict (config.json).
+        seq: the training sequence length.
+        batch: the training batch size.
+        r: the LoRA rank.
+
+    Returns:
+        A MemoryEstimate: weights in 4/8/16 bits, LoRA, optimizer state, activations; `.table()` prints them.
+
+    Raises:
+        UnsupportedArchitecture: a model_type transformers does not know.
+        CheckpointCorrupt: a config transformers cannot build a model from.
+    """
     return estimate_counts(count_params(config), seq, batch, r)
 
 

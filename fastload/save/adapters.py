@@ -64,7 +64,18 @@ def check_adapter_files(adapter_dir: Path) -> None:
 
 
 def load_adapter(model, adapter_dir: str | os.PathLike):
-    """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones."""
+    """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones.
+
+    Args:
+        model: the base model, loaded without adapters.
+        adapter_dir: the folder save_adapter wrote (adapter_config.json + adapter_model.safetensors).
+
+    Returns:
+        The peft model with the adapter trainable.
+
+    Raises:
+        AdapterError: the adapter's files are missing or damaged, or do not fit this base.
+    """
     import torch
     from peft import PeftModel
 
@@ -84,7 +95,21 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
 
 
 def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given."""
+    """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given.
+
+    Args:
+        model: the peft model with its LoRA adapters.
+        directory: the folder to write, whole or not at all.
+        tokenizer: saved beside the adapter when given.
+
+    Returns:
+        The folder's Path.
+
+    Raises:
+        AdapterError: the model has no LoRA adapters.
+        InvalidOption: the folder holds files fastload did not write.
+        SaveError: the disk is full or the folder cannot be written.
+    """
     require_adapters(model, "Saving the LoRA adapter")
     name_base_model(model, getattr(model, "fastload_plan", None))
     directory = Path(directory)

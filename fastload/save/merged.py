@@ -176,6 +176,27 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
     merged model instead (fastload loads it pre-quantized). verify: evaluate the LoRA model and the merged 16-bit
     result on a probe batch (probe_texts, else a chat in the tokenizer's template) and log the loss/perplexity
     delta and the max logit difference (fastload.export.verify); False skips it.
+
+    Args:
+        model: the peft model with its LoRA adapters.
+        directory: the folder to write, whole or not at all.
+        tokenizer: saved beside the weights (default: the source's tokenizer files, copied).
+        source: "auto", "16bit" or "dequantized".
+        quantize: write a bitsandbytes 4-bit checkpoint of the merged model.
+        dtype: the dtype of the written weights.
+        max_shard_size: the largest safetensors shard, in bytes or as "5GB", "500MB"...
+        verify: report what the merge cost on a probe batch.
+        probe_texts: held-out texts for that report.
+
+    Returns:
+        The folder's Path.
+
+    Raises:
+        AdapterError: no adapters, DoRA or LoRA biases, source="16bit" without the original here, or adapted
+            weights the source does not hold.
+        InvalidOption: an unknown source or dtype, a bad max_shard_size, or a folder holding files fastload did not
+            write (or the model's own source).
+        SaveError: the disk is full or the folder cannot be written; nothing is left half-written.
     """
     if source not in SOURCES:
         raise InvalidOption(f"source={source!r}", found=f"choices: {', '.join(SOURCES)}",

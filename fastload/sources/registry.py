@@ -293,7 +293,18 @@ def get_registry() -> Registry:
 
 
 def register(entry: dict | RegistryEntry | None = None, **fields: Any) -> RegistryEntry:
-    """Add a model at run time: `register(id="org/model", family="llama", quantized=[{"id": "org/model-bnb-4bit"}])`."""
+    """Add a model at run time: `register(id="org/model", family="llama", quantized=[{"id": "org/model-bnb-4bit"}])`.
+
+    Args:
+        entry: a dict with the fields of a registry file's [[model]] table (registry/README.md), or a RegistryEntry.
+        **fields: the same fields as keywords, when no entry is given.
+
+    Returns:
+        The parsed entry; it wins over shipped and user registry files with the same id.
+
+    Raises:
+        RegistryFormatError: a field missing, of the wrong type, or out of range.
+    """
     raw = entry if entry is not None else fields
     parsed = raw if isinstance(raw, RegistryEntry) else parse_entry(raw, "register()")
     _registered.append(parsed)

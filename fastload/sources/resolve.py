@@ -376,7 +376,28 @@ def resolve(name: str | os.PathLike, *, revision: str | None = None, cache_dir: 
             local_files_only: bool | None = None, prefer_prequantized: bool = True, store: Any = True,
             allow_pickle: bool = False, quantization_config: Any = None, registry: Registry | None = None,
             **quant_options: Any) -> LoadPlan:
-    """The load plan for `name` without loading anything: which source, pre-quantized or not, and why."""
+    """The load plan for `name` without loading anything: which source, pre-quantized or not, and why.
+
+    Args:
+        name: hub id, registry alias, local folder, adapter folder or .gguf file.
+        revision: the hub revision (branch, tag or commit).
+        cache_dir: the Hugging Face cache folder.
+        local_files_only: never reach the hub (HF_HUB_OFFLINE=1 does the same).
+        prefer_prequantized: pick a registry -bnb-4bit checkpoint when the quantization settings match.
+        store: use fastload's local store (True), not (False), or this Store or folder.
+        allow_pickle: accept .bin/.pt checkpoints.
+        quantization_config: a transformers BitsAndBytesConfig (or dict); wins over the flags.
+        registry: the registry to look names up in (default: the process-wide one).
+        **quant_options: load_in_4bit, load_in_8bit, bnb_4bit_* and llm_int8_* options.
+
+    Returns:
+        The LoadPlan; `plan.explain()` says which source was chosen, why, and what was tried before it.
+
+    Raises:
+        ModelNotFound: an empty name, or one no source can provide.
+        InvalidOption: a quantization option out of range or unknown.
+        CheckpointError: a local checkpoint that is damaged, incomplete, or pickled without allow_pickle.
+    """
     name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFound(f"Resolving the model name {name!r}", found="an empty name",
