@@ -7,12 +7,12 @@ import os
 import re
 from typing import Any
 
+import torch
+
 from fastload.errors import DeviceUnavailable, InvalidOption
 
 
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -63,8 +63,6 @@ def cpu_has_native_bf16() -> bool:
 
 def choose_compute_dtype(device: str):
     """bf16 on GPUs with capability >= 8.0, fp16 on older GPUs; on the CPU fp32 unless it has native bf16."""
-    import torch
-
     if device == "cuda":
         major, _ = torch.cuda.get_device_capability()
         return torch.bfloat16 if major >= 8 else torch.float16
@@ -72,8 +70,6 @@ def choose_compute_dtype(device: str):
 
 
 def check_dtype_supported(dtype, device: str) -> None:
-    import torch
-
     if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
         name = torch.cuda.get_device_name()
         raise InvalidOption("compute dtype bfloat16 was asked for",
@@ -84,8 +80,6 @@ def check_dtype_supported(dtype, device: str) -> None:
 def free_memory_bytes(device: str) -> int:
     """Free bytes on the device: the GPU's free memory, or the CPU's MemAvailable."""
     if device == "cuda":
-        import torch
-
         free, _ = torch.cuda.mem_get_info()
         return int(free)
     override = os.environ.get("FASTLOAD_MEMORY_LIMIT_BYTES")  # for containers whose cgroup limit /proc does not show

@@ -7,6 +7,8 @@ import os
 import struct
 from pathlib import Path
 
+import torch
+
 from fastload._log import logger
 from fastload.errors import CheckpointCorrupt, ModelNotFound
 
@@ -19,7 +21,6 @@ def converted_dir(gguf_path: Path, root: Path) -> Path:
 
 def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """Dequantize a GGUF model to a bf16 safetensors checkpoint with its tokenizer; cached, written atomically."""
-    import torch
     from filelock import FileLock
 
     from fastload.sources.store import default_root

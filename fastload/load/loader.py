@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fastload._log import logger
 from fastload.errors import (
     CheckpointCorrupt,
@@ -43,8 +45,6 @@ class LoadOptions:
 
 
 def torch_dtype(name: str | None):
-    import torch
-
     return getattr(torch, name) if name else None
 
 
@@ -280,7 +280,6 @@ def check_weight_shapes(plan: LoadPlan, config, weight_files) -> None:
     declared 1024 rows wide without a word. Tensors under other names (checkpoint key conversions) are left to
     transformers; a meta-device model costs no memory.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     from fastload.sources.checkpoint_files import read_safetensors_header
@@ -321,7 +320,6 @@ def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, in
 
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from fastload.load.memory import check_fits

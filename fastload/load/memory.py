@@ -29,6 +29,7 @@ class ParamCounts:
 
 def count_params(config) -> ParamCounts:
     """Instantiate the model on the meta device (no memory) and count parameters by kind."""
+    # torch here, not at the top: an estimate from a registry parameter count (`fastload estimate`) stays light
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

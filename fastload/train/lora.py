@@ -103,7 +103,6 @@ def has_adapters(model) -> bool:
 
 def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
