@@ -64,7 +64,8 @@ def main() -> None:
     stats.sort_stats("tottime").print_stats(args.rows)
     stats.sort_stats("cumtime").print_stats(args.rows)
     print(f"{args.impl}: {plain * 1000:.1f} ms a step without the profiler "
-          f"({args.batch * args.seq / plain:,.0f} tokens/s); {args.steps} steps profiled, per-step times below x{args.steps}")
+          f"({args.batch * args.seq / plain:,.0f} tokens/s); {args.steps} steps profiled, "
+          f"per-step times below x{args.steps}")
     print(out.getvalue())
 
 

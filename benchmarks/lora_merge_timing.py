@@ -34,7 +34,6 @@ def _time_us(function) -> float:
 
 def main() -> None:
     import bitsandbytes.functional as F
-
     import triton
 
     from fastload.engine.triton import nf4_kernels

@@ -1,4 +1,4 @@
-"""Run the fastload benchmark from a checkout: `python benchmarks/run.py --help` (same as `python -m fastload.bench`)."""
+"""Run the fastload benchmark from a checkout: `python benchmarks/run.py --help` (as `python -m fastload.bench`)."""
 
 import sys
 from pathlib import Path

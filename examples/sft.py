@@ -82,10 +82,12 @@ def main(argv=None) -> None:
     before = answer_loss(model, tokenizer, heldout, args.max_seq_length)
     print(f"held-out loss before: {before:.3f}")
     if question:
-        print(f"\nQ: {question}\nbefore training:\n{FastModel.generate(model, tokenizer, question, max_new_tokens=args.max_new_tokens).strip()}\n")
+        answer = FastModel.generate(model, tokenizer, question, max_new_tokens=args.max_new_tokens).strip()
+        print(f"\nQ: {question}\nbefore training:\n{answer}\n")
 
     training_args = FastModel.training_arguments(
-        args.out.with_name(args.out.name + "-trainer"), model=model, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        args.out.with_name(args.out.name + "-trainer"), model=model, max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, learning_rate=args.learning_rate, warmup_steps=0,
         lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", disable_tqdm=True)
     # Raw records go in as they are: get_trainer chat-templates them and scores only the assistant's tokens,
@@ -105,7 +107,8 @@ def main(argv=None) -> None:
     print(f"held-out loss: before {before:.3f} -> after {after:.3f} (perplexity {math.exp(before):.1f} -> "
           f"{math.exp(after):.1f})")
     if question:
-        print(f"\nQ: {question}\nafter training:\n{FastModel.generate(model, tokenizer, question, max_new_tokens=args.max_new_tokens).strip()}\n")
+        answer = FastModel.generate(model, tokenizer, question, max_new_tokens=args.max_new_tokens).strip()
+        print(f"\nQ: {question}\nafter training:\n{answer}\n")
 
     saved = FastModel.save_adapter(model, args.out, tokenizer=tokenizer)
     print(f"adapter saved to {saved} in {time.perf_counter() - started:.0f} s total")

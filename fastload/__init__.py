@@ -44,7 +44,7 @@ _SUBMODULES = {
     "memory": "fastload.load.memory",
     "devices": "fastload.load.devices",
     "lora": "fastload.train.lora",
-    "saving": "fastload.save.saving",
+    "saving": "fastload.save",  # the flat layout's saving module: its public functions
     "chat_templates": "fastload.chat_templates",
 }
 

@@ -29,9 +29,19 @@ SHAPES = ("messages: [{role, content}]", "conversations: [{from: human|gpt|syste
 # -- records -> messages ------------------------------------------------------------------------------------------
 
 def to_messages(record: dict) -> list[dict[str, str]]:
-    """One record of a common dataset shape -> `[{"role", "content"}, ...]` (see SHAPES)."""
+    """One record of a common dataset shape -> `[{"role", "content"}, ...]` (see SHAPES).
+
+    Args:
+        record: a dict of one of the SHAPES (messages, ShareGPT conversations, Alpaca, prompt/response...).
+
+    Returns:
+        The chat messages, system first when the record has one.
+
+    Raises:
+        InvalidOption: not a dict, or of no known shape (the error lists the shapes).
+    """
     if not isinstance(record, dict):
-        raise InvalidOption(f"Converting a record to chat messages", found=f"a {type(record).__name__}, not a dict",
+        raise InvalidOption("Converting a record to chat messages", found=f"a {type(record).__name__}, not a dict",
                             fix=f"pass dicts of one of these shapes: {'; '.join(SHAPES)}")
     missing = missing_text(record)
     if missing:
@@ -102,6 +112,12 @@ def _text(content: Any) -> str:
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     """Read a dataset file: JSON Lines (.jsonl), JSON (a list of objects) or CSV (a header row), by extension.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The records, one dict each.
 
     Raises:
         InvalidOption: no such regular file, bytes that are not UTF-8 (naming the byte offset), invalid or too deeply
@@ -237,6 +253,15 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int |
 
     responses_only=True keeps labels only on the assistant's tokens (everything else -100), so the model learns to
     answer, not to predict the prompts. Sequences are cut to max_seq_length (None: no cut).
+
+    Args:
+        tokenizer: a tokenizer with a chat template (or one fastload knows for its family).
+        messages: `[{"role", "content"}, ...]`.
+        max_seq_length: the most tokens kept.
+        responses_only: train on the assistant's tokens only.
+
+    Returns:
+        {"input_ids", "attention_mask", "labels"} as lists of ints.
     """
     if max_seq_length is not None:
         messages = cut_long_messages(messages, max_seq_length)
@@ -262,7 +287,20 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int |
 
 def prepare_records(records: Iterable[dict], tokenizer, max_seq_length: int | None = None,
                     responses_only: bool = True) -> list[dict[str, list[int]]]:
-    """to_messages + tokenize_conversation over records; examples with no trainable token left are dropped."""
+    """to_messages + tokenize_conversation over records; examples with no trainable token left are dropped.
+
+    Args:
+        records: dicts of the SHAPES (e.g. from load_records).
+        tokenizer: the model's tokenizer.
+        max_seq_length: the most tokens per example.
+        responses_only: train on the assistant's tokens only.
+
+    Returns:
+        The tokenized examples, ready for Collator or pack.
+
+    Raises:
+        InvalidOption: a record of no known shape, or no example kept a trainable token.
+    """
     out = []
     for record in records:
         example = tokenize_conversation(tokenizer, to_messages(record), max_seq_length, responses_only)
@@ -283,6 +321,16 @@ def pack(examples: Sequence[dict], max_seq_length: int) -> list[dict[str, list[i
     derives a block-diagonal causal mask from the position_ids (sdpa, eager and flex; flash attention uses them as
     sequence boundaries), so packed sequences never attend to each other. The first label of every sequence is
     -100: it would otherwise be predicted from the previous sequence's last token.
+
+    Args:
+        examples: tokenized examples (input_ids, and labels: default the input_ids).
+        max_seq_length: the row length; a longer example is cut to it.
+
+    Returns:
+        Rows of {"input_ids", "labels", "position_ids"}.
+
+    Raises:
+        InvalidOption: max_seq_length is not a positive integer.
     """
     if not isinstance(max_seq_length, int) or max_seq_length <= 0:
         raise InvalidOption(f"pack(max_seq_length={max_seq_length!r})", found="not a positive integer",
@@ -326,6 +374,14 @@ class Collator:
 
     Packed examples (with position_ids) get position_ids and no attention_mask, which is what keeps their
     sequences apart (see pack). Examples without labels train on every token.
+
+    Args:
+        tokenizer: gives the pad id (its pad token, else its eos token).
+        pad_token_id: the pad id, overriding the tokenizer's.
+        pad_to_multiple_of: pad each batch to a multiple of this length (tensor cores like multiples of 8).
+
+    Raises:
+        InvalidOption: no pad id is known.
     """
 
     def __init__(self, tokenizer=None, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):

@@ -6,7 +6,6 @@ import os
 import time
 from typing import Any
 
-from fastload.sources import plan as P
 from fastload._log import logger
 from fastload.compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
 from fastload.compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
@@ -60,7 +59,46 @@ class FastModel:
                         **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
-        Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
+        `fastload.resolve(...)` shows the plan first; the README's options table says the same with the defaults.
+
+        Args:
+            model_name: hub id, registry alias, local folder (16-bit or pre-quantized), adapter folder or .gguf file.
+            max_seq_length: longest training sequence, also the tokenizer's model_max_length (default 2048, capped
+                at the model's positions).
+            dtype: compute dtype (default: bf16 where the device computes it natively, else fp16 on GPUs, fp32 on
+                the CPU).
+            load_in_4bit: NF4/FP4 via bitsandbytes (default True).
+            load_in_8bit: LLM.int8 instead of 4-bit.
+            quantization_config: a transformers BitsAndBytesConfig (or dict); wins over the flags.
+            lora: a dict of peft.LoraConfig fields, a LoraSettings, or None for no adapters (default r=16,
+                alpha=16, every linear projection).
+            gradient_checkpointing: non-reentrant checkpointing (default True); False turns it off.
+            device_map: transformers' device map (default: the first GPU, else the CPU).
+            revision: the hub revision (branch, tag or commit).
+            token: the hub token (never logged).
+            cache_dir: the Hugging Face cache folder.
+            local_files_only: never reach the hub (HF_HUB_OFFLINE=1 does the same).
+            trust_remote_code: run the checkpoint's own Python code; never turned on implicitly.
+            attn_implementation: any transformers value or "xformers" (default: the best the device runs).
+            random_state: seed for the LoRA initialisation.
+            prefer_prequantized: use a registry -bnb-4bit checkpoint when the quantization settings match.
+            store: read and write fastload's local store of 4-bit copies; False bypasses it, or pass a Store.
+            allow_pickle: accept .bin/.pt checkpoints (unpickling can run code).
+            backend: "native", "unsloth" (Unsloth's loader and kernels) or "auto" (Unsloth only where it can run).
+            rope_scaling: passed to the config, for longer contexts.
+            engine: the performance engine: True, False, or a dict of levers (fused_lora, fused_loss,
+                offload_checkpointing, kernels, cuda_graphs).
+            **quant_options: bitsandbytes options (bnb_4bit_quant_type, bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype, bnb_4bit_quant_storage, llm_int8_*) and Unsloth's keyword names.
+
+        Returns:
+            (model, tokenizer): a transformers model (a peft model when lora is set) and its tokenizer.
+
+        Raises:
+            InvalidOption: an option out of range or unknown (the error suggests the close match).
+            ModelNotFound, GatedModel: the name resolves to nothing reachable, or to a repo the token cannot read.
+            CheckpointCorrupt, CheckpointIncomplete, UnsafeCheckpoint: the files are damaged, partial or pickled.
+            UnsupportedArchitecture, NotEnoughMemory, DeviceUnavailable: the model cannot run here.
         """
         from fastload.backends import choose_backend
         from fastload.sources.resolve import make_store, resolve
@@ -90,7 +128,8 @@ class FastModel:
         logger.info("source: %s (%s)", plan.location, plan.reason)
         opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
                            cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+                           attn_implementation=attn_implementation, allow_pickle=allow_pickle,
+                           rope_scaling=rope_scaling)
         impl = choose_backend(backend, plan, opts)
         model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
         if impl.name == "native":
@@ -111,6 +150,18 @@ class FastModel:
 
         Unsloth's keywords (use_gradient_checkpointing, loftq_config, max_seq_length...) are understood. On a model
         that still has the untrained default adapter from_pretrained added, the asked adapter replaces it (logged).
+
+        Args:
+            model: a model from from_pretrained.
+            random_state: seed for the LoRA initialisation.
+            **lora_options: peft.LoraConfig fields (r, lora_alpha, target_modules, lora_dropout, ...) or Unsloth's.
+
+        Returns:
+            The peft model, with gradient checkpointing as the model had it (or as asked).
+
+        Raises:
+            AdapterError: the model already has trained adapters that differ from those asked.
+            InvalidOption: a LoRA option out of range or unknown.
         """
         from fastload.train.checkpointing import enable_checkpointing, is_checkpointing
         from fastload.train.lora import apply_lora, has_adapters, lora_settings_of
@@ -145,14 +196,32 @@ class FastModel:
                       **kwargs: Any):
         """bitsandbytes AdamW8bit over exactly the trainable parameters, with fastload's lean step (one update
         launch per pack of LoRA matrices, no device synchronization per parameter: fastload.train.adamw8bit), grouped
-        like transformers' adamw_8bit (no weight decay on biases and norms; 32-bit state for a trained embedding)."""
+        like transformers' adamw_8bit (no weight decay on biases and norms; 32-bit state for a trained embedding).
+
+        Args:
+            model: the model to train; only parameters with requires_grad are optimized.
+            lr: the learning rate.
+            weight_decay: applied to weights, never to biases and norms.
+            betas: Adam's moment coefficients.
+            **kwargs: further bitsandbytes AdamW8bit options (eps, ...).
+
+        Returns:
+            A bitsandbytes AdamW8bit (subclass) instance.
+        """
         from fastload.train.optim import get_optimizer
 
         return get_optimizer(model, lr=lr, weight_decay=weight_decay, betas=betas, **kwargs)
 
     @staticmethod
     def for_inference(model):
-        """Generation mode: checkpointing off, KV cache on, eval."""
+        """Generation mode: checkpointing off, KV cache on, eval.
+
+        Args:
+            model: the loaded or trained model.
+
+        Returns:
+            The same model, switched.
+        """
         if state_of(model, create=False).backend == "unsloth":
             from unsloth import FastLanguageModel  # already imported by the load that chose it
 
@@ -164,7 +233,14 @@ class FastModel:
 
     @staticmethod
     def for_training(model):
-        """Training mode again, with checkpointing as it was."""
+        """Training mode again, with checkpointing as it was.
+
+        Args:
+            model: a model switched by for_inference (or loaded).
+
+        Returns:
+            The same model, switched.
+        """
         if state_of(model, create=False).backend == "unsloth":
             from unsloth import FastLanguageModel
 
@@ -176,17 +252,28 @@ class FastModel:
 
     @staticmethod
     def resolve(model_name, **options: Any):
+        """The LoadPlan for `model_name` without loading anything: `fastload.resolve` (its docstring has the Args)."""
         from fastload.sources.resolve import resolve
 
         return resolve(model_name, **options)
 
-    # -- the rest of the notebook: train, save, merge, generate (fastload.train.trainer / saving / generation) ----------
+    # -- the rest of the notebook: train, save, merge, generate (fastload.train.trainer / saving / generation) ---
 
     @staticmethod
     def training_arguments(output_dir: str | os.PathLike = "outputs", sft: bool = False, model=None, **kwargs: Any):
         """TrainingArguments (SFTConfig when sft=True) with fastload's defaults: optim="adamw_8bit", lr 2e-4,
         non-reentrant gradient checkpointing, bf16/fp16 as the device computes, report_to="none"; with `model`,
-        SFT's max_length is model.max_seq_length. Any field given here wins."""
+        SFT's max_length is model.max_seq_length. Any field given here wins.
+
+        Args:
+            output_dir: where the trainer writes checkpoints and logs.
+            sft: build TRL's SFTConfig instead of TrainingArguments.
+            model: the loaded model, whose max_seq_length becomes SFT's max_length.
+            **kwargs: any TrainingArguments / SFTConfig field.
+
+        Returns:
+            A transformers TrainingArguments or a trl SFTConfig.
+        """
         from fastload.train.trainer import training_arguments
 
         return training_arguments(output_dir, sft=sft, model=model, **kwargs)
@@ -197,15 +284,46 @@ class FastModel:
         where args.optim is left at transformers' default or "adamw_8bit" (see fastload.train.trainer.get_trainer). A
         Trainer built by hand should pass optimizers=(FastModel.get_optimizer(model), None) (or optim="adamw_8bit":
         transformers' bitsandbytes AdamW, slower steps). Raw records (messages, ShareGPT, Alpaca, prompt/response)
-        are tokenized responses-only."""
+        are tokenized responses-only.
+
+        Args:
+            model: the loaded model with its adapters.
+            tokenizer: its tokenizer.
+            train_dataset: a datasets.Dataset, tokenized records, or raw chat/instruction records.
+            args: TrainingArguments or SFTConfig (default: training_arguments(sft=sft, model=model)).
+            sft: build TRL's SFTTrainer instead of transformers' Trainer.
+            **kwargs: eval_dataset, data_collator, responses_only, any TrainingArguments field (max_steps=...,
+                wins over args), or a trainer keyword (callbacks, ...).
+
+        Returns:
+            A transformers Trainer or trl SFTTrainer, ready for .train().
+
+        Raises:
+            InvalidOption: an unknown argument, or records of a shape fastload cannot tokenize.
+            BackendUnavailable: sft=True without TRL installed.
+        """
         from fastload.train.trainer import get_trainer
 
         return get_trainer(model, tokenizer, train_dataset, args=args, sft=sft, **kwargs)
 
     @staticmethod
     def save_adapter(model, directory: str | os.PathLike, tokenizer=None):
-        """The LoRA adapter alone; FastModel.from_pretrained(directory) loads base + adapter to train on."""
-        from fastload.save.saving import save_adapter
+        """The LoRA adapter alone; FastModel.from_pretrained(directory) loads base + adapter to train on.
+
+        Args:
+            model: the trained peft model.
+            directory: the folder to write, whole or not at all.
+            tokenizer: saved beside the adapter when given.
+
+        Returns:
+            The folder's Path.
+
+        Raises:
+            AdapterError: the model has no LoRA adapters.
+            InvalidOption: the folder holds files fastload did not write.
+            SaveError: the disk is full or the folder cannot be written.
+        """
+        from fastload.save.adapters import save_adapter
 
         return save_adapter(model, directory, tokenizer=tokenizer)
 
@@ -213,14 +331,49 @@ class FastModel:
     def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str = "auto",
                     quantize: bool = False, **kwargs: Any):
         """LoRA merged into 16-bit weights (the 16-bit source if on this machine, else the dequantized 4-bit ones),
-        saved for plain transformers; quantize=True writes a bitsandbytes 4-bit checkpoint instead."""
-        from fastload.save.saving import save_merged
+        saved for plain transformers; quantize=True writes a bitsandbytes 4-bit checkpoint instead.
+
+        Args:
+            model: the trained peft model.
+            directory: the folder to write, whole or not at all.
+            tokenizer: saved beside the weights (default: the source's tokenizer files, copied).
+            source: "auto", "16bit" (the original must be on this machine) or "dequantized".
+            quantize: write a bitsandbytes 4-bit checkpoint of the merged model.
+            **kwargs: dtype, max_shard_size, verify, probe_texts (fastload.save.merged.save_merged).
+
+        Returns:
+            The folder's Path.
+
+        Raises:
+            AdapterError: no adapters, an adapter merging cannot handle (DoRA, LoRA biases), or source="16bit"
+                with no 16-bit original here.
+            InvalidOption: an unknown source, a bad max_shard_size, or a folder holding files fastload did not write.
+            SaveError: the disk is full or the folder cannot be written.
+        """
+        from fastload.save.merged import save_merged
 
         return save_merged(model, directory, tokenizer=tokenizer, source=source, quantize=quantize, **kwargs)
 
     @staticmethod
     def save_gguf(model, path: str | os.PathLike, tokenizer=None, quantization: str = "q8_0", **kwargs: Any):
-        """One .gguf file for llama.cpp / Ollama (LoRA merged first) and an Ollama Modelfile beside it."""
+        """One .gguf file for llama.cpp / Ollama (LoRA merged first) and an Ollama Modelfile beside it.
+
+        Args:
+            model: the trained model.
+            path: the .gguf file to write; an existing file is replaced only once the new one is complete.
+            tokenizer: the tokenizer trained with (the GGUF file carries the vocabulary and chat template).
+            quantization: "q8_0", "f16", "bf16", or a llama.cpp k-quant such as "q4_k_m" (needs llama-cpp-python).
+            **kwargs: source, modelfile, verify, probe_texts (fastload.export.gguf.save_gguf).
+
+        Returns:
+            The written file's Path.
+
+        Raises:
+            UnsupportedArchitecture: the family, its rope scaling or its tokenizer cannot be written.
+            InvalidOption: an unknown quantization, or a folder at `path`.
+            BackendUnavailable: a k-quant without llama-cpp-python installed.
+            AdapterError, SaveError: the merge or the write failed; no partial file is left.
+        """
         from fastload.export.gguf import save_gguf
 
         return save_gguf(model, path, tokenizer=tokenizer, quantization=quantization, **kwargs)
@@ -228,14 +381,42 @@ class FastModel:
     @staticmethod
     def push_to_hub(model, repo_id: str, tokenizer=None, what: str = "adapter", private: bool = True,
                     token: str | None = None, **kwargs: Any):
-        """Build the adapter / merged / merged-4bit / gguf folder with a model card and upload it in one commit."""
+        """Build the adapter / merged / merged-4bit / gguf folder with a model card and upload it in one commit.
+
+        Args:
+            model: the trained model.
+            repo_id: the hub repository ("user/name"), created when missing.
+            tokenizer: uploaded beside the weights.
+            what: "adapter", "merged", "merged-4bit" or "gguf".
+            private: create the repository private.
+            token: the hub token (default: the logged-in one; never logged).
+            **kwargs: quantization (for "gguf"), training (facts for the model card), commit_message, endpoint.
+
+        Returns:
+            The URL of the commit.
+
+        Raises:
+            InvalidOption: an unknown `what` or a repo_id not of the form "user/name".
+            SaveError: the hub refused the upload (the token is never in the message).
+        """
         from fastload.export.hub import push_to_hub
 
         return push_to_hub(model, repo_id, tokenizer, what=what, private=private, token=token, **kwargs)
 
     @staticmethod
     def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any):
-        """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text."""
+        """Chat-template the prompt(s), left-pad the batch, generate, and return only the new text.
+
+        Args:
+            model: the loaded or trained model.
+            tokenizer: its tokenizer (its chat template is used when it has one).
+            prompts: one prompt (str or list of messages) or a list of them.
+            max_new_tokens: the most tokens generated per prompt.
+            **kwargs: passed to model.generate (temperature, do_sample, ...).
+
+        Returns:
+            One string for one prompt, else a list of strings.
+        """
         from fastload.train.generation import generate
 
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)

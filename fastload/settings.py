@@ -100,7 +100,8 @@ class QuantSettings:
         if quantization_config is not None:
             cfg = quantization_config
             cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-            method = str(getattr(cfg.get("quant_method"), "value", cfg.get("quant_method", "bitsandbytes"))).split(".")[-1].lower().replace("_", "")
+            method = str(getattr(cfg.get("quant_method"), "value", cfg.get("quant_method", "bitsandbytes")))
+            method = method.split(".")[-1].lower().replace("_", "")
             if method != "bitsandbytes":
                 raise InvalidOption(f"quantization_config with quant_method={method!r} was given",
                                     found="fastload quantizes with bitsandbytes only",
@@ -146,7 +147,8 @@ class LoraSettings:
                                 fix="use r=16 (default) or another power of two such as 8, 32, 64")
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
             raise InvalidOption(f"lora_alpha={self.lora_alpha!r}", found="alpha must be a positive number "
-                                "(the adapters' output is scaled by alpha / r)", fix="use lora_alpha=16 (default) or 2 * r")
+                                "(the adapters' output is scaled by alpha / r)",
+                                fix="use lora_alpha=16 (default) or 2 * r")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise InvalidOption(f"lora_dropout={self.lora_dropout!r}", found="dropout must be in [0, 1)",
                                 fix="use 0.0 (default, fastest)")

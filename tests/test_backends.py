@@ -88,7 +88,8 @@ def test_unsloth_that_fails_to_import_is_explained_and_auto_falls_back(tiny_llam
 
     import fastload
 
-    (placeholder_unsloth / "unsloth" / "__init__.py").write_text("raise ImportError('cannot import name X from torch')\n")
+    init = placeholder_unsloth / "unsloth" / "__init__.py"
+    init.write_text("raise ImportError('cannot import name X from torch')\n")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     plan = fastload.resolve(tiny_llama)
     with pytest.raises(BackendUnavailable) as err:

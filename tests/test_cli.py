@@ -4,9 +4,9 @@ exit codes, --json output, and each command doing what a user typing it expects.
 from __future__ import annotations
 
 import json
-import shutil
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -143,7 +143,7 @@ def test_storing_process_killed_mid_write_then_load_succeeds(tiny_llama, isolate
 STOPPED_SAVER = """
 import os, sys, time
 from pathlib import Path
-import fastload.save.saving as saving
+import fastload.save.folders as folders
 target, point, ready = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 real_rename = os.rename
 def rename(src, dst):
@@ -152,7 +152,7 @@ def rename(src, dst):
         ready.write_text("moved aside")
         time.sleep(600)
 os.rename = rename
-with saving.atomic_directory(target, marker="adapter_config.json") as tmp:
+with folders.atomic_directory(target, marker="adapter_config.json") as tmp:
     (tmp / "adapter_model.safetensors").write_bytes(b"new weights, half written")
     if point == "mid-write":
         ready.write_text("writing")
@@ -165,7 +165,7 @@ with saving.atomic_directory(target, marker="adapter_config.json") as tmp:
 def test_a_save_killed_mid_way_is_cleaned_up_or_put_back_by_the_next_save(tmp_path, kill_point):
     """SIGKILL while saving an adapter: the previous save stays readable (put back if it had been moved aside),
     and the next save to the same place removes what the killed one left."""
-    from fastload.save.saving import atomic_directory
+    from fastload.save.folders import atomic_directory
 
     target = tmp_path / "adapter"
     target.mkdir()

@@ -7,8 +7,15 @@ import json
 
 import pytest
 
-from fastload.data import (IGNORE_INDEX, Collator, load_records, pack, prepare_records, to_messages,
-                           tokenize_conversation)
+from fastload.data import (
+    IGNORE_INDEX,
+    Collator,
+    load_records,
+    pack,
+    prepare_records,
+    to_messages,
+    tokenize_conversation,
+)
 from fastload.errors import InvalidOption
 from tiny import make_tokenizer
 
@@ -23,7 +30,8 @@ LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['r
 GEMMA = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
          "{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
          "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+MISTRAL = ("{{ bos_token }}{% for m in messages %}"
+           "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
            "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "mistral": "<|im_end|>"}
 
@@ -70,7 +78,8 @@ def test_to_messages_reads_every_common_shape():
     assert to_messages({"prompt": "Q", "response": "A"}) == [{"role": "user", "content": "Q"},
                                                             {"role": "assistant", "content": "A"}]
     assert to_messages({"prompt": "Q", "completion": "A", "system": "S"})[0] == {"role": "system", "content": "S"}
-    conversational = {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}
+    conversational = {"prompt": [{"role": "user", "content": "Q"}],
+                      "completion": [{"role": "assistant", "content": "A"}]}
     assert to_messages(conversational) == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 
 
@@ -153,7 +162,8 @@ def test_prepare_records_drops_examples_cut_before_the_answer(tokenizers):
 # -- packing and batches ------------------------------------------------------------------------------------------
 
 def test_pack_fills_rows_and_restarts_positions():
-    examples = [{"input_ids": list(range(100, 100 + n)), "labels": list(range(100, 100 + n))} for n in (6, 4, 7, 3, 5, 5)]
+    examples = [{"input_ids": list(range(100, 100 + n)), "labels": list(range(100, 100 + n))}
+                for n in (6, 4, 7, 3, 5, 5)]
     rows = pack(examples, max_seq_length=10)
     assert all(len(r["input_ids"]) <= 10 for r in rows)
     assert len(rows) == 3  # 30 tokens in rows of 10: best-fit decreasing fills them exactly

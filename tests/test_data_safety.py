@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import user_files_snapshot
 
+from conftest import user_files_snapshot
 from fastload import FastModel
 from fastload.cli import main
 from fastload.errors import InvalidOption
@@ -128,7 +128,7 @@ def test_users_own_files_in_the_train_out_folder_survive_training(tiny_llama, da
     (alien / "adapter_model.safetensors").write_bytes(b"the user's own weights")
     (alien / "ideas.txt").write_text("keep")
     model, tok = FastModel.from_pretrained(out, gradient_checkpointing=False)
-    from fastload.save.saving import save_adapter_into
+    from fastload.save.adapters import save_adapter_into
 
     with pytest.raises(InvalidOption, match="did not write"):
         save_adapter_into(model, tok, alien)

@@ -253,8 +253,8 @@ def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_sw
 def test_rotary_attention_steps_aside_where_its_kernel_cannot_launch(tiny_llama):
     """Triton launches on the current CUDA device only: where the lever's check says no (a layer on another GPU),
     the attention runs transformers' own rotation and gives its result."""
-    from fastload.engine.triton.launch import triton_runs_on
     from fastload.engine.rotary import install_rotary_attention
+    from fastload.engine.triton.launch import triton_runs_on
 
     calls = []
     plain, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import CHATML, SHAPES, make_checkpoint, nonzero_lora_b
 
 from fastload.errors import (
     BackendUnavailable,
@@ -29,6 +28,7 @@ from fastload.errors import (
     UnsupportedArchitecture,
 )
 from fastload.export.gguf import save_gguf
+from tiny import CHATML, SHAPES, make_checkpoint, nonzero_lora_b
 
 TOLERANCE = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2}
 TEXT = "hello world, the quick brown fox jumps over the lazy dog"

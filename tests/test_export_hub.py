@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from tiny import nonzero_lora_b
 
 from fastload import FastModel
 from fastload.errors import InvalidOption, SaveError
+from tiny import nonzero_lora_b
 
 TOKEN = "hf_fastloadTestToken0123456789"
 

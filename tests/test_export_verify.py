@@ -9,10 +9,10 @@ import logging
 import math
 
 import torch
-from tiny import nonzero_lora_b
 
 from fastload import FastModel
 from fastload.export.verify import probe_texts, report_merge
+from tiny import nonzero_lora_b
 
 
 def test_merge_report_shows_the_cost_of_each_source(tiny_llama, tmp_path):

@@ -109,7 +109,8 @@ def test_loss_falls_and_optimizer_state_is_8bit(tiny_llama):
     model, tok = FastModel.from_pretrained(tiny_llama, max_seq_length=64)
     opt = FastModel.get_optimizer(model, lr=5e-3)
     assert isinstance(opt, bnb.optim.AdamW8bit)
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
     enc, labels = batch(tok, model.device)
     losses = []
     for _ in range(6):
@@ -136,7 +137,8 @@ def test_seeded_lora_init_is_reproducible(tiny_llama):
 def test_lora_options_and_get_peft_model(tiny_llama):
     from peft import LoraConfig
 
-    model, _ = FastModel.from_pretrained(tiny_llama, lora=LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    model, _ = FastModel.from_pretrained(tiny_llama, lora=lora)
     assert lora_leaf_names(model) == {"q_proj", "v_proj"}
     assert model.peft_config["default"].r == 8
 

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_faults import drop_tensor
-from tiny import make_checkpoint
 
 from fastload import FastModel
 from fastload.model_state import state_of
 from fastload.sources.store import Store
+from helpers_faults import drop_tensor
+from tiny import make_checkpoint
 
 OFF = {"FASTLOAD_DIRECT_LOAD": "0"}
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from fastload import FastModel
-from fastload.sources.checkpoint_files import inspect_checkpoint
 from fastload.errors import FastloadError
+from fastload.sources.checkpoint_files import inspect_checkpoint
 from helpers_faults import WEIGHTS, pack_safetensors, read_safetensors
 from tiny import make_checkpoint
 
@@ -63,7 +63,8 @@ def mutate_header(raw: bytes, rng: random.Random) -> bytes:
         return bytes(out)
     if op == 1:  # the header length prefix
         n = int.from_bytes(raw[:8], "little")
-        return rng.choice([0, 1, n - 1, n + 1, n + 8, len(raw), 2 ** 63, rng.randrange(2 ** 32)]).to_bytes(8, "little") + raw[8:]
+        length = rng.choice([0, 1, n - 1, n + 1, n + 8, len(raw), 2 ** 63, rng.randrange(2 ** 32)])
+        return length.to_bytes(8, "little") + raw[8:]
     if op == 2:  # cut short anywhere
         return raw[:rng.randrange(len(raw))]
     if op == 3:  # bytes appended
@@ -78,8 +79,8 @@ def mutate_header(raw: bytes, rng: random.Random) -> bytes:
         meta["shape"] = rng.choice([shape, shape[::-1], shape + [1], shape[:-1], rng.choice(ODD_VALUES)])
     elif op == 6:
         begin, end = meta["data_offsets"]
-        meta["data_offsets"] = rng.choice([[begin + 2, end + 2], [end, begin], [begin], [begin, end, end], [-begin, end],
-                                           [begin, 2 ** 64], [begin, end - 2], rng.choice(ODD_VALUES)])
+        meta["data_offsets"] = rng.choice([[begin + 2, end + 2], [end, begin], [begin], [begin, end, end],
+                                           [-begin, end], [begin, 2 ** 64], [begin, end - 2], rng.choice(ODD_VALUES)])
     elif op == 7:  # two tensors exchange their bytes (shapes kept): a valid file holding other weights
         other = header[rng.choice(names)]
         meta["data_offsets"], other["data_offsets"] = other["data_offsets"], meta["data_offsets"]
@@ -193,7 +194,8 @@ def check_matches_file(model, model_dir: Path, bits16: bool) -> None:
             assert torch.equal(p.data, saved[name].to(p.dtype)), f"{name} differs from the file"
         else:
             shape = getattr(getattr(p, "quant_state", None), "shape", p.shape)
-            assert tuple(shape) == tuple(saved[name].shape), f"{name} has shape {tuple(shape)}, the file {saved[name].shape}"
+            assert tuple(shape) == tuple(saved[name].shape), \
+                f"{name} has shape {tuple(shape)}, the file {saved[name].shape}"
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert out.shape[-1] == model.config.vocab_size
@@ -224,7 +226,8 @@ def run_fuzz(small: Path, tmp_path: Path, kind: str, seeds: range, failures: lis
 def test_mutated_checkpoints_load_correctly_or_fail_clearly(small, tmp_path, kind, count):
     failures: list[str] = []
     results = run_fuzz(small, tmp_path, kind, range(count), failures)
-    assert not failures, f"{len(failures)} of {count} inputs neither loaded correctly nor failed clearly:\n" + "\n".join(failures)
+    assert not failures, (f"{len(failures)} of {count} inputs neither loaded correctly nor failed clearly:\n"
+                          + "\n".join(failures))
     TALLY.update({f"{kind} {k}": v for k, v in results.items()})
     assert sum(results.values()) == count
     assert results["refused"] > count // 4  # the mutations do reach the checks (a fuzzer that never hits is no test)

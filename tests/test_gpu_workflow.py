@@ -7,7 +7,6 @@ Llama-shaped checkpoint made in-process, in bfloat16 on the GPU, so tolerances a
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

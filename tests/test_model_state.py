@@ -8,10 +8,10 @@ import ast
 from pathlib import Path
 
 import torch
-from tiny import nonzero_lora_b
 
 from fastload import FastModel
 from fastload.model_state import ModelState, state_of
+from tiny import nonzero_lora_b
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fastload"
 

@@ -114,7 +114,8 @@ def test_steps_after_a_missing_gradient_match_and_the_pack_comes_back():
     stepped with the others' count, and once counts are regrouped the LoRA matrices share launches again."""
     ours, ours_opt, theirs, theirs_opt = _pair()
     skip = {(1, 0)}
-    after_ours, after_theirs = _steps(ours_opt, ours, steps=5, skip=skip), _steps(theirs_opt, theirs, steps=5, skip=skip)
+    after_ours = _steps(ours_opt, ours, steps=5, skip=skip)
+    after_theirs = _steps(theirs_opt, theirs, steps=5, skip=skip)
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
     assert [ours_opt.state[p]["step"] for p in ours[:4]] == [4, 5, 5, 5]
     packs = ours_opt._pack_cache[0][1]

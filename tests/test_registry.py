@@ -7,8 +7,15 @@ import tomllib
 
 import pytest
 
-from fastload.sources.registry import (REPO_ID, RegistryFormatError, get_registry, load_registry, parse_file, register,
-                               shipped_registry_dir)
+from fastload.sources.registry import (
+    REPO_ID,
+    RegistryFormatError,
+    get_registry,
+    load_registry,
+    parse_file,
+    register,
+    shipped_registry_dir,
+)
 
 
 def all_entries():
@@ -75,7 +82,8 @@ def test_registry_toml_in_the_user_config_folder_is_read(tmp_path):
     folder = Path(os.environ["XDG_CONFIG_HOME"]) / "fastload"
     folder.mkdir(parents=True)
     (folder / "registry.toml").write_text('schema = 1\nfamily = "qwen2"\n[[model]]\nid = "acme/house-model"\n'
-                                          'aliases = ["house"]\n[[model.quantized]]\nid = "acme/house-model-bnb-4bit"\n')
+                                          'aliases = ["house"]\n[[model.quantized]]\n'
+                                          'id = "acme/house-model-bnb-4bit"\n')
     match = load_registry().find("house")
     assert match is not None and match.entry.id == "acme/house-model"
     assert match.entry.quantized[0].id == "acme/house-model-bnb-4bit"

@@ -19,15 +19,35 @@ from typing import Callable
 import pytest
 
 import fastload
-import fastload.sources.plan
 import fastload.settings
+import fastload.sources.plan
 from fastload import FastModel
-from fastload.errors import (AdapterError, CheckpointCorrupt, CheckpointIncomplete, DeviceUnavailable, FastloadError,
-                             GatedModel, InvalidOption, ModelNotFound, NotEnoughMemory, StoreEntryCorrupt, StoreError,
-                             UnsafeCheckpoint, UnsupportedArchitecture)
+from fastload.errors import (
+    AdapterError,
+    CheckpointCorrupt,
+    CheckpointIncomplete,
+    DeviceUnavailable,
+    FastloadError,
+    GatedModel,
+    InvalidOption,
+    ModelNotFound,
+    NotEnoughMemory,
+    StoreEntryCorrupt,
+    StoreError,
+    UnsafeCheckpoint,
+    UnsupportedArchitecture,
+)
 from fastload.sources.store import MANIFEST, Store
-from helpers_faults import (WEIGHTS, drop_tensor, edit_config, leftover_tmp, logits, read_safetensors, tree_snapshot,
-                            write_safetensors)
+from helpers_faults import (
+    WEIGHTS,
+    drop_tensor,
+    edit_config,
+    leftover_tmp,
+    logits,
+    read_safetensors,
+    tree_snapshot,
+    write_safetensors,
+)
 
 SECRET = "hf_secretTOKENdoNotLeak0123456789"
 
@@ -107,8 +127,8 @@ def hub_answers(error_class, message: str):
 
     status = 403 if "restricted" in message else 404
     response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/owner/name"))
-    plan = fastload.sources.plan.LoadPlan(name="owner/name", source="hub-download", location="owner/name", prequantized=False,
-                                  quant=fastload.settings.QuantSettings(), reason="a test")
+    plan = fastload.sources.plan.LoadPlan(name="owner/name", source="hub-download", location="owner/name",
+                                          prequantized=False, quant=fastload.settings.QuantSettings(), reason="a test")
 
     def call():
         with translated_errors(plan):
@@ -160,7 +180,8 @@ def case_no_tokenizer_files(ctx):
 @case(CheckpointIncomplete, "shard", "missing")
 def case_index_names_a_missing_shard(ctx):
     header, _ = read_safetensors(ctx.model / WEIGHTS)
-    index = {"metadata": {}, "weight_map": {k: "model-00002-of-00002.safetensors" for k in header if k != "__metadata__"}}
+    weight_map = {k: "model-00002-of-00002.safetensors" for k in header if k != "__metadata__"}
+    index = {"metadata": {}, "weight_map": weight_map}
     (ctx.model / "model.safetensors.index.json").write_text(json.dumps(index))
     return lambda: load(ctx.model)
 
@@ -563,7 +584,8 @@ def disk_fills_up(monkeypatch) -> None:
 
 
 def user_area(ctx) -> dict:
-    return {**tree_snapshot(ctx.tmp / "user"), **{f"store/{k}": v for k, v in tree_snapshot(ctx.home, ("locks",)).items()},
+    return {**tree_snapshot(ctx.tmp / "user"),
+            **{f"store/{k}": v for k, v in tree_snapshot(ctx.home, ("locks",)).items()},
             **{f"hf/{k}": v for k, v in tree_snapshot(ctx.tmp / "hf-home").items()}}
 
 
@@ -801,7 +823,8 @@ def test_store_entry_changed_on_disk_is_never_loaded(tiny_llama, isolated_env, d
 
 
 def test_full_verify_finds_a_change_that_kept_size_and_mtime(tiny_llama, isolated_env):
-    """Bit rot keeps size and mtime: the fast check trusts them, `verify` (fastload cache verify) hashes and finds it."""
+    """Bit rot keeps size and mtime: the fast check trusts them, `verify` (fastload cache verify) hashes and finds
+    it."""
     load(tiny_llama)
     store = Store(isolated_env)
     [entry] = store.entries()
@@ -811,8 +834,8 @@ def test_full_verify_finds_a_change_that_kept_size_and_mtime(tiny_llama, isolate
 
 
 def test_interrupted_adapter_save_keeps_the_previous_one(tiny_llama, tmp_path, monkeypatch):
-    import transformers.modeling_utils as mu  # noqa: F401 (peft saves through safetensors directly)
     import peft.utils.save_and_load as sl
+    import transformers.modeling_utils as mu  # noqa: F401 (peft saves through safetensors directly)
 
     model, tok = FastModel.from_pretrained(tiny_llama, store=False)
     out = tmp_path / "adapter"

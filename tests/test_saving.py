@@ -176,7 +176,8 @@ def test_default_merge_is_written_in_the_source_dtype(trained, logits_16bit_lora
 def test_requantized_merge_loads_prequantized_and_matches_the_merged_model(trained, merged16, tmp_path):
     out = FastModel.save_merged(trained.model, tmp_path / "merged4", tokenizer=trained.tok, quantize=True)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["load_in_4bit"] and config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    quantization = config["quantization_config"]
+    assert quantization["load_in_4bit"] and quantization["bnb_4bit_quant_type"] == "nf4"
     from fastload.atomic import RECORD
 
     assert not [f for f in out.iterdir() if f.name.startswith(".") and f.name != RECORD], "temporary files left"
@@ -231,7 +232,8 @@ def test_small_max_shard_size_writes_shards_and_an_index(trained, merged16, tmp_
     assert parts.keys() == whole.keys() == index["weight_map"].keys()
     assert all(torch.equal(parts[k], whole[k]) for k in whole)
     model = plain_transformers(out)
-    assert torch.equal(model.model.layers[29].mlp.down_proj.weight, whole["model.layers.29.mlp.down_proj.weight"].float())
+    assert torch.equal(model.model.layers[29].mlp.down_proj.weight,
+                       whole["model.layers.29.mlp.down_proj.weight"].float())
 
 
 @pytest.mark.parametrize("interrupt", [OSError("disk full"), KeyboardInterrupt()], ids=["error", "ctrl-c"])

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from fastload import FastModel
-from fastload.load.devices import cpu_has_native_bf16
 from fastload.errors import BackendUnavailable, InvalidOption
+from fastload.load.devices import cpu_has_native_bf16
 from fastload.train.checkpointing import checkpointing_state, ensure_checkpointing
 
 RECORDS = [{"messages": [{"role": "user", "content": "hello world"},
@@ -58,7 +58,8 @@ def eight_bit_state(optimizer) -> bool:
     import torch
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    dtypes = {v.dtype for s in inner.state.values() for k, v in s.items() if k.startswith("state") and torch.is_tensor(v)}
+    dtypes = {v.dtype for s in inner.state.values() for k, v in s.items()
+              if k.startswith("state") and torch.is_tensor(v)}
     return isinstance(inner, bnb.optim.optimizer.Optimizer8bit) and torch.uint8 in dtypes
 
 
@@ -123,7 +124,6 @@ def test_trainer_learns_with_8bit_adamw(tiny, tmp_path):
 # -- gradient checkpointing ---------------------------------------------------------------------------------------
 
 def _lora_grads(model, tok):
-    import torch
 
     from fastload.data import Collator, prepare_records
 
@@ -238,7 +238,8 @@ def test_sft_default_max_length_becomes_max_seq_length(tiny, tmp_path):
     from trl import SFTConfig
 
     model, tok = tiny
-    trainer = FastModel.get_trainer(model, tok, RECORDS, args=SFTConfig(tmp_path / "o", report_to="none", bf16=False), sft=True)
+    args = SFTConfig(tmp_path / "o", report_to="none", bf16=False)
+    trainer = FastModel.get_trainer(model, tok, RECORDS, args=args, sft=True)
     assert trainer.args.max_length == 48
     assert str(getattr(trainer.args.optim, "value", trainer.args.optim)) != "adamw_8bit"  # user's args untouched...
     import bitsandbytes as bnb

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_tokenizer, nonzero_lora_b
 
 from fastload import FastLanguageModel, FastModel, is_bfloat16_supported
 from fastload.chat_templates import (
@@ -19,6 +18,7 @@ from fastload.chat_templates import (
 )
 from fastload.errors import AdapterError, BackendUnavailable, InvalidOption, SaveError
 from fastload.train.checkpointing import CheckpointingGuard
+from tiny import make_tokenizer, nonzero_lora_b
 
 UNSLOTH_PEFT = {"r": 16,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -1,4 +1,5 @@
-"""Tiny real checkpoints built in-process: Llama/Qwen2/Mistral/Gemma/Phi-3 shapes, real safetensors, a real tokenizer."""
+"""Tiny real checkpoints built in-process: Llama/Qwen2/Mistral/Gemma/Phi-3 shapes, real safetensors, a real
+tokenizer."""
 
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ fastload.export.gguf exists.
 
 # ---- cell 6: load in 16-bit
 # [unsloth] from unsloth import FastModel
-from fastload import FastModel
 import os
-import torch
+
+from fastload import FastModel
 
 max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]
 new_tokens = int(os.environ.get("NOTEBOOK_NEW_TOKENS", 125))  # [port]

@@ -9,9 +9,9 @@ token counts a test can lower through NOTEBOOK_* environment variables.
 
 # ---- cell 6: load in 4-bit
 # [unsloth] from unsloth import FastLanguageModel
-from fastload import FastLanguageModel
 import os
-import torch
+
+from fastload import FastLanguageModel
 
 max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]
 new_tokens = int(os.environ.get("NOTEBOOK_NEW_TOKENS", 64))  # [port]

@@ -10,9 +10,9 @@ ShareGPT file, and step, length and token counts a test can lower through NOTEBO
 
 # ---- cell 6: load in 4-bit
 # [unsloth] from unsloth import FastLanguageModel
-from fastload import FastLanguageModel
 import os
-import torch
+
+from fastload import FastLanguageModel
 
 max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]
 new_tokens = int(os.environ.get("NOTEBOOK_NEW_TOKENS", 64))  # [port]
@@ -70,8 +70,8 @@ print(dataset[5]["conversations"])
 print(dataset[5]["text"])
 
 # ---- cell 18: the trainer, padding labels with the Seq2Seq collator
-from trl import SFTConfig, SFTTrainer
 from transformers import DataCollatorForSeq2Seq
+from trl import SFTConfig, SFTTrainer
 
 trainer = SFTTrainer(
     model=model,

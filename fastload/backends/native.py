@@ -6,12 +6,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fastload.sources import plan as P
 from fastload._log import logger
-from fastload.model_state import state_of
-from fastload.train.checkpointing import enable_checkpointing
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
-
+from fastload.model_state import state_of
+from fastload.sources import plan as P
+from fastload.train.checkpointing import enable_checkpointing
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
@@ -62,7 +61,7 @@ class NativeBackend:
         else:
             model, tokenizer = self._load(plan, opts, store)
         if plan.adapter:
-            from fastload.save.saving import load_adapter
+            from fastload.save.adapters import load_adapter
 
             if lora is not None and lora != type(lora)():
                 logger.info("the adapter's own settings are used (lora=... applies to new adapters only)")
@@ -73,7 +72,7 @@ class NativeBackend:
 
             model = apply_lora(model, lora, random_state)
         if getattr(model, "peft_config", None):
-            from fastload.save.saving import name_base_model
+            from fastload.save.adapters import name_base_model
 
             name_base_model(model, plan)  # adapter_config.json then names the 16-bit source, findable later
         elif getattr(model, "is_quantized", False):

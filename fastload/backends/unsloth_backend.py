@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastload.sources import plan as P
 from fastload._log import logger
 from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, QuantSettings
+from fastload.sources import plan as P
 
 # model_type values Unsloth's FastLanguageModel has its own fast path for (unsloth/models/loader.py dispatch)
 UNSLOTH_FAMILIES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3")
@@ -69,7 +69,8 @@ def unsloth_unavailable_reason(plan, opts) -> Unavailable | None:
         return Unavailable("device_map='cpu' was asked and Unsloth runs on the GPU only", "use backend='native'")
     model_type = plan_model_type(plan)
     if model_type not in UNSLOTH_FAMILIES:
-        return Unavailable(f"model family {model_type!r} has no Unsloth fast path (it has: {', '.join(UNSLOTH_FAMILIES)})",
+        families = ", ".join(UNSLOTH_FAMILIES)
+        return Unavailable(f"model family {model_type!r} has no Unsloth fast path (it has: {families})",
                            "use backend='native'")
     default = QuantSettings()
     q = plan.quant

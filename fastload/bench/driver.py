@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastload.bench",
                                 description="Benchmark fastload against the plain QLoRA recipe and unsloth: load time, "
                                             "training tokens/s and peak memory, each measurement in a fresh process.")
-    p.add_argument("--impl", action="append", help=f"implementations, repeatable or comma-separated: {', '.join(IMPLS)} "
+    p.add_argument("--impl", action="append",
+                   help=f"implementations, repeatable or comma-separated: {', '.join(IMPLS)} "
                    "(default: fastload,recipe and unsloth if importable)")
     p.add_argument("--model", action="append", help=f"{' | '.join(models.SHAPES)} | PATH of a local checkpoint; "
                    "repeatable (default: tiny on the CPU, llama3-1b on a GPU)")
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="compute dtype (default: bfloat16 on cuda, float32 on the CPU where bf16 is emulated)")
-    p.add_argument("--out", default="bench-out", help="records, results.json, results.md, bench.log (default bench-out)")
+    p.add_argument("--out", default="bench-out",
+                   help="records, results.json, results.md, bench.log (default bench-out)")
     p.add_argument("--cache-dir", default=os.path.join("bench-out", "models"),
                    help="where benchmark checkpoints are created and kept (default bench-out/models)")
     p.add_argument("--cold", choices=("auto", "fadvise", "off"), default="auto",

@@ -72,7 +72,9 @@ def versions(impl: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("torch", "transformers", "peft", "bitsandbytes", "fastload") + (("unsloth",) if impl == "unsloth" else ()):
+    packages = ("torch", "transformers", "peft", "bitsandbytes", "fastload")
+    packages += ("unsloth",) if impl == "unsloth" else ()
+    for package in packages:
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -92,7 +94,8 @@ def init_device(device: str) -> dict:
     torch.cuda.init()
     torch.empty(1, device="cuda")
     torch.cuda.synchronize()
-    return {"gpu": torch.cuda.get_device_name(), "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / GIB}
+    return {"gpu": torch.cuda.get_device_name(),
+            "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / GIB}
 
 
 def memory(device: str, prefix: str) -> dict:
@@ -235,7 +238,6 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
     Returns the wall seconds and the GPU's busy seconds (device-side events only, as the table's "Self CUDA time
     total"): busy far below wall means the step waits on the host (Python, launches), not on kernels.
     """
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if job.device == "cuda" else [])
@@ -262,7 +264,8 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
     header = f"{job.name}: {steps} steps in {wall:.3f} s wall" + (f", kernels busy {busy:.3f} s" if busy else "")
     text = header + "\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=90)
     if job.device == "cuda":  # where the host's time goes too: a step that waits on launches shows it here
-        text += "\nBy host time:\n" + events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+        by_host = events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+        text += "\nBy host time:\n" + by_host
     path.write_text(text)
     return {"profile_wall_s": wall, "profile_gpu_busy_s": busy}
 
@@ -284,9 +287,8 @@ def run(job: Job) -> dict:
 
             record.update(create_checkpoint(job.model, job.model_dir, device=job.device))
         else:
-            from fastload.bench import impls
-
             import fastload
+            from fastload.bench import impls
 
             fastload.set_verbosity("INFO")
             t = time.perf_counter()

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from fastload._log import logger
 from fastload.cli import bench, cache, estimate, generate, merge, quantize, registry, resolve, train
-from fastload.export import cli as export_cli
 from fastload.cli.output import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CurrentStderr, configure_logging
 from fastload.cli.unexpected import as_fastload_error
 from fastload.errors import FastloadError
+from fastload.export import cli as export_cli
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from fastload.cli.progress import progress_callback
     from fastload.data import load_records
     from fastload.facade import FastModel
-    from fastload.save.saving import save_adapter_into
+    from fastload.save.adapters import save_adapter_into
 
     out = Path(args.out).expanduser().absolute()
     check_out(args, out)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
+import tomllib
 from importlib import resources
 from typing import Any
 
-import tomllib
-
 from fastload._log import logger
-from fastload.data import IGNORE_INDEX, ROLE_ALIASES
-from fastload.errors import InvalidOption
 from fastload.compat.options import log_once
 from fastload.compat.trl_install import install_trl_compat
+from fastload.data import IGNORE_INDEX, ROLE_ALIASES
+from fastload.errors import InvalidOption
 
 DEFAULT_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
 SHAREGPT_MAPPING = {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}

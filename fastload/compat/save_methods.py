@@ -3,7 +3,7 @@
 `model.save_pretrained_merged(dir, tokenizer, save_method=...)`, `model.save_pretrained_gguf(dir, tokenizer,
 quantization_method=...)`, `model.push_to_hub_merged(repo_id, ...)` and `model.push_to_hub_gguf(repo_id, ...)` are
 bound to each model fastload returns (never set on a class), and are built on fastload's own savers
-(fastload.save.saving) and on the GGUF writer `fastload.export.gguf.save_gguf`.
+(fastload.save.adapters, fastload.save.merged) and on the GGUF writer `fastload.export.gguf.save_gguf`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import types
 from pathlib import Path
 from typing import Any
 
-from fastload.errors import BackendUnavailable, InvalidOption, SaveError
 from fastload.compat.options import log_once
+from fastload.errors import BackendUnavailable, InvalidOption, SaveError
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_4bit_forced", "lora")
 # Unsloth's names for its GGUF presets -> the quantization they stand for
@@ -61,7 +61,8 @@ def save_pretrained_merged(self, save_directory: str | os.PathLike, tokenizer=No
 
 
 def _save_merged(model, directory, tokenizer, save_method: str, max_shard_size) -> Path:
-    from fastload.save.saving import save_adapter, save_merged
+    from fastload.save.adapters import save_adapter
+    from fastload.save.merged import save_merged
 
     if save_method not in SAVE_METHODS:
         raise InvalidOption(f"save_method={save_method!r}", found=f"known: {', '.join(SAVE_METHODS)}",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastload.facade import FastModel
 from fastload.compat.trl_install import install_trl_compat
+from fastload.facade import FastModel
 
 
 class FastLanguageModel(FastModel):

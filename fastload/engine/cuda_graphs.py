@@ -1,9 +1,8 @@
 """CUDA graphs of checkpointed decoder layers: each layer's forward, and its recomputation with backward, replayed
 as one graph each instead of hundreds of kernel launches issued from Python.
 
-A QLoRA step on a small model is bound by the host: on the 1B benchmark shape the GPU was busy for ~84 of ~226 ms
-while Python issued ~3,400 kernel launches a step (dequantization, LoRA matmuls, norms, RoPE, attention) and the
-calls around them. Under
+A QLoRA step on a small model is bound by the host: the GPU waits while Python issues thousands of kernel launches
+a step (dequantization, LoRA matmuls, norms, RoPE, attention; measured in benchmarks/README.md). Under
 checkpointing, a layer's work is two pure functions of its input: forward (nothing kept) and recomputation plus
 backward (input, output gradient -> input gradient, trained-parameter gradients). Each is captured once per call
 signature, after the signature was seen `WARM_CALLS` times (batches whose shapes vary never pay for a capture), and
@@ -117,7 +116,7 @@ def _say_once(layer, why: str) -> None:
 
 def modules_of(layer) -> list:
     """layer.modules() in the same order (depth first, each once), without its recursive generators: the scan
-    below runs on every layer call, and three walks of a LoRA layer's ~80 modules took ~0.4 ms."""
+    below runs on every layer call, where the recursive walks showed in the step time."""
     seen, order, stack = set(), [], [layer]
     while stack:
         module = stack.pop()
@@ -530,8 +529,8 @@ _WARM_UP_STREAMS: dict = {}
 
 def _warm_up(run, device):
     """One call on a side stream before capture, as CUDA graphs require (lazy initialisations happen outside).
-    One stream per device for every warm-up: cuBLAS keeps a workspace per stream it ever ran on (~32 MiB on an
-    H100), so a new stream per capture cost a 1B model 1.1 GiB."""
+    One stream per device for every warm-up: cuBLAS keeps a workspace per stream it ever ran on, so a stream per
+    capture would hold one workspace per capture."""
     import torch
 
     current = torch.cuda.current_stream(device)

@@ -32,11 +32,8 @@ from fastload.structure import is_linear4bit, is_plain_linear
 LEVER = "fused_lora"
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same input
-# Merging costs ~1 ns per weight value more than dequantizing alone (8B on an H100) and saves per token ~26-31 ns on
-# the MLP weights, ~11 ns on q/o (the adapter product added to the output): it pays from ~half the smaller side of
-# the weight in tokens per call (break-even 1.5k-2k tokens for 8B's 4,096-wide weights, from
-# benchmarks/results/2026-11-25-h100-e/lora-merge-timing-direct-launch.txt; k/v's, host-bound there, not measured).
-# Shorter calls, decoding above all, add the product to the output as before.
+# Merging into the dequantized weight pays from ~half the weight's smaller side in tokens per call (measured:
+# benchmarks/README.md); shorter calls, decoding above all, add the adapter's product to the output.
 MERGE_MIN_TOKENS_PER_WIDTH = 0.5
 # (cross-attention, whose k/v read another input, and members of unequal input width are never grouped)
 
@@ -62,8 +59,8 @@ def _merge_pays(tokens: int, base) -> bool:
 def _merged_weight(base, a, b, scaling, dtype):
     """W + scaling * b @ a where merging pays, else None (the caller adds the adapter's product to the output): a 4-bit
     base (a 16-bit weight is not copied, so there is nothing to merge into) whose fresh dequantized buffer takes the
-    adapter's product, by fastload's Triton kernel on CUDA, by torch on the CPU (the README's main job: 40 steps in
-    58-61 s before, 55 s with it, on 2 cores). On CUDA without the kernel no merge: torch's extra pass over the weight would cost more."""
+    adapter's product, by fastload's Triton kernel on CUDA, by torch on the CPU. On CUDA without the kernel no merge:
+    torch's extra pass over the weight would cost more."""
     weight = base.weight
     state = getattr(weight, "quant_state", None)
     if state is None:

@@ -28,12 +28,9 @@ def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> in
     """Tokens per chunk: a power of two in [128, 4096] whose chunk stays within CHUNK_BYTES.
 
     Llama-3's 128,256 words give 256 tokens on the torch path and 1,024 with the Triton kernel (256 when the loss
-    may replay as a CUDA graph). Measured on an
-    H100 at 2048 x 2: on the torch path 1,024-token chunks cost 1B 1.1 GiB more than 256-token ones (above
-    Unsloth's peak) while 256-token ones starved its narrow lm_head matmuls (~13% slower); the kernel's
-    2 bytes a logit gives 1,024-token chunks in the memory of 256. liger-kernel's fused linear cross-entropy was
-    slower (relative to Unsloth in the same run: -6% on 8B, -13% on 1B): its chunks are vocab/hidden times
-    smaller (64 tokens on 1B) and each one synchronizes with the host.
+    may replay as a CUDA graph): larger torch chunks cost more memory than they save time, smaller ones starve the
+    lm_head matmuls, and the kernel's 2 bytes a logit buys 1,024 tokens in the memory of 256. liger-kernel's fused
+    loss was slower (tiny chunks, a host synchronization each). Measurements: benchmarks/README.md.
     """
     fits = max(1, CHUNK_BYTES // (bytes_per_logit * max(vocab, 1)))
     return min(4096, max(128, 1 << (fits.bit_length() - 1)))

@@ -5,7 +5,7 @@ Plain checkpointing keeps one hidden-state tensor per layer on the GPU (1 GiB fo
 Here forward copies it to pinned host memory on a side stream, overlapped with the next layers' compute. Backward
 runs the layers in reverse: when one layer's backward starts, the input of the latest layer still waiting (in
 forward order) is already being copied back on the side stream, so the copy overlaps this layer's recomputation
-instead of stalling it (an 8B step spent ~20 ms waiting on such copies). With several autograd graphs alive,
+instead of stalling it (benchmarks/README.md has the wait it removed). With several autograd graphs alive,
 backpropagated oldest first, that guess is wrong: the gradients stay right, the copies just run in line as before.
 Short sequences and scarce host memory keep the input on the device (with graphs) or fall back to torch's
 non-reentrant checkpointing (without); dropout always falls back to it (recomputation needs the same random numbers).

@@ -39,8 +39,8 @@ def add_hub_arguments(hub: argparse.ArgumentParser) -> None:
 
 def run_hub(args: argparse.Namespace) -> int:
     """The token comes from huggingface_hub's login or HF_TOKEN, never from the command line (shell history)."""
-    from fastload.facade import FastModel
     from fastload.export.hub import push_to_hub
+    from fastload.facade import FastModel
 
     model, tokenizer = FastModel.from_pretrained(args.source, gradient_checkpointing=False, engine=False)
     url = push_to_hub(model, args.repo, tokenizer, what=args.what, private=not args.public, quantization=args.quant)

@@ -149,7 +149,7 @@ def _tokenizer_folder(folder: Path, tokenizer, near: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def _merged_folder(model, near: Path, tokenizer, source: str, verify: bool, probe_texts) -> Iterator[Path]:
     """The model merged into a temporary 16-bit folder beside the output, removed afterwards."""
-    from fastload.save.saving import save_merged
+    from fastload.save.merged import save_merged
 
     with _scratch(near, "merged") as tmp:
         # merged in float32: rounding to the source's bf16 first, then to F16/Q8_0, would round twice
@@ -196,9 +196,9 @@ def _atomic_file(path: Path) -> Iterator[Path]:
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and not isinstance(e, FastloadError):
-            from fastload.save.saving import _save_error
+            from fastload.save.folders import save_error
 
-            raise _save_error(path, e) from e
+            raise save_error(path, e) from e
         raise
 
 

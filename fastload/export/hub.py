@@ -51,7 +51,8 @@ def push_to_hub(model, repo_id: str, tokenizer=None, what: str = "adapter", priv
 
 def build_folder(model, folder: Path, tokenizer, what: str, quantization: str = "q8_0") -> Path:
     """The files `what` names, written by fastload's own savers into `folder`."""
-    from fastload.save.saving import save_adapter, save_merged
+    from fastload.save.adapters import save_adapter
+    from fastload.save.merged import save_merged
 
     if what == "adapter":
         return save_adapter(model, folder, tokenizer=tokenizer)
@@ -67,7 +68,7 @@ def build_folder(model, folder: Path, tokenizer, what: str, quantization: str = 
 def model_card(model, repo_id: str, what: str, training: dict | None = None) -> str:
     """A README.md with the Hub's YAML header: base model, LoRA settings, training facts, fastload version."""
     from fastload import __version__
-    from fastload.save.saving import active_adapter, base_model_id
+    from fastload.save.adapters import active_adapter, base_model_id
 
     base = base_model_id(state_of(model, create=False).plan) or getattr(model.config, "_name_or_path", "")
     config = (getattr(model, "peft_config", None) or {}).get(active_adapter(model))

@@ -34,8 +34,8 @@ def save_lora_gguf(model, path: str | os.PathLike) -> Path:
     """
     import gguf
 
-    from fastload.save.saving import Deltas
     from fastload.export.gguf import _atomic_file
+    from fastload.save.merged import Deltas
 
     config = model.config.to_dict()
     family = family_for(config)

@@ -55,7 +55,8 @@ def probe_texts(tokenizer, texts: Sequence[str] | None = None) -> list[str]:
     return list(PROBE_PLAIN)
 
 
-def report_merge(model, merged_dir: str | Path, tokenizer=None, texts: Sequence[str] | None = None) -> MergeReport | None:
+def report_merge(model, merged_dir: str | Path, tokenizer=None,
+                 texts: Sequence[str] | None = None) -> MergeReport | None:
     """Evaluate `model` (with its LoRA adapter) and the merged checkpoint in merged_dir on the probe batch; log it.
 
     Args:

@@ -8,7 +8,8 @@ one safetensors file inside Store.write's temporary folder, which is renamed int
 
 Exit policy: the writer is a non-daemon thread, so a normal interpreter exit waits for it (a short script still
 leaves its entry behind); a process killed mid-write (SIGKILL, power loss) leaves only a temporary folder named
-with its pid and fastload's marker, which the next writer removes (Store.cleanup_tmp). A reader never sees a partial entry.
+with its pid and fastload's marker, which the next writer removes (Store.cleanup_tmp). A reader never sees a partial
+entry.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ import os
 import re
 from typing import Any
 
+import torch
+
 from fastload.errors import DeviceUnavailable, InvalidOption
 
 
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -31,7 +31,8 @@ def resolve_device_map(device_map: Any) -> Any:
                             fix="leave it unset (the GPU if there is one, else the CPU), or pass 'cpu', 'cuda', "
                                 "'cuda:1', 'auto' or a dict of module names to devices")
     wants_gpu = (isinstance(device_map, str) and device_map.startswith("cuda")) or isinstance(device_map, int) or (
-        isinstance(device_map, dict) and any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
+        isinstance(device_map, dict)
+        and any(isinstance(v, int) or str(v).startswith("cuda") for v in device_map.values()))
     if wants_gpu and not cuda_available():
         raise DeviceUnavailable(f"device_map={device_map!r} asks for a CUDA GPU",
                                 found="torch sees no CUDA GPU on this machine (torch.cuda.is_available() is False)",
@@ -62,8 +63,6 @@ def cpu_has_native_bf16() -> bool:
 
 def choose_compute_dtype(device: str):
     """bf16 on GPUs with capability >= 8.0, fp16 on older GPUs; on the CPU fp32 unless it has native bf16."""
-    import torch
-
     if device == "cuda":
         major, _ = torch.cuda.get_device_capability()
         return torch.bfloat16 if major >= 8 else torch.float16
@@ -71,19 +70,16 @@ def choose_compute_dtype(device: str):
 
 
 def check_dtype_supported(dtype, device: str) -> None:
-    import torch
-
     if device == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
         name = torch.cuda.get_device_name()
-        raise InvalidOption("compute dtype bfloat16 was asked for", found=f"{name} has no bf16 arithmetic (capability < 8.0)",
+        raise InvalidOption("compute dtype bfloat16 was asked for",
+                            found=f"{name} has no bf16 arithmetic (capability < 8.0)",
                             fix="use dtype=torch.float16, or leave dtype unset to choose automatically")
 
 
 def free_memory_bytes(device: str) -> int:
     """Free bytes on the device: the GPU's free memory, or the CPU's MemAvailable."""
     if device == "cuda":
-        import torch
-
         free, _ = torch.cuda.mem_get_info()
         return int(free)
     override = os.environ.get("FASTLOAD_MEMORY_LIMIT_BYTES")  # for containers whose cgroup limit /proc does not show

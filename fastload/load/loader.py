@@ -7,14 +7,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fastload.sources import plan as P
+import torch
+
 from fastload._log import logger
+from fastload.errors import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointIncomplete,
+    FastloadError,
+    GatedModel,
+    InvalidOption,
+    ModelNotFound,
+    NotEnoughMemory,
+    UnsafeCheckpoint,
+    UnsupportedArchitecture,
+)
 from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
-from fastload.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
-                     ModelNotFound, NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
+from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
+from fastload.sources import plan as P
 from fastload.sources.hub import cached_snapshot, check_reachable, hub_cache_dir, hub_kwargs, hub_stays_local
 from fastload.sources.plan import LoadPlan
-from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 
 
 @dataclass
@@ -33,17 +45,7 @@ class LoadOptions:
 
 
 def torch_dtype(name: str | None):
-    import torch
-
     return getattr(torch, name) if name else None
-
-
-def _hub_kwargs(plan: LoadPlan, opts: LoadOptions) -> dict:
-    return hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
-
-
-def _check_reachable(plan: LoadPlan, opts: LoadOptions) -> None:
-    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
 
 
 @contextlib.contextmanager
@@ -104,11 +106,13 @@ def classify_load_error(e: Exception, where: str, part: str):
                                        fix="upgrade transformers, or pass trust_remote_code=True if you trust the repo")
     if "custom code" in text or "trust_remote_code=True" in text:
         return UnsafeCheckpoint(where, found="the checkpoint ships its own Python code (auto_map in its config) and "
-                                             "transformers has no built-in class for it; fastload never runs it implicitly",
+                                             "transformers has no built-in class for it; "
+                                             "fastload never runs it implicitly",
                                 fix="read the code, then pass trust_remote_code=True if you trust its origin")
     if "Unrecognized model" in text or "model_type" in text and "config.json" in text:
         return CheckpointIncomplete(where, found="config.json has no model_type, so no architecture can be chosen",
-                                    fix="restore config.json from the original checkpoint (it names e.g. \"model_type\": \"llama\")")
+                                    fix="restore config.json from the original checkpoint "
+                                        "(it names e.g. \"model_type\": \"llama\")")
     if "attn_implementation" in text:
         return InvalidOption(where, found=first, fix="leave attn_implementation unset: fastload picks the best "
                                                      "implementation this model supports on this device")
@@ -139,13 +143,15 @@ def classify_load_error(e: Exception, where: str, part: str):
 def load_config(plan: LoadPlan, opts: LoadOptions):
     from transformers import AutoConfig
 
-    _check_reachable(plan, opts)
+    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
+    kw = hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
     with translated_errors(plan), hub_stays_local(plan):
-        return AutoConfig.from_pretrained(plan.location, **_hub_kwargs(plan, opts))
+        return AutoConfig.from_pretrained(plan.location, **kw)
 
 
 def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
-    """The sequence length to train with: as asked, or (unset) DEFAULT_MAX_SEQ_LENGTH capped at the model's positions."""
+    """The sequence length to train with: as asked, or (unset) DEFAULT_MAX_SEQ_LENGTH capped at the model's
+    positions."""
     positions = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                         "max_position_embeddings", None)
     if max_seq_length is None:
@@ -235,11 +241,12 @@ def load_tokenizer(plan: LoadPlan, opts: LoadOptions, padding_side: str = "right
 
     from fastload.sources.checkpoint_files import check_tokenizer_files
 
-    _check_reachable(plan, opts)
+    check_reachable(plan, local_files_only=opts.local_files_only, token=opts.token)
     if Path(plan.location).is_dir():
         check_tokenizer_files(Path(plan.location))
+    kw = hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code)
     with translated_errors(plan, "tokenizer"), hub_stays_local(plan):
-        tok = AutoTokenizer.from_pretrained(plan.location, **_hub_kwargs(plan, opts))
+        tok = AutoTokenizer.from_pretrained(plan.location, **kw)
     if tok.pad_token is None:
         # a pad distinct from eos keeps eos learnable; fall back to eos/unk when the vocabulary has no spare token
         for candidate in ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|endoftext|>"):
@@ -273,7 +280,6 @@ def check_weight_shapes(plan: LoadPlan, config, weight_files) -> None:
     declared 1024 rows wide without a word. Tensors under other names (checkpoint key conversions) are left to
     transformers; a meta-device model costs no memory.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     from fastload.sources.checkpoint_files import read_safetensors_header
@@ -289,7 +295,8 @@ def check_weight_shapes(plan: LoadPlan, config, weight_files) -> None:
         raise CheckpointIncomplete(f"Loading {plan.name!r} from {plan.location}",
                                    found=f"the weights do not match config.json: {len(wrong)} weight(s) of the wrong "
                                          f"shape ({'; '.join(wrong[:3])})",
-                                   fix="use the config.json that belongs to these weights, or re-download the checkpoint")
+                                   fix="use the config.json that belongs to these weights, "
+                                       "or re-download the checkpoint")
 
 
 def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
@@ -313,11 +320,10 @@ def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, in
 
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
     from fastload.load.memory import check_fits
+    from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
 
     device_map = resolve_device_map(opts.device_map)
     device = main_device(device_map)
@@ -336,8 +342,9 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
                other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
     if info is not None and info.safetensors and not plan.prequantized:
         check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
-    kw = dict(_hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
-              attn_implementation=attention, **opts.model_kwargs)
+    kw = dict(hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code),
+              dtype=dtype, device_map=device_map, output_loading_info=True, attn_implementation=attention,
+              **opts.model_kwargs)
     if not opts.allow_pickle:
         kw["use_safetensors"] = True
     if opts.rope_scaling:
@@ -348,7 +355,8 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info, kw.get("quantization_config"))
+    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
+                        kw.get("quantization_config"))
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
@@ -363,7 +371,8 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
             (extra, "weight(s) of layers the config does not have")) if keys]
         raise CheckpointIncomplete(f"Loading {plan.name!r} from {plan.location}",
                                    found="the weights do not match config.json: " + "; ".join(problems),
-                                   fix="use the config.json that belongs to these weights, or re-download the checkpoint")
+                                   fix="use the config.json that belongs to these weights, "
+                                       "or re-download the checkpoint")
     if plan.prequantized:
         set_compute_dtype(model, dtype)
         if cast_unquantized(model, dtype):

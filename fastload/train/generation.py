@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+import torch
+
 from fastload.errors import InvalidOption
 from fastload.train.checkpointing import for_inference, for_training
 
@@ -46,7 +48,6 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 128, **kwargs: Any
     The model goes to generation mode for the call (checkpointing off, KV cache on) and back to training mode
     afterwards if it was training. kwargs go to model.generate (do_sample=True, temperature=..., ...).
     """
-    import torch
 
     single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
     items = [prompts] if single else list(prompts)

@@ -12,7 +12,6 @@ from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear
 
-
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
 
@@ -104,7 +103,6 @@ def has_adapters(model) -> bool:
 
 def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
@@ -121,7 +119,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
         config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             bias=settings.bias, target_modules=targets, task_type="CAUSAL_LM", **settings.extra)
     except TypeError as e:
-        raise AdapterError("Building the LoRA config", found=str(e), fix="pass only peft.LoraConfig fields in lora=") from e
+        raise AdapterError("Building the LoRA config", found=str(e),
+                           fix="pass only peft.LoraConfig fields in lora=") from e
     if random_state is not None:
         torch.manual_seed(random_state)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)

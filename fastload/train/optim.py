@@ -3,6 +3,8 @@ device synchronization: adamw8bit.py)."""
 
 from __future__ import annotations
 
+import torch
+
 from fastload.errors import InvalidOption
 
 DEFAULT_LR = 2e-4
@@ -24,7 +26,6 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     """The trained parameters in transformers' two groups, by its own rule (the second may be empty, as in
     transformers, so that checkpoints of either optimizer load into the other): no weight decay on biases and
     norms, weight decay on all else."""
-    import torch
     from transformers.trainer_pt_utils import get_parameter_names
 
     decayed = set(get_parameter_names(model, [torch.nn.LayerNorm], list(_NO_DECAY_PATTERNS)))
@@ -38,8 +39,6 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
 def trained_embeddings(model) -> list:
     """Trained embedding weights: they get 32-bit optimizer state, as transformers' adamw_8bit gives them (8-bit
     state is unstable for embeddings: bitsandbytes' advice)."""
-    import torch
-
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight.requires_grad]
 
 

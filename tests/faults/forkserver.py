@@ -165,6 +165,8 @@ def probe_mounts() -> str | None:
 
 def warm_imports() -> None:
     """Everything a case needs, imported before the first fork (no torch op runs here: forked OpenMP would hang)."""
+    import importlib
+
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import safetensors.torch  # noqa: F401
@@ -173,15 +175,14 @@ def warm_imports() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    import importlib
-
     import fastload
     import fastload.cli  # noqa: F401
     import fastload.data  # noqa: F401
 
     _ = fastload.FastModel, fastload.resolve, fastload.Store  # the public surface, imported lazily by fastload
     # the modules a load, save or train imports on first use, in the flat layout and the regrouped one
-    for name in ("loader", "saving", "trainer", "sources", "load.loader", "save", "train.trainer", "sources.store"):
+    for name in ("loader", "saving", "trainer", "sources", "load.loader", "save", "save.adapters", "save.merged",
+                 "train.trainer", "sources.store"):
         try:
             importlib.import_module(f"fastload.{name}")
         except ImportError:

@@ -1,12 +1,10 @@
 """RMSNorm (frozen weight) and SwiGLU as lean Triton kernels: one launch each way, little host work per call.
 
-liger-kernel has both, but its Python wrappers spent ~150-200 us of host time per call on the 8B profile (the
-GPU part is ~20 us), and a checkpointed QLoRA step calls them five times per layer: the GPU then waits on the
-host. QLoRA freezes the norm weights, so the norm's backward here computes the input gradient only (a trained
-norm weight keeps transformers' or liger's path). Results round like transformers' modules: the normalised
-activations are cast to the input dtype before the weight multiplies them; silu(gate) is rounded before the
-product with up.
-"""
+liger-kernel has both, but its Python wrappers cost several times the GPU's work in host time per call, and a
+checkpointed QLoRA step calls them five times per layer: the GPU then waits on the host. QLoRA freezes the norm
+weights, so the norm's backward here computes the input gradient only (a trained norm weight keeps transformers' or
+liger's path). Results round like transformers' modules: the normalised activations are cast to the input dtype
+before the weight multiplies them; silu(gate) is rounded before the product with up."""
 
 from __future__ import annotations
 
@@ -50,7 +48,8 @@ class FrozenRMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, x2.shape[1]).contiguous()
         dx = torch.empty_like(x2)
         block, warps = _norm_launch(x2.shape[1])
-        _kernels().rmsnorm_backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, x2.shape[1], BLOCK=block, num_warps=warps)
+        _kernels().rmsnorm_backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, x2.shape[1],
+                                                    BLOCK=block, num_warps=warps)
         return dx.view(dy.shape), None, None
 
 

@@ -2,14 +2,14 @@
 
 bitsandbytes' dequantize_4bit makes two kernel launches and about five Python-level tensor calls per weight when
 the block scales are themselves quantized (first the scales, then the weight). A LoRA step dequantizes every
-weight three times (forward, recomputation, backward): on an 8B model at 2 x 2048 tokens the profile showed
-~45 us of host time per call, ~30 ms a step, with the GPU waiting on it. Here one kernel reads the packed
-nibbles, rebuilds each block's scale from its 8-bit code and the second-level scale, and writes 16-bit values.
+weight three times (forward, recomputation, backward), and the GPU waits on that host work (measured:
+benchmarks/README.md). Here one kernel reads the packed nibbles, rebuilds each block's scale from its 8-bit code
+and the second-level scale, and writes 16-bit values.
 
 `dequantize_4bit_lora` also adds a LoRA adapter's product s * B @ A (rank 16: one tensor-core dot per tile) before
 the values are rounded, so a LoRA projection multiplies its input once by W + s B A instead of adding a second
-(tokens x out) product to the base matmul's output: on an 8B model that addition read and wrote every projection's
-output three times a step (forward, recomputation, input gradient), ~12% of the step.
+(tokens x out) product to the base matmul's output, an addition that reads and writes every projection's output
+three times a step (forward, recomputation, input gradient).
 
 The kernels themselves are in `nf4_kernels` (imported at the first launch: it imports triton); here are the
 launches and the checks of what they handle.
@@ -50,7 +50,7 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
         if best is not None:
             _LORA_TILE_CHOSEN[key] = best.all_kwargs()
         return out
-    # the autotuner's own dispatch costs ~18 us of host time a call (an 8B step makes 672 of these calls)
+    # launched with the tile chosen once: the autotuner's own dispatch costs host time on every call
     kernel.fn[(triton.cdiv(rows, chosen["BM"]), triton.cdiv(cols, chosen["BN"]))](*args, **constants, **chosen)
     return out
 

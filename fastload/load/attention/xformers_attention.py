@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
+
 from fastload.errors import BackendUnavailable
 
 NAME = "xformers"
@@ -19,8 +21,6 @@ def register_xformers_attention() -> str:
         raise BackendUnavailable("attn_implementation='xformers' was asked for", found="xformers is not installed",
                                  fix="pip install 'fastload[xformers]' (matching your torch), "
                                      "or leave attn_implementation unset")
-    import torch
-
     if not torch.cuda.is_available():
         raise BackendUnavailable("attn_implementation='xformers' was asked for",
                                  found="xformers' kernels need a CUDA GPU and torch sees none",
@@ -36,7 +36,6 @@ def register_xformers_attention() -> str:
 
 def _check_kernels_load() -> None:
     """xformers wheels are built for one torch release; with another its CUDA kernels do not load."""
-    import torch
     import xformers
     import xformers.ops as xops
 
@@ -53,8 +52,6 @@ def _check_kernels_load() -> None:
 
 def _bias_from_mask(mask, heads: int, dtype):
     """Boolean (batch, 1, q, kv) mask -> additive bias (batch, heads, q, kv) on 8-aligned storage, as xformers needs."""
-    import torch
-
     batch, _, q_len, kv_len = mask.shape
     aligned = (kv_len + 7) // 8 * 8
     bias = torch.zeros(batch, heads, q_len, aligned, dtype=dtype, device=mask.device)[..., :kv_len]
@@ -80,7 +77,8 @@ def xformers_attention_forward(module, query, key, value, attention_mask, dropou
             attention_mask = attention_mask == 0 if attention_mask.dtype.is_floating_point else attention_mask.bool()
         bias = _bias_from_mask(attention_mask, q.shape[2], q.dtype)
     elif causal and q_len > 1:
-        bias = xops.LowerTriangularMask() if q_len == kv_len else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask()
+        bias = (xops.LowerTriangularMask() if q_len == kv_len
+                else xops.fmha.attn_bias.LowerTriangularFromBottomRightMask())
     else:
         bias = None
     out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout if module.training else 0.0, scale=scaling)

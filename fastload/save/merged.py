@@ -1,193 +1,35 @@
-"""Saving what was trained: the LoRA adapter alone (reloadable by fastload), or a merged model plain transformers loads.
+"""A merged model plain transformers loads: the LoRA deltas added to 16-bit base weights, or re-quantized to 4-bit.
 
 Merging adds each adapter's delta (peft's get_delta_weight: B @ A * scaling, where scaling already accounts for
 rslora and rank/alpha patterns) to the base weights. The base is the 16-bit source when it is on this machine
 (the original the 4-bit model was made from), else the 4-bit weights dequantized; one line says which. Merges
-go shard by shard and are written into a temporary folder renamed into place, so an interrupted save leaves
+go shard by shard into a temporary folder renamed into place (save.folders), so an interrupted save leaves
 nothing half-written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fastload._log import logger
-from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
-from fastload.atomic import atomic_folder, disk_full_error, refuse_source
+from fastload.atomic import refuse_source
+from fastload.errors import AdapterError, InvalidOption
 from fastload.model_state import state_of
-from fastload.sources.hub import hub_calls_off
+from fastload.save.adapters import active_adapter, base_model_id, checkpoint_key, require_adapters
+from fastload.save.folders import atomic_directory
+from fastload.sources.checkpoint_files import SAFETENSORS_INDEX
 
 SOURCES = ("auto", "16bit", "dequantized")
 DEFAULT_SHARD_SIZE = "5GB"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-# -- where the adapter's base lives -------------------------------------------------------------------------------
-
-def base_model_id(plan) -> str | None:
-    """The name a later load finds the base by: the 16-bit original (registry id, repo or path), else the location."""
-    if plan is None:
-        return None
-    if plan.original:
-        return plan.original
-    if plan.registry_entry is not None:
-        return plan.registry_entry.id
-    return plan.location
-
-
-def name_base_model(model, plan) -> None:
-    """Point every adapter config at the 16-bit source, so adapter_config.json names something resolvable."""
-    name = base_model_id(plan)
-    for config in (getattr(model, "peft_config", None) or {}).values():
-        if name:
-            config.base_model_name_or_path = name
-
-
-def check_adapter_files(adapter_dir: Path) -> None:
-    """The adapter's rank and weights are sound, checked before peft: it compares a rank given as text with numbers
-    (TypeError), falls back to a hub download for a missing weights file, raises safetensors' own damaged-file error."""
-    from fastload.sources.checkpoint_files import read_safetensors_header
-
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        config = None  # resolve read it already; peft reports what is left
-    for key in ("r", "lora_alpha"):
-        value = config.get(key) if isinstance(config, dict) else None
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"adapter_config.json has "
-                               f"{key}={value!r}; it must be a positive number", fix="restore adapter_config.json "
-                               "from the save that wrote the weights")
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        try:
-            read_safetensors_header(weights)
-        except FastloadError as e:
-            raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"adapter_model.safetensors is "
-                               f"damaged: {e.found}", fix="save the adapter again (FastModel.save_adapter)") from e
-    elif not any(adapter_dir.glob("adapter_model.*")):
-        raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found="no adapter_model.safetensors (the "
-                           "weights) beside adapter_config.json", fix="copy the adapter's weights file there, or save "
-                           "the adapter again (FastModel.save_adapter)")
-
-
-def load_adapter(model, adapter_dir: str | os.PathLike):
-    """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones."""
-    import torch
-    from peft import PeftModel
-
-    check_adapter_files(Path(adapter_dir))
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-    except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type
-        raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:300]}",
-                           fix="check that adapter_config.json names the base model the adapter was trained on") from e
-    for p in peft_model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    logger.info("LoRA adapter loaded from %s: %s trainable parameters", adapter_dir, f"{trainable:,}")
-    return peft_model
-
-
-def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given."""
-    _require_adapters(model, "Saving the LoRA adapter")
-    name_base_model(model, state_of(model, create=False).plan)
-    directory = Path(directory)
-    with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
-        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    logger.info("saved the LoRA adapter in %s (base: %s)", directory,
-                next(iter(model.peft_config.values())).base_model_name_or_path)
-    return directory
-
-
-def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
-    """Write the adapter into a training folder beside the trainer's checkpoints, as one folder swap.
-
-    Unlike save_adapter it writes into a folder it did not create (`fastload train --out`): a kill leaves the
-    previous adapter or the new one, whole; checkpoint-N folders and the user's own files stay.
-
-    Args:
-        model: the trained model with its LoRA adapters.
-        tokenizer: its tokenizer, saved beside the adapter.
-        out: the training folder.
-    Raises:
-        InvalidOption: the adapter would overwrite files fastload did not write (nothing is written then).
-        SaveError: the disk is full or the folder cannot be written.
-    """
-    name_base_model(model, state_of(model, create=False).plan)
-    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-
-
-# -- atomic output folders ----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, marker: str = "config.json",
-                     into_existing: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `directory` (fastload.atomic), on any error (or
-    Ctrl-C) it is removed and a disk or permission problem becomes a SaveError.
-
-    An existing non-empty folder is written only when it is a previous save (it holds `marker` or fastload's record),
-    or with into_existing; files fastload did not write are never overwritten, and folders in it (checkpoint-N)
-    are kept.
-    """
-    directory = Path(directory).expanduser().absolute()
-    kind = "adapter" if marker == "adapter_config.json" else "model"
-    try:
-        with atomic_folder(directory, kind=kind, marker_file=marker, into_existing=into_existing) as tmp:
-            yield tmp
-    except FastloadError:
-        raise
-    except OSError as e:
-        raise _save_error(directory, e) from e
-    except Exception as e:  # safetensors and torch report a full disk with their own exception types
-        full = disk_full_error(e, directory)
-        if full is None:
-            raise
-        raise _save_error(directory, full) from e
-
-
-def _save_error(directory: Path, e: OSError) -> SaveError:
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return SaveError(f"Saving to {directory}", found="the disk is full" if full else f"{type(e).__name__}: {e}",
-                     fix="free space or save elsewhere; the previous save (if any) is unchanged"
-                         if full else "check the folder's permissions, or save elsewhere")
 
 
 # -- the LoRA deltas ----------------------------------------------------------------------------------------------
-
-def _require_adapters(model, asked: str) -> None:
-    if not getattr(model, "peft_config", None):
-        raise AdapterError(asked, found="the model has no LoRA adapters",
-                           fix="load with LoRA (the default) or add them with FastModel.get_peft_model(model)")
-
-
-def active_adapter(model) -> str:
-    name = getattr(model, "active_adapter", "default")
-    return name[0] if isinstance(name, (list, tuple)) else name
-
-
-def checkpoint_key(name: str, adapter: str) -> str:
-    """A peft module/parameter name -> the name the weight has in a transformers checkpoint."""
-    name = re.sub(r"^base_model\.model\.", "", name)
-    name = name.replace(".base_layer", "").replace(f".modules_to_save.{adapter}", "")
-    return name
-
 
 class Deltas:
     """What merging adds or replaces, by checkpoint key; deltas are computed one at a time, when asked for."""
@@ -195,7 +37,7 @@ class Deltas:
     def __init__(self, model):
         from peft.tuners.lora import LoraLayer
 
-        _require_adapters(model, "Merging the LoRA adapter")
+        require_adapters(model, "Merging the LoRA adapter")
         self.adapter = active_adapter(model)
         config = model.peft_config[self.adapter]
         if getattr(config, "use_dora", False):
@@ -208,7 +50,8 @@ class Deltas:
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and self.adapter in getattr(module, "lora_A", {}):
                 # LoRA on a bare parameter (MoE experts) names it; on a Linear it is the weight
-                self.modules[f"{checkpoint_key(name, self.adapter)}.{getattr(module, 'parameter_name', 'weight')}"] = module
+                parameter = getattr(module, "parameter_name", "weight")
+                self.modules[f"{checkpoint_key(name, self.adapter)}.{parameter}"] = module
         # trained tensors that replace the base's: modules_to_save copies, biases trained with bias="all"/"lora_only"
         self.replaced: dict[str, Any] = {}
         for name, p in model.named_parameters():
@@ -258,8 +101,8 @@ def find_16bit_source(plan) -> Path | None:
     """
     if plan is None or not plan.original:
         return None
-    from fastload.sources.checkpoint_files import inspect_checkpoint
     from fastload.errors import CheckpointError
+    from fastload.sources.checkpoint_files import inspect_checkpoint
 
     candidates: list[Path] = []
     original = Path(plan.original).expanduser()
@@ -334,6 +177,27 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
     merged model instead (fastload loads it pre-quantized). verify: evaluate the LoRA model and the merged 16-bit
     result on a probe batch (probe_texts, else a chat in the tokenizer's template) and log the loss/perplexity
     delta and the max logit difference (fastload.export.verify); False skips it.
+
+    Args:
+        model: the peft model with its LoRA adapters.
+        directory: the folder to write, whole or not at all.
+        tokenizer: saved beside the weights (default: the source's tokenizer files, copied).
+        source: "auto", "16bit" or "dequantized".
+        quantize: write a bitsandbytes 4-bit checkpoint of the merged model.
+        dtype: the dtype of the written weights.
+        max_shard_size: the largest safetensors shard, in bytes or as "5GB", "500MB"...
+        verify: report what the merge cost on a probe batch.
+        probe_texts: held-out texts for that report.
+
+    Returns:
+        The folder's Path.
+
+    Raises:
+        AdapterError: no adapters, DoRA or LoRA biases, source="16bit" without the original here, or adapted
+            weights the source does not hold.
+        InvalidOption: an unknown source or dtype, a bad max_shard_size, or a folder holding files fastload did not
+            write (or the model's own source).
+        SaveError: the disk is full or the folder cannot be written; nothing is left half-written.
     """
     if source not in SOURCES:
         raise InvalidOption(f"source={source!r}", found=f"choices: {', '.join(SOURCES)}",
@@ -364,7 +228,8 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
             logger.info("merging the LoRA adapter into the 16-bit source %s", src)
             _merge_into_source(deltas, src, target, out_dtype, shard_bytes)
         else:
-            why = "asked for" if source == "dequantized" else f"no 16-bit source of {base_model_id(plan)!r} on this machine"
+            why = ("asked for" if source == "dequantized"
+                   else f"no 16-bit source of {base_model_id(plan)!r} on this machine")
             logger.info("merging the LoRA adapter into the dequantized 4-bit weights (%s)", why)
             _merge_into_model(model, deltas, target, out_dtype, shard_bytes)
         if tokenizer is not None:
@@ -587,8 +452,8 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     import dataclasses
 
     from fastload.load.loader import LoadOptions, load_weights
-    from fastload.sources.resolve import resolve
     from fastload.settings import QuantSettings
+    from fastload.sources.resolve import resolve
 
     quant = plan.quant if plan is not None and plan.quant.load_in_4bit else QuantSettings()
     options = {k: v for k, v in dataclasses.asdict(quant).items()}
@@ -608,5 +473,6 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     del model
     written = {f.name for f in out.iterdir()}
     for f in merged.iterdir():  # tokenizer and chat template files
-        if f.is_file() and f.name not in written and not f.name.endswith(WEIGHT_SUFFIXES) and f.name != SAFETENSORS_INDEX:
+        is_weights = f.name.endswith(WEIGHT_SUFFIXES) or f.name == SAFETENSORS_INDEX
+        if f.is_file() and f.name not in written and not is_weights:
             shutil.copy2(f, out / f.name)

@@ -1,0 +1,163 @@
+"""The LoRA adapter alone: saved (reloadable by fastload, its config naming the 16-bit base), checked and loaded
+back onto a base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from fastload._log import logger
+from fastload.errors import AdapterError, FastloadError
+from fastload.model_state import state_of
+from fastload.save.folders import atomic_directory
+from fastload.sources.hub import hub_calls_off
+
+# -- where the adapter's base lives -------------------------------------------------------------------------------
+
+def base_model_id(plan) -> str | None:
+    """The name a later load finds the base by: the 16-bit original (registry id, repo or path), else the location."""
+    if plan is None:
+        return None
+    if plan.original:
+        return plan.original
+    if plan.registry_entry is not None:
+        return plan.registry_entry.id
+    return plan.location
+
+
+def name_base_model(model, plan) -> None:
+    """Point every adapter config at the 16-bit source, so adapter_config.json names something resolvable."""
+    name = base_model_id(plan)
+    for config in (getattr(model, "peft_config", None) or {}).values():
+        if name:
+            config.base_model_name_or_path = name
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """The adapter's rank and weights are sound, checked before peft: it compares a rank given as text with numbers
+    (TypeError), falls back to a hub download for a missing weights file, raises safetensors' own damaged-file error."""
+    from fastload.sources.checkpoint_files import read_safetensors_header
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        config = None  # resolve read it already; peft reports what is left
+    for key in ("r", "lora_alpha"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"adapter_config.json has "
+                               f"{key}={value!r}; it must be a positive number", fix="restore adapter_config.json "
+                               "from the save that wrote the weights")
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            read_safetensors_header(weights)
+        except FastloadError as e:
+            raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"adapter_model.safetensors is "
+                               f"damaged: {e.found}", fix="save the adapter again (FastModel.save_adapter)") from e
+    elif not any(adapter_dir.glob("adapter_model.*")):
+        raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found="no adapter_model.safetensors (the "
+                           "weights) beside adapter_config.json", fix="copy the adapter's weights file there, or save "
+                           "the adapter again (FastModel.save_adapter)")
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike):
+    """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones.
+
+    Args:
+        model: the base model, loaded without adapters.
+        adapter_dir: the folder save_adapter wrote (adapter_config.json + adapter_model.safetensors).
+
+    Returns:
+        The peft model with the adapter trainable.
+
+    Raises:
+        AdapterError: the adapter's files are missing or damaged, or do not fit this base.
+    """
+    import torch
+    from peft import PeftModel
+
+    check_adapter_files(Path(adapter_dir))
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type
+        raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300]}",
+                           fix="check that adapter_config.json names the base model the adapter was trained on") from e
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("LoRA adapter loaded from %s: %s trainable parameters", adapter_dir, f"{trainable:,}")
+    return peft_model
+
+
+def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given.
+
+    Args:
+        model: the peft model with its LoRA adapters.
+        directory: the folder to write, whole or not at all.
+        tokenizer: saved beside the adapter when given.
+
+    Returns:
+        The folder's Path.
+
+    Raises:
+        AdapterError: the model has no LoRA adapters.
+        InvalidOption: the folder holds files fastload did not write.
+        SaveError: the disk is full or the folder cannot be written.
+    """
+    require_adapters(model, "Saving the LoRA adapter")
+    name_base_model(model, state_of(model, create=False).plan)
+    directory = Path(directory)
+    with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
+        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    logger.info("saved the LoRA adapter in %s (base: %s)", directory,
+                next(iter(model.peft_config.values())).base_model_name_or_path)
+    return directory
+
+
+def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
+    """Write the adapter into a training folder beside the trainer's checkpoints, as one folder swap.
+
+    Unlike save_adapter it writes into a folder it did not create (`fastload train --out`): a kill leaves the
+    previous adapter or the new one, whole; checkpoint-N folders and the user's own files stay.
+
+    Args:
+        model: the trained model with its LoRA adapters.
+        tokenizer: its tokenizer, saved beside the adapter.
+        out: the training folder.
+    Raises:
+        InvalidOption: the adapter would overwrite files fastload did not write (nothing is written then).
+        SaveError: the disk is full or the folder cannot be written.
+    """
+    name_base_model(model, state_of(model, create=False).plan)
+    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+
+# -- the adapter's names, in peft and in a checkpoint -------------------------------------------------------------
+
+def require_adapters(model, asked: str) -> None:
+    if not getattr(model, "peft_config", None):
+        raise AdapterError(asked, found="the model has no LoRA adapters",
+                           fix="load with LoRA (the default) or add them with FastModel.get_peft_model(model)")
+
+
+def active_adapter(model) -> str:
+    name = getattr(model, "active_adapter", "default")
+    return name[0] if isinstance(name, (list, tuple)) else name
+
+
+def checkpoint_key(name: str, adapter: str) -> str:
+    """A peft module/parameter name -> the name the weight has in a transformers checkpoint."""
+    name = re.sub(r"^base_model\.model\.", "", name)
+    name = name.replace(".base_layer", "").replace(f".modules_to_save.{adapter}", "")
+    return name
