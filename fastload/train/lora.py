@@ -10,21 +10,11 @@ import torch
 from fastload._log import logger
 from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.settings import LoraSettings
-from fastload.structure import decoder_layers, is_linear
+from fastload.structure import decoder_layers, is_linear, router_widths
 
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
-
-
-def _router_widths(config) -> set[int]:
-    """Output widths of MoE routers (one logit per expert): linear, but not projections to adapt."""
-    widths = set()
-    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            widths.add(value)
-    return widths
 
 
 def find_lora_targets(model) -> list[str]:
@@ -34,7 +24,7 @@ def find_lora_targets(model) -> list[str]:
         raise UnsupportedArchitecture(f"Finding LoRA targets in {type(model).__name__}",
                                       found="no list of repeated decoder layers in the model",
                                       fix="pass lora={'target_modules': [...]} naming the linear layers to adapt")
-    skip_widths = _router_widths(getattr(model, "config", None))
+    skip_widths = router_widths(getattr(model, "config", None))
     names: set[str] = set()
     for layer in layers:
         for full, module in layer.named_modules():
@@ -55,7 +45,7 @@ def find_expert_parameters(model) -> tuple[list[str], int, int]:
         (names peft's `target_parameters` matches, e.g. ["experts.down_proj", "experts.gate_up_proj"], the number
         of experts, the number of layers holding them); ([], 0, 0) for a dense model. Routers are 2-D: never listed.
     """
-    experts = _router_widths(getattr(model, "config", None))
+    experts = router_widths(getattr(model, "config", None))
     layers = decoder_layers(model)
     if not experts or layers is None:
         return [], 0, 0
