@@ -73,21 +73,15 @@ def count_params(config) -> ParamCounts:
 def _layer_counts(layers, config) -> tuple[int, int, int]:
     """(linear weights, fused expert weights, LoRA width) of the decoder layers; the LoRA width is what fastload's
     default LoRA adapts: every projection but the routers, and each expert's fused weights."""
+    from fastload.load.experts import expert_weights
     from fastload.structure import is_linear, router_widths
 
     routers = router_widths(config.get_text_config() if hasattr(config, "get_text_config") else config)
-    proj = experts = width = 0
-    for layer in layers:
-        for module in layer.modules():
-            if is_linear(module):
-                proj += module.weight.numel()
-                if module.out_features not in routers:
-                    width += module.in_features + module.out_features
-        for p in layer.parameters():
-            if p.ndim == 3 and p.is_floating_point() and p.shape[0] in routers:
-                experts += p.numel()
-                width += p.shape[0] * (p.shape[1] + p.shape[2])  # peft: one rank-r pair per expert
-    return proj, experts, width
+    linears = [m for layer in layers for m in layer.modules() if is_linear(m)]
+    experts = expert_weights(layers, config)
+    width = sum(m.in_features + m.out_features for m in linears if m.out_features not in routers)
+    width += sum(p.shape[0] * (p.shape[1] + p.shape[2]) for p in experts)  # peft: one rank-r pair per expert
+    return sum(m.weight.numel() for m in linears), sum(p.numel() for p in experts), width
 
 
 def _active_intermediate(tc, moe: bool) -> int:

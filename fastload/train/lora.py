@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -88,6 +89,38 @@ def _expert_targets(model, settings: LoraSettings) -> tuple[list[str], str]:
     return names, f" + experts' {params} ({experts} experts x {layers} layers)"
 
 
+def towers_outside_decoder(model, targets: list[str]) -> list[str]:
+    """Top-level parts beside the decoder (Gemma-3's vision tower) holding linear layers of the targets' names.
+
+    peft matches target_modules by leaf name anywhere in the model, so q_proj would also adapt a SigLIP tower's;
+    a text fine-tune leaves such towers frozen. Returns their module names (e.g. ["model.vision_tower"]).
+    """
+    layers = decoder_layers(model)
+    path = next((name for name, module in model.named_modules() if module is layers), None)
+    if path is None:
+        return []
+    inside = {id(m) for m in layers.modules()}
+    towers = set()
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in targets and is_linear(module) and id(module) not in inside:
+            parts = name.split(".")
+            towers.add(next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                            if not (path + ".").startswith(".".join(parts[:i]) + ".")))
+    return sorted(towers)
+
+
+def _decoder_only(model, targets: list[str], settings: LoraSettings) -> tuple[LoraSettings, str]:
+    """Settings whose exclude_modules keeps the default LoRA off other towers, and the words the log adds."""
+    if settings.target_modules or "exclude_modules" in settings.extra:
+        return settings, ""
+    towers = towers_outside_decoder(model, targets)
+    if not towers:
+        return settings, ""
+    pattern = "(" + "|".join(re.escape(t) for t in towers) + r")\..*"
+    return (replace(settings, extra={**settings.extra, "exclude_modules": pattern}),
+            f" (decoder only: {', '.join(towers)} left frozen)")
+
+
 def has_adapters(model) -> bool:
     return bool(getattr(model, "peft_config", None))
 
@@ -102,6 +135,7 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
         _expert_targets(model, settings))
     if experts:
         settings = replace(settings, extra={**settings.extra, "target_parameters": experts})
+    settings, towers_note = _decoder_only(model, targets, settings)
     leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:
@@ -120,9 +154,9 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
             p.data = p.data.float()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    logger.info("LoRA r=%s alpha=%s on %s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
-                settings.lora_alpha, ",".join(targets), experts_note, f"{trainable:,}", 100 * trainable / max(total, 1),
-                f"{total:,}")
+    logger.info("LoRA r=%s alpha=%s on %s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
+                settings.lora_alpha, ",".join(targets), experts_note, towers_note, f"{trainable:,}",
+                100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
 
 

@@ -45,7 +45,7 @@ def plain_qlora(path: Path, fast_model):
     used = fast_model.peft_config["default"]
     config = LoraConfig(r=used.r, lora_alpha=used.lora_alpha, lora_dropout=used.lora_dropout,
                         target_modules=sorted(used.target_modules), target_parameters=used.target_parameters,
-                        task_type="CAUSAL_LM")
+                        exclude_modules=used.exclude_modules, task_type="CAUSAL_LM")
     torch.manual_seed(DEFAULT_SEED)
     peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():
@@ -157,6 +157,26 @@ def test_expert_adapters_train_and_change_the_output(family, tmp_path, caplog):
     assert "fused_lora" in model.fastload_engine.skipped  # the fused path does not cover them: the report says so
 
 
+def test_gemma3_lora_stays_off_the_vision_tower(tmp_path, caplog):
+    """Gemma-3 4B+ holds a SigLIP tower whose attention also names its layers q_proj/k_proj/v_proj: the default LoRA
+    adapts every decoder projection and nothing of the tower, and the load says so. Explicit target_modules are
+    peft's own matching by name, the tower included (a user who wants it adapted asks for it)."""
+    import logging
+
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "gemma3", "gemma3")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path))
+    assert "(decoder only: model.vision_tower left frozen)" in caplog.text
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.config.text_config.num_hidden_layers
+    assert all(".language_model.layers." in n for n in adapted) and len(adapted) == 7 * layers, sorted(adapted)
+    asked, _ = FastModel.from_pretrained(str(path), lora={"target_modules": ["q_proj", "v_proj"]})
+    adapted = {n.split(".lora_")[0] for n, p in asked.named_parameters() if p.requires_grad}
+    assert any(".vision_tower." in n for n in adapted) and len(adapted) > 2 * layers
+
+
 @pytest.mark.parametrize("asked, runs", [("sdpa", False), ("eager", True)])
 def test_gemma2_attention_choice(asked, runs, tmp_path):
     """Gemma-2 has no sdpa path (its attention softcap): the default picks eager; asking sdpa names what can run."""
@@ -239,3 +259,26 @@ def test_family_without_causal_lm_is_unsupported_architecture(tmp_path):
     with pytest.raises(UnsupportedArchitecture) as err:
         FastModel.from_pretrained(str(tmp_path / "vit"))
     assert "ViT" in str(err.value)
+
+
+def test_unknown_model_type_is_unsupported_architecture_naming_it(tmp_path):
+    """A config.json whose model_type this transformers does not know (a newer family, or a typo) ends in fastload's
+    error naming the type and what to do, before any weight is read, never in transformers' ValueError."""
+    import json
+
+    from safetensors.torch import save_file
+    import torch
+
+    from fastload import FastModel
+    from fastload.errors import UnsupportedArchitecture
+    from tiny import make_tokenizer
+
+    folder = tmp_path / "newer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "frobnicator", "hidden_size": 64, "vocab_size": 384,
+                                                    "architectures": ["FrobnicatorForCausalLM"]}))
+    save_file({"model.embed_tokens.weight": torch.zeros(384, 64)}, str(folder / "model.safetensors"))
+    make_tokenizer().save_pretrained(folder)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        FastModel.from_pretrained(str(folder))
+    assert "frobnicator" in err.value.found and "upgrade transformers" in err.value.fix
