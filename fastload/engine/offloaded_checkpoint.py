@@ -197,6 +197,16 @@ def _checkpointed_layers(model) -> list:
             if hasattr(m, "_gradient_checkpointing_func") and getattr(m, "gradient_checkpointing", False)]
 
 
+def offload_blocker(model) -> str:
+    """Why offloaded checkpointing is not on for this model (the engine report names it)."""
+    if not _checkpointed_layers(model):
+        return (f"no layer of {type(model).__name__} is checkpointed through transformers (gradient checkpointing "
+                "off, or layers that are not GradientCheckpointingLayer)")
+    if _has_dropout(model):
+        return "dropout > 0: recomputation needs the forward's random numbers"
+    return "too little free host memory for the layer inputs"
+
+
 def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str]:
     """Point this model's checkpointed layers at the engine's checkpoint function (instance attributes only):
     inputs offloaded to pinned host memory and/or layers replayed as CUDA graphs; returns the levers used."""

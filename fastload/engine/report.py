@@ -71,6 +71,11 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
         from fastload.train.checkpointing import _base
 
         skipped["fused_loss"] = fused_loss_blocker(_base(model))
+    if settings.offload_checkpointing and device == "cuda" and "offload_checkpointing" not in used:
+        from fastload.engine.offloaded_checkpoint import offload_blocker
+        from fastload.train.checkpointing import _base
+
+        skipped["offload_checkpointing"] = offload_blocker(_base(model))
     kernels = {"triton_rmsnorm", "triton_swiglu"} | ({"liger_rope"} if _installed("liger_kernel") else set())
     if settings.kernels and device == "cuda" and not kernels <= set(used):
         missing = ", ".join(sorted(kernels - set(used)))
