@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help=f"{' | '.join(models.SHAPES)} | PATH of a local checkpoint; "
                    "repeatable (default: tiny on the CPU, llama3-1b on a GPU)")
     p.add_argument("--phase", default="load,train",
-                   help="load, train or both (default: load,train); longest: the longest trainable sequence at batch 1, "
-                        "doubling from --seq up to --max-seq until a step fails (out of memory), each length in a "
-                        "fresh process")
+                   help="load, train or both (default: load,train); longest: the longest trainable sequence at "
+                        "batch 1, doubling from --seq up to --max-seq until a step fails (out of memory), each "
+                        "length in a fresh process")
     p.add_argument("--seq", type=int, default=2048, help="sequence length of the training batch (default 2048)")
     p.add_argument("--max-seq", type=int, default=262144, help="longest: the last length tried (default 262144)")
     p.add_argument("--batch", type=int, default=2, help="sequences per training step (default 2)")

@@ -224,8 +224,8 @@ def longest_markdown(rows: list[dict], mem: str) -> list[str]:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## Longest trainable sequence: {model}, batch 1", "",
-                  "Doubling the length until a step fails, each length in a fresh process. Per length: tokens/s, "
-                  f"{mem} / peak reserved GiB.", "",
+                  ("Doubling the length until a step fails, each length in a fresh process. Per length: tokens/s, "
+                   f"{mem} / peak reserved GiB."), "",
                   "| impl | longest trained | stopped by | per length |", "|---|--:|---|---|"]
         for r in (r for r in rows if r["model"] == model):
             cells = "; ".join(f"{a['seq']}: {_failed(a['error'])}" if a["error"] else
