@@ -304,3 +304,17 @@ def test_unknown_model_type_is_unsupported_architecture_naming_it(tmp_path):
     with pytest.raises(UnsupportedArchitecture) as err:
         FastModel.from_pretrained(str(folder))
     assert "frobnicator" in err.value.found and "upgrade transformers" in err.value.fix
+
+
+def test_offloaded_checkpointing_not_applying_says_why(tmp_path):
+    """The reason the engine report gives on a GPU when offloaded checkpointing cannot apply, checked on the CPU
+    models it would be given: no checkpointed layer, or LoRA dropout (recomputation would draw other numbers)."""
+    from fastload import FastModel
+    from fastload.engine.offloaded_checkpoint import offload_blocker
+    from fastload.train.checkpointing import _base
+
+    path = make_family_checkpoint(tmp_path / "qwen3", "qwen3")
+    plain, _ = FastModel.from_pretrained(str(path), store=False, gradient_checkpointing=False)
+    assert "no layer of Qwen3ForCausalLM is checkpointed" in offload_blocker(_base(plain))
+    dropout, _ = FastModel.from_pretrained(str(path), store=False, lora={"lora_dropout": 0.1})
+    assert offload_blocker(_base(dropout)).startswith("dropout > 0")
