@@ -11,6 +11,13 @@
 #   bash benchmarks/gpu.sh long      # 8B 8192x1 for fastload, unsloth only
 #   bash benchmarks/gpu.sh profile   # 1B and 8B, fastload and unsloth, with a torch.profiler table each
 #   bash benchmarks/gpu.sh graphs    # 1B and 8B 2048x2: fastload with and without CUDA graphs, and unsloth
+#   bash benchmarks/gpu.sh families  # Qwen2.5-7B and a Qwen3-MoE (8 of 30B-A3B's layers) 2048x2: fastload, recipe,
+#                                    # unsloth (3 warm-up + 5 timed steps; checkpoints ~15 and ~11 GB, made on the GPU)
+#   bash benchmarks/gpu.sh longest   # 8B batch 1, doubling from 8192 until a step fails (out of memory) or MAX_SEQ
+#                                    # (default 131072), 1 step per length, each in a fresh process; IMPLS picks the
+#                                    # implementations (default fastload,unsloth), APPEND=1 adds to an earlier run's
+#                                    # table: IMPLS=fastload, then IMPLS=unsloth APPEND=1, when one part's budget is
+#                                    # too short for both
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -18,7 +25,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs|families|longest}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -60,6 +67,14 @@ case "$part" in
         bench --model llama3-1b --phase train --impl fastload,fastload-graphs,unsloth
         bench --model llama3-8b --phase train --impl fastload,fastload-graphs,unsloth --append --plot
         ;;
+    families)  # a non-Llama shape and an MoE beside Llama's: fastload, the recipe and unsloth, same LoRA for each
+        bench --model qwen2.5-7b --phase train --impl fastload,recipe,unsloth --warmup 3 --steps 5
+        bench --model qwen3-moe-small --phase train --impl fastload,unsloth,recipe --warmup 3 --steps 5 --append --plot
+        ;;
+    longest)  # the longest trainable sequence at batch 1: speed, peak allocated and reserved at every length
+        bench --model llama3-8b --phase longest --impl "${IMPLS:-fastload,unsloth}" --seq 8192 \
+            --max-seq "${MAX_SEQ:-131072}" --warmup 0 --steps 1 ${APPEND:+--append}
+        ;;
     long)  # 8B at 8192x1: fastload and unsloth (the recipe needs ~48 GiB and minutes here)
         bench --model llama3-8b --phase train --impl fastload,unsloth --seq 8192 --batch 1
         ;;
@@ -69,7 +84,7 @@ case "$part" in
             --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1, part2, part3, headline, long, profile or graphs" >&2
+        echo "unknown part '$part': use part1, part2, part3, headline, long, profile, graphs, families or longest" >&2
         exit 2
         ;;
 esac

@@ -48,6 +48,16 @@ def class_named(module, names) -> bool:
     return type(module).__name__ in names
 
 
+def router_widths(config) -> set[int]:
+    """Output widths of mixture-of-experts routers (one logit per expert): the expert counts a config names."""
+    widths = set()
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            widths.add(value)
+    return widths
+
+
 def decoder_layers(model):
     """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class."""
     best = None

@@ -7,6 +7,7 @@ while a worker measures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -36,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: fastload,recipe and unsloth if importable)")
     p.add_argument("--model", action="append", help=f"{' | '.join(models.SHAPES)} | PATH of a local checkpoint; "
                    "repeatable (default: tiny on the CPU, llama3-1b on a GPU)")
-    p.add_argument("--phase", default="load,train", help="load, train or both (default: load,train)")
+    p.add_argument("--phase", default="load,train",
+                   help="load, train or both (default: load,train); longest: the longest trainable sequence at "
+                        "batch 1, doubling from --seq up to --max-seq until a step fails (out of memory), each "
+                        "length in a fresh process")
     p.add_argument("--seq", type=int, default=2048, help="sequence length of the training batch (default 2048)")
+    p.add_argument("--max-seq", type=int, default=262144, help="longest: the last length tried (default 262144)")
     p.add_argument("--batch", type=int, default=2, help="sequences per training step (default 2)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
@@ -85,6 +90,10 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
         base = dict(model=label, model_dir=str(directory), prequantized_dir=prequantized,
                     fastload_home=str(out / "fastload-home" / label), **common)  # its own store, emptied by its loads
         for phase in phases:
+            if phase == "longest":  # the first rung; run_jobs adds the next while the last succeeded
+                rung = {**base, "batch": 1, "max_seq": args.max_seq}
+                jobs += [Job(phase="longest", impl=impl, **rung) for impl in impls]
+                continue
             if phase == "train":
                 profile = str(out) if getattr(args, "profile", False) else ""
                 jobs += [Job(phase="train", impl=impl, profile=profile, **base) for impl in impls]
@@ -142,9 +151,16 @@ def job_fields(job: Job) -> dict:
     """What identifies a job's record, also when it has no result: the report groups training by its shape."""
     fields = {"phase": job.phase, "impl": job.impl, "model": job.model, "device": job.device, "variant": job.variant,
               "cache": job.cache}
-    if job.phase == "train":
+    if job.phase in ("train", "longest"):
         fields.update(seq=job.seq, batch=job.batch)
     return fields
+
+
+def next_rung(job: Job, record: dict) -> Job | None:
+    """The longest phase's next attempt: twice the length, while the last one trained and the cap allows."""
+    if job.phase != "longest" or record.get("error") or job.seq * 2 > job.max_seq:
+        return None
+    return dataclasses.replace(job, seq=job.seq * 2, record="")
 
 
 def skipped(job: Job, why: str) -> dict:
@@ -154,7 +170,7 @@ def skipped(job: Job, why: str) -> dict:
 def progress_line(record: dict) -> str:
     if record.get("error"):
         return f"ERROR {record['error']}"
-    if record["phase"] == "train":
+    if record["phase"] in ("train", "longest"):
         mem = record.get("peak_allocated_gib", record.get("train_rss_peak_gib"))
         return f"{record['tokens_per_s']:,.0f} tokens/s, peak {mem:.2f} GiB, first loss {record['first_loss']:.4f}"
     if record["phase"] == "load":
@@ -184,6 +200,7 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path, log: Path, me
 
     cannot: dict[tuple[str, str], str] = {}  # (model, what) -> why jobs needing it are skipped
     print(f"fastload bench: {len(jobs)} jobs on {args.device} ({args.dtype}); log: {log}", flush=True)
+    jobs = list(jobs)  # the longest phase adds its next rung after each success
     for i, job in enumerate(jobs, 1):
         job.record = str(out / "records" / f"{job.name}.json")
         left = None if args.time_budget is None else args.time_budget - (time.monotonic() - started)
@@ -200,6 +217,9 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path, log: Path, me
             what = "checkpoint" if job.phase == "create" else "prequantized"
             cannot[(job.model, what)] = f"making the {what} checkpoint failed: {record['error']}"
         print(progress_line(record), flush=True)
+        rung = next_rung(job, record)
+        if rung is not None:
+            jobs.insert(i, rung)
         with open(log, "a") as fh:
             fh.write(f"----- {job.name}: {progress_line(record)}\n")
         Path(job.record).write_text(json.dumps(record, indent=1, default=str))
@@ -217,10 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     args.model = split_list(args.model) or (["llama3-1b"] if args.device == "cuda" else ["tiny"])
     impls = split_list(args.impl) or ["fastload", "recipe"] + (["unsloth"] if unsloth_importable() else [])
     phases = split_list([args.phase])
-    unknown = [i for i in impls if i not in IMPLS] + [p for p in phases if p not in ("load", "train")]
+    unknown = [i for i in impls if i not in IMPLS] + [p for p in phases if p not in ("load", "train", "longest")]
     if unknown:
         print(f"fastload bench: unknown --impl or --phase {unknown}; implementations: {', '.join(IMPLS)}; "
-              "phases: load, train", file=sys.stderr)
+              "phases: load, train, longest", file=sys.stderr)
         return 2
     for model in args.model:
         if model not in models.SHAPES and not Path(model).expanduser().is_dir():
@@ -235,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cold_unavailable:
             print(f"fastload bench: cold-cache loads skipped: {args.cold_unavailable}", flush=True)
     meta = {"argv": list(argv) if argv is not None else sys.argv[1:], "device": args.device, "dtype": args.dtype,
-            "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+            "seq": args.seq, "batch": args.batch, "max_seq": args.max_seq, "steps": args.steps, "warmup": args.warmup,
+            "seed": args.seed,
             "impls": impls, "models": args.model, "phases": phases, "python": sys.version.split()[0],
             "cold_unavailable": args.cold_unavailable}
     run_jobs(plan_jobs(args, impls, phases, out), args, out, log, meta, started)

@@ -1,6 +1,7 @@
 """The implementations compared: each goes from a checkpoint folder to (model, optimizer) ready for a training step.
 
-All of them get the same LoRA (r=16, alpha=16, dropout 0, the seven Llama projections), gradient checkpointing and
+All of them get the same LoRA (r=16, alpha=16, dropout 0, the seven Llama projections; on a mixture of experts the
+attention projections and the fused expert weights), gradient checkpointing and
 bitsandbytes AdamW8bit at lr 2e-4 (stepped as each library's user gets it: fastload's get_optimizer for fastload),
 so a difference in the numbers is a difference in how they load and train.
 """
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION = TARGETS[:4]
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers 5's fused 3-D expert weights
+MOE_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe")
 LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none"}
 LR = 2e-4
 WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
@@ -80,6 +84,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def lora_targets(model_dir: str) -> dict:
+    """target_modules (and target_parameters on an MoE, whose MLPs are fused experts, not Linear layers)."""
+    import json
+
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if model_type in MOE_TYPES:
+        return {"target_modules": list(ATTENTION), "target_parameters": list(EXPERTS)}
+    return {"target_modules": list(TARGETS)}
+
+
 def _adamw8bit(model):
     import bitsandbytes as bnb
 
@@ -118,7 +132,7 @@ def fastload_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int,
 
     started = time.perf_counter()
     model, _ = FastModel.from_pretrained(model_dir, max_seq_length=seq, dtype=torch_dtype(dtype),
-                                         device_map=device_map(device), lora={**LORA, "target_modules": list(TARGETS)},
+                                         device_map=device_map(device), lora={**LORA, **lora_targets(model_dir)},
                                          random_state=seed, store=store, engine=engine)
     synchronize(device)
     loaded = time.perf_counter()
@@ -164,7 +178,7 @@ def recipe_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int, p
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(seed)
-    model = get_peft_model(model, LoraConfig(**LORA, target_modules=list(TARGETS), task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(**LORA, **lora_targets(model_dir), task_type="CAUSAL_LM"))
     optimizer = _adamw8bit(model)
     synchronize(device)
     return Ready(model, optimizer, loaded - started, time.perf_counter() - started,
@@ -181,7 +195,7 @@ def unsloth_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int,
                                                  dtype=torch_dtype(dtype), load_in_4bit=True)
     synchronize(device)
     loaded = time.perf_counter()
-    model = FastLanguageModel.get_peft_model(model, **LORA, target_modules=list(TARGETS),
+    model = FastLanguageModel.get_peft_model(model, **LORA, **lora_targets(model_dir),
                                              use_gradient_checkpointing="unsloth", random_state=seed)
     optimizer = _adamw8bit(model)
     synchronize(device)

@@ -1,4 +1,5 @@
-"""Benchmark checkpoints: Llama-3 shapes with random bf16 weights, written offline as real sharded safetensors.
+"""Benchmark checkpoints: Llama-3, Qwen2.5 and Qwen3-MoE shapes with random bf16 weights, written offline as real
+sharded safetensors.
 
 Weights are made one tensor at a time and written shard by shard, so an 8B checkpoint (~16 GB) never needs the
 whole model in memory; on a GPU the random numbers are drawn there (seconds instead of minutes on the CPU).
@@ -14,7 +15,9 @@ import shutil
 import time
 from pathlib import Path
 
-# Llama 3.2 1B and Llama 3.1 8B as published (rope scaling left out: it changes no cost); tiny runs on a CPU in CI.
+# Llama 3.2 1B, Llama 3.1 8B and Qwen2.5-7B as published (rope scaling left out: it changes no cost); Qwen3-30B-A3B
+# with 8 of its 48 layers, an MoE that fits one GPU with its experts in bf16 (bitsandbytes leaves them unquantized).
+# tiny and tiny-moe run on a CPU in CI. A shape's model_type defaults to llama.
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096, tie_word_embeddings=False),
@@ -24,6 +27,18 @@ SHAPES: dict[str, dict] = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                       tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                       tie_word_embeddings=False, rope_theta=1000000.0, rms_norm_eps=1e-6),  # q/k/v carry biases
+    "qwen3-moe-small": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=8,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                            num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                            vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=False,
+                            rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=128, decoder_sparse_step=1, vocab_size=1024, max_position_embeddings=4096,
+                     tie_word_embeddings=False),
 }
 COMMON = dict(rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 INIT_STD = 0.02
@@ -59,10 +74,15 @@ def prequantized_dir(model_dir: Path, cache_dir: str | os.PathLike, dtype: str) 
     return Path(cache_dir) / "prequantized" / f"{Path(model_dir).name}-{digest}-nf4-{dtype}"
 
 
-def llama_config(shape: str):
-    from transformers import LlamaConfig
+def shape_config(shape: str):
+    """The transformers config of a benchmark shape (its own values over COMMON's)."""
+    from transformers import AutoConfig
 
-    return LlamaConfig(**SHAPES[shape], **COMMON)
+    values = {**COMMON, **SHAPES[shape]}
+    return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+
+
+llama_config = shape_config  # the name the Llama-only table had
 
 
 def make_tokenizer(vocab_size: int):
@@ -111,7 +131,7 @@ def create_checkpoint(shape: str, directory: str | os.PathLike, device: str = "c
 
     directory = Path(directory)
     started = time.perf_counter()
-    config = llama_config(shape)
+    config = shape_config(shape)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     shapes = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]  # tied lm_head appears once, as HF saves it
@@ -128,8 +148,9 @@ def create_checkpoint(shape: str, directory: str | os.PathLike, device: str = "c
             filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
             tensors = {}
             for name in names:
-                if len(shape_of[name]) == 1:  # RMSNorm weights
-                    t = torch.ones(shape_of[name], dtype=torch.bfloat16)
+                if len(shape_of[name]) == 1:  # RMSNorm weights ones, biases (Qwen2's q/k/v) zeros
+                    fill = torch.zeros if name.endswith(".bias") else torch.ones
+                    t = fill(shape_of[name], dtype=torch.bfloat16)
                 else:
                     t = torch.empty(shape_of[name], dtype=torch.bfloat16, device=device)
                     t.normal_(0.0, INIT_STD, generator=generator)

@@ -99,11 +99,33 @@ def load_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def longest_rows(records: list[dict]) -> list[dict]:
+    """One row per (model, impl) of the longest phase: every length tried, the longest that trained, what stopped it
+    (the failed length's error: out of memory, time; or the --max-seq cap)."""
+    rows = []
+    longest = [r for r in records if r.get("phase") == "longest"]
+    for key in dict.fromkeys((r["model"], r["impl"]) for r in longest):
+        tries = sorted((r for r in longest if (r["model"], r["impl"]) == key), key=lambda r: r["seq"])
+        attempts = [{"seq": r["seq"], "error": r.get("error"), "tokens_per_s": r.get("tokens_per_s"),
+                     "peak_allocated_gib": peak_memory_gib(r), "peak_reserved_gib": r.get("peak_reserved_gib"),
+                     "median_step_s": r.get("median_step_s")} for r in tries]
+        trained = [a["seq"] for a in attempts if not a["error"]]
+        failed = next((a for a in attempts if a["error"]), None)
+        rows.append({"model": key[0], "impl": key[1], "attempts": attempts, "longest": max(trained, default=None),
+                     "stopped_by": (f"{failed['seq']}: {failed['error']}" if failed else "the --max-seq cap")})
+    return rows
+
+
 def summarize(records: list[dict], meta: dict) -> dict:
     train, void = train_rows(records)
+    longest = longest_rows(records)
+    reached = {(r["model"], r["impl"]) for r in longest if r["longest"]}
+    # a longest run ends in a failure by design: only one that trained no length at all is an error
     errors = [f"{r['phase']} {r.get('impl') or ''} {r['model']}"
-              + (f" ({r['variant']}, {r['cache']})" if r.get("phase") == "load" else "") + f": {r['error']}"
-              for r in records if r.get("error")]
+              + (f" ({r['variant']}, {r['cache']})" if r.get("phase") == "load" else "")
+              + (f" at {r.get('seq')}" if r.get("phase") == "longest" else "") + f": {r['error']}"
+              for r in records if r.get("error")
+              and not (r.get("phase") == "longest" and (r["model"], r.get("impl")) in reached)]
     errors += [f"train {row['impl']} {row['model']}: {row['error']}" for row in train
                if row["error"] and row["error"].startswith("non-finite")]
     versions = {}
@@ -114,7 +136,7 @@ def summarize(records: list[dict], meta: dict) -> dict:
               for r in records if r.get("phase") == "create" and not r.get("error")}
     quantized = {r["model"]: r.get("save_s") for r in records if r.get("phase") == "quantize" and not r.get("error")}
     return {"meta": {**meta, "gpu": gpu, "versions": versions}, "created": models, "prequantize_save_s": quantized,
-            "train": train, "load": load_rows(records), "void": void, "errors": errors,
+            "train": train, "load": load_rows(records), "longest": longest, "void": void, "errors": errors,
             "ok": not errors and not void, "records": records}
 
 
@@ -134,8 +156,8 @@ def markdown(summary: dict) -> str:
              f"Device: {meta.get('device')}" + (f" ({meta['gpu']})" if meta.get("gpu") else "")
              + f", compute {meta.get('dtype')}; training batch {meta.get('batch')} × {meta.get('seq')} tokens, "
                f"{meta.get('warmup')} warm-up + {meta.get('steps')} timed steps (median); LoRA r=16, alpha=16 on "
-               "q,k,v,o,gate,up,down; gradient checkpointing; AdamW8bit lr 2e-4. "
-               "Every measurement ran in a fresh process.",
+               "q,k,v,o,gate,up,down (on an MoE: q,k,v,o and the fused experts); gradient checkpointing; AdamW8bit "
+               "lr 2e-4. Every measurement ran in a fresh process.",
              "", f"Versions: {versions or 'unknown'}.", ""]
     made = [f"{m} {c['bytes'] / 1e9:.1f} GB in {c['seconds']:.0f} s on {c['device']}"
             for m, c in summary["created"].items()]
@@ -167,6 +189,7 @@ def markdown(summary: dict) -> str:
             lines += ["", f"First-step losses agree "
                           f"(largest relative difference {max(diffs):.1e} ≤ {LOSS_TOLERANCE:g})."]
         lines.append("")
+    lines += longest_markdown(summary.get("longest", []), mem)
     loads = summary["load"]
     after = "GPU GiB after load" if cuda else "peak RSS GiB after load"
     for model in dict.fromkeys(r["model"] for r in loads):
@@ -200,6 +223,24 @@ def markdown(summary: dict) -> str:
         legend += f" ⚠: first-step loss differs by more than {LOSS_TOLERANCE:g} relative (comparison void)."
     lines += [legend]
     return "\n".join(lines) + "\n"
+
+
+def longest_markdown(rows: list[dict], mem: str) -> list[str]:
+    """The longest phase per model: one line per implementation, every length with its speed and memory."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        lines += [f"## Longest trainable sequence: {model}, batch 1", "",
+                  ("Doubling the length until a step fails, each length in a fresh process. Per length: tokens/s, "
+                   f"{mem} / peak reserved GiB."), "",
+                  "| impl | longest trained | stopped by | per length |", "|---|--:|---|---|"]
+        for r in (r for r in rows if r["model"] == model):
+            cells = "; ".join(f"{a['seq']}: {_failed(a['error'])}" if a["error"] else
+                              f"{a['seq']}: {a['tokens_per_s']:,.0f} tok/s, {_f(a['peak_allocated_gib'])} / "
+                              f"{_f(a['peak_reserved_gib'])} GiB" for a in r["attempts"])
+            stopped = r["stopped_by"].replace("|", "/")[:160]
+            lines.append(f"| {r['impl']} | {_f(r['longest'], '{:,}')} | {stopped} | {cells} |")
+        lines.append("")
+    return lines
 
 
 def plot(summary: dict, path: Path) -> None:

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-PHASES = ("create", "quantize", "load", "train")
+PHASES = ("create", "quantize", "load", "train", "longest")  # longest: one rung of the doubling, a train run
 GIB = 1024 ** 3
 
 
@@ -27,7 +27,7 @@ GIB = 1024 ** 3
 class Job:
     """Everything one worker needs; the driver builds it, the command line carries it (to_argv / from_argv)."""
 
-    phase: str                     # create | quantize | load | train
+    phase: str                     # create | quantize | load | train | longest
     model: str = ""                # label in records (shape name or folder name)
     model_dir: str = ""
     impl: str = ""
@@ -44,6 +44,7 @@ class Job:
     prequantized_dir: str = ""     # the recipe's NF4 save_pretrained copy (quantize writes it; loads read it)
     fastload_home: str = ""        # FASTLOAD_HOME for fastload's store
     profile: str = ""              # train: a folder for profile-<job>.txt (2 extra steps under torch.profiler)
+    max_seq: int = 0               # longest: the driver doubles seq up to this while a step succeeds
     record: str = ""               # where the JSON record goes
 
     def to_argv(self) -> list[str]:
@@ -65,6 +66,7 @@ class Job:
     @property
     def name(self) -> str:
         parts = [self.phase, self.impl, self.model] + ([self.variant, self.cache] if self.phase == "load" else [])
+        parts += [str(self.seq)] if self.phase == "longest" else []
         return "--".join(p for p in parts if p)
 
 
@@ -276,7 +278,7 @@ def run(job: Job) -> dict:
               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid()}
     if job.phase == "load":
         record.update(variant=job.variant, cache=job.cache)
-    if job.phase == "train":
+    if job.phase in ("train", "longest"):
         record.update(seq=job.seq, batch=job.batch, warmup=job.warmup, steps=job.steps)
     started = time.perf_counter()
     try:

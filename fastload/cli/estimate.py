@@ -22,7 +22,22 @@ def run(args: argparse.Namespace) -> int:
     from fastload.sources.model_config import config_or_param_count
 
     config, basis = config_or_param_count(args.name)
-    counts = memory.approximate_counts(config) if isinstance(config, float) else memory.count_params(config)
+    if isinstance(config, float):
+        family = registry_family(args.name)
+        counts = memory.approximate_counts(config, family)
+        if counts.experts:
+            share = f"{memory.APPROX_EXPERT_SHARE:.0%}"
+            basis += f"; {family} is a mixture of experts: {share} of it assumed in 16-bit experts"
+    else:
+        counts = memory.count_params(config)
     est = memory.estimate_counts(counts, args.seq, args.batch, args.r, basis=basis)
     emit(args, {"name": args.name, **est.as_dict()}, est.table())
     return EXIT_OK
+
+
+def registry_family(name: str) -> str | None:
+    """The model_type the registry gives `name` (an MoE family changes the approximate sizes), or None."""
+    from fastload.sources.registry import get_registry
+
+    match = get_registry().find(name)
+    return match.entry.family if match is not None else None

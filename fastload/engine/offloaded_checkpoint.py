@@ -197,6 +197,16 @@ def _has_dropout(model) -> bool:
     return bool(getattr(config, "attention_dropout", 0) or 0)
 
 
+def offload_blocker(model) -> str:
+    """Why offloaded checkpointing is not on for this model (the engine report names it)."""
+    if not checkpointed_layers(model):
+        return (f"no layer of {type(model).__name__} is checkpointed through transformers (gradient checkpointing "
+                "off, or layers that are not GradientCheckpointingLayer)")
+    if _has_dropout(model):
+        return "dropout > 0: recomputation needs the forward's random numbers"
+    return "too little free host memory for the layer inputs"
+
+
 def install_engine_checkpointing(model, offload: bool, graphs: bool) -> list[str]:
     """Register the engine's checkpoint function on this model's state (train/checkpointing.py points the
     checkpointed layers at it, instance attributes only): inputs offloaded to pinned host memory and/or layers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastload.errors import CheckpointCorrupt, FastloadError, NotEnoughMemory, UnsupportedArchitecture
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH
@@ -18,13 +18,15 @@ class ParamCounts:
     other: int         # embeddings, norms, lm_head: kept in 16 (or 32) bit
     hidden: int
     layers: int
-    intermediate: int
+    intermediate: int  # MLP width a token passes through (for MoE: the experts it is routed to, all together)
     vocab: int
     kv_dim: int
+    experts: int = 0     # fused 3-D expert weights of MoE models: bitsandbytes quantizes Linear layers only, so 16-bit
+    lora_width: int = 0  # sum of (in + out) over the default LoRA's targets, per unit of rank; 0: Llama-shaped guess
 
     @property
     def total(self) -> int:
-        return self.projections + self.other
+        return self.projections + self.experts + self.other
 
 
 def count_params(config) -> ParamCounts:
@@ -33,7 +35,7 @@ def count_params(config) -> ParamCounts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fastload.structure import decoder_layers, is_linear
+    from fastload.structure import decoder_layers
 
     if isinstance(config, dict):
         cfg = dict(config)
@@ -57,23 +59,47 @@ def count_params(config) -> ParamCounts:
                                 "describes", found=f"transformers cannot build it: {type(e).__name__}: "
                                 f"{(str(e).splitlines() or [''])[0][:300]}",
                                 fix="restore config.json from the original checkpoint") from e
-    layers = decoder_layers(model)
-    proj = sum(m.weight.numel() for layer in (layers or []) for m in layer.modules() if is_linear(m))
-    total = sum(p.numel() for p in model.parameters())
-    if getattr(config, "tie_word_embeddings", False):
-        total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    layers = list(decoder_layers(model) or [])
+    proj, experts, lora_width = _layer_counts(layers, config)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied weights once
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = tc.hidden_size
     heads = tc.num_attention_heads
     kv = getattr(tc, "num_key_value_heads", heads) or heads
     head_dim = getattr(tc, "head_dim", None) or hidden // heads
-    return ParamCounts(projections=proj, other=total - proj, hidden=hidden, layers=tc.num_hidden_layers,
-                       intermediate=getattr(tc, "intermediate_size", 4 * hidden), vocab=tc.vocab_size,
-                       kv_dim=kv * head_dim)
+    return ParamCounts(projections=proj, other=total - proj - experts, hidden=hidden, layers=tc.num_hidden_layers,
+                       intermediate=_active_intermediate(tc, bool(experts)), vocab=tc.vocab_size,
+                       kv_dim=kv * head_dim, experts=experts, lora_width=lora_width)
+
+
+def _layer_counts(layers, config) -> tuple[int, int, int]:
+    """(linear weights, fused expert weights, LoRA width) of the decoder layers; the LoRA width is what fastload's
+    default LoRA adapts: every projection but the routers, and each expert's fused weights."""
+    from fastload.load.experts import expert_weights
+    from fastload.structure import is_linear, router_widths
+
+    routers = router_widths(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    linears = [m for layer in layers for m in layer.modules() if is_linear(m)]
+    experts = expert_weights(layers, config)
+    width = sum(m.in_features + m.out_features for m in linears if m.out_features not in routers)
+    width += sum(p.shape[0] * (p.shape[1] + p.shape[2]) for p in experts)  # peft: one rank-r pair per expert
+    return sum(m.weight.numel() for m in linears), sum(p.numel() for p in experts), width
+
+
+def _active_intermediate(tc, moe: bool) -> int:
+    """The MLP width one token's activations span: the routed experts' (plus a shared expert's) for MoE."""
+    dense = getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size
+    if not moe:
+        return dense
+    per_expert = getattr(tc, "moe_intermediate_size", None) or dense
+    routed = getattr(tc, "num_experts_per_tok", None) or 1
+    shared = getattr(tc, "shared_intermediate_size", None) or 0
+    return per_expert * routed + shared
 
 
 def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, other_bytes: int = 2) -> int:
-    """Bytes of the loaded weights: quantized projections plus 16-bit (or fp32 on CPU) everything else."""
+    """Bytes of the loaded weights: quantized projections plus 16-bit (or fp32 on CPU) everything else, MoE experts
+    included (bitsandbytes does not quantize their fused 3-D weights)."""
     if bits == 4:
         absmax = counts.projections / NF4_BLOCK * (1 + 4 / DOUBLE_QUANT_BLOCK if double_quant else 4)
         proj = counts.projections / 2 + absmax
@@ -81,11 +107,14 @@ def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, othe
         proj = counts.projections + counts.projections / counts.hidden * 4  # int8 + one fp32 scale per row
     else:
         proj = counts.projections * other_bytes
-    return int(proj + counts.other * other_bytes)
+    return int(proj + (counts.experts + counts.other) * other_bytes)
 
 
 def lora_params(counts: ParamCounts, r: int) -> int:
-    """LoRA A and B for the seven Llama-style projections of each layer: r x (in + out) each."""
+    """LoRA A and B of the default targets, r x (in + out) each; without a counted model, the seven Llama-style
+    projections of each layer."""
+    if counts.lora_width:
+        return r * counts.lora_width
     h, i, kv = counts.hidden, counts.intermediate, counts.kv_dim
     per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 2 + (i + h))
     return per_layer * counts.layers
@@ -125,19 +154,22 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [("weights 16-bit", self.weights_16bit), ("weights 8-bit (LLM.int8)", self.weights_8bit),
                 ("weights 4-bit NF4 + double quant", self.weights_4bit), ("weights 4-bit NF4", self.weights_4bit_no_dq),
+                *([("  of which MoE experts (16-bit)", 2 * self.counts.experts)] if self.counts.experts else []),
                 ("LoRA weights + grads (fp32)", 2 * self.lora), ("8-bit AdamW state", self.optimizer_8bit),
                 (f"activations {self.seq}x{self.batch}, checkpointing", self.activations),
                 (f"activations {self.seq}x{self.batch}, no checkpointing", self.activations_no_ckpt),
                 ("QLoRA training total (4-bit, checkpointing)", self.training_total(4, True)),
                 ("LoRA training total (16-bit, checkpointing)", self.training_total(16, True))]
         width = max(len(r[0]) for r in rows)
-        head = f"{self.counts.total / 1e9:.2f}B parameters ({self.counts.projections / 1e9:.2f}B in projections)"
+        head = f"{self.counts.total / 1e9:.2f}B parameters ({self.counts.projections / 1e9:.2f}B in projections"
+        head += f", {self.counts.experts / 1e9:.2f}B in MoE experts, not quantized)" if self.counts.experts else ")"
         if self.basis:
             head += f"\n  from {self.basis}"
         return "\n".join([head] + [f"  {name:<{width}}  {b / GIB:8.2f} GiB" for name, b in rows])
 
     def as_dict(self) -> dict:
         return {"params": self.counts.total, "projection_params": self.counts.projections,
+                "expert_params": self.counts.experts,
                 "weights_16bit": self.weights_16bit, "weights_8bit": self.weights_8bit,
                 "weights_4bit": self.weights_4bit, "weights_4bit_no_double_quant": self.weights_4bit_no_dq,
                 "lora": self.lora, "optimizer_8bit": self.optimizer_8bit, "activations": self.activations,
@@ -184,12 +216,20 @@ def estimate_counts(counts: ParamCounts, seq: int = DEFAULT_MAX_SEQ_LENGTH, batc
 # the unknown); activations depend on the guessed shape and are rougher still.
 APPROX_VOCAB = 100_000
 APPROX_EMBEDDING_SHARE = 0.3
+# Mixture-of-experts families: their fused expert weights stay 16-bit. Share of the parameters in experts, from the
+# published configs: Mixtral 8x7B 97%, Qwen3-30B-A3B 95%, gpt-oss-20b 91%, Granite-4.0-H-Tiny ~85%; 0.9 is assumed.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoehybrid", "deepseek_v3", "olmoe")
+APPROX_EXPERT_SHARE = 0.9
 
 
-def approximate_counts(params: float) -> ParamCounts:
-    """A plausible Llama-like ParamCounts for a model known only by its parameter count."""
+def approximate_counts(params: float, family: str | None = None) -> ParamCounts:
+    """A plausible Llama-like ParamCounts for a model known only by its parameter count (and family: an MoE one
+    keeps most of its parameters as 16-bit experts)."""
     if not params or params <= 0:
         raise ValueError(f"a positive parameter count is needed, got {params!r}")
+    if family in MOE_FAMILIES:
+        dense = approximate_counts(params * (1 - APPROX_EXPERT_SHARE))
+        return replace(dense, experts=int(params) - dense.total)
     per_layer_per_h2 = 2 + 2 * 0.25 + 3 * 3.5  # q,o + k,v (GQA) + gate, up, down, in units of hidden^2
     hidden = max(64, int(round((params * 128 / per_layer_per_h2) ** (1 / 3) / 64)) * 64)
     other = int(min(2 * APPROX_VOCAB * hidden, APPROX_EMBEDDING_SHARE * params))
@@ -238,8 +278,10 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
     if need > free:
         smaller = [(b, weight_bytes(counts, b, True, other_bytes)) for b in (8, 4) if b < bits]
         fitting = [f"load_in_{b}bit=True needs {size / GIB:.2f} GiB" for b, size in smaller if size <= free]
+        experts = (f" ({counts.experts * other_bytes / GIB:.2f} GiB of them MoE experts, which bitsandbytes does not "
+                   "quantize)" if counts.experts and bits < 16 else "")
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
-                              found=f"its weights need about {need / GIB:.2f} GiB, the {device} has "
+                              found=f"its weights need about {need / GIB:.2f} GiB{experts}, the {device} has "
                                     f"{free / GIB:.2f} GiB free",
                               fix=(f"{fitting[-1]}, which fits; " if fitting else "no quantization makes it fit; ")
                                   + "free memory, or use a smaller model (`fastload estimate NAME` shows the sizes)")

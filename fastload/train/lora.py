@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -10,20 +11,10 @@ import torch
 from fastload._log import logger
 from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.settings import LoraSettings
-from fastload.structure import decoder_layers, is_linear
+from fastload.structure import decoder_layers, is_linear, router_widths
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
-
-
-def _router_widths(config) -> set[int]:
-    """Output widths of MoE routers (one logit per expert): linear, but not projections to adapt."""
-    widths = set()
-    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            widths.add(value)
-    return widths
 
 
 def find_lora_targets(model) -> list[str]:
@@ -33,7 +24,7 @@ def find_lora_targets(model) -> list[str]:
         raise UnsupportedArchitecture(f"Finding LoRA targets in {type(model).__name__}",
                                       found="no list of repeated decoder layers in the model",
                                       fix="pass lora={'target_modules': [...]} naming the linear layers to adapt")
-    skip_widths = _router_widths(getattr(model, "config", None))
+    skip_widths = router_widths(getattr(model, "config", None))
     names: set[str] = set()
     for layer in layers:
         for full, module in layer.named_modules():
@@ -54,7 +45,7 @@ def find_expert_parameters(model) -> tuple[list[str], int, int]:
         (names peft's `target_parameters` matches, e.g. ["experts.down_proj", "experts.gate_up_proj"], the number
         of experts, the number of layers holding them); ([], 0, 0) for a dense model. Routers are 2-D: never listed.
     """
-    experts = _router_widths(getattr(model, "config", None))
+    experts = router_widths(getattr(model, "config", None))
     layers = decoder_layers(model)
     if not experts or layers is None:
         return [], 0, 0
@@ -97,6 +88,38 @@ def _expert_targets(model, settings: LoraSettings) -> tuple[list[str], str]:
     return names, f" + experts' {params} ({experts} experts x {layers} layers)"
 
 
+def towers_outside_decoder(model, targets: list[str]) -> list[str]:
+    """Top-level parts beside the decoder (Gemma-3's vision tower) holding linear layers of the targets' names.
+
+    peft matches target_modules by leaf name anywhere in the model, so q_proj would also adapt a SigLIP tower's;
+    a text fine-tune leaves such towers frozen. Returns their module names (e.g. ["model.vision_tower"]).
+    """
+    layers = decoder_layers(model)
+    path = next((name for name, module in model.named_modules() if module is layers), None)
+    if path is None:
+        return []
+    inside = {id(m) for m in layers.modules()}
+    towers = set()
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in targets and is_linear(module) and id(module) not in inside:
+            parts = name.split(".")
+            towers.add(next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                            if not (path + ".").startswith(".".join(parts[:i]) + ".")))
+    return sorted(towers)
+
+
+def _decoder_only(model, targets: list[str], settings: LoraSettings) -> tuple[LoraSettings, str]:
+    """Settings whose exclude_modules keeps the default LoRA off other towers, and the words the log adds."""
+    if settings.target_modules or "exclude_modules" in settings.extra:
+        return settings, ""
+    towers = towers_outside_decoder(model, targets)
+    if not towers:
+        return settings, ""
+    pattern = "(" + "|".join(re.escape(t) for t in towers) + r")\..*"
+    return (replace(settings, extra={**settings.extra, "exclude_modules": pattern}),
+            f" (decoder only: {', '.join(towers)} left frozen)")
+
+
 def has_adapters(model) -> bool:
     return bool(getattr(model, "peft_config", None))
 
@@ -110,6 +133,7 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
         _expert_targets(model, settings))
     if experts:
         settings = replace(settings, extra={**settings.extra, "target_parameters": experts})
+    settings, towers_note = _decoder_only(model, targets, settings)
     leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:
@@ -129,9 +153,9 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
             p.data = p.data.float()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    logger.info("LoRA r=%s alpha=%s on %s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
-                settings.lora_alpha, ",".join(targets), experts_note, f"{trainable:,}", 100 * trainable / max(total, 1),
-                f"{total:,}")
+    logger.info("LoRA r=%s alpha=%s on %s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
+                settings.lora_alpha, ",".join(targets), experts_note, towers_note, f"{trainable:,}",
+                100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
 
 

@@ -60,15 +60,16 @@ def _gemma3(ids: dict):
                                 eoi_token_index=ids["vocab_size"] - 3, tie_word_embeddings=False)
 
 
-def make_family_checkpoint(directory, family: str, seed: int = 0):
-    """A random fp32 checkpoint of `family` saved as real safetensors with the tiny tokenizer."""
+def make_family_checkpoint(directory, family: str, seed: int = 0, config: dict | None = None):
+    """A random fp32 checkpoint of `family` (or of `config`, a config dict) saved as real safetensors with the tiny
+    tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tiny import make_tokenizer
 
     tok = make_tokenizer()
-    config = family_config(family, tok)
+    config = AutoConfig.for_model(**config) if config else family_config(family, tok)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)

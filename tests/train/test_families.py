@@ -22,6 +22,7 @@ STEPS = 3
 LR = 1e-3
 LOSS_RTOL = 1e-4
 LOGITS_ATOL = 1e-4
+GPU_DEFAULT_LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "kernels")  # cuda_graphs is opt-in
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?"]
 
 
@@ -45,7 +46,7 @@ def plain_qlora(path: Path, fast_model):
     used = fast_model.peft_config["default"]
     config = LoraConfig(r=used.r, lora_alpha=used.lora_alpha, lora_dropout=used.lora_dropout,
                         target_modules=sorted(used.target_modules), target_parameters=used.target_parameters,
-                        task_type="CAUSAL_LM")
+                        exclude_modules=used.exclude_modules, task_type="CAUSAL_LM")
     torch.manual_seed(DEFAULT_SEED)
     peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():
@@ -103,6 +104,7 @@ def test_family_with_defaults(family, tmp_path):
 
     adapted = model.peft_config["default"].target_parameters or []
     assert bool(adapted) == (family in MOE), adapted  # experts adapted on MoE families, nothing extra on dense ones
+    assert not engine_levers_unaccounted(model.fastload_engine, ("fused_lora", "fused_loss")), model.fastload_engine
     fast_losses = train(model, FastModel.get_optimizer(model, lr=LR), batch)
     plain_losses = train(plain, bnb.optim.AdamW8bit([p for p in plain.parameters() if p.requires_grad], lr=LR), batch)
     assert fast_losses == pytest.approx(plain_losses, rel=LOSS_RTOL)
@@ -157,6 +159,26 @@ def test_expert_adapters_train_and_change_the_output(family, tmp_path, caplog):
     assert "fused_lora" in model.fastload_engine.skipped  # the fused path does not cover them: the report says so
 
 
+def test_gemma3_lora_stays_off_the_vision_tower(tmp_path, caplog):
+    """Gemma-3 4B+ holds a SigLIP tower whose attention also names its layers q_proj/k_proj/v_proj: the default LoRA
+    adapts every decoder projection and nothing of the tower, and the load says so. Explicit target_modules are
+    peft's own matching by name, the tower included (a user who wants it adapted asks for it)."""
+    import logging
+
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "gemma3", "gemma3")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path))
+    assert "(decoder only: model.vision_tower left frozen)" in caplog.text
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.config.text_config.num_hidden_layers
+    assert all(".language_model.layers." in n for n in adapted) and len(adapted) == 7 * layers, sorted(adapted)
+    asked, _ = FastModel.from_pretrained(str(path), lora={"target_modules": ["q_proj", "v_proj"]})
+    adapted = {n.split(".lora_")[0] for n, p in asked.named_parameters() if p.requires_grad}
+    assert any(".vision_tower." in n for n in adapted) and len(adapted) > 2 * layers
+
+
 @pytest.mark.parametrize("asked, runs", [("sdpa", False), ("eager", True)])
 def test_gemma2_attention_choice(asked, runs, tmp_path):
     """Gemma-2 has no sdpa path (its attention softcap): the default picks eager; asking sdpa names what can run."""
@@ -177,11 +199,28 @@ def test_gemma2_attention_choice(asked, runs, tmp_path):
 
 # -- the same matrix on the GPU: every engine lever that applies against the plain path -----------------------------
 
+def engine_levers_unaccounted(report, asked: tuple[str, ...]) -> list[str]:
+    """Levers asked for that the engine report neither lists as on nor names, with a reason, as not applied."""
+    on = set(report) | ({"kernels"} if {"triton_rmsnorm", "triton_swiglu", "liger_rope"} & set(report) else set())
+    return [lever for lever in asked if lever not in on and lever not in report.skipped]
+
+
+def merge_thresholds(model) -> tuple[int, int]:
+    """Tokens per call from which the fused LoRA merges the adapter into the weight: (narrowest, widest) projection."""
+    from fastload.engine.fused_lora import MERGE_MIN_TOKENS_PER_WIDTH
+
+    widths = [min(m.base_layer.in_features, m.base_layer.out_features) for m in model.modules()
+              if hasattr(m, "lora_A") and hasattr(getattr(m, "base_layer", None), "in_features")]
+    return int(MERGE_MIN_TOKENS_PER_WIDTH * min(widths)), int(MERGE_MIN_TOKENS_PER_WIDTH * max(widths))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_engine_matches_plain_on_gpu(family, tmp_path):
-    """bf16 on one GPU: engine on vs off (same load otherwise), loss and LoRA gradients on a long call (longer than
-    the fused paths' chunks) and a short one, three optimizer steps, greedy generation. Tolerance: bf16 round-off."""
+    """bf16 on one GPU: engine on vs off (same load otherwise), loss and LoRA gradients on a long call (every
+    projection's adapter merged into its weight) and a short one (none merged), three optimizer steps, greedy
+    generation. Every default lever is on or named as not applying. Tolerance: bf16 round-off (loss 2e-2 relative,
+    gradient cosine > 0.98). `-rP` prints which levers each family gets."""
     import torch
 
     from fastload import FastModel
@@ -191,9 +230,12 @@ def test_family_engine_matches_plain_on_gpu(family, tmp_path):
     fast, tokenizer = FastModel.from_pretrained(str(path), device_map="cuda", dtype="bfloat16")
     plain, _ = FastModel.from_pretrained(str(path), device_map="cuda", dtype="bfloat16", engine=False)
     assert list(plain.fastload_engine) == []
+    print(f"{family}: {fast.fastload_engine!r}")
+    assert not engine_levers_unaccounted(fast.fastload_engine, GPU_DEFAULT_LEVERS), fast.fastload_engine
     for m in (fast, plain):
         nonzero_lora_b(m)
-    for length in (1024, 16):
+    narrowest, widest = merge_thresholds(fast)
+    for length in (max(1024, widest), max(1, narrowest // 2 - 1)):  # batch 2: all merged, then none
         ids = torch.randint(8, len(tokenizer) - 8, (2, length), generator=torch.Generator().manual_seed(length))
         batch = dict(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), labels=ids.cuda())
         losses = []
@@ -245,3 +287,40 @@ def test_family_without_causal_lm_is_unsupported_architecture(tmp_path):
     with pytest.raises(UnsupportedArchitecture) as err:
         FastModel.from_pretrained(str(tmp_path / "vit"))
     assert "ViT" in str(err.value)
+
+
+def test_unknown_model_type_is_unsupported_architecture_naming_it(tmp_path):
+    """A config.json whose model_type this transformers does not know (a newer family, or a typo) ends in fastload's
+    error naming the type and what to do, before any weight is read, never in transformers' ValueError."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fastload import FastModel
+    from fastload.errors import UnsupportedArchitecture
+    from tiny import make_tokenizer
+
+    folder = tmp_path / "newer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "frobnicator", "hidden_size": 64, "vocab_size": 384,
+                                                    "architectures": ["FrobnicatorForCausalLM"]}))
+    save_file({"model.embed_tokens.weight": torch.zeros(384, 64)}, str(folder / "model.safetensors"))
+    make_tokenizer().save_pretrained(folder)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        FastModel.from_pretrained(str(folder))
+    assert "frobnicator" in err.value.found and "upgrade transformers" in err.value.fix
+
+
+def test_offloaded_checkpointing_not_applying_says_why(tmp_path):
+    """The reason the engine report gives on a GPU when offloaded checkpointing cannot apply, checked on the CPU
+    models it would be given: no checkpointed layer, or LoRA dropout (recomputation would draw other numbers)."""
+    from fastload import FastModel
+    from fastload.engine.offloaded_checkpoint import offload_blocker
+    from fastload.train.checkpointing import _base
+
+    path = make_family_checkpoint(tmp_path / "qwen3", "qwen3")
+    plain, _ = FastModel.from_pretrained(str(path), store=False, gradient_checkpointing=False)
+    assert "no layer of Qwen3ForCausalLM is checkpointed" in offload_blocker(_base(plain))
+    dropout, _ = FastModel.from_pretrained(str(path), store=False, lora={"lora_dropout": 0.1})
+    assert offload_blocker(_base(dropout)).startswith("dropout > 0")
