@@ -56,11 +56,14 @@ class FastModel:
                         attn_implementation: str | None = None, random_state: int | None = DEFAULT_SEED,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
                         backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
-                        **quant_options: Any):
+                        fsdp: bool | None = None, **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
         Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
+        Under torchrun / accelerate launch each rank loads onto its own GPU, rank 0 first (it alone writes the
+        store); fsdp=True (or the launcher's FSDP config) prepares the model for FSDP2-QLoRA (docs/multi-gpu.md).
         """
+        from fastload import distributed
         from fastload.backends import choose_backend
         from fastload.sources.resolve import make_store, resolve
 
@@ -82,21 +85,41 @@ class FastModel:
         lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
         store_obj = make_store(store)
         started = time.perf_counter()
-        plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                       prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
-                       allow_pickle=allow_pickle, quantization_config=quantization_config,
-                       **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
-        logger.info("source: %s (%s)", plan.location, plan.reason)
-        opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
-                           cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
-        impl = choose_backend(backend, plan, opts)
-        model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
+        device_map = distributed.join_launch(device_map)
+        fsdp = distributed.fsdp_from_launcher() if fsdp is None else fsdp
+        if fsdp:
+            from fastload.train.fsdp import fsdp_load_options
+
+            quant_options, engine = fsdp_load_options(quant_options, quantization_config, dtype, device_map, engine)
+
+        def load():
+            plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                           prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
+                           allow_pickle=allow_pickle, quantization_config=quantization_config,
+                           **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
+            plan = distributed.store_writes_on_rank_zero(plan)
+            logger.info("source: %s (%s)", plan.location, plan.reason)
+            opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
+                               cache_dir=cache_dir, local_files_only=local_files_only,
+                               trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                               allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+            impl = choose_backend(backend, plan, opts)
+            checkpointing = gradient_checkpointing and not fsdp  # under FSDP: its own wrapper, set by the trainer
+            loaded = impl.load(plan, opts, store_obj, lora_settings, checkpointing, random_state)
+            distributed.finish_store_writes()
+            return plan, impl, *loaded
+
+        plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
+        if fsdp:
+            from fastload.train.fsdp import prepare_for_fsdp
+
+            prepare_for_fsdp(model, bool(gradient_checkpointing))
         if impl.name == "native":
             from fastload.engine import EngineSettings, apply_engine
 
             model.fastload_engine_settings = EngineSettings.from_user(engine)
-            model.fastload_engine = apply_engine(model, model.fastload_engine_settings, bool(gradient_checkpointing))
+            model.fastload_engine = apply_engine(model, model.fastload_engine_settings,
+                                                 bool(gradient_checkpointing) and not fsdp)
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         model.fastload_plan = plan
         model.fastload_backend = impl.name

@@ -101,13 +101,22 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
 
 def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given."""
+    from fastload.distributed import rank_zero_only
+    from fastload.train.fsdp import full_state_dict
+
     _require_adapters(model, "Saving the LoRA adapter")
     name_base_model(model, getattr(model, "fastload_plan", None))
     directory = Path(directory)
-    with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
-        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
+
+    def write() -> None:
+        with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
+            # peft would look up the base repo on the hub
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+    rank_zero_only(f"Saving the LoRA adapter in {directory}", write)
     logger.info("saved the LoRA adapter in %s (base: %s)", directory,
                 next(iter(model.peft_config.values())).base_model_name_or_path)
     return directory
@@ -127,10 +136,18 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
         InvalidOption: the adapter would overwrite files fastload did not write (nothing is written then).
         SaveError: the disk is full or the folder cannot be written.
     """
+    from fastload.distributed import rank_zero_only
+    from fastload.train.fsdp import full_state_dict
+
     name_base_model(model, getattr(model, "fastload_plan", None))
-    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+    state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
+
+    def write() -> None:
+        with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            tokenizer.save_pretrained(str(tmp))
+
+    rank_zero_only(f"Saving the LoRA adapter in {out}", write)
 
 
 # -- atomic output folders ----------------------------------------------------------------------------------------
