@@ -36,22 +36,64 @@ def write(out: Path, data: dict) -> None:
     (out / f"rank{rank()}.json").write_text(json.dumps(data))
 
 
-def train(ckpt: str, out: Path, global_batch: int, steps: int, fsdp: bool) -> None:
+def train(ckpt: str, out: Path, global_batch: int, steps: int, how: str) -> None:
+    """how: "ddp" (4-bit, store on), "fsdp" (16-bit base + LoRA) or "fsdp4bit" (QLoRA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model, tok = FastModel.from_pretrained(ckpt, max_seq_length=SEQ, store=False, random_state=0,
-                                           load_in_4bit=not fsdp, fsdp=fsdp or None)
+    fsdp = how.startswith("fsdp")
+    model, tok = FastModel.from_pretrained(ckpt, max_seq_length=SEQ, store=not fsdp, random_state=0,
+                                           load_in_4bit=how != "fsdp", fsdp=fsdp or None)
     args = FastModel.training_arguments(out / "trainer", model=model, per_device_train_batch_size=global_batch // world,
                                         gradient_accumulation_steps=1, max_steps=steps, learning_rate=1e-2,
                                         logging_steps=1, save_strategy="no", seed=0, data_seed=0,
                                         dataloader_num_workers=0, disable_tqdm=True)
     trainer = FastModel.get_trainer(model, tok, examples(model.config.vocab_size), args=args)
     trainer.train()
+    wrapped = trainer.model_wrapped
+    sharded = [n for n, p in wrapped.named_parameters() if type(p).__name__ == "DTensor"]
+    checkpointed = sum("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_modules())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     FastModel.save_adapter(model, out / "adapter")
-    write(out, {"losses": losses, "args": {"ddp_find_unused_parameters": args.ddp_find_unused_parameters,
+    write(out, {"losses": losses, "sharded_params": len(sharded), "fsdp_checkpointed_modules": checkpointed,
+                "ddp": type(wrapped).__name__, "store_written_here": bool(getattr(model, "fastload_quantized_now", False)),
+                "source": model.fastload_plan.source, "args": {"ddp_find_unused_parameters": args.ddp_find_unused_parameters,
                                            "fsdp": bool(args.fsdp), "world": world},
                 "device": str(next(p for p in model.parameters()).device),
                 "trainable_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})})
+
+
+def fsdp_loop(ckpt: str, out: Path, global_batch: int, steps: int, how: str) -> None:
+    """fsdp=True, then (launched) fastload.train.fsdp.shard and a plain loop: torch's FSDP2 on gloo, which the
+    Trainer's accelerate path does not take on CPUs. Each rank trains on its slice of the same global batch."""
+    from fastload.train.fsdp import full_state_dict, shard
+
+    world, me = int(os.environ.get("WORLD_SIZE", "1")), rank()
+    model, _ = FastModel.from_pretrained(ckpt, max_seq_length=SEQ, store=False, random_state=0,
+                                         load_in_4bit=how == "fsdp4bit", fsdp=True)
+    trainable_dtypes = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+    storage = sorted({str(p.dtype) for n, p in model.named_parameters() if "base_layer" in n})
+    if world > 1:
+        shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    rows = torch.tensor([ex["input_ids"] for ex in examples(model.config.vocab_size)])
+    per = global_batch // world
+    losses = []
+    for step in range(steps):
+        batch = rows[step * global_batch + me * per: step * global_batch + (me + 1) * per]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(mean)
+        losses.append(mean.item() / world)
+    sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
+    checkpointed = sum("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    gathered = full_state_dict(model)
+    FastModel.save_adapter(model, out / "adapter")
+    write(out, {"losses": losses, "sharded_params": sharded, "fsdp_checkpointed_modules": checkpointed,
+                "trainable_dtypes": trainable_dtypes, "base_dtypes": storage,
+                "gathered": None if gathered is None else len(gathered)})
 
 
 def load(ckpt: str, out: Path) -> None:
@@ -68,11 +110,21 @@ def fail(ckpt: str, out: Path, bad_rank: int) -> None:
     write(out, {"loaded": True})
 
 
-if __name__ == "__main__":
+def main() -> None:
     mode, ckpt, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     if mode == "train":
-        train(ckpt, out, int(sys.argv[4]), int(sys.argv[5]), len(sys.argv) > 6 and sys.argv[6] == "fsdp")
+        train(ckpt, out, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] if len(sys.argv) > 6 else "ddp")
+    elif mode == "fsdp-loop":
+        fsdp_loop(ckpt, out, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     elif mode == "load":
         load(ckpt, out)
     else:
         fail(ckpt, out, int(sys.argv[4]))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # what each rank raised, for the test to compare
+        Path(sys.argv[3], f"rank{rank()}.error").write_text(f"{type(e).__name__}: {e}")
+        raise

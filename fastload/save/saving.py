@@ -102,7 +102,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
 def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     """The adapter alone (safetensors + adapter_config.json naming the 16-bit base), and the tokenizer if given."""
     from fastload.distributed import rank_zero_only
-    from fastload.train.fsdp import full_state_dict
+    from fastload.train.fsdp import full_state_dict, save_gathered_adapter
 
     _require_adapters(model, "Saving the LoRA adapter")
     name_base_model(model, getattr(model, "fastload_plan", None))
@@ -111,8 +111,10 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
 
     def write() -> None:
         with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
-            # peft would look up the base repo on the hub
-            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            if state is not None:
+                save_gathered_adapter(model, tmp, state)
+            else:  # peft would look up the base repo on the hub: hub_calls_off
+                model.save_pretrained(str(tmp), safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
 
@@ -137,14 +139,17 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
         SaveError: the disk is full or the folder cannot be written.
     """
     from fastload.distributed import rank_zero_only
-    from fastload.train.fsdp import full_state_dict
+    from fastload.train.fsdp import full_state_dict, save_gathered_adapter
 
     name_base_model(model, getattr(model, "fastload_plan", None))
     state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
 
     def write() -> None:
         with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            if state is not None:
+                save_gathered_adapter(model, tmp, state)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
 
     rank_zero_only(f"Saving the LoRA adapter in {out}", write)

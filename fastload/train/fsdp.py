@@ -93,8 +93,10 @@ def layer_class_names(model) -> list[str]:
 def fsdp_arguments(model) -> dict:
     """TrainingArguments fields that run this model under FSDP2: full sharding per decoder layer, FSDP's own
     activation checkpointing, a full (gathered) state dict so rank 0 saves a whole adapter."""
+    from fastload.distributed import current_launch
+
     wish = getattr(model, "fastload_fsdp", None)
-    if wish is None:
+    if wish is None or current_launch() is None:  # one process: nothing to shard (transformers refuses FSDP then)
         return {}
     config = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
               "transformer_layer_cls_to_wrap": layer_class_names(model),
@@ -122,5 +124,64 @@ def full_state_dict(model) -> dict | None:
     for name, p in model.named_parameters():
         if p.requires_grad:
             whole = p.full_tensor() if isinstance(p, DTensor) else p
-            state[name.replace(CHECKPOINT_WRAPPER_PREFIX, "")] = whole.detach().cpu()
+            state[name] = whole.detach().cpu()
     return state
+
+
+def save_gathered_adapter(model, directory, state: dict) -> None:
+    """Write the adapter from full_state_dict's tensors as peft's save_pretrained lays it out. peft finds the
+    adapter's tensors by the model's module names, which FSDP's checkpoint wrapper changed: the wrapper's part
+    is taken out of the names only after peft has picked them."""
+    import copy
+    from pathlib import Path
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    adapter = getattr(model, "active_adapter", "default")
+    weights = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
+    weights = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): t.contiguous() for name, t in weights.items()}
+    save_file(weights, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+
+
+def shard(model, checkpointing: bool | None = None):
+    """Shard a model loaded with fsdp=True with PyTorch's FSDP2, as accelerate does for the Trainer: FSDP's
+    activation checkpointing around each decoder layer, each layer its own all-gather unit, then the root.
+
+    For a training loop of your own under torchrun (the Trainer shards by itself, from training_arguments' fields).
+
+    Args:
+        model: the (peft) model from FastModel.from_pretrained(..., fsdp=True) in a launched process.
+        checkpointing: FSDP's activation checkpointing; None: as asked at load (gradient_checkpointing).
+    Returns:
+        The same model, sharded in place (its parameters are DTensors now).
+    Raises:
+        InvalidOption: the model was not loaded with fsdp=True, or this process is not part of a launch.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.fsdp import fully_shard
+
+    from fastload.distributed import launched
+    from fastload.errors import InvalidOption
+    from fastload.structure import decoder_layers
+    from fastload.train.checkpointing import _base
+
+    wish = getattr(model, "fastload_fsdp", None)
+    if wish is None or launched() is None:
+        raise InvalidOption("Sharding the model with FSDP", found="it was not loaded with fsdp=True" if wish is None
+                            else "this process is not part of a torchrun / accelerate launch",
+                            fix="launch with torchrun --nproc-per-node N and load with "
+                                "FastModel.from_pretrained(..., fsdp=True)")
+    layers = list(decoder_layers(_base(model)) or [])
+    if wish["activation_checkpointing"] if checkpointing is None else checkpointing:
+        kinds = tuple({type(layer) for layer in layers})
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, kinds))
+        layers = list(decoder_layers(_base(model)) or [])  # each now inside its checkpoint wrapper
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    logger.info("FSDP2: %d decoder layers sharded over the launch's ranks", len(layers))
+    return model

@@ -119,9 +119,14 @@ def launch_defaults(model=None) -> dict[str, Any]:
     options = fsdp_arguments(model) if model is not None else {}
     if current_launch() is None:
         return options
+    import torch
+
+    if options and not torch.cuda.is_available():
+        logger.warning("FSDP: transformers' Trainer shards only on GPUs; these CPU processes train data-parallel "
+                       "(DDP) instead (fastload.train.fsdp.shard(model) shards for a training loop of your own)")
+        options = {}
     if not options:
         options["ddp_find_unused_parameters"] = False
-    import torch
 
     if not torch.cuda.is_available():  # transformers treats CPU processes as one launch only with use_cpu
         options.update(use_cpu=True, ddp_backend="gloo")
