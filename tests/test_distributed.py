@@ -174,3 +174,17 @@ def test_fsdp2_qlora_through_the_trainer_on_two_gpus(tiny_llama, tmp_path):
         assert got["sharded_params"] > 0 and got["fsdp_checkpointed_modules"] > 0
         assert got["trainable_dtypes"] == ["torch.bfloat16"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_estimate_per_gpu_for_ddp_and_fsdp(tiny_llama, capsys):
+    from fastload.cli import main
+
+    def estimate(gpus: int) -> dict:
+        assert main(["estimate", str(tiny_llama), "--gpus", str(gpus), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    two, four = estimate(2), estimate(4)
+    assert two["ddp_per_gpu"] == four["ddp_per_gpu"] == two["training_total_4bit"]  # DDP: the whole model each
+    assert four["fsdp_per_gpu"] < two["fsdp_per_gpu"] < two["ddp_per_gpu"]
+    assert two["fsdp_load_peak_per_gpu"] == two["weights_4bit"]
+    assert "gpus" not in estimate(1)
