@@ -2,7 +2,10 @@
 fastload step of a multi-process run per mode, its results written as JSON (one file per rank) for the test.
 
 Modes:
-  train CKPT OUT GLOBAL_BATCH STEPS [fsdp]: from_pretrained + get_trainer + train + save_adapter.
+  suite CKPT OUT: train (ddp, store on) into OUT/ddp, fsdp-loop (fsdp4bit) into OUT/fsdp, fail (rank 1) into
+    OUT/fail: one launch for the CPU tests (each launch costs ~30 s of imports on 2 cores).
+  train CKPT OUT GLOBAL_BATCH STEPS [ddp|fsdp|fsdp4bit]: from_pretrained + get_trainer + train + save_adapter.
+  fsdp-loop CKPT OUT GLOBAL_BATCH STEPS fsdp|fsdp4bit: from_pretrained(fsdp=True) + shard + a plain loop.
   load CKPT OUT: from_pretrained only (the store race: which rank wrote the entry, what each loaded).
   fail CKPT OUT BAD_RANK: rank BAD_RANK loads a missing model; every rank must exit with the same error.
 """
@@ -110,9 +113,26 @@ def fail(ckpt: str, out: Path, bad_rank: int) -> None:
     write(out, {"loaded": True})
 
 
+SUITE_BATCH, SUITE_STEPS = 4, 3
+
+
+def suite(ckpt: str, out: Path) -> None:
+    for part in ("ddp", "fsdp", "fail"):
+        (out / part).mkdir(parents=True, exist_ok=True)
+    train(ckpt, out / "ddp", SUITE_BATCH, SUITE_STEPS, "ddp")
+    fsdp_loop(ckpt, out / "fsdp", SUITE_BATCH, SUITE_STEPS, "fsdp4bit")
+    try:
+        fail(ckpt, out / "fail", 1)
+    except Exception as e:
+        (out / "fail" / f"rank{rank()}.error").write_text(f"{type(e).__name__}: {e}")
+        raise
+
+
 def main() -> None:
     mode, ckpt, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    if mode == "train":
+    if mode == "suite":
+        suite(ckpt, out)
+    elif mode == "train":
         train(ckpt, out, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] if len(sys.argv) > 6 else "ddp")
     elif mode == "fsdp-loop":
         fsdp_loop(ckpt, out, int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
@@ -126,5 +146,6 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # what each rank raised, for the test to compare
-        Path(sys.argv[3], f"rank{rank()}.error").write_text(f"{type(e).__name__}: {e}")
+        if sys.argv[1] != "suite":
+            Path(sys.argv[3], f"rank{rank()}.error").write_text(f"{type(e).__name__}: {e}")
         raise

@@ -1,6 +1,6 @@
 """Several processes under torchrun (fastload.distributed, fastload.train.fsdp): 2 gloo processes on the CPU.
 
-Each launch runs tests/dist_worker.py; its one-process reference runs the same function in this process. Tolerances:
+One launch runs tests/dist_worker.py's suite; the one-process references run the same functions in this process. Tolerances:
 losses to rtol 1e-5 (the same rows, gloo's fp32 reductions in another order); adapters to 2e-3 absolute, a fifth of
 one step at lr 1e-2 (Adam divides by the root of tiny second moments, so reduction-order noise in near-zero
 gradients moves single entries by up to ~5e-4; a wrong batch split or a lost gradient moves them by a whole step).
@@ -22,19 +22,33 @@ from fastload import distributed
 from fastload.errors import InvalidOption
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-LAUNCH_TIMEOUT_S = 300  # a hang fails the test instead of blocking CI; a normal launch takes 40-100 s on 2 cores
+LAUNCH_TIMEOUT_S = 400  # a hang fails the tests instead of blocking CI; the suite's launch takes ~1.5 min on 2 cores
 LOSS_RTOL, ADAPTER_ATOL = 1e-5, 2e-3
 
 
-def torchrun(out: Path, *worker_args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py ...; the environment (store,
-    offline hub) is the test's."""
+def torchrun(out: Path, home: Path, *worker_args: str, nproc: int = 2) -> subprocess.Popen:
+    """Start python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py ... with its own store and an
+    offline, empty HF cache."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(WORKER.parent)]),
-           "OMP_NUM_THREADS": "1", "FASTLOAD_DIST_TIMEOUT_S": "120"}
+           "OMP_NUM_THREADS": "1", "FASTLOAD_DIST_TIMEOUT_S": "120", "FASTLOAD_HOME": str(home),
+           "HF_HOME": str(home.parent / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(WORKER), *worker_args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process: subprocess.Popen) -> tuple[int, str, float]:
+    started = time.monotonic()
+    try:
+        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"the launch did not end within {LAUNCH_TIMEOUT_S} s (a rank hangs?):\n{output[-3000:]}")
+    return process.returncode, output, time.monotonic() - started
 
 
 def results(out: Path, nproc: int = 2) -> list[dict]:
@@ -49,62 +63,60 @@ def adapter_difference(a: Path, b: Path) -> float:
     return max((left[k] - right[k]).abs().max().item() for k in left)
 
 
-def one_process(monkeypatch, tmp_path: Path, run) -> Path:
-    """Run a worker function here, alone (no launch variables), into its own folder and store."""
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    out = tmp_path / "one"
-    out.mkdir()
-    with monkeypatch.context() as m:
-        m.setenv("FASTLOAD_HOME", str(tmp_path / "one-home"))
-        run(out)
-    return out
+@pytest.fixture(scope="module")
+def launch(tiny_llama, tmp_path_factory):
+    """One 2-process launch of dist_worker's suite (DDP training with the store race, FSDP2-QLoRA, a failing rank),
+    and meanwhile, in this process, the one-process references of the first two."""
+    root = tmp_path_factory.mktemp("launch")
+    process = torchrun(root / "out", root / "home", "suite", str(tiny_llama), str(root / "out"))
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            m.delenv(name, raising=False)
+        m.setenv("FASTLOAD_HOME", str(root / "one-home"))
+        m.setenv("HF_HUB_OFFLINE", "1")
+        for part, run in (("ddp", dist_worker.train), ("fsdp", dist_worker.fsdp_loop)):
+            (root / "one" / part).mkdir(parents=True)
+            run(str(tiny_llama), root / "one" / part, dist_worker.SUITE_BATCH, dist_worker.SUITE_STEPS,
+                "ddp" if part == "ddp" else "fsdp4bit")
+    code, output, _ = finished(process)
+    return {"code": code, "output": output, "out": root / "out", "one": root / "one", "home": root / "home"}
 
 
-def test_ddp_trains_as_one_process_and_rank_zero_alone_writes_the_store(tiny_llama, tmp_path, monkeypatch,
-                                                                       isolated_env):
-    ref = one_process(monkeypatch, tmp_path, lambda out: dist_worker.train(str(tiny_llama), out, 4, 3, "ddp"))
-    out = tmp_path / "ddp"
-    done = torchrun(out, "train", str(tiny_llama), str(out), "4", "3", "ddp")
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_ddp_trains_as_one_process_and_rank_zero_alone_writes_the_store(launch):
+    out, one = launch["out"] / "ddp", launch["one"] / "ddp"
+    assert (out / "rank1.json").is_file(), launch["output"][-3000:]
     rank0, rank1 = results(out)
-    expected = json.loads((ref / "rank0.json").read_text())["losses"]
+    expected = json.loads((one / "rank0.json").read_text())["losses"]
     for got in (rank0, rank1):
         assert got["ddp"] == "DistributedDataParallel" and got["args"]["ddp_find_unused_parameters"] is False
         assert got["losses"] == pytest.approx(expected, rel=LOSS_RTOL)
-    assert adapter_difference(out / "adapter", ref / "adapter") < ADAPTER_ATOL
+    assert adapter_difference(out / "adapter", one / "adapter") < ADAPTER_ATOL
     # both ranks started with an empty store: rank 0 quantized and stored, rank 1 loaded its whole entry
     assert (rank0["store_written_here"], rank0["source"]) == (True, "local")
     assert (rank1["store_written_here"], rank1["source"]) == (False, "store")
     from fastload.sources.store import Store
 
-    store = Store(isolated_env)
+    store = Store(launch["home"])
     assert [problem for _, problem in store.verify()] == [None]
     leftovers = list(store.tmp_dir.iterdir()) if store.tmp_dir.is_dir() else []
     assert leftovers == []
 
 
-def test_fsdp2_qlora_shards_4bit_layers_and_trains_as_one_process(tiny_llama, tmp_path, monkeypatch):
-    ref = one_process(monkeypatch, tmp_path,
-                      lambda out: dist_worker.fsdp_loop(str(tiny_llama), out, 4, 3, "fsdp4bit"))
-    out = tmp_path / "fsdp"
-    done = torchrun(out, "fsdp-loop", str(tiny_llama), str(out), "4", "3", "fsdp4bit")
-    assert done.returncode == 0, done.stderr[-3000:]
-    expected = json.loads((ref / "rank0.json").read_text())
+def test_fsdp2_qlora_shards_4bit_layers_and_trains_as_one_process(launch):
+    out, one = launch["out"] / "fsdp", launch["one"] / "fsdp"
+    assert (out / "rank1.json").is_file(), launch["output"][-3000:]
+    expected = json.loads((one / "rank0.json").read_text())
     for got in results(out):
         assert got["sharded_params"] > 0 and got["fsdp_checkpointed_modules"] > 0 and got["gathered"] > 0
         # the packed 4-bit weights are stored in the compute dtype (fp32 on this CPU), the LoRA matrices too
         assert got["base_dtypes"] == got["trainable_dtypes"] == expected["trainable_dtypes"]
         assert got["losses"] == pytest.approx(expected["losses"], rel=LOSS_RTOL)
-    assert adapter_difference(out / "adapter", ref / "adapter") < ADAPTER_ATOL
+    assert adapter_difference(out / "adapter", one / "adapter") < ADAPTER_ATOL
 
 
-def test_a_failing_rank_stops_every_rank_with_its_error(tiny_llama, tmp_path):
-    out = tmp_path / "fail"
-    started = time.monotonic()
-    done = torchrun(out, "fail", str(tiny_llama), str(out), "1")
-    assert done.returncode != 0
-    assert time.monotonic() - started < LAUNCH_TIMEOUT_S
+def test_a_failing_rank_stops_every_rank_with_its_error(launch):
+    out = launch["out"] / "fail"
+    assert launch["code"] != 0  # and it ended (finished() fails the test on a hang)
     own, other = (out / "rank1.error").read_text(), (out / "rank0.error").read_text()
     assert own.startswith("ModelNotFound") and "no-such-model" in own
     assert other.startswith("RankFailed") and "rank 1 failed: ModelNotFound" in other and "no-such-model" in other
@@ -156,8 +168,8 @@ def test_ddp_on_two_gpus_places_each_rank_on_its_own_gpu(tiny_llama, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     out = tmp_path / "gpus"
-    done = torchrun(out, "train", str(tiny_llama), str(out), "4", "3", "ddp")
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, output, _ = finished(torchrun(out, tmp_path / "home", "train", str(tiny_llama), str(out), "4", "3", "ddp"))
+    assert code == 0, output[-3000:]
     assert [r["device"] for r in results(out)] == ["cuda:0", "cuda:1"]
 
 
@@ -168,8 +180,9 @@ def test_fsdp2_qlora_through_the_trainer_on_two_gpus(tiny_llama, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     out = tmp_path / "fsdp-gpus"
-    done = torchrun(out, "train", str(tiny_llama), str(out), "4", "3", "fsdp4bit")
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, output, _ = finished(torchrun(out, tmp_path / "home", "train", str(tiny_llama), str(out), "4", "3",
+                                        "fsdp4bit"))
+    assert code == 0, output[-3000:]
     for got in results(out):
         assert got["sharded_params"] > 0 and got["fsdp_checkpointed_modules"] > 0
         assert got["trainable_dtypes"] == ["torch.bfloat16"]
