@@ -152,13 +152,18 @@ class FastModel:
             logger.info("replacing the untrained default LoRA adapter from_pretrained added with the one asked (%s)",
                         "; ".join(differences))
             model = unload_adapter(model)
+        fsdp = getattr(model, "fastload_fsdp", None)  # loaded with fsdp=True: FSDP's checkpointing, not this
         checkpointing = asked.get("gradient_checkpointing", is_checkpointing(model))
         peft_model = apply_lora(model, settings, random_state)
-        if checkpointing:
+        if checkpointing and not fsdp:
             enable_checkpointing(peft_model)
         for attr in ("max_seq_length", "fastload_plan", "fastload_backend", "fastload_engine_settings", "fastload_engine"):
             if hasattr(model, attr):
                 setattr(peft_model, attr, getattr(model, attr))
+        if fsdp:
+            from fastload.train.fsdp import prepare_for_fsdp
+
+            prepare_for_fsdp(peft_model, fsdp["activation_checkpointing"])
         if checkpointing and getattr(peft_model, "fastload_engine", None):
             from fastload.train.checkpointing import _base
             from fastload.engine.offloaded_checkpoint import uses_engine_checkpointing

@@ -102,7 +102,10 @@ def fsdp_arguments(model) -> dict:
               "transformer_layer_cls_to_wrap": layer_class_names(model),
               "activation_checkpointing": wish["activation_checkpointing"], "state_dict_type": "FULL_STATE_DICT",
               "reshard_after_forward": True}
-    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config, "gradient_checkpointing": False}
+    # torch's AdamW: FSDP2 turns the parameters into DTensors, which bitsandbytes' 8-bit state does not shard;
+    # the fp32 state of LoRA matrices is small, and sharded with them
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": config, "gradient_checkpointing": False,
+            "optim": "adamw_torch"}
 
 
 def is_sharded(model) -> bool:
