@@ -61,7 +61,9 @@ def load_recipe(model_dir: str, fsdp: bool):
     if not fsdp:
         return (torch.nn.parallel.DistributedDataParallel(model, device_ids=[local]),
                 bnb.optim.AdamW8bit(trainable, lr=2e-4))
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
     from torch.distributed.fsdp import fully_shard
 
     for p in trainable:

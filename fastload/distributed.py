@@ -14,8 +14,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from fastload._log import logger
 from fastload.errors import InvalidOption, RankFailed
@@ -24,6 +25,7 @@ T = TypeVar("T")
 TIMEOUT_ENV = "FASTLOAD_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 3600  # ranks wait this long for rank 0's load: quantizing a 70B and storing it takes minutes
 FSDP_ENV_TRUE = ("1", "true", "yes")
+LAUNCH_FIX = "launch with torchrun or accelerate launch, which set RANK, LOCAL_RANK and WORLD_SIZE"
 _state: dict = {}  # the coordination group, made once per process
 
 
@@ -48,8 +50,7 @@ def _env_int(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise InvalidOption(f"{name}={value!r} in the environment", found="the launcher's variable is not a number",
-                            fix="launch with torchrun or accelerate launch, which set RANK, LOCAL_RANK and WORLD_SIZE") \
-            from None
+                            fix=LAUNCH_FIX) from None
 
 
 def current_launch() -> Launch | None:
@@ -59,8 +60,7 @@ def current_launch() -> Launch | None:
         return None
     rank, local = _env_int("RANK"), _env_int("LOCAL_RANK")
     if rank is None:
-        raise InvalidOption(f"WORLD_SIZE={world} in the environment", found="RANK is not set",
-                            fix="launch with torchrun or accelerate launch, which set RANK, LOCAL_RANK and WORLD_SIZE")
+        raise InvalidOption(f"WORLD_SIZE={world} in the environment", found="RANK is not set", fix=LAUNCH_FIX)
     return Launch(rank=rank, local_rank=rank if local is None else local, world_size=world)
 
 

@@ -57,9 +57,11 @@ def train(ckpt: str, out: Path, global_batch: int, steps: int, how: str) -> None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     FastModel.save_adapter(model, out / "adapter")
     write(out, {"losses": losses, "sharded_params": len(sharded), "fsdp_checkpointed_modules": checkpointed,
-                "ddp": type(wrapped).__name__, "store_written_here": bool(getattr(model, "fastload_quantized_now", False)),
-                "source": model.fastload_plan.source, "args": {"ddp_find_unused_parameters": args.ddp_find_unused_parameters,
-                                           "fsdp": bool(args.fsdp), "world": world},
+                "ddp": type(wrapped).__name__,
+                "store_written_here": bool(getattr(model, "fastload_quantized_now", False)),
+                "source": model.fastload_plan.source,
+                "args": {"ddp_find_unused_parameters": args.ddp_find_unused_parameters,
+                         "fsdp": bool(args.fsdp), "world": world},
                 "device": str(next(p for p in model.parameters()).device),
                 "trainable_dtypes": sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})})
 

@@ -1,6 +1,7 @@
 """Several processes under torchrun (fastload.distributed, fastload.train.fsdp): 2 gloo processes on the CPU.
 
-One launch runs tests/dist_worker.py's suite; the one-process references run the same functions in this process. Tolerances:
+One launch runs tests/dist_worker.py's suite; the one-process references run the same functions in this process.
+Tolerances:
 losses to rtol 1e-5 (the same rows, gloo's fp32 reductions in another order); adapters to 2e-3 absolute, a fifth of
 one step at lr 1e-2 (Adam divides by the root of tiny second moments, so reduction-order noise in near-zero
 gradients moves single entries by up to ~5e-4; a wrong batch split or a lost gradient moves them by a whole step).
@@ -15,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+import dist_worker
 import pytest
 
-import dist_worker
 from fastload import distributed
 from fastload.errors import InvalidOption
 

@@ -19,7 +19,11 @@ CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_
 
 def compute_dtype_name(dtype: Any, device_map: Any) -> str:
     """The dtype the model will compute in (as from_pretrained chooses it), as a QuantSettings storage name."""
-    from fastload.load.devices import choose_compute_dtype, main_device, resolve_device_map
+    from fastload.load.devices import (
+        choose_compute_dtype,
+        main_device,
+        resolve_device_map,
+    )
     from fastload.settings import dtype_name
 
     asked = dtype_name(dtype, "dtype")
@@ -164,7 +168,9 @@ def shard(model, checkpointing: bool | None = None):
     Raises:
         InvalidOption: the model was not loaded with fsdp=True, or this process is not part of a launch.
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
     from torch.distributed.fsdp import fully_shard
 
     from fastload.distributed import launched
