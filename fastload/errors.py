@@ -74,3 +74,7 @@ class SaveError(FastloadError, OSError):
 
 class AdapterError(FastloadError):
     """LoRA adapters cannot be added, loaded, saved or merged as asked."""
+
+
+class RankFailed(FastloadError):
+    """Another process of a torchrun / accelerate launch failed; this one stops too instead of waiting for it."""

@@ -56,10 +56,12 @@ class FastModel:
                         attn_implementation: str | None = None, random_state: int | None = DEFAULT_SEED,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
                         backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
-                        **quant_options: Any):
+                        fsdp: bool | None = None, **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
         `fastload.resolve(...)` shows the plan first; the README's options table says the same with the defaults.
+        Under torchrun / accelerate launch each rank loads onto its own GPU, rank 0 first (it alone writes the
+        store); fsdp=True (or the launcher's FSDP config) prepares the model for FSDP2-QLoRA (docs/multi-gpu.md).
 
         Args:
             model_name: hub id, registry alias, local folder (16-bit or pre-quantized), adapter folder or .gguf file.
@@ -88,6 +90,8 @@ class FastModel:
             rope_scaling: passed to the config, for longer contexts.
             engine: the performance engine: True, False, or a dict of levers (fused_lora, fused_loss,
                 offload_checkpointing, kernels, cuda_graphs).
+            fsdp: prepare for FSDP2-QLoRA (quant storage = compute dtype, FSDP's own checkpointing); default:
+                what the launcher's config says.
             **quant_options: bitsandbytes options (bnb_4bit_quant_type, bnb_4bit_use_double_quant,
                 bnb_4bit_compute_dtype, bnb_4bit_quant_storage, llm_int8_*) and Unsloth's keyword names.
 
@@ -100,6 +104,7 @@ class FastModel:
             CheckpointCorrupt, CheckpointIncomplete, UnsafeCheckpoint: the files are damaged, partial or pickled.
             UnsupportedArchitecture, NotEnoughMemory, DeviceUnavailable: the model cannot run here.
         """
+        from fastload import distributed
         from fastload.backends import choose_backend
         from fastload.sources.resolve import make_store, resolve
 
@@ -121,21 +126,39 @@ class FastModel:
         lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
         store_obj = make_store(store)
         started = time.perf_counter()
-        plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                       prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
-                       allow_pickle=allow_pickle, quantization_config=quantization_config,
-                       **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
-        logger.info("source: %s (%s)", plan.location, plan.reason)
-        opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
-                           cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation, allow_pickle=allow_pickle,
-                           rope_scaling=rope_scaling)
-        impl = choose_backend(backend, plan, opts)
-        model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
+        device_map = distributed.join_launch(device_map)
+        fsdp = distributed.fsdp_from_launcher() if fsdp is None else fsdp
+        if fsdp:
+            from fastload.train.fsdp import fsdp_load_options
+
+            quant_options, engine = fsdp_load_options(quant_options, quantization_config, dtype, device_map, engine)
+
+        def load():
+            plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                           prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
+                           allow_pickle=allow_pickle, quantization_config=quantization_config,
+                           **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
+            plan = distributed.store_writes_on_rank_zero(plan)
+            logger.info("source: %s (%s)", plan.location, plan.reason)
+            opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
+                               cache_dir=cache_dir, local_files_only=local_files_only,
+                               trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                               allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+            impl = choose_backend(backend, plan, opts)
+            checkpointing = gradient_checkpointing and not fsdp  # under FSDP: its own wrapper, set by the trainer
+            loaded = impl.load(plan, opts, store_obj, lora_settings, checkpointing, random_state)
+            distributed.finish_store_writes()
+            return plan, impl, *loaded
+
+        plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
+        if fsdp:
+            from fastload.train.fsdp import prepare_for_fsdp
+
+            prepare_for_fsdp(model, bool(gradient_checkpointing))
         if impl.name == "native":
             from fastload.engine import EngineSettings, apply_engine
 
-            apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing))
+            apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing) and not fsdp)
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         state = state_of(model)
         state.plan, state.backend = plan, impl.name
@@ -180,15 +203,20 @@ class FastModel:
             logger.info("replacing the untrained default LoRA adapter from_pretrained added with the one asked (%s)",
                         "; ".join(differences))
             model = unload_adapter(model)
+        fsdp = state_of(model, create=False).fsdp  # loaded with fsdp=True: FSDP's checkpointing, not this
         checkpointing = asked.get("gradient_checkpointing", is_checkpointing(model))
         peft_model = apply_lora(model, settings, random_state)
-        if checkpointing:
+        if checkpointing and not fsdp:
             enable_checkpointing(peft_model)
+        if fsdp:
+            from fastload.train.fsdp import prepare_for_fsdp
+
+            prepare_for_fsdp(peft_model, fsdp["activation_checkpointing"])
         engine = state_of(peft_model).engine_settings
         if engine is not None:  # the levers that apply to the new adapters (apply_engine keeps what it installed)
             from fastload.engine import apply_engine
 
-            apply_engine(peft_model, engine, bool(checkpointing))
+            apply_engine(peft_model, engine, bool(checkpointing) and not fsdp)
         return apply_peft_extras(attach_save_methods(peft_model), asked)
 
     @staticmethod

@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequence length of a training batch")
     parser.add_argument("--batch", type=positive_int, default=1, help="batch size")
     parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
+    parser.add_argument("--gpus", type=positive_int, default=1,
+                        help="GPUs to train on: memory per GPU for DDP and FSDP2-QLoRA (--batch is per GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +33,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         counts = memory.count_params(config)
     est = memory.estimate_counts(counts, args.seq, args.batch, args.r, basis=basis)
-    emit(args, {"name": args.name, **est.as_dict()}, est.table())
+    data, text = {"name": args.name, **est.as_dict()}, est.table()
+    if args.gpus > 1:
+        spread = memory.per_gpu(est, args.gpus)
+        data, text = {**data, **spread.as_dict()}, text + "\n" + spread.table()
+    emit(args, data, text)
     return EXIT_OK
 
 

@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     records = load_records(args.data)  # read first: a bad file fails before minutes of loading
     if not records:
         raise InvalidOption(f"Training on {args.data}", found="the file holds no records", fix="give a non-empty file")
-    if out.parent.is_dir():  # a previous run killed while writing its adapter: put its folder back first
+    from fastload.distributed import is_main_process
+
+    if out.parent.is_dir() and is_main_process():  # a previous run killed while writing its adapter: put it back
         clean_leftovers(out.parent, out)
     resume_from = resume_point(args, out)
     model, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=args.seq,
@@ -103,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
             "started_at_step": getattr(progress, "first_step", 0),
             "final_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
             "tokens": state.num_input_tokens_seen, "checkpoint": str(newest_checkpoint(out) or "")}
+    if not is_main_process():  # under torchrun every rank trained; rank 0 alone reports (and saved)
+        return EXIT_OK
     emit(args, data, f"trained {state.global_step} steps (loss {data['final_loss']}); adapter saved in {out}")
     return EXIT_OK

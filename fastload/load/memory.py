@@ -301,3 +301,36 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
                        "up to %.2f GiB of the %.2f GiB free: %s", name, bits, need / GIB, seq,
                        training_need(seq) / GIB, free / GIB, advice)
     return need
+
+
+@dataclass(frozen=True)
+class PerGpu:
+    """Memory per GPU of QLoRA training on `gpus` GPUs (batch per GPU as estimated), the two ways fastload runs."""
+
+    gpus: int
+    ddp: int             # each GPU holds the whole 4-bit model, its adapter, optimizer state and activations
+    fsdp: int            # projections, adapter and optimizer state sharded; embeddings/lm_head (FSDP's root unit)
+                         # whole; two decoder layers gathered at once (the one computing, the one prefetched)
+    fsdp_load_peak: int  # each rank loads the whole 4-bit model onto its GPU before FSDP shards it
+
+    def table(self) -> str:
+        rows = [(f"DDP, per GPU ({self.gpus} GPUs: the whole model on each)", self.ddp),
+                (f"FSDP2-QLoRA, per GPU while training ({self.gpus} shards)", self.fsdp),
+                ("FSDP2-QLoRA, per GPU while loading (whole 4-bit model, before sharding)", self.fsdp_load_peak)]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"  {name:<{width}}  {b / GIB:8.2f} GiB" for name, b in rows)
+
+    def as_dict(self) -> dict:
+        return {"gpus": self.gpus, "ddp_per_gpu": self.ddp, "fsdp_per_gpu": self.fsdp,
+                "fsdp_load_peak_per_gpu": self.fsdp_load_peak}
+
+
+def per_gpu(est: MemoryEstimate, gpus: int) -> PerGpu:
+    """DDP and FSDP2 memory per GPU for QLoRA (4-bit, checkpointing) on `gpus` GPUs."""
+    counts = est.counts
+    other = counts.other * 2  # 16-bit embeddings, norms, lm_head
+    projections = est.weights_4bit - other
+    layer = projections / max(counts.layers, 1)
+    sharded = (projections + 2 * est.lora + est.optimizer_8bit) / gpus
+    return PerGpu(gpus=gpus, ddp=est.training_total(4, True),
+                  fsdp=int(sharded + other + 2 * layer + est.activations), fsdp_load_peak=est.weights_4bit)

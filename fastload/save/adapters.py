@@ -9,10 +9,12 @@ import re
 from pathlib import Path
 
 from fastload._log import logger
+from fastload.distributed import rank_zero_only
 from fastload.errors import AdapterError, FastloadError
 from fastload.model_state import state_of
 from fastload.save.folders import atomic_directory
 from fastload.sources.hub import hub_calls_off
+from fastload.train.fsdp import full_state_dict, save_gathered_adapter
 
 # -- where the adapter's base lives -------------------------------------------------------------------------------
 
@@ -114,10 +116,18 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     require_adapters(model, "Saving the LoRA adapter")
     name_base_model(model, state_of(model, create=False).plan)
     directory = Path(directory)
-    with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
-        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+    state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
+
+    def write() -> None:
+        with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
+            if state is not None:
+                save_gathered_adapter(model, tmp, state)
+            else:  # peft would look up the base repo on the hub: hub_calls_off
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+    rank_zero_only(f"Saving the LoRA adapter in {directory}", write)
     logger.info("saved the LoRA adapter in %s (base: %s)", directory,
                 next(iter(model.peft_config.values())).base_model_name_or_path)
     return directory
@@ -138,9 +148,17 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
         SaveError: the disk is full or the folder cannot be written.
     """
     name_base_model(model, state_of(model, create=False).plan)
-    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+    state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
+
+    def write() -> None:
+        with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
+            if state is not None:
+                save_gathered_adapter(model, tmp, state)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+
+    rank_zero_only(f"Saving the LoRA adapter in {out}", write)
 
 
 # -- the adapter's names, in peft and in a checkpoint -------------------------------------------------------------

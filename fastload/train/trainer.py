@@ -98,7 +98,7 @@ def training_arguments(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, sft: 
     dtype; without, the device decides the precision and TRL's max_length stays.
     """
     cls = arguments_class(sft)
-    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model)}
+    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model), **launch_defaults(model)}
     if sft and getattr(model, "max_seq_length", None):
         options["max_length"] = model.max_seq_length
     options.update(kwargs)
@@ -113,6 +113,30 @@ def training_arguments(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, sft: 
                             fix=f"use {cls.__name__} field names (see its documentation); SFT-only fields such as "
                                 "max_length need sft=True")
     return cls(output_dir=str(output_dir), **options)
+
+
+def launch_defaults(model=None) -> dict[str, Any]:
+    """Fields for a run under torchrun / accelerate launch: FSDP's for a model loaded with fsdp=True
+    (fastload.train.fsdp); else DDP without the search for unused parameters (every LoRA matrix gets a gradient;
+    the search costs a pass over the graph each step)."""
+    from fastload.distributed import current_launch
+    from fastload.train.fsdp import fsdp_arguments
+
+    options = fsdp_arguments(model) if model is not None else {}
+    if current_launch() is None:
+        return options
+    import torch
+
+    if options and not torch.cuda.is_available():
+        logger.warning("FSDP: transformers' Trainer shards only on GPUs; these CPU processes train data-parallel "
+                       "(DDP) instead (fastload.train.fsdp.shard(model) shards for a training loop of your own)")
+        options = {}
+    if not options:
+        options["ddp_find_unused_parameters"] = False
+
+    if not torch.cuda.is_available():  # transformers treats CPU processes as one launch only with use_cpu
+        options.update(use_cpu=True, ddp_backend="gloo")
+    return options
 
 
 def default_optim() -> str:
@@ -159,6 +183,8 @@ def _normalize_args(args, model, sft: bool):
             args.max_length = limit
         elif limit and args.max_length and args.max_length > limit:
             logger.warning("SFT max_length=%s is beyond the model's max_seq_length=%s", args.max_length, limit)
+    if args.ddp_find_unused_parameters is None and "ddp_find_unused_parameters" in launch_defaults(model):
+        args.ddp_find_unused_parameters = False
     if args.gradient_checkpointing:
         kw = dict(args.gradient_checkpointing_kwargs or {})
         if "use_reentrant" not in kw:
