@@ -14,6 +14,7 @@ from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, InvalidOption
 from fastload.load.loader import LoadOptions
+from fastload.load.phases import phase, recording
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, LoraSettings
 
 _DEFAULT = object()  # lora left unset: fastload's default LoRA (settings.LoraSettings)
@@ -82,21 +83,27 @@ class FastModel:
         lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
         store_obj = make_store(store)
         started = time.perf_counter()
-        plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                       prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
-                       allow_pickle=allow_pickle, quantization_config=quantization_config,
-                       **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
-        logger.info("source: %s (%s)", plan.location, plan.reason)
-        opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
-                           cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
-                           attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
-        impl = choose_backend(backend, plan, opts)
-        model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
-        if impl.name == "native":
-            from fastload.engine import EngineSettings, apply_engine
+        with recording() as phases:  # where the time went: model.fastload_load_phases
+            with phase("resolve"):
+                plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                               prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
+                               allow_pickle=allow_pickle, quantization_config=quantization_config,
+                               **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
+            logger.info("source: %s (%s)", plan.location, plan.reason)
+            opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
+                               cache_dir=cache_dir, local_files_only=local_files_only,
+                               trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                               allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+            impl = choose_backend(backend, plan, opts)
+            model, tokenizer = impl.load(plan, opts, store_obj, lora_settings, gradient_checkpointing, random_state)
+            if impl.name == "native":
+                from fastload.engine import EngineSettings, apply_engine
 
-            model.fastload_engine_settings = EngineSettings.from_user(engine)
-            model.fastload_engine = apply_engine(model, model.fastload_engine_settings, bool(gradient_checkpointing))
+                model.fastload_engine_settings = EngineSettings.from_user(engine)
+                with phase("engine"):
+                    model.fastload_engine = apply_engine(model, model.fastload_engine_settings,
+                                                         bool(gradient_checkpointing))
+        model.fastload_load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         model.fastload_plan = plan
         model.fastload_backend = impl.name

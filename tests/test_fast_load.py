@@ -117,6 +117,47 @@ def test_a_checkpoint_the_direct_load_does_not_cover_takes_the_old_path_and_its_
                for r in caplog.records)
 
 
+def test_a_load_says_where_its_time_went(tiny_llama, monkeypatch):
+    """model.fastload_load_phases: each phase of the direct load, LoRA and checkpointing, the tokenizer read on its
+    own thread meanwhile; the caller's phases add up to no more than the load took."""
+    import time as clock
+
+    started = clock.perf_counter()
+    model = load(tiny_llama, monkeypatch, direct=True, store=False, lora={}, gradient_checkpointing=True)
+    wall = clock.perf_counter() - started
+    phases = model.fastload_load_phases
+    assert {"resolve", "config", "checkpoint_checks", "module_construction", "read_wait", "host_to_device",
+            "quantization", "finish", "tokenizer_wait", "tokenizer_overlapped", "lora", "checkpointing"} <= set(phases)
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(v for k, v in phases.items() if k != "tokenizer_overlapped") <= wall
+
+
+def test_the_hub_switch_is_restored_when_two_threads_overlap(monkeypatch):
+    """The tokenizer thread and the weights both keep the hub off; interleaved, the last one out restores it."""
+    import threading
+
+    from huggingface_hub import constants
+
+    from fastload.sources.hub import hub_calls_off
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with hub_calls_off():
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    with hub_calls_off():
+        thread.start()
+        inside.wait(10)
+    assert constants.HF_HUB_OFFLINE is True  # the other thread is still inside
+    release.set()
+    thread.join()
+    assert constants.HF_HUB_OFFLINE is False
+
+
 # -- the store entry written in the background -------------------------------------------------------------------
 
 def entry_dir(home: Path) -> Path:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from fastload._log import logger
+from fastload.load.phases import add as add_phase
+from fastload.load.phases import phase
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                        "quant_state.bitsandbytes__fp4")
@@ -207,17 +209,23 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
     if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
         if prequantized:
             stats = {k[len(key) + 1:]: v for k, v in parts.items() if k != key}
-            param = bnb.nn.Params4bit.from_prequantized(data=value.to(device), quantized_stats=stats,
-                                                        requires_grad=False, device=device, module=module)
+            with phase("host_to_device"):
+                value = value.to(device)
+            with phase("quantization"):  # the stored states wrapped, nothing computed
+                param = bnb.nn.Params4bit.from_prequantized(data=value, quantized_stats=stats,
+                                                            requires_grad=False, device=device, module=module)
         else:
             old = module.weight
-            param = bnb.nn.Params4bit(value.to(device=device, dtype=dtype), requires_grad=False,
-                                      **old.__dict__).to(device)
+            with phase("host_to_device"):
+                value = value.to(device=device, dtype=dtype)
+            with phase("quantization"):
+                param = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
         module._parameters["weight"] = param
         return
     current = getattr(module, name)
     target_dtype = dtype if value.is_floating_point() and (prequantized or current.dtype == dtype) else current.dtype
-    value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
+    with phase("host_to_device"):
+        value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
         module._parameters[name] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
     else:
@@ -230,8 +238,11 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
     pending: dict[str, dict[str, torch.Tensor]] = {}
     out: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     threads = stream_tensors(where, spans, device, out)
+    waited = 0.0
     for _ in range(len(owner)):
+        started = time.perf_counter()
         name, tensor = out.get()
+        waited += time.perf_counter() - started
         if name is None:
             raise tensor
         key = owner[name]
@@ -240,6 +251,7 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             place(model, key, pending.pop(key), dtype, device, prequantized)
     for t in threads:
         t.join()
+    add_phase("read_wait", waited)
 
 
 def finish(model, hf_quantizer, device, location: str) -> None:
@@ -286,16 +298,20 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
     try:
         if reason is None:
             started = time.perf_counter()
-            model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
-                                                 device_map, [str(f) for f in weight_files])
-            where, spans = read_headers(weight_files)
-            wanted = plan_tensors(model, where, plan.prequantized)
+            with phase("module_construction"):
+                model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
+                                                     device_map, [str(f) for f in weight_files])
+            with phase("checkpoint_checks"):
+                where, spans = read_headers(weight_files)
+                wanted = plan_tensors(model, where, plan.prequantized)
             built = time.perf_counter()
             fill(model, wanted, where, spans, dtype, device, plan.prequantized)
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                with phase("device_sync"):
+                    torch.cuda.synchronize(device)
             filled = time.perf_counter()
-            finish(model, hf_quantizer, device, plan.location)
+            with phase("finish"):
+                finish(model, hf_quantizer, device, plan.location)
             model.fastload_direct_load = True
             logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
                         built - started, len(where), "placed" if plan.prequantized else "quantized",

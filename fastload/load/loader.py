@@ -9,6 +9,7 @@ from typing import Any
 
 from fastload.sources import plan as P
 from fastload._log import logger
+from fastload.load.phases import phase
 from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
 from fastload.errors import (CheckpointCorrupt, CheckpointError, CheckpointIncomplete, FastloadError, GatedModel, InvalidOption,
                      ModelNotFound, NotEnoughMemory, UnsafeCheckpoint, UnsupportedArchitecture)
@@ -313,6 +314,13 @@ def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, in
 
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
+    from fastload.sources.checkpoint_files import headers_read_once
+
+    with headers_read_once():
+        return _load_weights(plan, opts)
+
+
+def _load_weights(plan: LoadPlan, opts: LoadOptions):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -322,20 +330,23 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     device_map = resolve_device_map(opts.device_map)
     device = main_device(device_map)
     dtype = choose_dtype(plan, opts, device)
-    config = load_config(plan, opts)
+    with phase("config"):
+        config = load_config(plan, opts)
     from fastload.load.attention.choice import choose_attn_implementation
 
-    attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
+    with phase("attention_choice"):  # imports the architecture's modeling module the first time
+        attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
-    local = local_files_of(plan, opts)
-    info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
-    if info is not None:
-        check_tokenizer_files(local)
-    bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
-    check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
-               other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
-    if info is not None and info.safetensors and not plan.prequantized:
-        check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
+    with phase("checkpoint_checks"):
+        local = local_files_of(plan, opts)
+        info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
+        if info is not None:
+            check_tokenizer_files(local)
+        bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
+        check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
+                   other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
+        if info is not None and info.safetensors and not plan.prequantized:
+            check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(_hub_kwargs(plan, opts), dtype=dtype, device_map=device_map, output_loading_info=True,
               attn_implementation=attention, **opts.model_kwargs)
     if not opts.allow_pickle:
@@ -352,7 +363,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
-        with translated_errors(plan), hub_stays_local(plan):
+        with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"):
             model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
