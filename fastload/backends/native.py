@@ -41,18 +41,24 @@ def requantize_plan(plan, opts, store):
 
 
 class TokenizerLoad:
-    """The tokenizer read on its own thread while the weights load, when its files are in a local folder (a
-    download stays on the caller's thread, in order). result() gives it, or raises what loading it raised, the
-    same fastload error the serial load gave; a tokenizer error is seen after the weights' own errors."""
+    """The tokenizer read on its own thread while the weights are read and quantized, when its files are in a local
+    folder. start() is called by the direct load once the model's classes are imported: transformers' lazy imports
+    are not safe from two threads at once. result() gives the tokenizer, or raises what loading it raised (the same
+    fastload error as before); a load that never called start() reads it then, on the caller's thread."""
 
     def __init__(self, plan, opts):
         self.plan, self.opts = plan, opts
         self._value = self._error = None
         self._seconds = 0.0
         self._thread = None
-        if Path(plan.location).is_dir() and not plan.will_download:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="fastload-tokenizer")
-            self._thread.start()
+
+    def start(self) -> None:
+        if self._thread is not None or not Path(self.plan.location).is_dir() or self.plan.will_download:
+            return
+        from transformers import AutoTokenizer, GenerationConfig  # noqa: F401 - imported here, on the caller's thread
+
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fastload-tokenizer")
+        self._thread.start()
 
     def _run(self) -> None:
         started = time.perf_counter()
@@ -150,7 +156,7 @@ class NativeBackend:
             plan = materialize_gguf(plan, store.root if store is not None else None)
         started = time.perf_counter()
         tokenizer = TokenizerLoad(tokenizer_source(plan), opts)
-        model, dtype, device = load_weights(plan, opts)
+        model, dtype, device = load_weights(plan, opts, before_reading=tokenizer.start)
         what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)

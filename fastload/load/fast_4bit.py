@@ -278,7 +278,7 @@ def finish(model, hf_quantizer, device, location: str) -> None:
             pass  # from_pretrained keeps the config-derived one as well when the file cannot be read
 
 
-def load_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config):
+def load_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config, before_reading=None):
     """The model as from_pretrained would return it, or None (reason logged) when the direct load does not cover it.
 
     Args:
@@ -289,6 +289,7 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
         device_map: the resolved device map (one device).
         weight_files: the checkpoint's safetensors files.
         quantization_config: the BitsAndBytesConfig to quantize with, or None for a pre-quantized checkpoint.
+        before_reading: called once the modules are built, before the weights are read (or None).
 
     Returns:
         The model, or None.
@@ -305,6 +306,8 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
                 where, spans = read_headers(weight_files)
                 wanted = plan_tensors(model, where, plan.prequantized)
             built = time.perf_counter()
+            if before_reading is not None:
+                before_reading()
             fill(model, wanted, where, spans, dtype, device, plan.prequantized)
             if device.type == "cuda":
                 with phase("device_sync"):

@@ -302,25 +302,28 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     return None
 
 
-def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config):
+def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config,
+                before_reading=None):
     """fastload's direct 4-bit load (fastload.load.fast_4bit) when it covers the plan, else None."""
     if info is None or not info.safetensors or not (plan.prequantized or plan.quant.quantized):
         return None
     from fastload.load.fast_4bit import load_direct
 
     with translated_errors(plan):
-        return load_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config)
+        return load_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config,
+                           before_reading)
 
 
-def load_weights(plan: LoadPlan, opts: LoadOptions):
-    """from_pretrained as the plan says; returns the model on its device, before LoRA."""
+def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
+    """from_pretrained as the plan says; returns the model on its device, before LoRA. The direct load calls
+    before_reading() once its modules are built, just before it reads the weights (the tokenizer starts then)."""
     from fastload.sources.checkpoint_files import headers_read_once
 
     with headers_read_once():
-        return _load_weights(plan, opts)
+        return _load_weights(plan, opts, before_reading)
 
 
-def _load_weights(plan: LoadPlan, opts: LoadOptions):
+def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -359,7 +362,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info, kw.get("quantization_config"))
+    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
+                        kw.get("quantization_config"), before_reading)
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
