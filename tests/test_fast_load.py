@@ -186,7 +186,8 @@ def test_an_on_the_fly_load_keeps_no_full_copy_in_anonymous_memory(tiny_llama, t
     script.write_text(MEASURE_ANON.format(tests=str(Path(__file__).parent), warmup=str(tiny_llama),
                                           checkpoint=str(deep)))
     env = dict(os.environ, FASTLOAD_DIRECT_LOAD="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     grown, direct = out.stdout.split()[-2:]
     assert direct == "True"
