@@ -13,6 +13,7 @@ from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, InvalidOption
 from fastload.load.loader import LoadOptions
+from fastload.load.phases import phase, recording
 from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED, LoraSettings
 
@@ -134,10 +135,11 @@ class FastModel:
             quant_options, engine = fsdp_load_options(quant_options, quantization_config, dtype, device_map, engine)
 
         def load():
-            plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                           prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
-                           allow_pickle=allow_pickle, quantization_config=quantization_config,
-                           **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
+            with phase("resolve"):
+                plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                               prefer_prequantized=prefer_prequantized, store=store_obj if store_obj else False,
+                               allow_pickle=allow_pickle, quantization_config=quantization_config,
+                               **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
             plan = distributed.store_writes_on_rank_zero(plan)
             logger.info("source: %s (%s)", plan.location, plan.reason)
             opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
@@ -150,15 +152,18 @@ class FastModel:
             distributed.finish_store_writes()
             return plan, impl, *loaded
 
-        plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
-        if fsdp:
-            from fastload.train.fsdp import prepare_for_fsdp
+        with recording() as phases:  # where the time went: model.fastload.load_phases
+            plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
+            if fsdp:
+                from fastload.train.fsdp import prepare_for_fsdp
 
-            prepare_for_fsdp(model, bool(gradient_checkpointing))
-        if impl.name == "native":
-            from fastload.engine import EngineSettings, apply_engine
+                prepare_for_fsdp(model, bool(gradient_checkpointing))
+            if impl.name == "native":
+                from fastload.engine import EngineSettings, apply_engine
 
-            apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing) and not fsdp)
+                with phase("engine"):
+                    apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing) and not fsdp)
+        state_of(model).load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         state = state_of(model)
         state.plan, state.backend = plan, impl.name

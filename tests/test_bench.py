@@ -96,30 +96,58 @@ def test_plan_shards_keeps_order_and_limit():
 
 
 def test_load_phase_in_process(tiny_bench_dir, tmp_path):
-    """fastload's first load stores (timed apart), the second comes from its store; the recipe loads its NF4 copy."""
+    """fastload's first load stores (timed apart), the next comes from its store, store=False stores nothing; each
+    reports its phases, first step and anonymous memory; the recipe loads its NF4 copy."""
     base = dict(model="tiny", model_dir=str(tiny_bench_dir), device="cpu", dtype="float32", seq=64,
                 fastload_home=str(tmp_path / "home"), prequantized_dir=str(tmp_path / "pq"))
     cold = run(Job(phase="load", impl="fastload", variant="onthefly", cache="cold", cold_method="fadvise", **base))
     if pagecache.cold_unavailable(tmp_path, allow_drop_caches=False) is None:
         assert cold.get("error") is None, cold.get("traceback")
-        assert cold["cold_ok"] and cold["store_write_s"] is None  # the cold on-the-fly load does not store
+        assert cold["cold_ok"] and cold["store_write_s"] is None  # store=False: nothing stored
+        assert cold["disk_read_s"] > 0 and cold["disk_read_gbps"] > 0  # the disk's own time for the same bytes
     else:
         assert "page cache cold" in cold["error"]
-    first = run(Job(phase="load", impl="fastload", variant="onthefly", **base))
+    first = run(Job(phase="load", impl="fastload", variant="first", t0=repr(__import__("time").time()), **base))
     assert first.get("error") is None, first.get("traceback")
     assert first["source"] == "local" and first["store_write_s"] > 0
     assert first["load_s"] == pytest.approx(first["from_pretrained_s"] - first["store_write_s"])
     assert first["resident_before"] == pytest.approx(1.0, abs=0.05)  # warm: every page read once
-    second = run(Job(phase="load", impl="fastload", variant="prequantized", **base))
+    assert first["first_step_s"] > 0 and first["start_to_first_step_s"] > first["ready_s"]
+    assert first["anon_rss_peak_gib"] > 0 and first["phases_s"]["quantization"] > 0
+    second = run(Job(phase="load", impl="fastload", variant="store", **base))
     assert second.get("error") is None, second.get("traceback")
     assert second["source"] == "store" and second["store_write_s"] is None
     assert second["read_bytes"] < first["read_bytes"]  # 4-bit weights on disk are smaller than bf16
+    assert "start_to_first_step_s" not in second  # no launcher time given
     saved = run(Job(phase="quantize", impl="recipe", **base))
     assert saved.get("error") is None, saved.get("traceback")
     assert "quantization_config" in json.loads((tmp_path / "pq" / "config.json").read_text())
     recipe = run(Job(phase="load", impl="recipe", variant="prequantized", **base))
     assert recipe.get("error") is None, recipe.get("traceback")
     assert recipe["source"] == "prequantized" and recipe["ready_s"] >= recipe["load_s"] > 0
+    assert recipe["phases_s"] is None  # only fastload records its phases
+
+
+def test_load_report_takes_the_median_of_fresh_runs_and_compares_ready_times():
+    def load(impl, variant, ready, repeat, cache="warm", **extra):
+        return {"phase": "load", "impl": impl, "model": "m", "variant": variant, "cache": cache, "ready_s": ready,
+                "load_s": ready / 2, "repeat": repeat, "phases_s": {"reading": ready / 4} if impl == "fastload"
+                else None, **extra}
+
+    records = [load("fastload", "store", t, i) for i, t in enumerate((1.0, 9.0, 2.0))]
+    records += [load("recipe", "onthefly", t, i) for i, t in enumerate((8.0, 8.0, 4.0))]
+    records += [load("unsloth", "onthefly", 10.0, 0), load("unsloth", "onthefly", 0.0, 1, error="boom")]
+    records += [load("fastload", "store", 3.0, 0, cache="cold", disk_read_s=1.0)]
+    rows = {(r["impl"], r["cache"]): r for r in report.load_rows(records)}
+    mine = rows[("fastload", "warm")]
+    assert mine["ready_s"] == 2.0 and mine["runs"] == 3 and mine["phases_s"] == {"reading": 0.5}
+    assert mine["ready_vs_recipe"] == pytest.approx(2.0 / 8.0) and mine["ready_vs_unsloth"] == pytest.approx(0.2)
+    assert rows[("unsloth", "warm")]["runs"] == 1  # the failed run is not a figure
+    assert rows[("fastload", "cold")]["cold_vs_disk"] == pytest.approx(1.5)
+    assert rows[("fastload", "cold")]["ready_vs_recipe"] is None  # no cold recipe run to compare with
+    table = report.markdown(report.summarize(records, {"device": "cpu"}))
+    assert "## Loading: m" in table and "| fastload | from its store | warm |" in table and "0.25×" in table
+    assert "Where fastload's load time goes" in table
 
 
 def test_failures_become_records(tiny_bench_dir, tmp_path):

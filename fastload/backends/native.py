@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from fastload._log import logger
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
+from fastload.load.phases import add as add_phase
+from fastload.load.phases import phase
 from fastload.model_state import state_of
 from fastload.sources import plan as P
 from fastload.train.checkpointing import enable_checkpointing
@@ -37,6 +40,46 @@ def requantize_plan(plan, opts, store):
     return replace(fresh, name=plan.name, adapter=plan.adapter)
 
 
+class TokenizerLoad:
+    """The tokenizer read on its own thread while the weights are read and quantized, when its files are in a local
+    folder. start() is called by the direct load once the model's classes are imported: transformers' lazy imports
+    are not safe from two threads at once. result() gives the tokenizer, or raises what loading it raised (the same
+    fastload error as before); a load that never called start() reads it then, on the caller's thread."""
+
+    def __init__(self, plan, opts):
+        self.plan, self.opts = plan, opts
+        self._value = self._error = None
+        self._seconds = 0.0
+        self._thread = None
+
+    def start(self) -> None:
+        if self._thread is not None or not Path(self.plan.location).is_dir() or self.plan.will_download:
+            return
+        from transformers import AutoTokenizer, GenerationConfig  # noqa: F401 - imported here, on the caller's thread
+
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fastload-tokenizer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._value = load_tokenizer(self.plan, self.opts)
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread by result()
+            self._error = e
+        self._seconds = time.perf_counter() - started
+
+    def result(self):
+        if self._thread is None:
+            with phase("tokenizer"):
+                return load_tokenizer(self.plan, self.opts)
+        with phase("tokenizer_wait"):
+            self._thread.join()
+        add_phase("tokenizer_overlapped", self._seconds)
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class NativeBackend:
     name = "native"
 
@@ -53,7 +96,8 @@ class NativeBackend:
                     model, tokenizer = self._load(plan, opts, store)
                 else:
                     model, tokenizer = self._load(plan, opts, store)
-                    self._store(plan, opts, model, tokenizer, store)
+                    with phase("store_write"):
+                        self._store(plan, opts, model, tokenizer, store)
         elif plan.source == P.STORE and store is not None:
             model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state)
             if model is None:  # the entry was damaged: discarded and loaded again from its source
@@ -70,7 +114,8 @@ class NativeBackend:
         elif lora is not None:
             from fastload.train.lora import apply_lora
 
-            model = apply_lora(model, lora, random_state)
+            with phase("lora"):
+                model = apply_lora(model, lora, random_state)
         if getattr(model, "peft_config", None):
             from fastload.save.adapters import name_base_model
 
@@ -80,7 +125,8 @@ class NativeBackend:
             model.requires_grad_(False)
             logger.info("no LoRA: every parameter frozen; add adapters with FastModel.get_peft_model(model)")
         if gradient_checkpointing:
-            enable_checkpointing(model)
+            with phase("checkpointing"):
+                enable_checkpointing(model)
             logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")
         else:
             logger.info("gradient checkpointing: off, as asked (activations of every layer stay in memory)")
@@ -109,11 +155,12 @@ class NativeBackend:
         if plan.gguf_file:
             plan = materialize_gguf(plan, store.root if store is not None else None)
         started = time.perf_counter()
-        model, dtype, device = load_weights(plan, opts)
+        tokenizer = TokenizerLoad(tokenizer_source(plan), opts)
+        model, dtype, device = load_weights(plan, opts, before_reading=tokenizer.start)
         what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)
-        tokenizer = load_tokenizer(tokenizer_source(plan), opts)
+        tokenizer = tokenizer.result()
         state_of(model).quantized_now = not plan.prequantized and plan.quant.quantized
         return model, tokenizer
 

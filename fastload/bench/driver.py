@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", choices=("auto", "fadvise", "off"), default="auto",
                    help="cold-cache loads: auto evicts the files (fadvise) and drops the whole page cache only if "
                         "that fails and root may; fadvise never drops it; off measures warm loads only")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each load, each in a fresh process; the report gives their median (default 3)")
+    p.add_argument("--prequantized", action="store_true",
+                   help="also load the recipe's and unsloth's NF4 save_pretrained copy (made first by a quantize job)")
     p.add_argument("--profile", action="store_true",
                    help="train workers also run 2 steps under torch.profiler and write profile-<job>.txt into --out")
     p.add_argument("--plot", action="store_true", help="also write bench.png (tokens/s and peak memory by impl)")
@@ -98,14 +102,25 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
                 profile = str(out) if getattr(args, "profile", False) else ""
                 jobs += [Job(phase="train", impl=impl, profile=profile, **base) for impl in impls]
                 continue
-            loading = [impl for impl in impls if impl in LOADS]
-            if copy_needed and any(impl != "fastload" for impl in loading):
+            loads = [(impl, variant) for impl in impls if impl in LOADS
+                     for variant in load_variants(impl, getattr(args, "prequantized", False))]
+            if copy_needed and any(variant == "prequantized" for _, variant in loads):
                 jobs.append(Job(phase="quantize", impl="recipe", **base))
                 copy_needed = False
-            # all warm loads before any cold one: when --time-budget runs short, the cold ones are dropped
-            jobs += [Job(phase="load", impl=impl, variant=variant, cache=cache, cold_method=cold_method, **base)
-                     for cache in caches for impl in loading for variant in ("onthefly", "prequantized")]
+            # all warm loads before any cold one: when --time-budget runs short, the cold ones are dropped; fastload's
+            # first load precedes its load from the store in every round, which finds the entry the first one wrote
+            jobs += [Job(phase="load", impl=impl, variant=variant, cache=cache, cold_method=cold_method,
+                         repeat=repeat, **base)
+                     for cache in caches for repeat in range(getattr(args, "repeats", 1)) for impl, variant in loads]
     return jobs
+
+
+def load_variants(impl: str, prequantized: bool) -> tuple[str, ...]:
+    """What each implementation's loads are: fastload's first load (writes its store), from its store and on the
+    fly without one; the others on the fly, and from the recipe's NF4 save_pretrained copy with --prequantized."""
+    if impl == "fastload":
+        return ("first", "store", "onthefly")
+    return ("onthefly", "prequantized") if prequantized else ("onthefly",)
 
 
 def worker_env() -> dict:
@@ -126,6 +141,7 @@ def run_worker(job: Job, log: Path, timeout: float) -> dict:
         start_offset = fh.tell()
         Path(job.record).unlink(missing_ok=True)
         started = time.perf_counter()
+        job.t0 = repr(time.time())  # process start to first step counts from here
         proc = subprocess.Popen([sys.executable, "-m", "fastload.bench.worker", *job.to_argv()], stdout=fh,
                                 stderr=subprocess.STDOUT, env=worker_env(), cwd=log.parent,
                                 start_new_session=True)  # cwd: unsloth writes its compile cache there
@@ -175,7 +191,8 @@ def progress_line(record: dict) -> str:
         return f"{record['tokens_per_s']:,.0f} tokens/s, peak {mem:.2f} GiB, first loss {record['first_loss']:.4f}"
     if record["phase"] == "load":
         extra = f" (+{record['store_write_s']:.1f} s storing)" if record.get("store_write_s") else ""
-        return f"from_pretrained {record['load_s']:.2f} s{extra}, ready {record['ready_s']:.2f} s"
+        step = f", first step {record['first_step_s']:.2f} s" if record.get("first_step_s") is not None else ""
+        return f"from_pretrained {record['load_s']:.2f} s{extra}, ready {record['ready_s']:.2f} s{step}"
     if record["phase"] == "create":
         return f"{record['bytes'] / 1e9:.1f} GB in {record['seconds']:.1f} s"
     return f"saved in {record.get('save_s', 0):.1f} s"

@@ -84,13 +84,14 @@ def main(argv=None) -> int:
     if args.impl == "fastload" and args.variant != "onthefly":
         import shutil
 
-        if args.variant == "first":
-            shutil.rmtree(args.home, ignore_errors=True)
+        if args.variant == "first":  # an empty store; the kernel cache under the same home stays
+            shutil.rmtree(os.path.join(args.home, "quantized"), ignore_errors=True)
         store = impls.timed_store(args.home)
     with AnonPeak() as anon:
         r = impls.ready(args.impl, args.model_dir, device, dtype, args.seq, 3407, fastload_store=store)
         record.update(ready_s=r.ready_s, from_pretrained_s=r.from_pretrained_s, source=r.source,
-                      store_write_s=getattr(store, "write_s", None))
+                      store_write_s=getattr(store, "write_s", None),
+                      phases_s=getattr(getattr(r.model, "fastload", None), "load_phases", None))
         if args.step:
             from fastload.bench.worker import train_step
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 LOSS_TOLERANCE = 5e-3  # relative first-step loss difference bf16 kernels explain (observed: benchmarks/README.md)
 REFERENCES = ("recipe", "unsloth")
-LOAD_RUNS = ("onthefly-warm", "prequantized-warm", "onthefly-cold", "prequantized-cold")
 
 
 def read_records(out: Path) -> list[dict]:
@@ -76,26 +75,41 @@ def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
     return rows, void
 
 
+LOAD_FIGURES = ("import_s", "load_s", "ready_s", "first_step_s", "start_to_first_step_s", "store_write_s",
+                "background_write_s", "background_store_wait_s", "anon_rss_above_start_gib", "anon_rss_peak_gib",
+                "gpu_peak_allocated_gib", "gpu_peak_reserved_gib", "read_bytes", "disk_read_s", "disk_read_gbps")
+
+
+def _median(values) -> float | None:
+    values = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 def load_rows(records: list[dict]) -> list[dict]:
-    """One row per (model, impl): its load runs side by side, with on-the-fly and pre-quantized ratios to recipe."""
+    """One row per (model, impl, variant, cache): the median of its runs (each a fresh process), fastload's phases
+    by their medians, and ready-to-train ÷ the recipe's and unsloth's on-the-fly loads in the same cache state."""
     loads = [r for r in records if r.get("phase") == "load"]
     rows = []
-    for key in dict.fromkeys((r["model"], r["impl"]) for r in loads):
-        runs = {f"{r['variant']}-{r['cache']}": r for r in loads if (r["model"], r["impl"]) == key}
-        first = runs.get("onthefly-warm") or next(iter(runs.values()))
-        rows.append({"model": key[0], "impl": key[1], "import_s": first.get("import_s"),
-                     "store_write_s": first.get("store_write_s"),
-                     "after_load_gib": first.get("after_load_allocated_gib", first.get("after_load_rss_peak_gib")),
-                     "ready_s": first.get("ready_s"),
-                     "runs": {name: {k: r.get(k) for k in ("load_s", "from_pretrained_s", "ready_s", "store_write_s",
-                                                            "source", "error", "cold_method", "resident_after_evict")}
-                              for name, r in runs.items()}})
+    for key in dict.fromkeys((r["model"], r["impl"], r["variant"], r["cache"]) for r in loads):
+        runs = [r for r in loads if (r["model"], r["impl"], r["variant"], r["cache"]) == key]
+        good = [r for r in runs if not r.get("error")]
+        row = {"model": key[0], "impl": key[1], "variant": key[2], "cache": key[3], "runs": len(good),
+               "error": next((r["error"] for r in runs if r.get("error")), None) if not good else None,
+               "source": good[0].get("source") if good else None}
+        row.update({name: _median(r.get(name) for r in good) for name in LOAD_FIGURES})
+        phase_names = dict.fromkeys(k for r in good for k in (r.get("phases_s") or {}))
+        row["phases_s"] = {k: _median((r.get("phases_s") or {}).get(k) for r in good) for k in phase_names}
+        row["cold_vs_disk"] = _ratio(row["load_s"], row["disk_read_s"]) if key[3] == "cold" else None
+        row["store_s"] = row["background_write_s"] if row["background_write_s"] is not None else row["store_write_s"]
+        rows.append(row)
     for row in rows:
-        base = next((b for b in rows if b["model"] == row["model"] and b["impl"] == "recipe"), None)
-        for name in ("onthefly-warm", "prequantized-warm"):
-            mine, theirs = row["runs"].get(name, {}), (base or {}).get("runs", {}).get(name, {})
-            ok = not mine.get("error") and not theirs.get("error")
-            row[f"{name}_vs_recipe"] = _ratio(mine.get("load_s"), theirs.get("load_s")) if ok else None
+        for other in ("recipe", "unsloth"):
+            base = next((b for b in rows if (b["model"], b["impl"], b["variant"], b["cache"])
+                         == (row["model"], other, "onthefly", row["cache"])), None)
+            row[f"ready_vs_{other}"] = _ratio(row["ready_s"], base["ready_s"]) if base else None
     return rows
 
 
@@ -190,28 +204,7 @@ def markdown(summary: dict) -> str:
                           f"(largest relative difference {max(diffs):.1e} ≤ {LOSS_TOLERANCE:g})."]
         lines.append("")
     lines += longest_markdown(summary.get("longest", []), mem)
-    loads = summary["load"]
-    after = "GPU GiB after load" if cuda else "peak RSS GiB after load"
-    for model in dict.fromkeys(r["model"] for r in loads):
-        lines += [f"## Loading: {model}", "",
-                  "Seconds of `from_pretrained` (fastload's includes adding LoRA and checkpointing; its first load's "
-                  "store write is shown apart, not included). Warm: files read once before; "
-                  "cold: evicted from the page cache."
-                  + (f" Cold loads not measured: {meta['cold_unavailable']}." if meta.get("cold_unavailable") else ""),
-                  "", f"| impl | on the fly, warm | pre-quantized, warm | on the fly, cold | pre-quantized, cold | "
-                      f"ready to train (on the fly, warm) | first load's store write | {after} | import s | "
-                      "on the fly ÷ recipe | pre-quantized ÷ recipe |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-        for r in (r for r in loads if r["model"] == model):
-            cells = []
-            for name in LOAD_RUNS:
-                run = r["runs"].get(name)
-                cells.append("—" if run is None
-                             else _failed(run["error"]) if run.get("error") else f"{run['load_s']:.2f}")
-            lines.append(f"| {r['impl']} | {' | '.join(cells)} | {_f(r['ready_s'])} | {_f(r['store_write_s'])} | "
-                         f"{_f(r['after_load_gib'])} | {_f(r['import_s'], '{:.1f}')} | "
-                         f"{_x(r['onthefly-warm_vs_recipe'])} | {_x(r['prequantized-warm_vs_recipe'])} |")
-        lines.append("")
+    lines += load_tables(summary["load"], meta, cuda)
     if summary["errors"]:
         lines += ["## Errors", ""] + [f"- {e}" for e in summary["errors"]] + [""]
     legend = ("Ratios: tokens/s ÷ reference above 1 is faster; memory ÷ reference below 1 is smaller; "
@@ -239,6 +232,56 @@ def longest_markdown(rows: list[dict], mem: str) -> list[str]:
                               f"{_f(a['peak_reserved_gib'])} GiB" for a in r["attempts"])
             stopped = r["stopped_by"].replace("|", "/")[:160]
             lines.append(f"| {r['impl']} | {_f(r['longest'], '{:,}')} | {stopped} | {cells} |")
+        lines.append("")
+    return lines
+
+
+LOAD_COLUMNS = (("import s", "import_s"), ("load s", "load_s"), ("ready s", "ready_s"),
+                ("first step s", "first_step_s"), ("start → first step s", "start_to_first_step_s"),
+                ("store write s", "store_s"), ("anon RSS + GiB", "anon_rss_above_start_gib"))
+VARIANTS = {"first": "first load (stores)", "store": "from its store", "prequantized": "pre-quantized copy",
+            "onthefly": "on the fly"}
+
+
+def load_tables(loads: list[dict], meta: dict, cuda: bool) -> list[str]:
+    """The loading table per model (medians), then where fastload's load time went, by phase."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in loads):
+        rows = [r for r in loads if r["model"] == model]
+        runs = max((r["runs"] for r in rows), default=0)
+        header = [name for name, _ in LOAD_COLUMNS] + (["GPU peak alloc / reserved GiB"] if cuda else []) + [
+            "disk read s (GB/s), cold", "cold ÷ disk", "ready ÷ recipe", "ready ÷ unsloth"]
+        lines += [f"## Loading: {model}", "",
+                  f"Median of {runs} runs, each in a fresh process. Ready: from the from_pretrained call to LoRA, "
+                  "checkpointing and optimizer in place; load excludes a store write made on the load's own thread "
+                  "(a background write, on a GPU, is off it: the store write column says how long either took). "
+                  "Anon RSS: the peak of the process's anonymous memory above its level before the load (file pages "
+                  "of the checkpoint do not count). Warm: the files read once before; cold: evicted from the page "
+                  "cache, the disk timed reading them once, then evicted again."
+                  + (f" Cold loads not measured: {meta['cold_unavailable']}." if meta.get("cold_unavailable") else ""),
+                  "", "| impl | load | cache | " + " | ".join(header) + " |",
+                  "|---|---|---|" + "--:|" * len(header)]
+        for r in rows:
+            if r["error"]:
+                lines.append(f"| {r['impl']} | {VARIANTS.get(r['variant'], r['variant'])} | {r['cache']} | "
+                             f"{_failed(r['error'])} |" + " |" * (len(header) - 1))
+                continue
+            cells = [_f(r[key]) for _, key in LOAD_COLUMNS]
+            if cuda:
+                cells.append(f"{_f(r['gpu_peak_allocated_gib'])} / {_f(r['gpu_peak_reserved_gib'])}")
+            disk = "—" if r["disk_read_s"] is None else f"{r['disk_read_s']:.2f} ({_f(r['disk_read_gbps'])})"
+            cells += [disk, _x(r["cold_vs_disk"]), _x(r["ready_vs_recipe"]), _x(r["ready_vs_unsloth"])]
+            lines.append(f"| {r['impl']} | {VARIANTS.get(r['variant'], r['variant'])} | {r['cache']} | "
+                         + " | ".join(cells) + " |")
+        phased = [r for r in rows if r["phases_s"]]
+        names = list(dict.fromkeys(k for r in phased for k in r["phases_s"]))
+        if phased:
+            lines += ["", (f"Where fastload's load time goes, {model} (median seconds; host time on the loading "
+                           "thread; tokenizer_overlapped ran on its own thread meanwhile):"), "",
+                      "| load | cache | " + " | ".join(names) + " |", "|---|---|" + "--:|" * len(names)]
+            for r in phased:
+                lines.append(f"| {VARIANTS.get(r['variant'], r['variant'])} | {r['cache']} | "
+                             + " | ".join(_f(r["phases_s"].get(k)) for k in names) + " |")
         lines.append("")
     return lines
 

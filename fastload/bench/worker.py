@@ -38,7 +38,7 @@ class Job:
     steps: int = 10
     warmup: int = 3
     seed: int = 3407
-    variant: str = "onthefly"      # load: onthefly | prequantized
+    variant: str = "onthefly"      # load: onthefly | prequantized; fastload: first | store | onthefly (store=False)
     cache: str = "warm"            # load: warm | cold
     cold_method: str = "auto"      # auto (fadvise, else drop_caches where root may) | fadvise
     prequantized_dir: str = ""     # the recipe's NF4 save_pretrained copy (quantize writes it; loads read it)
@@ -46,6 +46,8 @@ class Job:
     profile: str = ""              # train: a folder for profile-<job>.txt (2 extra steps under torch.profiler)
     max_seq: int = 0               # longest: the driver doubles seq up to this while a step succeeds
     record: str = ""               # where the JSON record goes
+    repeat: int = 0                # load: which of the --repeats runs this is (their median is reported)
+    t0: str = ""                   # load: the driver's time.time() just before starting this process
 
     def to_argv(self) -> list[str]:
         argv = []
@@ -65,7 +67,8 @@ class Job:
 
     @property
     def name(self) -> str:
-        parts = [self.phase, self.impl, self.model] + ([self.variant, self.cache] if self.phase == "load" else [])
+        parts = [self.phase, self.impl, self.model] + ([self.variant, self.cache, f"r{self.repeat}"]
+                                                       if self.phase == "load" else [])
         parts += [str(self.seq)] if self.phase == "longest" else []
         return "--".join(p for p in parts if p)
 
@@ -115,7 +118,7 @@ def load_files(job: Job) -> list[Path]:
     """The weight files this load will read (the page cache is made warm or cold for exactly these)."""
     from fastload.bench.models import weight_files
 
-    if job.variant == "onthefly":
+    if job.variant in ("onthefly", "first"):
         return weight_files(job.model_dir)
     if job.impl == "fastload":
         from fastload import resolve
@@ -132,38 +135,76 @@ def load_files(job: Job) -> list[Path]:
 
 
 def prepare_cache(job: Job, files: list[Path]) -> dict:
+    """Warm: every file read once. Cold: the files evicted, read once to time the disk itself (what a cold load is
+    compared with), then evicted again."""
     from fastload.bench import pagecache
 
     if job.cache == "cold":
-        facts = pagecache.make_cold(files, allow_drop_caches=job.cold_method == "auto")
-        if not facts["cold_ok"]:
-            left = facts["resident_after_evict"]
-            raise RuntimeError(f"could not make the page cache cold: after {facts['cold_method']} "
-                               f"{'an unknown share' if left is None else f'{left:.0%}'} of the files stayed cached")
-        return facts
+        raw = {}
+        for attempt in ("disk", "load"):
+            facts = pagecache.make_cold(files, allow_drop_caches=job.cold_method == "auto")
+            if not facts["cold_ok"]:
+                left = facts["resident_after_evict"]
+                share = "an unknown share" if left is None else f"{left:.0%}"
+                raise RuntimeError(f"could not make the page cache cold: after {facts['cold_method']} "
+                                   f"{share} of the files stayed cached")
+            if attempt == "disk":
+                raw = pagecache.timed_read(files)
+        return {**facts, **raw}
     pagecache.warm(files)
     return {"resident_before": pagecache.resident_fraction(files)}
 
 
 def run_load(job: Job, record: dict) -> None:
+    """Load to ready-to-train, then one optimizer step: times, fastload's phases, peak anonymous host memory (file
+    pages of the checkpoint do not count) and GPU memory. fastload's variants: first (an empty store: quantizes and
+    stores, in the background where it can), store (from its store; "prequantized" says the same), onthefly
+    (store=False)."""
+    import torch
+
     from fastload.bench import impls
+    from fastload.bench.loadtime import AnonPeak
 
     store = False
-    if job.impl == "fastload" and (job.variant, job.cache) != ("onthefly", "cold"):
+    if job.impl == "fastload" and job.variant in ("first", "store", "prequantized"):
         import shutil
 
-        if job.variant == "onthefly":  # an empty store: this load quantizes, then stores (timed apart)
-            shutil.rmtree(job.fastload_home, ignore_errors=True)
+        if job.variant == "first":  # an empty store; the kernel cache stays, as on a machine that ran fastload
+            for entry in Path(job.fastload_home).glob("*"):
+                if entry.name != "kernels":
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
         store = impls.timed_store(job.fastload_home)
-    # the cold on-the-fly load runs with store=False: the warm one measured the store write, and its entry stays
-    # for the cold pre-quantized load
     files = load_files(job)
     record.update(prepare_cache(job, files), read_bytes=sum(f.stat().st_size for f in files))
-    r = impls.ready(job.impl, job.model_dir, job.device, job.dtype, job.seq, job.seed,
-                    prequantized_dir=job.prequantized_dir if job.variant == "prequantized" else None,
-                    fastload_store=store)
-    record.update(from_pretrained_s=r.from_pretrained_s, load_s=r.load_s, ready_s=r.ready_s,
-                  store_write_s=r.store_write_s, source=r.source, **memory(job.device, "after_load"))
+    if job.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with AnonPeak() as anon:
+        r = impls.ready(job.impl, job.model_dir, job.device, job.dtype, job.seq, job.seed,
+                        prequantized_dir=job.prequantized_dir if job.variant == "prequantized" else None,
+                        fastload_store=store)
+        record.update(from_pretrained_s=r.from_pretrained_s, load_s=r.load_s, ready_s=r.ready_s,
+                      store_write_s=r.store_write_s, source=r.source, **memory(job.device, "after_load"),
+                      phases_s=getattr(getattr(r.model, "fastload", None), "load_phases", None))
+        ids = make_batch(job, r.model.get_input_embeddings().num_embeddings).to(
+            "cuda" if job.device == "cuda" else "cpu")
+        r.model.train()
+        started = time.perf_counter()
+        train_step(r.model, r.optimizer, ids)
+        impls.synchronize(job.device)
+        record["first_step_s"] = time.perf_counter() - started
+        if job.t0:
+            record["start_to_first_step_s"] = time.time() - float(job.t0)
+    record.update(anon_rss_peak_gib=anon.peak / GIB, anon_rss_above_start_gib=(anon.peak - anon.baseline) / GIB)
+    if job.device == "cuda":
+        record.update(gpu_peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
+                      gpu_peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB)
+    if job.impl == "fastload":  # the next load from the store needs the entry whole
+        from fastload.load.background_store import wait_for_store_writes
+
+        started = time.perf_counter()
+        wait_for_store_writes()
+        record.update(background_store_wait_s=time.perf_counter() - started,
+                      background_write_s=getattr(store, "background_write_s", None))
 
 
 def make_batch(job: Job, vocab_size: int):

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from fastload._log import logger
+from fastload.load.phases import add as add_phase
+from fastload.load.phases import phase
 from fastload.model_state import state_of
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
@@ -208,17 +210,23 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
     if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
         if prequantized:
             stats = {k[len(key) + 1:]: v for k, v in parts.items() if k != key}
-            param = bnb.nn.Params4bit.from_prequantized(data=value.to(device), quantized_stats=stats,
-                                                        requires_grad=False, device=device, module=module)
+            with phase("host_to_device"):
+                value = value.to(device)
+            with phase("quantization"):  # the stored states wrapped, nothing computed
+                param = bnb.nn.Params4bit.from_prequantized(data=value, quantized_stats=stats,
+                                                            requires_grad=False, device=device, module=module)
         else:
             old = module.weight
-            param = bnb.nn.Params4bit(value.to(device=device, dtype=dtype), requires_grad=False,
-                                      **old.__dict__).to(device)
+            with phase("host_to_device"):
+                value = value.to(device=device, dtype=dtype)
+            with phase("quantization"):
+                param = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
         module._parameters["weight"] = param
         return
     current = getattr(module, name)
     target_dtype = dtype if value.is_floating_point() and (prequantized or current.dtype == dtype) else current.dtype
-    value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
+    with phase("host_to_device"):
+        value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
         module._parameters[name] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
     else:
@@ -231,8 +239,11 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
     pending: dict[str, dict[str, torch.Tensor]] = {}
     out: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
     threads = stream_tensors(where, spans, device, out)
+    waited = 0.0
     for _ in range(len(owner)):
+        started = time.perf_counter()
         name, tensor = out.get()
+        waited += time.perf_counter() - started
         if name is None:
             raise tensor
         key = owner[name]
@@ -241,6 +252,7 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             place(model, key, pending.pop(key), dtype, device, prequantized)
     for t in threads:
         t.join()
+    add_phase("read_wait", waited)
 
 
 def finish(model, hf_quantizer, device, location: str) -> None:
@@ -267,7 +279,7 @@ def finish(model, hf_quantizer, device, location: str) -> None:
             pass  # from_pretrained keeps the config-derived one as well when the file cannot be read
 
 
-def load_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config):
+def load_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config, before_reading=None):
     """The model as from_pretrained would return it, or None (reason logged) when the direct load does not cover it.
 
     Args:
@@ -278,6 +290,7 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
         device_map: the resolved device map (one device).
         weight_files: the checkpoint's safetensors files.
         quantization_config: the BitsAndBytesConfig to quantize with, or None for a pre-quantized checkpoint.
+        before_reading: called once the modules are built, before the weights are read (or None).
 
     Returns:
         The model, or None.
@@ -287,16 +300,22 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
     try:
         if reason is None:
             started = time.perf_counter()
-            model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
-                                                 device_map, [str(f) for f in weight_files])
-            where, spans = read_headers(weight_files)
-            wanted = plan_tensors(model, where, plan.prequantized)
+            with phase("module_construction"):
+                model, hf_quantizer = build_skeleton(config, dtype, quantization_config, opts.attn_implementation,
+                                                     device_map, [str(f) for f in weight_files])
+            with phase("checkpoint_checks"):
+                where, spans = read_headers(weight_files)
+                wanted = plan_tensors(model, where, plan.prequantized)
             built = time.perf_counter()
+            if before_reading is not None:
+                before_reading()
             fill(model, wanted, where, spans, dtype, device, plan.prequantized)
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                with phase("device_sync"):
+                    torch.cuda.synchronize(device)
             filled = time.perf_counter()
-            finish(model, hf_quantizer, device, plan.location)
+            with phase("finish"):
+                finish(model, hf_quantizer, device, plan.location)
             state_of(model).direct_load = True
             logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
                         built - started, len(where), "placed" if plan.prequantized else "quantized",

@@ -23,6 +23,7 @@ from fastload.errors import (
     UnsupportedArchitecture,
 )
 from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
+from fastload.load.phases import phase
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 from fastload.sources import plan as P
 from fastload.sources.hub import cached_snapshot, check_reachable, hub_cache_dir, hub_kwargs, hub_stays_local
@@ -308,18 +309,28 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     return None
 
 
-def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config):
+def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config,
+                before_reading=None):
     """fastload's direct 4-bit load (fastload.load.fast_4bit) when it covers the plan, else None."""
     if info is None or not info.safetensors or not (plan.prequantized or plan.quant.quantized):
         return None
     from fastload.load.fast_4bit import load_direct
 
     with translated_errors(plan):
-        return load_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config)
+        return load_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config,
+                           before_reading)
 
 
-def load_weights(plan: LoadPlan, opts: LoadOptions):
-    """from_pretrained as the plan says; returns the model on its device, before LoRA."""
+def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
+    """from_pretrained as the plan says; returns the model on its device, before LoRA. The direct load calls
+    before_reading() once its modules are built, just before it reads the weights (the tokenizer starts then)."""
+    from fastload.sources.checkpoint_files import headers_read_once
+
+    with headers_read_once():
+        return _load_weights(plan, opts, before_reading)
+
+
+def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     from transformers import AutoModelForCausalLM
 
     from fastload.load.memory import check_fits
@@ -328,23 +339,26 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     device_map = resolve_device_map(opts.device_map)
     device = main_device(device_map)
     dtype = choose_dtype(plan, opts, device)
-    config = load_config(plan, opts)
+    with phase("config"):
+        config = load_config(plan, opts)
     from fastload.load.attention.choice import choose_attn_implementation
 
-    attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
+    with phase("attention_choice"):  # imports the architecture's modeling module the first time
+        attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
-    local = local_files_of(plan, opts)
-    info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
-    if info is not None:
-        check_tokenizer_files(local)
-    bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
-    check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
-               other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
-    if info is not None and info.safetensors and not plan.prequantized:
-        check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
+    with phase("checkpoint_checks"):
+        local = local_files_of(plan, opts)
+        info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
+        if info is not None:
+            check_tokenizer_files(local)
+        bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
+        check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
+                   other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
+        if info is not None and info.safetensors and not plan.prequantized:
+            check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code),
-              dtype=dtype, device_map=device_map, output_loading_info=True, attn_implementation=attention,
-              **opts.model_kwargs)
+              dtype=dtype, device_map=device_map, output_loading_info=True,
+              attn_implementation=attention, **opts.model_kwargs)
     if not opts.allow_pickle:
         kw["use_safetensors"] = True
     if opts.rope_scaling:
@@ -356,11 +370,11 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
     model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
-                        kw.get("quantization_config"))
+                        kw.get("quantization_config"), before_reading)
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
-        with translated_errors(plan), hub_stays_local(plan):
+        with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"):
             model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))

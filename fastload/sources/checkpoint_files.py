@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,19 @@ from fastload.errors import CheckpointCorrupt, CheckpointIncomplete, UnsafeCheck
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+# headers already read and checked by the load running on this thread (file, size, mtime) -> header
+_headers_of_this_load: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastload_headers", default=None)
+
+
+@contextlib.contextmanager
+def headers_read_once() -> Iterator[None]:
+    """Within the block, each safetensors header is read and checked once however many checks ask for it (a
+    load's checks and its reader each did). Only for one load: a file changed later is read again."""
+    token = _headers_of_this_load.set({})
+    try:
+        yield
+    finally:
+        _headers_of_this_load.reset(token)
 
 
 @dataclass(frozen=True)
@@ -168,7 +184,20 @@ def _check_tensors(header: dict, data_bytes: int) -> None:
 
 
 def read_safetensors_header(file: Path) -> dict:
-    """Parse a safetensors header and check it as safetensors itself would, before any weight is read."""
+    """Parse a safetensors header and check it as safetensors itself would, before any weight is read.
+
+    The result is shared within headers_read_once(): callers read it, never change it."""
+    memo = _headers_of_this_load.get()
+    if memo is None:
+        return _read_safetensors_header(file)
+    stat = Path(file).stat()
+    key = (str(Path(file).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in memo:
+        memo[key] = _read_safetensors_header(Path(file))
+    return memo[key]
+
+
+def _read_safetensors_header(file: Path) -> dict:
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:

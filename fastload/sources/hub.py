@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,23 +66,43 @@ def hub_kwargs(plan: LoadPlan, *, cache_dir: str | None, token: str | bool | Non
     return kw
 
 
+class _HubOffline:
+    """Who is inside hub_calls_off now, over all threads: the first in turns the hub off, the last out restores it
+    (a load reads its tokenizer on a second thread; two save-and-restore pairs interleaved would otherwise leave
+    the hub off, or turn it back on under the other)."""
+
+    lock = threading.Lock()
+    users = 0
+    before: bool = False
+    quiet: warnings.catch_warnings | None = None
+
+
 @contextlib.contextmanager
 def hub_calls_off() -> Iterator[None]:
     """huggingface_hub offline while the block runs: it reads HF_HUB_OFFLINE once, at its import, and even a load
     with local_files_only=True, or peft's save (it looks up the base repo's config.json to see whether the
     vocabulary was resized), would otherwise reach the hub. peft's notes that it could not look are silenced: the
-    base's vocabulary is the model's own, fastload never resizes it."""
+    base's vocabulary is the model's own, fastload never resizes it. Safe to enter from several threads at once."""
     from huggingface_hub import constants
 
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        with warnings.catch_warnings():
+    with _HubOffline.lock:
+        if _HubOffline.users == 0:
+            _HubOffline.before = constants.HF_HUB_OFFLINE
+            constants.HF_HUB_OFFLINE = True
+            _HubOffline.quiet = warnings.catch_warnings()
+            _HubOffline.quiet.__enter__()
             warnings.filterwarnings("ignore", message="Unable to fetch remote file")
             warnings.filterwarnings("ignore", message="Could not find a config file")
-            yield
+        _HubOffline.users += 1
+    try:
+        yield
     finally:
-        constants.HF_HUB_OFFLINE = before
+        with _HubOffline.lock:
+            _HubOffline.users -= 1
+            if _HubOffline.users == 0:
+                constants.HF_HUB_OFFLINE = _HubOffline.before
+                _HubOffline.quiet.__exit__(None, None, None)
+                _HubOffline.quiet = None
 
 
 @contextlib.contextmanager

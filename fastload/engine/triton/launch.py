@@ -14,7 +14,12 @@ def triton_available(device_type: str) -> bool:
     torch). ROCm builds also say "cuda"; the kernels' launch settings (up to 32 warps) are NVIDIA's."""
     if device_type != "cuda":
         return False
-    return importlib.util.find_spec("triton") is not None and torch.version.hip is None
+    available = importlib.util.find_spec("triton") is not None and torch.version.hip is None
+    if available:  # before any kernel module imports triton: compiled kernels then persist across runs
+        from fastload.engine.kernel_cache import cache_dir_for, point_triton_cache
+
+        point_triton_cache(cache_dir_for(torch.cuda.current_device()))
+    return available
 
 
 def triton_runs_on(tensor) -> bool:

@@ -26,6 +26,7 @@ from fastload.engine.triton.launch import tensor_cores_take, triton_available, t
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
 _LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
+_LORA_TILES_KEPT: dict = {}  # device -> its AutotuneChoices (the choices of earlier runs, under FASTLOAD_HOME)
 _LAYOUT_CHECKED: dict = {}  # id(QuantState) -> (its weak reference, {device type: handled}); asked thrice a step
 
 
@@ -44,15 +45,45 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     constants = dict(layout, R=rank_padded)
     key = (rows, cols, rank_padded, state.dtype, layout["NESTED"], state.blocksize, packed.device)
     chosen = _LORA_TILE_CHOSEN.get(key)
+    if chosen is None:
+        chosen = _LORA_TILE_CHOSEN[key] = kept_tile(key)
     if chosen is None:  # first call for this shape: the autotuner times every tile, then remembers its choice
         kernel[lambda tile: (triton.cdiv(rows, tile["BM"]), triton.cdiv(cols, tile["BN"]))](*args, **constants)
         best = getattr(kernel, "best_config", None)
         if best is not None:
             _LORA_TILE_CHOSEN[key] = best.all_kwargs()
+            keep_tile(key, _LORA_TILE_CHOSEN[key])
         return out
     # launched with the tile chosen once: the autotuner's own dispatch costs host time on every call
     kernel.fn[(triton.cdiv(rows, chosen["BM"]), triton.cdiv(cols, chosen["BN"]))](*args, **constants, **chosen)
     return out
+
+
+def _kept_tiles(device):
+    from fastload.engine.kernel_cache import AutotuneChoices, cache_dir_for
+
+    if device not in _LORA_TILES_KEPT:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _LORA_TILES_KEPT[device] = AutotuneChoices(cache_dir_for(index), "dequantize_4bit_lora")
+    return _LORA_TILES_KEPT[device]
+
+
+def kept_tile(key: tuple) -> dict | None:
+    """An earlier run's autotune choice for this shape on this GPU model, if it is one of today's tiles."""
+    from fastload.engine.triton.nf4_kernels import LORA_TILES
+
+    choice = _kept_tiles(key[-1]).get(key[:-1])
+    if choice is None or not all(isinstance(v, int) for v in choice.values()):
+        return None
+    if (choice.get("BM"), choice.get("BN"), choice.get("num_warps")) not in LORA_TILES:
+        return None  # a tile an older fastload had: timed again
+    return choice
+
+
+def keep_tile(key: tuple, choice: dict) -> None:
+    """Keep the autotuner's choice for later runs (its plain launch settings only)."""
+    plain = {k: v for k, v in choice.items() if isinstance(v, int) and not isinstance(v, bool)}
+    _kept_tiles(key[-1]).remember(key[:-1], plain)
 
 
 def lora_supported(packed, state, a, b) -> bool:
