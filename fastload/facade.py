@@ -56,8 +56,12 @@ class FastModel:
                         attn_implementation: str | None = None, random_state: int | None = DEFAULT_SEED,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
                         backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
-                        **quant_options: Any):
+                        task: str | None = None, num_labels: int | None = None, **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
+
+        task="sequence-classification" with num_labels=N loads a classifier (or, with 1 label, a reward head): the
+        4-bit body with LoRA and a new `score` head trained in full in fp32 (see fastload.load.task). A classifier's
+        saved adapter folder loads as a classifier again without them.
 
         Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
         """
@@ -79,6 +83,12 @@ class FastModel:
             from fastload.load.attention.xformers_attention import register_xformers_attention
 
             attn_implementation = register_xformers_attention()
+        from fastload.load.task import CAUSAL_LM, check_task
+
+        task, num_labels = _saved_task(model_name, task, num_labels)
+        task = check_task(task, num_labels)
+        if task != CAUSAL_LM:
+            store, engine = _classifier_options(task, store, engine, backend)
         lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
         store_obj = make_store(store)
         started = time.perf_counter()
@@ -87,7 +97,7 @@ class FastModel:
                        allow_pickle=allow_pickle, quantization_config=quantization_config,
                        **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
         logger.info("source: %s (%s)", plan.location, plan.reason)
-        opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
+        opts = LoadOptions(task=task, num_labels=num_labels, max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
                            cache_dir=cache_dir, local_files_only=local_files_only, trust_remote_code=trust_remote_code,
                            attn_implementation=attn_implementation, allow_pickle=allow_pickle, rope_scaling=rope_scaling)
         impl = choose_backend(backend, plan, opts)
@@ -101,6 +111,8 @@ class FastModel:
         model.fastload_plan = plan
         model.fastload_backend = impl.name
         tokenizer.model_max_length = model.max_seq_length or tokenizer.model_max_length
+        if task != CAUSAL_LM and model.config.pad_token_id is None:  # the classifier reads the last non-pad token
+            model.config.pad_token_id = tokenizer.pad_token_id
         attach_save_methods(model)
         logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
         return model, tokenizer
@@ -206,15 +218,24 @@ class FastModel:
         return training_arguments(output_dir, sft=sft, model=model, **kwargs)
 
     @staticmethod
-    def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, **kwargs: Any):
-        """transformers' Trainer (TRL's SFTTrainer with sft=True) for the loaded model, with fastload's AdamW8bit
-        where args.optim is left at transformers' default or "adamw_8bit" (see fastload.train.trainer.get_trainer). A
-        Trainer built by hand should pass optimizers=(FastModel.get_optimizer(model), None) (or optim="adamw_8bit":
-        transformers' bitsandbytes AdamW, slower steps). Raw records (messages, ShareGPT, Alpaca, prompt/response)
-        are tokenized responses-only."""
-        from fastload.train.trainer import get_trainer
+    def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, method: str = "sft",
+                    **kwargs: Any):
+        """The trainer of a training method for the loaded model, with fastload's defaults (8-bit AdamW,
+        checkpointing kept on, the model's precision and max_seq_length).
 
-        return get_trainer(model, tokenizer, train_dataset, args=args, sft=sft, **kwargs)
+        method: "sft" (default: transformers' Trainer over responses-only tokenized records, or TRL's SFTTrainer with
+        sft=True; see fastload.train.trainer.get_trainer), "dpo", "orpo", "kto", "simpo" (TRL, records of
+        prompt/chosen/rejected or prompt/completion/label), "grpo", "pretrain", "classify" (a model loaded with
+        task="sequence-classification", records of text/label). fastload.train.methods lists them.
+        """
+        from fastload.train.methods import build_trainer
+
+        if sft and method != "sft":
+            raise InvalidOption(f"get_trainer(sft=True, method={method!r})", found="sft=True asks for SFT",
+                                fix="pass method only, or sft=True alone")
+        if method == "sft":
+            kwargs["sft"] = sft
+        return build_trainer(method, model, tokenizer, train_dataset, args=args, **kwargs)
 
     @staticmethod
     def save_adapter(model, directory: str | os.PathLike, tokenizer=None):
@@ -253,6 +274,35 @@ class FastModel:
         from fastload.train.generation import generate
 
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _classifier_options(task: str, store, engine, backend: str):
+    """A classifier bypasses the store (its entries hold language models) and the engine (its levers patch the LM
+    head and its loss); both are said in the log."""
+    if backend != "native":
+        raise InvalidOption(f"task={task!r}, backend={backend!r}", found="classifiers load with the native backend "
+                            "only", fix="use backend='native' (the default)")
+    if store:
+        logger.info("task %s: the 4-bit store is not used (it keeps language models)", task)
+    if engine:
+        logger.info("task %s: fastload's engine levers are off (they patch the language-model head)", task)
+    return False, False
+
+
+def _saved_task(model_name, task: str | None, num_labels: int | None) -> tuple[str | None, int | None]:
+    """A classifier's adapter folder loads as a classifier: its task and num_labels come from the folder."""
+    from fastload.load.task import SEQUENCE_CLASSIFICATION, saved_classifier
+
+    folder = os.path.expanduser(str(model_name))
+    saved = saved_classifier(folder) if os.path.isdir(folder) else None
+    if saved is None or (task is not None and num_labels == saved):
+        return task, num_labels
+    if task is not None or num_labels is not None:
+        raise InvalidOption(f"task={task!r}, num_labels={num_labels!r}", found=f"the adapter in {folder} is a "
+                            f"sequence classifier with {saved} labels", fix=f"pass num_labels={saved}, or leave "
+                            "task and num_labels unset")
+    logger.info("adapter %s is a sequence classifier (%d labels): loading it as one", folder, saved)
+    return SEQUENCE_CLASSIFICATION, saved
 
 
 def _device_of(model) -> str:

@@ -30,6 +30,8 @@ class LoadOptions:
     allow_pickle: bool = False
     rope_scaling: dict | None = None
     model_kwargs: dict = field(default_factory=dict)
+    task: str = "causal-lm"  # or "sequence-classification" (fastload.load.task)
+    num_labels: int | None = None  # the classifier's classes
 
 
 def torch_dtype(name: str | None):
@@ -314,8 +316,8 @@ def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, in
 def load_weights(plan: LoadPlan, opts: LoadOptions):
     """from_pretrained as the plan says; returns the model on its device, before LoRA."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from fastload.load.task import CAUSAL_LM, model_class
     from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
     from fastload.load.memory import check_fits
 
@@ -348,13 +350,20 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info, kw.get("quantization_config"))
+    if opts.task != CAUSAL_LM:
+        kw["num_labels"] = opts.num_labels
+        logger.info("task %s: transformers' loader (fastload's direct 4-bit load builds causal LMs only)", opts.task)
+        model = None
+    else:
+        model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
+                            kw.get("quantization_config"))
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
         with translated_errors(plan), hub_stays_local(plan):
-            model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
-    missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
+            model, info = model_class(opts.task).from_pretrained(plan.location, **kw)
+    missing = sorted(k for k in info.get("missing_keys", []) if ("lm_head" not in k or not config.tie_word_embeddings)
+                     and not new_head(k, opts.task))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
     extra = extra_layer_keys(model, info.get("unexpected_keys", []))
     if missing or mismatched or extra:
@@ -374,4 +383,12 @@ def load_weights(plan: LoadPlan, opts: LoadOptions):
     note_unquantized_experts(model, plan.quant.quantized or plan.prequantized, dtype)
     model.config.use_cache = False
     model.max_seq_length = max_seq_length
+    model.fastload_task = opts.task
     return model, dtype, device
+
+
+def new_head(key: str, task: str) -> bool:
+    """A classifier's head is new: a language model's checkpoint never has it."""
+    from fastload.load.task import CAUSAL_LM, HEAD_NAMES
+
+    return task != CAUSAL_LM and key.split(".")[0] in HEAD_NAMES
