@@ -255,3 +255,32 @@ def test_dpo_on_the_gpu_trains_in_bf16_against_the_base(tiny_llama, tmp_path):
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     assert list(model.peft_config) == ["default"]
     assert torch.cuda.max_memory_allocated() < allocated + 2 * 2**30  # no second model copy on the device
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+def test_cli_trains_dpo_from_a_jsonl_of_pairs(tiny_llama, tmp_path, capsys):
+    import json
+
+    from fastload.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    code = main([str(a) for a in ("train", data, "--method", "dpo", "--model", tiny_llama, "--out", tmp_path / "run",
+                                  "--steps", 2, "--batch", 4, "--grad-accum", 1, "--seq", 48, "--lr", "1e-3",
+                                  "--json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["method"] == "dpo" and done["steps"] == 2
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_classify_needs_num_labels(tiny_llama, tmp_path, capsys):
+    from fastload.cli import main
+
+    data = tmp_path / "labels.jsonl"
+    data.write_text('{"text": "good", "label": 1}\n')
+    code = main([str(a) for a in ("train", data, "--method", "classify", "--model", tiny_llama, "--out",
+                                  tmp_path / "run")])
+    assert code != 0 and "--num-labels" in capsys.readouterr().err
