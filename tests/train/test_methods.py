@@ -12,8 +12,8 @@ PAIRS = [{"prompt": "What is the capital of France?", "chosen": "Paris.", "rejec
          {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."},
          {"prompt": "Which colour is the sky?", "chosen": "Blue.", "rejected": "Green."},
          {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A hammer."}]
-FAST = dict(per_device_train_batch_size=4, gradient_accumulation_steps=1, save_strategy="no", disable_tqdm=True,
-            logging_steps=1)
+FAST = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "save_strategy": "no",
+        "disable_tqdm": True, "logging_steps": 1}
 
 
 def logged(trainer, key: str) -> list[float]:
@@ -25,7 +25,8 @@ def assert_fastload_defaults(trainer, model) -> None:
     from fastload.train.adamw8bit import AdamW8bitNoSync
     from fastload.train.trainer import checkpointing_state
 
-    assert isinstance(trainer.optimizer, AdamW8bitNoSync)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it once training
+    assert isinstance(optimizer, AdamW8bitNoSync)
     state = checkpointing_state(model)
     assert state["enabled"] and state["use_reentrant"] is False and state["input_grads"]
 
@@ -187,9 +188,9 @@ SENTIMENT = [{"text": "I love this, it is wonderful and great.", "label": 1},
 
 def _classifier_loss(model, tok, records) -> tuple[float, float]:
     import torch
+    from transformers import DataCollatorWithPadding
 
     from fastload.train.methods.classify import tokenize_records
-    from transformers import DataCollatorWithPadding
 
     batch = DataCollatorWithPadding(tok)(tokenize_records(records, tok, model))
     model.eval()

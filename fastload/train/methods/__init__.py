@@ -20,7 +20,8 @@ is not installed fails with a fastload error instead of an ImportError at import
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastload.errors import InvalidOption
 

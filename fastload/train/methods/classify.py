@@ -79,8 +79,13 @@ def build(model, tokenizer, data, args=None, eval_data=None, **kwargs: Any):
 
     from fastload.load.task import SEQUENCE_CLASSIFICATION
     from fastload.train.checkpointing import for_training
-    from fastload.train.trainer import (DEFAULT_OUTPUT_DIR, add_fastload_parts, argument_fields, saving_locally,
-                                        training_arguments)
+    from fastload.train.trainer import (
+        DEFAULT_OUTPUT_DIR,
+        add_fastload_parts,
+        argument_fields,
+        saving_locally,
+        training_arguments,
+    )
 
     if getattr(model, "fastload_task", None) != SEQUENCE_CLASSIFICATION:
         raise InvalidOption("get_trainer(method='classify')", found="the model is not a sequence classifier",

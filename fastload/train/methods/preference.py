@@ -261,7 +261,11 @@ def build(method_name: str, model, tokenizer, data, args=None, eval_data=None, c
     """
     from fastload.compat.peft_extras import untrained_adapter
     from fastload.train.checkpointing import for_training
-    from fastload.train.trainer import add_fastload_parts, restore_adapter_dtypes, saving_locally
+    from fastload.train.trainer import (
+        add_fastload_parts,
+        restore_adapter_dtypes,
+        saving_locally,
+    )
 
     method = PREFERENCE_METHODS[method_name]
     if not getattr(model, "peft_config", None):
