@@ -57,12 +57,16 @@ class FastModel:
                         attn_implementation: str | None = None, random_state: int | None = DEFAULT_SEED,
                         prefer_prequantized: bool = True, store: Any = True, allow_pickle: bool = False,
                         backend: str = "native", rope_scaling: dict | None = None, engine: Any = True,
-                        fsdp: bool | None = None, **quant_options: Any):
+                        fsdp: bool | None = None, task: str | None = None, num_labels: int | None = None,
+                        **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
         `fastload.resolve(...)` shows the plan first; the README's options table says the same with the defaults.
         Under torchrun / accelerate launch each rank loads onto its own GPU, rank 0 first (it alone writes the
         store); fsdp=True (or the launcher's FSDP config) prepares the model for FSDP2-QLoRA (docs/multi-gpu.md).
+        task="sequence-classification" with num_labels=N loads a classifier (or, with 1 label, a reward head): the
+        4-bit body with LoRA and a new `score` head trained in full in fp32 (see fastload.load.task). A classifier's
+        saved adapter folder loads as a classifier again without them.
 
         Args:
             model_name: hub id, registry alias, local folder (16-bit or pre-quantized), adapter folder or .gguf file.
@@ -93,6 +97,8 @@ class FastModel:
                 offload_checkpointing, kernels, cuda_graphs).
             fsdp: prepare for FSDP2-QLoRA (quant storage = compute dtype, FSDP's own checkpointing); default:
                 what the launcher's config says.
+            task: "causal-lm" (default) or "sequence-classification" (a classifier or reward head).
+            num_labels: the classifier's number of labels (1: a reward model's score).
             **quant_options: bitsandbytes options (bnb_4bit_quant_type, bnb_4bit_use_double_quant,
                 bnb_4bit_compute_dtype, bnb_4bit_quant_storage, llm_int8_*) and Unsloth's keyword names.
 
@@ -124,6 +130,12 @@ class FastModel:
             from fastload.load.attention.xformers_attention import register_xformers_attention
 
             attn_implementation = register_xformers_attention()
+        from fastload.load.task import CAUSAL_LM, check_task
+
+        task, num_labels = _saved_task(model_name, task, num_labels)
+        task = check_task(task, num_labels)
+        if task != CAUSAL_LM:
+            store, engine = _classifier_options(task, store, engine, backend)
         lora_settings = LoraSettings() if lora is _DEFAULT else None if lora is None else LoraSettings.from_user(lora)
         store_obj = make_store(store)
         started = time.perf_counter()
@@ -142,9 +154,9 @@ class FastModel:
                                **quant_flags(load_in_4bit, load_in_8bit), **quant_options)
             plan = distributed.store_writes_on_rank_zero(plan)
             logger.info("source: %s (%s)", plan.location, plan.reason)
-            opts = LoadOptions(max_seq_length=max_seq_length, dtype=dtype, device_map=device_map, token=token,
-                               cache_dir=cache_dir, local_files_only=local_files_only,
-                               trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            opts = LoadOptions(task=task, num_labels=num_labels, max_seq_length=max_seq_length, dtype=dtype,
+                               device_map=device_map, token=token, cache_dir=cache_dir,
+                               local_files_only=local_files_only, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                                allow_pickle=allow_pickle, rope_scaling=rope_scaling)
             impl = choose_backend(backend, plan, opts)
             checkpointing = gradient_checkpointing and not fsdp  # under FSDP: its own wrapper, set by the trainer
@@ -168,6 +180,8 @@ class FastModel:
         state = state_of(model)
         state.plan, state.backend = plan, impl.name
         tokenizer.model_max_length = model.max_seq_length or tokenizer.model_max_length
+        if task != CAUSAL_LM and model.config.pad_token_id is None:  # the classifier reads the last non-pad token
+            model.config.pad_token_id = tokenizer.pad_token_id
         attach_save_methods(model)
         logger.info("ready in %.1f s on %s%s", time.perf_counter() - started, _device_of(model), _memory_note(model))
         return model, tokenizer
@@ -312,32 +326,24 @@ class FastModel:
         return training_arguments(output_dir, sft=sft, model=model, **kwargs)
 
     @staticmethod
-    def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, **kwargs: Any):
-        """transformers' Trainer (TRL's SFTTrainer with sft=True) for the loaded model, with fastload's AdamW8bit
-        where args.optim is left at transformers' default or "adamw_8bit" (see fastload.train.trainer.get_trainer). A
-        Trainer built by hand should pass optimizers=(FastModel.get_optimizer(model), None) (or optim="adamw_8bit":
-        transformers' bitsandbytes AdamW, slower steps). Raw records (messages, ShareGPT, Alpaca, prompt/response)
-        are tokenized responses-only.
+    def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, method: str = "sft",
+                    **kwargs: Any):
+        """The trainer of a training method for the loaded model, with fastload's defaults (8-bit AdamW,
+        checkpointing kept on, the model's precision and max_seq_length).
 
-        Args:
-            model: the loaded model with its adapters.
-            tokenizer: its tokenizer.
-            train_dataset: a datasets.Dataset, tokenized records, or raw chat/instruction records.
-            args: TrainingArguments or SFTConfig (default: training_arguments(sft=sft, model=model)).
-            sft: build TRL's SFTTrainer instead of transformers' Trainer.
-            **kwargs: eval_dataset, data_collator, responses_only, any TrainingArguments field (max_steps=...,
-                wins over args), or a trainer keyword (callbacks, ...).
-
-        Returns:
-            A transformers Trainer or trl SFTTrainer, ready for .train().
-
-        Raises:
-            InvalidOption: an unknown argument, or records of a shape fastload cannot tokenize.
-            BackendUnavailable: sft=True without TRL installed.
+        method: "sft" (default: transformers' Trainer over responses-only tokenized records, or TRL's SFTTrainer with
+        sft=True; see fastload.train.trainer.get_trainer), "dpo", "orpo", "kto", "simpo" (TRL, records of
+        prompt/chosen/rejected or prompt/completion/label), "grpo", "pretrain", "classify" (a model loaded with
+        task="sequence-classification", records of text/label). fastload.train.methods lists them.
         """
-        from fastload.train.trainer import get_trainer
+        from fastload.train.methods import build_trainer
 
-        return get_trainer(model, tokenizer, train_dataset, args=args, sft=sft, **kwargs)
+        if sft and method != "sft":
+            raise InvalidOption(f"get_trainer(sft=True, method={method!r})", found="sft=True asks for SFT",
+                                fix="pass method only, or sft=True alone")
+        if method == "sft":
+            kwargs["sft"] = sft
+        return build_trainer(method, model, tokenizer, train_dataset, args=args, **kwargs)
 
     @staticmethod
     def save_adapter(model, directory: str | os.PathLike, tokenizer=None):
@@ -453,6 +459,35 @@ class FastModel:
         from fastload.train.generation import generate
 
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _classifier_options(task: str, store, engine, backend: str):
+    """A classifier bypasses the store (its entries hold language models) and the engine (its levers patch the LM
+    head and its loss); both are said in the log."""
+    if backend != "native":
+        raise InvalidOption(f"task={task!r}, backend={backend!r}", found="classifiers load with the native backend "
+                            "only", fix="use backend='native' (the default)")
+    if store:
+        logger.info("task %s: the 4-bit store is not used (it keeps language models)", task)
+    if engine:
+        logger.info("task %s: fastload's engine levers are off (they patch the language-model head)", task)
+    return False, False
+
+
+def _saved_task(model_name, task: str | None, num_labels: int | None) -> tuple[str | None, int | None]:
+    """A classifier's adapter folder loads as a classifier: its task and num_labels come from the folder."""
+    from fastload.load.task import SEQUENCE_CLASSIFICATION, saved_classifier
+
+    folder = os.path.expanduser(str(model_name))
+    saved = saved_classifier(folder) if os.path.isdir(folder) else None
+    if saved is None or (task is not None and num_labels == saved):
+        return task, num_labels
+    if task is not None or num_labels is not None:
+        raise InvalidOption(f"task={task!r}, num_labels={num_labels!r}", found=f"the adapter in {folder} is a "
+                            f"sequence classifier with {saved} labels", fix=f"pass num_labels={saved}, or leave "
+                            "task and num_labels unset")
+    logger.info("adapter %s is a sequence classifier (%d labels): loading it as one", folder, saved)
+    return SEQUENCE_CLASSIFICATION, saved
 
 
 def _device_of(model) -> str:

@@ -66,6 +66,14 @@ def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, exam
     assert re.search(r"optimizer bitsandbytes\.AdamW8bit \(8-bit state, fastload's lean step\)", out), out
 
 
+def test_dpo_script_widens_the_reward_margin_and_saves_the_adapter(tmp_path, example_env):
+    out = run_example("dpo.py", ["--steps", "2", "--out", "outputs/dpo"], tmp_path, example_env)
+    margins = [float(m) for m in re.findall(r"reward margin (-?[\d.]+)", out)]
+    assert len(margins) == 2 and margins[0] == 0.0 and margins[-1] > 0, out
+    assert "optimizer AdamW8bitNoSync; reference: the base with the adapter off" in out
+    assert (tmp_path / "outputs" / "dpo" / "adapter_model.safetensors").stat().st_size > 0
+
+
 def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):
     out = run_example("load_one_line.py", ["--max-new-tokens", "8", "--max-seq-length", "128"], tmp_path,
                       example_env)

@@ -1,4 +1,5 @@
-"""`fastload train DATA --model M --out DIR`: QLoRA fine-tuning; resumable checkpoints and the adapter in DIR."""
+"""`fastload train DATA --model M --out DIR [--method M]`: QLoRA fine-tuning (SFT by default, or any method of
+fastload.train.methods); resumable checkpoints and the adapter in DIR."""
 
 from __future__ import annotations
 
@@ -9,10 +10,16 @@ from fastload.cli.arguments import non_negative_int, out_folder, positive_float,
 from fastload.cli.output import EXIT_OK, emit, note
 from fastload.errors import InvalidOption
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED
+from fastload.train.methods import method_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="records: messages, ShareGPT conversations, Alpaca, prompt/response")
+    parser.add_argument("data", help="records: messages, ShareGPT conversations, Alpaca, prompt/response (sft); "
+                        "prompt/chosen/rejected (dpo, orpo, simpo); prompt/completion/label (kto); text/label "
+                        "(classify)")
+    parser.add_argument("--method", choices=method_names(), default="sft", help="training method (default: sft)")
+    parser.add_argument("--num-labels", type=positive_int, default=None,
+                        help="classes of the classifier head (--method classify)")
     parser.add_argument("--model", required=True, help="the base model (any name `fastload resolve` accepts)")
     parser.add_argument("--out", type=out_folder, required=True,
                         help="folder for checkpoints (checkpoint-N) and the final adapter")
@@ -24,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_seq_length: longer records are truncated")
     parser.add_argument("--batch", type=positive_int, default=2, help="per-device batch size")
     parser.add_argument("--grad-accum", type=positive_int, default=4, help="gradient accumulation steps")
-    parser.add_argument("--lr", type=positive_float, default=2e-4, help="learning rate")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="learning rate (default: the method's, 2e-4 for sft)")
     parser.add_argument("--r", type=positive_int, default=16, help="LoRA rank")
     parser.add_argument("--alpha", type=positive_int, default=None, help="LoRA alpha (default: the rank)")
     parser.add_argument("--save-steps", type=positive_int, default=100,
@@ -68,6 +76,19 @@ def resume_point(args: argparse.Namespace, out: Path) -> Path | None:
     return found
 
 
+def task_options(args: argparse.Namespace) -> dict:
+    """from_pretrained's task options for the method: a classifier head for classify, which needs --num-labels."""
+    if args.method != "classify":
+        if args.num_labels is not None:
+            raise InvalidOption(f"fastload train --num-labels {args.num_labels}", found="--num-labels is for "
+                                f"--method classify (asked: --method {args.method})", fix="drop --num-labels")
+        return {}
+    if args.num_labels is None:
+        raise InvalidOption("fastload train --method classify", found="no --num-labels",
+                            fix="give the number of classes, e.g. --num-labels 2")
+    return {"task": "sequence-classification", "num_labels": args.num_labels}
+
+
 def run(args: argparse.Namespace) -> int:
     from transformers import PrinterCallback
 
@@ -79,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out).expanduser().absolute()
     check_out(args, out)
+    task = task_options(args)
     records = load_records(args.data)  # read first: a bad file fails before minutes of loading
     if not records:
         raise InvalidOption(f"Training on {args.data}", found="the file holds no records", fix="give a non-empty file")
@@ -88,20 +110,23 @@ def run(args: argparse.Namespace) -> int:
         clean_leftovers(out.parent, out)
     resume_from = resume_point(args, out)
     model, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=args.seq,
-                                                 lora={"r": args.r, "lora_alpha": args.alpha or args.r})
+                                                 lora={"r": args.r, "lora_alpha": args.alpha or args.r}, **task)
     options = {"per_device_train_batch_size": args.batch, "gradient_accumulation_steps": args.grad_accum,
-               "learning_rate": args.lr, "num_train_epochs": args.epochs, "max_steps": args.steps or -1,
+               "num_train_epochs": args.epochs, "max_steps": args.steps or -1,
                "save_strategy": "steps", "save_steps": args.save_steps, "save_total_limit": args.keep,
                "logging_steps": 1, "disable_tqdm": True, "include_num_input_tokens_seen": True, "seed": args.seed}
-    training_args = FastModel.training_arguments(out, model=model, **options)
+    if args.lr is not None:
+        options["learning_rate"] = args.lr
     progress = progress_callback(args.quiet)
-    trainer = FastModel.get_trainer(model, tokenizer, records, args=training_args, callbacks=[progress])
+    trainer = FastModel.get_trainer(model, tokenizer, records, method=args.method, output_dir=str(out),
+                                    callbacks=[progress], **options)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the bar shows them instead
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_adapter_into(model, tokenizer, out)
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
-    data = {"out": str(out), "steps": state.global_step, "resumed_from": str(resume_from) if resume_from else None,
+    data = {"out": str(out), "method": args.method, "steps": state.global_step,
+            "resumed_from": str(resume_from) if resume_from else None,
             "started_at_step": getattr(progress, "first_step", 0),
             "final_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
             "tokens": state.num_input_tokens_seen, "checkpoint": str(newest_checkpoint(out) or "")}

@@ -24,6 +24,7 @@ from fastload.errors import (
 )
 from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
 from fastload.load.phases import phase
+from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 from fastload.sources import plan as P
 from fastload.sources.hub import cached_snapshot, check_reachable, hub_cache_dir, hub_kwargs, hub_stays_local
@@ -43,6 +44,8 @@ class LoadOptions:
     allow_pickle: bool = False
     rope_scaling: dict | None = None
     model_kwargs: dict = field(default_factory=dict)
+    task: str = "causal-lm"  # or "sequence-classification" (fastload.load.task)
+    num_labels: int | None = None  # the classifier's classes
 
 
 def torch_dtype(name: str | None):
@@ -331,9 +334,8 @@ def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
 
 
 def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
-    from transformers import AutoModelForCausalLM
-
     from fastload.load.memory import check_fits
+    from fastload.load.task import CAUSAL_LM, model_class
     from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
 
     device_map = resolve_device_map(opts.device_map)
@@ -369,14 +371,20 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
-    model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
-                        kw.get("quantization_config"), before_reading)
+    if opts.task != CAUSAL_LM:
+        kw["num_labels"] = opts.num_labels
+        logger.info("task %s: transformers' loader (fastload's direct 4-bit load builds causal LMs only)", opts.task)
+        model = None
+    else:
+        model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
+                            kw.get("quantization_config"), before_reading)
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
         with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"):
-            model, info = AutoModelForCausalLM.from_pretrained(plan.location, **kw)
-    missing = sorted(k for k in info.get("missing_keys", []) if "lm_head" not in k or not config.tie_word_embeddings)
+            model, info = model_class(opts.task).from_pretrained(plan.location, **kw)
+    missing = sorted(k for k in info.get("missing_keys", []) if ("lm_head" not in k or not config.tie_word_embeddings)
+                     and not new_head(k, opts.task))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
     extra = extra_layer_keys(model, info.get("unexpected_keys", []))
     if missing or mismatched or extra:
@@ -397,4 +405,12 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     note_unquantized_experts(model, plan.quant.quantized or plan.prequantized, dtype)
     model.config.use_cache = False
     model.max_seq_length = max_seq_length
+    state_of(model).task = opts.task
     return model, dtype, device
+
+
+def new_head(key: str, task: str) -> bool:
+    """A classifier's head is new: a language model's checkpoint never has it."""
+    from fastload.load.task import CAUSAL_LM, HEAD_NAMES
+
+    return task != CAUSAL_LM and key.split(".")[0] in HEAD_NAMES

@@ -92,6 +92,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if state_of(model, create=False).task == "sequence-classification":
+        from fastload.load.task import head_in_full_precision
+
+        head_in_full_precision(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA adapter loaded from %s: %s trainable parameters", adapter_dir, f"{trainable:,}")
     return peft_model

@@ -10,6 +10,7 @@ import torch
 
 from fastload._log import logger
 from fastload.errors import AdapterError, UnsupportedArchitecture
+from fastload.model_state import state_of
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear, router_widths
 
@@ -141,22 +142,34 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
                            fix=f"leave target_modules unset (found: {find_lora_targets(model)}) or fix the names")
     try:
         config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                            bias=settings.bias, target_modules=targets, task_type="CAUSAL_LM", **settings.extra)
+                            bias=settings.bias, target_modules=targets, task_type=peft_task_type(model),
+                            **settings.extra)
     except TypeError as e:
         raise AdapterError("Building the LoRA config", found=str(e),
                            fix="pass only peft.LoraConfig fields in lora=") from e
     if random_state is not None:
         torch.manual_seed(random_state)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    for name, p in peft_model.named_parameters():
+    for name, p in peft_model.named_parameters():  # a classifier's head (modules_to_save) trains in fp32 too
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if config.task_type == "SEQ_CLS":
+        from fastload.load.task import head_in_full_precision
+
+        head_in_full_precision(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA r=%s alpha=%s on %s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
                 settings.lora_alpha, ",".join(targets), experts_note, towers_note, f"{trainable:,}",
                 100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
+
+
+def peft_task_type(model) -> str:
+    """peft's task type for the model's head: SEQ_CLS puts the classifier's head in modules_to_save (trained)."""
+    from fastload.load.task import CAUSAL_LM, PEFT_TASK_TYPES
+
+    return PEFT_TASK_TYPES[state_of(model, create=False).task or CAUSAL_LM]
 
 
 def lora_settings_of(model) -> dict[str, Any]:

@@ -238,7 +238,7 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     """
     fields = {k: trainer_kwargs.pop(k) for k in list(trainer_kwargs) if k in argument_fields(sft)}
     if args is None:
-        args = training_arguments(DEFAULT_OUTPUT_DIR, sft=sft, model=model, **fields)
+        args = training_arguments(fields.pop("output_dir", DEFAULT_OUTPUT_DIR), sft=sft, model=model, **fields)
     elif fields:  # get_trainer(..., args=args, max_steps=10): the keywords win over args' values
         args = dataclasses.replace(args, **fields)
     args = _normalize_args(args, model, sft)
