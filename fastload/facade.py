@@ -156,8 +156,9 @@ class FastModel:
             logger.info("source: %s (%s)", plan.location, plan.reason)
             opts = LoadOptions(task=task, num_labels=num_labels, max_seq_length=max_seq_length, dtype=dtype,
                                device_map=device_map, token=token, cache_dir=cache_dir,
-                               local_files_only=local_files_only, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-                               allow_pickle=allow_pickle, rope_scaling=rope_scaling)
+                               local_files_only=local_files_only, trust_remote_code=trust_remote_code,
+                               attn_implementation=attn_implementation, allow_pickle=allow_pickle,
+                               rope_scaling=rope_scaling)
             impl = choose_backend(backend, plan, opts)
             checkpointing = gradient_checkpointing and not fsdp  # under FSDP: its own wrapper, set by the trainer
             loaded = impl.load(plan, opts, store_obj, lora_settings, checkpointing, random_state)
