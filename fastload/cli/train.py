@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the base model (any name `fastload resolve` accepts)")
     parser.add_argument("--out", type=out_folder, required=True,
                         help="folder for checkpoints (checkpoint-N) and the final adapter")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --out")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT|latest",
+                        help="continue from a checkpoint-N folder (a path, or its name in --out), or with no value "
+                             "or 'latest' the newest one in --out; optimizer, scheduler and data order restored")
     parser.add_argument("--steps", type=non_negative_int, default=0,
                         help="stop after this many optimizer steps (0: use --epochs)")
     parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data when --steps is 0")
@@ -59,9 +61,22 @@ def check_out(args: argparse.Namespace, out: Path) -> None:
 
 
 def resume_point(args: argparse.Namespace, out: Path) -> Path | None:
-    """With --resume, the newest checkpoint-N in --out (a note says when there is none)."""
+    """With --resume, the checkpoint named, or the newest checkpoint-N in --out (a note says when there is none).
+
+    Raises:
+        InvalidOption: a named checkpoint that is no checkpoint folder (no trainer_state.json).
+    """
     if not args.resume:
         return None
+    if args.resume != "latest":
+        named = Path(args.resume).expanduser()
+        folder = named if named.is_dir() or named.is_absolute() else out / named
+        if not (folder / "trainer_state.json").is_file():
+            raise InvalidOption(f"fastload train --resume {args.resume}", found=f"{folder} is no training checkpoint "
+                                "(no trainer_state.json)", fix=f"name a checkpoint-N folder of {out}, or pass "
+                                "--resume alone for the newest")
+        note(args, f"resuming from {folder}")
+        return folder
     found = newest_checkpoint(out)
     note(args, f"resuming from {found}" if found else
          f"--resume: no checkpoint-N folder in {out}; starting from step 0")
