@@ -66,6 +66,16 @@ def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, exam
     assert re.search(r"optimizer bitsandbytes\.AdamW8bit \(8-bit state, fastload's lean step\)", out), out
 
 
+def test_grpo_script_raises_the_reward_and_saves_the_adapter(tmp_path, example_env):
+    out = run_example("grpo.py", ["--steps", "6", "--out", "outputs/grpo"], tmp_path, example_env)
+    match = re.search(r"first 3 steps: ([\d.]+)  last 3 steps: ([\d.]+)", out)
+    assert match, out
+    first, last = map(float, match.groups())
+    assert last > first, out
+    assert "before:" in out and "after:" in out
+    assert (tmp_path / "outputs" / "grpo" / "adapter_model.safetensors").stat().st_size > 0
+
+
 def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):
     out = run_example("load_one_line.py", ["--max-new-tokens", "8", "--max-seq-length", "128"], tmp_path,
                       example_env)

@@ -33,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save a resumable checkpoint every N steps")
     parser.add_argument("--keep", type=positive_int, default=2, help="how many checkpoint-N folders to keep")
     parser.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="random seed (0 .. 2**32 - 1)")
+    parser.add_argument("--reward", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="--method grpo: a reward function f(prompts, completions, **kw) -> list of floats "
+                             "(repeat for several; the module on PYTHONPATH)")
+    parser.add_argument("--embedding-lr", type=positive_float, default=None,
+                        help="--method pretrain: train the embeddings and lm_head too, at this learning rate")
+    parser.add_argument("--new-token", action="append", default=[], metavar="TOKEN",
+                        help="--method pretrain: add this token to the tokenizer (repeat for several)")
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -81,6 +88,31 @@ def resume_point(args: argparse.Namespace, out: Path) -> Path | None:
     note(args, f"resuming from {found}" if found else
          f"--resume: no checkpoint-N folder in {out}; starting from step 0")
     return found
+
+
+def method_options(method: str, args: argparse.Namespace) -> dict:
+    """The keyword arguments the method's builder (fastload.train.methods) takes from the command line.
+
+    Raises:
+        InvalidOption: --method grpo without --reward, or a method's flag given to another method.
+    """
+    from fastload.train.methods.grpo import load_reward
+
+    asked = f"fastload train --method {method}"
+    if method != "grpo" and args.reward:
+        raise InvalidOption(asked, found="--reward is given", fix="--reward goes with --method grpo")
+    if method != "pretrain" and (args.embedding_lr is not None or args.new_token):
+        raise InvalidOption(asked, found="--embedding-lr / --new-token given", fix="they go with --method pretrain")
+    if method == "grpo":
+        if not args.reward:
+            raise InvalidOption(asked, found="no --reward", fix="pass --reward my_rewards:function (module:function)")
+        return {"reward_funcs": [load_reward(spec) for spec in args.reward]}  # before minutes of loading
+    if method == "pretrain":
+        options = {"new_tokens": list(args.new_token)}
+        if args.embedding_lr is not None:
+            options.update(train_embeddings=True, embedding_learning_rate=args.embedding_lr)
+        return options
+    return {}
 
 
 def run(args: argparse.Namespace) -> int:
