@@ -35,8 +35,8 @@ def test_template_with_eos_is_left_alone(tok, caplog):
 def test_eos_is_added_where_the_template_omits_it_with_one_warning(tok, caplog):
     tok.chat_template = NO_EOS_TEMPLATE
     with caplog.at_level(logging.WARNING, logger="fastload"):
-        examples = prepare_records([RECORD, RECORD, {"prompt": "Hi", "response": "Hello<|im_end|>"}], tok)
-    assert [trained_text(tok, e) for e in examples] == ["4<|im_end|>", "4<|im_end|>", "Hello<|im_end|>"]
+        examples = prepare_records([RECORD, RECORD, {"prompt": "Hi", "response": "5<|im_end|>"}], tok)
+    assert [trained_text(tok, e) for e in examples] == ["4<|im_end|>", "4<|im_end|>", "5<|im_end|>"]
     assert all(e["input_ids"][e["labels"].index(tok.eos_token_id)] == tok.eos_token_id for e in examples)
     warnings = [r for r in caplog.records if "EOS added" in r.getMessage()]
     assert len(warnings) == 1 and "2 answers in 2 of 3 records" in warnings[0].getMessage()
