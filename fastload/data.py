@@ -247,12 +247,37 @@ def cut_long_messages(messages: list[dict], max_seq_length: int) -> list[dict]:
             else m for m in messages]
 
 
+def end_tokens(tokenizer) -> list[str]:
+    """The texts that end an answer: EOS and the template's special tokens (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t != tokenizer.pad_token]
+    return [t for t in [tokenizer.eos_token, *specials] if t]
+
+
+def with_eos(tokenizer, full: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]], int]:
+    """The rendered text with EOS written after each answer that ends in no end token, the spans moved to match,
+    and how many were added: an answer trained without one teaches a model that never stops."""
+    eos = tokenizer.eos_token
+    ends = end_tokens(tokenizer)
+    if not eos or not spans:
+        return full, spans, 0
+    out, moved, at, shift = [], [], 0, 0
+    for start, end in spans:
+        missing = not full[start:end].rstrip().endswith(tuple(ends))
+        out.append(full[at:end] + (eos if missing else ""))
+        moved.append((start + shift, end + shift + (len(eos) if missing else 0)))
+        shift += len(eos) if missing else 0
+        at = end
+    out.append(full[at:])
+    return "".join(out), moved, sum(1 for (s, e), (s2, e2) in zip(spans, moved) if e2 - s2 != e - s)
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int | None = None,
-                          responses_only: bool = True) -> dict[str, list[int]]:
+                          responses_only: bool = True, eos_added: list | None = None) -> dict[str, list[int]]:
     """Chat-template a conversation into input_ids / attention_mask / labels.
 
     responses_only=True keeps labels only on the assistant's tokens (everything else -100), so the model learns to
-    answer, not to predict the prompts. Sequences are cut to max_seq_length (None: no cut).
+    answer, not to predict the prompts. Sequences are cut to max_seq_length (None: no cut). An answer the
+    template ends without an end token gets the tokenizer's EOS (with_eos); `eos_added` collects how many per call.
 
     Args:
         tokenizer: a tokenizer with a chat template (or one fastload knows for its family).
@@ -266,6 +291,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int |
     if max_seq_length is not None:
         messages = cut_long_messages(messages, max_seq_length)
     full, spans = assistant_spans(tokenizer, messages)
+    full, spans, added = with_eos(tokenizer, full, spans)
+    if eos_added is not None:
+        eos_added.append(added)
     # the template already wrote BOS and friends: adding special tokens again would double them
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
     ids = list(enc["input_ids"])
@@ -287,7 +315,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int |
 
 def prepare_records(records: Iterable[dict], tokenizer, max_seq_length: int | None = None,
                     responses_only: bool = True) -> list[dict[str, list[int]]]:
-    """to_messages + tokenize_conversation over records; examples with no trainable token left are dropped.
+    """to_messages + tokenize_conversation over records; examples with no trainable token left are dropped. One
+    warning counts the answers that had no end token (EOS was added to them).
 
     Args:
         records: dicts of the SHAPES (e.g. from load_records).
@@ -301,11 +330,17 @@ def prepare_records(records: Iterable[dict], tokenizer, max_seq_length: int | No
     Raises:
         InvalidOption: a record of no known shape, or no example kept a trainable token.
     """
-    out = []
+    out, eos_added = [], []
     for record in records:
-        example = tokenize_conversation(tokenizer, to_messages(record), max_seq_length, responses_only)
+        example = tokenize_conversation(tokenizer, to_messages(record), max_seq_length, responses_only, eos_added)
         if any(label != IGNORE_INDEX for label in example["labels"]):
             out.append(example)
+    if sum(eos_added):
+        from fastload._log import logger
+
+        logger.warning("EOS added at the end of %d answers in %d of %d records: the chat template ends them without "
+                       "an end token (%r), so the model would not learn to stop", sum(eos_added),
+                       sum(1 for n in eos_added if n), len(eos_added), tokenizer.eos_token)
     if not out:
         raise InvalidOption("Preparing the training examples", found="no example kept a trainable token",
                             fix="check that records have assistant answers, or raise max_seq_length")
@@ -421,3 +456,77 @@ class Collator:
         else:
             batch["attention_mask"] = padded("attention_mask", 0, lambda ex: [1] * len(ex["input_ids"]))
         return batch
+
+
+# -- preview ------------------------------------------------------------------------------------------------------
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def preview(tokenizer, record_or_dataset, index: int = 0, max_seq_length: int | None = None,
+            responses_only: bool = True, color: bool | None = None, file=None) -> dict[str, list[int]]:
+    """Print one example as the trainer sees it: the rendered text with the tokens that are not trained shown dim
+    (or [[in double brackets]] where the output is no terminal), the trained ones plain; and return the example.
+
+    Args:
+        tokenizer: the model's tokenizer (its chat template renders the record).
+        record_or_dataset: one record of a common shape, a tokenized example (input_ids, labels), a list or
+            datasets.Dataset of either, or a path load_records reads.
+        index: which example of a dataset.
+        max_seq_length: the cut the trainer applies (None: none).
+        responses_only: as in get_trainer: labels only on the answers.
+        color: dim with ANSI codes (None: when the output is a terminal).
+        file: where to print (None: stdout).
+
+    Returns:
+        The example: input_ids, attention_mask, labels.
+
+    Raises:
+        InvalidOption: an index outside the dataset, or a record of no known shape.
+    """
+    import sys
+
+    item = _pick(record_or_dataset, index)
+    example = dict(item) if "input_ids" in item else \
+        tokenize_conversation(tokenizer, to_messages(item), max_seq_length, responses_only)
+    out = file or sys.stdout
+    if color is None:
+        color = callable(getattr(out, "isatty", None)) and out.isatty()
+    print(preview_text(tokenizer, example, color), file=out)
+    return example
+
+
+def preview_text(tokenizer, example: dict, color: bool = False) -> str:
+    """The example's text, runs of untrained tokens dimmed (color) or in [[double brackets]]."""
+    ids, labels = list(example["input_ids"]), list(example.get("labels", example["input_ids"]))
+    parts, run, trained_run = [], [], None
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE_INDEX
+        if run and trained != trained_run:
+            parts.append(_shown(tokenizer.decode(run), trained_run, color))
+            run = []
+        run.append(token)
+        trained_run = trained
+    if run:
+        parts.append(_shown(tokenizer.decode(run), trained_run, color))
+    return "".join(parts)
+
+
+def _shown(text: str, trained: bool, color: bool) -> str:
+    if trained:
+        return text
+    return f"{DIM}{text}{RESET}" if color else f"[[{text}]]"
+
+
+def _pick(data, index: int) -> dict:
+    if isinstance(data, (str, os.PathLike)):
+        data = load_records(data)
+    if isinstance(data, dict):
+        return data
+    try:
+        item = data[index]
+    except (IndexError, KeyError, TypeError) as e:
+        size = len(data) if hasattr(data, "__len__") else "?"
+        raise InvalidOption(f"preview(..., index={index})", found=f"no such example (the data holds {size})",
+                            fix="pass an index inside the data") from e
+    return item

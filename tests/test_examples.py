@@ -72,6 +72,14 @@ def test_dpo_script_widens_the_reward_margin_and_saves_the_adapter(tmp_path, exa
     assert len(margins) == 2 and margins[0] == 0.0 and margins[-1] > 0, out
     assert "optimizer AdamW8bitNoSync; reference: the base with the adapter off" in out
     assert (tmp_path / "outputs" / "dpo" / "adapter_model.safetensors").stat().st_size > 0
+def test_grpo_script_raises_the_reward_and_saves_the_adapter(tmp_path, example_env):
+    out = run_example("grpo.py", ["--steps", "6", "--out", "outputs/grpo"], tmp_path, example_env)
+    match = re.search(r"first 3 steps: ([\d.]+)  last 3 steps: ([\d.]+)", out)
+    assert match, out
+    first, last = map(float, match.groups())
+    assert last > first, out
+    assert "before:" in out and "after:" in out
+    assert (tmp_path / "outputs" / "grpo" / "adapter_model.safetensors").stat().st_size > 0
 
 
 def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the base model (any name `fastload resolve` accepts)")
     parser.add_argument("--out", type=out_folder, required=True,
                         help="folder for checkpoints (checkpoint-N) and the final adapter")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --out")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT|latest",
+                        help="continue from a checkpoint-N folder (a path, or its name in --out), or with no value "
+                             "or 'latest' the newest one in --out; optimizer, scheduler and data order restored")
     parser.add_argument("--steps", type=non_negative_int, default=0,
                         help="stop after this many optimizer steps (0: use --epochs)")
     parser.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data when --steps is 0")
@@ -39,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save a resumable checkpoint every N steps")
     parser.add_argument("--keep", type=positive_int, default=2, help="how many checkpoint-N folders to keep")
     parser.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="random seed (0 .. 2**32 - 1)")
+    parser.add_argument("--reward", action="append", default=[], metavar="MODULE:FUNCTION",
+                        help="--method grpo: a reward function f(prompts, completions, **kw) -> list of floats "
+                             "(repeat for several; the module on PYTHONPATH)")
+    parser.add_argument("--embedding-lr", type=positive_float, default=None,
+                        help="--method pretrain: train the embeddings and lm_head too, at this learning rate")
+    parser.add_argument("--new-token", action="append", default=[], metavar="TOKEN",
+                        help="--method pretrain: add this token to the tokenizer (repeat for several)")
 
 
 def newest_checkpoint(out: Path) -> Path | None:
@@ -67,9 +76,22 @@ def check_out(args: argparse.Namespace, out: Path) -> None:
 
 
 def resume_point(args: argparse.Namespace, out: Path) -> Path | None:
-    """With --resume, the newest checkpoint-N in --out (a note says when there is none)."""
+    """With --resume, the checkpoint named, or the newest checkpoint-N in --out (a note says when there is none).
+
+    Raises:
+        InvalidOption: a named checkpoint that is no checkpoint folder (no trainer_state.json).
+    """
     if not args.resume:
         return None
+    if args.resume != "latest":
+        named = Path(args.resume).expanduser()
+        folder = named if named.is_dir() or named.is_absolute() else out / named
+        if not (folder / "trainer_state.json").is_file():
+            raise InvalidOption(f"fastload train --resume {args.resume}", found=f"{folder} is no training checkpoint "
+                                "(no trainer_state.json)", fix=f"name a checkpoint-N folder of {out}, or pass "
+                                "--resume alone for the newest")
+        note(args, f"resuming from {folder}")
+        return folder
     found = newest_checkpoint(out)
     note(args, f"resuming from {found}" if found else
          f"--resume: no checkpoint-N folder in {out}; starting from step 0")
@@ -87,6 +109,29 @@ def task_options(args: argparse.Namespace) -> dict:
         raise InvalidOption("fastload train --method classify", found="no --num-labels",
                             fix="give the number of classes, e.g. --num-labels 2")
     return {"task": "sequence-classification", "num_labels": args.num_labels}
+def method_options(method: str, args: argparse.Namespace) -> dict:
+    """The keyword arguments the method's builder (fastload.train.methods) takes from the command line.
+
+    Raises:
+        InvalidOption: --method grpo without --reward, or a method's flag given to another method.
+    """
+    from fastload.train.methods.grpo import load_reward
+
+    asked = f"fastload train --method {method}"
+    if method != "grpo" and args.reward:
+        raise InvalidOption(asked, found="--reward is given", fix="--reward goes with --method grpo")
+    if method != "pretrain" and (args.embedding_lr is not None or args.new_token):
+        raise InvalidOption(asked, found="--embedding-lr / --new-token given", fix="they go with --method pretrain")
+    if method == "grpo":
+        if not args.reward:
+            raise InvalidOption(asked, found="no --reward", fix="pass --reward my_rewards:function (module:function)")
+        return {"reward_funcs": [load_reward(spec) for spec in args.reward]}  # before minutes of loading
+    if method == "pretrain":
+        options = {"new_tokens": list(args.new_token)}
+        if args.embedding_lr is not None:
+            options.update(train_embeddings=True, embedding_learning_rate=args.embedding_lr)
+        return options
+    return {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().absolute()
     check_out(args, out)
     task = task_options(args)
-    records = load_records(args.data)  # read first: a bad file fails before minutes of loading
+    method_kwargs = method_options(args.method, args)  # a bad --reward fails before minutes of loading
+    if args.method == "pretrain":  # raw text files (.txt, a folder of them) or records with a text field
+        from fastload.train.methods.pretrain import read_texts
+
+        records = read_texts(args.data)
+    else:
+        records = load_records(args.data)  # read first: a bad file fails before minutes of loading
     if not records:
         raise InvalidOption(f"Training on {args.data}", found="the file holds no records", fix="give a non-empty file")
     from fastload.distributed import is_main_process
@@ -119,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         options["learning_rate"] = args.lr
     progress = progress_callback(args.quiet)
     trainer = FastModel.get_trainer(model, tokenizer, records, method=args.method, output_dir=str(out),
-                                    callbacks=[progress], **options)
+                                    callbacks=[progress], **method_kwargs, **options)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout; the bar shows them instead
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_adapter_into(model, tokenizer, out)

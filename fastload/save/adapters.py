@@ -66,6 +66,22 @@ def check_adapter_files(adapter_dir: Path) -> None:
                            "the adapter again (FastModel.save_adapter)")
 
 
+def grow_embeddings_for(model, weights: Path) -> None:
+    """Give the base as many embedding rows as the adapter's trained embedding has (tokens added before training:
+    fastload.train.methods.pretrain.add_tokens), so its saved copy loads."""
+    from fastload.sources.checkpoint_files import read_safetensors_header
+
+    embed = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embed), None)
+    if not name or not weights.is_file():
+        return
+    rows = [v["shape"][0] for k, v in read_safetensors_header(weights).items()
+            if k.endswith(f"{name}.weight") and isinstance(v, dict) and v.get("shape")]
+    if rows and max(rows) > embed.weight.shape[0]:
+        logger.info("embeddings resized %d -> %d rows for the adapter's added tokens", embed.weight.shape[0], max(rows))
+        model.resize_token_embeddings(max(rows), mean_resizing=False)
+
+
 def load_adapter(model, adapter_dir: str | os.PathLike):
     """Put a saved LoRA adapter on the loaded base, trainable, adapters in fp32 like fresh ones.
 
@@ -83,6 +99,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     from peft import PeftModel
 
     check_adapter_files(Path(adapter_dir))
+    grow_embeddings_for(model, Path(adapter_dir) / "adapter_model.safetensors")
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type

@@ -188,3 +188,30 @@ class CheckpointingGuard(TrainerCallback):
 def checkpointing_guard(model) -> CheckpointingGuard:
     """The TrainerCallback that keeps this model's checkpointing through a Trainer's setup."""
     return CheckpointingGuard(model)
+class generation_step:
+    """A context manager for the generation inside a training step: checkpointing off, KV cache on; on exit both
+    back as they were. Train/eval mode is left to the caller (an RL trainer samples in the mode it trains in).
+
+    Cheap enough for every step (an RL trainer generates each step): it flips the checkpointed layers'
+    `gradient_checkpointing` flags and keeps their checkpoint functions (the engine's offloading one included),
+    where for_inference/for_training disable and re-install checkpointing and its input-grad hooks.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layers: list = []
+
+    def __enter__(self):
+        base = _base(self.model)
+        self.layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        for layer in self.layers:
+            layer.gradient_checkpointing = False
+        self.use_cache = base.config.use_cache
+        base.config.use_cache = True
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        base = _base(self.model)
+        for layer in self.layers:
+            layer.gradient_checkpointing = True
+        base.config.use_cache = self.use_cache

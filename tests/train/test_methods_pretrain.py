@@ -1,0 +1,58 @@
+"""Continued pretraining on the real SmolLM2 (4-bit): raw text packed into rows, the loss falls, the embeddings
+train in their own optimizer group at their own rate, and a new token survives save and reload."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastload import FastModel
+from fastload.errors import InvalidOption
+from fastload.train.methods import pretrain
+
+DOC = ("The fastload library loads <|fl|> models in four bits, adds LoRA adapters and trains them with 8-bit AdamW. "
+       "Continued pretraining teaches a model the words of a new domain. ")
+
+
+def test_pretrain_trains_embeddings_at_their_own_rate_and_new_tokens_reload(smollm2_dir, tmp_path):
+    model, tok = FastModel.from_pretrained(smollm2_dir, max_seq_length=64)
+    text = tmp_path / "domain.txt"
+    text.write_text(DOC * 6)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    mean = model.get_input_embeddings().weight[:old_rows].float().mean(0)
+    trainer = pretrain.build(model, tok, text, train_embeddings=True, embedding_learning_rate=5e-5,
+                             new_tokens=["<|fl|>"], output_dir=tmp_path / "out", max_steps=8, learning_rate=2e-3,
+                             per_device_train_batch_size=2, gradient_accumulation_steps=1, save_strategy="no")
+    new = tok.convert_tokens_to_ids("<|fl|>")
+    assert new >= old_rows - 1 and tok.tokenize("a <|fl|> b").count("<|fl|>") == 1
+    embedding = model.get_input_embeddings().weight
+    assert (embedding[new].float() - mean).abs().max().item() < 1e-3  # started at the mean embedding
+
+    groups = trainer.optimizer.param_groups
+    assert type(trainer.optimizer).__name__ == "AdamW8bitNoSync"
+    embedding_groups = [g for g in groups if any(p is embedding for p in g["params"])]
+    assert len(embedding_groups) == 1 and embedding_groups[0]["lr"] == 5e-5
+    assert all(g["lr"] == 2e-3 for g in groups if g is not embedding_groups[0])
+    assert model.get_output_embeddings().weight is embedding  # SmolLM2 ties them: one trained matrix
+
+    rows = trainer.train_dataset
+    assert all(len(r["input_ids"]) <= 64 for r in rows) and sum(len(r["input_ids"]) > 48 for r in rows) >= 2
+
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.3, losses
+    trained_row = embedding[new].detach().float().clone()
+    assert (trained_row - mean).abs().max().item() > 1e-4  # the new token's row learned
+
+    FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    again, tok2 = FastModel.from_pretrained(tmp_path / "adapter", max_seq_length=64)
+    assert tok2.convert_tokens_to_ids("<|fl|>") == new
+    assert (again.get_input_embeddings().weight[new].float() - trained_row).abs().max().item() < 1e-5
+
+
+def test_pretrain_reads_records_and_refuses_a_lone_embedding_rate(smollm2_dir, tmp_path):
+    model, tok = FastModel.from_pretrained(smollm2_dir, max_seq_length=32)
+    assert pretrain.read_texts([{"text": "one"}, {"text": "  "}, "two"]) == ["one", "two"]
+    with pytest.raises(InvalidOption, match="text"):
+        pretrain.read_texts([{"body": "no text field"}])
+    with pytest.raises(InvalidOption, match="train_embeddings"):
+        pretrain.build(model, tok, ["some text"], embedding_learning_rate=1e-5, output_dir=tmp_path, max_steps=1)
