@@ -23,7 +23,7 @@ def logged(trainer, key: str) -> list[float]:
 def assert_fastload_defaults(trainer, model) -> None:
     """fastload's AdamW8bit drives the steps and the model's non-reentrant checkpointing is still on."""
     from fastload.train.adamw8bit import AdamW8bitNoSync
-    from fastload.train.trainer import checkpointing_state
+    from fastload.train.checkpointing import checkpointing_state
 
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it once training
     assert isinstance(optimizer, AdamW8bitNoSync)
