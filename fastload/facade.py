@@ -61,8 +61,11 @@ class FastModel:
 
         Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
         """
+        from fastload._log import drop_bitsandbytes_kernels_hint
         from fastload.backends import choose_backend
         from fastload.sources.resolve import make_store, resolve
+
+        drop_bitsandbytes_kernels_hint()
 
         if quant_options.keys() & UNSLOTH_LOAD_NAMES:  # Unsloth's keyword names: an Unsloth notebook, whose
             install_trl_compat()                        # SFTTrainer cell then needs TRL to take Unsloth's keywords

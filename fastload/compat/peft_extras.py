@@ -50,12 +50,12 @@ def target_groups_settings(model, lora_options: dict[str, Any], asked: dict[str,
 
 def apply_peft_extras(model, asked: dict[str, Any]):
     """max_seq_length and use_gradient_checkpointing=False as get_peft_model was asked; returns the model."""
-    from fastload.train.checkpointing import _base, is_checkpointing
+    from fastload.train.checkpointing import _base, is_checkpointing, turn_off_checkpointing
 
     if "max_seq_length" in asked:
         model.max_seq_length = asked["max_seq_length"]
     if asked.get("gradient_checkpointing") is False and is_checkpointing(model):
-        _base(model).gradient_checkpointing_disable()
+        turn_off_checkpointing(_base(model))
         model._fastload_checkpointing = False
         engine = getattr(model, "fastload_engine", None)
         if engine:

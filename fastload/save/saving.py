@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
-from fastload._log import logger
+from fastload._log import logger, quiet_foreign_deprecations
 from fastload.errors import AdapterError, FastloadError, InvalidOption, SaveError
 from fastload.atomic import atomic_folder, disk_full_error, refuse_source
 from fastload.sources.hub import hub_calls_off
@@ -48,6 +48,25 @@ def name_base_model(model, plan) -> None:
     for config in (getattr(model, "peft_config", None) or {}).values():
         if name:
             config.base_model_name_or_path = name
+
+
+def name_base_in_card(folder: Path, model) -> None:
+    """peft's model card names the loaded weights' folder as base_model (a store path when the base came from the
+    store); name the same base as adapter_config.json does, the hub id or original source a reader can find."""
+    card_path = folder / "README.md"
+    configs = getattr(model, "peft_config", None) or {}
+    name = next((c.base_model_name_or_path for c in configs.values()), None)
+    if not name or not card_path.is_file():
+        return
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path)
+    tags = [f"base_model:adapter:{name}" if str(t).startswith("base_model:adapter:") else t
+            for t in (card.data.tags or [])]
+    if card.data.base_model != name or tags != (card.data.tags or []):
+        card.data.base_model = name
+        card.data.tags = tags or None
+        card.save(card_path)
 
 
 def check_adapter_files(adapter_dir: Path) -> None:
@@ -86,7 +105,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
 
     check_adapter_files(Path(adapter_dir))
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        with quiet_foreign_deprecations():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type
         raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:300]}",
@@ -106,6 +126,7 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
     directory = Path(directory)
     with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
         model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
+        name_base_in_card(tmp, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     logger.info("saved the LoRA adapter in %s (base: %s)", directory,
@@ -128,8 +149,9 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
         SaveError: the disk is full or the folder cannot be written.
     """
     name_base_model(model, getattr(model, "fastload_plan", None))
-    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp, hub_calls_off():
+        model.save_pretrained(str(tmp), safe_serialization=True)  # peft would look up the base repo on the hub
+        name_base_in_card(tmp, model)
         tokenizer.save_pretrained(str(tmp))
 
 

@@ -12,7 +12,7 @@ def _base(model):
 def enable_checkpointing(model) -> None:
     """Non-reentrant checkpointing, input grads on (LoRA gets gradients through a frozen embedding), no KV cache."""
     base = _base(model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    turn_on_checkpointing(base)
     base.enable_input_require_grads()
     base.config.use_cache = False
     model._fastload_checkpointing = True
@@ -22,8 +22,27 @@ def enable_checkpointing(model) -> None:
     reinstall_engine_checkpointing(base)
 
 
+def turn_on_checkpointing(base) -> None:
+    """transformers' non-reentrant checkpointing, by its current name where it has one (activation_*: 5.2x on;
+    the gradient_* names then warn that they are deprecated), else by the old one."""
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def turn_off_checkpointing(base) -> None:
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def is_checkpointing(model) -> bool:
-    return bool(getattr(_base(model), "is_gradient_checkpointing", False))
+    base = _base(model)
+    if hasattr(type(base), "is_activation_checkpointing"):
+        return bool(base.is_activation_checkpointing)
+    return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
 def for_inference(model):
@@ -31,7 +50,7 @@ def for_inference(model):
     base = _base(model)
     model._fastload_checkpointing = getattr(model, "_fastload_checkpointing", is_checkpointing(model))
     if is_checkpointing(model):
-        base.gradient_checkpointing_disable()
+        turn_off_checkpointing(base)
     base.config.use_cache = True
     model.eval()
     return model
