@@ -127,6 +127,7 @@ def test_quiet_generate_prints_the_answer_and_nothing_else(tiny_llama, tmp_path)
     assert quiet.stderr == "", quiet.stderr
     loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert loud.returncode == 0 and "fastload: source:" in loud.stderr
+    assert "gradient checkpointing" not in loud.stderr  # generating: nothing to say, and nothing the user asked
 
 
 def test_importing_the_cli_does_not_import_torch():
@@ -237,6 +238,16 @@ def test_train_then_resume_continues_from_the_last_checkpoint(tiny_llama, data_f
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 4 and losses[:2] == first_losses and losses[-1] < losses[0]
     assert second["tokens"] > first["tokens"] > 0
+
+
+def test_train_prints_its_losses_rounded(tiny_llama, data_file, tmp_path, capsys):
+    """The closing line a user reads: losses to 4 significant digits, not a float's 17."""
+    code, out, err = run(capsys, "train", data_file, "--model", tiny_llama, "--out", tmp_path / "run", "--steps", 2,
+                         "--batch", 3, "--seq", 48)
+    assert code == 0, err
+    numbers = re.findall(r"loss[^0-9]*?([0-9]+\.[0-9]+)", out)
+    assert len(numbers) == 2, out  # the last step's loss and the mean over the run
+    assert all(len(n.replace(".", "").lstrip("0")) <= 4 for n in numbers), out
 
 
 def test_train_reads_a_csv_of_prompt_response_pairs(tiny_llama, tmp_path, capsys):

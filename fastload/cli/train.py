@@ -103,5 +103,11 @@ def run(args: argparse.Namespace) -> int:
             "started_at_step": getattr(progress, "first_step", 0),
             "final_loss": losses[-1] if losses else None, "train_loss": result.training_loss,
             "tokens": state.num_input_tokens_seen, "checkpoint": str(newest_checkpoint(out) or "")}
-    emit(args, data, f"trained {state.global_step} steps (loss {data['final_loss']}); adapter saved in {out}")
+    emit(args, data, f"trained {state.global_step} steps (last loss {rounded(data['final_loss'])}, mean loss "
+                     f"{rounded(data['train_loss'])}); adapter saved in {out}")
     return EXIT_OK
+
+
+def rounded(loss: float | None) -> str:
+    """4 significant digits for the text line (--json keeps the full value)."""
+    return "-" if loss is None else f"{loss:.4g}"
