@@ -129,3 +129,14 @@ def test_the_install_page_names_only_extras_that_exist():
     install = (DOCS / "install.md").read_text()
     named = {e for group in re.findall(r"\.\[([\w,]+)\]", install) for e in group.split(",")}
     assert named and named <= extras, named - extras
+
+
+def test_pyproject_uses_the_spdx_license_string_and_a_setuptools_that_reads_it():
+    """A license table makes `pip install -e .` print setuptools' deprecation (measured: setuptools 84); the SPDX
+    string needs setuptools >= 77. The test extras carry nbconvert for `jupyter nbconvert --execute` of the notebook."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    requires = project["build-system"]["requires"]
+    version = next(r for r in requires if r.startswith("setuptools")).split(">=")[1]
+    assert tuple(int(x) for x in version.split(".")) >= (77,)
+    assert any(r.startswith("nbconvert") for r in project["project"]["optional-dependencies"]["test"])
