@@ -32,10 +32,11 @@ def example_env(shared_home, monkeypatch) -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def run_example(script: str, args: list[str], cwd: Path, env: dict) -> str:
+def run_example(script: str, args: list[str], cwd: Path, env: dict, returncode: int = 0) -> str:
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == returncode, f"{script}: exit {proc.returncode}, expected {returncode}:\n" \
+                                          f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
@@ -52,8 +53,10 @@ def test_sample_data_is_varied_chat_in_messages_format():
 
 
 def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, example_env):
+    # 3 steps and 8 new tokens cannot make the two-line card: the script's own check must say FAIL and exit 1
     out = run_example("sft.py", ["--steps", "3", "--batch-size", "2", "--heldout", "4", "--max-new-tokens", "8",
-                                 "--out", "outputs/adapter"], tmp_path, example_env)
+                                 "--out", "outputs/adapter"], tmp_path, example_env, returncode=1)
+    assert "FAIL: the fine-tune did not teach the card format" in out, out
     match = re.search(r"held-out loss: before ([\d.]+) -> after ([\d.]+)", out)
     assert match, out
     before, after = map(float, match.groups())
@@ -64,6 +67,16 @@ def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, exam
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "before training:" in out and "after training:" in out
     assert re.search(r"optimizer bitsandbytes\.AdamW8bit \(8-bit state, fastload's lean step\)", out), out
+
+
+def test_sft_script_with_its_defaults_teaches_the_card_and_checks_it(tmp_path, example_env):
+    """The README's main job as written (40 steps, the default seed): every held-out reply becomes an
+    Answer/Reason card, the script says PASS and exits 0 (~70 s on a free 2-core CPU)."""
+    out = run_example("sft.py", [], tmp_path, example_env)
+    assert "PASS: the fine-tune taught the card format" in out, out
+    cards = re.search(r"Answer/Reason cards among (\d+) held-out replies: before (\d+) -> after (\d+)", out)
+    total, before, after = map(int, cards.groups())
+    assert after == total == 8 and before < total, out
 
 
 def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):
