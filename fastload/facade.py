@@ -59,7 +59,7 @@ class FastModel:
                         **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
-        Returns (model, tokenizer). See the README for every option; `fastload.resolve(...)` shows the plan first.
+        Returns (model, tokenizer). See docs/loading.md for every option; `fastload.resolve(...)` shows the plan first.
         """
         from fastload._log import drop_bitsandbytes_kernels_hint
         from fastload.backends import choose_backend
