@@ -4,14 +4,17 @@ Run:  python examples/sft.py [--steps 40] [--data examples/data/chat_sample.json
 
 The sample data teaches one visible habit: every reply is a two-line card, "Answer: ..." then "Reason: ...".
 The script holds out the last records, prints their loss before and after training (it should drop clearly),
-shows one held-out question answered before and after, and saves the LoRA adapter. Load the adapter again with
-FastModel.from_pretrained(<out>) to keep training or to generate.
+answers the held-out questions before and after, and checks what the fine-tune teaches: after training every
+held-out reply is such a card (before, the model answers in free prose). If not, it prints FAIL and exits 1.
+It then saves the LoRA adapter. Load it again with FastModel.from_pretrained(<out>) to keep training or to generate.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from fastload.data import Collator, load_records, prepare_records
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_DATA = Path(__file__).parent / "data" / "chat_sample.jsonl"
+CARD = re.compile(r"Answer: (?P<answer>[^\n]+)\nReason: \S")  # the two-line reply the sample data teaches
+SHOWN = 2  # held-out questions printed in full; the check covers all of them
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,6 +69,39 @@ def answer_loss(model, tokenizer, records, max_seq_length: int, batch_size: int 
     return total / tokens
 
 
+def show_replies(model, tokenizer, questions: list[str], when: str, max_new_tokens: int) -> list[str]:
+    """Answer every held-out question (greedy, one batch) and print the first few in full."""
+    replies = [r.strip() for r in FastModel.generate(model, tokenizer, questions, max_new_tokens=max_new_tokens)]
+    for question, reply in zip(questions[:SHOWN], replies):
+        print(f"\nQ: {question}\n{when}:\n{reply}")
+    print()
+    return replies
+
+
+def check_cards(before: list[str], after: list[str], heldout: list[dict]) -> bool:
+    """The check the showcase stands on: after training every held-out reply is an Answer/Reason card.
+
+    Also counts replies whose Answer line starts with the reference answer, as a hint of what a 135M model gets
+    right; that count is printed, not required (a small model learns the format before the arithmetic).
+    """
+    references = [CARD.match(r["messages"][1]["content"]).group("answer") for r in heldout if "messages" in r]
+
+    def cards(replies):
+        return sum(bool(CARD.match(reply)) for reply in replies)
+
+    def right(replies):
+        return sum(bool((m := CARD.match(reply)) and m.group("answer").startswith(ref.rstrip(".")))
+                   for reply, ref in zip(replies, references))
+
+    print(f"Answer/Reason cards among {len(after)} held-out replies: before {cards(before)} -> after {cards(after)}"
+          f"; answer as in the data: before {right(before)} -> after {right(after)}")
+    if cards(after) == len(after) and cards(before) < len(before):
+        print("PASS: the fine-tune taught the card format")
+        return True
+    print("FAIL: the fine-tune did not teach the card format (see the replies above)")
+    return False
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -77,13 +115,11 @@ def main(argv=None) -> None:
     # forward pass (about a quarter of a CPU step). Leave it on (the default) for bigger models or longer texts.
     model, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=args.max_seq_length,
                                                  gradient_checkpointing=False)
-    question = heldout[0]["messages"][0]["content"] if "messages" in heldout[0] else None
+    questions = [r["messages"][0]["content"] for r in heldout if "messages" in r]
 
     before = answer_loss(model, tokenizer, heldout, args.max_seq_length)
     print(f"held-out loss before: {before:.3f}")
-    if question:
-        answer = FastModel.generate(model, tokenizer, question, max_new_tokens=args.max_new_tokens).strip()
-        print(f"\nQ: {question}\nbefore training:\n{answer}\n")
+    replies_before = show_replies(model, tokenizer, questions, "before training", args.max_new_tokens)
 
     training_args = FastModel.training_arguments(
         args.out.with_name(args.out.name + "-trainer"), model=model, max_steps=args.steps,
@@ -106,12 +142,13 @@ def main(argv=None) -> None:
     print(f"held-out loss after: {after:.3f}")
     print(f"held-out loss: before {before:.3f} -> after {after:.3f} (perplexity {math.exp(before):.1f} -> "
           f"{math.exp(after):.1f})")
-    if question:
-        answer = FastModel.generate(model, tokenizer, question, max_new_tokens=args.max_new_tokens).strip()
-        print(f"\nQ: {question}\nafter training:\n{answer}\n")
+    replies_after = show_replies(model, tokenizer, questions, "after training", args.max_new_tokens)
+    learnt = check_cards(replies_before, replies_after, heldout) if questions else True
 
     saved = FastModel.save_adapter(model, args.out, tokenizer=tokenizer)
     print(f"adapter saved to {saved} in {time.perf_counter() - started:.0f} s total")
+    if not learnt:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

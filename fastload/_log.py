@@ -1,6 +1,9 @@
 """One logger for the package; decisions are logged at INFO, one line each."""
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 
 logger = logging.getLogger("fastload")
 
@@ -12,3 +15,35 @@ def set_verbosity(level: int | str) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("fastload: %(message)s"))
         logger.addHandler(handler)
+
+
+# Other libraries' notices about calls fastload makes on the user's behalf, which the user cannot act on. Each is
+# silenced only where fastload makes that call (never process-wide), so the user's own calls still warn.
+PEFT_ASKS_OLD_CHECKPOINTING_NAME = r"`is_gradient_checkpointing` is deprecated"  # peft's PeftModel.__init__
+BNB_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"  # a hub download fastload never wants
+
+
+@contextlib.contextmanager
+def quiet_foreign_deprecations() -> Iterator[None]:
+    """Around a peft call: its use of transformers' renamed checkpointing property is not the user's to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_ASKS_OLD_CHECKPOINTING_NAME, category=FutureWarning)
+        yield
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def drop_bitsandbytes_kernels_hint() -> None:
+    """bitsandbytes' CPU backend, on an AVX512-BF16 CPU, tries to fetch a kernel from the hub through the optional
+    `kernels` package and logs a hint to install it when that fails; fastload loads offline and does not need it.
+    The filter sits on that one bitsandbytes logger and drops that one message."""
+    hinting = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessage) and f.start == BNB_KERNELS_HINT for f in hinting.filters):
+        hinting.addFilter(_DropMessage(BNB_KERNELS_HINT))

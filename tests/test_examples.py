@@ -32,10 +32,11 @@ def example_env(shared_home, monkeypatch) -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def run_example(script: str, args: list[str], cwd: Path, env: dict) -> str:
+def run_example(script: str, args: list[str], cwd: Path, env: dict, returncode: int = 0) -> str:
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == returncode, f"{script}: exit {proc.returncode}, expected {returncode}:\n" \
+                                          f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
@@ -52,8 +53,10 @@ def test_sample_data_is_varied_chat_in_messages_format():
 
 
 def test_sft_script_lowers_the_heldout_loss_and_saves_the_adapter(tmp_path, example_env):
+    # 3 steps and 8 new tokens cannot make the two-line card: the script's own check must say FAIL and exit 1
     out = run_example("sft.py", ["--steps", "3", "--batch-size", "2", "--heldout", "4", "--max-new-tokens", "8",
-                                 "--out", "outputs/adapter"], tmp_path, example_env)
+                                 "--out", "outputs/adapter"], tmp_path, example_env, returncode=1)
+    assert "FAIL: the fine-tune did not teach the card format" in out, out
     match = re.search(r"held-out loss: before ([\d.]+) -> after ([\d.]+)", out)
     assert match, out
     before, after = map(float, match.groups())
@@ -72,6 +75,8 @@ def test_dpo_script_widens_the_reward_margin_and_saves_the_adapter(tmp_path, exa
     assert len(margins) == 2 and margins[0] == 0.0 and margins[-1] > 0, out
     assert "optimizer AdamW8bitNoSync; reference: the base with the adapter off" in out
     assert (tmp_path / "outputs" / "dpo" / "adapter_model.safetensors").stat().st_size > 0
+
+
 def test_grpo_script_raises_the_reward_and_saves_the_adapter(tmp_path, example_env):
     out = run_example("grpo.py", ["--steps", "6", "--out", "outputs/grpo"], tmp_path, example_env)
     match = re.search(r"first 3 steps: ([\d.]+)  last 3 steps: ([\d.]+)", out)
@@ -80,6 +85,16 @@ def test_grpo_script_raises_the_reward_and_saves_the_adapter(tmp_path, example_e
     assert last > first, out
     assert "before:" in out and "after:" in out
     assert (tmp_path / "outputs" / "grpo" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_sft_script_with_its_defaults_teaches_the_card_and_checks_it(tmp_path, example_env):
+    """The README's main job as written (40 steps, the default seed): every held-out reply becomes an
+    Answer/Reason card, the script says PASS and exits 0 (~70 s on a free 2-core CPU)."""
+    out = run_example("sft.py", [], tmp_path, example_env)
+    assert "PASS: the fine-tune taught the card format" in out, out
+    cards = re.search(r"Answer/Reason cards among (\d+) held-out replies: before (\d+) -> after (\d+)", out)
+    total, before, after = map(int, cards.groups())
+    assert after == total == 8 and before < total, out
 
 
 def test_load_one_line_prints_plan_params_memory_and_an_answer(tmp_path, example_env):

@@ -128,8 +128,10 @@ class NativeBackend:
             with phase("checkpointing"):
                 enable_checkpointing(model)
             logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")
-        else:
-            logger.info("gradient checkpointing: off, as asked (activations of every layer stay in memory)")
+        elif any(p.requires_grad for p in model.parameters()):
+            # stated, not "as asked": the CLI's generate/merge/quantize load with it off on their own
+            logger.info("gradient checkpointing: off (gradient_checkpointing=False: every layer's activations stay in "
+                        "memory while training)")
         return model, tokenizer
 
     def _load_stored(self, plan, opts, store, *load_args):

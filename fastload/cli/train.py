@@ -183,5 +183,11 @@ def run(args: argparse.Namespace) -> int:
             "tokens": state.num_input_tokens_seen, "checkpoint": str(newest_checkpoint(out) or "")}
     if not is_main_process():  # under torchrun every rank trained; rank 0 alone reports (and saved)
         return EXIT_OK
-    emit(args, data, f"trained {state.global_step} steps (loss {data['final_loss']}); adapter saved in {out}")
+    emit(args, data, f"trained {state.global_step} steps (last loss {rounded(data['final_loss'])}, mean loss "
+                     f"{rounded(data['train_loss'])}); adapter saved in {out}")
     return EXIT_OK
+
+
+def rounded(loss: float | None) -> str:
+    """4 significant digits for the text line (--json keeps the full value)."""
+    return "-" if loss is None else f"{loss:.4g}"

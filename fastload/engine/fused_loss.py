@@ -146,23 +146,25 @@ def install_fused_loss(model) -> bool:
         return False
     original = model.forward
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    # the KV cache (past_key_values, or cache in newer transformers) stays in kwargs: naming it here would pass a
+    # None that transformers reads as the deprecated name being used
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                use_cache=None, logits_to_keep=0, **kwargs):
         if labels is None or not self.training or not supports_fused_loss(self):  # lm_head trained since: plain
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                            logits_to_keep=logits_to_keep, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.pop("num_items_in_batch", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+                         inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
         loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=None)
+        return CausalLMOutputWithPast(loss=loss, logits=None)  # no cache: training, use_cache=False
 
     model.forward = types.MethodType(forward, model)
     mark_patched(model, model, "fused_loss")

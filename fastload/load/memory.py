@@ -260,7 +260,7 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
     """Refuse, before reading weights, a load whose weights alone cannot fit the device, saying what would fit.
 
     Weights that fit but leave too little for LoRA training at max_seq_length (batch 1, checkpointing) only warn:
-    the training estimate is an upper bound (see the README), and the user may only want to generate.
+    the training estimate is an upper bound (see docs/loading.md), and the user may only want to generate.
     Returns the weights' estimate in bytes."""
     from fastload._log import logger
     from fastload.load.devices import free_memory_bytes

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from fastload._log import logger
+from fastload._log import logger, quiet_foreign_deprecations
 from fastload.distributed import rank_zero_only
 from fastload.errors import AdapterError, FastloadError
 from fastload.model_state import state_of
@@ -35,6 +35,25 @@ def name_base_model(model, plan) -> None:
     for config in (getattr(model, "peft_config", None) or {}).values():
         if name:
             config.base_model_name_or_path = name
+
+
+def name_base_in_card(folder: Path, model) -> None:
+    """peft's model card names the loaded weights' folder as base_model (a store path when the base came from the
+    store); name the same base as adapter_config.json does, the hub id or original source a reader can find."""
+    card_path = folder / "README.md"
+    configs = getattr(model, "peft_config", None) or {}
+    name = next((c.base_model_name_or_path for c in configs.values()), None)
+    if not name or not card_path.is_file():
+        return
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path)
+    tags = [f"base_model:adapter:{name}" if str(t).startswith("base_model:adapter:") else t
+            for t in (card.data.tags or [])]
+    if card.data.base_model != name or tags != (card.data.tags or []):
+        card.data.base_model = name
+        card.data.tags = tags or None
+        card.save(card_path)
 
 
 def check_adapter_files(adapter_dir: Path) -> None:
@@ -101,7 +120,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     check_adapter_files(Path(adapter_dir))
     grow_embeddings_for(model, Path(adapter_dir) / "adapter_model.safetensors")
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        with quiet_foreign_deprecations():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type
         raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "
                            f"{str(e).splitlines()[0][:300]}",
@@ -145,6 +165,7 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
                 save_gathered_adapter(model, tmp, state)
             else:  # peft would look up the base repo on the hub: hub_calls_off
                 model.save_pretrained(str(tmp), safe_serialization=True)
+                name_base_in_card(tmp, model)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
 
@@ -172,11 +193,12 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
     state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
 
     def write() -> None:
-        with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp:
+        with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp, hub_calls_off():
             if state is not None:
                 save_gathered_adapter(model, tmp, state)
-            else:
+            else:  # peft would look up the base repo on the hub: hub_calls_off
                 model.save_pretrained(str(tmp), safe_serialization=True)
+                name_base_in_card(tmp, model)
             tokenizer.save_pretrained(str(tmp))
 
     rank_zero_only(f"Saving the LoRA adapter in {out}", write)

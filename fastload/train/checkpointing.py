@@ -20,8 +20,27 @@ from fastload.model_state import CheckpointFunction, base_model, state_of
 _base = base_model  # the name the rest of fastload imports from here
 
 
+def turn_on_checkpointing(base) -> None:
+    """transformers' non-reentrant checkpointing, by its current name where it has one (activation_*: 5.2x on;
+    the gradient_* names then warn that they are deprecated), else by the old one."""
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def turn_off_checkpointing(base) -> None:
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def is_checkpointing(model) -> bool:
-    return bool(getattr(_base(model), "is_gradient_checkpointing", False))
+    base = _base(model)
+    if hasattr(type(base), "is_activation_checkpointing"):
+        return bool(base.is_activation_checkpointing)
+    return bool(getattr(base, "is_gradient_checkpointing", False))
 
 
 def checkpointed_layers(model) -> list:
@@ -33,7 +52,7 @@ def checkpointed_layers(model) -> list:
 def enable_checkpointing(model) -> None:
     """Non-reentrant checkpointing, input grads on, no KV cache; the registered checkpoint function, if any."""
     base = _base(model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    turn_on_checkpointing(base)
     base.enable_input_require_grads()
     base.config.use_cache = False
     state_of(base).checkpointing = True
@@ -42,7 +61,7 @@ def enable_checkpointing(model) -> None:
 
 def disable_checkpointing(model) -> None:
     """Checkpointing off for good (not a mode switch): the registered function and its levers go too."""
-    _base(model).gradient_checkpointing_disable()
+    turn_off_checkpointing(_base(model))
     state = state_of(model)
     state.checkpointing = False
     _drop_registered_function(state)
@@ -94,7 +113,7 @@ def for_inference(model):
     if state.checkpointing is None:
         state.checkpointing = is_checkpointing(model)
     if is_checkpointing(model):
-        base.gradient_checkpointing_disable()
+        turn_off_checkpointing(base)
     base.config.use_cache = True
     model.eval()
     return model
@@ -160,7 +179,7 @@ def ensure_checkpointing(model, saved: dict | None = None, allow_reentrant: bool
         return fixed
     base = _base(model)
     if state["use_reentrant"] and not allow_reentrant:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        turn_on_checkpointing(base)
         fixed = True
     if not checkpointing_state(model)["input_grads"]:
         base.enable_input_require_grads()

@@ -129,6 +129,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast."""
     from peft import LoraConfig, get_peft_model
 
+    from fastload._log import quiet_foreign_deprecations
+
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
     experts, experts_note = ([], "") if settings.target_modules or "target_parameters" in settings.extra else (
         _expert_targets(model, settings))
@@ -149,7 +151,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
                            fix="pass only peft.LoraConfig fields in lora=") from e
     if random_state is not None:
         torch.manual_seed(random_state)
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    with quiet_foreign_deprecations():
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     for name, p in peft_model.named_parameters():  # a classifier's head (modules_to_save) trains in fp32 too
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

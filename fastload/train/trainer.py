@@ -98,13 +98,15 @@ def training_arguments(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, sft: 
     dtype; without, the device decides the precision and TRL's max_length stays.
     """
     cls = arguments_class(sft)
-    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model), **launch_defaults(model)}
+    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model), **launch_defaults(model),
+               **loader_flags()}
     if sft and getattr(model, "max_seq_length", None):
         options["max_length"] = model.max_seq_length
     options.update(kwargs)
     gc_kwargs = options.get("gradient_checkpointing_kwargs")
     if options.get("gradient_checkpointing") and isinstance(gc_kwargs, dict) and "use_reentrant" not in gc_kwargs:
         options["gradient_checkpointing_kwargs"] = {**gc_kwargs, "use_reentrant": False}
+    options = current_checkpointing_names(cls, options)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -137,6 +139,27 @@ def launch_defaults(model=None) -> dict[str, Any]:
     if not torch.cuda.is_available():  # transformers treats CPU processes as one launch only with use_cpu
         options.update(use_cpu=True, ddp_backend="gloo")
     return options
+
+
+def loader_flags() -> dict[str, bool]:
+    """Pinned batches only speed up copies to a GPU; on the CPU torch warns that it cannot pin them."""
+    import torch
+
+    return {} if torch.cuda.is_available() else {"dataloader_pin_memory": False}
+
+
+def current_checkpointing_names(cls, options: dict) -> dict:
+    """gradient_checkpointing(_kwargs) as activation_checkpointing(_kwargs) where the arguments class has those
+    (transformers 5.2x; the old names then warn that they are deprecated). The old names stay readable on the
+    result: transformers mirrors them."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    renamed = dict(options)
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if new in fields and old in renamed:
+            value = renamed.pop(old)
+            renamed.setdefault(new, value)
+    return renamed
 
 
 def default_optim() -> str:
@@ -259,6 +282,7 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
     trainer_kwargs = add_fastload_parts(model, args, trainer_kwargs)
+    align_pad_token(model, tokenizer)
     kw = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
               processing_class=tokenizer, data_collator=data_collator, **trainer_kwargs)
     if not sft:
@@ -269,6 +293,22 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
     trainer = saving_locally(import_trl().SFTTrainer)(**kw)
     restore_adapter_dtypes(model, dtypes)
     return trainer
+
+
+def align_pad_token(model, tokenizer) -> None:
+    """The pad token fastload gave the tokenizer at load, told to the model's configs before the Trainer does it
+    with a warning about a change the user did not make."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    config = getattr(model, "config", None)
+    if pad is None or config is None:
+        return
+    text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    generation = getattr(model, "generation_config", None)
+    if text_config.pad_token_id != pad or (generation is not None and generation.pad_token_id != pad):
+        text_config.pad_token_id = pad
+        if generation is not None:
+            generation.pad_token_id = pad
+        logger.info("pad token: the model's config now names the tokenizer's %r (id %s)", tokenizer.pad_token, pad)
 
 
 def sft_args_for(model, args):
