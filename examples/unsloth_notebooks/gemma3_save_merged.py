@@ -11,9 +11,9 @@ fastload.export.gguf exists.
 """
 
 # ---- cell 6: load in 16-bit
-# [unsloth] from unsloth import FastModel
-import os
+import os  # [port] the NOTEBOOK_* variables below
 
+# [unsloth] from unsloth import FastModel
 from fastload import FastModel
 
 max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]

@@ -8,9 +8,9 @@ token counts a test can lower through NOTEBOOK_* environment variables.
 """
 
 # ---- cell 6: load in 4-bit
-# [unsloth] from unsloth import FastLanguageModel
-import os
+import os  # [port] the NOTEBOOK_* variables below
 
+# [unsloth] from unsloth import FastLanguageModel
 from fastload import FastLanguageModel
 
 max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]

@@ -9,9 +9,9 @@ ShareGPT file, and step, length and token counts a test can lower through NOTEBO
 """
 
 # ---- cell 6: load in 4-bit
-# [unsloth] from unsloth import FastLanguageModel
-import os
+import os  # [port] the NOTEBOOK_* variables below
 
+# [unsloth] from unsloth import FastLanguageModel
 from fastload import FastLanguageModel
 
 max_seq_length = int(os.environ.get("NOTEBOOK_MAX_SEQ_LENGTH", 2048))  # [port]
