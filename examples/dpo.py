@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     model, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=64)
-    trainer = FastModel.get_trainer(model, tokenizer, PAIRS, method="dpo", output_dir=str(args.out / "run"),
+    trainer = FastModel.get_trainer(model, tokenizer, PAIRS, method="dpo",
+                                    output_dir=str(args.out.with_name(args.out.name + "-trainer")),
                                     max_steps=args.steps, beta=args.beta, learning_rate=args.learning_rate,
                                     per_device_train_batch_size=len(PAIRS), gradient_accumulation_steps=1,
                                     save_strategy="no", logging_steps=1, disable_tqdm=True)

@@ -40,7 +40,8 @@ def main(argv=None) -> None:
     # 4-bit on a GPU; on the CPU 16-bit is about twice as fast (bitsandbytes dequantizes 4-bit weights every call)
     model, tok = FastModel.from_pretrained(args.model, max_seq_length=64, load_in_4bit=torch.cuda.is_available())
     print("before:", repr(FastModel.generate(model, tok, QUESTIONS[0], max_new_tokens=4)))
-    trainer = grpo.build(model, tok, QUESTIONS * 64, reward_funcs=says_yes, output_dir=args.out / "checkpoints",
+    trainer = grpo.build(model, tok, QUESTIONS * 64, reward_funcs=says_yes,
+                         output_dir=args.out.with_name(args.out.name + "-trainer"),
                          max_steps=args.steps, learning_rate=args.learning_rate, num_generations=8,
                          per_device_train_batch_size=8, max_completion_length=2, temperature=1.0,
                          save_strategy="no", seed=0)

@@ -388,7 +388,8 @@ def test_llama_cpp_computes_each_family_like_transformers(fp32_checkpoints, tmp_
 def test_llama_cpp_runs_the_smollm2_gguf_like_transformers(smollm2_export):
     """llama.cpp's own reader and graph: next-token logits on each prompt's tokens match the merged float32
     transformers model, on logits of ~20-30: F16 (llama.cpp also rounds activations to f16 in its matmuls; measured
-    0.38) < 1.0, Q8_0 (activations to 8 bits too) < 3.0; greedy generation gives the same tokens (F16)."""
+    0.38) < 1.0, Q8_0 (activations to 8 bits too) < 3.0; greedy generation (F16) picks a best token of the
+    float32 model at every step, up to near-ties within the F16 bound."""
     from llama_cpp import Llama
 
     ref, tok = reference(smollm2_export["merged"])
@@ -407,7 +408,14 @@ def test_llama_cpp_runs_the_smollm2_gguf_like_transformers(smollm2_export):
         out = llm.generate(ids[0].tolist(), temp=0.0, top_k=1)
         tokens = [next(out) for _ in expected_tokens]
         llm.close()
-        assert tokens == expected_tokens, prompt
+        # greedy agrees up to near-ties: F16 rounding may pick the runner-up where the two best logits are closer
+        # than the F16 bound above (seen: token 9 of the haiku); every token llama.cpp chose must be a best token
+        # of the float32 model on llama.cpp's own sequence within that bound
+        assert tokens[0] == expected_tokens[0], prompt
+        with torch.no_grad():
+            scores = ref(torch.tensor([ids[0].tolist() + tokens])).logits[0, ids.shape[1] - 1:-1]
+        chosen = scores.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+        assert (scores.max(dim=1).values - chosen).max() < 1.0, (prompt, tokens, expected_tokens)
 
 
 @pytest.mark.slow

@@ -51,9 +51,9 @@ def saved_classifier(adapter_dir: str | None) -> int | None:
     folder = Path(adapter_dir)
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable: the adapter checks report it, as for any adapter
         return None
-    if config.get("task_type") != PEFT_TASK_TYPES[SEQUENCE_CLASSIFICATION]:
+    if not isinstance(config, dict) or config.get("task_type") != PEFT_TASK_TYPES[SEQUENCE_CLASSIFICATION]:
         return None
     from fastload.sources.checkpoint_files import read_safetensors_header
 
