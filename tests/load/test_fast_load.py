@@ -242,7 +242,8 @@ def test_a_store_write_killed_mid_way_leaves_a_whole_entry_or_none(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "model", "llama", hidden_size=512, intermediate_size=2048)
     home = tmp_path / "home"
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(Path(__file__).resolve().parents[1]), checkpoint=str(checkpoint), home=str(home)))
+    tests = str(Path(__file__).resolve().parents[1])
+    script.write_text(CHILD.format(tests=tests, checkpoint=str(checkpoint), home=str(home)))
     env = dict(os.environ, FASTLOAD_STORE_WRITE="background", FASTLOAD_HOME=str(home), HF_HUB_OFFLINE="1")
     child = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
