@@ -169,7 +169,7 @@ options = dict(store=False, lora=None, engine=False, gradient_checkpointing=Fals
 FastModel.from_pretrained({warmup!r}, **options)  # imports and first-use caches before the baseline
 with AnonPeak(every=0.001) as anon:
     model, _ = FastModel.from_pretrained({checkpoint!r}, **options)
-print(anon.peak - anon.baseline, model.fastload_direct_load)
+print(anon.peak - anon.baseline, model.fastload.direct_load)
 """
 
 
