@@ -150,19 +150,33 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     if random_state is not None:
         torch.manual_seed(random_state)
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    for name, p in peft_model.named_parameters():  # a classifier's head (modules_to_save) trains in fp32 too
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    trainable, total = _train_in_fp32(peft_model)
     if config.task_type == "SEQ_CLS":
         from fastload.load.task import head_in_full_precision
 
         head_in_full_precision(peft_model)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA r=%s alpha=%s on %s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
                 settings.lora_alpha, ",".join(targets), experts_note, towers_note, f"{trainable:,}",
                 100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
+
+
+def _train_in_fp32(peft_model) -> tuple[int, int]:
+    """Upcast every trainable parameter (a classifier's head in modules_to_save too) to fp32 and count them.
+
+    One walk over the parameters does both: each walk of an 8B model's 224 adapted layers costs milliseconds.
+
+    Returns:
+        (trainable elements, all elements).
+    """
+    trainable = total = 0
+    for p in peft_model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    return trainable, total
 
 
 def peft_task_type(model) -> str:
