@@ -28,10 +28,12 @@ def test_apply_lora_matches_plain_peft_bit_for_bit(tiny_llama):
     from peft import LoraConfig, get_peft_model
 
     ours = apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0], LoraSettings(), SEED)
+    ours_rng = torch.get_rng_state()
     config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
                         target_modules=EXPECTED_TARGETS["llama"], task_type="CAUSAL_LM")
     torch.manual_seed(SEED)
     plain = get_peft_model(FastModel.from_pretrained(tiny_llama, lora=None)[0], config, autocast_adapter_dtype=True)
+    assert torch.equal(ours_rng, torch.get_rng_state())  # later draws (dropout, shuffling) are the same too
 
     ours_lora, plain_lora = _adapters(ours), _adapters(plain)
     assert ours_lora.keys() == plain_lora.keys() and len(ours_lora) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
