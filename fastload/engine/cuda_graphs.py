@@ -24,6 +24,8 @@ import contextlib
 import functools
 import weakref
 
+import torch
+
 from fastload.model_state import state_of
 
 WARM_CALLS = 2       # eager calls of a signature before it is captured
@@ -64,7 +66,6 @@ class _Call:
     __slots__ = ("layer", "func", "structure", "leaves", "tensor_slots", "shape_key", "key")
 
     def __init__(self, function, hidden, key=None):
-        import torch
 
         self.func = function.func
         leaves: list = []
@@ -95,7 +96,6 @@ class _Call:
 
 def layer_of(function):
     """The module a checkpointed partial runs, or None (then it runs eagerly)."""
-    import torch
 
     owner = getattr(function.func, "__self__", None)  # transformers 5.17: partial(layer.__call__, **kwargs)
     if owner is None and function.args:
@@ -144,7 +144,6 @@ def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
     the layer: module hooks (a replay would skip them), a parameter off the layer's device. (Active dropout never
     gets here: the engine's checkpoint hands such a layer to torch's.) Scanned on every forward call (its backward
     reuses that signature): adapters can be added, switched or rescaled at any time."""
-    import torch
 
     modules = modules_of(layer)
     adapters, buffers = [], []
@@ -203,7 +202,6 @@ class ModelGraphs:
     """The CUDA graphs of one model's checkpointed layers, with their shared memory pool and buffers."""
 
     def __init__(self, device):
-        import torch
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -277,7 +275,6 @@ class ModelGraphs:
         return graph
 
     def _capture_forward(self, call, hidden):
-        import torch
 
         tensors = [call.leaves[i] for i in call.tensor_slots]
         inputs = self.inputs.get(call.shape_key)
@@ -346,7 +343,6 @@ class ModelGraphs:
         return (grad_hidden.clone() if grad_hidden is not None else None), graph.params, param_grads
 
     def _capture_backward(self, call, graph, hidden) -> None:
-        import torch
 
         layer = call.layer
         params = tuple(p for p in parameters_of(modules_of(layer)) if p.requires_grad)  # as the Function's inputs
@@ -390,7 +386,6 @@ class ModelGraphs:
     def pure(self, name: str, function, tensors, extra=()):
         """function(*tensors) -> tuple of tensors, replayed from a graph once (name, shapes, extra) repeats, in the
         layers' memory pool (so its temporaries share their memory); fresh output tensors, or None when eager."""
-        import torch
 
         if not all(t.device == self.device for t in tensors) or torch.is_autocast_enabled("cuda"):
             return None
@@ -422,7 +417,6 @@ class ModelGraphs:
         return tuple(o.clone() for o in outputs)
 
     def _capture_pure(self, function, tensors):
-        import torch
 
         inputs = [t.detach().clone() for t in tensors]
         sample = _warm_up(lambda: function(*inputs), self.device)
@@ -439,13 +433,11 @@ class ModelGraphs:
         """Whether a graph may stand for this call at all: a partial over a module, on this model's device, which
         is the current one, outside autocast (a capture would bake autocast's cached casts of the weights in, and
         backward runs outside the forward's autocast region)."""
-        import torch
 
         return (isinstance(function, functools.partial) and hidden.is_cuda and hidden.device == self.device
                 and torch.cuda.current_device() == hidden.device.index and not torch.is_autocast_enabled("cuda"))
 
     def _room_to_capture(self) -> bool:
-        import torch
 
         free, total = torch.cuda.mem_get_info(self.device)
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -462,7 +454,6 @@ class ModelGraphs:
     def _capturing(self, graph):
         """torch.cuda.graph on this model's device and its own capture stream; the thread's stream is put back
         even when the capture fails (torch's context would leave the capture stream current)."""
-        import torch
 
         with torch.cuda.device(self.device):
             if self.pool is None:
@@ -478,7 +469,6 @@ class ModelGraphs:
                 torch.cuda.set_stream(previous)
 
     def _give_up(self, key, part: str, error: Exception) -> None:
-        import torch
 
         from fastload._log import logger
 
@@ -504,7 +494,6 @@ def _fresh_leaves(layer, params):
     captured. A parameter's gradient accumulator lives as long as the step's autograd graph holds it and remembers
     the stream it was made on (the default one); differentiating the real parameter inside a capture would make
     autograd synchronize that stream with the capturing one, which a capture refuses. Yields {id(param): leaf}."""
-    import torch
 
     wanted = {id(p) for p in params}
     fresh: dict = {}
@@ -531,7 +520,6 @@ def _warm_up(run, device):
     """One call on a side stream before capture, as CUDA graphs require (lazy initialisations happen outside).
     One stream per device for every warm-up: cuBLAS keeps a workspace per stream it ever ran on, so a stream per
     capture would hold one workspace per capture."""
-    import torch
 
     current = torch.cuda.current_stream(device)
     side = _WARM_UP_STREAMS.get(str(device))

@@ -11,7 +11,8 @@ the adapter is merged into that buffer (W + s B A, one Triton kernel on CUDA) an
 (tokens x out) adapter product added to the output in forward and recomputation, no (tokens x in) one added to the
 input gradient in backward. In exact arithmetic the result is peft's; in 16 bits the merged weight is rounded once
 per element, as the dequantized weight already is (bf16 training from a fresh adapter follows the plain path's
-losses: tests/test_engine.py). A 16-bit base weight is used as it is, with the adapter product added to the output.
+losses: tests/engine/test_engine.py). A 16-bit base weight is used as it is, with the adapter product added to the
+output.
 
 Projections that read the same input (q/k/v of attention, gate/up of a gated MLP) run as one group: one saved
 input, one autograd node, and backward accumulates their input gradients in place into one buffer instead of

@@ -5,7 +5,8 @@ sharding layout; for the common case (one device, safetensors whose names are th
 fastload builds the same modules with transformers' own quantizer, then reads each shard once, with one reader thread
 per shard, and hands every tensor to the same bitsandbytes constructor transformers uses (Params4bit for on-the-fly
 quantization, Params4bit.from_prequantized for a stored entry). The result is the model from_pretrained returns, bit
-for bit (tests/test_fast_load.py). Anything else returns None with the reason, and the caller takes the general path.
+for bit (tests/load/test_fast_load.py). Anything else returns None with the reason, and the caller takes the general
+path.
 """
 
 from __future__ import annotations

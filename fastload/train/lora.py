@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from typing import Any
@@ -151,21 +152,68 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
                            fix="pass only peft.LoraConfig fields in lora=") from e
     if random_state is not None:
         torch.manual_seed(random_state)
+    fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too
     with quiet_foreign_deprecations():
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
-    for name, p in peft_model.named_parameters():  # a classifier's head (modules_to_save) trains in fp32 too
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
+    if fill_here:
+        _fill_like_peft(peft_model)
+    trainable, total = _train_in_fp32(peft_model)  # a classifier's head (modules_to_save) trains in fp32 too
     if config.task_type == "SEQ_CLS":
         from fastload.load.task import head_in_full_precision
 
         head_in_full_precision(peft_model)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA r=%s alpha=%s on %s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
                 settings.lora_alpha, ",".join(targets), experts_note, towers_note, f"{trainable:,}",
                 100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
+
+
+def _default_init(config) -> bool:
+    """Whether peft's plain LoRA init (nn.Linear's kaiming draws for A and B, then A drawn again, B zeroed) is all
+    the adapters need: then they are built empty and filled by _fill_like_peft."""
+    return (torch.get_default_device().type == "cpu"  # peft draws from the generator of the device it builds on
+            and config.init_lora_weights is True and config.task_type == "CAUSAL_LM" and not config.use_dora
+            and not config.lora_bias and not config.target_parameters and not config.modules_to_save
+            and not config.layer_replication and not config.rank_pattern and not config.alpha_pattern)
+
+
+def _fill_like_peft(peft_model) -> None:
+    """Give the empty (meta) adapters exactly the values peft's default init would: the same draws from the same
+    generator state in the same module order, the draws peft throws away included, and leave the global generator
+    where peft would. Why: peft allocates and initialises every adapter on the CPU one at a time, then copies it to
+    the base layer's device (~1 s for an 8B model's 224 layers); here only the kept A is copied, B is zeroed there."""
+    gen = torch.Generator()
+    gen.set_state(torch.get_rng_state())
+    for module in peft_model.modules():
+        adapters = getattr(module, "lora_A", None)
+        if not isinstance(adapters, torch.nn.ModuleDict) or "default" not in adapters:
+            continue
+        lora_a, lora_b = adapters["default"], module.lora_B["default"]
+        for thrown_away in (lora_a.weight, lora_b.weight):  # nn.Linear's own init, which peft overwrites
+            torch.nn.init.kaiming_uniform_(torch.empty(thrown_away.shape), a=math.sqrt(5), generator=gen)
+        kept = torch.nn.init.kaiming_uniform_(torch.empty(lora_a.weight.shape), a=math.sqrt(5), generator=gen)
+        device, trains = module.get_base_layer().weight.device, lora_a.weight.requires_grad
+        lora_a.weight = torch.nn.Parameter(kept.to(device), requires_grad=trains)
+        lora_b.weight = torch.nn.Parameter(torch.zeros(lora_b.weight.shape, device=device), requires_grad=trains)
+    torch.set_rng_state(gen.get_state())
+
+
+def _train_in_fp32(peft_model) -> tuple[int, int]:
+    """Upcast every trainable parameter (a classifier's head in modules_to_save too) to fp32 and count them.
+
+    One walk over the parameters does both: each walk of an 8B model's 224 adapted layers costs milliseconds.
+
+    Returns:
+        (trainable elements, all elements).
+    """
+    trainable = total = 0
+    for p in peft_model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+    return trainable, total
 
 
 def peft_task_type(model) -> str:

@@ -16,6 +16,8 @@ import dataclasses
 import os
 from typing import Any
 
+import torch
+
 from fastload._log import logger
 from fastload.errors import BackendUnavailable, InvalidOption
 from fastload.train.checkpointing import (
@@ -70,7 +72,6 @@ def precision_flags(model=None) -> dict[str, bool]:
     fp32 on a CPU without native bf16 (emulated bf16 autocast is ~35x slower there); fp16 only on a GPU. bf16 on a
     CPU with native bf16 needs use_cpu=True, without which transformers refuses bf16 where it sees no GPU.
     """
-    import torch
 
     from fastload.load.devices import choose_compute_dtype
 
@@ -127,7 +128,6 @@ def launch_defaults(model=None) -> dict[str, Any]:
     options = fsdp_arguments(model) if model is not None else {}
     if current_launch() is None:
         return options
-    import torch
 
     if options and not torch.cuda.is_available():
         logger.warning("FSDP: transformers' Trainer shards only on GPUs; these CPU processes train data-parallel "
@@ -143,7 +143,6 @@ def launch_defaults(model=None) -> dict[str, Any]:
 
 def loader_flags() -> dict[str, bool]:
     """Pinned batches only speed up copies to a GPU; on the CPU torch warns that it cannot pin them."""
-    import torch
 
     return {} if torch.cuda.is_available() else {"dataloader_pin_memory": False}
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_trainer import RECORDS, dataset_loss, eight_bit_state
 
 from fastload import FastModel
 from fastload.train.checkpointing import checkpointing_state
-from test_trainer import RECORDS, dataset_loss, eight_bit_state
 from tiny import make_checkpoint
 
 pytestmark = pytest.mark.gpu

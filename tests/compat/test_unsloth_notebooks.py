@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "examples" / "unsloth_notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "examples" / "unsloth_notebooks"
 SCRIPTS = sorted(NOTEBOOKS.glob("*.py"))
 
 

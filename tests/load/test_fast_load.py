@@ -169,7 +169,7 @@ options = dict(store=False, lora=None, engine=False, gradient_checkpointing=Fals
 FastModel.from_pretrained({warmup!r}, **options)  # imports and first-use caches before the baseline
 with AnonPeak(every=0.001) as anon:
     model, _ = FastModel.from_pretrained({checkpoint!r}, **options)
-print(anon.peak - anon.baseline, model.fastload_direct_load)
+print(anon.peak - anon.baseline, model.fastload.direct_load)
 """
 
 
@@ -184,7 +184,7 @@ def test_an_on_the_fly_load_keeps_no_full_copy_in_anonymous_memory(tiny_llama, t
                            num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8)
     size = sum(f.stat().st_size for f in deep.glob("*.safetensors"))
     script = tmp_path / "measure.py"
-    script.write_text(MEASURE_ANON.format(tests=str(Path(__file__).parent), warmup=str(tiny_llama),
+    script.write_text(MEASURE_ANON.format(tests=str(Path(__file__).resolve().parents[1]), warmup=str(tiny_llama),
                                           checkpoint=str(deep)))
     env = dict(os.environ, FASTLOAD_DIRECT_LOAD="1", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
@@ -242,7 +242,8 @@ def test_a_store_write_killed_mid_way_leaves_a_whole_entry_or_none(tmp_path):
     checkpoint = make_checkpoint(tmp_path / "model", "llama", hidden_size=512, intermediate_size=2048)
     home = tmp_path / "home"
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(Path(__file__).parent), checkpoint=str(checkpoint), home=str(home)))
+    tests = str(Path(__file__).resolve().parents[1])
+    script.write_text(CHILD.format(tests=tests, checkpoint=str(checkpoint), home=str(home)))
     env = dict(os.environ, FASTLOAD_STORE_WRITE="background", FASTLOAD_HOME=str(home), HF_HUB_OFFLINE="1")
     child = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)

@@ -1,0 +1,45 @@
+"""fastload's LoRA setup gives exactly the adapters plain peft gives for the same seed: speeding it up must not change
+the weights a user's run starts from."""
+
+from __future__ import annotations
+
+import torch
+
+from fastload import FastModel
+from fastload.settings import LoraSettings
+from fastload.train.lora import apply_lora
+from tests.tiny import EXPECTED_TARGETS, nonzero_lora_b
+
+SEED = 3407
+
+
+def _adapters(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _logits(model, ids) -> torch.Tensor:
+    nonzero_lora_b(model)  # B starts at zero: give both the same B so the logits depend on every A
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_apply_lora_matches_plain_peft_bit_for_bit(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    ours = apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0], LoraSettings(), SEED)
+    ours_rng = torch.get_rng_state()
+    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                        target_modules=EXPECTED_TARGETS["llama"], task_type="CAUSAL_LM")
+    torch.manual_seed(SEED)
+    plain = get_peft_model(FastModel.from_pretrained(tiny_llama, lora=None)[0], config, autocast_adapter_dtype=True)
+    assert torch.equal(ours_rng, torch.get_rng_state())  # later draws (dropout, shuffling) are the same too
+
+    ours_lora, plain_lora = _adapters(ours), _adapters(plain)
+    assert ours_lora.keys() == plain_lora.keys() and len(ours_lora) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
+    for name, weight in plain_lora.items():
+        assert ours_lora[name].dtype == torch.float32 and torch.equal(ours_lora[name], weight), name
+    assert ({n for n, p in ours.named_parameters() if p.requires_grad}
+            == {n for n, p in plain.named_parameters() if p.requires_grad} == set(plain_lora))
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    assert torch.equal(_logits(ours, ids), _logits(plain, ids))
