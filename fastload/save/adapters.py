@@ -155,21 +155,8 @@ def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:
         SaveError: the disk is full or the folder cannot be written.
     """
     require_adapters(model, "Saving the LoRA adapter")
-    name_base_model(model, state_of(model, create=False).plan)
     directory = Path(directory)
-    state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
-
-    def write() -> None:
-        with atomic_directory(directory, marker="adapter_config.json") as tmp, hub_calls_off():
-            if state is not None:
-                save_gathered_adapter(model, tmp, state)
-            else:  # peft would look up the base repo on the hub: hub_calls_off
-                model.save_pretrained(str(tmp), safe_serialization=True)
-                name_base_in_card(tmp, model)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-
-    rank_zero_only(f"Saving the LoRA adapter in {directory}", write)
+    write_adapter(model, tokenizer, directory, into_existing=False)
     logger.info("saved the LoRA adapter in %s (base: %s)", directory,
                 next(iter(model.peft_config.values())).base_model_name_or_path)
     return directory
@@ -189,19 +176,27 @@ def save_adapter_into(model, tokenizer, out: str | os.PathLike) -> None:
         InvalidOption: the adapter would overwrite files fastload did not write (nothing is written then).
         SaveError: the disk is full or the folder cannot be written.
     """
+    write_adapter(model, tokenizer, Path(out), into_existing=True)
+
+
+def write_adapter(model, tokenizer, folder: Path, into_existing: bool) -> None:
+    """The one adapter writer: adapter_config.json naming the 16-bit base, the weights (gathered to rank 0 under
+    FSDP, where every rank takes part), the card, the tokenizer; one folder swap on rank 0, no hub call."""
     name_base_model(model, state_of(model, create=False).plan)
-    state = full_state_dict(model)  # under FSDP every rank takes part in gathering the shards
+    state = full_state_dict(model)
 
     def write() -> None:
-        with atomic_directory(out, marker="adapter_config.json", into_existing=True) as tmp, hub_calls_off():
+        with atomic_directory(folder, marker="adapter_config.json", into_existing=into_existing) as tmp, \
+                hub_calls_off():  # peft would look up the base repo on the hub
             if state is not None:
                 save_gathered_adapter(model, tmp, state)
-            else:  # peft would look up the base repo on the hub: hub_calls_off
+            else:
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 name_base_in_card(tmp, model)
-            tokenizer.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
 
-    rank_zero_only(f"Saving the LoRA adapter in {out}", write)
+    rank_zero_only(f"Saving the LoRA adapter in {folder}", write)
 
 
 # -- the adapter's names, in peft and in a checkpoint -------------------------------------------------------------
