@@ -417,3 +417,28 @@ def test_engine_checkpointing_backpropagates_a_retained_graph_twice(gpu_llama, o
     for name, g in once.items():
         twice = dict(model.named_parameters())[name].grad.float()
         assert (twice - 2 * g).norm() / (2 * g).norm() < 1e-2, name
+
+
+ALLOCATOR_PROBE = """
+import sys, torch
+from fastload import FastModel
+model, tok = FastModel.from_pretrained(sys.argv[1], store=False)
+segments = torch.cuda.memory_snapshot()
+print(sum(bool(s.get("is_expandable")) for s in segments), len(segments))
+"""
+
+
+@pytest.mark.parametrize("user_setting", [None, "expandable_segments:False"])
+def test_the_weights_sit_in_expandable_segments_unless_the_user_chose(gpu_llama, user_setting):
+    """Reserved memory tracks allocated memory (what an out-of-memory error sees); a user's allocator setting wins."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    if user_setting:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = user_setting
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, str(gpu_llama)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    expandable, segments = map(int, out.stdout.split()[-2:])
+    assert segments > 0
+    assert expandable == (0 if user_setting else segments)

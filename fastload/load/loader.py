@@ -22,7 +22,13 @@ from fastload.errors import (
     UnsafeCheckpoint,
     UnsupportedArchitecture,
 )
-from fastload.load.devices import check_dtype_supported, choose_compute_dtype, main_device, resolve_device_map
+from fastload.load.devices import (
+    check_dtype_supported,
+    choose_compute_dtype,
+    main_device,
+    resolve_device_map,
+    use_expandable_segments,
+)
 from fastload.load.phases import phase
 from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
@@ -340,6 +346,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
 
     device_map = resolve_device_map(opts.device_map)
     device = main_device(device_map)
+    if device == "cuda":
+        use_expandable_segments()  # before the weights arrive, so they too sit in growable segments
     dtype = choose_dtype(plan, opts, device)
     with phase("config"):
         config = load_config(plan, opts)

@@ -9,6 +9,7 @@ from fastload import FastModel
 from fastload.errors import InvalidOption
 from fastload.train.checkpointing import is_checkpointing
 from fastload.train.methods import grpo
+from tiny import make_checkpoint
 
 # SmolLM2 answers these mostly "No" (about 1 in 8 samples says "Yes" at temperature 1): room for the reward to rise
 PROMPTS = ["Q: Is the sun hot?\nA:", "Q: Is water wet?\nA:"] * 64
@@ -58,15 +59,33 @@ def test_grpo_refuses_a_reward_that_returns_the_wrong_shape(smollm2_dir, tmp_pat
         trainer.train()
 
 
+def even_token_share(prompts, completions, completion_ids, **kwargs):
+    """A rule a random model can learn: the share of even token ids in the completion (about 0.5 at the start)."""
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+
+def grpo_on_tiny(tmp_path, steps: int):
+    # initializer_range 0.2: a random model whose logits are far from uniform, so LoRA moves them within a few steps
+    checkpoint = make_checkpoint(tmp_path / "peaked", "llama", initializer_range=0.2)
+    model, tok = FastModel.from_pretrained(checkpoint, max_seq_length=64, store=False)
+    trainer = grpo.build(model, tok, ["fastload loads", "hello world"] * 64, reward_funcs=even_token_share,
+                         output_dir=tmp_path / "run", max_steps=steps, learning_rate=1e-2, num_generations=16,
+                         per_device_train_batch_size=16, max_completion_length=8, temperature=1.0,
+                         save_strategy="no", seed=0)
+    return model, trainer
+
+
 @pytest.mark.gpu
-def test_grpo_on_the_gpu_raises_the_reward_with_4bit_smollm2(smollm2_dir, tmp_path):
-    """The default load (NF4, bf16 compute) on the device: the reward rises, bf16 mixed precision is on."""
-    model, tok = FastModel.from_pretrained(smollm2_dir, max_seq_length=256)
-    trainer = grpo.build(model, tok, PROMPTS, reward_funcs=says_yes, output_dir=tmp_path, max_steps=20,
-                         learning_rate=5e-4, num_generations=16, per_device_train_batch_size=16,
-                         max_completion_length=8, temperature=1.0, save_strategy="no", seed=0)
-    assert trainer.args.bf16 and type(trainer.optimizer).__name__ == "AdamW8bitNoSync"
+def test_grpo_on_the_gpu_raises_the_reward_with_a_4bit_model(tmp_path):
+    """The default load (NF4, bf16 compute) on the device: generation with the KV cache, the update in bf16 with
+    fastload's 8-bit AdamW, and the reward rises (tiny Llama: SmolLM2 is not on the device)."""
+    import torch
+
+    model, trainer = grpo_on_tiny(tmp_path, steps=24)
+    assert next(model.parameters()).device.type == "cuda"
+    assert trainer.args.bf16 == torch.cuda.is_bf16_supported()
+    assert type(trainer.optimizer).__name__ == "AdamW8bitNoSync"
     trainer.train()
     rewards = rewards_of(trainer)
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.25, rewards
-    assert is_checkpointing(model)
+    assert sum(rewards[-6:]) / 6 > sum(rewards[:6]) / 6 + 0.15, rewards
+    assert is_checkpointing(model) and model.get_base_model().config.use_cache is False
