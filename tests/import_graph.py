@@ -188,3 +188,11 @@ def upward_imports(imports: list[Import], layers=LAYERS) -> list[str]:
         if here is not None and there is not None and there > here:
             found.append(f"{edge}: {edge.target} is later in the pipeline (layer {there} > {here})")
     return found
+
+
+if __name__ == "__main__":  # `python tests/import_graph.py`: the same analysis as tests/test_layout.py, printed
+    edges = read_imports()
+    for title, lines in (("hidden cycles", ImportGraph(edges).hidden_cycles()),
+                         ("upward imports", upward_imports(edges)),
+                         ("modules without a layer", unplaced(modules_of()))):
+        print(*lines, f"{len(lines)} {title}", sep="\n")
