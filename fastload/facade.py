@@ -8,7 +8,7 @@ from typing import Any
 
 from fastload._log import logger
 from fastload.compat.options import UNSLOTH_LOAD_NAMES, split_load_options, split_peft_options
-from fastload.compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter, untrained_adapter
+from fastload.compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter
 from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, InvalidOption
@@ -210,7 +210,7 @@ class FastModel:
             InvalidOption: a LoRA option out of range or unknown.
         """
         from fastload.train.checkpointing import enable_checkpointing, is_checkpointing
-        from fastload.train.lora import apply_lora, has_adapters, lora_settings_of
+        from fastload.train.lora import apply_lora, has_adapters, lora_settings_of, untrained_adapter
 
         lora_options, asked = split_peft_options(lora_options)
         settings = LoraSettings.from_user(target_groups_settings(model, lora_options, asked))

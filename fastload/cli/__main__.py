@@ -2,6 +2,6 @@
 
 import sys
 
-from fastload.cli import main
+from fastload.cli.commands import main
 
 sys.exit(main())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastload.cli.arguments import non_negative_int, out_folder, positive_float, positive_int, seed
 from fastload.cli.output import EXIT_OK, emit, note
+from fastload.cli.progress import progress_callback
 from fastload.errors import InvalidOption
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, DEFAULT_SEED
 from fastload.train.methods import method_names
@@ -138,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers import PrinterCallback
 
     from fastload.atomic import clean_leftovers
-    from fastload.cli.progress import progress_callback
     from fastload.data import load_records
     from fastload.facade import FastModel
     from fastload.save.adapters import save_adapter_into

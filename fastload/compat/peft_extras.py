@@ -1,5 +1,5 @@
 """What Unsloth's get_peft_model does besides adding LoRA: checkpointing on or off, max_seq_length, target groups,
-and replacing an adapter nobody trained yet."""
+and unloading an adapter nobody trained yet (train.lora.untrained_adapter tells) before adding the one asked."""
 
 from __future__ import annotations
 
@@ -12,15 +12,6 @@ ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_ke
 # attributes a peft wrapper may hold itself, carried over when it is unloaded (fastload's own state sits on the
 # model under the wrapper: model_state.py)
 MODEL_ATTRS = ("max_seq_length",)
-
-
-def untrained_adapter(model) -> bool:
-    """peft starts every lora_B at zero, so all-zero B matrices mean no training step and no loaded save: replacing
-    the adapter loses nothing."""
-    import torch
-
-    b_matrices = [p for name, p in model.named_parameters() if "lora_B" in name]
-    return bool(b_matrices) and all(not torch.count_nonzero(p) for p in b_matrices)
 
 
 def unload_adapter(model):

@@ -1,98 +1,29 @@
 """The performance engine: speed-ups scoped to one loaded model instance, never to transformers' classes.
 
-Each lever is a small module; `apply_engine(model, ...)` turns on the ones that pay on this device and logs each.
+Each lever is a small module (fused_lora, fused_loss, offloaded_checkpoint, cuda_graphs, kernels; the Triton kernels
+in triton/); `apply_engine(model, ...)` in apply.py turns on the ones that pay on this device and logs each. This
+package imports none of them itself, so importing any one lever never runs the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-from fastload._log import logger
-from fastload.engine.fused_lora import install_fused_lora
-from fastload.engine.fused_loss import install_fused_loss
-from fastload.engine.kernels import RMSNORM, ROPE, SWIGLU, install_kernels
-from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
-from fastload.engine.report import EngineReport, skipped_levers
-from fastload.errors import InvalidOption
-from fastload.model_state import base_model, set_engine_report, state_of
+# public names, imported from their module on first use (PEP 562)
+_LAZY = {
+    "apply_engine": "fastload.engine.apply",
+    "levers_on": "fastload.engine.apply",
+    "EngineSettings": "fastload.engine.apply",
+    "LEVERS": "fastload.engine.apply",
+    "EngineReport": "fastload.engine.report",
+}
 
-LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", "kernels")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Which levers to use; `True` means: where it pays (GPU-only levers stay off on the CPU)."""
-
-    fused_lora: bool = True              # each LoRA projection as one autograd function in the compute dtype
-    fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
-    offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
-    cuda_graphs: bool = False            # checkpointed layers (and the loss) replayed as CUDA graphs once a shape
-                                         # repeats (CUDA): ~1.6x on a 1B model, for a memory pool of ~one layer's
-                                         # recomputation (opt-in: it trades memory for speed)
-    kernels: bool = True                 # Triton RMSNorm / SwiGLU, liger-kernel RoPE where installed (CUDA)
-
-    @classmethod
-    def from_user(cls, value) -> "EngineSettings":
-        if isinstance(value, EngineSettings):
-            return value
-        if value is True or value is None:
-            return cls()
-        if value is False:
-            return cls(**{lever: False for lever in LEVERS})
-        if isinstance(value, dict):
-            unknown = set(value) - set(LEVERS)
-            if unknown:
-                raise InvalidOption(f"engine={value!r}", found=f"unknown lever(s) {sorted(unknown)}",
-                                    fix=f"use keys among {', '.join(LEVERS)}")
-            return cls(**value)
-        raise InvalidOption(f"engine={value!r}", found=f"a {type(value).__name__}", fix="pass True, False or a dict")
+__all__ = list(_LAZY)
 
 
-def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) -> EngineReport:
-    """Turn on the levers for this model instance and say which are on.
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-    Safe to call again (e.g. once get_peft_model has added adapters): a lever already installed is kept as it is,
-    one that now applies is installed, and the model keeps one report object, updated in place.
-
-    Args:
-        model: the loaded model, or its peft wrapper.
-        settings: which levers to use (EngineSettings.from_user).
-        gradient_checkpointing: whether the model checkpoints (the checkpointing levers need it).
-
-    Returns:
-        The model's EngineReport (also `model.fastload.engine` and `model.fastload_engine`): the names of the levers
-        on, as a list; `skipped` says which asked-for levers leave part of this model on the plain path, and why.
-    """
-    base = base_model(model)
-    state = state_of(base)
-    device = next(base.parameters()).device.type
-    if settings.fused_lora:
-        install_fused_lora(model)
-    if settings.fused_loss:
-        install_fused_loss(base)
-    if (settings.offload_checkpointing or settings.cuda_graphs) and gradient_checkpointing and device == "cuda":
-        install_engine_checkpointing(base, offload=settings.offload_checkpointing, graphs=settings.cuda_graphs)
-    if settings.kernels and device == "cuda":
-        install_kernels(base)
-    used = levers_on(base)
-    skipped = skipped_levers(model, settings, used, device)
-    first = state.engine is None
-    report = EngineReport() if first else state.engine
-    changed = first or list(report) != used or report.skipped != skipped
-    report[:], report.skipped = used, skipped
-    state.engine_settings = settings
-    set_engine_report(base, report)
-    if changed:
-        logger.info("engine: %s%s", ", ".join(used) if used else "no lever applies here",
-                    "".join(f"; not {lever}: {why}" for lever, why in skipped.items()))
-    return report
-
-
-def levers_on(base) -> list[str]:
-    """The levers on in this model now, in LEVERS' order (kernels by name): what its modules were patched with,
-    and the levers of the checkpoint function the engine registered."""
-    patched = {lever for module in base.modules() for lever in state_of(base).levers_of(module)}
-    registered = state_of(base).checkpoint_function
-    on = patched | set(registered.levers if registered is not None else ())
-    order = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", RMSNORM, SWIGLU, ROPE)
-    return [lever for lever in order if lever in on]
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastload.engine' has no attribute {name!r}")

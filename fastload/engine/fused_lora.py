@@ -27,6 +27,7 @@ import types
 
 import torch
 
+from fastload.engine.triton.nf4 import dequantize_4bit, dequantize_4bit_lora, lora_supported, supported
 from fastload.model_state import is_patched, mark_patched
 from fastload.structure import is_linear4bit, is_plain_linear
 
@@ -44,8 +45,6 @@ def _full_weight(base, dtype):
     state = getattr(weight, "quant_state", None)
     if state is None:  # a 16-bit base layer
         return weight.to(dtype)
-    from fastload.engine.triton.nf4 import dequantize_4bit, supported
-
     if supported(weight.data, state):
         return dequantize_4bit(weight.data, state).to(dtype)
     import bitsandbytes.functional as F
@@ -66,8 +65,6 @@ def _merged_weight(base, a, b, scaling, dtype):
     state = getattr(weight, "quant_state", None)
     if state is None:
         return None
-    from fastload.engine.triton.nf4 import dequantize_4bit_lora, lora_supported
-
     if dtype == state.dtype and lora_supported(weight.data, state, a, b):
         return dequantize_4bit_lora(weight.data, state, a, b, scaling)
     if weight.device.type == "cuda":

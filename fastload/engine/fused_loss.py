@@ -13,6 +13,8 @@ import types
 import torch
 
 from fastload.engine.cuda_graphs import graphs_of
+from fastload.engine.triton.cross_entropy import cross_entropy_in_place
+from fastload.engine.triton.launch import triton_runs_on
 from fastload.model_state import is_patched, mark_patched
 from fastload.structure import is_plain_linear
 
@@ -88,8 +90,6 @@ def _torch_chunks(hidden, weight, labels, chunk, grad_hidden):
 
 def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
     """As _torch_chunks, with the Triton kernel turning each chunk's logits into their gradient in place."""
-    from fastload.engine.triton.cross_entropy import cross_entropy_in_place
-
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     labels = labels.contiguous()
     for start in range(0, hidden.shape[0], chunk):
@@ -112,8 +112,6 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 
     On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton.cross_entropy);
     with `graphs` (the model's cuda_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
-    from fastload.engine.triton.launch import triton_runs_on
-
     use_kernel = (triton_runs_on(hidden) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
                   and weight.dtype == hidden.dtype and hidden.is_contiguous())
     if chunk is None and graphs is not None and not graphs.disabled and use_kernel:

@@ -13,6 +13,7 @@ import types
 from fastload.engine.rotary import LEVER as ROPE
 from fastload.engine.rotary import install_rotary_attention
 from fastload.engine.triton.launch import triton_available, triton_runs_on
+from fastload.engine.triton.layers import rms_norm, swiglu
 from fastload.model_state import is_patched, mark_patched
 from fastload.structure import class_named
 
@@ -35,8 +36,6 @@ def install_kernels(model) -> list[str]:
 
 
 def _rmsnorm(model) -> bool:
-    from fastload.engine.triton.layers import rms_norm
-
     for module in model.modules():
         if class_named(module, NORMS) and hasattr(module, "weight") and not is_patched(model, module, RMSNORM):
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
@@ -53,8 +52,6 @@ def _rmsnorm(model) -> bool:
 
 
 def _swiglu(model) -> bool:
-    from fastload.engine.triton.layers import swiglu
-
     for module in model.modules():
         if (class_named(module, MLPS) and getattr(module.config, "hidden_act", "silu") in ("silu", "swish")
                 and not is_patched(model, module, SWIGLU)):

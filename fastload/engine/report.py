@@ -7,6 +7,7 @@ silence (e.g. Mixtral's expert adapters, which no fused path covers).
 
 from __future__ import annotations
 
+from fastload.engine.offloaded_checkpoint import offload_blocker
 from fastload.model_state import base_model
 
 
@@ -56,8 +57,6 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
     if settings.fused_loss and "fused_loss" not in used:
         skipped["fused_loss"] = fused_loss_blocker(base_model(model))
     if settings.offload_checkpointing and device == "cuda" and "offload_checkpointing" not in used:
-        from fastload.engine.offloaded_checkpoint import offload_blocker
-
         skipped["offload_checkpointing"] = offload_blocker(base_model(model))
     kernels = {"triton_rmsnorm", "triton_swiglu"} | ({"liger_rope"} if _installed("liger_kernel") else set())
     if settings.kernels and device == "cuda" and not kernels <= set(used):

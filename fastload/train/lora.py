@@ -126,6 +126,13 @@ def has_adapters(model) -> bool:
     return bool(getattr(model, "peft_config", None))
 
 
+def untrained_adapter(model) -> bool:
+    """peft starts every lora_B at zero, so all-zero B matrices mean no training step and no loaded save: replacing
+    the adapter loses nothing."""
+    b_matrices = [p for name, p in model.named_parameters() if "lora_B" in name]
+    return bool(b_matrices) and all(not torch.count_nonzero(p) for p in b_matrices)
+
+
 def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast."""
     from peft import LoraConfig, get_peft_model

@@ -176,7 +176,7 @@ def warm_imports() -> None:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     import fastload
-    import fastload.cli  # noqa: F401
+    import fastload.cli.commands  # noqa: F401
     import fastload.data  # noqa: F401
 
     _ = fastload.FastModel, fastload.resolve, fastload.Store  # the public surface, imported lazily by fastload

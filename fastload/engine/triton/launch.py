@@ -7,6 +7,8 @@ import importlib.util
 
 import torch
 
+from fastload.engine.kernel_cache import cache_dir_for, point_triton_cache
+
 
 @functools.lru_cache(maxsize=None)
 def triton_available(device_type: str) -> bool:
@@ -16,8 +18,6 @@ def triton_available(device_type: str) -> bool:
         return False
     available = importlib.util.find_spec("triton") is not None and torch.version.hip is None
     if available:  # before any kernel module imports triton: compiled kernels then persist across runs
-        from fastload.engine.kernel_cache import cache_dir_for, point_triton_cache
-
         point_triton_cache(cache_dir_for(torch.cuda.current_device()))
     return available
 

@@ -259,8 +259,8 @@ def build(method_name: str, model, tokenizer, data, args=None, eval_data=None, c
         AdapterError: the model has no LoRA adapters.
         InvalidOption: a record lacking a field the method needs, or an unknown config field.
     """
-    from fastload.compat.peft_extras import untrained_adapter
     from fastload.train.checkpointing import for_training
+    from fastload.train.lora import untrained_adapter
     from fastload.train.trainer import (
         add_fastload_parts,
         restore_adapter_dtypes,
