@@ -202,3 +202,23 @@ def test_estimate_per_gpu_for_ddp_and_fsdp(tiny_llama, capsys):
     assert four["fsdp_per_gpu"] < two["fsdp_per_gpu"] < two["ddp_per_gpu"]
     assert two["fsdp_load_peak_per_gpu"] == two["weights_4bit"]
     assert "gpus" not in estimate(1)
+
+
+@pytest.mark.gpu
+def test_torchrun_on_one_gpu_trains_ddp_and_fsdp2_qlora_on_cuda(tiny_llama, tmp_path):
+    """What one GPU can show of the launcher paths: the rank lands on cuda:0 by itself, DDP trains, FSDP2-QLoRA
+    loads with 4-bit weights stored in bf16 (what FSDP shards) and trains bf16 adapters through the Trainer, and the
+    adapter saves. (Sharding itself needs two ranks: the two-GPU tests above.)"""
+    out = tmp_path / "ddp1"
+    code, output, _ = finished(torchrun(out, tmp_path / "home", "train", str(tiny_llama), str(out), "4", "3", "ddp",
+                                        nproc=1))
+    assert code == 0, output[-3000:]
+    assert [r["device"] for r in results(out, nproc=1)] == ["cuda:0"]
+    out = tmp_path / "fsdp1"
+    code, output, _ = finished(torchrun(out, tmp_path / "home1", "train", str(tiny_llama), str(out), "4", "3",
+                                        "fsdp4bit", nproc=1))
+    assert code == 0, output[-3000:]
+    (got,) = results(out, nproc=1)
+    assert got["device"] == "cuda:0" and got["trainable_dtypes"] == ["torch.bfloat16"]
+    assert got["losses"][-1] < got["losses"][0]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
