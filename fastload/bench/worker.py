@@ -326,9 +326,9 @@ def run(job: Job) -> dict:
         if job.fastload_home:
             os.environ["FASTLOAD_HOME"] = job.fastload_home
         if job.phase == "create":
-            from fastload.bench.models import create_checkpoint
+            from fastload.bench.models import create
 
-            record.update(create_checkpoint(job.model, job.model_dir, device=job.device))
+            record.update(create(job.model, job.model_dir, device=job.device))
         else:
             import fastload
             from fastload.bench import impls

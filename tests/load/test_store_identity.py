@@ -1,0 +1,90 @@
+"""A model loaded from the store is the model quantized on the fly, bit for bit (issue 18): the store exists to
+skip quantization, so nothing a user can observe may differ — module types, packed 4-bit weights, quantization
+states, the other weights, logits, and with LoRA the first loss and its gradients. Both loads take the direct 4-bit
+load (fastload.load.fast_4bit), the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastload import FastModel
+from fastload.load.background_store import wait_for_store_writes
+from fastload.sources.store import Store
+from tiny import make_checkpoint
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def family_checkpoint(request, tmp_path_factory) -> Path:
+    """Llama (no biases) and Qwen2 (q/k/v biases), bf16 on disk as published checkpoints are."""
+    return make_checkpoint(tmp_path_factory.mktemp(request.param) / "model", request.param)
+
+
+def load(path, store, **options):
+    options = {"lora": None, "engine": False, "gradient_checkpointing": False, **options}
+    model, _ = FastModel.from_pretrained(path, store=store, **options)
+    return model
+
+
+def assert_bit_identical(on_the_fly, stored) -> None:
+    import bitsandbytes as bnb
+    import torch
+
+    assert {n: type(m) for n, m in on_the_fly.named_modules()} == {n: type(m) for n, m in stored.named_modules()}
+    expected, got = on_the_fly.state_dict(), stored.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert (tensor.dtype, tensor.shape) == (got[name].dtype, got[name].shape), name
+        assert torch.equal(tensor, got[name]), name
+    layers = 0
+    for name, module in on_the_fly.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            mine = stored.get_submodule(name)
+            assert module.weight.quant_state == mine.weight.quant_state, name
+            assert (module.compute_dtype, module.quant_storage) == (mine.compute_dtype, mine.quant_storage), name
+            layers += 1
+    assert layers == 7 * on_the_fly.config.num_hidden_layers
+    ids = torch.randint(0, on_the_fly.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(on_the_fly(input_ids=ids).logits, stored(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("write", ["wait", "background"])
+def test_the_store_gives_back_the_model_quantized_on_the_fly(family_checkpoint, tmp_path, monkeypatch, dtype, write):
+    import torch
+
+    monkeypatch.setenv("FASTLOAD_STORE_WRITE", write)
+    store = Store(tmp_path / "home")
+    first = load(family_checkpoint, store, dtype=getattr(torch, dtype))  # quantizes and writes the entry
+    wait_for_store_writes()
+    assert first.fastload.quantized_now and first.fastload.direct_load
+    on_the_fly = load(family_checkpoint, False, dtype=getattr(torch, dtype))
+    stored = load(family_checkpoint, store, dtype=getattr(torch, dtype))
+    assert stored.fastload.plan.source == "store" and not stored.fastload.quantized_now
+    assert stored.fastload.direct_load and on_the_fly.fastload.direct_load
+    assert_bit_identical(first, stored)
+    assert_bit_identical(on_the_fly, stored)
+
+
+def test_training_from_the_store_starts_where_training_on_the_fly_does(tiny_llama, tmp_path):
+    """The whole facade (LoRA with the same seed, checkpointing, engine): the same first loss and gradients."""
+    import torch
+
+    store = Store(tmp_path / "home")
+    load(tiny_llama, store)
+    wait_for_store_writes()
+    results = []
+    for source in (False, store):
+        model = load(tiny_llama, source, lora={}, gradient_checkpointing=True, engine=True, dtype=torch.float32)
+        model.train()
+        ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert model.fastload.plan.source == "store"
+    (loss_fly, grads_fly), (loss_store, grads_store) = results
+    assert loss_fly == loss_store
+    assert grads_fly.keys() == grads_store.keys() and grads_fly
+    assert all(torch.equal(grads_fly[n], grads_store[n]) for n in grads_fly)
