@@ -170,8 +170,9 @@ def _grouped_mm():
 
 
 def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm takes these operands: bf16 on CUDA from compute capability 8.0, any float on the
-    CPU; row-major or column-major matrices with 16-byte-aligned data and strides."""
+    """Whether torch's grouped_mm takes these operands and its backward the gradients: bf16 on CUDA from compute
+    capability 8.0, any float on the CPU; row-major or column-major matrices with 16-byte-aligned data and strides,
+    output rows included (its gradient's rows are the backward's operand)."""
     if _grouped_mm() is None or x.dtype != w.dtype:
         return False
     if x.is_cuda:
@@ -179,7 +180,7 @@ def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
             return False
     elif x.device.type != "cpu":
         return False
-    return _aligned(x) and _aligned(w)
+    return _aligned(x) and _aligned(w) and w.shape[-1] * w.element_size() % GROUPED_MM_ALIGNMENT == 0
 
 
 def _aligned(t: torch.Tensor) -> bool:
