@@ -22,7 +22,7 @@ from tiny import nonzero_lora_b
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
-from family_shapes import COMMON, FAMILIES, MOE  # noqa: E402
+from family_shapes import COMMON, FAMILIES, MOE, make_family_checkpoint  # noqa: E402
 
 VOCAB = 128
 EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -223,3 +223,31 @@ def test_gpu_bf16_mid_size_moe_matches_peft_with_less_memory():
         assert cos > 0.99, (name, cos.item())
     print(f"peak over the model: peft {plain_peak / 2**20:.0f} MiB, expert_lora {our_peak / 2**20:.0f} MiB")
     assert our_peak < plain_peak
+
+
+# -- through FastModel: on by default, reported, and off-switchable ---------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fastmodel_default_uses_the_lever_and_switched_off_trains_the_same(family, tmp_path):
+    """Default load (NF4 attention, fused LoRA, checkpointing, fp32 on the CPU): the report lists expert_lora and
+    nothing says the experts run peft's path. engine={"expert_lora": False}: the report says they do, and the loss
+    and every LoRA gradient are the same within fp32 round-off (1e-5 relative)."""
+    from fastload import FastModel
+    from fastload.engine.expert_lora import outer_wrappers
+    from fastload.model_state import is_patched
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    results = []
+    for engine in (True, {"expert_lora": False}):
+        model, tokenizer = FastModel.from_pretrained(str(path), engine=engine)
+        nonzero_lora_b(model)
+        wrappers = outer_wrappers(model)
+        assert wrappers and all(is_patched(model, w, LEVER) == (engine is True) for w in wrappers)
+        results.append((model.fastload_engine, *loss_and_grads(model, tokens())))
+    (report, loss, grads), (off_report, off_loss, off_grads) = results
+    assert LEVER in report and LEVER not in report.skipped and "fused_lora" not in report.skipped
+    assert LEVER not in off_report and "peft's ParamWrapper" in off_report.skipped["fused_lora"]
+    assert loss == pytest.approx(off_loss, rel=1e-6)
+    assert any(".experts." in n for n in grads)
+    for name, grad in off_grads.items():
+        assert relative(grads[name], grad) < 1e-5, name
