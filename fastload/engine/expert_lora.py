@@ -16,11 +16,13 @@ peft's own forward, and merging, unmerging and saving stay peft's.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 
 import torch
 
+from fastload._log import logger
 from fastload.model_state import is_patched, mark_patched
 
 LEVER = "expert_lora"
@@ -191,12 +193,20 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def _looped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The per-expert loop for operands grouped_mm does not take (one host sync to read the offsets)."""
+    if x.is_cuda:
+        _note_loop(str(x.dtype).replace("torch.", ""), tuple(w.shape[-2:]))
     parts, start = [], 0
     for expert, end in enumerate(offsets.tolist()):
         if end > start:
             parts.append(x[start:end] @ w[expert])
         start = end
     return torch.cat(parts) if parts else x.new_zeros(x.shape[0], w.shape[-1])
+
+
+@functools.cache
+def _note_loop(dtype: str, shape: tuple) -> None:
+    logger.info("expert_lora: grouped_mm does not take %s operands of shape %s here: one matmul per expert instead",
+                dtype, shape)
 
 
 def _install(model, outer) -> None:
