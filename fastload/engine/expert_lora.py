@@ -75,7 +75,12 @@ def expert_blocker(outer) -> str | None:
 def _routing_names(experts) -> list[str]:
     """The names of the experts forward's first three arguments: hidden states, expert indices, routing weights
     (transformers names them top_k_index/top_k_weights, gpt-oss router_indices/routing_weights)."""
-    params = inspect.signature(experts.forward).parameters.values()
+    return _forward_arguments(type(experts))
+
+
+@functools.cache
+def _forward_arguments(experts_class) -> list[str]:
+    params = list(inspect.signature(experts_class.forward).parameters.values())[1:]  # after self
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:3]
 
 
@@ -209,18 +214,19 @@ def _note_loop(dtype: str, shape: tuple) -> None:
                 dtype, shape)
 
 
+def _lever_forward(self, *args, **kwargs):
+    """The outermost ParamWrapper's forward: the low-rank path where it computes the call exactly, else peft's. It
+    reads everything from `self` at call time, so a deep copy of the model computes with the copy's weights."""
+    experts = self.get_base_layer()
+    routed = _routed(_routing_names(experts), args, kwargs)
+    factors = active_factors(wrapper_chain(self), experts) if routed is not None else None
+    if factors is None or not routed[0].is_floating_point():
+        return type(self).forward(self, *args, **kwargs)
+    return experts_forward(experts, factors, *routed)
+
+
 def _install(model, outer) -> None:
-    chain, experts = wrapper_chain(outer), outer.get_base_layer()
-    names, peft_forward = _routing_names(experts), outer.forward
-
-    def forward(self, *args, **kwargs):
-        routed = _routed(names, args, kwargs)
-        factors = active_factors(chain, experts) if routed is not None else None
-        if factors is None or not routed[0].is_floating_point():
-            return peft_forward(*args, **kwargs)
-        return experts_forward(experts, factors, *routed)
-
-    outer.forward = types.MethodType(forward, outer)
+    outer.forward = types.MethodType(_lever_forward, outer)
     mark_patched(model, outer, LEVER)
 
 

@@ -127,6 +127,21 @@ def test_the_lever_replaces_peft_materialising_the_experts_weight():
     assert LEVER in repr(ours)  # print(model) says which modules the lever patched
 
 
+def test_a_deep_copy_computes_with_its_own_adapters():
+    """trl's reference models are deep copies: the copy's patched forward must read the copy's weights."""
+    ours = with_lever(peft_moe("qwen3_moe"))
+    twin = copy.deepcopy(ours)
+    ids = tokens()
+    with torch.no_grad():
+        before = ours(input_ids=ids).logits
+        assert torch.equal(twin(input_ids=ids).logits, before)
+        for name, p in twin.named_parameters():
+            if ".experts." in name and "lora_B" in name:
+                p.mul_(3.0)
+        assert (twin(input_ids=ids).logits - before).abs().max() > 1e-3
+        assert torch.equal(ours(input_ids=ids).logits, before)
+
+
 def test_disabled_adapters_merge_and_save_stay_with_peft(tmp_path):
     from peft import PeftModel
 
