@@ -180,7 +180,7 @@ def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch's grouped_mm takes these operands and its backward the gradients: bf16 on CUDA from compute
     capability 8.0, any float on the CPU; row-major or column-major matrices with 16-byte-aligned data and strides,
     output rows included (its gradient's rows are the backward's operand)."""
-    if _grouped_mm() is None or x.dtype != w.dtype:
+    if _grouped_mm() is None or x.dtype != w.dtype or x.shape[0] == 0:  # no rows: its backward refuses K = 0
         return False
     if x.is_cuda:
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
