@@ -269,6 +269,26 @@ def test_gpu_bf16_mid_size_moe_matches_peft_with_less_memory():
     assert our_peak < plain_peak
 
 
+@pytest.mark.gpu
+def test_gpu_bf16_operands_of_the_bench_shape_take_grouped_mm():
+    """qwen3-moe-small's operands (hidden 2048, 128 experts of width 768, rank 16) in bf16 on CUDA: every product
+    of the lever runs as one grouped_mm, never the per-expert loop with its host sync."""
+    from fastload.engine.expert_lora import _factors
+
+    plain = peft_moe("qwen3_moe", torch.bfloat16, r=16, config=dict(
+        hidden_size=2048, num_experts=128, moe_intermediate_size=768, num_hidden_layers=1, num_experts_per_tok=8))
+    model = plain.cuda()
+    x = torch.randn(4096 * 8, 2048, device="cuda", dtype=torch.bfloat16)
+    for wrapper in [m for m in model.modules() if hasattr(m, "parameter_name")]:
+        weight = wrapper.get_param()
+        a_t, b_t, _ = _factors(wrapper, "default")
+        rows = x if weight.shape[-1] == x.shape[-1] else x[:, :weight.shape[-1]].contiguous()
+        xa = torch.empty(rows.shape[0], a_t.shape[-1], device="cuda", dtype=torch.bfloat16)
+        assert grouped_mm_runs(rows, weight.transpose(-2, -1)), wrapper.parameter_name
+        assert grouped_mm_runs(rows, a_t.to(torch.bfloat16)), wrapper.parameter_name
+        assert grouped_mm_runs(xa, b_t.to(torch.bfloat16).contiguous()), wrapper.parameter_name
+
+
 # -- through FastModel: on by default, reported, and off-switchable ---------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
