@@ -12,7 +12,8 @@
 #   bash benchmarks/gpu.sh profile   # 1B and 8B, fastload and unsloth, with a torch.profiler table each
 #   bash benchmarks/gpu.sh graphs    # 1B and 8B 2048x2: fastload with and without CUDA graphs, and unsloth
 #   bash benchmarks/gpu.sh families  # Qwen2.5-7B and a Qwen3-MoE (8 of 30B-A3B's layers) 2048x2: fastload, recipe,
-#                                    # unsloth (3 warm-up + 5 timed steps; checkpoints ~15 and ~11 GB, made on the GPU)
+#                                    # unsloth (3 warm-up + 5 timed steps; checkpoints ~15 and ~11 GB, made on the GPU);
+#                                    # on the MoE also fastload-noexperts (expert_lora off: peft's W + s B A path)
 #   bash benchmarks/gpu.sh longest   # 8B batch 1, doubling from 8192 until a step fails (out of memory) or MAX_SEQ
 #                                    # (default 131072), 1 step per length, each in a fresh process; IMPLS picks the
 #                                    # implementations (default fastload,unsloth), APPEND=1 adds to an earlier run's
@@ -69,7 +70,8 @@ case "$part" in
         ;;
     families)  # a non-Llama shape and an MoE beside Llama's: fastload, the recipe and unsloth, same LoRA for each
         bench --model qwen2.5-7b --phase train --impl fastload,recipe,unsloth --warmup 3 --steps 5
-        bench --model qwen3-moe-small --phase train --impl fastload,unsloth,recipe --warmup 3 --steps 5 --append --plot
+        bench --model qwen3-moe-small --phase train --impl fastload,fastload-noexperts,unsloth,recipe --warmup 3 \
+            --steps 5 --append --plot
         ;;
     longest)  # the longest trainable sequence at batch 1: speed, peak allocated and reserved at every length
         bench --model llama3-8b --phase longest --impl "${IMPLS:-fastload,unsloth}" --seq 8192 \

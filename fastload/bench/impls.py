@@ -24,7 +24,7 @@ WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
 # fastload-no<lever> trains with one engine lever off (fastload-noengine: all off), to measure what each lever gives;
 # fastload-graphs turns the opt-in cuda_graphs lever on
 ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss": False},
-                   "fastload-nolora": {"fused_lora": False},
+                   "fastload-nolora": {"fused_lora": False}, "fastload-noexperts": {"expert_lora": False},
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},
                    "fastload-graphs": {"cuda_graphs": True}}
 IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastload._log import logger
+from fastload.engine.expert_lora import install_expert_lora
 from fastload.engine.fused_lora import install_fused_lora
 from fastload.engine.fused_loss import install_fused_loss
 from fastload.engine.kernels import RMSNORM, ROPE, SWIGLU, install_kernels
@@ -14,7 +15,7 @@ from fastload.engine.report import EngineReport, skipped_levers
 from fastload.errors import InvalidOption
 from fastload.model_state import base_model, set_engine_report, state_of
 
-LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", "kernels")
+LEVERS = ("fused_lora", "expert_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", "kernels")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class EngineSettings:
     """Which levers to use; `True` means: where it pays (GPU-only levers stay off on the CPU)."""
 
     fused_lora: bool = True              # each LoRA projection as one autograd function in the compute dtype
+    expert_lora: bool = True             # LoRA on fused MoE experts as s (x A_e^T) B_e^T per routed token, grouped
+                                         # by expert: never peft's W + s B A for every expert on every call
     fused_loss: bool = True              # chunked lm_head + cross-entropy: never the full fp32 logits
     offload_checkpointing: bool = True   # checkpointed layer inputs kept in pinned CPU memory (CUDA only)
     cuda_graphs: bool = False            # checkpointed layers (and the loss) replayed as CUDA graphs once a shape
@@ -66,6 +69,8 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
     device = next(base.parameters()).device.type
     if settings.fused_lora:
         install_fused_lora(model)
+    if settings.expert_lora:
+        install_expert_lora(model)
     if settings.fused_loss:
         install_fused_loss(base)
     if (settings.offload_checkpointing or settings.cuda_graphs) and gradient_checkpointing and device == "cuda":
@@ -92,5 +97,5 @@ def levers_on(base) -> list[str]:
     patched = {lever for module in base.modules() for lever in state_of(base).levers_of(module)}
     registered = state_of(base).checkpoint_function
     on = patched | set(registered.levers if registered is not None else ())
-    order = ("fused_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", RMSNORM, SWIGLU, ROPE)
+    order = ("fused_lora", "expert_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", RMSNORM, SWIGLU, ROPE)
     return [lever for lever in order if lever in on]

@@ -2,7 +2,7 @@
 
 The report is `model.fastload.engine`, also reached as `model.fastload_engine`: a list of lever names (what code checks
 with `in`), one object for the model's life; `.skipped` says what a family misses, so a lever never falls back in
-silence (e.g. Mixtral's expert adapters, which no fused path covers).
+silence (e.g. the expert adapters of an MoE family the expert_lora lever cannot compute).
 """
 
 from __future__ import annotations
@@ -25,15 +25,17 @@ class EngineReport(list):
         return f"{super().__repr__()} (not applied: {notes})"
 
 
-EXPERTS_NOT_FUSED = ("{} expert adapter(s) on fused 3-D weights run peft's ParamWrapper path "
-                     "(the fused path covers Linear projections only)")
+EXPERTS_ON_PEFT = ("{} experts module(s) with adapters on fused 3-D weights run peft's ParamWrapper path, which "
+                   "builds W + s B A for every expert on every call")
 
 
-def expert_adapters(model) -> int:
-    """How many LoRA adapters sit on bare parameters (peft's ParamWrapper: the fused experts of MoE models)."""
-    from peft.tuners.lora.layer import ParamWrapper
+def experts_left_to_peft(model) -> list[tuple[str, str]]:
+    """(experts class, why) for each adapted experts module the expert_lora lever does not compute (off, or unable)."""
+    from fastload.engine.expert_lora import LEVER, expert_blocker, outer_wrappers
+    from fastload.model_state import is_patched
 
-    return sum(isinstance(module, ParamWrapper) for module in model.modules())
+    return [(type(outer.get_base_layer()).__name__, expert_blocker(outer) or "the expert_lora lever is off")
+            for outer in outer_wrappers(model) if not is_patched(model, outer, LEVER)]
 
 
 def fused_loss_blocker(model) -> str:
@@ -51,9 +53,11 @@ def fused_loss_blocker(model) -> str:
 def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, str]:
     """Each lever asked for that leaves part of this model on the plain path, and why."""
     skipped = {}
-    experts = expert_adapters(model)
-    if settings.fused_lora and experts:
-        skipped["fused_lora"] = EXPERTS_NOT_FUSED.format(experts)
+    left = experts_left_to_peft(model)
+    if settings.fused_lora and left:  # the fused path covers Linear projections; expert_lora covers the experts
+        skipped["fused_lora"] = EXPERTS_ON_PEFT.format(len(left))
+    if settings.expert_lora and left:
+        skipped["expert_lora"] = "; ".join(sorted({why for _, why in left}))
     if settings.fused_loss and "fused_loss" not in used:
         skipped["fused_loss"] = fused_loss_blocker(base_model(model))
     if settings.offload_checkpointing and device == "cuda" and "offload_checkpointing" not in used:

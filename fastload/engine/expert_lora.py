@@ -1,0 +1,251 @@
+"""LoRA on the fused experts of mixture-of-experts layers, in low-rank form per routed token.
+
+transformers 5 keeps each layer's experts as fused 3-D weights (Mixtral, Qwen3-MoE, gpt-oss, ...), which peft adapts
+through `target_parameters`: its ParamWrapper registers a parametrization that, in 16-bit, builds W + s B A for every
+expert on every call (a tensor as large as the layer's expert stack, built again in recomputation), and the experts'
+own forward then reads that. Here each projection runs on the tokens routed to each expert only:
+y = x W_e^T + s (x A_e^T) B_e^T, the tokens sorted by expert and multiplied by grouped matmuls (torch's grouped_mm
+with per-expert offsets; a loop over the experts where it cannot run), so nothing weight-sized is built. The experts
+module's own layout attributes (set by transformers' `use_experts_implementation`: transposed weights, biases, its
+gate function) decide the arithmetic, which follows transformers' grouped_mm experts forward.
+
+Patched per instance, on the outermost ParamWrapper of each experts module; every call the lever cannot compute
+exactly (adapters disabled or merged, several active adapters, expert parallelism, another parametrization) goes to
+peft's own forward, and merging, unmerging and saving stay peft's.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+
+import torch
+
+from fastload._log import logger
+from fastload.model_state import is_patched, mark_patched
+
+LEVER = "expert_lora"
+PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
+LAYOUT = ("num_experts", "has_gate", "has_bias", "is_transposed", "has_post_expert_norm")  # use_experts_implementation
+GROUPED_MM_ALIGNMENT = 16  # bytes: grouped_mm's rule for data pointers and non-unit strides
+
+
+def _param_wrapper_type():
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return ParamWrapper
+
+
+def outer_wrappers(model) -> list:
+    """The outermost peft ParamWrapper of each adapted module (peft nests one wrapper per targeted parameter)."""
+    wrapper = _param_wrapper_type()
+    wrappers = [m for m in model.modules() if isinstance(m, wrapper)]
+    inner = {id(w.base_layer) for w in wrappers}
+    return [w for w in wrappers if id(w) not in inner]
+
+
+def wrapper_chain(outer) -> list:
+    """The nested ParamWrappers from `outer` inwards (one per adapted parameter)."""
+    wrapper, chain = _param_wrapper_type(), [outer]
+    while isinstance(chain[-1].base_layer, wrapper):
+        chain.append(chain[-1].base_layer)
+    return chain
+
+
+def expert_blocker(outer) -> str | None:
+    """Why the lever leaves the module under this ParamWrapper to peft, or None when it computes it."""
+    experts = outer.get_base_layer()
+    name = type(experts).__name__
+    missing = [attr for attr in LAYOUT if not hasattr(experts, attr)]
+    if missing:
+        return f"{name} is not a transformers experts module (it lacks {', '.join(missing)})"
+    others = sorted({w.parameter_name for w in wrapper_chain(outer)} - set(PROJECTIONS))
+    if others:
+        return f"{name}'s adapted parameters {others} are not expert projections"
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    if not all(isinstance(getattr(experts, p, None), torch.nn.Parameter) and getattr(experts, p).ndim == 3
+               for p in (up, "down_proj")):
+        return f"{name} does not hold its {up} and down_proj as 3-D parameters"
+    if len(_routing_names(experts)) != 3:
+        return f"{name}'s forward does not take (hidden_states, expert indices, routing weights)"
+    return None
+
+
+def _routing_names(experts) -> list[str]:
+    """The names of the experts forward's first three arguments: hidden states, expert indices, routing weights
+    (transformers names them top_k_index/top_k_weights, gpt-oss router_indices/routing_weights)."""
+    return _forward_arguments(type(experts))
+
+
+@functools.cache
+def _forward_arguments(experts_class) -> list[str]:
+    params = list(inspect.signature(experts_class.forward).parameters.values())[1:]  # after self
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:3]
+
+
+def _routed(names: list[str], args: tuple, kwargs: dict):
+    """(hidden_states, indices, weights) of this call, or None when it carries anything else."""
+    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+        return None
+    values = dict(zip(names, args), **kwargs)
+    routed = [values.get(n) for n in names]
+    return None if any(v is None for v in routed) else routed
+
+
+def active_factors(chain, experts) -> dict | None:
+    """{parameter name: (A^T (E, in, r), B^T (E, r, out), scaling)} of the one active adapter on each wrapper, or
+    None when this call must go to peft (adapters disabled or merged, several active, no adapter at all, expert
+    parallelism, or a parametrization already on the experts)."""
+    if getattr(experts, "_is_expert_parallel", False) or torch.nn.utils.parametrize.is_parametrized(experts):
+        return None
+    factors = {}
+    for wrapper in chain:
+        active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+        if wrapper.disable_adapters or wrapper.merged or len(active) > 1:
+            return None
+        if active:
+            factors[wrapper.parameter_name] = _factors(wrapper, active[0])
+    return factors or None
+
+
+def _factors(wrapper, adapter: str):
+    """peft's layout for E experts of rank r: lora_A (E*r, in), expert-major; lora_B (out, r*E), expert-minor."""
+    experts = wrapper.num_experts
+    a = wrapper.lora_A[adapter].weight
+    b = wrapper.lora_B[adapter].weight
+    a_t = a.view(experts, -1, a.shape[-1]).transpose(-2, -1)            # (E, in, r)
+    b_t = b.view(b.shape[0], -1, experts).permute(2, 1, 0)              # (E, r, out)
+    return a_t, b_t, wrapper.scaling[adapter]
+
+
+def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """The experts' output for tokens routed by (indices, weights), each adapted projection in low-rank form:
+    the arithmetic of transformers' grouped_mm experts forward plus s (x A_e^T) B_e^T per projection."""
+    top_k = indices.shape[-1]
+    order, perm = torch.sort(indices.reshape(-1))
+    offsets = _offsets(order, experts.num_experts)
+    x = hidden[perm // top_k]
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    h = _projection(experts, up, x, order, offsets, factors.get(up))
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    y = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
+    if experts.has_post_expert_norm:
+        y = experts.post_expert_norm(y)
+    y = y * weights.reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    # summed over the k choices of each token, as transformers does (fp32 accumulation inside the sum)
+    return y[inverse].view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
+    """End of each expert's rows among the sorted tokens (int32, as grouped_mm takes them); histc rather than
+    bincount keeps the shapes static for CUDA graphs (histc counts integers on CUDA, floats on the CPU)."""
+    counts = torch.histc(order.int() if order.is_cuda else order.float(), bins=experts, min=0, max=experts - 1)
+    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
+def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) -> torch.Tensor:
+    """x W_e^T (+ bias_e) (+ s (x A_e^T) B_e^T) for the sorted rows of x, in the weight's dtype."""
+    weight = getattr(experts, name)
+    dtype = weight.dtype
+    x = x.to(dtype)
+    y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
+    if experts.has_bias:
+        y = y + getattr(experts, f"{name}_bias")[order]
+    if factors is not None:
+        a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
+        xa = _grouped(x, a_t.to(dtype), offsets) * scaling
+        y = y + _grouped(xa, b_t.to(dtype).contiguous(), offsets)
+    return y
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e], for each expert e."""
+    if not grouped_mm_runs(x, w):
+        return _looped(x, w, offsets)
+    y = _grouped_mm()(x, w, offs=offsets)
+    if y.requires_grad:  # grouped_mm's backward refuses a broadcast (stride 0) gradient, e.g. from a sum
+        y.register_hook(lambda grad: grad.contiguous())
+    return y
+
+
+def _grouped_mm():
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm takes these operands and its backward the gradients: bf16 on CUDA from compute
+    capability 8.0, any float on the CPU; row-major or column-major matrices with 16-byte-aligned data and strides,
+    output rows included (its gradient's rows are the backward's operand)."""
+    if _grouped_mm() is None or x.dtype != w.dtype or x.shape[0] == 0:  # no rows: its backward refuses K = 0
+        return False
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    return _aligned(x) and _aligned(w) and w.shape[-1] * w.element_size() % GROUPED_MM_ALIGNMENT == 0
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    size = t.element_size()
+    return (1 in t.stride()[-2:] and t.data_ptr() % GROUPED_MM_ALIGNMENT == 0
+            and all(s == 1 or s * size % GROUPED_MM_ALIGNMENT == 0 for s in t.stride()))
+
+
+def _looped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The per-expert loop for operands grouped_mm does not take (one host sync to read the offsets)."""
+    if x.is_cuda:
+        _note_loop(str(x.dtype).replace("torch.", ""), tuple(w.shape[-2:]))
+    parts, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            parts.append(x[start:end] @ w[expert])
+        start = end
+    return torch.cat(parts) if parts else x.new_zeros(x.shape[0], w.shape[-1])
+
+
+@functools.cache
+def _note_loop(dtype: str, shape: tuple) -> None:
+    logger.info("expert_lora: grouped_mm does not take %s operands of shape %s here: one matmul per expert instead",
+                dtype, shape)
+
+
+def _lever_forward(self, *args, **kwargs):
+    """The outermost ParamWrapper's forward: the low-rank path where it computes the call exactly, else peft's. It
+    reads everything from `self` at call time, so a deep copy of the model computes with the copy's weights."""
+    experts = self.get_base_layer()
+    routed = _routed(_routing_names(experts), args, kwargs)
+    factors = active_factors(wrapper_chain(self), experts) if routed is not None else None
+    if factors is None or not routed[0].is_floating_point():
+        return type(self).forward(self, *args, **kwargs)
+    return experts_forward(experts, factors, *routed)
+
+
+def _install(model, outer) -> None:
+    outer.forward = types.MethodType(_lever_forward, outer)
+    mark_patched(model, outer, LEVER)
+
+
+def install_expert_lora(model) -> dict[str, str]:
+    """Give each experts module carrying peft LoRA on its fused weights the low-rank forward.
+
+    Args:
+        model: the model, or its peft wrapper (the patch is scoped to its modules).
+
+    Returns:
+        {experts class name: why} for the adapted modules the lever leaves to peft (empty when it covers all).
+    """
+    blocked = {}
+    for outer in outer_wrappers(model):
+        if is_patched(model, outer, LEVER):
+            continue
+        why = expert_blocker(outer)
+        if why is None:
+            _install(model, outer)
+        else:
+            blocked[type(outer.get_base_layer()).__name__] = why
+    return blocked

@@ -1,0 +1,317 @@
+"""The expert_lora lever: LoRA on fused MoE experts computed per routed token equals peft's W + s B A path.
+
+Tiny random MoE families (tests/train/family_shapes.py) with peft LoRA on attention and on the experts' fused
+weights, B made non-zero so every adapter matters. The reference is the same model on peft's own path. Tolerances:
+fp32 is round-off (loss 1e-6 relative, gradients 1e-5 relative in norm); in bf16 both paths round differently, so
+the lever's loss must sit as close to the fp32 loss as peft's bf16 loss does (within 2x, or 2e-3 relative) and its
+gradients stay within 3e-2 relative of peft's (granitemoehybrid's bf16 Mamba mixer excluded from bf16: its bf16
+gradients differ from fp32 by more than the experts' arithmetic does).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastload.engine.expert_lora import LEVER, _grouped, _looped, grouped_mm_runs, install_expert_lora
+from tiny import nonzero_lora_b
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+
+from family_shapes import COMMON, FAMILIES, MOE, make_family_checkpoint  # noqa: E402
+
+VOCAB = 128
+EXPERT_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def tiny_moe(family: str, dtype=torch.float32, config: dict | None = None):
+    """A tiny random `family` model (the same weights for the same arguments)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {**COMMON, **FAMILIES[family], **(config or {})}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=VOCAB, **shape), dtype=dtype)
+
+
+def peft_moe(family: str, dtype=torch.float32, r: int = 8, config: dict | None = None):
+    """A tiny random `family` model with peft LoRA on attention and on the experts, B non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_moe(family, dtype, config)
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=ATTENTION, target_parameters=EXPERT_TARGETS)
+    model = get_peft_model(model, lora)
+    nonzero_lora_b(model)
+    return model
+
+
+def with_lever(model):
+    ours = copy.deepcopy(model)
+    assert install_expert_lora(ours) == {}  # every experts module covered
+    return ours
+
+
+def tokens(length: int = 24):
+    return torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
+
+
+def loss_and_grads(model, ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def relative(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def experts_modules(model) -> list:
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return [m for m in model.modules() if type(m).__name__.endswith("Experts") and not isinstance(m, ParamWrapper)]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_fp32_loss_and_gradients_equal_peft(family):
+    plain = peft_moe(family)
+    ours = with_lever(plain)
+    ids = tokens()
+    plain_loss, plain_grads = loss_and_grads(plain, ids)
+    our_loss, our_grads = loss_and_grads(ours, ids)
+    assert our_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert {n for n in plain_grads if ".experts." in n and "lora_" in n}  # the experts' A and B are compared
+    assert set(our_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        assert relative(our_grads[name], grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", [f for f in MOE if f != "granitemoehybrid"])
+def test_bf16_is_as_close_to_fp32_as_peft(family):
+    truth_loss, truth_grads = loss_and_grads(peft_moe(family), tokens())
+    plain = peft_moe(family, torch.bfloat16)
+    ours = with_lever(plain)
+    plain_loss, plain_grads = loss_and_grads(plain, tokens())
+    our_loss, our_grads = loss_and_grads(ours, tokens())
+    assert abs(our_loss - truth_loss) <= max(2 * abs(plain_loss - truth_loss), 2e-3 * truth_loss)
+    for name, truth in truth_grads.items():
+        ours_off, peft_off = relative(our_grads[name], truth), relative(plain_grads[name], truth)
+        assert ours_off <= max(2 * peft_off, 2e-2), name
+
+
+def test_the_lever_replaces_peft_materialising_the_experts_weight():
+    """With the lever the experts module's own forward (which reads peft's parametrized W + s B A) never runs; the
+    output still follows the experts' adapters: changing their B changes it."""
+    plain = peft_moe("qwen3_moe")
+    ours = with_lever(plain)
+    calls = []
+    for model in (plain, ours):
+        for experts in experts_modules(model):
+            experts.register_forward_hook(lambda module, args, out, model=model: calls.append(model))
+    ids = tokens()
+    with torch.no_grad():
+        plain(input_ids=ids)
+        before = ours(input_ids=ids).logits
+        assert calls and all(model is plain for model in calls)
+        for name, p in ours.named_parameters():
+            if ".experts." in name and "lora_B" in name:
+                p.mul_(3.0)
+        after = ours(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3
+    assert LEVER in repr(ours)  # print(model) says which modules the lever patched
+
+
+def test_a_deep_copy_computes_with_its_own_adapters():
+    """trl's reference models are deep copies: the copy's patched forward must read the copy's weights."""
+    ours = with_lever(peft_moe("qwen3_moe"))
+    twin = copy.deepcopy(ours)
+    ids = tokens()
+    with torch.no_grad():
+        before = ours(input_ids=ids).logits
+        assert torch.equal(twin(input_ids=ids).logits, before)
+        for name, p in twin.named_parameters():
+            if ".experts." in name and "lora_B" in name:
+                p.mul_(3.0)
+        assert (twin(input_ids=ids).logits - before).abs().max() > 1e-3
+        assert torch.equal(ours(input_ids=ids).logits, before)
+
+
+def test_disabled_adapters_merge_and_save_stay_with_peft(tmp_path):
+    from peft import PeftModel
+
+    plain = peft_moe("mixtral")
+    ours = with_lever(plain)
+    ids = tokens()
+    with torch.no_grad():
+        adapted = ours(input_ids=ids).logits
+        with ours.disable_adapter():
+            base = ours(input_ids=ids).logits
+        with plain.disable_adapter():
+            assert torch.allclose(base, plain(input_ids=ids).logits, atol=1e-6)
+        assert (adapted - base).abs().max() > 1e-3
+        ours.save_pretrained(tmp_path / "adapter")
+        reloaded = PeftModel.from_pretrained(tiny_moe("mixtral"), tmp_path / "adapter")
+        assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-5)
+        merged = ours.merge_and_unload()
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
+
+
+def test_several_active_adapters_go_to_peft():
+    """peft sums several active adapters into one delta; the lever computes one adapter and leaves such calls."""
+    from peft import LoraConfig
+
+    plain = peft_moe("qwen3_moe")
+    plain.add_adapter("second", LoraConfig(r=4, target_modules=ATTENTION, target_parameters=EXPERT_TARGETS))
+    nonzero_lora_b(plain, seed=1)
+    ours = with_lever(plain)
+    for model in (plain, ours):
+        model.base_model.set_adapter(["default", "second"])
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+
+
+def saved_for_backward_bytes(model, ids) -> int:
+    """Bytes of the tensors autograd keeps for backward during one forward, parameters not counted (each storage
+    once): the memory a step holds between forward and backward, measurable on the CPU."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss
+    return sum(kept.values())
+
+
+def test_backward_keeps_no_weight_sized_tensor():
+    """peft keeps each layer's W + s B A (as large as the expert stack) for backward; the lever keeps per-token
+    tensors only. 32 experts of width 256 on hidden 256, 2 x 64 tokens: the stack is 48 MiB in fp32."""
+    plain = peft_moe("qwen3_moe", config=dict(hidden_size=256, num_experts=32, moe_intermediate_size=256))
+    ours = with_lever(plain)
+    stack = sum(p.numel() * p.element_size() for p in plain.parameters() if p.ndim == 3)
+    ids = tokens(64)
+    plain_kept, our_kept = saved_for_backward_bytes(plain, ids), saved_for_backward_bytes(ours, ids)
+    assert plain_kept > stack  # the reference really materializes it
+    assert our_kept < plain_kept - 0.9 * stack
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matmul_equals_the_per_expert_loop(dtype):
+    """Empty experts included; the gradients too (the loop is the path where grouped_mm cannot run)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 32, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(5, 16, 32, generator=gen).to(dtype).requires_grad_()
+    offsets = torch.tensor([4, 4, 11, 11, 20], dtype=torch.int32)
+    grouped = _grouped(x, w.transpose(-2, -1), offsets)
+    looped = _looped(x, w.transpose(-2, -1), offsets)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert torch.allclose(grouped.float(), looped.float(), **tol)
+    grads = [torch.autograd.grad(out.sum(), (x, w)) for out in (grouped, looped)]  # sum: a broadcast gradient
+    for ours, loop in zip(*grads):
+        assert torch.allclose(ours.float(), loop.float(), **tol)
+    assert grads[0][1][1].abs().sum() == 0  # the expert with no tokens gets no gradient
+
+
+def test_rank_misaligned_for_grouped_mm_falls_back_and_matches():
+    """fp32 rank 2: the (tokens, r) product has 8-byte rows, which grouped_mm refuses as an operand and its backward
+    as a gradient; the loop takes over."""
+    assert not grouped_mm_runs(torch.zeros(6, 2), torch.zeros(4, 2, 64))
+    assert not grouped_mm_runs(torch.zeros(6, 64), torch.zeros(4, 64, 2))
+    plain = peft_moe("qwen3_moe", r=2)
+    ours = with_lever(plain)
+    plain_loss, plain_grads = loss_and_grads(plain, tokens())
+    our_loss, our_grads = loss_and_grads(ours, tokens())
+    assert our_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert all(relative(our_grads[n], g) < 1e-5 for n, g in plain_grads.items())
+
+
+# -- GPU: a mid-size MoE in bf16, lever on against off -----------------------------------------------------------------
+
+MID_QWEN3_MOE = dict(hidden_size=1024, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                     num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_mid_size_moe_matches_peft_with_less_memory():
+    """Qwen3-MoE, 64 experts of width 512, 2 x 2048 tokens, bf16 on CUDA: loss within 1e-2 relative, LoRA gradients
+    with cosine > 0.99 (a bf16 near-tie may send a token to another expert in the second layer), and the peak memory
+    of one forward + backward below peft's, which builds each layer's W + s B A for all 64 experts."""
+    ids = tokens(2048).cuda()
+    results = []
+    for lever in (False, True):
+        model = peft_moe("qwen3_moe", torch.bfloat16, r=16, config=MID_QWEN3_MOE).cuda()
+        if lever:
+            assert install_expert_lora(model) == {}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        loss, grads = loss_and_grads(model, ids)
+        results.append((loss, grads, torch.cuda.max_memory_allocated() - start))
+        del model
+        torch.cuda.empty_cache()
+    (plain_loss, plain_grads, plain_peak), (our_loss, our_grads, our_peak) = results
+    assert our_loss == pytest.approx(plain_loss, rel=1e-2)
+    for name, grad in plain_grads.items():
+        cos = torch.nn.functional.cosine_similarity(our_grads[name].flatten(), grad.flatten(), dim=0)
+        assert cos > 0.99, (name, cos.item())
+    print(f"peak over the model: peft {plain_peak / 2**20:.0f} MiB, expert_lora {our_peak / 2**20:.0f} MiB")
+    assert our_peak < plain_peak
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_operands_of_the_bench_shape_take_grouped_mm():
+    """qwen3-moe-small's operands (hidden 2048, 128 experts of width 768, rank 16) in bf16 on CUDA: every product
+    of the lever runs as one grouped_mm, never the per-expert loop with its host sync."""
+    from fastload.engine.expert_lora import _factors
+
+    plain = peft_moe("qwen3_moe", torch.bfloat16, r=16, config=dict(
+        hidden_size=2048, num_experts=128, moe_intermediate_size=768, num_hidden_layers=1, num_experts_per_tok=8))
+    model = plain.cuda()
+    x = torch.randn(4096 * 8, 2048, device="cuda", dtype=torch.bfloat16)
+    for wrapper in [m for m in model.modules() if hasattr(m, "parameter_name")]:
+        weight = wrapper.get_param()
+        a_t, b_t, _ = _factors(wrapper, "default")
+        rows = x if weight.shape[-1] == x.shape[-1] else x[:, :weight.shape[-1]].contiguous()
+        xa = torch.empty(rows.shape[0], a_t.shape[-1], device="cuda", dtype=torch.bfloat16)
+        assert grouped_mm_runs(rows, weight.transpose(-2, -1)), wrapper.parameter_name
+        assert grouped_mm_runs(rows, a_t.to(torch.bfloat16)), wrapper.parameter_name
+        assert grouped_mm_runs(xa, b_t.to(torch.bfloat16).contiguous()), wrapper.parameter_name
+
+
+# -- through FastModel: on by default, reported, and off-switchable ---------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_fastmodel_default_uses_the_lever_and_switched_off_trains_the_same(family, tmp_path):
+    """Default load (NF4 attention, fused LoRA, checkpointing, fp32 on the CPU): the report lists expert_lora and
+    nothing says the experts run peft's path. engine={"expert_lora": False}: the report says they do, and the loss
+    and every LoRA gradient are the same within fp32 round-off (1e-5 relative)."""
+    from fastload import FastModel
+    from fastload.engine.expert_lora import outer_wrappers
+    from fastload.model_state import is_patched
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    results = []
+    for engine in (True, {"expert_lora": False}):
+        model, tokenizer = FastModel.from_pretrained(str(path), engine=engine)
+        nonzero_lora_b(model)
+        wrappers = outer_wrappers(model)
+        assert wrappers and all(is_patched(model, w, LEVER) == (engine is True) for w in wrappers)
+        results.append((model.fastload_engine, *loss_and_grads(model, tokens())))
+    (report, loss, grads), (off_report, off_loss, off_grads) = results
+    assert LEVER in report and LEVER not in report.skipped and "fused_lora" not in report.skipped
+    assert LEVER not in off_report and "peft's ParamWrapper" in off_report.skipped["fused_lora"]
+    assert loss == pytest.approx(off_loss, rel=1e-6)
+    assert any(".experts." in n for n in grads)
+    for name, grad in off_grads.items():
+        assert relative(grads[name], grad) < 1e-5, name
