@@ -27,7 +27,7 @@ from fastload.model_state import is_patched, mark_patched
 
 LEVER = "expert_lora"
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
-LAYOUT = ("num_experts", "has_gate", "has_bias", "is_transposed", "has_post_expert_norm")  # use_experts_implementation
+LAYOUT = ("num_experts", "has_gate", "has_bias", "is_transposed")  # what use_experts_implementation sets (5.x)
 GROUPED_MM_ALIGNMENT = 16  # bytes: grouped_mm's rule for data pointers and non-unit strides
 
 
@@ -131,7 +131,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     h = _projection(experts, up, x, order, offsets, factors.get(up))
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     y = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
-    if experts.has_post_expert_norm:
+    if getattr(experts, "has_post_expert_norm", False):  # set from transformers 5.2x on; absent means none
         y = experts.post_expert_norm(y)
     y = y * weights.reshape(-1)[perm].unsqueeze(-1)
     inverse = torch.empty_like(perm)

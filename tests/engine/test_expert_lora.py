@@ -92,6 +92,23 @@ def test_fp32_loss_and_gradients_equal_peft(family):
         assert relative(our_grads[name], grad) < 1e-5, name
 
 
+def test_experts_of_an_older_transformers_without_post_norm_flag_take_the_lever():
+    """transformers 5.17 (the GPU machine's) sets no has_post_expert_norm on its experts modules: absent means no
+    post norm, and the lever still covers them with the same loss and gradients."""
+    plain = peft_moe("qwen3_moe")
+    older = copy.deepcopy(plain)
+    for experts in experts_modules(older):
+        vars(experts).pop("has_post_expert_norm", None)
+    assert experts_modules(older) and not any(hasattr(e, "has_post_expert_norm") for e in experts_modules(older))
+    ours = with_lever(older)  # only the lever runs these modules (5.24's own forward reads the flag)
+    ids = tokens()
+    plain_loss, plain_grads = loss_and_grads(plain, ids)
+    our_loss, our_grads = loss_and_grads(ours, ids)
+    assert our_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        assert relative(our_grads[name], grad) < 1e-5, name
+
+
 @pytest.mark.parametrize("family", [f for f in MOE if f != "granitemoehybrid"])
 def test_bf16_is_as_close_to_fp32_as_peft(family):
     truth_loss, truth_grads = loss_and_grads(peft_moe(family), tokens())
