@@ -23,8 +23,6 @@ called next with that same input tensor.
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from fastload.engine.triton.nf4 import dequantize_4bit, dequantize_4bit_lora, lora_supported, supported
@@ -169,51 +167,61 @@ def _run(members, names, x):
                                                                                   zip(members, names)), *adapters)
 
 
+class _Group:
+    """Projections that read the same input, computed together by the first (the leader); each other member picks
+    its share up when called next on the same x with the adapter state it was computed for."""
+
+    def __init__(self, members):
+        self.members = list(members)
+        self.pending: dict = {}  # follower's index -> (x, adapter name, its output), set by the leader's call
+
+
+class _FusedForward:
+    """A projection's fused forward, as an object rather than a closure: copy.deepcopy (trl's reference models, a
+    user's copy) then rebinds its module, original forward and group to the copy's, where a closure would keep
+    computing with the original model's adapters."""
+
+    def __init__(self, module, original, group: _Group | None = None, index: int = 0):
+        self.module, self.original, self.group, self.index = module, original, group, index
+
+    def __call__(self, x, *args, **kwargs):
+        if self.group is None:
+            return self.alone(x, *args, **kwargs)
+        if self.index == 0:
+            return self.lead(x, *args, **kwargs)
+        share = self.group.pending.pop(self.index, None)
+        if share is not None and share[0] is x and share[1] == _adapter(self.module, x, args, kwargs):
+            return share[2]
+        return self.alone(x, *args, **kwargs)
+
+    def alone(self, x, *args, **kwargs):
+        name = _adapter(self.module, x, args, kwargs)
+        if name is None:
+            return self.original(x, *args, **kwargs)
+        return _run((self.module,), (name,), x)[0]
+
+    def lead(self, x, *args, **kwargs):
+        group = self.group
+        group.pending.clear()
+        names = [_adapter(m, x, args, kwargs) for m in group.members]
+        if None in names or len(set(names)) != 1:
+            return self.alone(x, *args, **kwargs)  # fused on its own where it can, else peft's forward
+        outs = _run(group.members, names, x)
+        for index, out in enumerate(outs[1:], start=1):
+            group.pending[index] = (x, names[0], out)
+        return outs[0]
+
+
 def _install_single(model, module) -> None:
-    module.forward = types.MethodType(_single_forward(module.forward), module)
+    module.forward = _FusedForward(module, module.forward)
     mark_patched(model, module, LEVER)
 
 
 def _install_group(model, members) -> None:
-    """The first member computes the group; each other member returns its share when called next on the same x
-    with the same adapter state it was computed for, else computes its own."""
-    leader, followers = members[0], members[1:]
-    pending: dict = {}  # follower's index -> (x, adapter name, its output), set by the leader's call
-    alone = types.MethodType(_single_forward(leader.forward), leader)
-
-    def lead(self, x, *args, _alone=alone, **kwargs):
-        pending.clear()
-        names = [_adapter(m, x, args, kwargs) for m in members]
-        if None in names or len(set(names)) != 1:
-            return _alone(x, *args, **kwargs)  # fused on its own where it can, else peft's forward
-        outs = _run(members, names, x)
-        for index, out in enumerate(outs[1:]):
-            pending[index] = (x, names[0], out)
-        return outs[0]
-
-    leader.forward = types.MethodType(lead, leader)
-    for index, follower in enumerate(followers):
-        single = types.MethodType(_single_forward(follower.forward), follower)
-
-        def follow(self, x, *args, _single=single, _index=index, **kwargs):
-            share = pending.pop(_index, None)
-            if share is not None and share[0] is x and share[1] == _adapter(self, x, args, kwargs):
-                return share[2]
-            return _single(x, *args, **kwargs)
-
-        follower.forward = types.MethodType(follow, follower)
-    for member in members:
+    group = _Group(members)
+    for index, member in enumerate(members):
+        member.forward = _FusedForward(member, member.forward, group, index)
         mark_patched(model, member, LEVER)
-
-
-def _single_forward(original):
-    def forward(self, x, *args, **kwargs):
-        name = _adapter(self, x, args, kwargs)
-        if name is None:
-            return original(x, *args, **kwargs)
-        return _run((self,), (name,), x)[0]
-
-    return forward
 
 
 def install_fused_lora(model) -> int:

@@ -516,3 +516,28 @@ def test_a_layer_with_active_dropout_is_recomputed_by_torchs_checkpoint(tiny_lla
     plain, _ = FastModel.from_pretrained(tiny_llama, store=False)
     plain.train()
     assert not _uses_dropout(modules_of(plain.get_base_model().model.layers[0]))
+
+
+def test_a_deep_copy_of_a_fused_model_computes_with_its_own_adapters(tiny_llama):
+    """trl's reference models and a user's copy.deepcopy: the copy's fused projections (single and grouped) read the
+    copy's adapters, and the original's are left alone."""
+    import copy
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    assert "fused_lora" in model.fastload_engine
+    nonzero_lora_b(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "lora_B" in name:
+                p.mul_(3.0)
+    layer, twin_layer = (m.get_base_model().model.layers[0] for m in (model, twin))
+    x = torch.randn(2, 5, layer.self_attn.q_proj.in_features)
+    with torch.no_grad():
+        for attn in (layer.self_attn, twin_layer.self_attn):
+            q = attn.q_proj(x)  # the group's leader: k and v get their shares from this call
+            for proj, out in ((attn.q_proj, q), (attn.k_proj, attn.k_proj(x)), (attn.v_proj, attn.v_proj(x))):
+                assert torch.allclose(out, peft_reference(proj, x), atol=1e-5)
+        assert not torch.allclose(twin_layer.self_attn.q_proj(x), layer.self_attn.q_proj(x), atol=1e-3)
+        h = torch.randn(2, 5, layer.mlp.down_proj.in_features)
+        assert torch.allclose(twin_layer.mlp.down_proj(h), peft_reference(twin_layer.mlp.down_proj, h), atol=1e-5)
