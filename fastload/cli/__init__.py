@@ -60,6 +60,8 @@ PARSER_DATA: dict[str, Command] = {
                            "(with an Ollama Modelfile)", export_cli.add_gguf_arguments, loads_model=True),
     "export hub": Command(export_cli.run_hub, "push a trained adapter (or its merge, or a GGUF) to the Hugging Face "
                           "Hub in one commit", export_cli.add_hub_arguments, loads_model=True),
+    "push": Command(export_cli.run_hub, "the same as `export hub`: push a trained adapter (or its merge, or a GGUF) "
+                    "to the Hugging Face Hub", export_cli.add_hub_arguments, loads_model=True),
     "resolve": Command(resolve.run, "show the load plan for a model name and why, without loading anything",
                        resolve.add_arguments),
     "quantize": Command(quantize.run, "write a bitsandbytes 4-bit checkpoint (into the store, or --out)",
