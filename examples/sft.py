@@ -102,25 +102,23 @@ def check_cards(before: list[str], after: list[str], heldout: list[dict]) -> boo
     return False
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    started = time.perf_counter()
+def split_records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The training records and the held-out ones (the last --heldout records of --data)."""
     records = load_records(args.data)
     if len(records) <= args.heldout:
         raise SystemExit(f"{args.data} has {len(records)} records: need more than --heldout={args.heldout}")
-    train, heldout = records[:-args.heldout], records[-args.heldout:]
-    print(f"data: {len(train)} training records, {len(heldout)} held out ({args.data})")
+    return records[:-args.heldout], records[-args.heldout:]
 
+
+def load_model(args: argparse.Namespace):
+    """The 4-bit model with LoRA, as fastload prepares it for training, and its tokenizer."""
     # A 135M model's activations are small: without gradient checkpointing each step skips recomputing the
     # forward pass (about a quarter of a CPU step). Leave it on (the default) for bigger models or longer texts.
-    model, tokenizer = FastModel.from_pretrained(args.model, max_seq_length=args.max_seq_length,
-                                                 gradient_checkpointing=False)
-    questions = [r["messages"][0]["content"] for r in heldout if "messages" in r]
+    return FastModel.from_pretrained(args.model, max_seq_length=args.max_seq_length, gradient_checkpointing=False)
 
-    before = answer_loss(model, tokenizer, heldout, args.max_seq_length)
-    print(f"held-out loss before: {before:.3f}")
-    replies_before = show_replies(model, tokenizer, questions, "before training", args.max_new_tokens)
 
+def train(model, tokenizer, records: list[dict], args: argparse.Namespace):
+    """The fine-tune itself: --steps optimizer steps on the records. Tests run this same function (fewer steps)."""
     training_args = FastModel.training_arguments(
         args.out.with_name(args.out.name + "-trainer"), model=model, max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
@@ -128,15 +126,37 @@ def main(argv=None) -> None:
         lr_scheduler_type="cosine", logging_steps=1, save_strategy="no", disable_tqdm=True)
     # Raw records go in as they are: get_trainer chat-templates them and scores only the assistant's tokens,
     # with bitsandbytes' 8-bit AdamW as the optimizer (stepped by fastload: fastload/adamw8bit.py).
-    trainer = FastModel.get_trainer(model, tokenizer, train, args=training_args)
-    trained = time.perf_counter()
+    trainer = FastModel.get_trainer(model, tokenizer, records, args=training_args)
     trainer.train()
+    return trainer
+
+
+def describe_optimizer(trainer) -> str:
+    """e.g. "bitsandbytes.AdamW8bit (8-bit state, fastload's lean step)": what actually stepped the weights."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate may wrap it
     bits = getattr(getattr(optimizer, "args", None), "optim_bits", None)  # bitsandbytes keeps it there
     kind = next((c for c in type(optimizer).__mro__ if c.__module__.startswith("bitsandbytes")), type(optimizer))
     notes = ([f"{bits}-bit state"] if bits else []) + (["fastload's lean step"] if kind is not type(optimizer) else [])
+    return f"{kind.__module__.split('.')[0]}.{kind.__name__}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    train_records, heldout = split_records(args)
+    print(f"data: {len(train_records)} training records, {len(heldout)} held out ({args.data})")
+
+    model, tokenizer = load_model(args)
+    questions = [r["messages"][0]["content"] for r in heldout if "messages" in r]
+
+    before = answer_loss(model, tokenizer, heldout, args.max_seq_length)
+    print(f"held-out loss before: {before:.3f}")
+    replies_before = show_replies(model, tokenizer, questions, "before training", args.max_new_tokens)
+
+    trained = time.perf_counter()
+    trainer = train(model, tokenizer, train_records, args)
     print(f"training: {args.steps} steps in {time.perf_counter() - trained:.0f} s, optimizer "
-          f"{kind.__module__.split('.')[0]}.{kind.__name__}" + (f" ({', '.join(notes)})" if notes else ""))
+          f"{describe_optimizer(trainer)}")
 
     after = answer_loss(model, tokenizer, heldout, args.max_seq_length)
     print(f"held-out loss after: {after:.3f}")

@@ -59,6 +59,8 @@ PARSER_DATA: dict[str, Command] = {
                            "(with an Ollama Modelfile)", export.add_gguf_arguments, loads_model=True),
     "export hub": Command(export.run_hub, "push a trained adapter (or its merge, or a GGUF) to the Hugging Face "
                           "Hub in one commit", export.add_hub_arguments, loads_model=True),
+    "push": Command(export.run_hub, "the same as `export hub`: push a trained adapter (or its merge, or a GGUF) "
+                    "to the Hugging Face Hub", export.add_hub_arguments, loads_model=True),
     "resolve": Command(resolve.run, "show the load plan for a model name and why, without loading anything",
                        resolve.add_arguments),
     "quantize": Command(quantize.run, "write a bitsandbytes 4-bit checkpoint (into the store, or --out)",

@@ -118,7 +118,8 @@ def test_a_refused_upload_is_a_save_error_without_the_token(hub, tuned):
     assert TOKEN not in str(caught.value)
 
 
-def test_cli_pushes_an_adapter_with_the_logged_in_token(hub, tuned, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["export", "hub"], ["push"]])
+def test_cli_pushes_an_adapter_with_the_logged_in_token(hub, tuned, tmp_path, monkeypatch, capsys, command):
     import huggingface_hub.constants
 
     from fastload.cli import main
@@ -128,7 +129,7 @@ def test_cli_pushes_an_adapter_with_the_logged_in_token(hub, tuned, tmp_path, mo
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub["endpoint"])
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     capsys.readouterr()
-    assert main(["export", "hub", str(adapter), "--repo", "me/tuned", "--json", "-q"]) == 0
+    assert main([*command, str(adapter), "--repo", "me/tuned", "--json", "-q"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["commit"].endswith("/commit/abc123")
     assert "adapter_model.safetensors" in hub["files"] and f"Bearer {TOKEN}" in hub["auth"]
