@@ -1,4 +1,5 @@
-"""The README's main job (examples/sft.py: SmolLM2 taught the Answer/Reason card) run once per session with fewer
+"""A fixture (registered by tests/conftest.py; a second conftest module would shadow the first's helpers): the
+README's main job (examples/sft.py: SmolLM2 taught the Answer/Reason card) run once per session with fewer
 steps, so the export tests check a model that was really fine-tuned rather than one with random adapter weights."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SFT_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "sft.py"
+SFT_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sft.py"
 # the main job runs 40; 16 of its steps already drop the held-out loss from ~3.3 to ~1 and fit a CPU test budget
 MAIN_JOB_STEPS = 16
 
