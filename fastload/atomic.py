@@ -174,6 +174,65 @@ def check_writable(dest: str | os.PathLike, asked: str) -> None:
 
 # -- writing ------------------------------------------------------------------------------------------------------
 
+def _remove_dead_writers_files(dest: Path) -> None:
+    """Temporary files of `dest` left by a writer that was killed: the scheme's own names, files only, whose pid no
+    longer runs here and untouched for a minute (a name alone does not say which host wrote it)."""
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+    for path in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
+        found = pattern.match(path.name)
+        with contextlib.suppress(OSError):
+            if (found and path.is_file() and not path.is_symlink() and not pid_alive(int(found.group(1)))
+                    and time.time() - path.stat().st_mtime > 60):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def scratch_folder(near: str | os.PathLike) -> Iterator[Path]:
+    """A marked temporary folder beside `near` for intermediate files (a merge before its GGUF, an F16 before its
+    k-quant), removed when the block ends; if the process is killed, the next clean-up there removes it.
+
+    Yields:
+        The empty folder.
+    """
+    near = Path(near).expanduser().absolute()
+    tmp = leftover_name(near, "tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        write_marker(tmp, "tmp")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of the file `dest` (`.{name}.tmp-{pid}-{tag}`, the folders' naming); when the block
+    ends it is synced and renamed over `dest` in one step, on any error (Ctrl-C included) it is removed: a reader
+    sees the old file or the new one, never part of one.
+
+    Args:
+        dest: the file to write; its folder is created if missing.
+    Yields:
+        The path to write the new content to.
+    Raises:
+        OSError: what writing, syncing or renaming raised (dest is then unchanged).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers_files(dest)
+    tmp = leftover_name(dest, "tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_folder(dest: str | os.PathLike, kind: str, marker_file: str | None = None, into_existing: bool = False,
                   staging: Path | None = None, record: bool = True) -> Iterator[Path]:

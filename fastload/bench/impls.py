@@ -220,23 +220,18 @@ def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: in
 
 def save_prequantized(model_dir: str, target: str | Path, device: str, dtype: str) -> float:
     """The recipe's pre-quantized checkpoint: load in NF4, save_pretrained, tokenizer alongside; returns seconds."""
-    import os
     import shutil
+
+    from fastload.atomic import atomic_folder
 
     started = time.perf_counter()
     target = Path(target)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = recipe_load(model_dir, device, dtype)
-    try:
+    if target.exists():  # an earlier, unrecorded run's folder: replaced, as the benchmark always did
+        shutil.rmtree(target)
+    with atomic_folder(target, "benchmark checkpoint") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for f in Path(model_dir).iterdir():
             if f.is_file() and ("token" in f.name or f.name == "special_tokens_map.json"):
                 shutil.copy2(f, tmp / f.name)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return time.perf_counter() - started

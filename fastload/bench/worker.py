@@ -358,11 +358,10 @@ def run(job: Job) -> dict:
 
 
 def write_record(record: dict, path: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, target)
+    from fastload.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:

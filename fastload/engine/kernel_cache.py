@@ -10,7 +10,6 @@ the kernels are compiled and timed again, never an error.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -20,6 +19,7 @@ import threading
 from pathlib import Path
 
 from fastload._log import logger
+from fastload.atomic import atomic_file
 
 TRITON_ENV = "TRITON_CACHE_DIR"
 CHOICES_FILE = "autotune.json"
@@ -110,18 +110,11 @@ def write_choices(folder: Path, choices: dict[str, dict]) -> None:
     """Replace the choices file in one step (a temporary sibling renamed over it): a reader sees the old file or
     the new one, never part of one. A failure to write is logged at debug level only: the cache is an extra."""
     path = folder / CHOICES_FILE
-    tmp = folder / f".{CHOICES_FILE}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as fh:
+        with atomic_file(path) as tmp, open(tmp, "w") as fh:
             json.dump({"format": FORMAT, "choices": choices}, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except (OSError, TypeError, ValueError) as e:
         logger.debug("kernel cache: %s not written (%s: %s)", path, type(e).__name__, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 class AutotuneChoices:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fastload._log import logger
+from fastload.atomic import atomic_file, scratch_folder
 from fastload.errors import (
     BackendUnavailable,
     CheckpointIncomplete,
@@ -141,7 +140,7 @@ def _tokenizer_folder(folder: Path, tokenizer, near: Path) -> Iterator[Path]:
     if tokenizer is None:
         yield folder
         return
-    with _scratch(near, "tokenizer") as tmp:
+    with scratch_folder(near) as tmp:
         tokenizer.save_pretrained(str(tmp))
         yield tmp
 
@@ -151,21 +150,11 @@ def _merged_folder(model, near: Path, tokenizer, source: str, verify: bool, prob
     """The model merged into a temporary 16-bit folder beside the output, removed afterwards."""
     from fastload.save.merged import save_merged
 
-    with _scratch(near, "merged") as tmp:
+    with scratch_folder(near) as tmp:
         # merged in float32: rounding to the source's bf16 first, then to F16/Q8_0, would round twice
         merged = save_merged(model, tmp / "model", tokenizer=tokenizer, source=source, dtype="float32",
                              verify=verify, probe_texts=probe_texts)
         yield merged
-
-
-@contextlib.contextmanager
-def _scratch(near: Path, what: str) -> Iterator[Path]:
-    tmp = near.parent / f".{near.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- the writer ---------------------------------------------------------------------------------------------------
@@ -173,7 +162,7 @@ def _scratch(near: Path, what: str) -> Iterator[Path]:
 def write_gguf(folder: Path, path: Path, quantization: str, tokenizer_dir: Path) -> Path:
     """Convert a 16-bit safetensors folder to `path` atomically; k-quants via a temporary F16 file."""
     if quantization in LLAMA_CPP_TYPES:
-        with _scratch(path, "f16") as tmp:
+        with scratch_folder(path) as tmp:
             f16 = tmp / "model-f16.gguf"
             _write_own(folder, f16, "f16", tokenizer_dir)
             with _atomic_file(path) as out:
@@ -186,19 +175,17 @@ def write_gguf(folder: Path, path: Path, quantization: str, tokenizer_dir: Path)
 
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary sibling renamed to `path` once written and synced; removed on any error or Ctrl-C."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """fastload's atomic file (a temporary sibling renamed over `path`, removed on any error or Ctrl-C), an OSError
+    reported as a SaveError."""
     try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, FastloadError):
-            from fastload.save.folders import save_error
+        with atomic_file(path) as tmp:
+            yield tmp
+    except OSError as e:
+        if isinstance(e, FastloadError):
+            raise
+        from fastload.save.folders import save_error
 
-            raise save_error(path, e) from e
+        raise save_error(path, e) from e
         raise
 
 
