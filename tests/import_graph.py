@@ -14,8 +14,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fastload"
 # one. A name covers the module and everything under it; the longest name that matches a module places it.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the ground every stage stands on
-    ("fastload", "fastload._log", "fastload.errors", "fastload.settings", "fastload.atomic", "fastload.structure",
-     "fastload.model_state", "fastload.data"),
+    ("fastload", "fastload._log", "fastload._lazy", "fastload.errors", "fastload.settings", "fastload.atomic",
+     "fastload.structure", "fastload.model_state", "fastload.data"),
     ("fastload.sources",),
     # torchrun launches: the ranks share the store entry rank 0 writes while loading
     ("fastload.load", "fastload.distributed"),

@@ -6,7 +6,7 @@ none of them itself, so a command module never runs the others; `import fastload
 
 from __future__ import annotations
 
-from typing import Any
+from fastload._lazy import lazy_getattr
 
 # public names, imported from commands.py on first use (PEP 562); `fastload = "fastload.cli:main"` is the script
 _LAZY = ("main", "build_parser", "PARSER_DATA", "Command", "GROUP_HELP")
@@ -14,9 +14,4 @@ _LAZY = ("main", "build_parser", "PARSER_DATA", "Command", "GROUP_HELP")
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from fastload.cli import commands
-
-        return getattr(commands, name)
-    raise AttributeError(f"module 'fastload.cli' has no attribute {name!r}")
+__getattr__ = lazy_getattr("fastload.cli", dict.fromkeys(_LAZY, "fastload.cli.commands"))

@@ -7,23 +7,10 @@ package imports none of them itself, so importing any one lever never runs the o
 
 from __future__ import annotations
 
-from typing import Any
+from fastload._lazy import lazy_getattr
 
-# public names, imported from their module on first use (PEP 562)
-_LAZY = {
-    "apply_engine": "fastload.engine.apply",
-    "levers_on": "fastload.engine.apply",
-    "EngineSettings": "fastload.engine.apply",
-    "LEVERS": "fastload.engine.apply",
-    "EngineReport": "fastload.engine.report",
-}
-
+# public names, each imported from its module on first use (PEP 562)
+_LAZY = {**dict.fromkeys(("apply_engine", "levers_on", "EngineSettings", "LEVERS"), "fastload.engine.apply"),
+         "EngineReport": "fastload.engine.report"}
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastload.engine' has no attribute {name!r}")
+__getattr__ = lazy_getattr("fastload.engine", _LAZY)

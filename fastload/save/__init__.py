@@ -5,21 +5,10 @@ This package imports none of them itself: the public names below are loaded on f
 
 from __future__ import annotations
 
-from typing import Any
+from fastload._lazy import lazy_getattr
 
-_LAZY = {
-    "load_adapter": "fastload.save.adapters",
-    "save_adapter": "fastload.save.adapters",
-    "save_adapter_into": "fastload.save.adapters",
-    "save_merged": "fastload.save.merged",
-}
-
+# public names, each imported from its module on first use
+_LAZY = {**dict.fromkeys(("load_adapter", "save_adapter", "save_adapter_into"), "fastload.save.adapters"),
+         "save_merged": "fastload.save.merged"}
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fastload.save' has no attribute {name!r}")
+__getattr__ = lazy_getattr("fastload.save", _LAZY)
