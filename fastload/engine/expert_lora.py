@@ -164,12 +164,21 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) ->
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows offsets[e-1]:offsets[e] of x times w[e], for each expert e."""
-    if not grouped_mm_runs(x, w):
+    if not grouped_mm_runs(x, w) or (x.device.type, x.dtype) in _REFUSED:
         return _looped(x, w, offsets)
-    y = _grouped_mm()(x, w, offs=offsets)
+    try:
+        y = _grouped_mm()(x, w, offs=offsets)
+    except RuntimeError as e:  # a GPU or build whose grouped_mm does not take these (checked per device and dtype)
+        _REFUSED.add((x.device.type, x.dtype))
+        logger.info("expert_lora: grouped_mm refused %s operands on %s (%s): one matmul per expert from now on",
+                    str(x.dtype).replace("torch.", ""), x.device, str(e).splitlines()[0][:120])
+        return _looped(x, w, offsets)
     if y.requires_grad:  # grouped_mm's backward refuses a broadcast (stride 0) gradient, e.g. from a sum
         y.register_hook(lambda grad: grad.contiguous())
     return y
+
+
+_REFUSED: set = set()  # (device type, dtype) whose grouped_mm raised: the loop from then on
 
 
 def _grouped_mm():

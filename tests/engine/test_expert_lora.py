@@ -332,3 +332,25 @@ def test_fastmodel_default_uses_the_lever_and_switched_off_trains_the_same(famil
     assert any(".experts." in n for n in grads)
     for name, grad in off_grads.items():
         assert relative(grads[name], grad) < 1e-5, name
+
+
+def test_a_grouped_mm_that_refuses_falls_back_to_the_loop_for_good(monkeypatch):
+    """A GPU or torch build whose grouped_mm raises for these operands: the same result through one matmul per
+    expert, and grouped_mm is not tried again on that device and dtype."""
+    import fastload.engine.expert_lora as expert_lora
+
+    calls = []
+
+    def refuses(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("grouped gemm is not supported on this device")
+
+    x = torch.randn(12, 32)
+    w = torch.randn(3, 32, 16)
+    offsets = torch.tensor([4, 8, 12], dtype=torch.int32)
+    expected = expert_lora._looped(x, w, offsets)
+    monkeypatch.setattr(expert_lora, "_REFUSED", set())
+    monkeypatch.setattr(expert_lora, "_grouped_mm", lambda: refuses)
+    assert torch.allclose(expert_lora._grouped(x, w, offsets), expected)
+    assert torch.allclose(expert_lora._grouped(x, w, offsets), expected)
+    assert len(calls) == 1
