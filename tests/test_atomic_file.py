@@ -61,3 +61,28 @@ def test_a_scratch_folder_is_marked_while_used_and_gone_after(tmp_path):
             (scratch / "model-f16.gguf").write_bytes(b"\0" * 16)
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_killed_mid_file_leaves_the_old_file_and_its_leftover_goes_with_the_next_write(tmp_path):
+    """A real SIGKILL while the new content is half written: the old file stands whole, and the dead writer's
+    temporary file is removed by the next write once it is a minute old."""
+    import signal
+
+    target = tmp_path / "choices.json"
+    target.write_text("old")
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from fastload.atomic import atomic_file\n"
+        "with atomic_file(sys.argv[1]) as tmp:\n"
+        "    with open(tmp, 'w') as fh:\n"
+        "        fh.write('half of the new'); fh.flush()\n"
+        "        print('writing', flush=True); time.sleep(60)\n"), str(target)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    (leftover,) = [p for p in tmp_path.iterdir() if p.name != "choices.json"]
+    assert leftover.name.startswith(f".choices.json.tmp-{child.pid}-") and target.read_text() == "old"
+    os.utime(leftover, (time.time() - 120, time.time() - 120))
+    with atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["choices.json"]
