@@ -26,7 +26,7 @@ def main() -> None:
     from fastload import FastModel
 
     model, _ = FastModel.from_pretrained(args.model, max_seq_length=args.seq, engine=json.loads(args.engine))
-    optimizer = FastModel.get_optimizer(model, learning_rate=2e-4)
+    optimizer = FastModel.get_optimizer(model, lr=2e-4)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seq), device="cuda")
     model.train()
     for _ in range(args.steps):
