@@ -31,7 +31,9 @@ def torchrun(out: Path, home: Path, *worker_args: str, nproc: int = 2) -> subpro
     """Start python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py ... with its own store and an
     offline, empty HF cache."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(WORKER.parent)]),
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # e.g. a site of extra packages
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(WORKER.parent),
+                                                        *inherited]),
            "OMP_NUM_THREADS": "1", "FASTLOAD_DIST_TIMEOUT_S": "120", "FASTLOAD_HOME": str(home),
            "HF_HOME": str(home.parent / "hf-home"), "HF_HUB_OFFLINE": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
