@@ -179,6 +179,9 @@ class FastModel:
 
                 with phase("engine"):
                     apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing) and not fsdp)
+        from fastload.load.background_store import release_store_writes
+
+        release_store_writes()  # the store entry's writer waited for the model to be ready to train
         state_of(model).load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         state = state_of(model)
