@@ -48,10 +48,13 @@ class QuantSettings:
     llm_int8_skip_modules: tuple[str, ...] | None = None
     llm_int8_enable_fp32_cpu_offload: bool = False
     llm_int8_has_fp16_weight: bool = False
+    quantize_experts: bool = True
+    """fastload's own, not BitsAndBytesConfig's: store MoE experts' fused 3-D weights 4-bit too (bitsandbytes leaves
+    them 16-bit); False keeps them in the compute dtype. The store's 16-bit experts serve both, so not fingerprinted."""
 
     def __post_init__(self):
         for name in ("load_in_4bit", "load_in_8bit", "bnb_4bit_use_double_quant", "llm_int8_enable_fp32_cpu_offload",
-                     "llm_int8_has_fp16_weight"):
+                     "llm_int8_has_fp16_weight", "quantize_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidOption(f"{name}={getattr(self, name)!r}", found="it must be True or False",
                                     fix=f"pass {name}=True or {name}=False")
@@ -91,6 +94,7 @@ class QuantSettings:
         """A short stable hash of the fields that change the stored weights (compute dtype does not)."""
         data = dataclasses.asdict(self)
         data.pop("bnb_4bit_compute_dtype")
+        data.pop("quantize_experts")
         blob = json.dumps(data, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -106,7 +110,8 @@ class QuantSettings:
                 raise InvalidOption(f"quantization_config with quant_method={method!r} was given",
                                     found="fastload quantizes with bitsandbytes only",
                                     fix="pass a transformers BitsAndBytesConfig, or load_in_4bit/load_in_8bit options")
-            options = {k: cfg[k] for k in (f.name for f in dataclasses.fields(cls)) if k in cfg}
+            own = {k: options[k] for k in ("quantize_experts",) if k in options}  # not a BitsAndBytesConfig field
+            options = {**{k: cfg[k] for k in (f.name for f in dataclasses.fields(cls)) if k in cfg}, **own}
             options.setdefault("load_in_4bit", bool(cfg.get("load_in_4bit")))
             options.setdefault("load_in_8bit", bool(cfg.get("load_in_8bit")))
         known = {f.name for f in dataclasses.fields(cls)}

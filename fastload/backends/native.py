@@ -104,6 +104,10 @@ class NativeBackend:
                 return tokenizer
         else:
             model, tokenizer = self._load(plan, opts, store)
+        from fastload.load.experts import settle_experts
+
+        with phase("experts"):  # after the store entry is staged: the store keeps the 16-bit experts
+            settle_experts(model, plan.quant.quantize_experts, model.dtype)
         if plan.adapter:
             from fastload.save.adapters import load_adapter
 

@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
             note(args, f"copying the 4-bit checkpoint {plan.location}")
             return done(args, plan, copy_prequantized(Path(files), args.out, asked(args)), True)
     note(args, f"loading {args.source} in 4-bit (quantizing on the fly unless a quantized copy exists)")
+    # MoE experts kept as loaded: the checkpoint then holds their 16-bit values, which every load quantizes again
     model, tokenizer = FastModel.from_pretrained(args.source, lora=None, gradient_checkpointing=False, engine=False,
-                                                 **quant)
+                                                 quantize_experts=False, **quant)
     plan = state_of(model).plan
     if not args.out:
         return done(args, plan, *stored(args, plan))

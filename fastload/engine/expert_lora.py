@@ -9,6 +9,9 @@ with per-expert offsets; a loop over the experts where it cannot run), so nothin
 module's own layout attributes (set by transformers' `use_experts_implementation`: transposed weights, biases, its
 gate function) decide the arithmetic, which follows transformers' grouped_mm experts forward.
 
+Experts stored 4-bit (fastload.load.nf4_experts) are dequantized per projection inside an autograd function, in
+forward and again in backward: nothing weight-sized is kept between them.
+
 Patched per instance, on the outermost ParamWrapper of each experts module; every call the lever cannot compute
 exactly (adapters disabled or merged, several active adapters, expert parallelism, another parametrization) goes to
 peft's own forward, and merging, unmerging and saving stay peft's.
@@ -23,6 +26,7 @@ import types
 import torch
 
 from fastload._log import logger
+from fastload.load.nf4_experts import is_stack
 from fastload.model_state import is_patched, mark_patched
 
 LEVER = "expert_lora"
@@ -152,7 +156,10 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) ->
     weight = getattr(experts, name)
     dtype = weight.dtype
     x = x.to(dtype)
-    y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
+    if is_stack(weight):
+        y = Grouped4bit.apply(x, weight, offsets, experts.is_transposed)
+    else:
+        y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
     if experts.has_bias:
         y = y + getattr(experts, f"{name}_bias")[order]
     if factors is not None:
@@ -160,6 +167,31 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) ->
         xa = _grouped(x, a_t.to(dtype), offsets) * scaling
         y = y + _grouped(xa, b_t.to(dtype).contiguous(), offsets)
     return y
+
+
+class Grouped4bit(torch.autograd.Function):
+    """x W_e^T per expert for a frozen 4-bit stack: dequantized in forward and again in backward (for the input's
+    gradient), so autograd keeps the packed stack, never its 16-bit values."""
+
+    @staticmethod
+    def forward(ctx, x, stack, offsets, transposed: bool):
+        ctx.save_for_backward(offsets)
+        ctx.stack, ctx.transposed = stack, transposed
+        return _grouped(x, _in_out(stack, transposed), offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (offsets,) = ctx.saved_tensors
+        weight = _in_out(ctx.stack, ctx.transposed).transpose(-2, -1)  # (E, out, in)
+        return _grouped(grad.contiguous(), weight, offsets), None, None, None
+
+
+def _in_out(stack, transposed: bool) -> torch.Tensor:
+    """The stack dequantized as (experts, in, out): stored so when the experts module is transposed."""
+    dense = stack.dequantize()
+    return dense if transposed else dense.transpose(-2, -1)
 
 
 def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -408,9 +408,6 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
         if cast_unquantized(model, dtype):
             logger.info("cast the unquantized weights of %s to %s", plan.name, str(dtype).replace("torch.", ""))
     keep_4bit_layout_stable(model)
-    from fastload.load.experts import note_unquantized_experts
-
-    note_unquantized_experts(model, plan.quant.quantized or plan.prequantized, dtype)
     model.config.use_cache = False
     model.max_seq_length = max_seq_length
     state_of(model).task = opts.task

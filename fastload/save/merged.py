@@ -365,6 +365,7 @@ def _merge_into_model(model, deltas: Deltas, out: Path, out_dtype, shard_bytes: 
 
 def _model_tensors(base, adapter: str):
     """(checkpoint key, reader) for every weight of the loaded model: 4/8-bit weights dequantized, ties written once."""
+    from fastload.load.nf4_experts import is_stack
     from fastload.structure import is_linear4bit, is_linear8bit
 
     seen: set[int] = set()
@@ -377,11 +378,13 @@ def _model_tensors(base, adapter: str):
             key = checkpoint_key(f"{mname}.{pname}" if mname else pname, adapter)
             if ".lora_" in key:
                 continue
-            ptr = tensor.data_ptr()
+            ptr = (tensor.packed if is_stack(tensor) else tensor).data_ptr()
             if ptr in seen:  # tied weights (lm_head = embed_tokens): the checkpoint holds them once
                 continue
             seen.add(ptr)
-            if pname == "weight" and is_linear4bit(module):
+            if is_stack(tensor):  # MoE experts stored 4-bit by fastload
+                yield key, (lambda t=tensor: t.dequantize().to("cpu"))
+            elif pname == "weight" and is_linear4bit(module):
                 yield key, (lambda t=tensor: _dequantize_4bit(t))
             elif pname == "weight" and is_linear8bit(module):
                 yield key, (lambda t=tensor, m=module: _dequantize_8bit(t, m))

@@ -63,8 +63,12 @@ def save_quantized(model, tokenizer, out: str | os.PathLike) -> Path:
     Raises:
         SaveError: the disk is full or the folder cannot be written (nothing is left at `out`).
     """
+    from fastload.load.experts import experts_in_16bit
+
     out = Path(out).expanduser().absolute()
-    with atomic_directory(out) as tmp:
+    # bitsandbytes' checkpoints hold no 4-bit experts: they are written 16-bit (the 4-bit values, dequantized on
+    # the CPU) and quantized again when loaded
+    with atomic_directory(out) as tmp, experts_in_16bit(model, "cpu"):
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
     return out
