@@ -43,6 +43,7 @@ def plain_qlora(path: Path, fast_model):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
+    round_experts_through_nf4(model)
     used = fast_model.peft_config["default"]
     config = LoraConfig(r=used.r, lora_alpha=used.lora_alpha, lora_dropout=used.lora_dropout,
                         target_modules=sorted(used.target_modules), target_parameters=used.target_parameters,
@@ -53,6 +54,21 @@ def plain_qlora(path: Path, fast_model):
         if p.requires_grad:
             p.data = p.data.float()
     return peft_model
+
+
+def round_experts_through_nf4(model) -> None:
+    """fastload stores MoE experts 4-bit (bitsandbytes leaves them 16-bit): the reference holds the values those NF4
+    bytes dequantize to, in its own dense parameters, so the comparison stays one of arithmetic."""
+    import torch
+
+    from fastload.load.experts import expert_slots
+    from fastload.load.nf4_experts import quantize_stack
+    from fastload.structure import decoder_layers
+
+    with torch.no_grad():
+        for module, name in expert_slots(decoder_layers(model) or [], model.config):
+            weight = module._parameters[name]
+            weight.copy_(quantize_stack(weight.data).dequantize())
 
 
 def train(model, optimizer, batch) -> list[float]:
