@@ -1,0 +1,86 @@
+"""MoE experts at load: stored 4-bit by default with the model's own quant type and double quant, the store entry
+keeping the checkpoint's 16-bit experts (so a load from the store quantizes exactly the same bytes, and an opt-out
+load from it gets the original values back), the opt-out and 8-bit loads saying they stay 16-bit."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastload import FastModel
+from fastload.load.nf4_experts import is_stack
+from fastload.sources.store import Store
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+
+from family_shapes import make_family_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    return make_family_checkpoint(tmp_path_factory.mktemp("qwen3_moe") / "model", "qwen3_moe")
+
+
+def load(path, store=False, **options):
+    options = {"lora": None, "engine": False, "gradient_checkpointing": False, **options}
+    model, _ = FastModel.from_pretrained(str(path), store=store, **options)
+    return model
+
+
+def experts(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if ".experts." in n and p.ndim == 3}
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_experts_follow_the_models_4bit_settings(moe_checkpoint, quant_type, double_quant):
+    model = load(moe_checkpoint, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant)
+    stacks = experts(model)
+    assert stacks and all(is_stack(p) for p in stacks.values())
+    for p in stacks.values():
+        assert p.form.quant_type == quant_type and (p.form.nested_blocksize is not None) == double_quant
+        assert p.form.blocksize == 64 and not p.requires_grad
+
+
+def test_the_store_keeps_16bit_experts_and_every_load_quantizes_the_same(moe_checkpoint, tmp_path):
+    """The entry is written before the experts are quantized: an opt-out load from it gets the checkpoint's own
+    values (not NF4-rounded ones), and a default load from it the same 4-bit bytes as the first load."""
+    original = experts(load(moe_checkpoint, quantize_experts=False))
+    store = Store(tmp_path / "home")
+    first = load(moe_checkpoint, store)
+    dense = load(moe_checkpoint, store, quantize_experts=False)
+    assert dense.fastload.plan.source == "store"
+    assert experts(dense).keys() == original.keys()
+    for name, p in experts(dense).items():
+        assert not is_stack(p) and torch.equal(p, original[name]), name
+
+    again = load(moe_checkpoint, store)
+    assert again.fastload.plan.source == "store"
+    mine, theirs = experts(first), experts(again)
+    assert mine and mine.keys() == theirs.keys() and all(is_stack(p) for p in theirs.values())
+    for name, p in mine.items():
+        assert torch.equal(p.packed, theirs[name].packed), name
+        assert torch.equal(p.dequantize(), theirs[name].dequantize()), name
+        assert not torch.equal(p.dequantize(), original[name])  # really 4-bit: NF4 rounding is visible
+
+
+def test_opting_out_and_8bit_keep_experts_16bit_and_say_so(moe_checkpoint, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        dense = load(moe_checkpoint, quantize_experts=False)
+    assert experts(dense) and not any(is_stack(p) for p in experts(dense).values())
+    assert any("stay in" in r.message and "quantize_experts=False" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        eight = load(moe_checkpoint, load_in_8bit=True)
+    assert not any(is_stack(p) for p in experts(eight).values())
+    assert any("stay in" in r.message and "8-bit" in r.message for r in caplog.records)
+
+
+def test_quantize_experts_must_be_a_bool(moe_checkpoint):
+    from fastload.errors import InvalidOption
+
+    with pytest.raises(InvalidOption, match="quantize_experts"):
+        load(moe_checkpoint, quantize_experts="no")
