@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         counts = memory.approximate_counts(config, family)
         if counts.experts:
             share = f"{memory.APPROX_EXPERT_SHARE:.0%}"
-            basis += f"; {family} is a mixture of experts: {share} of it assumed in 16-bit experts"
+            basis += f"; {family} is a mixture of experts: {share} of it assumed in experts"
     else:
         counts = memory.count_params(config)
     est = memory.estimate_counts(counts, args.seq, args.batch, args.r, basis=basis)

@@ -21,7 +21,7 @@ class ParamCounts:
     intermediate: int  # MLP width a token passes through (for MoE: the experts it is routed to, all together)
     vocab: int
     kv_dim: int
-    experts: int = 0     # fused 3-D expert weights of MoE models: bitsandbytes quantizes Linear layers only, so 16-bit
+    experts: int = 0     # fused 3-D expert weights of MoE models: 16-bit as loaded, then 4-bit (load.experts)
     lora_width: int = 0  # sum of (in + out) over the default LoRA's targets, per unit of rank; 0: Llama-shaped guess
 
     @property
@@ -97,17 +97,21 @@ def _active_intermediate(tc, moe: bool) -> int:
     return per_expert * routed + shared
 
 
-def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, other_bytes: int = 2) -> int:
-    """Bytes of the loaded weights: quantized projections plus 16-bit (or fp32 on CPU) everything else, MoE experts
-    included (bitsandbytes does not quantize their fused 3-D weights)."""
+def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, other_bytes: int = 2,
+                 experts_4bit: bool = True) -> int:
+    """Bytes of the loaded weights: quantized projections plus 16-bit (or fp32 on CPU) everything else. MoE experts
+    count 4-bit in a 4-bit load when experts_4bit (fastload quantizes them after the load), else 16-bit (8-bit loads,
+    quantize_experts=False, and the load itself, which reads them 16-bit first)."""
+    experts_quantized = bits == 4 and experts_4bit
     if bits == 4:
-        absmax = counts.projections / NF4_BLOCK * (1 + 4 / DOUBLE_QUANT_BLOCK if double_quant else 4)
-        proj = counts.projections / 2 + absmax
+        four_bit = counts.projections + (counts.experts if experts_quantized else 0)
+        absmax = four_bit / NF4_BLOCK * (1 + 4 / DOUBLE_QUANT_BLOCK if double_quant else 4)
+        proj = four_bit / 2 + absmax
     elif bits == 8:
         proj = counts.projections + counts.projections / counts.hidden * 4  # int8 + one fp32 scale per row
     else:
         proj = counts.projections * other_bytes
-    return int(proj + (counts.experts + counts.other) * other_bytes)
+    return int(proj + (counts.other + (0 if experts_quantized else counts.experts)) * other_bytes)
 
 
 def lora_params(counts: ParamCounts, r: int) -> int:
@@ -154,7 +158,8 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [("weights 16-bit", self.weights_16bit), ("weights 8-bit (LLM.int8)", self.weights_8bit),
                 ("weights 4-bit NF4 + double quant", self.weights_4bit), ("weights 4-bit NF4", self.weights_4bit_no_dq),
-                *([("  of which MoE experts (16-bit)", 2 * self.counts.experts)] if self.counts.experts else []),
+                *([("  of which MoE experts (4-bit; 16-bit while loading)",
+                    weight_bytes(replace(self.counts, projections=0, other=0), 4))] if self.counts.experts else []),
                 ("LoRA weights + grads (fp32)", 2 * self.lora), ("8-bit AdamW state", self.optimizer_8bit),
                 (f"activations {self.seq}x{self.batch}, checkpointing", self.activations),
                 (f"activations {self.seq}x{self.batch}, no checkpointing", self.activations_no_ckpt),
@@ -162,7 +167,7 @@ class MemoryEstimate:
                 ("LoRA training total (16-bit, checkpointing)", self.training_total(16, True))]
         width = max(len(r[0]) for r in rows)
         head = f"{self.counts.total / 1e9:.2f}B parameters ({self.counts.projections / 1e9:.2f}B in projections"
-        head += f", {self.counts.experts / 1e9:.2f}B in MoE experts, not quantized)" if self.counts.experts else ")"
+        head += f", {self.counts.experts / 1e9:.2f}B in MoE experts)" if self.counts.experts else ")"
         if self.basis:
             head += f"\n  from {self.basis}"
         return "\n".join([head] + [f"  {name:<{width}}  {b / GIB:8.2f} GiB" for name, b in rows])
@@ -216,7 +221,7 @@ def estimate_counts(counts: ParamCounts, seq: int = DEFAULT_MAX_SEQ_LENGTH, batc
 # the unknown); activations depend on the guessed shape and are rougher still.
 APPROX_VOCAB = 100_000
 APPROX_EMBEDDING_SHARE = 0.3
-# Mixture-of-experts families: their fused expert weights stay 16-bit. Share of the parameters in experts, from the
+# Mixture-of-experts families: most of their weights are fused experts. Share of the parameters in experts, from the
 # published configs: Mixtral 8x7B 97%, Qwen3-30B-A3B 95%, gpt-oss-20b 91%, Granite-4.0-H-Tiny ~85%; 0.9 is assumed.
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoehybrid", "deepseek_v3", "olmoe")
 APPROX_EXPERT_SHARE = 0.9
@@ -224,7 +229,7 @@ APPROX_EXPERT_SHARE = 0.9
 
 def approximate_counts(params: float, family: str | None = None) -> ParamCounts:
     """A plausible Llama-like ParamCounts for a model known only by its parameter count (and family: an MoE one
-    keeps most of its parameters as 16-bit experts)."""
+    keeps most of its parameters as experts)."""
     if not params or params <= 0:
         raise ValueError(f"a positive parameter count is needed, got {params!r}")
     if family in MOE_FAMILIES:
@@ -274,12 +279,13 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
                               fix="check config.json (hidden_size, num_hidden_layers, vocab_size), "
                                   "or use a smaller model")
     counts = count_params(config)
-    need = weight_bytes(counts, bits, double_quant, other_bytes)
+    # MoE experts arrive 16-bit and are quantized after the load: the load's peak holds them so
+    need = weight_bytes(counts, bits, double_quant, other_bytes, experts_4bit=False)
     if need > free:
-        smaller = [(b, weight_bytes(counts, b, True, other_bytes)) for b in (8, 4) if b < bits]
+        smaller = [(b, weight_bytes(counts, b, True, other_bytes, experts_4bit=False)) for b in (8, 4) if b < bits]
         fitting = [f"load_in_{b}bit=True needs {size / GIB:.2f} GiB" for b, size in smaller if size <= free]
-        experts = (f" ({counts.experts * other_bytes / GIB:.2f} GiB of them MoE experts, which bitsandbytes does not "
-                   "quantize)" if counts.experts and bits < 16 else "")
+        experts = (f" ({counts.experts * other_bytes / GIB:.2f} GiB of them MoE experts, which are read 16-bit and "
+                   "quantized after the load)" if counts.experts and bits < 16 else "")
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
                               found=f"its weights need about {need / GIB:.2f} GiB{experts}, the {device} has "
                                     f"{free / GIB:.2f} GiB free",

@@ -1,6 +1,7 @@
-"""Memory estimates of mixture-of-experts models: the fused 3-D expert weights stay 16-bit (32-bit on a CPU without
-bf16) in a "4-bit" load, because bitsandbytes quantizes Linear layers only. The estimate (fastload.load.memory) must
-count them so, or `check_fits` lets through a load that runs out of memory.
+"""Memory estimates of mixture-of-experts models: bitsandbytes quantizes Linear layers only, so the fused 3-D expert
+weights are read 16-bit (32-bit on a CPU without bf16) and fastload quantizes them to 4-bit after the load. The
+estimate (fastload.load.memory) must count them 16-bit for the load's peak, or `check_fits` lets through a load that
+runs out of memory, and 4-bit for the loaded model.
 
 Tolerances: the loaded weights' bytes within 1% of the estimate (the estimate ignores the few bytes of each 4-bit
 layer's quantization constants beyond absmax); the default LoRA's parameters exactly.
@@ -25,10 +26,16 @@ GIB = 1024 ** 3
 def loaded_weight_bytes(model) -> int:
     """Bytes the model's weights occupy: each tensor once, with the 4-bit layers' quantization constants."""
     seen, total = set(), 0
+    from fastload.load.nf4_experts import is_stack
+
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if is_stack(p):  # 4-bit MoE experts, counted as the 4-bit layers are: packed values and absmax
+            parts = (p.packed, p.absmax, *([p.nested_absmax] if "nested_absmax" in p.stat_names else []))
+            total += sum(t.numel() * t.element_size() for t in parts)
+            continue
         total += p.numel() * p.element_size()
         state = getattr(p, "quant_state", None)
         if state is not None:
@@ -50,7 +57,7 @@ def big_experts(family: str) -> dict:
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_moe_estimate_matches_the_loaded_model(family, tmp_path):
-    """Weights (experts kept 16/32-bit, projections NF4) and the default LoRA (experts adapted) as estimated."""
+    """Weights (experts and projections NF4) and the default LoRA (experts adapted) as estimated."""
     from fastload import FastModel
     from fastload.load import memory
     from fastload.sources.checkpoint_files import read_config
@@ -58,7 +65,7 @@ def test_moe_estimate_matches_the_loaded_model(family, tmp_path):
     path = make_family_checkpoint(tmp_path / family, family)
     counts = memory.count_params(read_config(path))
     model, _ = FastModel.from_pretrained(str(path))
-    dtype_bytes = next(p for p in model.parameters() if p.ndim == 3).element_size()
+    dtype_bytes = model.get_input_embeddings().weight.element_size()
     expert_elements = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 3 and "lora" not in n)
     assert counts.experts == expert_elements > 0
     real = loaded_weight_bytes(model.get_base_model()) - 4 * sum(
@@ -69,8 +76,9 @@ def test_moe_estimate_matches_the_loaded_model(family, tmp_path):
 
 
 def test_moe_that_would_not_fit_is_refused_before_loading(tmp_path, monkeypatch):
-    """A limit between the weights' size with 4-bit experts and their real size: refused, the experts named; just
-    above the real size the same load goes through."""
+    """A limit between the weights' size with 4-bit experts and their size as read (16/32-bit experts): refused, the
+    experts named; just above the size as read the same load goes through, and the loaded model holds its experts
+    4-bit."""
     from fastload import FastModel
     from fastload.errors import NotEnoughMemory
     from fastload.load import memory
@@ -79,30 +87,30 @@ def test_moe_that_would_not_fit_is_refused_before_loading(tmp_path, monkeypatch)
     path = tmp_path / "mixtral"
     make_family_checkpoint(path, "mixtral", config=config)
     counts = memory.count_params(config)
-    real = memory.weight_bytes(counts, 4, True, 4)  # fp32 on every CPU in this test
-    if_experts_were_4bit = memory.weight_bytes(
-        memory.ParamCounts(**{**counts.__dict__, "projections": counts.projections + counts.experts, "experts": 0}),
-        4, True, 4)
-    assert if_experts_were_4bit < real / 4
+    real = memory.weight_bytes(counts, 4, True, 4, experts_4bit=False)  # fp32 on every CPU in this test
+    loaded = memory.weight_bytes(counts, 4, True, 4)
+    assert loaded < real / 4
     monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", str(int(real * 0.9)))
     with pytest.raises(NotEnoughMemory) as err:
         FastModel.from_pretrained(str(path), dtype="float32", store=False)
-    assert "MoE experts, which bitsandbytes does not quantize" in err.value.found
+    assert "MoE experts, which are read 16-bit" in err.value.found
     monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", str(int(real * 1.1)))
     model, _ = FastModel.from_pretrained(str(path), dtype="float32", store=False, lora=None)
-    assert loaded_weight_bytes(model) == pytest.approx(real, rel=WEIGHTS_RTOL)
+    assert loaded_weight_bytes(model) == pytest.approx(loaded, rel=WEIGHTS_RTOL)
 
 
-def test_registry_moe_without_config_is_estimated_with_16bit_experts(capsys):
+def test_registry_moe_without_config_is_estimated_as_an_moe(capsys):
     """Offline, no config cached: Mixtral 8x7B's published shape puts 45.1B of its 46.7B parameters in experts,
-    ~84 GiB in bf16; the approximation (90% experts) lands within 10%, and far above a 4-bit-everything guess."""
+    ~21.7 GiB in NF4 and ~84 GiB in bf16 (as read while loading, or kept with quantize_experts=False); the
+    approximation (90% experts) lands within 10% of both."""
     from fastload.cli import main
     from fastload.load import memory
 
     assert main(["estimate", "mixtral-8x7b", "--json"]) == 0
     est = json.loads(capsys.readouterr().out)
     assert "mixture of experts" in est["basis"]
-    experts_gib = 32 * 8 * 3 * 4096 * 14336 * 2 / GIB
-    assert est["weights_4bit"] / GIB == pytest.approx(experts_gib, rel=0.10)
-    dense = memory.approximate_counts(est["params"])  # the same count read as a dense model: 4x less
-    assert memory.weight_bytes(dense, 4) < est["weights_4bit"] / 3
+    experts = 32 * 8 * 3 * 4096 * 14336
+    nf4_bytes = 0.5 + (1 + 4 / memory.DOUBLE_QUANT_BLOCK) / memory.NF4_BLOCK  # per value, absmax double-quantized
+    assert est["weights_4bit"] / GIB == pytest.approx(experts * nf4_bytes / GIB, rel=0.10)
+    counts = memory.approximate_counts(est["params"], "mixtral")
+    assert memory.weight_bytes(counts, 4, experts_4bit=False) / GIB == pytest.approx(experts * 2 / GIB, rel=0.10)
