@@ -153,6 +153,7 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype_and_refuses_another():
 
     options, engine = fsdp_load_options({}, None, "bfloat16", "cpu", True)
     assert options["bnb_4bit_quant_storage"] == "bfloat16" and engine is False
+    assert options["quantize_experts"] is False  # FSDP shards plain tensors, not fastload's packed expert stacks
     with pytest.raises(InvalidOption, match="bnb_4bit_quant_storage"):
         fsdp_load_options({"bnb_4bit_quant_storage": "uint8"}, None, "bfloat16", "cpu", True)
 

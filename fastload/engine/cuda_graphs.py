@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from fastload.load.nf4_experts import is_stack
 from fastload.model_state import state_of
 
 WARM_CALLS = 2       # eager calls of a signature before it is captured
@@ -161,6 +162,9 @@ def _layer_state(layer, own_hooks: bool = True) -> tuple | None:
         return None
     addresses = []
     for p in params:
+        if is_stack(p):  # 4-bit MoE experts: their packed bytes and statistics are what kernels read
+            addresses += [t.data_ptr() for t in (p.packed, *p.stats.values())]
+            continue
         addresses.append(p.data_ptr())
         state = getattr(p, "quant_state", None)  # a 4-bit weight's scales are read by address too
         if state is not None:

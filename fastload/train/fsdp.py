@@ -60,6 +60,9 @@ def fsdp_load_options(quant_options: dict, quantization_config: Any, dtype: Any,
     else:
         options["bnb_4bit_quant_storage"] = compute
         logger.info("FSDP: 4-bit weights stored as %s (bnb_4bit_quant_storage), so FSDP can shard them", compute)
+    if options.get("quantize_experts", True):  # FSDP shards plain tensors; a packed expert stack is not one
+        options["quantize_experts"] = False
+        logger.info("FSDP: MoE experts, if any, stay in the compute dtype (FSDP shards them as they are)")
     if engine is True:
         logger.info("FSDP: the engine's levers stay off (they replace layer functions FSDP wraps; engine={...} "
                     "turns one on)")
