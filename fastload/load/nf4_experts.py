@@ -192,8 +192,9 @@ def _transpose(func, args, kwargs):
 def _to_copy(func, args, kwargs):
     """A move to another device or dtype stays packed (the dtype is the one it dequantizes to)."""
     stack = args[0]
-    if set(kwargs) - {"device", "dtype", "non_blocking", "memory_format"} or kwargs.get("memory_format") not in (
-            None, torch.preserve_format):
+    if (set(kwargs) - {"device", "dtype", "non_blocking", "memory_format", "layout", "pin_memory"}
+            or kwargs.get("memory_format") not in (None, torch.preserve_format)
+            or kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory")):
         return NotImplemented
     dtype = kwargs.get("dtype") or stack.dtype
     if not dtype.is_floating_point:

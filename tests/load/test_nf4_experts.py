@@ -70,6 +70,9 @@ def test_a_module_holding_it_moves_copies_and_pickles_with_it():
     assert torch.equal(module.w.dequantize(), dense)  # the copy owns its bytes
     back = pickle.loads(pickle.dumps(module))
     assert isinstance(back.w, torch.nn.Parameter) and torch.equal(back.w.dequantize(), dense)
+    module.to("meta")  # another device: the packed bytes and every statistic go along (as .cuda() moves them)
+    assert isinstance(module.w, NF4ExpertStack) and module.w.device.type == "meta"
+    assert all(t.device.type == "meta" for t in (module.w.packed, *module.w.stats.values()))
 
 
 def test_writes_are_quantized_back_into_every_view():
