@@ -81,6 +81,14 @@ class NF4ExpertStack(torch.Tensor):
         return QuantState(absmax=s["absmax"], shape=torch.Size(form.shape), code=s["code"], blocksize=form.blocksize,
                           quant_type=form.quant_type, dtype=dtype, offset=s.get("offset"), state2=nested)
 
+    def absmax_values(self) -> torch.Tensor:
+        """The fp32 absmax of every block (the nested statistics dequantized, as bitsandbytes does)."""
+        if self.form.nested_blocksize is None:
+            return self.absmax.float()
+        from bitsandbytes.functional import dequantize_blockwise
+
+        return (dequantize_blockwise(self.absmax, self.quant_state().state2) + self.offset).float()
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The stack's values as a plain tensor (in `dtype`, default the stack's), in this view's axis order."""
         from bitsandbytes.functional import dequantize_4bit
@@ -221,6 +229,25 @@ def _copy(func, args, kwargs):
     return NotImplemented
 
 
+def _select(func, args, kwargs):
+    """One expert (transformers' eager experts forward reads them one by one): only its blocks dequantized."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    stack, dim, index = args
+    form = stack.form
+    per_expert = stack.numel() // stack.shape[0]
+    if dim % stack.ndim != 0 or per_expert % form.blocksize or not isinstance(index, int):
+        return NotImplemented
+    index %= stack.shape[0]
+    blocks = per_expert // form.blocksize
+    absmax = stack.absmax_values()[index * blocks:(index + 1) * blocks]
+    state = QuantState(absmax=absmax, shape=torch.Size(form.shape[1:]), code=stack.code, blocksize=form.blocksize,
+                       quant_type=form.quant_type, dtype=stack.quant_state().dtype)
+    dense = dequantize_4bit(stack.packed[index * per_expert // 2:(index + 1) * per_expert // 2], state)
+    dense = dense if dense.dtype == stack.dtype else dense.to(stack.dtype)
+    return dense.t() if stack.transposed else dense
+
+
 def _set(func, args, kwargs):
     """parametrize sets a parameter to itself when it registers: nothing to do."""
     if len(args) > 1 and isinstance(args[1], NF4ExpertStack) and args[1].packed is args[0].packed:
@@ -229,7 +256,7 @@ def _set(func, args, kwargs):
 
 
 _HANDLERS = {aten.detach: _same_view, aten.alias: _same_view, aten.transpose: _transpose, aten._to_copy: _to_copy,
-             aten.clone: _clone, aten.copy_: _copy, aten.set_: _set}
+             aten.clone: _clone, aten.copy_: _copy, aten.set_: _set, aten.select: _select}
 
 
 def quantize_stack(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True,

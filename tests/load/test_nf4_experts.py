@@ -40,6 +40,8 @@ def test_stack_reads_as_bitsandbytes_dequantized_values(quant_type, double_quant
     x = torch.randn(5, 64).to(dtype)
     assert torch.equal(x @ stack[1].t(), x @ expected[1].t())  # any op: on the dequantized values
     assert torch.equal(stack * 2, expected * 2)
+    for e in (0, 3, -1):  # one expert, as transformers' eager experts forward reads it: only its blocks dequantized
+        assert torch.equal(stack[e], expected[e]) and torch.equal(stack.transpose(1, 2)[e], expected[e].t())
 
 
 def test_views_and_moves_stay_packed():
