@@ -138,6 +138,19 @@ def test_inference_without_lora_equals_the_dequantized_experts(family):
         torch.testing.assert_close(four(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
+def test_disabled_adapters_read_the_4bit_base_as_the_dequantized_one():
+    """DPO's reference is the model with its adapter off: peft's path then runs the experts' own forward on the
+    stacks, and it equals the dequantized twin's; with the adapter on again the lever computes as before."""
+    four, dense = four_bit_and_dense("qwen3_moe")
+    for model in (four, dense):
+        install_expert_lora(model)
+    ids = tokens()
+    with torch.no_grad():
+        with four.disable_adapter(), dense.disable_adapter():
+            torch.testing.assert_close(four(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(four(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 def saved_for_backward_bytes(model, ids) -> int:
     """Bytes autograd keeps for backward during one forward, parameters (and 4-bit stacks) not counted."""
     params = {(p.packed if is_stack(p) else p).untyped_storage().data_ptr() for p in model.parameters()}
