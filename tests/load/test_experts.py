@@ -84,3 +84,33 @@ def test_quantize_experts_must_be_a_bool(moe_checkpoint):
 
     with pytest.raises(InvalidOption, match="quantize_experts"):
         load(moe_checkpoint, quantize_experts="no")
+
+
+def test_quantize_out_writes_the_checkpoints_experts_and_loads_them_4bit(moe_checkpoint, tmp_path, capsys):
+    """`fastload quantize --out` writes a bitsandbytes checkpoint, which holds no 4-bit experts: the checkpoint's own
+    expert values go in (not NF4-rounded ones), and loading it stores them 4-bit as any load does."""
+    from fastload.cli import main
+
+    out = tmp_path / "q4"
+    assert main(["quantize", str(moe_checkpoint), "--out", str(out)]) == 0
+    original = experts(load(moe_checkpoint, quantize_experts=False))
+    written = experts(load(out, quantize_experts=False))
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    four = experts(load(out))
+    assert all(is_stack(p) for p in four.values())
+    assert all(torch.equal(four[k].packed, p.packed) for k, p in experts(load(moe_checkpoint)).items())
+
+
+def test_saving_a_model_with_4bit_experts_writes_their_dequantized_values(moe_checkpoint, tmp_path):
+    """save_quantized (transformers' save_pretrained) on a model whose experts are 4-bit stacks: written as their
+    dequantized values, and the model keeps its stacks after."""
+    from fastload.save.quantized import save_quantized
+
+    model, tokenizer = FastModel.from_pretrained(str(moe_checkpoint), store=False, lora=None, engine=False)
+    stacks = experts(model)
+    save_quantized(model, tokenizer, tmp_path / "out")
+    assert all(p is stacks[k] for k, p in experts(model).items())  # the same stacks after the save
+    written = experts(load(tmp_path / "out", quantize_experts=False))
+    assert written.keys() == stacks.keys()
+    assert all(torch.equal(written[k], p.dequantize()) for k, p in stacks.items())
