@@ -3,8 +3,11 @@ bitsandbytes quantizes Linear layers only, so a 4-bit load leaves them in the co
 4-bit itself (fastload.load.nf4_experts), with the model's own quant type and double-quant choice, unless asked not
 to (quantize_experts=False).
 
-They are quantized after the load and after the store entry is staged: the store keeps the checkpoint's 16-bit
-experts, and every load quantizes them again (a few milliseconds per layer on a GPU).
+Each weight is quantized as transformers puts it into its experts module (a parameter-registration hook around
+from_pretrained), so the load never holds more than one 16-bit expert weight; a load that writes a store entry
+quantizes them after the entry is staged instead, so that the store keeps the checkpoint's 16-bit experts and every
+load quantizes the same values (a few milliseconds per layer on a GPU). Experts loaded any other way (fastload's
+direct load) are quantized right after the load.
 """
 
 from __future__ import annotations
@@ -50,7 +53,11 @@ def unquantized_expert_share(model) -> tuple[int, int]:
 
 def four_bit_settings(model) -> tuple[str, bool] | None:
     """(quant type, double quant) of a model loaded in bitsandbytes 4-bit, from its BitsAndBytesConfig; else None."""
-    config = getattr(model.config, "quantization_config", None)
+    return four_bit_settings_of(getattr(model.config, "quantization_config", None))
+
+
+def four_bit_settings_of(config) -> tuple[str, bool] | None:
+    """(quant type, double quant) of a BitsAndBytesConfig (or its dict) that loads 4-bit; else None."""
     if config is None:
         return None
     config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -84,13 +91,53 @@ def quantize_experts(model) -> int:
     return done
 
 
+def arrival_settings(plan, config) -> tuple[str, bool] | None:
+    """(quant type, double quant) to store a load's experts with as they are read, or None: not a 4-bit load,
+    quantize_experts=False, or a load that writes a store entry (the store keeps the checkpoint's 16-bit experts)."""
+    if not plan.quant.quantize_experts or (plan.store_key and not plan.prequantized):
+        return None
+    if plan.prequantized:
+        return four_bit_settings_of(getattr(config, "quantization_config", None))
+    q = plan.quant
+    return four_bit_settings_of({"load_in_4bit": q.load_in_4bit, "bnb_4bit_quant_type": q.bnb_4bit_quant_type,
+                                 "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant})
+
+
+@contextlib.contextmanager
+def quantized_on_arrival(settings: tuple[str, bool] | None):
+    """Within the block, each fused expert weight registered on an experts module (a module whose `num_experts`
+    counts the weight's first axis), as transformers' from_pretrained does once the weight is read, is stored as an
+    NF4ExpertStack with `settings` (quant type, double quant) instead; None: nothing changes."""
+    if settings is None:
+        yield
+        return
+
+    def hook(module, name, param):
+        if (param is None or is_stack(param) or param.ndim != 3 or not param.is_floating_point() or param.is_meta
+                or getattr(module, "num_experts", None) != param.shape[0]):
+            return None
+        with torch.no_grad():
+            stack = torch.nn.Parameter(quantize_stack(param.detach(), *settings), requires_grad=False)
+        # what the loader marks on the weight (transformers' _is_hf_initialized: not to be initialized again)
+        stack.__dict__.update({k: v for k, v in vars(param).items() if k != "_is_param"})
+        return stack
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def settle_experts(model, quantize: bool, dtype) -> None:
-    """At load: store the experts 4-bit when the model is 4-bit and `quantize` (the quantize_experts option) holds,
-    and say in one line what the experts are now."""
+    """At load: store the experts 4-bit when the model is 4-bit and `quantize` (the quantize_experts option) holds
+    (those quantized on arrival are already), and say in one line what the experts are now."""
     if not _model_slots(model):
         return
-    if quantize and quantize_experts(model):
-        stacks = _stacks(model)
+    if quantize:
+        quantize_experts(model)
+    stacks = _stacks(model)
+    if stacks:
         logger.info("the experts' fused 3-D weights (%s elements) are stored 4-bit too (%s, %.1f MiB); "
                     "quantize_experts=False keeps them in %s", f"{sum(p.numel() for p in stacks):,}",
                     stacks[0].form.quant_type, sum(p.packed_bytes() for p in stacks) / 2**20,

@@ -340,6 +340,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
 
 
 def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
+    from fastload.load.experts import arrival_settings, quantized_on_arrival
     from fastload.load.memory import check_fits
     from fastload.load.task import CAUSAL_LM, model_class
     from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
@@ -362,8 +363,10 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
         if info is not None:
             check_tokenizer_files(local)
         bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
+        experts_4bit = arrival_settings(plan, config)  # MoE experts quantized as they are read, or after the load
         check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
-                   other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length)
+                   other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length,
+                   experts_4bit=experts_4bit is not None)
         if info is not None and info.safetensors and not plan.prequantized:
             check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code),
@@ -389,7 +392,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
-        with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"):
+        with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"), \
+                quantized_on_arrival(experts_4bit):
             model, info = model_class(opts.task).from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if ("lm_head" not in k or not config.tie_word_embeddings)
                      and not new_head(k, opts.task))

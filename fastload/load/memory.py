@@ -261,11 +261,12 @@ def weights_floor_bytes(config, other_bytes: int) -> int | None:
 
 
 def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int,
-               max_seq_length: int | None = None) -> int:
+               max_seq_length: int | None = None, experts_4bit: bool = False) -> int:
     """Refuse, before reading weights, a load whose weights alone cannot fit the device, saying what would fit.
 
     Weights that fit but leave too little for LoRA training at max_seq_length (batch 1, checkpointing) only warn:
     the training estimate is an upper bound (see docs/loading.md), and the user may only want to generate.
+    experts_4bit: MoE experts are quantized as they are read (else they are all read 16-bit first).
     Returns the weights' estimate in bytes."""
     from fastload._log import logger
     from fastload.load.devices import free_memory_bytes
@@ -279,13 +280,12 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
                               fix="check config.json (hidden_size, num_hidden_layers, vocab_size), "
                                   "or use a smaller model")
     counts = count_params(config)
-    # MoE experts arrive 16-bit and are quantized after the load: the load's peak holds them so
-    need = weight_bytes(counts, bits, double_quant, other_bytes, experts_4bit=False)
+    need = weight_bytes(counts, bits, double_quant, other_bytes, experts_4bit)
     if need > free:
-        smaller = [(b, weight_bytes(counts, b, True, other_bytes, experts_4bit=False)) for b in (8, 4) if b < bits]
+        smaller = [(b, weight_bytes(counts, b, True, other_bytes, experts_4bit)) for b in (8, 4) if b < bits]
         fitting = [f"load_in_{b}bit=True needs {size / GIB:.2f} GiB" for b, size in smaller if size <= free]
         experts = (f" ({counts.experts * other_bytes / GIB:.2f} GiB of them MoE experts, which are read 16-bit and "
-                   "quantized after the load)" if counts.experts and bits < 16 else "")
+                   "quantized after the load)" if counts.experts and bits < 16 and not experts_4bit else "")
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
                               found=f"its weights need about {need / GIB:.2f} GiB{experts}, the {device} has "
                                     f"{free / GIB:.2f} GiB free",

@@ -459,7 +459,8 @@ def _quantize_into(merged: Path, out: Path, plan) -> None:
     from fastload.sources.resolve import resolve
 
     quant = plan.quant if plan is not None and plan.quant.load_in_4bit else QuantSettings()
-    options = {k: v for k, v in dataclasses.asdict(quant).items()}
+    # a bitsandbytes checkpoint holds no 4-bit experts: the merged 16-bit experts are written as they are
+    options = {**dataclasses.asdict(quant), "quantize_experts": False}
     qplan = resolve(str(merged), store=False, **options)
     logger.info("quantizing the merged model (%s)", quant.describe())
     # quantized in the merged weights' 16-bit dtype: the tensors that stay unquantized (embeddings, norms, lm_head) are

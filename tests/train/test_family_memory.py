@@ -75,10 +75,11 @@ def test_moe_estimate_matches_the_loaded_model(family, tmp_path):
     assert memory.lora_params(counts, model.peft_config["default"].r) == trainable
 
 
-def test_moe_that_would_not_fit_is_refused_before_loading(tmp_path, monkeypatch):
-    """A limit between the weights' size with 4-bit experts and their size as read (16/32-bit experts): refused, the
-    experts named; just above the size as read the same load goes through, and the loaded model holds its experts
-    4-bit."""
+def test_moe_that_fits_only_with_4bit_experts(tmp_path, monkeypatch):
+    """A limit between the weights' size with 4-bit experts and their size with 16/32-bit experts: a default load,
+    which quantizes each expert weight as it is read, goes through and holds them 4-bit; quantize_experts=False is
+    refused before loading, the experts named, and so is a load that writes a store entry (it reads them 16-bit
+    first, so that the store keeps them so)."""
     from fastload import FastModel
     from fastload.errors import NotEnoughMemory
     from fastload.load import memory
@@ -91,10 +92,10 @@ def test_moe_that_would_not_fit_is_refused_before_loading(tmp_path, monkeypatch)
     loaded = memory.weight_bytes(counts, 4, True, 4)
     assert loaded < real / 4
     monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", str(int(real * 0.9)))
-    with pytest.raises(NotEnoughMemory) as err:
-        FastModel.from_pretrained(str(path), dtype="float32", store=False)
-    assert "MoE experts, which are read 16-bit" in err.value.found
-    monkeypatch.setenv("FASTLOAD_MEMORY_LIMIT_BYTES", str(int(real * 1.1)))
+    for options in ({"store": False, "quantize_experts": False}, {}):
+        with pytest.raises(NotEnoughMemory) as err:
+            FastModel.from_pretrained(str(path), dtype="float32", **options)
+        assert "MoE experts, which are read 16-bit" in err.value.found
     model, _ = FastModel.from_pretrained(str(path), dtype="float32", store=False, lora=None)
     assert loaded_weight_bytes(model) == pytest.approx(loaded, rel=WEIGHTS_RTOL)
 
