@@ -10,6 +10,7 @@ merge into dequantized weights, as tests/train/test_families.py). The GPU test r
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -329,6 +330,35 @@ def test_gpu_bf16_4bit_experts_train_as_dequantized_bf16_in_less_memory(caplog):
     assert dense_start - start > 0.7 * experts_bf16
     assert peak <= dense_peak
     assert not [r for r in caplog.records if "one matmul per expert" in r.message]  # grouped_mm, not the loop
+
+
+@pytest.mark.gpu
+def test_gpu_load_peak_holds_one_16bit_expert_weight_not_all(tmp_path):
+    """Qwen3-MoE, 16 layers of 16 experts of width 512 on hidden 1024 (768 MiB of bf16 experts, 48 MiB a layer),
+    loaded on CUDA without the store: the experts are quantized as they are read, so the load's peak stays below the
+    same load with quantize_experts=False by at least 40% of the experts' bf16 bytes (the rest: their 4-bit form,
+    about a quarter, and one layer's weights in flight)."""
+    from family_shapes import family_config
+
+    from fastload import FastModel
+    from tiny import make_tokenizer
+
+    shape = dict(MID_QWEN3_MOE, num_hidden_layers=16, num_experts=16, num_experts_per_tok=4)
+    path = make_family_checkpoint(tmp_path / "mid", "qwen3_moe",
+                                  config={**family_config("qwen3_moe", make_tokenizer()).to_dict(), **shape})
+    peaks = {}
+    for quantize in (True, False):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model, _ = FastModel.from_pretrained(str(path), store=False, lora=None, quantize_experts=quantize)
+        peaks[quantize] = torch.cuda.max_memory_allocated() - start
+        assert all(is_stack(p) == quantize for p in expert_params(model)) and expert_params(model)
+        del model
+    experts_bf16 = 16 * 16 * 3 * 1024 * 512 * 2  # layers x experts x (gate, up, down) x hidden x width x bytes
+    print(f"load peak: 4-bit experts {peaks[True] / 2**20:.0f} MiB, bf16 experts {peaks[False] / 2**20:.0f} MiB")
+    assert peaks[False] - peaks[True] > 0.4 * experts_bf16
 
 
 @pytest.mark.gpu

@@ -114,3 +114,27 @@ def test_saving_a_model_with_4bit_experts_writes_their_dequantized_values(moe_ch
     written = experts(load(tmp_path / "out", quantize_experts=False))
     assert written.keys() == stacks.keys()
     assert all(torch.equal(written[k], p.dequantize()) for k, p in stacks.items())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_experts_are_quantized_as_transformers_reads_them(family, tmp_path):
+    """Around transformers' own from_pretrained, each fused expert weight becomes a stack as it is registered (so
+    the load never holds all of them 16-bit), with the bytes quantizing the loaded weight gives, not re-initialized
+    afterwards; nothing else changes."""
+    from transformers import AutoModelForCausalLM
+
+    from fastload.load.experts import quantized_on_arrival
+    from fastload.load.nf4_experts import quantize_stack
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with quantized_on_arrival(("nf4", True)):
+        four = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    stacks, weights = experts(four), experts(dense)
+    assert stacks.keys() == weights.keys() and stacks and all(is_stack(p) for p in stacks.values())
+    for name, p in stacks.items():
+        assert torch.equal(p.packed, quantize_stack(weights[name]).packed), name
+    others = {n: p for n, p in four.named_parameters() if n not in stacks}
+    assert all(torch.equal(p, dict(dense.named_parameters())[n]) for n, p in others.items())
+    after = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # the hook is gone
+    assert not any(is_stack(p) for p in after.parameters())
