@@ -100,8 +100,8 @@ def _active_intermediate(tc, moe: bool) -> int:
 def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, other_bytes: int = 2,
                  experts_4bit: bool = True) -> int:
     """Bytes of the loaded weights: quantized projections plus 16-bit (or fp32 on CPU) everything else. MoE experts
-    count 4-bit in a 4-bit load when experts_4bit (fastload quantizes them after the load), else 16-bit (8-bit loads,
-    quantize_experts=False, and the load itself, which reads them 16-bit first)."""
+    count 4-bit in a 4-bit load when experts_4bit (fastload quantizes them), else 16-bit (8-bit loads,
+    quantize_experts=False, and a load that writes a store entry, which reads them all 16-bit first)."""
     experts_quantized = bits == 4 and experts_4bit
     if bits == 4:
         four_bit = counts.projections + (counts.experts if experts_quantized else 0)
@@ -158,7 +158,7 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [("weights 16-bit", self.weights_16bit), ("weights 8-bit (LLM.int8)", self.weights_8bit),
                 ("weights 4-bit NF4 + double quant", self.weights_4bit), ("weights 4-bit NF4", self.weights_4bit_no_dq),
-                *([("  of which MoE experts (4-bit; 16-bit while loading)",
+                *([("  of which MoE experts (4-bit)",
                     weight_bytes(replace(self.counts, projections=0, other=0), 4))] if self.counts.experts else []),
                 ("LoRA weights + grads (fp32)", 2 * self.lora), ("8-bit AdamW state", self.optimizer_8bit),
                 (f"activations {self.seq}x{self.batch}, checkpointing", self.activations),
