@@ -1,7 +1,7 @@
-"""Memory estimates of mixture-of-experts models: bitsandbytes quantizes Linear layers only, so the fused 3-D expert
-weights are read 16-bit (32-bit on a CPU without bf16) and fastload quantizes them to 4-bit after the load. The
-estimate (fastload.load.memory) must count them 16-bit for the load's peak, or `check_fits` lets through a load that
-runs out of memory, and 4-bit for the loaded model.
+"""Memory estimates of mixture-of-experts models: bitsandbytes quantizes Linear layers only, so fastload quantizes
+the fused 3-D expert weights to 4-bit itself, each as it is read, except in a load that writes a store entry, which
+reads them all 16-bit (32-bit on a CPU without bf16) first. The estimate (fastload.load.memory) must count them so,
+or `check_fits` lets through a load that runs out of memory (or refuses one that fits).
 
 Tolerances: the loaded weights' bytes within 1% of the estimate (the estimate ignores the few bytes of each 4-bit
 layer's quantization constants beyond absmax); the default LoRA's parameters exactly.
