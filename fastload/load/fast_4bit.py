@@ -93,7 +93,9 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
         raise NotCovered(f"transformers cannot build the model: {type(e).__name__}") from e
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
-    with default_dtype(dtype):  # from_pretrained swaps the layers inside its dtype context: their biases take it
+    # from_pretrained swaps the layers inside its dtype context (their biases take it); the new layers' weights are
+    # on meta and read afterwards: their init draws are skipped too
+    with default_dtype(dtype), skipped_init():
         hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
                                       use_kernels=False)
     return model, hf_quantizer
