@@ -94,8 +94,9 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
 def levers_on(base) -> list[str]:
     """The levers on in this model now, in LEVERS' order (kernels by name): what its modules were patched with,
     and the levers of the checkpoint function the engine registered."""
-    patched = {lever for module in base.modules() for lever in state_of(base).levers_of(module)}
-    registered = state_of(base).checkpoint_function
+    state = state_of(base)
+    patched = {lever for module in base.modules() for lever in state.levers_of(module)}
+    registered = state.checkpoint_function
     on = patched | set(registered.levers if registered is not None else ())
     order = ("fused_lora", "expert_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", RMSNORM, SWIGLU, ROPE)
     return [lever for lever in order if lever in on]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from fastload.engine.triton.nf4 import dequantize_4bit, dequantize_4bit_lora, lora_supported, supported
-from fastload.model_state import is_patched, mark_patched
+from fastload.model_state import mark_patched, state_of
 from fastload.structure import is_linear4bit, is_plain_linear
 
 LEVER = "fused_lora"
@@ -135,8 +135,9 @@ def _fusable(module) -> bool:
     """A peft LoRA projection on a bitsandbytes 4-bit or plain linear layer (what its adapters do is checked per
     call: adapters can be added or switched after installation)."""
 
-    base = getattr(module, "base_layer", None)
-    if base is None or not hasattr(module, "lora_A"):
+    children = module._modules  # a dict lookup: getattr's miss raises and catches an AttributeError per module
+    base = children.get("base_layer")
+    if base is None or "lora_A" not in children:
         return False
     return is_linear4bit(base) or is_plain_linear(base)
 
@@ -226,18 +227,31 @@ def _install_group(model, members) -> None:
 
 def install_fused_lora(model) -> int:
     """Give each fusable LoRA projection of this instance the fused forward, grouped where siblings share an
-    input; returns how many projections."""
-    done = {id(m) for m in model.modules() if is_patched(model, m, LEVER)}  # installed once only
-    already = len(done)
-    for parent in model.modules():  # a cross-attention's q reads another input than its k/v: never grouped
+    input; returns how many projections.
+
+    One walk over the model finds the projections and their parents: asking every module for each sibling's name
+    costs an AttributeError per miss (~0.1 s for an 8B's 2,700 modules)."""
+    state = state_of(model, create=False)
+    parents, children = {}, {}  # module name -> module; a parent's id -> {leaf name: fusable child not yet patched}
+    fusable = []
+    for name, module in model.named_modules():
+        parents[name] = module
+        if LEVER in state.levers_of(module) or not _fusable(module):
+            continue  # installed once only
+        parent_name, _, leaf = name.rpartition(".")
+        children.setdefault(id(parents[parent_name]), {})[leaf] = module
+        fusable.append(module)
+    grouped = set()
+    for parent in parents.values():
+        mine = children.get(id(parent), {})
+        if not mine or "Cross" in type(parent).__name__:  # a cross-attention's q reads another input than its k/v
+            continue
         for names in GROUPS:
-            members = [getattr(parent, n, None) for n in names]
-            if (all(m is not None and _fusable(m) and id(m) not in done for m in members)
-                    and len({m.in_features for m in members}) == 1 and "Cross" not in type(parent).__name__):
+            members = [mine.get(n) for n in names]
+            if all(m is not None for m in members) and len({m.in_features for m in members}) == 1:
                 _install_group(model, members)
-                done.update(id(m) for m in members)
-    for module in model.modules():
-        if id(module) not in done and _fusable(module):
+                grouped.update(id(m) for m in members)
+    for module in fusable:
+        if id(module) not in grouped:
             _install_single(model, module)
-            done.add(id(module))
-    return len(done) - already
+    return len(fusable)

@@ -14,7 +14,7 @@ from fastload.engine.rotary import LEVER as ROPE
 from fastload.engine.rotary import install_rotary_attention
 from fastload.engine.triton.launch import triton_available, triton_runs_on
 from fastload.engine.triton.layers import rms_norm, swiglu
-from fastload.model_state import is_patched, mark_patched
+from fastload.model_state import is_patched, mark_patched, state_of
 from fastload.structure import class_named
 
 RMSNORM, SWIGLU = "triton_rmsnorm", "triton_swiglu"  # the engine report's names
@@ -74,4 +74,5 @@ def _rope(model) -> bool:
 
 def _any_patched(model, lever: str) -> bool:
     """Whether the lever is on somewhere in this model (patched now or by an earlier call: installs are once)."""
-    return any(is_patched(model, module, lever) for module in model.modules())
+    state = state_of(model, create=False)  # once, not per module: each lookup goes through peft's wrapper
+    return any(lever in state.levers_of(module) for module in model.modules())

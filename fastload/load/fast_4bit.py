@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastload._log import logger
+from fastload.load.memory import skipped_init
 from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
 from fastload.model_state import state_of
@@ -84,24 +85,20 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
         raise NotCovered(f"transformers' quantizer API differs ({e})") from e
     if hf_quantizer is None or type(hf_quantizer).__name__ != "Bnb4BitHfQuantizer":
         raise NotCovered("the checkpoint is not bitsandbytes 4-bit")
-    with init_empty_weights(include_buffers=False), skipped_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False), skipped_init():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (RuntimeError, ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError,
+            AssertionError) as e:  # the load's meta model builds it again and says what is wrong
+        raise NotCovered(f"transformers cannot build the model: {type(e).__name__}") from e
     if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
         raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
-    with default_dtype(dtype):  # from_pretrained swaps the layers inside its dtype context: their biases take it
+    # from_pretrained swaps the layers inside its dtype context (their biases take it); the new layers' weights are
+    # on meta and read afterwards: their init draws are skipped too
+    with default_dtype(dtype), skipped_init():
         hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
                                       use_kernels=False)
     return model, hf_quantizer
-
-
-def skipped_init():
-    """transformers' switch for skipping random initialization: every weight is read afterwards, and drawing
-    random numbers into meta tensors still costs seconds (torch's reference kernels run per tensor)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        return contextlib.nullcontext()
-    return no_init_weights()
 
 
 @contextlib.contextmanager
@@ -302,8 +299,47 @@ def finish(model, hf_quantizer, device, location: str) -> None:
             pass  # from_pretrained keeps the config-derived one as well when the file cannot be read
 
 
-def load_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config, before_reading=None):
-    """The model as from_pretrained would return it, or None (reason logged) when the direct load does not cover it.
+class DirectLoad:
+    """A direct load between its two halves: the skeleton built and the checkpoint's names matched to it (the load's
+    checks count and compare shapes against this skeleton: no second model of the config is built), then `read`."""
+
+    def __init__(self, plan, model, hf_quantizer, where, spans, wanted, dtype, device, built_in: float):
+        self.plan, self.model, self.hf_quantizer, self.dtype, self.device = plan, model, hf_quantizer, dtype, device
+        self.where, self.spans, self.wanted, self.built_in = where, spans, wanted, built_in
+
+    def read(self, before_reading=None):
+        """Fill the skeleton from the checkpoint; returns the model as from_pretrained would, or None (reason
+        logged) when it cannot be finished.
+
+        Args:
+            before_reading: called once, just before the weights are read (or None).
+        """
+        plan, model, device = self.plan, self.model, self.device
+        if before_reading is not None:
+            before_reading()
+        started = time.perf_counter()
+        fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized)
+        if device.type == "cuda":
+            with phase("device_sync"):
+                torch.cuda.synchronize(device)
+        filled = time.perf_counter()
+        try:
+            with phase("finish"):
+                finish(model, self.hf_quantizer, device, plan.location)
+        except NotCovered as e:
+            logger.info("direct 4-bit load not used (%s): loading through transformers", e)
+            return None
+        state_of(model).direct_load = True
+        logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
+                    self.built_in, len(self.where), "placed" if plan.prequantized else "quantized",
+                    filled - started, time.perf_counter() - filled)
+        return model
+
+
+def prepare_direct(plan, opts, config, dtype, device_map, weight_files, quantization_config) -> DirectLoad | None:
+    """The first half of the direct load (skeleton, names matched), or None (reason logged) when it does not cover
+    the plan. A config transformers fails to build also gives None: the caller's own checks then build it and say
+    what is wrong exactly as they would without the direct load.
 
     Args:
         plan: the LoadPlan (a local directory or store entry: plan.location holds the files).
@@ -313,13 +349,11 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
         device_map: the resolved device map (one device).
         weight_files: the checkpoint's safetensors files.
         quantization_config: the BitsAndBytesConfig to quantize with, or None for a pre-quantized checkpoint.
-        before_reading: called once the modules are built, before the weights are read (or None).
 
     Returns:
-        The model, or None.
+        A DirectLoad whose `read()` gives the model, or None.
     """
     reason = why_not_covered(plan, opts, device_map, weight_files)
-    device = device_of(device_map) if reason is None else None
     try:
         if reason is None:
             started = time.perf_counter()
@@ -329,21 +363,8 @@ def load_direct(plan, opts, config, dtype, device_map, weight_files, quantizatio
             with phase("checkpoint_checks"):
                 where, spans = read_headers(weight_files)
                 wanted = plan_tensors(model, where, plan.prequantized)
-            built = time.perf_counter()
-            if before_reading is not None:
-                before_reading()
-            fill(model, wanted, where, spans, dtype, device, plan.prequantized)
-            if device.type == "cuda":
-                with phase("device_sync"):
-                    torch.cuda.synchronize(device)
-            filled = time.perf_counter()
-            with phase("finish"):
-                finish(model, hf_quantizer, device, plan.location)
-            state_of(model).direct_load = True
-            logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
-                        built - started, len(where), "placed" if plan.prequantized else "quantized",
-                        filled - built, time.perf_counter() - filled)
-            return model
+            return DirectLoad(plan, model, hf_quantizer, where, spans, wanted, dtype, device_of(device_map),
+                              time.perf_counter() - started)
     except NotCovered as e:
         reason = str(e)
     logger.info("direct 4-bit load not used (%s): loading through transformers", reason)

@@ -283,22 +283,19 @@ def extra_layer_keys(model, unexpected) -> list[str]:
     return sorted(k for k in unexpected if template(k) in own)
 
 
-def check_weight_shapes(plan: LoadPlan, config, weight_files) -> None:
+def check_weight_shapes(plan: LoadPlan, model, weight_files) -> None:
     """Refuse saved tensors whose shapes differ from the model config.json builds, before any weight is read.
 
     transformers checks shapes only for 16-bit loads: with bitsandbytes it quantizes a 512-row weight into a layer
-    declared 1024 rows wide without a word. Tensors under other names (checkpoint key conversions) are left to
-    transformers; a meta-device model costs no memory.
+    declared 1024 rows wide without a word. `model` is a build of config.json whose weights are not read yet (a meta
+    model, or the direct load's skeleton: its 4-bit layers still declare the 16-bit shapes). Tensors under other
+    names (checkpoint key conversions) are left to transformers.
     """
-    from transformers import AutoModelForCausalLM
-
     from fastload.sources.checkpoint_files import read_safetensors_header
 
     saved = {name: meta["shape"] for f in weight_files for name, meta in read_safetensors_header(f).items()
              if name != "__metadata__"}
-    with translated_errors(plan), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    wanted = {name: list(t.shape) for name, t in model.state_dict().items()}
+    wanted = {name: list(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     wrong = sorted(f"{name}: saved {saved[name]}, config.json builds {wanted[name]}"
                    for name in saved.keys() & wanted.keys() if saved[name] != wanted[name])
     if wrong:
@@ -318,16 +315,20 @@ def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
     return None
 
 
-def direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config,
-                before_reading=None):
-    """fastload's direct 4-bit load (fastload.load.fast_4bit) when it covers the plan, else None."""
+def prepare_direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device_map, info, quantization_config):
+    """fastload's direct 4-bit load (fastload.load.fast_4bit), its skeleton built, when it covers the plan, else
+    None."""
+    from fastload.load.task import CAUSAL_LM
+
+    if opts.task != CAUSAL_LM:
+        logger.info("task %s: transformers' loader (fastload's direct 4-bit load builds causal LMs only)", opts.task)
+        return None
     if info is None or not info.safetensors or not (plan.prequantized or plan.quant.quantized):
         return None
-    from fastload.load.fast_4bit import load_direct
+    from fastload.load.fast_4bit import prepare_direct
 
     with translated_errors(plan):
-        return load_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config,
-                           before_reading)
+        return prepare_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config)
 
 
 def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
@@ -341,7 +342,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
 
 def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     from fastload.load.experts import arrival_settings, quantized_on_arrival
-    from fastload.load.memory import check_fits
+    from fastload.load.memory import check_fits, check_weights_floor, meta_model
     from fastload.load.task import CAUSAL_LM, model_class
     from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
 
@@ -357,18 +358,15 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     with phase("attention_choice"):  # imports the architecture's modeling module the first time
         attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
+    bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
+    other_bytes = torch.tensor([], dtype=dtype).element_size()
     with phase("checkpoint_checks"):
         local = local_files_of(plan, opts)
         info = inspect_checkpoint(local, allow_pickle=opts.allow_pickle) if local is not None else None
         if info is not None:
             check_tokenizer_files(local)
-        bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
+        check_weights_floor(plan.name, config, bits, device, other_bytes)  # before any model of absurd sizes is built
         experts_4bit = arrival_settings(plan, config)  # MoE experts quantized as they are read, or after the load
-        check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device,
-                   other_bytes=torch.tensor([], dtype=dtype).element_size(), max_seq_length=max_seq_length,
-                   experts_4bit=experts_4bit is not None)
-        if info is not None and info.safetensors and not plan.prequantized:
-            check_weight_shapes(plan, config, info.weight_files)  # after check_fits: no meta model of absurd sizes
     kw = dict(hub_kwargs(plan, cache_dir=opts.cache_dir, token=opts.token, trust_remote_code=opts.trust_remote_code),
               dtype=dtype, device_map=device_map, output_loading_info=True,
               attn_implementation=attention, **opts.model_kwargs)
@@ -384,11 +382,21 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
     if opts.task != CAUSAL_LM:
         kw["num_labels"] = opts.num_labels
-        logger.info("task %s: transformers' loader (fastload's direct 4-bit load builds causal LMs only)", opts.task)
-        model = None
-    else:
-        model = direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
-                            kw.get("quantization_config"), before_reading)
+    direct = prepare_direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map, info,
+                                 kw.get("quantization_config"))
+    with phase("module_construction"):  # one build of the config per load: the direct load's skeleton if it has one
+        structure = direct.model if direct is not None else meta_model(config)
+    with phase("checkpoint_checks"):
+        check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device, other_bytes=other_bytes,
+                   max_seq_length=max_seq_length, model=structure, experts_4bit=experts_4bit is not None)
+        if info is not None and info.safetensors and not plan.prequantized:
+            check_weight_shapes(plan, structure, info.weight_files)
+    del structure  # a direct load that cannot finish must not hold its weights while transformers reads them again
+    model = None
+    if direct is not None:
+        with translated_errors(plan):
+            model = direct.read(before_reading)
+        del direct
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:

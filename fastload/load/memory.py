@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 from fastload.errors import CheckpointCorrupt, FastloadError, NotEnoughMemory, UnsupportedArchitecture
@@ -29,27 +30,50 @@ class ParamCounts:
         return self.projections + self.experts + self.other
 
 
-def count_params(config) -> ParamCounts:
-    """Instantiate the model on the meta device (no memory) and count parameters by kind."""
+def config_of_dict(cfg: dict):
+    """The transformers config of a config.json's dict (its quantization left out)."""
+    from transformers import AutoConfig
+
+    cfg = dict(cfg)
+    cfg.pop("quantization_config", None)
+    try:
+        return AutoConfig.for_model(**cfg)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedArchitecture(f"Reading a config of model_type {cfg.get('model_type')!r}",
+                                      found=f"transformers does not know it ({e})",
+                                      fix="upgrade transformers, "
+                                          "or pass trust_remote_code=True if you trust the repo") from e
+
+
+def meta_model(config):
+    """The causal LM a config describes, on the meta device: no memory, no random initialization.
+
+    Raises:
+        CheckpointCorrupt: transformers cannot build a model of this config.
+    """
     # torch here, not at the top: an estimate from a registry parameter count (`fastload estimate`) stays light
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from fastload.structure import decoder_layers
+    with building_errors(config), torch.device("meta"), skipped_init():
+        return AutoModelForCausalLM.from_config(config)
 
-    if isinstance(config, dict):
-        cfg = dict(config)
-        cfg.pop("quantization_config", None)
-        try:
-            config = AutoConfig.for_model(**cfg)
-        except (ValueError, KeyError) as e:
-            raise UnsupportedArchitecture(f"Reading a config of model_type {cfg.get('model_type')!r}",
-                                          found=f"transformers does not know it ({e})",
-                                          fix="upgrade transformers, "
-                                              "or pass trust_remote_code=True if you trust the repo") from e
+
+def skipped_init():
+    """transformers' switch for skipping random initialization (weights on the meta device need none, and drawing
+    into them still runs torch's reference kernels per tensor); a no-op where transformers has none."""
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
+@contextlib.contextmanager
+def building_errors(config):
+    """Turn what transformers raises for a config it cannot build into CheckpointCorrupt."""
+    try:
+        yield
     except FastloadError:
         raise
     # AssertionError: torch's own argument checks (an out-of-vocabulary pad_token_id fails nn.Embedding's)
@@ -59,9 +83,21 @@ def count_params(config) -> ParamCounts:
                                 "describes", found=f"transformers cannot build it: {type(e).__name__}: "
                                 f"{(str(e).splitlines() or [''])[0][:300]}",
                                 fix="restore config.json from the original checkpoint") from e
+
+
+def count_params(config, model=None) -> ParamCounts:
+    """Count parameters by kind in `model` (any build of the config: meta, a load's skeleton), or in the model the
+    config describes, instantiated on the meta device (no memory)."""
+    from fastload.structure import decoder_layers
+
+    if isinstance(config, dict):
+        config = config_of_dict(config)
+    if model is None:
+        model = meta_model(config)
     layers = list(decoder_layers(model) or [])
     proj, experts, lora_width = _layer_counts(layers, config)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied weights once
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())  # once, tied yet (meta model) or not (skeleton)
+    total = sum(p.numel() for name, p in model.named_parameters() if name not in tied)
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = tc.hidden_size
     heads = tc.num_attention_heads
@@ -260,26 +296,36 @@ def weights_floor_bytes(config, other_bytes: int) -> int | None:
     return vocab * hidden * other_bytes + layers * hidden // 2
 
 
-def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int,
-               max_seq_length: int | None = None, experts_4bit: bool = False) -> int:
-    """Refuse, before reading weights, a load whose weights alone cannot fit the device, saying what would fit.
-
-    Weights that fit but leave too little for LoRA training at max_seq_length (batch 1, checkpointing) only warn:
-    the training estimate is an upper bound (see docs/loading.md), and the user may only want to generate.
-    experts_4bit: MoE experts are quantized as they are read (else they are all read 16-bit first).
-    Returns the weights' estimate in bytes."""
-    from fastload._log import logger
+def check_weights_floor(name: str, config, bits: int, device: str, other_bytes: int) -> None:
+    """Refuse a config whose weights cannot fit the device whatever its layers hold, before any model of it (even on
+    the meta device) is built: absurd sizes would fail in transformers first, with a less useful error."""
     from fastload.load.devices import free_memory_bytes
 
     free = free_memory_bytes(device)
     floor = weights_floor_bytes(config, other_bytes)
-    if floor is not None and floor > free:  # absurd sizes: refuse before building even a meta model of them
+    if floor is not None and floor > free:
         raise NotEnoughMemory(f"Loading {name} in {bits}-bit on the {device}",
                               found=f"its config describes weights of at least {floor / GIB:.1f} GiB, the {device} "
                                     f"has {free / GIB:.1f} GiB free",
                               fix="check config.json (hidden_size, num_hidden_layers, vocab_size), "
                                   "or use a smaller model")
-    counts = count_params(config)
+
+
+def check_fits(name: str, config, bits: int, double_quant: bool, device: str, other_bytes: int,
+               max_seq_length: int | None = None, model=None, experts_4bit: bool = False) -> int:
+    """Refuse, before reading weights, a load whose weights alone cannot fit the device, saying what would fit.
+
+    Weights that fit but leave too little for LoRA training at max_seq_length (batch 1, checkpointing) only warn:
+    the training estimate is an upper bound (see docs/loading.md), and the user may only want to generate.
+    `model`: a build of the config to count (the load's own skeleton), else a meta model is built once the floor
+    check passed. experts_4bit: MoE experts are quantized as they are read (else they are all read 16-bit first).
+    Returns the weights' estimate in bytes."""
+    from fastload._log import logger
+    from fastload.load.devices import free_memory_bytes
+
+    check_weights_floor(name, config, bits, device, other_bytes)
+    free = free_memory_bytes(device)
+    counts = count_params(config, model)
     need = weight_bytes(counts, bits, double_quant, other_bytes, experts_4bit)
     if need > free:
         smaller = [(b, weight_bytes(counts, b, True, other_bytes, experts_4bit)) for b in (8, 4) if b < bits]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import replace
@@ -138,6 +139,7 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     from peft import LoraConfig, get_peft_model
 
     from fastload._log import quiet_foreign_deprecations
+    from fastload.load.memory import skipped_init
 
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
     experts, experts_note = ([], "") if settings.target_modules or "target_parameters" in settings.extra else (
@@ -160,7 +162,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     if random_state is not None:
         torch.manual_seed(random_state)
     fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too
-    with quiet_foreign_deprecations():
+    # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
+    with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
     if fill_here:
         _fill_like_peft(peft_model)
@@ -191,13 +194,18 @@ def _fill_like_peft(peft_model) -> None:
     the base layer's device (~1 s for an 8B model's 224 layers); here only the kept A is copied, B is zeroed there."""
     gen = torch.Generator()
     gen.set_state(torch.get_rng_state())
+    scratch = torch.empty(0)
     for module in peft_model.modules():
-        adapters = getattr(module, "lora_A", None)
+        adapters = module._modules.get("lora_A")  # a dict lookup: getattr's miss raises inside nn.Module per module
         if not isinstance(adapters, torch.nn.ModuleDict) or "default" not in adapters:
             continue
         lora_a, lora_b = adapters["default"], module.lora_B["default"]
-        for thrown_away in (lora_a.weight, lora_b.weight):  # nn.Linear's own init, which peft overwrites
-            torch.nn.init.kaiming_uniform_(torch.empty(thrown_away.shape), a=math.sqrt(5), generator=gen)
+        # nn.Linear's own init of A and B, which peft overwrites: only the generator's advance matters, one draw per
+        # element (tests/train/test_lora_identity.py), so both are drawn into one reused buffer
+        thrown_away = lora_a.weight.numel() + lora_b.weight.numel()
+        if scratch.numel() < thrown_away:
+            scratch = torch.empty(thrown_away)
+        scratch[:thrown_away].uniform_(generator=gen)
         kept = torch.nn.init.kaiming_uniform_(torch.empty(lora_a.weight.shape), a=math.sqrt(5), generator=gen)
         device, trains = module.get_base_layer().weight.device, lora_a.weight.requires_grad
         lora_a.weight = torch.nn.Parameter(kept.to(device), requires_grad=trains)
