@@ -355,8 +355,9 @@ def test_gpu_load_peak_holds_one_16bit_expert_weight_not_all(tmp_path):
         model, _ = FastModel.from_pretrained(str(path), store=False, lora=None, quantize_experts=quantize)
         peaks[quantize] = torch.cuda.max_memory_allocated() - start
         assert all(is_stack(p) == quantize for p in expert_params(model)) and expert_params(model)
+        if not quantize:  # counted, not computed from the shape: transformers versions name the expert count apart
+            experts_bf16 = sum(p.numel() * p.element_size() for p in expert_params(model))
         del model
-    experts_bf16 = 16 * 16 * 3 * 1024 * 512 * 2  # layers x experts x (gate, up, down) x hidden x width x bytes
     print(f"load peak: 4-bit experts {peaks[True] / 2**20:.0f} MiB, bf16 experts {peaks[False] / 2**20:.0f} MiB")
     assert peaks[False] - peaks[True] > 0.4 * experts_bf16
 
