@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from autograd_checks import loss_and_grads, relative, saved_for_backward_bytes
 
 from fastload.engine.expert_lora import install_expert_lora
 from fastload.load.experts import expert_slots
@@ -85,18 +86,6 @@ def tokens(length: int = 24, device="cpu"):
     return torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length)).to(device)
 
 
-def loss_and_grads(model, ids):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def relative(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
 def assert_same_training(ours, reference, ids, grad_rtol=1e-5):
     our_loss, our_grads = loss_and_grads(ours, ids)
     ref_loss, ref_grads = loss_and_grads(reference, ids)
@@ -150,23 +139,6 @@ def test_disabled_adapters_read_the_4bit_base_as_the_dequantized_one():
         with four.disable_adapter(), dense.disable_adapter():
             torch.testing.assert_close(four(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(four(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=0)
-
-
-def saved_for_backward_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward during one forward, parameters (and 4-bit stacks) not counted."""
-    params = {(p.packed if is_stack(p) else p).untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        if not is_stack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
-    return sum(kept.values())
 
 
 def test_backward_keeps_no_dequantized_stack():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from autograd_checks import loss_and_grads, relative, saved_for_backward_bytes
 
 from fastload.engine.expert_lora import LEVER, _grouped, _looped, grouped_mm_runs, install_expert_lora
 from tiny import nonzero_lora_b
@@ -57,18 +58,6 @@ def with_lever(model):
 
 def tokens(length: int = 24):
     return torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-
-
-def loss_and_grads(model, ids):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def relative(a, b) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def experts_modules(model) -> list:
@@ -192,23 +181,6 @@ def test_several_active_adapters_go_to_peft():
     ids = tokens()
     with torch.no_grad():
         assert torch.allclose(ours(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
-
-
-def saved_for_backward_bytes(model, ids) -> int:
-    """Bytes of the tensors autograd keeps for backward during one forward, parameters not counted (each storage
-    once): the memory a step holds between forward and backward, measurable on the CPU."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
-    return sum(kept.values())
 
 
 def test_backward_keeps_no_weight_sized_tensor():
