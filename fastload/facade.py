@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -169,20 +170,21 @@ class FastModel:
             distributed.finish_store_writes()
             return plan, impl, *loaded
 
-        with recording() as phases, collect_new_objects_only():  # phases: model.fastload.load_phases
-            plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
-            if fsdp:
-                from fastload.train.fsdp import prepare_for_fsdp
+        try:
+            with recording() as phases, collect_new_objects_only():  # phases: model.fastload.load_phases
+                plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
+                if fsdp:
+                    from fastload.train.fsdp import prepare_for_fsdp
 
-                prepare_for_fsdp(model, bool(gradient_checkpointing))
-            if impl.name == "native":
-                from fastload.engine import EngineSettings, apply_engine
+                    prepare_for_fsdp(model, bool(gradient_checkpointing))
+                if impl.name == "native":
+                    from fastload.engine import EngineSettings, apply_engine
 
-                with phase("engine"):
-                    apply_engine(model, EngineSettings.from_user(engine), bool(gradient_checkpointing) and not fsdp)
-        from fastload.load.background_store import release_store_writes
-
-        release_store_writes()  # the store entry's writer waited for the model to be ready to train
+                    with phase("engine"):
+                        apply_engine(model, EngineSettings.from_user(engine),
+                                     bool(gradient_checkpointing) and not fsdp)
+        finally:
+            _release_store_writes()
         state_of(model).load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         state = state_of(model)
@@ -496,6 +498,14 @@ def _saved_task(model_name, task: str | None, num_labels: int | None) -> tuple[s
                             "task and num_labels unset")
     logger.info("adapter %s is a sequence classifier (%d labels): loading it as one", folder, saved)
     return SEQUENCE_CLASSIFICATION, saved
+
+
+def _release_store_writes() -> None:
+    """Let a store write this load staged start: the model is ready to train, or the load failed after staging it.
+    The module is in sys.modules only if a write was staged; importing it (and torch) on an early error is not."""
+    store_writes = sys.modules.get("fastload.load.background_store")
+    if store_writes is not None:
+        store_writes.release_store_writes()
 
 
 def _device_of(model) -> str:
