@@ -4,10 +4,12 @@ bitsandbytes quantizes Linear layers only, so a 4-bit load leaves them in the co
 to (quantize_experts=False).
 
 Each weight is quantized as transformers puts it into its experts module (a parameter-registration hook around
-from_pretrained), so the load never holds more than one 16-bit expert weight; a load that writes a store entry
-quantizes them after the entry is staged instead, so that the store keeps the checkpoint's 16-bit experts and every
-load quantizes the same values (a few milliseconds per layer on a GPU). Experts loaded any other way (fastload's
-direct load) are quantized right after the load.
+from_pretrained), so the load never holds more than one 16-bit expert weight (verified on transformers 5.24; on 5.17
+the load still peaks with them all 16-bit); a load that writes a store entry quantizes them after the entry is staged
+instead, so that the store keeps the checkpoint's 16-bit experts and every load quantizes the same values (a few
+milliseconds per layer on a GPU). A background store write holds the staged 16-bit experts until it has written
+them: during the first steps after such a load, they sit beside the 4-bit stacks. Experts loaded any other way
+(fastload's direct load) are quantized right after the load.
 """
 
 from __future__ import annotations
@@ -99,8 +101,7 @@ def arrival_settings(plan, config) -> tuple[str, bool] | None:
     if plan.prequantized:
         return four_bit_settings_of(getattr(config, "quantization_config", None))
     q = plan.quant
-    return four_bit_settings_of({"load_in_4bit": q.load_in_4bit, "bnb_4bit_quant_type": q.bnb_4bit_quant_type,
-                                 "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant})
+    return (q.bnb_4bit_quant_type, bool(q.bnb_4bit_use_double_quant)) if q.load_in_4bit else None
 
 
 @contextlib.contextmanager
@@ -168,13 +169,13 @@ def experts_in_16bit(model, device=None):
     """Within the block, every 4-bit expert stack is a plain parameter of its dequantized values (on `device`, default
     its own), for writers that need real tensors (transformers' save_pretrained); 4-bit again after."""
     swapped = []
-    for module, name in _model_slots(model):
-        weight = module._parameters[name]
-        if is_stack(weight):
-            dense = weight.dequantize().to(device or weight.device)
-            module._parameters[name] = torch.nn.Parameter(dense, requires_grad=False)
-            swapped.append((module, name, weight))
-    try:
+    try:  # a failure part-way (out of memory) puts back the stacks already swapped
+        for module, name in _model_slots(model):
+            weight = module._parameters[name]
+            if is_stack(weight):
+                dense = weight.dequantize().to(device or weight.device)
+                module._parameters[name] = torch.nn.Parameter(dense, requires_grad=False)
+                swapped.append((module, name, weight))
         yield len(swapped)
     finally:
         for module, name, weight in swapped:

@@ -24,7 +24,6 @@ from torch.utils._pytree import tree_map_only
 
 aten = torch.ops.aten
 BLOCKSIZE = 64  # bitsandbytes' Linear4bit default: BitsAndBytesConfig has no field for it
-NESTED = ("nested_absmax", "nested_code", "offset")  # the statistics double quantization adds
 
 
 @dataclass(frozen=True)
@@ -287,8 +286,3 @@ def quantize_stack(weight: torch.Tensor, quant_type: str = "nf4", double_quant: 
 
 def is_stack(t) -> bool:
     return isinstance(t, NF4ExpertStack)
-
-
-def dense_value(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor of `t`'s values: a stack dequantized, anything else as it is."""
-    return t.dequantize() if isinstance(t, NF4ExpertStack) else t
