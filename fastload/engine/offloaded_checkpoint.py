@@ -13,8 +13,9 @@ non-reentrant checkpointing (without); dropout always falls back to it (recomput
 Every GPU buffer belongs to the compute stream; the side stream only copies, ordered by events, and no buffer is
 `record_stream`ed. A recorded buffer returns to the allocator only once the host sees its event complete, and the
 host runs layers ahead of the GPU: at 32k tokens on 8B, such buffers held 3.5 GiB and the side stream's own pool
-2.3 GiB of the 18.6 GiB reserved (benchmarks/memory_probe.py). A copied layer input is kept instead until the
-compute stream has waited for its copy, one layer later, when the copy is long done.
+2.3 GiB of the 18.6 GiB reserved (benchmarks/memory_probe.py). Instead, once a layer's work is queued, the compute
+stream waits for the copy of its input (which ran beside that work) before anything later, so the input's memory is
+reused only after the copy read it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ class _Slot:
             self.ready.record(stream)  # (the host allocator keeps the pinned block until the copy has run)
         self.on_device = on_device
 
+    def __del__(self):
+        # a copy back that was started but never taken (a guess the backward order proved wrong, a graph freed unused)
+        # writes into a compute-stream buffer: the compute stream waits for it before that memory can be reused
+        if self.on_device is not None and self.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+
     def take(self, stream, host):
         """The input on the device, usable on the current stream."""
         self.prefetch(stream, host)
@@ -72,15 +79,6 @@ class _Slot:
         return hidden
 
 
-_COPYING: dict = {}  # device -> (GPU buffer being copied to host, its copy's event): kept until the compute stream
-                     # has waited for that event, so that its memory is reused only after the copy read it
-
-
-def _release_copied(device) -> None:
-    """Order the compute stream after the last copy to host, then let its source buffer go."""
-    pending = _COPYING.pop(device, None)
-    if pending is not None:
-        torch.cuda.current_stream(device).wait_event(pending[1])
 
 
 _QUEUES: dict = {}  # device -> weak references to slots, in forward order
@@ -122,14 +120,12 @@ class EngineCheckpoint(torch.autograd.Function):
                         torch.is_autocast_cache_enabled())
         if offload:
             stream = _side_stream(hidden.device)
-            _release_copied(hidden.device)  # the previous layer's copy ran beside that layer's compute
             host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(hidden.device))
             with torch.cuda.stream(stream):
                 host.copy_(hidden, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(stream)
-            _COPYING[hidden.device] = (hidden, copied)
             ctx.slot = _Slot(host, copied, hidden.device)
             _push(ctx.slot)
             ctx.save_for_backward(host)
@@ -140,7 +136,10 @@ class EngineCheckpoint(torch.autograd.Function):
         ctx.input_requires_grad = hidden.requires_grad
         with torch.no_grad():
             out = graphs.forward(run, hidden) if graphs is not None else None
-            return run(hidden) if out is None else out
+            out = run(hidden) if out is None else out
+        if offload:  # after this layer's work: later work, and any reuse of the input's memory, waits for the copy
+            torch.cuda.current_stream(hidden.device).wait_event(copied)
+        return out
 
     @staticmethod
     def backward(ctx, *grad_outs):
@@ -148,7 +147,6 @@ class EngineCheckpoint(torch.autograd.Function):
         slot = ctx.slot
         if slot is not None:
             stream = _side_stream(slot.device)
-            _release_copied(slot.device)
             hidden = slot.take(stream, saved)
             _pop_and_prefetch_next(slot, stream)
         else:
