@@ -46,8 +46,11 @@ _held: list[threading.Event] = []  # one per staged write, set when the load tha
 
 def release_store_writes() -> None:
     """Let staged background writes start: from_pretrained calls it once the model is ready to train."""
-    while _held:
-        _held.pop().set()
+    while True:
+        try:
+            _held.pop().set()
+        except IndexError:  # none left (another thread may have released the last one meanwhile)
+            return
 
 
 def wants_background(model, device) -> bool:
