@@ -177,11 +177,11 @@ def check_writable(dest: str | os.PathLike, asked: str) -> None:
 def _remove_dead_writers_files(dest: Path) -> None:
     """Temporary files of `dest` left by a writer that was killed: the scheme's own names, files only, whose pid no
     longer runs here and untouched for a minute (a name alone does not say which host wrote it)."""
-    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
     for path in dest.parent.glob(f".{glob.escape(dest.name)}.tmp-*"):
-        found = pattern.match(path.name)
+        found = LEFTOVER_NAME.match(path.name)
+        ours = found is not None and found["dest"] == dest.name and found["role"] == "tmp"
         with contextlib.suppress(OSError):
-            if (found and path.is_file() and not path.is_symlink() and not pid_alive(int(found.group(1)))
+            if (ours and path.is_file() and not path.is_symlink() and not pid_alive(int(found["pid"]))
                     and time.time() - path.stat().st_mtime > 60):
                 path.unlink()
 

@@ -323,7 +323,8 @@ def check_fits(name: str, config, bits: int, double_quant: bool, device: str, ot
     from fastload._log import logger
     from fastload.load.devices import free_memory_bytes
 
-    check_weights_floor(name, config, bits, device, other_bytes)
+    if model is None:  # a caller that built the model has checked the floor before building it
+        check_weights_floor(name, config, bits, device, other_bytes)
     free = free_memory_bytes(device)
     counts = count_params(config, model)
     need = weight_bytes(counts, bits, double_quant, other_bytes, experts_4bit)
