@@ -156,6 +156,9 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype_and_refuses_another():
     assert options["quantize_experts"] is False  # FSDP shards plain tensors, not fastload's packed expert stacks
     with pytest.raises(InvalidOption, match="bnb_4bit_quant_storage"):
         fsdp_load_options({"bnb_4bit_quant_storage": "uint8"}, None, "bfloat16", "cpu", True)
+    with pytest.raises(InvalidOption, match="quantize_experts"):  # asked for, not silently dropped
+        fsdp_load_options({"quantize_experts": True}, None, "bfloat16", "cpu", True)
+    assert fsdp_load_options({"quantize_experts": False}, None, "bfloat16", "cpu", True)[0]["quantize_experts"] is False
 
 
 def test_fsdp_is_read_from_accelerates_environment(monkeypatch):

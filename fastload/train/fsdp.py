@@ -46,9 +46,10 @@ def fsdp_load_options(quant_options: dict, quantization_config: Any, dtype: Any,
     Returns:
         (quant_options with bnb_4bit_quant_storage, engine setting).
     Raises:
-        InvalidOption: a storage dtype other than the compute dtype was asked for.
+        InvalidOption: a storage dtype other than the compute dtype, or 4-bit experts, was asked for.
     """
     from fastload.distributed import check_fsdp_storage
+    from fastload.errors import InvalidOption
 
     compute = compute_dtype_name(dtype, device_map)
     options = dict(quant_options)
@@ -60,8 +61,12 @@ def fsdp_load_options(quant_options: dict, quantization_config: Any, dtype: Any,
     else:
         options["bnb_4bit_quant_storage"] = compute
         logger.info("FSDP: 4-bit weights stored as %s (bnb_4bit_quant_storage), so FSDP can shard them", compute)
-    if options.get("quantize_experts", True):  # FSDP shards plain tensors; a packed expert stack is not one
-        options["quantize_experts"] = False
+    if options.get("quantize_experts") is True:  # asked for: FSDP shards plain tensors; a packed stack is not one
+        raise InvalidOption("quantize_experts=True under FSDP", found="FSDP shards plain tensors, and a 4-bit expert "
+                            "stack is packed bytes with its statistics",
+                            fix="leave quantize_experts unset (or False) under FSDP: the experts stay in the compute "
+                                "dtype")
+    if options.setdefault("quantize_experts", False) is False:
         logger.info("FSDP: MoE experts, if any, stay in the compute dtype (FSDP shards them as they are)")
     if engine is True:
         logger.info("FSDP: the engine's levers stay off (they replace layer functions FSDP wraps; engine={...} "
