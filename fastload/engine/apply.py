@@ -98,5 +98,5 @@ def levers_on(base) -> list[str]:
     patched = {lever for module in base.modules() for lever in state.levers_of(module)}
     registered = state.checkpoint_function
     on = patched | set(registered.levers if registered is not None else ())
-    order = ("fused_lora", "expert_lora", "fused_loss", "offload_checkpointing", "cuda_graphs", RMSNORM, SWIGLU, ROPE)
+    order = (*(lever for lever in LEVERS if lever != "kernels"), RMSNORM, SWIGLU, ROPE)
     return [lever for lever in order if lever in on]
