@@ -28,6 +28,7 @@ from fastload._log import logger
 from fastload.load.memory import skipped_init
 from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
+from fastload.load.prequantized import is_packed_state, params4bit
 from fastload.model_state import state_of
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
@@ -187,9 +188,14 @@ def stream_tensors(where, spans, device: torch.device, out: queue.Queue) -> list
 
     def read(f: Path, names: list[str]) -> None:
         try:
-            with safe_open(str(f), framework="pt", device=target) as reader:
+            with safe_open(str(f), framework="pt", device=target) as reader, contextlib.ExitStack() as opened:
+                host = reader if target == "cpu" else None
                 for name in names:
-                    out.put((name, reader.get_tensor(name)))
+                    if is_packed_state(name):  # decoded on the host: read there, no copy back from the device
+                        host = host or opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                        out.put((name, host.get_tensor(name)))
+                    else:
+                        out.put((name, reader.get_tensor(name)))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             out.put((None, e))
 
@@ -213,8 +219,7 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
             with phase("host_to_device"):
                 value = value.to(device)
             with phase("quantization"):  # the stored states wrapped, nothing computed
-                param = bnb.nn.Params4bit.from_prequantized(data=value, quantized_stats=stats,
-                                                            requires_grad=False, device=device, module=module)
+                param = params4bit(value, stats, device, module)
         else:
             old = module.weight
             with phase("host_to_device"):
