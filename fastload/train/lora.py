@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from dataclasses import replace
 from typing import Any
@@ -15,6 +14,7 @@ from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.model_state import state_of
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear, router_widths
+from fastload.train.adapter_draws import AdapterDraws, draw_like_peft, predicted_adapters
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
@@ -162,11 +162,12 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     if random_state is not None:
         torch.manual_seed(random_state)
     fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too
+    draws = AdapterDraws(predicted_adapters(model, targets, config.r, config.exclude_modules)) if fill_here else None
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
     with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
     if fill_here:
-        _fill_like_peft(peft_model)
+        _fill_like_peft(peft_model, draws)
     trainable, total = _train_in_fp32(peft_model)  # a classifier's head (modules_to_save) trains in fp32 too
     if config.task_type == "SEQ_CLS":
         from fastload.load.task import head_in_full_precision
@@ -187,30 +188,37 @@ def _default_init(config) -> bool:
             and not config.layer_replication and not config.rank_pattern and not config.alpha_pattern)
 
 
-def _fill_like_peft(peft_model) -> None:
+def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
     """Give the empty (meta) adapters exactly the values peft's default init would: the same draws from the same
     generator state in the same module order, the draws peft throws away included, and leave the global generator
     where peft would. Why: peft allocates and initialises every adapter on the CPU one at a time, then copies it to
-    the base layer's device (~1 s for an 8B model's 224 layers); here only the kept A is copied, B is zeroed there."""
-    gen = torch.Generator()
-    gen.set_state(torch.get_rng_state())
-    scratch = torch.empty(0)
+    the base layer's device (~1 s for an 8B model's 224 layers); here only the kept A is copied, B is zeroed there.
+    `draws` made them on a thread meanwhile (fastload.train.adapter_draws); used when they are for these adapters."""
+    adapters, wrappers = [], []
     for module in peft_model.modules():
-        adapters = module._modules.get("lora_A")  # a dict lookup: getattr's miss raises inside nn.Module per module
-        if not isinstance(adapters, torch.nn.ModuleDict) or "default" not in adapters:
-            continue
-        lora_a, lora_b = adapters["default"], module.lora_B["default"]
-        # nn.Linear's own init of A and B, which peft overwrites: only the generator's advance matters, one draw per
-        # element (tests/train/test_lora_identity.py), so both are drawn into one reused buffer
-        thrown_away = lora_a.weight.numel() + lora_b.weight.numel()
-        if scratch.numel() < thrown_away:
-            scratch = torch.empty(thrown_away)
-        scratch[:thrown_away].uniform_(generator=gen)
-        kept = torch.nn.init.kaiming_uniform_(torch.empty(lora_a.weight.shape), a=math.sqrt(5), generator=gen)
-        device, trains = module.get_base_layer().weight.device, lora_a.weight.requires_grad
-        lora_a.weight = torch.nn.Parameter(kept.to(device), requires_grad=trains)
+        found = module._modules.get("lora_A")  # a dict lookup: getattr's miss raises inside nn.Module per module
+        if isinstance(found, torch.nn.ModuleDict) and "default" in found:
+            adapters.append((found["default"], module.lora_B["default"], module.get_base_layer().weight.device))
+            wrappers.append(module)
+    built = [(tuple(a.weight.shape), tuple(b.weight.shape), device) for a, b, device in adapters]
+    ready = draws.result(built) if draws is not None else None
+    kept_values, end_state = ready if ready is not None else draw_like_peft(built, torch.get_rng_state())
+    for (lora_a, lora_b, device), kept, wrapper in zip(adapters, kept_values, wrappers):
+        trains = lora_a.weight.requires_grad
+        lora_a.weight = torch.nn.Parameter(_as_peft_casts(kept, wrapper), requires_grad=trains)
         lora_b.weight = torch.nn.Parameter(torch.zeros(lora_b.weight.shape, device=device), requires_grad=trains)
-    torch.set_rng_state(gen.get_state())
+    torch.set_rng_state(end_state)
+
+
+def _as_peft_casts(kept: torch.Tensor, wrapper) -> torch.Tensor:
+    """A's drawn fp32 values as peft leaves them: moved to the base layer's dtype where that is a float (from peft
+    0.21.2 on, a 4-bit layer's compute dtype: bf16-rounded values), then back to fp32 (autocast_adapter_dtype)."""
+    base = wrapper.get_base_layer()
+    find = getattr(wrapper, "_get_base_layer_device_and_dtype", None)
+    dtype = find(base)[1] if find is not None else getattr(getattr(base, "weight", None), "dtype", None)
+    if dtype is None or not dtype.is_floating_point or dtype == kept.dtype:
+        return kept
+    return kept.to(dtype).float() if dtype in (torch.float16, torch.bfloat16) else kept.to(dtype)
 
 
 def _train_in_fp32(peft_model) -> tuple[int, int]:

@@ -25,6 +25,31 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def test_apply_lora_matches_plain_peft_bit_for_bit(tiny_llama):
+    assert_matches_plain_peft(tiny_llama)
+
+
+def test_the_init_drawn_beside_peft_is_used_and_a_wrong_prediction_still_gives_peft_adapters(tiny_llama,
+                                                                                              monkeypatch):
+    """The adapters' values are drawn on a thread while peft builds them (fastload.train.adapter_draws): for the
+    default LoRA the prediction holds and the thread's draws are used; when peft builds other adapters than
+    predicted (here: one fewer predicted) the fill draws again and the adapters are still peft's."""
+    from fastload.train import adapter_draws, lora
+
+    used = []
+    result = adapter_draws.AdapterDraws.result
+    monkeypatch.setattr(adapter_draws.AdapterDraws, "result",
+                        lambda self, built: used.append(result(self, built)) or used[-1])
+    apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0], LoraSettings(), SEED)
+    assert len(used) == 1 and used[0] is not None and len(used[0][0]) == 7 * 2
+
+    used.clear()
+    predicted = lora.predicted_adapters
+    monkeypatch.setattr(lora, "predicted_adapters", lambda *args: predicted(*args)[:-1])
+    assert_matches_plain_peft(tiny_llama)
+    assert len(used) == 1 and used[0] is None
+
+
+def assert_matches_plain_peft(tiny_llama) -> None:
     from peft import LoraConfig, get_peft_model
 
     ours = apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0], LoraSettings(), SEED)

@@ -1,0 +1,85 @@
+"""peft's default LoRA init drawn on a thread while peft builds the (empty) adapters.
+
+fastload builds the adapters on the meta device and fills them with the values peft's own init would draw
+(fastload.train.lora._fill_like_peft): for an 8B model that is ~56M draws from the CPU generator, ~0.2 s, plus a copy
+of each A to the device. peft's injection is Python work on the caller's thread and the generator's draws release
+the GIL, so the draws are made beside it, from a copy of the generator's state, for the adapters the model's
+structure predicts. The fill uses them only when peft built exactly those adapters, in that order; otherwise it
+draws as before. Either way the adapters and the generator's final state are peft's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+
+import torch
+
+from fastload.structure import is_linear
+
+
+def predicted_adapters(model, targets: list[str], rank: int, exclude) -> list[tuple]:
+    """(A's shape, B's shape, device) of each adapter peft will add, in module order: the linear layers whose leaf
+    name is a target, less those `exclude` (peft's exclude_modules: a pattern matched in full, or names) removes."""
+    def excluded(name: str) -> bool:
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, name) is not None
+        return bool(exclude) and any(name == e or name.endswith("." + e) for e in exclude)
+
+    wanted = set(targets)
+    return [((rank, m.in_features), (m.out_features, rank), m.weight.device)
+            for name, m in model.named_modules()
+            if name.rpartition(".")[2] in wanted and is_linear(m) and not excluded(name)]
+
+
+class AdapterDraws:
+    """The kept A of each predicted adapter (on its device) and the generator's state after all of them, drawn on a
+    thread from the global generator's state at construction. The global generator is not touched."""
+
+    def __init__(self, adapters: list[tuple]):
+        self.adapters = adapters
+        self._start = torch.get_rng_state()
+        self._kept: list[torch.Tensor] = []
+        self._end = None
+        self._thread = threading.Thread(target=self._draw, daemon=True, name="fastload-lora-init")
+        self._thread.start()
+
+    def _draw(self) -> None:
+        try:
+            self._kept, self._end = draw_like_peft(self.adapters, self._start)
+        except Exception:  # noqa: BLE001 - the fill then draws on the caller's thread, as without this
+            self._end = None
+
+    def result(self, built: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        """(kept A per adapter, generator state after them) when peft built exactly the predicted adapters, else
+        None. Waits for the thread."""
+        self._thread.join()
+        if self._end is None or built != self.adapters:
+            return None
+        return self._kept, self._end
+
+
+def draw_like_peft(adapters: list[tuple], start_state: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """peft's draws for these adapters from a CPU generator in `start_state`: (kept A on its device per adapter,
+    the generator's state after them). nn.Linear's own init of A and B, which peft overwrites, matters only by the
+    generator's advance, one draw per element (tests/train/test_lora_identity.py): both go into one reused buffer."""
+    gen = torch.Generator()
+    gen.set_state(start_state)
+    scratch, kept_values = torch.empty(0), []
+    for a_shape, b_shape, device in adapters:
+        thrown_away = math.prod(a_shape) + math.prod(b_shape)
+        if scratch.numel() < thrown_away:
+            scratch = torch.empty(thrown_away)
+        scratch[:thrown_away].uniform_(generator=gen)
+        kept_values.append(kaiming_uniform(a_shape, gen).to(device))
+    return kept_values, gen.get_state()
+
+
+def kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """torch.nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=gen), peft's init of A, in the
+    same arithmetic: written out because transformers' no_init_weights (on while peft builds the adapters, on the
+    other thread) swaps torch.nn.init's functions for no-ops process-wide."""
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # calculate_gain("leaky_relu", sqrt(5))
+    bound = math.sqrt(3.0) * (gain / math.sqrt(shape[1]))  # fan_in of an (out, in) weight
+    return torch.empty(shape).uniform_(-bound, bound, generator=gen)
