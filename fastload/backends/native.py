@@ -84,6 +84,9 @@ class NativeBackend:
     name = "native"
 
     def load(self, plan, opts, store, lora, gradient_checkpointing, random_state):
+        from fastload.train.peft_warmup import finish_peft_warmup, start_peft_warmup
+
+        warmup = start_peft_warmup() if lora is not None and not plan.adapter else None
         if plan.store_key and store is not None and not plan.prequantized:
             with store.lock(plan.store_key):
                 entry = store.lookup(plan.store_key)  # another process may have stored it while we waited
@@ -119,6 +122,7 @@ class NativeBackend:
             from fastload.train.lora import apply_lora
 
             with phase("lora"):
+                finish_peft_warmup(warmup)
                 model = apply_lora(model, lora, random_state)
         if getattr(model, "peft_config", None):
             from fastload.save.adapters import name_base_model
