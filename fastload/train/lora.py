@@ -14,7 +14,7 @@ from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.model_state import state_of
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear, router_widths
-from fastload.train.adapter_draws import AdapterDraws, draw_like_peft, predicted_adapters
+from fastload.train.adapter_draws import AdapterDraws, draw_like_peft, predicted_adapters, sharing_the_interpreter
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
@@ -164,7 +164,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too
     draws = AdapterDraws(predicted_adapters(model, targets, config.r, config.exclude_modules)) if fill_here else None
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
-    with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext():
+    with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
+            sharing_the_interpreter() if draws is not None else contextlib.nullcontext():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
     if fill_here:
         _fill_like_peft(peft_model, draws)

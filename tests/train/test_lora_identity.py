@@ -20,8 +20,8 @@ def _adapters(model) -> dict[str, torch.Tensor]:
 def _logits(model, ids) -> torch.Tensor:
     nonzero_lora_b(model)  # B starts at zero: give both the same B so the logits depend on every A
     model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+    with torch.no_grad():  # on the model's device: the file also runs on the GPU machine (adapters drawn there too)
+        return model(input_ids=ids.to(model.get_input_embeddings().weight.device)).logits
 
 
 def test_apply_lora_matches_plain_peft_bit_for_bit(tiny_llama):
