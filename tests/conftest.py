@@ -16,6 +16,9 @@ from main_job_fixture import main_job  # noqa: E402,F401 - the README's main job
 from tiny import make_checkpoint  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fp32 compute on every CPU (subprocesses included): the suite compares paths exactly or within fp32 round-off, and
+# CI machines differ in native bf16 (AMX/AVX512-BF16); tests of the bf16 CPU path set FASTLOAD_CPU_BF16=1 themselves
+os.environ.setdefault("FASTLOAD_CPU_BF16", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -62,11 +62,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+CPU_BF16_SWITCH = "FASTLOAD_CPU_BF16"  # 1: bf16 on any CPU, 0: fp32 on every CPU, unset: bf16 where it is native
+
+
 def choose_compute_dtype(device: str):
-    """bf16 on GPUs with capability >= 8.0, fp16 on older GPUs; on the CPU fp32 unless it has native bf16."""
+    """bf16 on GPUs with capability >= 8.0, fp16 on older GPUs; on the CPU fp32 unless it has native bf16, or as
+    FASTLOAD_CPU_BF16 says (one machine type, one dtype: runs compared across machines stay comparable)."""
     if device == "cuda":
         major, _ = torch.cuda.get_device_capability()
         return torch.bfloat16 if major >= 8 else torch.float16
+    switch = os.environ.get(CPU_BF16_SWITCH, "").strip().lower()
+    if switch in ("1", "true", "on", "yes"):
+        return torch.bfloat16
+    if switch in ("0", "false", "off", "no"):
+        return torch.float32
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 

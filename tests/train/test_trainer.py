@@ -9,7 +9,6 @@ import pytest
 
 from fastload import FastModel
 from fastload.errors import BackendUnavailable, InvalidOption
-from fastload.load.devices import cpu_has_native_bf16
 from fastload.train.checkpointing import checkpointing_state, ensure_checkpointing
 
 RECORDS = [{"messages": [{"role": "user", "content": "hello world"},
@@ -72,15 +71,30 @@ def test_training_arguments_carry_fastload_defaults(tiny, tmp_path):
     assert args.learning_rate == 2e-4
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert args.report_to == []
-    # the model's compute dtype decides: bf16 on a CPU with native bf16 (which transformers allows only with
+    # the model's compute dtype decides: bf16 for a bf16 model on the CPU (which transformers allows only with
     # use_cpu=True), else fp32 and no emulated autocast; never fp16 on a CPU
-    native_bf16 = cpu_has_native_bf16()
+    native_bf16 = str(model.dtype) == "torch.bfloat16"
     assert args.bf16 == native_bf16 and not args.fp16 and args.use_cpu == native_bf16
     sft = FastModel.training_arguments(tmp_path, sft=True, model=model, learning_rate=1e-4)
     assert type(sft).__name__ == "SFTConfig" and sft.max_length == 48 and sft.learning_rate == 1e-4
     assert sft.bf16 == native_bf16  # SFTConfig alone would turn bf16 on whatever the CPU
     with pytest.raises(InvalidOption, match="max_lenght"):
         FastModel.training_arguments(tmp_path, max_lenght=10)
+
+
+def test_bf16_on_the_cpu_loads_bf16_and_trains_with_bf16_arguments(tiny_llama, tmp_path, monkeypatch):
+    """FASTLOAD_CPU_BF16=1 (the choice a CPU with AMX or AVX512-BF16 makes when it is unset): bf16 compute, and
+    training arguments transformers accepts on a CPU for it (bf16 with use_cpu)."""
+    import torch
+
+    monkeypatch.setenv("FASTLOAD_CPU_BF16", "1")
+    model, _ = FastModel.from_pretrained(tiny_llama)
+    assert model.dtype == torch.bfloat16
+    args = FastModel.training_arguments(tmp_path, model=model)
+    assert args.bf16 and args.use_cpu and not args.fp16
+    monkeypatch.setenv("FASTLOAD_CPU_BF16", "0")
+    model, _ = FastModel.from_pretrained(tiny_llama)
+    assert model.dtype == torch.float32 and not FastModel.training_arguments(tmp_path, model=model).bf16
 
 
 def test_sft_without_trl_is_a_clear_error(tiny, tmp_path, monkeypatch):
