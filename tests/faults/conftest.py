@@ -36,9 +36,15 @@ def hub():
 @pytest.fixture(scope="session")
 def online_worker(fault_scratch, hub):
     """Children of this server are online, and the hub they reach is `hub` on 127.0.0.1."""
+    # bitsandbytes' CPU backend asks the hub for a kernel while it is imported on CPUs with AVX512-BF16 (through
+    # transformers' `kernels`): the server's warm imports get a refused connection, not the stall, which has no
+    # timeout there; the tests then start from a stalling hub that has seen no connection
+    hub.mode = "reset"
     w = Worker({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(fault_scratch / "hf-home-online"),
                 "HF_TOKEN": "hf_faultSuiteSecretToken0123456789"}, fault_scratch / "online")
+    hub.mode = "stall"
+    hub.reset_count()
     yield w
     w.close()
 
