@@ -129,19 +129,57 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     the arithmetic of transformers' grouped_mm experts forward plus s (x A_e^T) B_e^T per projection."""
     top_k = indices.shape[-1]
     order, perm = torch.sort(indices.reshape(-1))
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     offsets = _offsets(order, experts.num_experts)
-    x = hidden[perm // top_k]
+    x = SpreadRows.apply(hidden, perm, inverse, top_k)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
     h = _projection(experts, up, x, order, offsets, factors.get(up))
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    routing = weights.reshape(-1)[perm].unsqueeze(-1)
+    # (h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
+    # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine
+    weighted_early = not experts.has_bias and not getattr(experts, "has_post_expert_norm", False)
+    if weighted_early:
+        h = h * routing
     y = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
     if getattr(experts, "has_post_expert_norm", False):  # set from transformers 5.2x on; absent means none
         y = experts.post_expert_norm(y)
-    y = y * weights.reshape(-1)[perm].unsqueeze(-1)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    if not weighted_early:
+        y = y * routing
     # summed over the k choices of each token, as transformers does (fp32 accumulation inside the sum)
-    return y[inverse].view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
+    return PermuteRows.apply(y, inverse, perm).view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+class PermuteRows(torch.autograd.Function):
+    """x[index] for a permutation `index` whose inverse is `inverse`: the gradient is a gather too (autograd's own
+    backward of indexing accumulates with a sort and atomics, not knowing no row repeats)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class SpreadRows(torch.autograd.Function):
+    """hidden[perm // k]: each token's row once per expert it was routed to, in expert order. The gradient sums each
+    token's k rows, found through `inverse` (perm's inverse), instead of accumulating by index."""
+
+    @staticmethod
+    def forward(ctx, hidden, perm, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return hidden[perm // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1).to(grad.dtype), None, None, None
 
 
 def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
@@ -165,7 +203,7 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) ->
     if factors is not None:
         a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
         xa = _grouped(x, a_t.to(dtype), offsets) * scaling
-        y = y + _grouped(xa, b_t.to(dtype).contiguous(), offsets)
+        y = y + _grouped(xa, b_t.to(dtype, memory_format=torch.contiguous_format), offsets)  # one copy, not two
     return y
 
 
