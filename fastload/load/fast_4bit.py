@@ -233,7 +233,11 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
     with phase("host_to_device"):
         value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
-        module._parameters[name] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
+        param = torch.nn.Parameter(value, requires_grad=current.requires_grad)
+        if value.ndim == 3:  # fused experts: registered, so a load storing them 4-bit does so as each one arrives
+            module.register_parameter(name, param)  # (fastload.load.experts.quantized_on_arrival's hook)
+        else:
+            module._parameters[name] = param
     else:
         module._buffers[name] = value
 

@@ -395,7 +395,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     del structure  # a direct load that cannot finish must not hold its weights while transformers reads them again
     model = None
     if direct is not None:
-        with translated_errors(plan):
+        with translated_errors(plan), quantized_on_arrival(experts_4bit):
             model = direct.read(before_reading)
         del direct
     if model is not None:

@@ -138,3 +138,26 @@ def test_experts_are_quantized_as_transformers_reads_them(family, tmp_path):
     assert all(torch.equal(p, dict(dense.named_parameters())[n]) for n, p in others.items())
     after = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # the hook is gone
     assert not any(is_stack(p) for p in after.parameters())
+
+
+def test_the_direct_load_quantizes_experts_as_it_reads_them(tmp_path, monkeypatch):
+    """fastload's own reader (the direct 4-bit load) stores each expert weight 4-bit as it is placed, as around
+    transformers' from_pretrained: when the load hands the model on, every expert is a stack already (a GPU load
+    that quantized them afterwards held all of them 16-bit at once: the GPU peak test's regression)."""
+    from fastload import FastModel
+    from fastload.load import experts as experts_module
+    from fastload.model_state import state_of
+
+    from fastload.bench.models import create_checkpoint
+
+    path = tmp_path / "tiny-moe"  # the benchmark's writer: fused expert names, which the direct load reads as they are
+    create_checkpoint("tiny-moe", path)
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1")
+    seen = []
+    settle = experts_module.settle_experts
+    monkeypatch.setattr(experts_module, "settle_experts",
+                        lambda model, *a: seen.append({n: is_stack(p) for n, p in experts(model).items()})
+                        or settle(model, *a))
+    model, _ = FastModel.from_pretrained(str(path), store=False, lora=None)
+    assert state_of(model).direct_load
+    assert len(seen) == 1 and seen[0] and all(seen[0].values()), seen
