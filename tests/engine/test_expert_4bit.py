@@ -305,6 +305,21 @@ def test_gpu_bf16_4bit_experts_train_as_dequantized_bf16_in_less_memory(caplog):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gpu_the_lever_dequantizes_a_stack_to_bitsandbytes_values(transposed):
+    """The lever's Triton dequantization of an expert stack (one launch) gives bitsandbytes' values bit for bit,
+    in the view's axis order."""
+    from fastload.engine.expert_lora import dequantize_stack
+
+    dense = torch.randn(8, 256, 192, dtype=torch.bfloat16, device="cuda")
+    stack = quantize_stack(dense, "nf4", True, 64)
+    view = stack.transpose(-2, -1) if transposed else stack
+    expected = view.dequantize()
+    got = dequantize_stack(view)
+    assert got.shape == expected.shape and got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.gpu
 def test_gpu_load_peak_holds_one_16bit_expert_weight_not_all(tmp_path):
     """Qwen3-MoE, 16 layers of 16 experts of width 512 on hidden 1024 (768 MiB of bf16 experts, 48 MiB a layer),
     loaded on CUDA without the store: the experts are quantized as they are read, so the load's peak stays below the
