@@ -17,6 +17,10 @@ IMPLS=${IMPLS:-fastload,recipe,unsloth}
 BUDGET=${BUDGET:-540}
 PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# the GPU machine sets PYTHONDONTWRITEBYTECODE: every fresh process then compiled torch and transformers from source
+# (imports of 13-21 s). A user's machine writes the bytecode once; so does this run, before anything is timed
+unset PYTHONDONTWRITEBYTECODE
+"$PY" -c "import torch, transformers, peft, bitsandbytes; import unsloth" >/dev/null 2>&1 || true
 mkdir -p "$OUT"
 LOG=$OUT/load.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
