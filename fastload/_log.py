@@ -21,6 +21,10 @@ def set_verbosity(level: int | str) -> None:
 # silenced only where fastload makes that call (never process-wide), so the user's own calls still warn.
 PEFT_ASKS_OLD_CHECKPOINTING_NAME = r"`is_gradient_checkpointing` is deprecated"  # peft's PeftModel.__init__
 BNB_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"  # a hub download fastload never wants
+# the same fetch, offline: the `kernels` package (installed with transformers from 5.2x) says it skips its check
+BNB_KERNELS_OFFLINE = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+BNB_KERNEL_FETCH_NOTICES = (("bitsandbytes.backends.cpu.ops", BNB_KERNELS_HINT),
+                            ("kernels._internals.hf_hub", BNB_KERNELS_OFFLINE))
 
 
 @contextlib.contextmanager
@@ -42,8 +46,10 @@ class _DropMessage(logging.Filter):
 
 def drop_bitsandbytes_kernels_hint() -> None:
     """bitsandbytes' CPU backend, on an AVX512-BF16 CPU, tries to fetch a kernel from the hub through the optional
-    `kernels` package and logs a hint to install it when that fails; fastload loads offline and does not need it.
-    The filter sits on that one bitsandbytes logger and drops that one message."""
-    hinting = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropMessage) and f.start == BNB_KERNELS_HINT for f in hinting.filters):
-        hinting.addFilter(_DropMessage(BNB_KERNELS_HINT))
+    `kernels` package, which says it skips its publisher check when offline, and bitsandbytes logs a hint to install
+    it when the fetch fails; fastload does not need that kernel. Each filter sits on the one logger that says it
+    and drops that one message."""
+    for name, start in BNB_KERNEL_FETCH_NOTICES:
+        hinting = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in hinting.filters):
+            hinting.addFilter(_DropMessage(start))
