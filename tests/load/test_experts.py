@@ -145,10 +145,9 @@ def test_the_direct_load_quantizes_experts_as_it_reads_them(tmp_path, monkeypatc
     transformers' from_pretrained: when the load hands the model on, every expert is a stack already (a GPU load
     that quantized them afterwards held all of them 16-bit at once: the GPU peak test's regression)."""
     from fastload import FastModel
+    from fastload.bench.models import create_checkpoint
     from fastload.load import experts as experts_module
     from fastload.model_state import state_of
-
-    from fastload.bench.models import create_checkpoint
 
     path = tmp_path / "tiny-moe"  # the benchmark's writer: fused expert names, which the direct load reads as they are
     create_checkpoint("tiny-moe", path)
