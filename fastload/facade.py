@@ -13,6 +13,7 @@ from fastload.compat.peft_extras import apply_peft_extras, target_groups_setting
 from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, InvalidOption
+from fastload.load.collection import collector_paused
 from fastload.load.loader import LoadOptions
 from fastload.load.phases import phase, recording
 from fastload.model_state import state_of
@@ -170,7 +171,7 @@ class FastModel:
             return plan, impl, *loaded
 
         try:
-            with recording() as phases:  # where the time went: model.fastload.load_phases
+            with recording() as phases, collector_paused():  # phases: model.fastload.load_phases
                 plan, impl, model, tokenizer = distributed.rank_zero_first(f"Loading {str(model_name)!r}", load)
                 if fsdp:
                     from fastload.train.fsdp import prepare_for_fsdp
