@@ -30,6 +30,7 @@ from fastload.load.devices import (
     use_expandable_segments,
 )
 from fastload.load.phases import phase
+from fastload.load.reads_in_turn import reads_in_turn
 from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 from fastload.sources import plan as P
@@ -401,8 +402,9 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
+        quantizes = (not plan.prequantized and plan.quant.quantized) or experts_4bit is not None
         with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"), \
-                quantized_on_arrival(experts_4bit):
+                quantized_on_arrival(experts_4bit), reads_in_turn(quantizes):
             model, info = model_class(opts.task).from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if ("lm_head" not in k or not config.tie_word_embeddings)
                      and not new_head(k, opts.task))
