@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import replace
@@ -159,7 +160,10 @@ class NativeBackend:
             fresh = requantize_plan(plan, opts, store)
             if fresh.source == P.STORE:
                 raise
-            return None, self.load(fresh, opts, store, *load_args)
+        # outside the except block: its traceback holds the failed load's frames and what they built, and the
+        # collector is paused during a load; collected before the source is read again
+        gc.collect()
+        return None, self.load(fresh, opts, store, *load_args)
 
     def _load(self, plan, opts, store):
         if plan.gguf_file:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -399,6 +400,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
         with translated_errors(plan), quantized_on_arrival(experts_4bit):
             model = direct.read(before_reading)
         del direct
+        if model is None:  # its 4-bit weights point back at their layers (cycles), and the collector is paused
+            gc.collect()   # during a load: freed here, before transformers reads the checkpoint a second time
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
