@@ -139,8 +139,10 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     routing = weights.reshape(-1)[perm].unsqueeze(-1)
     # (h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
-    # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine
-    weighted_early = not experts.has_bias and not getattr(experts, "has_post_expert_norm", False)
+    # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
+    # not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)
+    weighted_early = (not experts.has_bias and not getattr(experts, "has_post_expert_norm", False)
+                      and h.shape[-1] < hidden.shape[-1] and routing.dtype == h.dtype)
     if weighted_early:
         h = h * routing
     y = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
@@ -204,7 +206,8 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) ->
     if factors is not None:
         a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
         xa = _grouped(x, a_t.to(dtype), offsets) * scaling
-        y = y + _grouped(xa, b_t.to(dtype, memory_format=torch.contiguous_format), offsets)  # one copy, not two
+        b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
+        y = y + _grouped(xa, b_cast, offsets)  # one copy, not two (and contiguous either way: grouped_mm's layout)
     return y
 
 
