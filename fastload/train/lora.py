@@ -204,7 +204,8 @@ def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
     built = [(tuple(a.weight.shape), tuple(b.weight.shape), device) for a, b, device in adapters]
     ready = draws.result(built) if draws is not None else None
     kept_values, end_state = ready if ready is not None else draw_like_peft(built, torch.get_rng_state())
-    for (lora_a, lora_b, device), kept, wrapper in zip(adapters, kept_values, wrappers):
+    for i, ((lora_a, lora_b, device), wrapper) in enumerate(zip(adapters, wrappers)):
+        kept, kept_values[i] = kept_values[i], None  # one A at a time in two forms (a cast copies it), not all of them
         trains = lora_a.weight.requires_grad
         lora_a.weight = torch.nn.Parameter(_as_peft_casts(kept, wrapper), requires_grad=trains)
         lora_b.weight = torch.nn.Parameter(torch.zeros(lora_b.weight.shape, device=device), requires_grad=trains)
