@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
+
+from fastload.shared_setting import SharedSetting
 
 SWITCH = "HF_DEACTIVATE_ASYNC_LOAD"
 
 
-class _Shared:
-    """Loads inside the block now, and whether the switch was set here (then the last one out removes it)."""
+def _switch_on() -> bool:
+    """Turn the switch on; True when it was set here (a value the user set, either way, stands)."""
+    if SWITCH in os.environ:
+        return False
+    os.environ[SWITCH] = "1"
+    return True
 
-    lock = threading.Lock()
-    holders = 0
-    set_here = False
+
+def _switch_back(set_here: bool) -> None:
+    if set_here:
+        os.environ.pop(SWITCH, None)
+
+
+_SWITCH = SharedSetting(_switch_on, _switch_back)
 
 
 @contextlib.contextmanager
@@ -32,16 +41,5 @@ def reads_in_turn(wanted: bool) -> Iterator[None]:
     if not wanted:
         yield
         return
-    with _Shared.lock:
-        if _Shared.holders == 0:
-            _Shared.set_here = SWITCH not in os.environ  # a value the user set, either way, stands
-            if _Shared.set_here:
-                os.environ[SWITCH] = "1"
-        _Shared.holders += 1
-    try:
+    with _SWITCH.held():
         yield
-    finally:
-        with _Shared.lock:
-            _Shared.holders -= 1
-            if _Shared.holders == 0 and _Shared.set_here:
-                os.environ.pop(SWITCH, None)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from fastload.errors import ModelNotFound
+from fastload.shared_setting import SharedSetting
 from fastload.sources import plan as P
 from fastload.sources.plan import LoadPlan
 
@@ -66,43 +66,37 @@ def hub_kwargs(plan: LoadPlan, *, cache_dir: str | None, token: str | bool | Non
     return kw
 
 
-class _HubOffline:
-    """Who is inside hub_calls_off now, over all threads: the first in turns the hub off, the last out restores it
-    (a load reads its tokenizer on a second thread; two save-and-restore pairs interleaved would otherwise leave
-    the hub off, or turn it back on under the other)."""
+def _hub_offline() -> tuple:
+    from huggingface_hub import constants
 
-    lock = threading.Lock()
-    users = 0
-    before: bool = False
-    quiet: warnings.catch_warnings | None = None
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message="Unable to fetch remote file")
+    warnings.filterwarnings("ignore", message="Could not find a config file")
+    return before, quiet
 
 
-@contextlib.contextmanager
-def hub_calls_off() -> Iterator[None]:
+def _hub_back(token: tuple) -> None:
+    from huggingface_hub import constants
+
+    before, quiet = token
+    constants.HF_HUB_OFFLINE = before
+    quiet.__exit__(None, None, None)
+
+
+# the first in turns the hub off, the last out restores it (a load reads its tokenizer on a second thread; two
+# save-and-restore pairs interleaved would otherwise leave the hub off, or turn it back on under the other)
+_HUB_OFFLINE = SharedSetting(_hub_offline, _hub_back)
+
+
+def hub_calls_off():
     """huggingface_hub offline while the block runs: it reads HF_HUB_OFFLINE once, at its import, and even a load
     with local_files_only=True, or peft's save (it looks up the base repo's config.json to see whether the
     vocabulary was resized), would otherwise reach the hub. peft's notes that it could not look are silenced: the
     base's vocabulary is the model's own, fastload never resizes it. Safe to enter from several threads at once."""
-    from huggingface_hub import constants
-
-    with _HubOffline.lock:
-        if _HubOffline.users == 0:
-            _HubOffline.before = constants.HF_HUB_OFFLINE
-            constants.HF_HUB_OFFLINE = True
-            _HubOffline.quiet = warnings.catch_warnings()
-            _HubOffline.quiet.__enter__()
-            warnings.filterwarnings("ignore", message="Unable to fetch remote file")
-            warnings.filterwarnings("ignore", message="Could not find a config file")
-        _HubOffline.users += 1
-    try:
-        yield
-    finally:
-        with _HubOffline.lock:
-            _HubOffline.users -= 1
-            if _HubOffline.users == 0:
-                constants.HF_HUB_OFFLINE = _HubOffline.before
-                _HubOffline.quiet.__exit__(None, None, None)
-                _HubOffline.quiet = None
+    return _HUB_OFFLINE.held()
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ draws as before. Either way the adapters and the generator's final state are pef
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import sys
@@ -18,6 +17,7 @@ import threading
 
 import torch
 
+from fastload.shared_setting import SharedSetting
 from fastload.structure import is_linear
 
 
@@ -95,29 +95,18 @@ def kaiming_bound(fan_in: int) -> float:
     return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
 
 
-class _Switch:
-    """The interval before the first overlapping apply_lora changed it, and how many are inside now."""
-
-    lock = threading.Lock()
-    holders = 0
-    before = 0.005
+def _shorten_switch_interval() -> float:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, 0.0005))
+    return before
 
 
-@contextlib.contextmanager
+_SHORT_SWITCH = SharedSetting(_shorten_switch_interval, sys.setswitchinterval)
+
+
 def sharing_the_interpreter():
     """While the draws run beside peft's injection (pure Python on the caller's thread), hand the interpreter lock
     over every 0.5 ms instead of every 5: the drawing thread needs it back after each draw, and waited up to a full
     switch interval each time (0.9 s of waits measured for an 8B model's 448 draws on an H200 host). Loads on
     several threads share the change; the last one out restores the interval, also on errors."""
-    with _Switch.lock:
-        if _Switch.holders == 0:
-            _Switch.before = sys.getswitchinterval()
-            sys.setswitchinterval(min(_Switch.before, 0.0005))
-        _Switch.holders += 1
-    try:
-        yield
-    finally:
-        with _Switch.lock:
-            _Switch.holders -= 1
-            if _Switch.holders == 0:
-                sys.setswitchinterval(_Switch.before)
+    return _SHORT_SWITCH.held()
