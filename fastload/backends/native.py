@@ -155,7 +155,7 @@ class NativeBackend:
             if not plan.original or not plan.store_key:
                 raise
             logger.warning("store entry %s does not load (%s): discarded; loading %s again", Path(plan.location).name,
-                           e.found or e, plan.original)
+                           e.found or str(e), plan.original)  # text: a kept record must not hold the frames
             store.remove(plan.store_key)
             fresh = requantize_plan(plan, opts, store)
             if fresh.source == P.STORE:

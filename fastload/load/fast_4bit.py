@@ -335,8 +335,8 @@ class DirectLoad:
         try:
             with phase("finish"):
                 finish(model, self.hf_quantizer, device, plan.location)
-        except NotCovered as e:
-            logger.info("direct 4-bit load not used (%s): loading through transformers", e)
+        except NotCovered as e:  # the reason as text: a kept log record must not keep the read model (traceback)
+            logger.info("direct 4-bit load not used (%s): loading through transformers", str(e))
             return None
         state_of(model).direct_load = True
         logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",
