@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,12 @@ DEFAULT_MAX_SEQ_LENGTH = 2048
 """Tokens per training sequence when none is asked; capped at the model's own positions."""
 DEFAULT_SEED = 3407
 """Seed of LoRA's initialisation and of training when none is given (Unsloth's notebooks use the same)."""
+
+
+def env_switch(name: str) -> bool | None:
+    """An on/off environment variable: True for 1/true/on/yes, False for 0/false/off/no, None when unset or else."""
+    value = os.environ.get(name, "").strip().lower()
+    return True if value in ("1", "true", "on", "yes") else False if value in ("0", "false", "off", "no") else None
 
 
 def dtype_name(value: Any, option: str) -> str | None:

@@ -11,6 +11,7 @@ import torch
 
 from fastload._log import logger
 from fastload.errors import DeviceUnavailable, InvalidOption
+from fastload.settings import env_switch
 
 
 def cuda_available() -> bool:
@@ -71,12 +72,8 @@ def choose_compute_dtype(device: str):
     if device == "cuda":
         major, _ = torch.cuda.get_device_capability()
         return torch.bfloat16 if major >= 8 else torch.float16
-    switch = os.environ.get(CPU_BF16_SWITCH, "").strip().lower()
-    if switch in ("1", "true", "on", "yes"):
-        return torch.bfloat16
-    if switch in ("0", "false", "off", "no"):
-        return torch.float32
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    bf16 = env_switch(CPU_BF16_SWITCH)
+    return torch.bfloat16 if (cpu_has_native_bf16() if bf16 is None else bf16) else torch.float32
 
 
 def check_dtype_supported(dtype, device: str) -> None:

@@ -30,6 +30,7 @@ from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
 from fastload.load.prequantized import is_packed_state, params4bit
 from fastload.model_state import state_of
+from fastload.settings import env_switch
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                        "quant_state.bitsandbytes__fp4")
@@ -45,7 +46,7 @@ class NotCovered(Exception):
 def why_not_covered(plan, opts, device_map, weight_files) -> str | None:
     """None when the direct load can serve this plan, else the reason it cannot (one log line)."""
     quant = plan.quant
-    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+    if env_switch(SWITCH) is False:
         return f"{SWITCH} turns it off"
     if not plan.prequantized and not (quant.load_in_4bit and not quant.load_in_8bit):
         return "only 4-bit quantization is covered"
@@ -233,11 +234,9 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
     with phase("host_to_device"):
         value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
-        param = torch.nn.Parameter(value, requires_grad=current.requires_grad)
-        if value.ndim == 3:  # fused experts: registered, so a load storing them 4-bit does so as each one arrives
-            module.register_parameter(name, param)  # (fastload.load.experts.quantized_on_arrival's hook)
-        else:
-            module._parameters[name] = param
+        # registered, as transformers does: a load storing fused experts 4-bit does so as each one arrives
+        # (fastload.load.experts.quantized_on_arrival's hook)
+        module.register_parameter(name, torch.nn.Parameter(value, requires_grad=current.requires_grad))
     else:
         module._buffers[name] = value
 
