@@ -182,7 +182,7 @@ class SpreadRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1).to(grad.dtype), None, None, None
+        return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
 def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:

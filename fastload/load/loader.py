@@ -384,10 +384,9 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
         kw["adapter_kwargs"] = {"local_files_only": True, "cache_dir": kw.get("cache_dir")}
     if opts.task != CAUSAL_LM:
         kw["num_labels"] = opts.num_labels
-    with phase("module_construction"):  # the direct load's skeleton (transformers' bnb layers on the meta device)
+    with phase("module_construction"):  # one build of the config per load: the direct load's skeleton if it has one
         direct = prepare_direct_load(plan, replace(opts, attn_implementation=attention), config, dtype, device_map,
                                      info, kw.get("quantization_config"))
-    with phase("module_construction"):  # one build of the config per load: the direct load's skeleton if it has one
         structure = direct.model if direct is not None else meta_model(config)
     with phase("checkpoint_checks"):
         check_fits(plan.name, config, bits, plan.quant.bnb_4bit_use_double_quant, device, other_bytes=other_bytes,

@@ -195,20 +195,18 @@ def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
     where peft would. Why: peft allocates and initialises every adapter on the CPU one at a time, then copies it to
     the base layer's device (~1 s for an 8B model's 224 layers); here only the kept A is copied, B is zeroed there.
     `draws` made them on a thread meanwhile (fastload.train.adapter_draws); used when they are for these adapters."""
-    adapters, wrappers = [], []
-    for module in peft_model.modules():
-        found = module._modules.get("lora_A")  # a dict lookup: getattr's miss raises inside nn.Module per module
-        if isinstance(found, torch.nn.ModuleDict) and "default" in found:
-            adapters.append((found["default"], module.lora_B["default"], module.get_base_layer().weight.device))
-            wrappers.append(module)
-    built = [(tuple(a.weight.shape), tuple(b.weight.shape), device) for a, b, device in adapters]
+    wrappers = [m for m in peft_model.modules()  # a dict lookup: getattr's miss raises inside nn.Module per module
+                if isinstance(m._modules.get("lora_A"), torch.nn.ModuleDict) and "default" in m._modules["lora_A"]]
+    built = [(tuple(w.lora_A["default"].weight.shape), tuple(w.lora_B["default"].weight.shape),
+              w.get_base_layer().weight.device) for w in wrappers]
     ready = draws.result(built) if draws is not None else None
     kept_values, end_state = ready if ready is not None else draw_like_peft(built, torch.get_rng_state())
-    for i, ((lora_a, lora_b, device), wrapper) in enumerate(zip(adapters, wrappers)):
+    for i, (wrapper, (_, b_shape, device)) in enumerate(zip(wrappers, built)):
         kept, kept_values[i] = kept_values[i], None  # one A at a time in two forms (a cast copies it), not all of them
+        lora_a, lora_b = wrapper.lora_A["default"], wrapper.lora_B["default"]
         trains = lora_a.weight.requires_grad
         lora_a.weight = torch.nn.Parameter(_as_peft_casts(kept, wrapper), requires_grad=trains)
-        lora_b.weight = torch.nn.Parameter(torch.zeros(lora_b.weight.shape, device=device), requires_grad=trains)
+        lora_b.weight = torch.nn.Parameter(torch.zeros(b_shape, device=device), requires_grad=trains)
     torch.set_rng_state(end_state)
 
 
