@@ -2,8 +2,9 @@
 
 transformers' from_pretrained goes through a per-tensor conversion pipeline built for every quantization method and
 sharding layout; for the common case (one device, safetensors whose names are the model's own, bitsandbytes NF4/FP4)
-fastload builds the same modules with transformers' own quantizer, then reads each shard once, with one reader thread
-per shard, and hands every tensor to the same bitsandbytes constructor transformers uses (Params4bit for on-the-fly
+fastload builds the same modules with transformers' own quantizer, then reads each shard once, with several reader
+threads (onto a GPU through pinned buffers: fastload.load.pinned_reads), and hands every tensor to the same
+bitsandbytes constructor transformers uses (Params4bit for on-the-fly
 quantization, Params4bit.from_prequantized for a stored entry). The result is the model from_pretrained returns, bit
 for bit (tests/load/test_fast_load.py). Anything else returns None with the reason, and the caller takes the general
 path.
@@ -28,6 +29,7 @@ from fastload._log import logger
 from fastload.load.memory import skipped_init
 from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
+from fastload.load.pinned_reads import Span, Staging, data_start, runs_of, span_of
 from fastload.load.prequantized import is_packed_state, params4bit
 from fastload.model_state import state_of
 from fastload.settings import env_switch
@@ -113,16 +115,17 @@ def default_dtype(dtype):
         torch.set_default_dtype(before)
 
 
-def read_headers(files) -> tuple[dict[str, Path], dict[str, tuple[int, int]]]:
-    """Tensor name -> the file it is in, and -> its byte span in that file (headers only)."""
+def read_headers(files) -> tuple[dict[str, Path], dict[str, Span]]:
+    """Tensor name -> the file it is in, and -> where its bytes are in that file (headers only)."""
     from fastload.sources.checkpoint_files import read_safetensors_header
 
     where, spans = {}, {}
     for f in files:
+        start = data_start(Path(f))
         for name, meta in read_safetensors_header(Path(f)).items():
             if name != "__metadata__":
                 where[name] = Path(f)
-                spans[name] = tuple(meta["data_offsets"])
+                spans[name] = span_of(meta, start)
     return where, spans
 
 
@@ -157,21 +160,21 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str,
     return wanted
 
 
-def reader_chunks(where: dict[str, Path], spans: dict[str, tuple[int, int]], readers: int):
+def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int):
     """(file, names) chunks of about equal bytes, each a run of neighbouring tensors: one reader thread each."""
     by_file: dict[Path, list[str]] = {}
     for name, f in where.items():
         by_file.setdefault(f, []).append(name)
-    total = sum(end - begin for begin, end in spans.values()) or 1
+    total = sum(s.end - s.start for s in spans.values()) or 1
     chunks = []
     for f, names in by_file.items():
-        names.sort(key=lambda n: spans[n][0])
-        size = sum(spans[n][1] - spans[n][0] for n in names)
+        names.sort(key=lambda n: spans[n].start)
+        size = sum(spans[n].end - spans[n].start for n in names)
         target = size / max(1, round(readers * size / total))
         chunk, filled = [], 0
         for name in names:
             chunk.append(name)
-            filled += spans[name][1] - spans[name][0]
+            filled += spans[name].end - spans[name].start
             if filled >= target:
                 chunks.append((f, chunk))
                 chunk, filled = [], 0
@@ -180,31 +183,60 @@ def reader_chunks(where: dict[str, Path], spans: dict[str, tuple[int, int]], rea
     return chunks
 
 
-def stream_tensors(where, spans, device: torch.device, out: queue.Queue) -> list[threading.Thread]:
-    """Reader threads (READERS, over runs of neighbouring tensors) put (name, tensor on `device`) on `out`; a
-    reader's error is put there too."""
-    from safetensors import safe_open
-
-    target = str(device) if device.type == "cuda" else "cpu"
-
-    def read(f: Path, names: list[str]) -> None:
-        try:
-            with safe_open(str(f), framework="pt", device=target) as reader, contextlib.ExitStack() as opened:
-                host = reader if target == "cpu" else None
-                for name in names:
-                    if is_packed_state(name):  # decoded on the host: read there, no copy back from the device
-                        host = host or opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-                        out.put((name, host.get_tensor(name)))
-                    else:
-                        out.put((name, reader.get_tensor(name)))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            out.put((None, e))
-
-    threads = [threading.Thread(target=read, args=chunk, daemon=True, name=f"fastload-read-{i}")
-               for i, chunk in enumerate(reader_chunks(where, spans, READERS))]
+def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: threading.Event):
+    """Reader threads (READERS, over runs of neighbouring tensors) put (name, tensor, event) on `out`: the tensor is
+    on `device` once `event` has run on the consumer's stream (None: at once). A reader's error is put there too.
+    A set `stop` ends them at their next tensor."""
+    threads = [threading.Thread(target=_read_run, args=(f, names, spans, device, out, stop), daemon=True,
+                                name=f"fastload-read-{i}")
+               for i, (f, names) in enumerate(reader_chunks(where, spans, READERS))]
     for t in threads:
         t.start()
     return threads
+
+
+def _read_run(f: Path, names: list[str], spans, device: torch.device, out: queue.Queue, stop: threading.Event):
+    """One reader: to a GPU through its pinned buffers and stream (fastload.load.pinned_reads); on the CPU the
+    mapped file's tensors as they are (no copy at all)."""
+    from safetensors import safe_open
+
+    staging = None
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as mapped, contextlib.ExitStack() as opened:
+            if device.type == "cuda":
+                staging = Staging(device)
+                fd = os.open(f, os.O_RDONLY)
+                opened.callback(os.close, fd)
+            if staging is None:  # the CPU: the mapped file's tensors, no copy
+                runs = [[name] for name in names]
+            else:
+                readable = [n for n in names if spans[n] is not None]
+                runs = list(runs_of(readable, spans)) + [[n] for n in names if spans[n] is None]
+            for run in runs:
+                if stop.is_set():
+                    return
+                if staging is None or spans[run[0]] is None:  # on the CPU; a dtype only safetensors reads
+                    read, arrived = [mapped.get_tensor(run[0])], None
+                else:
+                    read, arrived = staging.read(fd, [spans[n] for n in run])
+                for name, tensor in zip(run, read):
+                    if is_packed_state(name):  # decoded on the host: its bytes there, no copy back
+                        tensor = mapped.get_tensor(name)
+                    _put_unless_stopped(out, (name, tensor, arrived), stop)
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        _put_unless_stopped(out, (None, e, None), stop)
+    finally:
+        if staging is not None:
+            staging.finish()  # no copy may still write into memory the allocator hands out again
+
+
+def _put_unless_stopped(out: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
 
 
 def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequantized: bool) -> None:
@@ -260,26 +292,32 @@ def release_freed_host_memory() -> None:
 
 
 def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dtype, device, prequantized: bool) -> None:
-    """Read every shard (a thread each) and place each weight as soon as all of its tensors have arrived."""
+    """Read every shard (READERS threads) and place each weight as soon as all of its tensors have arrived."""
     owner = {part: key for key, parts in wanted.items() for part in parts}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     out: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-    threads = stream_tensors(where, spans, device, out)
+    stop = threading.Event()
+    threads = stream_tensors(where, spans, device, out, stop)
     waited = 0.0
-    for _ in range(len(owner)):
-        started = time.perf_counter()
-        name, tensor = out.get()
-        waited += time.perf_counter() - started
-        if name is None:
-            raise tensor
-        key = owner[name]
-        pending.setdefault(key, {})[name] = tensor
-        if len(pending[key]) == len(wanted[key]):
-            place(model, key, pending.pop(key), dtype, device, prequantized)
-            if device.type == "cpu" and not prequantized:
-                release_freed_host_memory()
-    for t in threads:
-        t.join()
+    try:
+        for _ in range(len(owner)):
+            started = time.perf_counter()
+            name, tensor, arrived = out.get()
+            waited += time.perf_counter() - started
+            if name is None:
+                raise tensor
+            if arrived is not None:
+                torch.cuda.current_stream(device).wait_event(arrived)
+            key = owner[name]
+            pending.setdefault(key, {})[name] = tensor
+            if len(pending[key]) == len(wanted[key]):
+                place(model, key, pending.pop(key), dtype, device, prequantized)
+                if device.type == "cpu" and not prequantized:
+                    release_freed_host_memory()
+    finally:
+        stop.set()  # on an error: the readers end at their next tensor instead of waiting on a full queue
+        for t in threads:
+            t.join()
     add_phase("read_wait", waited)
 
 

@@ -1,0 +1,135 @@
+"""Tensors read through a reader's staging buffers (fastload.load.pinned_reads) are the file's tensors, bit for bit,
+whatever the chunk size; a load that fails part-way leaves no reader thread behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fastload.load import fast_4bit
+from fastload.load.pinned_reads import Staging, data_start, runs_of, span_of
+from fastload.sources.checkpoint_files import read_safetensors_header
+
+
+@pytest.fixture
+def mixed_file(tmp_path):
+    """One safetensors file with every common dtype, odd sizes, an empty tensor and a scalar."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(37, 129, generator=g).to(torch.bfloat16),
+        "f32": torch.randn(1000, generator=g),
+        "f16": torch.randn(3, 5, 7, generator=g).half(),
+        "u8": torch.randint(0, 256, (4099,), generator=g, dtype=torch.uint8),
+        "i64": torch.randint(-9, 9, (11,), generator=g),
+        "bool": torch.rand(13, generator=g) > 0.5,
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def staged_reads(path, device, chunk_bytes, small):
+    """Every tensor of `path` read through one Staging, in runs of neighbours (runs_of): name -> (tensor, event)."""
+    header = read_safetensors_header(path)
+    start = data_start(path)
+    spans = {name: span_of(meta, start) for name, meta in header.items() if name != "__metadata__"}
+    names = sorted(spans, key=lambda n: spans[n].start)
+    staging = Staging(torch.device(device), chunk_bytes=chunk_bytes)
+    fd = os.open(path, os.O_RDONLY)
+    read = {}
+    try:
+        for run in runs_of(names, spans, small=small, most=max(chunk_bytes, 64)):
+            tensors, arrived = staging.read(fd, [spans[n] for n in run])
+            read.update({name: (tensor, arrived) for name, tensor in zip(run, tensors)})
+    finally:
+        staging.finish()
+        os.close(fd)
+    return read
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("small", [0, 100, 1 << 20])
+def test_a_staged_read_is_the_tensor_safetensors_reads(mixed_file, chunk_bytes, small):
+    read = staged_reads(mixed_file, "cpu", chunk_bytes, small)
+    with safe_open(str(mixed_file), framework="pt") as reference:
+        assert set(read) == set(reference.keys())
+        for name, (tensor, arrived) in read.items():
+            expected = reference.get_tensor(name)
+            assert arrived is None
+            assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, name
+            assert torch.equal(tensor, expected), name
+
+
+def test_tensors_not_aligned_for_their_dtype_in_the_file_are_read_right(tmp_path):
+    """fastload's own store files keep the state dict's order, so a 4-byte tensor can follow a 13-byte one."""
+    from fastload.load.background_store import write_safetensors
+
+    tensors = {"state": torch.arange(13, dtype=torch.uint8), "absmax": torch.linspace(0, 1, 5),
+               "map": torch.arange(3, dtype=torch.bfloat16), "nested": torch.arange(7, dtype=torch.int64)}
+    path = tmp_path / "unaligned.safetensors"
+    write_safetensors(path, tensors)
+    read = staged_reads(path, "cpu", chunk_bytes=1 << 20, small=1 << 20)
+    assert all(torch.equal(read[name][0], t) for name, t in tensors.items())
+
+
+def test_small_neighbours_are_read_together_and_large_tensors_alone(mixed_file):
+    header = read_safetensors_header(mixed_file)
+    spans = {n: span_of(m, 0) for n, m in header.items() if n != "__metadata__"}
+    names = sorted(spans, key=lambda n: spans[n].start)
+    runs = list(runs_of(names, spans, small=100, most=1 << 20))
+    assert [n for run in runs for n in run] == names  # every tensor once, in file order
+    for run in runs:
+        sizes = [spans[n].end - spans[n].start for n in run]
+        assert len(run) == 1 or max(sizes) <= 100, run
+    assert max(len(run) for run in runs) > 1  # the file has small neighbours: they share a read
+
+
+def test_a_read_past_the_end_of_a_truncated_file_says_so(mixed_file):
+    header = read_safetensors_header(mixed_file)
+    span = span_of(header["f32"], data_start(mixed_file))
+    os.truncate(mixed_file, span.start + 10)
+    fd = os.open(mixed_file, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="ended .* bytes before the tensor"):
+            Staging(torch.device("cpu"), chunk_bytes=64).read(fd, [span])
+    finally:
+        os.close(fd)
+
+
+def test_a_load_that_fails_part_way_leaves_no_reader_behind(tiny_llama, monkeypatch):
+    """The readers stop at their next tensor instead of waiting for ever on the full queue (holding the file and,
+    on a GPU, their pinned buffers)."""
+    from fastload import FastModel
+
+    calls = []
+
+    def failing_place(*args, **kwargs):
+        calls.append(args[1])
+        raise RuntimeError("placing failed")
+
+    monkeypatch.setattr(fast_4bit, "READ_AHEAD", 1)
+    monkeypatch.setattr(fast_4bit, "place", failing_place)
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1")
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the facade wraps it in
+        FastModel.from_pretrained(tiny_llama, lora=None, engine=False, gradient_checkpointing=False)
+    assert calls, "the direct load was not taken"
+    readers = [t for t in threading.enumerate() if t.name.startswith("fastload-read-")]
+    assert not readers, f"reader threads still alive after the load failed: {readers}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
+@pytest.mark.parametrize("chunk_bytes", [7, 4096])
+def test_a_staged_read_onto_the_gpu_is_the_tensor_safetensors_reads(mixed_file, chunk_bytes):
+    read = staged_reads(mixed_file, "cuda", chunk_bytes, small=100)
+    with safe_open(str(mixed_file), framework="pt", device="cuda") as reference:
+        for name, (tensor, arrived) in read.items():
+            torch.cuda.current_stream().wait_event(arrived)
+            assert tensor.is_cuda and torch.equal(tensor, reference.get_tensor(name)), name
