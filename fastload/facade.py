@@ -501,11 +501,12 @@ def _saved_task(model_name, task: str | None, num_labels: int | None) -> tuple[s
 
 
 def _release_store_writes() -> None:
-    """Let a store write this load staged start: the model is ready to train, or the load failed after staging it.
-    The module is in sys.modules only if a write was staged; importing it (and torch) on an early error is not."""
+    """Let a store write this load staged start after the first optimizer step (its copies would slow the step):
+    the model is ready to train, or the load failed after staging it. The module is in sys.modules only if a write
+    was staged; importing it (and torch) on an early error is not."""
     store_writes = sys.modules.get("fastload.load.background_store")
     if store_writes is not None:
-        store_writes.release_store_writes()
+        store_writes.release_store_writes_after_first_step()
 
 
 def _device_of(model) -> str:

@@ -76,6 +76,7 @@ def check_out(args: argparse.Namespace, sources: list) -> None:
 
 def stored(args: argparse.Namespace, plan) -> tuple[Path, bool]:
     """Where the store holds the 4-bit checkpoint of `plan` and whether this run wrote it."""
+    from fastload.load.background_store import wait_for_store_writes
     from fastload.sources import plan as P
     from fastload.sources.store import Store
 
@@ -86,6 +87,7 @@ def stored(args: argparse.Namespace, plan) -> tuple[Path, bool]:
                             found=f"it is already a quantized checkpoint ({plan.location}); the store keeps only "
                                   "checkpoints fastload quantized itself",
                             fix="load it as it is, or pass --out DIR to write a copy")
+    wait_for_store_writes()  # a load on a GPU writes its entry in the background, after a first training step
     entry = Store().lookup(plan.store_key) if plan.store_key else None
     if entry is None:
         raise StoreError(f"Quantizing {args.source} into the store", found="no store entry was written",

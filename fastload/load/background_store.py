@@ -1,20 +1,24 @@
-"""The store entry written off the critical path: a writer thread saves the loaded 4-bit model while training starts.
+"""The store entry written off the critical path: a writer thread saves the loaded 4-bit model once training runs.
 
 What is saved is taken on the calling thread, right after the load: the state dict as save_pretrained would write
 it (tensor references: the packed 4-bit weights are never written again, and QLoRA trains adapters, not the base),
 the config files and the tokenizer files. The writer thread copies the tensors to the host one at a time on a side
-CUDA stream (so the copies overlap the first training steps instead of queueing behind them) and streams them into
-one safetensors file inside Store.write's temporary folder, which is renamed into place only when whole.
+CUDA stream and streams them into one safetensors file inside Store.write's temporary folder, which is renamed into
+place only when whole. Its copies go through one pinned buffer, off the driver's staging path that the training's
+own small pageable copies take.
 
-The writer starts once from_pretrained has returned (LoRA, checkpointing and the engine in place) or after
-START_AFTER_S at the latest: its device-to-host copies ran beside peft's creation of the adapters and made that 5.9x
-slower on an H200 (0.76 s to 4.47 s for 8B). Its copies go through one pinned buffer, off the driver's staging path
-that the training's own small pageable copies take.
+When it starts: from_pretrained returning arms it, and it starts once the first optimizer step of the process has
+finished (on the GPU too: it waits for the step's queued kernels). Its copies and disk writes slow whatever runs
+beside them: on an H200, peft's creation of the adapters (5.9x slower) and the first training step (a third).
+A process that never steps (generation, evaluation) gets it START_AFTER_S after from_pretrained returned, or at
+once when its main thread ends. The deadline is long on purpose: it only serves a long-lived process that never
+trains (its entry is for the next process, so a later start costs nothing), while a shorter one would land on the
+first step of a run whose data preparation or compilation takes longer. wait_for_store_writes starts it at once.
 
-Exit policy: the writer is a non-daemon thread, so a normal interpreter exit waits for it (a short script still
-leaves its entry behind); a process killed mid-write (SIGKILL, power loss) leaves only a temporary folder named
-with its pid and fastload's marker, which the next writer removes (Store.cleanup_tmp). A reader never sees a partial
-entry.
+Exit policy: the writer is a non-daemon thread, so a normal interpreter exit starts it (if still held) and waits
+for it (a short script still leaves its entry behind); a process killed mid-write (SIGKILL, power loss) leaves only
+a temporary folder named with its pid and fastload's marker, which the next writer removes (Store.cleanup_tmp). A
+reader never sees a partial entry.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fastload._log import logger
 from fastload.atomic import MARKER, leftover_name, write_marker
@@ -38,19 +43,84 @@ SWITCH = "FASTLOAD_STORE_WRITE"  # "background" or "wait"; unset: background for
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
                       torch.bool: "BOOL"}
-START_AFTER_S = 30.0  # a writer not released by then starts anyway (a load that failed after staging)
+START_AFTER_S = 30.0  # a held write starts this long after from_pretrained returned, if no optimizer step came
+POLL_S = 0.1  # how often a held writer looks whether the main thread has ended (the interpreter is exiting)
 PINNED_BYTES = 64 << 20  # the host buffer device tensors are copied through, chunk by chunk
 _writers: list[threading.Thread] = []
-_held: list[threading.Event] = []  # one per staged write, set when the load that staged it is done
+_lock = threading.Lock()
+_held: list[HeldWrite] = []  # the staged writes not started yet
+_step_hook = None  # torch's handle of _after_optimizer_step, registered by the first armed write
+
+
+class HeldWrite:
+    """When one staged write may start: once released, at its deadline, or when the main thread ends."""
+
+    def __init__(self) -> None:
+        self.armed = False  # from_pretrained returned: the next optimizer step releases it
+        self.deadline = time.monotonic() + START_AFTER_S
+        self.why = ""
+        self.step_done = None  # a CUDA event after the releasing step's kernels
+        self._released = threading.Event()
+
+    def arm(self) -> None:
+        self.armed = True
+        self.deadline = time.monotonic() + START_AFTER_S
+
+    def release(self, why: str, step_done=None) -> None:
+        self.why, self.step_done = why, step_done
+        self._released.set()
+
+    def wait(self) -> str:
+        """Block until the write may start; returns when it started, for the log."""
+        while not self._released.wait(POLL_S):
+            if not threading.main_thread().is_alive():
+                return "at the main thread's end"
+            if time.monotonic() >= self.deadline:
+                return f"at the {START_AFTER_S:.0f} s deadline (no optimizer step)"
+        if self.step_done is not None:
+            self.step_done.synchronize()
+        return self.why
 
 
 def release_store_writes() -> None:
-    """Let staged background writes start: from_pretrained calls it once the model is ready to train."""
-    while True:
-        try:
-            _held.pop().set()
-        except IndexError:  # none left (another thread may have released the last one meanwhile)
-            return
+    """Let every staged write start now (wait_for_store_writes; a caller that knows no training follows)."""
+    for held in _take(lambda held: True):
+        held.release("on request")
+
+
+def release_store_writes_after_first_step() -> None:
+    """Let the staged writes start once an optimizer step has finished: from_pretrained calls it as it returns."""
+    global _step_hook
+    with _lock:
+        for held in _held:
+            held.arm()
+        if _held and _step_hook is None:
+            # kept for the process, idle while nothing is armed: torch runs the global hooks without copying their
+            # dict, so a hook removing itself breaks the step of any hook registered after it
+            _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """torch's hook after every optimizer step: starts the armed writes."""
+    if not _held:
+        return
+    armed = _take(lambda held: held.armed)
+    if not armed:
+        return
+    step_done = None
+    if torch.cuda.is_initialized():  # step() returns with its kernels queued: the write waits for them
+        step_done = torch.cuda.Event()
+        step_done.record()
+    for held in armed:
+        held.release("after the first optimizer step", step_done)
+
+
+def _take(wanted) -> list[HeldWrite]:
+    """Remove and return the held writes `wanted` accepts (two threads may release at once)."""
+    with _lock:
+        taken = [held for held in _held if wanted(held)]
+        _held[:] = [held for held in _held if not wanted(held)]
+    return taken
 
 
 def wants_background(model, device) -> bool:
@@ -158,11 +228,12 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
             stream.wait_event(ready)
         write_safetensors(Path(directory) / "model.safetensors", tensors, stream)
 
-    released = threading.Event()
-    _held.append(released)
+    held = HeldWrite()
+    with _lock:
+        _held.append(held)
 
     def write() -> None:
-        released.wait(START_AFTER_S)
+        why = held.wait()
         started = time.perf_counter()
         try:
             with store.lock(key):
@@ -170,8 +241,8 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
                     logger.info("store: another process stored %s meanwhile; this copy is not written", key)
                     return
                 entry = store.write(key, source, quant, save)
-            logger.info("stored the quantized model in %s in the background (%.0f MB, %.1f s)", entry.path,
-                        entry.size_bytes / 1e6, time.perf_counter() - started)
+            logger.info("stored the quantized model in %s in the background (%.0f MB, %.1f s, started %s)",
+                        entry.path, entry.size_bytes / 1e6, time.perf_counter() - started, why)
         except Exception as e:  # noqa: BLE001 - a failed store write must not end the training it runs beside
             logger.warning("the background store write failed; the next load quantizes again: %s", e)
         finally:
