@@ -1,0 +1,150 @@
+"""The fused MoE kernels (fastload.engine.triton.moe) against transformers' unfused arithmetic, forward and backward.
+
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, small shapes; skipped without triton): fp32
+must match to round-off (1e-5 relative), which any wrong index or formula breaks. The interpreter truncates when it
+casts to bf16 where a GPU rounds to nearest, so in bf16 there it is held to 2e-2 relative; on a GPU (the gpu-marked
+tests, qwen3-moe-small's shapes) nearly every bf16 value must be identical, the gradients within 1e-2 relative.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastload.engine.triton import moe
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """moe's launches go to a copy of its kernels module built under Triton's interpreter (CPU tensors)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    path = Path(moe.__file__).with_name("moe_kernels.py")
+    spec = importlib.util.spec_from_file_location("moe_kernels_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(moe, "_kernels", lambda: module)
+
+
+def reference_gate(gate_up, delta, routing):
+    """transformers' _default_apply_gate on the projection plus its LoRA product, then the routing weight."""
+    gate, up = (gate_up + delta if delta is not None else gate_up).chunk(2, dim=-1)
+    h = torch.nn.functional.silu(gate) * up
+    return h * routing if routing is not None else h
+
+
+def reference_combine(y, delta, inverse, k):
+    """expert_lora's PermuteRows and transformers' sum over each token's k rows."""
+    y = y + delta if delta is not None else y
+    return y[inverse].view(-1, k, y.shape[-1]).sum(dim=1)
+
+
+def relative(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def gate_inputs(rows, inter, dtype, device="cpu", seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
+    gate_up = torch.randn(rows, 2 * inter, generator=gen, device=device).to(dtype).requires_grad_()
+    delta = (0.3 * torch.randn(rows, 2 * inter, generator=gen, device=device)).to(dtype).requires_grad_()
+    routing = torch.rand(rows, 1, generator=gen, device=device).to(dtype).requires_grad_()
+    dh = torch.randn(rows, inter, generator=gen, device=device).to(dtype)
+    return gate_up, delta, routing, dh
+
+
+def routed(tokens, k, width, dtype, device="cpu", seed=0):
+    """Rows of k experts' outputs per token in expert order, with the permutation expert_lora builds."""
+    gen = torch.Generator(device).manual_seed(seed)
+    experts = torch.randint(0, 5, (tokens * k,), generator=gen, device=device)
+    _, perm = torch.sort(experts)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=device)
+    y = torch.randn(tokens * k, width, generator=gen, device=device).to(dtype).requires_grad_()
+    delta = (0.3 * torch.randn(tokens * k, width, generator=gen, device=device)).to(dtype).requires_grad_()
+    grad = torch.randn(tokens, width, generator=gen, device=device).to(dtype)
+    return y, delta, inverse, perm // k, grad
+
+
+def check_gate(rows, inter, dtype, with_delta, with_routing, tol, device="cpu"):
+    gate_up, delta, routing, dh = gate_inputs(rows, inter, dtype, device)
+    delta, routing = (delta if with_delta else None), (routing if with_routing else None)
+    inputs = [t for t in (gate_up, delta, routing) if t is not None]
+    ref = reference_gate(gate_up, delta, routing)
+    ours = moe.gated_activation(gate_up, delta, routing)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    assert relative(ours, ref) < tol
+    for mine, theirs in zip(torch.autograd.grad(ours, inputs, dh), torch.autograd.grad(ref, inputs, dh)):
+        assert mine.shape == theirs.shape
+        assert relative(mine, theirs) < tol
+    return ours, ref
+
+
+@needs_triton
+@pytest.mark.parametrize("with_delta,with_routing", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_gated_activation_matches_transformers_gate(interpreted, with_delta, with_routing, dtype, tol):
+    """37 rows (not a multiple of the 16-row tile), 300 columns (two column tiles, the second partial)."""
+    check_gate(37, 300, dtype, with_delta, with_routing, tol)
+
+
+@needs_triton
+def test_gated_activation_skips_the_routing_gradient_nobody_asks_for(interpreted):
+    gate_up, delta, routing, dh = gate_inputs(20, 64, torch.float32)
+    routing.requires_grad_(False)
+    out = moe.gated_activation(gate_up, delta, routing)
+    d_gate_up, d_delta = torch.autograd.grad(out, (gate_up, delta), dh)
+    (expected,) = torch.autograd.grad(reference_gate(gate_up, delta, routing), gate_up, dh)
+    assert relative(d_gate_up, expected) < 1e-5 and torch.equal(d_gate_up, d_delta)
+
+
+@needs_triton
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_combine_matches_permute_and_sum(interpreted, with_delta, dtype, tol):
+    """13 tokens, k = 3, 1100 columns (two column tiles of 1024, the second partial)."""
+    y, delta, inverse, token, grad = routed(13, 3, 1100, dtype)
+    delta = delta if with_delta else None
+    inputs = [t for t in (y, delta) if t is not None]
+    ref = reference_combine(y, delta, inverse, 3)
+    ours = moe.combine(y, delta, inverse, token, 3)
+    assert ours.shape == ref.shape and relative(ours, ref) < tol
+    for mine, theirs in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        assert torch.equal(mine, theirs)  # a gather either way: exact
+
+
+@needs_triton
+def test_gather_sum_is_spread_rows_gradient(interpreted):
+    """SpreadRows' backward: each token's k rows (found through inverse) summed."""
+    _, _, inverse, _, _ = routed(9, 4, 40, torch.float32)
+    grad = torch.randn(36, 40)
+    assert relative(moe.gather_sum(grad, inverse, 4), grad[inverse].view(9, 4, 40).sum(dim=1)) < 1e-6
+
+
+def test_kernels_run_only_on_contiguous_cuda_tensors_of_one_dtype():
+    assert not moe.runs(torch.zeros(4, 8), None)  # the CPU: transformers' arithmetic
+
+
+# -- GPU: qwen3-moe-small's shapes (4,096 tokens x 8 experts, expert width 768, hidden 2048), bf16 ----------------
+
+@pytest.mark.gpu
+def test_gpu_gated_activation_is_transformers_gate_in_bf16():
+    gate_up, delta, routing, dh = gate_inputs(32768, 768, torch.bfloat16, "cuda")
+    assert moe.runs(gate_up, delta, routing)
+    ours, ref = check_gate(32768, 768, torch.bfloat16, True, True, 1e-2, "cuda")
+    assert (ours != ref).float().mean() < 0.01  # the same rounding steps: nearly every value identical
+
+
+@pytest.mark.gpu
+def test_gpu_combine_is_permute_and_sum_in_bf16():
+    y, delta, inverse, token, grad = routed(4096, 8, 2048, torch.bfloat16, "cuda")
+    assert moe.runs(y, delta)
+    ref = reference_combine(y, delta, inverse, 8)
+    ours = moe.combine(y, delta, inverse, token, 8)
+    assert (ours != ref).float().mean() < 0.01 and relative(ours, ref) < 1e-2
+    for mine, theirs in zip(torch.autograd.grad(ours, (y, delta), grad), torch.autograd.grad(ref, (y, delta), grad)):
+        assert torch.equal(mine, theirs)
+    assert relative(moe.gather_sum(y.detach(), inverse, 8), y.detach()[inverse].view(4096, 8, -1).sum(1)) < 1e-2
