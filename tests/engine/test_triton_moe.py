@@ -1,6 +1,6 @@
 """The fused MoE kernels (fastload.engine.triton.moe) against transformers' unfused arithmetic, forward and backward.
 
-On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, small shapes; skipped without triton): fp32
+On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py; small shapes): fp32
 must match to round-off (1e-5 relative), which any wrong index or formula breaks. The interpreter truncates when it
 casts to bf16 where a GPU rounds to nearest, so in bf16 there it is held to 2e-2 relative; on a GPU (the gpu-marked
 tests, qwen3-moe-small's shapes) nearly every bf16 value must be identical, the gradients within 1e-2 relative.
@@ -8,26 +8,17 @@ tests, qwen3-moe-small's shapes) nearly every bf16 value must be identical, the 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from interpreted_kernels import count_moe_launches, needs_interpreter
 
 from fastload.engine.triton import moe
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """moe's launches go to a copy of its kernels module built under Triton's interpreter (CPU tensors)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    path = Path(moe.__file__).with_name("moe_kernels.py")
-    spec = importlib.util.spec_from_file_location("moe_kernels_interpreted", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(moe, "_kernels", lambda: module)
+    """The kernels launch on the CPU tensors these tests build (in Triton's interpreter)."""
+    count_moe_launches(monkeypatch, on_cpu=True)
 
 
 def reference_gate(gate_up, delta, routing):
@@ -70,20 +61,23 @@ def routed(tokens, k, width, dtype, device="cpu", seed=0):
 
 
 def check_gate(rows, inter, dtype, with_delta, with_routing, tol, device="cpu"):
+    """Both outputs used, as the lever uses them: their gradients are added inside the backward kernel."""
     gate_up, delta, routing, dh = gate_inputs(rows, inter, dtype, device)
+    dh2 = (0.5 * torch.randn_like(dh, dtype=torch.float32)).to(dtype)
     delta, routing = (delta if with_delta else None), (routing if with_routing else None)
     inputs = [t for t in (gate_up, delta, routing) if t is not None]
     ref = reference_gate(gate_up, delta, routing)
-    ours = moe.gated_activation(gate_up, delta, routing)
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    ours, again = moe.gated_activation(gate_up, delta, routing)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape and again.data_ptr() == ours.data_ptr()
     assert relative(ours, ref) < tol
-    for mine, theirs in zip(torch.autograd.grad(ours, inputs, dh), torch.autograd.grad(ref, inputs, dh)):
+    mine_all = torch.autograd.grad((ours, again), inputs, (dh, dh2))
+    for mine, theirs in zip(mine_all, torch.autograd.grad(ref, inputs, dh + dh2)):
         assert mine.shape == theirs.shape
         assert relative(mine, theirs) < tol
     return ours, ref
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("with_delta,with_routing", [(True, True), (False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_gated_activation_matches_transformers_gate(interpreted, with_delta, with_routing, dtype, tol):
@@ -91,17 +85,17 @@ def test_gated_activation_matches_transformers_gate(interpreted, with_delta, wit
     check_gate(37, 300, dtype, with_delta, with_routing, tol)
 
 
-@needs_triton
+@needs_interpreter
 def test_gated_activation_skips_the_routing_gradient_nobody_asks_for(interpreted):
     gate_up, delta, routing, dh = gate_inputs(20, 64, torch.float32)
     routing.requires_grad_(False)
-    out = moe.gated_activation(gate_up, delta, routing)
+    out, _ = moe.gated_activation(gate_up, delta, routing)  # the second output unused: no gradient reaches it
     d_gate_up, d_delta = torch.autograd.grad(out, (gate_up, delta), dh)
     (expected,) = torch.autograd.grad(reference_gate(gate_up, delta, routing), gate_up, dh)
     assert relative(d_gate_up, expected) < 1e-5 and torch.equal(d_gate_up, d_delta)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("with_delta", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_combine_matches_permute_and_sum(interpreted, with_delta, dtype, tol):
@@ -116,7 +110,7 @@ def test_combine_matches_permute_and_sum(interpreted, with_delta, dtype, tol):
         assert torch.equal(mine, theirs)  # a gather either way: exact
 
 
-@needs_triton
+@needs_interpreter
 def test_gather_sum_is_spread_rows_gradient(interpreted):
     """SpreadRows' backward: each token's k rows (found through inverse) summed."""
     _, _, inverse, _, _ = routed(9, 4, 40, torch.float32)

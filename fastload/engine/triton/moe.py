@@ -41,7 +41,8 @@ def runs(*tensors) -> bool:
 
 
 class GatedActivation(torch.autograd.Function):
-    """silu(gate) * up (* routing) for [gate | up] = gate_up + delta, each (rows, 2 * inter); routing (rows, 1)."""
+    """silu(gate) * up (* routing) for [gate | up] = gate_up + delta, each (rows, 2 * inter); routing (rows, 1).
+    Returned twice (the second a view of the first) for two consumers, whose gradients backward adds as it reads."""
 
     @staticmethod
     def forward(ctx, gate_up, delta, routing):
@@ -54,19 +55,23 @@ class GatedActivation(torch.autograd.Function):
                                        BM=GATE_ROWS, BN=GATE_COLS, num_warps=4)
         ctx.save_for_backward(gate_up, delta, routing)
         ctx.has_delta, ctx.has_routing = delta is not None, routing is not None
-        return h
+        return h, h.view_as(h)
 
     @staticmethod
-    def backward(ctx, dh):
+    def backward(ctx, dh, dh2):
         gate_up, delta, routing = ctx.saved_tensors
+        if dh is None:
+            dh, dh2 = dh2, None
         rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
         d_gate_up = torch.empty_like(gate_up)
         needs_dr = ctx.has_routing and ctx.needs_input_grad[2]
         d_routing = torch.empty_like(routing) if needs_dr else None
+        dh = dh.contiguous()
         _kernels().gated_backward[(triton_cdiv(rows, GATE_ROWS),)](
-            dh.contiguous(), gate_up, delta if ctx.has_delta else gate_up, routing if ctx.has_routing else gate_up,
-            d_gate_up, d_routing if needs_dr else gate_up, rows, inter, HAS_DELTA=ctx.has_delta,
-            HAS_ROUTING=ctx.has_routing, NEEDS_DR=needs_dr, BM=GATE_ROWS, BN=GATE_COLS, num_warps=4)
+            dh, dh2.contiguous() if dh2 is not None else dh, gate_up, delta if ctx.has_delta else gate_up,
+            routing if ctx.has_routing else gate_up, d_gate_up, d_routing if needs_dr else gate_up, rows, inter,
+            HAS_DH2=dh2 is not None, HAS_DELTA=ctx.has_delta, HAS_ROUTING=ctx.has_routing, NEEDS_DR=needs_dr,
+            BM=GATE_ROWS, BN=GATE_COLS, num_warps=4)
         return d_gate_up, d_gate_up if ctx.has_delta else None, d_routing
 
 
@@ -97,7 +102,9 @@ def gather_sum(x: torch.Tensor, index: torch.Tensor, k: int, delta: torch.Tensor
     return out
 
 
-def gated_activation(gate_up, delta, routing):
+def gated_activation(gate_up, delta, routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, h again): one for the down projection's base product, one for its adapter (their input gradients meet in
+    this function's backward kernel, not in a separate addition)."""
     return GatedActivation.apply(gate_up, delta, routing)
 
 

@@ -41,10 +41,12 @@ def gated_forward(gu_ptr, delta_ptr, r_ptr, h_ptr, rows, inter, HAS_DELTA: tl.co
 
 
 @triton.jit
-def gated_backward(dh_ptr, gu_ptr, delta_ptr, r_ptr, dgu_ptr, dr_ptr, rows, inter, HAS_DELTA: tl.constexpr,
-                   HAS_ROUTING: tl.constexpr, NEEDS_DR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """d[gate | up] from dh, recomputing silu(gate) and the product from the saved [gate | up] (+ delta); with routing
-    weights also d r = sum over the row of dh * silu(gate) * up. One program per BM rows, across all columns."""
+def gated_backward(dh_ptr, dh2_ptr, gu_ptr, delta_ptr, r_ptr, dgu_ptr, dr_ptr, rows, inter, HAS_DH2: tl.constexpr,
+                   HAS_DELTA: tl.constexpr, HAS_ROUTING: tl.constexpr, NEEDS_DR: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr):
+    """d[gate | up] from dh (+ dh2, rounded), recomputing silu(gate) and the product from the saved [gate | up]
+    (+ delta); with routing weights also d r = sum over the row of dh * silu(gate) * up. One program per BM rows,
+    across all columns."""
     dtype = dgu_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     in_rows = row < rows
@@ -57,6 +59,9 @@ def gated_backward(dh_ptr, gu_ptr, delta_ptr, r_ptr, dgu_ptr, dr_ptr, rows, inte
         offs = row[:, None] * (2 * inter) + col[None, :]
         gate, up = _gate_up(gu_ptr, delta_ptr, offs, mask, inter, dtype, HAS_DELTA)
         dh = tl.load(dh_ptr + row[:, None] * inter + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DH2:
+            dh = _rounded(dh + tl.load(dh2_ptr + row[:, None] * inter + col[None, :], mask=mask, other=0.0)
+                          .to(tl.float32), dtype)
         sig = tl.sigmoid(gate)
         silu = _rounded(gate * sig, dtype)
         if HAS_ROUTING:
