@@ -186,9 +186,11 @@ def fused_gate(experts) -> bool:
 
 @functools.cache
 def _default_gate(experts_class) -> bool:
-    from transformers.integrations import moe as transformers_moe
-
-    return getattr(experts_class, "_apply_gate", None) is getattr(transformers_moe, "_default_apply_gate", False)
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # a transformers without it: the module's own gate
+        return False
+    return getattr(experts_class, "_apply_gate", None) is _default_apply_gate
 
 
 @functools.cache

@@ -2,8 +2,9 @@
 
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py; small shapes): fp32
 must match to round-off (1e-5 relative), which any wrong index or formula breaks. The interpreter truncates when it
-casts to bf16 where a GPU rounds to nearest, so in bf16 there it is held to 2e-2 relative; on a GPU (the gpu-marked
-tests, qwen3-moe-small's shapes) nearly every bf16 value must be identical, the gradients within 1e-2 relative.
+casts to bf16 where a GPU rounds to nearest (a bias the routing weight's gradient sums over a row), so bf16 there is
+held to 5e-2 relative; on a GPU (the gpu-marked tests, qwen3-moe-small's shapes) nearly every bf16 value must be
+identical, the gradients within 1e-2 relative.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def routed(tokens, k, width, dtype, device="cpu", seed=0):
 def check_gate(rows, inter, dtype, with_delta, with_routing, tol, device="cpu"):
     """Both outputs used, as the lever uses them: their gradients are added inside the backward kernel."""
     gate_up, delta, routing, dh = gate_inputs(rows, inter, dtype, device)
-    dh2 = (0.5 * torch.randn_like(dh, dtype=torch.float32)).to(dtype)
+    dh2 = gate_inputs(rows, inter, dtype, device, seed=1)[3]
     delta, routing = (delta if with_delta else None), (routing if with_routing else None)
     inputs = [t for t in (gate_up, delta, routing) if t is not None]
     ref = reference_gate(gate_up, delta, routing)
@@ -79,7 +80,7 @@ def check_gate(rows, inter, dtype, with_delta, with_routing, tol, device="cpu"):
 
 @needs_interpreter
 @pytest.mark.parametrize("with_delta,with_routing", [(True, True), (False, True), (True, False), (False, False)])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 def test_gated_activation_matches_transformers_gate(interpreted, with_delta, with_routing, dtype, tol):
     """37 rows (not a multiple of the 16-row tile), 300 columns (two column tiles, the second partial)."""
     check_gate(37, 300, dtype, with_delta, with_routing, tol)

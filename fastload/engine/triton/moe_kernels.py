@@ -8,12 +8,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _rounded(x, dtype):
+def _rounded(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
-def _gate_up(gu_ptr, delta_ptr, offs_gate, mask, inter, dtype, HAS_DELTA: tl.constexpr):
+def _gate_up(gu_ptr, delta_ptr, offs_gate, mask, inter, dtype: tl.constexpr, HAS_DELTA: tl.constexpr):
     # gate and up of a [gate | up] row (rounded after adding the LoRA product where there is one)
     gate = tl.load(gu_ptr + offs_gate, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + offs_gate + inter, mask=mask, other=0.0).to(tl.float32)
