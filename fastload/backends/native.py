@@ -14,6 +14,7 @@ from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
 from fastload.model_state import state_of
 from fastload.sources import plan as P
+from fastload.train.adapter_draws import EarlyDraws
 from fastload.train.checkpointing import enable_checkpointing
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
@@ -88,6 +89,8 @@ class NativeBackend:
         from fastload.train.peft_warmup import finish_peft_warmup, start_peft_warmup
 
         warmup = start_peft_warmup() if lora is not None and not plan.adapter else None
+        early = EarlyDraws(lora, random_state) if lora is not None and not plan.adapter else None
+        hook = early.start if early is not None else None
         if plan.store_key and store is not None and not plan.prequantized:
             with store.lock(plan.store_key):
                 entry = store.lookup(plan.store_key)  # another process may have stored it while we waited
@@ -97,17 +100,17 @@ class NativeBackend:
                     logger.info("store: another process stored %s while this one waited", entry.path.name)
                     plan = replace(plan, source=P.STORE, location=str(entry.path), prequantized=True,
                                    reason="stored by another process while this one waited")
-                    model, tokenizer = self._load(plan, opts, store)
+                    model, tokenizer = self._load(plan, opts, store, hook)
                 else:
-                    model, tokenizer = self._load(plan, opts, store)
+                    model, tokenizer = self._load(plan, opts, store, hook)
                     with phase("store_write"):
                         self._store(plan, opts, model, tokenizer, store)
         elif plan.source == P.STORE and store is not None:
-            model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state)
+            model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state, hook)
             if model is None:  # the entry was damaged: discarded and loaded again from its source
                 return tokenizer
         else:
-            model, tokenizer = self._load(plan, opts, store)
+            model, tokenizer = self._load(plan, opts, store, hook)
         from fastload.load.experts import settle_experts
 
         with phase("experts"):  # after the store entry is staged: the store keeps the 16-bit experts
@@ -124,7 +127,7 @@ class NativeBackend:
 
             with phase("lora"):
                 finish_peft_warmup(warmup)
-                model = apply_lora(model, lora, random_state)
+                model = apply_lora(model, lora, random_state, early)
         if getattr(model, "peft_config", None):
             from fastload.save.adapters import name_base_model
 
@@ -143,14 +146,14 @@ class NativeBackend:
                         "memory while training)")
         return model, tokenizer
 
-    def _load_stored(self, plan, opts, store, *load_args):
+    def _load_stored(self, plan, opts, store, lora, gradient_checkpointing, random_state, hook):
         """A store entry whose damage no check caught (the sampled hash reads a few MiB) can still fail to load: it
         is discarded and the model loaded from its source, quantized and stored again, instead of every later load
         failing on it. Returns (model, tokenizer), or (None, what load returned) after such a rebuild."""
         from fastload.errors import CheckpointError
 
         try:
-            return self._load(plan, opts, store)
+            return self._load(plan, opts, store, hook)
         except CheckpointError as e:
             if not plan.original or not plan.store_key:
                 raise
@@ -163,14 +166,14 @@ class NativeBackend:
         # outside the except block: its traceback holds the failed load's frames and what they built, and the
         # collector is paused during a load; collected before the source is read again
         gc.collect()
-        return None, self.load(fresh, opts, store, *load_args)
+        return None, self.load(fresh, opts, store, lora, gradient_checkpointing, random_state)
 
-    def _load(self, plan, opts, store):
+    def _load(self, plan, opts, store, skeleton_hook=None):
         if plan.gguf_file:
             plan = materialize_gguf(plan, store.root if store is not None else None)
         started = time.perf_counter()
         tokenizer = TokenizerLoad(tokenizer_source(plan), opts)
-        model, dtype, device = load_weights(plan, opts, before_reading=tokenizer.start)
+        model, dtype, device = load_weights(plan, opts, before_reading=tokenizer.start, skeleton_hook=skeleton_hook)
         what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)

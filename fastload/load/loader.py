@@ -333,16 +333,17 @@ def prepare_direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device
         return prepare_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config)
 
 
-def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
+def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None):
     """from_pretrained as the plan says; returns the model on its device, before LoRA. The direct load calls
-    before_reading() once its modules are built, just before it reads the weights (the tokenizer starts then)."""
+    before_reading() once its modules are built, just before it reads the weights (the tokenizer starts then), and
+    skeleton_hook(skeleton, device) before that (the LoRA init's draws start then: train.adapter_draws.EarlyDraws)."""
     from fastload.sources.checkpoint_files import headers_read_once
 
     with headers_read_once():
-        return _load_weights(plan, opts, before_reading)
+        return _load_weights(plan, opts, before_reading, skeleton_hook)
 
 
-def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
+def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None):
     from fastload.load.experts import arrival_settings, quantized_on_arrival
     from fastload.load.memory import check_fits, check_weights_floor, meta_model
     from fastload.load.task import CAUSAL_LM, model_class
@@ -396,6 +397,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None):
     del structure  # a direct load that cannot finish must not hold its weights while transformers reads them again
     model = None
     if direct is not None:
+        if skeleton_hook is not None:
+            skeleton_hook(direct.model, direct.device)
         with translated_errors(plan), quantized_on_arrival(experts_4bit):
             model = direct.read(before_reading)
         del direct

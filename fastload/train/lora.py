@@ -14,7 +14,13 @@ from fastload.errors import AdapterError, UnsupportedArchitecture
 from fastload.model_state import state_of
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear, router_widths
-from fastload.train.adapter_draws import AdapterDraws, draw_like_peft, predicted_adapters, sharing_the_interpreter
+from fastload.train.adapter_draws import (
+    AdapterDraws,
+    EarlyDraws,
+    draw_like_peft,
+    predicted_adapters,
+    sharing_the_interpreter,
+)
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
@@ -134,8 +140,9 @@ def untrained_adapter(model) -> bool:
     return bool(b_matrices) and all(not torch.count_nonzero(p) for p in b_matrices)
 
 
-def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
-    """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast."""
+def apply_lora(model, settings: LoraSettings, random_state: int | None = None, early: EarlyDraws | None = None):
+    """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast.
+    `early`: the draws the load started beside its reading (fastload.train.adapter_draws.EarlyDraws), if any."""
     from peft import LoraConfig, get_peft_model
 
     from fastload._log import quiet_foreign_deprecations
@@ -162,7 +169,10 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None):
     if random_state is not None:
         torch.manual_seed(random_state)
     fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too
-    draws = AdapterDraws(predicted_adapters(model, targets, config.r, config.exclude_modules)) if fill_here else None
+    draws = None
+    if fill_here:
+        predicted = predicted_adapters(model, targets, config.r, config.exclude_modules)
+        draws = (early.for_adapters(predicted) if early is not None else None) or AdapterDraws(predicted)
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
     with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
             sharing_the_interpreter() if draws is not None else contextlib.nullcontext():

@@ -68,3 +68,55 @@ def assert_matches_plain_peft(tiny_llama) -> None:
             == {n for n, p in plain.named_parameters() if p.requires_grad} == set(plain_lora))
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     assert torch.equal(_logits(ours, ids), _logits(plain, ids))
+
+
+def _plain_peft(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                        target_modules=EXPECTED_TARGETS["llama"], task_type="CAUSAL_LM")
+    return get_peft_model(FastModel.from_pretrained(tiny_llama, lora=None)[0], config, autocast_adapter_dtype=True)
+
+
+def _spy_early(monkeypatch) -> list:
+    from fastload.train import adapter_draws
+
+    used = []
+    for_adapters = adapter_draws.EarlyDraws.for_adapters
+    monkeypatch.setattr(adapter_draws.EarlyDraws, "for_adapters",
+                        lambda self, adapters: used.append(for_adapters(self, adapters)) or used[-1])
+    return used
+
+
+def test_the_init_drawn_while_the_weights_are_read_is_peft_init(tiny_llama, monkeypatch):
+    """from_pretrained starts the LoRA draws from the direct load's skeleton, before the weights are read: they are
+    used, and the adapters and the generator's state after them are plain peft's for the same seed."""
+    used = _spy_early(monkeypatch)
+    ours = FastModel.from_pretrained(tiny_llama, random_state=SEED)[0]
+    ours_rng = torch.get_rng_state()
+    assert len(used) == 1 and used[0] is not None, "the early draws were not used"
+    torch.manual_seed(SEED)
+    plain = _plain_peft(tiny_llama)
+    assert torch.equal(ours_rng, torch.get_rng_state())
+    ours_lora, plain_lora = _adapters(ours), _adapters(plain)
+    assert ours_lora.keys() == plain_lora.keys()
+    assert all(torch.equal(ours_lora[n], w) for n, w in plain_lora.items())
+
+
+def test_a_draw_between_reading_and_lora_is_not_missed_by_the_early_init(tiny_llama, monkeypatch):
+    """Without a seed the early draws start from the generator's state while the weights are read; anything that
+    draws from it before peft does makes them wrong: they are dropped and the adapters are still peft's."""
+    from fastload.load import experts
+
+    settle = experts.settle_experts
+    monkeypatch.setattr(experts, "settle_experts", lambda *a, **k: (torch.rand(1), settle(*a, **k))[1])
+    used = _spy_early(monkeypatch)
+    torch.manual_seed(5)
+    ours = FastModel.from_pretrained(tiny_llama, random_state=None)[0]
+    ours_rng = torch.get_rng_state()
+    assert len(used) == 1 and used[0] is None, "early draws from a stale generator state were used"
+    torch.manual_seed(5)
+    plain = _plain_peft(tiny_llama)  # its load draws the same one number in settle_experts
+    assert torch.equal(ours_rng, torch.get_rng_state())
+    ours_lora, plain_lora = _adapters(ours), _adapters(plain)
+    assert all(torch.equal(ours_lora[n], w) for n, w in plain_lora.items())
