@@ -21,23 +21,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FASTLOAD_CPU_BF16", "0")
 
 
-def _has_cuda() -> bool:
+def pytest_collection_modifyitems(config, items):
     try:
         import torch
 
-        return torch.cuda.is_available()
+        has_gpu = torch.cuda.is_available()
     except ImportError:
-        return False
-
-
-# without a GPU, Triton kernels run only in its interpreter, which must be on before triton is first imported (its
-# own library functions are decorated then): the CPU tests of fastload's kernels use it (interpreted_kernels.py)
-if not _has_cuda():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    if not _has_cuda():
+        has_gpu = False
+    if not has_gpu:
         skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
         for item in items:
             if "gpu" in item.keywords:

@@ -9,11 +9,6 @@ with per-expert offsets; a loop over the experts where it cannot run), so nothin
 module's own layout attributes (set by transformers' `use_experts_implementation`: transposed weights, biases, its
 gate function) decide the arithmetic, which follows transformers' grouped_mm experts forward.
 
-On a GPU with Triton, the elementwise work between the grouped matmuls is fused (fastload.engine.triton.moe): the
-adapter's product is added as the gate kernel (silu(gate) * up * routing weight) and the gather-sum back to token
-order read it, and the input gradients of a projection's base and adapter products are added inside the next
-kernel's backward; elsewhere transformers' separate operations compute the same values.
-
 Experts stored 4-bit (fastload.load.nf4_experts) are dequantized per projection inside an autograd function, in
 forward and again in backward: nothing weight-sized is kept between them.
 
@@ -31,7 +26,6 @@ import types
 import torch
 
 from fastload._log import logger
-from fastload.engine.triton import moe
 from fastload.engine.triton.nf4 import dequantize_4bit, supported
 from fastload.load.nf4_experts import is_stack
 from fastload.model_state import is_patched, mark_patched
@@ -138,70 +132,26 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     order, perm = torch.sort(indices.reshape(-1))
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    token = perm // top_k
     offsets = _offsets(order, experts.num_experts)
-    # each of these functions returns its output twice (the second a view of the first), one for a projection's base
-    # product and one for its adapter: their input gradients reach the function apart and meet in its fused kernel
-    # instead of a separate addition
-    x, x_for_lora = SpreadRows.apply(hidden, token, inverse, top_k)
+    x = SpreadRows.apply(hidden, perm, inverse, top_k)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
-    h, h_lora = _projection(experts, up, x, order, offsets, factors.get(up), x_for_lora)
+    h = _projection(experts, up, x, order, offsets, factors.get(up))
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     routing = weights.reshape(-1)[perm].unsqueeze(-1)
-    h_for_lora = None
-    if fused_gate(experts) and moe.runs(h, h_lora):
-        weighted_early = _weighted_early(experts, h.shape[-1] // 2, hidden, routing, h.dtype)
-        h, h_for_lora = moe.gated_activation(h, h_lora, routing if weighted_early else None)
-    else:
-        h = _summed(h, h_lora)
-        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-        weighted_early = _weighted_early(experts, h.shape[-1], hidden, routing, h.dtype)
-        if weighted_early:
-            h = h * routing
-    y, y_lora = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"), h_for_lora)
+    # (h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
+    # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
+    # not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)
+    weighted_early = (not experts.has_bias and not getattr(experts, "has_post_expert_norm", False)
+                      and h.shape[-1] < hidden.shape[-1] and routing.dtype == h.dtype)
+    if weighted_early:
+        h = h * routing
+    y = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
     if getattr(experts, "has_post_expert_norm", False):  # set from transformers 5.2x on; absent means none
-        y, y_lora = experts.post_expert_norm(_summed(y, y_lora)), None
+        y = experts.post_expert_norm(y)
     if not weighted_early:
-        y, y_lora = _summed(y, y_lora) * routing, None
+        y = y * routing
     # summed over the k choices of each token, as transformers does (fp32 accumulation inside the sum)
-    if moe.runs(y, y_lora):
-        return moe.combine(y, y_lora, inverse, token, top_k).to(hidden.dtype)
-    y = PermuteRows.apply(_summed(y, y_lora), inverse, perm)
-    return y.view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
-
-
-def _weighted_early(experts, width: int, hidden, routing, dtype) -> bool:
-    """(h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
-    Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
-    not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)."""
-    return (not experts.has_bias and not getattr(experts, "has_post_expert_norm", False)
-            and width < hidden.shape[-1] and routing.dtype == dtype)
-
-
-def fused_gate(experts) -> bool:
-    """Whether the experts' gate is transformers' default silu(gate) * up on [gate | up] halves, which the fused
-    kernel computes (another gate function, activation or an interleaved layout keeps the module's own)."""
-    return (experts.has_gate and getattr(experts, "is_concatenated", True)
-            and _default_gate(type(experts)) and type(experts.act_fn) in _silu_types())
-
-
-@functools.cache
-def _default_gate(experts_class) -> bool:
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:  # a transformers without it: the module's own gate
-        return False
-    return getattr(experts_class, "_apply_gate", None) is _default_apply_gate
-
-
-@functools.cache
-def _silu_types() -> tuple:
-    from transformers.activations import SiLUActivation
-
-    return (SiLUActivation, torch.nn.SiLU)
-
-
-def _summed(y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    return y if delta is None else y + delta
+    return PermuteRows.apply(y, inverse, perm).view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
 class PermuteRows(torch.autograd.Function):
@@ -220,25 +170,18 @@ class PermuteRows(torch.autograd.Function):
 
 
 class SpreadRows(torch.autograd.Function):
-    """hidden[token]: each token's row once per expert it was routed to, in expert order, returned twice (the second
-    a view of the first) for two consumers. The gradient sums each token's k rows of both, found through `inverse`
-    (the rows' inverse permutation), instead of accumulating by index."""
+    """hidden[perm // k]: each token's row once per expert it was routed to, in expert order. The gradient sums each
+    token's k rows, found through `inverse` (perm's inverse), instead of accumulating by index."""
 
     @staticmethod
-    def forward(ctx, hidden, token, inverse, k: int):
+    def forward(ctx, hidden, perm, inverse, k: int):
         ctx.save_for_backward(inverse)
         ctx.k = k
-        x = hidden[token]
-        return x, x.view_as(x)
+        return hidden[perm // k]
 
     @staticmethod
-    def backward(ctx, grad, grad_lora):
+    def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        if grad is None:
-            grad, grad_lora = grad_lora, None
-        if moe.runs(grad, grad_lora):
-            return moe.gather_sum(grad, inverse, ctx.k, grad_lora), None, None, None
-        grad = _summed(grad, grad_lora)
         return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
@@ -249,10 +192,8 @@ def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
-def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors, x_for_lora=None):
-    """(x W_e^T (+ bias_e), s (x A_e^T) B_e^T or None) for the sorted rows of x, in the weight's dtype: the base
-    product and the adapter's, left for their consumer to add (the fused kernels add them as they read).
-    `x_for_lora`, when given, is the adapter's input (x's values through another autograd edge)."""
+def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) -> torch.Tensor:
+    """x W_e^T (+ bias_e) (+ s (x A_e^T) B_e^T) for the sorted rows of x, in the weight's dtype."""
     weight = getattr(experts, name)
     dtype = weight.dtype
     x = x.to(dtype)
@@ -262,12 +203,12 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors, x_
         y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
     if experts.has_bias:
         y = y + getattr(experts, f"{name}_bias")[order]
-    if factors is None:
-        return y, None
-    a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
-    xa = _grouped(x if x_for_lora is None else x_for_lora.to(dtype), a_t.to(dtype), offsets) * scaling
-    b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
-    return y, _grouped(xa, b_cast, offsets)  # one copy, not two (and contiguous either way: grouped_mm's layout)
+    if factors is not None:
+        a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
+        xa = _grouped(x, a_t.to(dtype), offsets) * scaling
+        b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
+        y = y + _grouped(xa, b_cast, offsets)  # one copy, not two (and contiguous either way: grouped_mm's layout)
+    return y
 
 
 class Grouped4bit(torch.autograd.Function):

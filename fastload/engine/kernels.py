@@ -19,10 +19,8 @@ from fastload.structure import class_named
 
 RMSNORM, SWIGLU = "triton_rmsnorm", "triton_swiglu"  # the engine report's names
 
-# weight * x_normed, no offset (Gemma's (1 + weight) differs: left alone); the MoE families' norms compute the same
-NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm", "Qwen2MoeRMSNorm",
-         "Qwen3MoeRMSNorm")
-MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x_normed, no offset (Gemma's
+MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")                     # (1 + weight) differs: left alone)
 
 
 def install_kernels(model) -> list[str]:
