@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fastload._log import logger
+from fastload.load.expert_layouts import expert_sources, layout_of, renamed, stacked
 from fastload.load.memory import skipped_init
 from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
@@ -132,32 +133,49 @@ def read_headers(files) -> tuple[dict[str, Path], dict[str, Span]]:
 def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str, list[str]]:
     """Each module's parameter or buffer -> the checkpoint tensors it is made of; NotCovered unless they match exactly.
 
-    A missing, extra or renamed tensor is left to the general path, which reports it as fastload always has.
+    A 16-bit checkpoint may name its tensors as transformers' conversion expects them (per-expert tensors stacked
+    into fused experts, renamed layers: fastload.load.expert_layouts). A missing, extra or otherwise renamed tensor is
+    left to the general path, which reports it as fastload always has.
     """
     import bitsandbytes as bnb
 
+    layout = None if prequantized else layout_of(getattr(model.config, "model_type", None))
+    source_of = renamed(where, layout)  # model name -> checkpoint name
     wanted: dict[str, list[str]] = {}
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        for name, _ in module.named_parameters(recurse=False):
+        for name, param in module.named_parameters(recurse=False):
             key = prefix + name
-            parts = [key]
+            parts = [source_of.get(key, key)]
             if isinstance(module, bnb.nn.Linear4bit) and name == "weight" and prequantized:
                 parts += [f"{key}.{s}" for s in QUANT_STAT_SUFFIXES if f"{key}.{s}" in where]
-            if key not in where and key in tied:
+            elif key not in source_of and param.dim() == 3:
+                experts = expert_sources(key, param.shape[0], layout)
+                parts = [source_of.get(n, n) for n in experts] if experts else parts
+            if key not in source_of and key in tied and parts == [key]:
                 continue  # tied to another weight: tie_weights fills it
             wanted[key] = parts
         persistent = set(getattr(module, "_buffers", {})) - set(getattr(module, "_non_persistent_buffers_set", ()))
         for name in persistent:
-            if getattr(module, name, None) is not None and prefix + name in where:
-                wanted[prefix + name] = [prefix + name]
+            if getattr(module, name, None) is not None and prefix + name in source_of:
+                wanted[prefix + name] = [source_of[prefix + name]]
     used = {part for parts in wanted.values() for part in parts}
     missing = sorted(k for k, parts in wanted.items() if any(p not in where for p in parts))
     extra = sorted(set(where) - used)
     if missing or extra:
         raise NotCovered(f"checkpoint names differ from the model's ({(missing + extra)[:3]})")
     return wanted
+
+
+def gathered(model, key: str, arrived: dict[str, torch.Tensor], sources: list[str], prequantized: bool):
+    """The arrived tensors as place() takes them, under the model's names: a renamed tensor under its own name,
+    per-expert tensors stacked into their fused parameter (fastload.load.expert_layouts)."""
+    if prequantized or sources == [key]:
+        return arrived
+    if len(sources) == 1:
+        return {key: arrived[sources[0]]}
+    return {key: stacked([arrived.pop(s) for s in sources], model.get_parameter(key).shape[0])}
 
 
 def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int):
@@ -311,7 +329,9 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             key = owner[name]
             pending.setdefault(key, {})[name] = tensor
             if len(pending[key]) == len(wanted[key]):
-                place(model, key, pending.pop(key), dtype, device, prequantized)
+                parts = gathered(model, key, pending.pop(key), wanted[key], prequantized)
+                place(model, key, parts, dtype, device, prequantized)
+                del parts
                 if device.type == "cpu" and not prequantized:
                     release_freed_host_memory()
     finally:

@@ -87,6 +87,51 @@ def test_direct_load_from_the_store_is_the_model_from_pretrained_makes(family_ch
     assert_same_model(reference, model)
 
 
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def per_expert_checkpoint(request, tmp_path_factory) -> Path:
+    """A tiny MoE checkpoint as the hub keeps them (and transformers 5 saves them): one tensor per expert and
+    projection (Mixtral's under block_sparse_moe, w1/w3/w2), which transformers stacks into fused experts."""
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from family_shapes import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path_factory.mktemp(request.param) / "model", request.param)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert any(".experts.0." in name for name in f.keys())  # per expert, not fused
+    return path
+
+
+@pytest.mark.parametrize("quantize_experts", [True, False])
+def test_direct_load_stacks_per_expert_checkpoints_as_from_pretrained_does(per_expert_checkpoint, monkeypatch,
+                                                                           quantize_experts):
+    import torch
+
+    options = dict(store=False, dtype=torch.float32, quantize_experts=quantize_experts)
+    reference = load(per_expert_checkpoint, monkeypatch, direct=False, **options)
+    model = load(per_expert_checkpoint, monkeypatch, direct=True, **options)
+    assert_same_model(reference, model)
+
+
+def test_a_per_expert_checkpoint_missing_one_expert_takes_the_old_path_and_its_error(per_expert_checkpoint,
+                                                                                    monkeypatch, caplog, tmp_path):
+    import shutil
+
+    from fastload.errors import CheckpointError
+
+    damaged = tmp_path / "model"
+    shutil.copytree(per_expert_checkpoint, damaged)
+    from safetensors import safe_open
+
+    with safe_open(str(damaged / "model.safetensors"), "pt") as f:
+        victim = next(n for n in f.keys() if ".experts.1." in n)
+    drop_tensor(damaged / "model.safetensors", victim)
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1")
+    with caplog.at_level(logging.INFO, logger="fastload"), pytest.raises(CheckpointError):
+        FastModel.from_pretrained(damaged, lora=None, store=False)
+    assert any("direct 4-bit load not used" in r.getMessage() for r in caplog.records)
+
+
 def test_direct_load_with_lora_and_checkpointing_trains_like_from_pretrained(tiny_llama, monkeypatch):
     """The whole facade (LoRA, checkpointing, engine) on top of either load: the same first loss and gradients."""
     import torch
