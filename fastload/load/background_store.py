@@ -131,6 +131,11 @@ def wants_background(model, device) -> bool:
         return False
     if not state_of(model, create=False).direct_load:
         return False
+    from fastload.load.experts import unquantized_expert_share
+
+    if unquantized_expert_share(model)[0]:
+        return False  # the entry keeps 16-bit experts, stored 4-bit right after: held for the writer, they would
+        # stay on the device through the first training steps
     try:
         from transformers.modeling_utils import remove_tied_weights_from_state_dict  # noqa: F401
     except ImportError:  # an older transformers: save_pretrained's own ways, on this thread

@@ -293,6 +293,21 @@ def test_background_store_entry_loads_as_the_waited_one(family_checkpoint, monke
     assert __import__("torch").equal(waited(input_ids=ids).logits, background(input_ids=ids).logits)
 
 
+def test_a_moe_first_load_writes_its_entry_before_returning(per_expert_checkpoint, monkeypatch, tmp_path):
+    """Its entry keeps the checkpoint's 16-bit experts, which are stored 4-bit right after: a background writer
+    would hold them on the device until after the first training step, so this entry is written on the load's
+    thread, whatever FASTLOAD_STORE_WRITE asks."""
+    from fastload.load.nf4_experts import is_stack
+
+    monkeypatch.setenv("FASTLOAD_STORE_WRITE", "background")
+    home = tmp_path / "home"
+    model = load(per_expert_checkpoint, monkeypatch, direct=True, store=home)
+    assert model.fastload.quantized_now and state_of(model).direct_load
+    assert [problem for _, problem in Store(home).verify()] == [None]  # there already, no optimizer step taken
+    experts = [p for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj")) and p.ndim == 3]
+    assert experts and all(is_stack(p) for p in experts)
+
+
 def test_a_staged_store_write_waits_until_the_load_is_ready(tiny_llama, monkeypatch, tmp_path):
     """The writer starts once from_pretrained is done: its copies would otherwise run beside the adapters' creation
     (5.9x slower LoRA set-up on an H200); released, it writes the whole entry."""
