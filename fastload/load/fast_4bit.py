@@ -133,13 +133,13 @@ def read_headers(files) -> tuple[dict[str, Path], dict[str, Span]]:
 def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str, list[str]]:
     """Each module's parameter or buffer -> the checkpoint tensors it is made of; NotCovered unless they match exactly.
 
-    A 16-bit checkpoint may name its tensors as transformers' conversion expects them (per-expert tensors stacked
+    A checkpoint may name its 16-bit tensors as transformers' conversion expects them (per-expert tensors stacked
     into fused experts, renamed layers: fastload.load.expert_layouts). A missing, extra or otherwise renamed tensor is
     left to the general path, which reports it as fastload always has.
     """
     import bitsandbytes as bnb
 
-    layout = None if prequantized else layout_of(getattr(model.config, "model_type", None))
+    layout = layout_of(getattr(model.config, "model_type", None))
     source_of = renamed(where, layout)  # model name -> checkpoint name
     wanted: dict[str, list[str]] = {}
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
@@ -149,7 +149,8 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str,
             key = prefix + name
             parts = [source_of.get(key, key)]
             if isinstance(module, bnb.nn.Linear4bit) and name == "weight" and prequantized:
-                parts += [f"{key}.{s}" for s in QUANT_STAT_SUFFIXES if f"{key}.{s}" in where]
+                # a stored weight and its statistics under the model's own names only (a renamed one is missing)
+                parts = [key] + [f"{key}.{s}" for s in QUANT_STAT_SUFFIXES if f"{key}.{s}" in where]
             elif key not in source_of and param.dim() == 3:
                 experts = expert_sources(key, param.shape[0], layout)
                 parts = [source_of.get(n, n) for n in experts] if experts else parts
@@ -168,10 +169,10 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str,
     return wanted
 
 
-def gathered(model, key: str, arrived: dict[str, torch.Tensor], sources: list[str], prequantized: bool):
+def gathered(model, key: str, arrived: dict[str, torch.Tensor], sources: list[str]):
     """The arrived tensors as place() takes them, under the model's names: a renamed tensor under its own name,
     per-expert tensors stacked into their fused parameter (fastload.load.expert_layouts)."""
-    if prequantized or sources == [key]:
+    if sources[0] == key:  # its own name (a stored 4-bit weight's statistics follow it)
         return arrived
     if len(sources) == 1:
         return {key: arrived[sources[0]]}
@@ -329,7 +330,7 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             key = owner[name]
             pending.setdefault(key, {})[name] = tensor
             if len(pending[key]) == len(wanted[key]):
-                parts = gathered(model, key, pending.pop(key), wanted[key], prequantized)
+                parts = gathered(model, key, pending.pop(key), wanted[key])
                 place(model, key, parts, dtype, device, prequantized)
                 del parts
                 if device.type == "cpu" and not prequantized:

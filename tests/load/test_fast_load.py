@@ -113,6 +113,17 @@ def test_direct_load_stacks_per_expert_checkpoints_as_from_pretrained_does(per_e
     assert_same_model(reference, model)
 
 
+def test_direct_load_of_a_moe_store_entry_is_the_model_from_pretrained_makes(per_expert_checkpoint, monkeypatch,
+                                                                             isolated_env):
+    """The entry keeps the checkpoint's 16-bit experts under their per-expert names beside the packed 4-bit layers."""
+    first = load(per_expert_checkpoint, monkeypatch, direct=False)
+    assert first.fastload.plan.source == "local"
+    reference = load(per_expert_checkpoint, monkeypatch, direct=False)
+    model = load(per_expert_checkpoint, monkeypatch, direct=True)
+    assert model.fastload.plan.source == "store" == reference.fastload.plan.source
+    assert_same_model(reference, model)
+
+
 def test_a_per_expert_checkpoint_missing_one_expert_takes_the_old_path_and_its_error(per_expert_checkpoint,
                                                                                     monkeypatch, caplog, tmp_path):
     import shutil
