@@ -215,18 +215,24 @@ def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: t
 
 
 def _read_run(f: Path, names: list[str], spans, device: torch.device, out: queue.Queue, stop: threading.Event):
-    """One reader: to a GPU through its pinned buffers and stream (fastload.load.pinned_reads); on the CPU the
-    mapped file's tensors as they are (no copy at all)."""
+    """One reader: to a GPU through its pinned buffers and stream (fastload.load.pinned_reads), or where those
+    cannot be had, safetensors' own reads onto the device; on the CPU the mapped file's tensors as they are (no copy
+    at all)."""
     from safetensors import safe_open
 
     staging = None
     try:
-        with safe_open(str(f), framework="pt", device="cpu") as mapped, contextlib.ExitStack() as opened:
+        with contextlib.ExitStack() as opened:
+            mapped = opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            direct = mapped  # reads a tensor no staged read covers: straight from the mapping, or onto the GPU
             if device.type == "cuda":
-                staging = Staging(device)
-                fd = os.open(f, os.O_RDONLY)
-                opened.callback(os.close, fd)
-            if staging is None:  # the CPU: the mapped file's tensors, no copy
+                staging = _staging(device)
+                if staging is None:
+                    direct = opened.enter_context(safe_open(str(f), framework="pt", device=str(device)))
+                else:
+                    fd = os.open(f, os.O_RDONLY)
+                    opened.callback(os.close, fd)
+            if staging is None:
                 runs = [[name] for name in names]
             else:
                 readable = [n for n in names if spans[n] is not None]
@@ -234,12 +240,12 @@ def _read_run(f: Path, names: list[str], spans, device: torch.device, out: queue
             for run in runs:
                 if stop.is_set():
                     return
-                if staging is None or spans[run[0]] is None:  # on the CPU; a dtype only safetensors reads
-                    read, arrived = [mapped.get_tensor(run[0])], None
+                if staging is None or spans[run[0]] is None:  # a dtype only safetensors reads, or no staging
+                    read, arrived = [direct.get_tensor(run[0])], None
                 else:
                     read, arrived = staging.read(fd, [spans[n] for n in run])
                 for name, tensor in zip(run, read):
-                    if is_packed_state(name):  # decoded on the host: its bytes there, no copy back
+                    if is_packed_state(name) and tensor.device.type != "cpu":  # decoded on the host: read there
                         tensor = mapped.get_tensor(name)
                     _put_unless_stopped(out, (name, tensor, arrived), stop)
     except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
@@ -247,6 +253,24 @@ def _read_run(f: Path, names: list[str], spans, device: torch.device, out: queue
     finally:
         if staging is not None:
             staging.finish()  # no copy may still write into memory the allocator hands out again
+
+
+def _staging(device: torch.device) -> Staging | None:
+    """A reader's pinned buffers and stream, or None (said once) where the platform or the driver has none to give:
+    no positioned reads (Windows), or page-locked memory refused (a container's locked-memory limit)."""
+    if not hasattr(os, "preadv"):
+        _say_once("this platform has no os.preadv: the direct load reads through safetensors onto the GPU")
+        return None
+    try:
+        return Staging(device)
+    except RuntimeError as e:  # cudaHostAlloc refused
+        _say_once(f"pinned host buffers could not be had ({e}): the direct load reads through safetensors instead")
+        return None
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    logger.info(message)
 
 
 def _put_unless_stopped(out: queue.Queue, item, stop: threading.Event) -> None:

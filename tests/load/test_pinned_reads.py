@@ -133,3 +133,27 @@ def test_a_staged_read_onto_the_gpu_is_the_tensor_safetensors_reads(mixed_file, 
         for name, (tensor, arrived) in read.items():
             torch.cuda.current_stream().wait_event(arrived)
             assert tensor.is_cuda and torch.equal(tensor, reference.get_tensor(name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
+def test_without_pinned_memory_the_direct_load_reads_through_safetensors(tiny_llama, monkeypatch, caplog):
+    """A container whose locked-memory limit refuses pinned buffers still loads, the same model, and says why."""
+    import logging
+
+    from fastload import FastModel
+
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1")
+    options = dict(lora=None, engine=False, gradient_checkpointing=False, store=False)
+    staged = FastModel.from_pretrained(tiny_llama, **options)[0]
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory (page-locked host memory)")
+
+    monkeypatch.setattr(fast_4bit, "Staging", refused)
+    fast_4bit._say_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        fallback = FastModel.from_pretrained(tiny_llama, **options)[0]
+    assert any("pinned host buffers could not be had" in r.getMessage() for r in caplog.records)
+    expected, got = staged.state_dict(), fallback.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(t, got[n]) for n, t in expected.items())
