@@ -28,6 +28,7 @@ import torch
 from fastload._log import logger
 from fastload.load.expert_layouts import expert_sources, layout_of, renamed, stacked
 from fastload.load.memory import skipped_init
+from fastload.load.on_the_fly import quantized_params4bit
 from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
 from fastload.load.pinned_reads import Span, Staging, data_start, runs_of, span_of
@@ -300,8 +301,8 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
             old = module.weight
             with phase("host_to_device"):
                 value = value.to(device=device, dtype=dtype)
-            with phase("quantization"):
-                param = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
+            with phase("quantization"):  # bnb's quantization, without its blocking copy per weight
+                param = quantized_params4bit(value, old, device)
         module._parameters["weight"] = param
         return
     current = getattr(module, name)
