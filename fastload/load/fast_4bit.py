@@ -204,56 +204,70 @@ def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int):
 
 
 def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: threading.Event):
-    """Reader threads (READERS, over runs of neighbouring tensors) put (name, tensor, event) on `out`: the tensor is
-    on `device` once `event` has run on the consumer's stream (None: at once). A reader's error is put there too.
-    A set `stop` ends them at their next tensor."""
-    threads = [threading.Thread(target=_read_run, args=(f, names, spans, device, out, stop), daemon=True,
+    """Reader threads (at most READERS, each taking runs of neighbouring tensors in turn: however many shards, never
+    more threads or pinned buffers) put (name, tensor, event) on `out`: the tensor is on `device` once `event` has
+    run on the consumer's stream (None: at once). A reader's error is put there too. A set `stop` ends them at
+    their next tensor."""
+    chunks: queue.Queue = queue.Queue()
+    for chunk in reader_chunks(where, spans, READERS):
+        chunks.put(chunk)
+    threads = [threading.Thread(target=_reader, args=(chunks, spans, device, out, stop), daemon=True,
                                 name=f"fastload-read-{i}")
-               for i, (f, names) in enumerate(reader_chunks(where, spans, READERS))]
+               for i in range(min(READERS, chunks.qsize()))]
     for t in threads:
         t.start()
     return threads
 
 
-def _read_run(f: Path, names: list[str], spans, device: torch.device, out: queue.Queue, stop: threading.Event):
-    """One reader: to a GPU through its pinned buffers and stream (fastload.load.pinned_reads), or where those
-    cannot be had, safetensors' own reads onto the device; on the CPU the mapped file's tensors as they are (no copy
-    at all)."""
-    from safetensors import safe_open
-
+def _reader(chunks: queue.Queue, spans, device: torch.device, out: queue.Queue, stop: threading.Event) -> None:
+    """One reader thread: its staging (onto a GPU) made once, then chunk after chunk until none is left."""
     staging = None
     try:
-        with contextlib.ExitStack() as opened:
-            mapped = opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-            direct = mapped  # reads a tensor no staged read covers: straight from the mapping, or onto the GPU
-            if device.type == "cuda":
-                staging = _staging(device)
-                if staging is None:
-                    direct = opened.enter_context(safe_open(str(f), framework="pt", device=str(device)))
-                else:
-                    fd = os.open(f, os.O_RDONLY)
-                    opened.callback(os.close, fd)
-            if staging is None:
-                runs = [[name] for name in names]
-            else:
-                readable = [n for n in names if spans[n] is not None]
-                runs = list(runs_of(readable, spans)) + [[n] for n in names if spans[n] is None]
-            for run in runs:
-                if stop.is_set():
-                    return
-                if staging is None or spans[run[0]] is None:  # a dtype only safetensors reads, or no staging
-                    read, arrived = [direct.get_tensor(run[0])], None
-                else:
-                    read, arrived = staging.read(fd, [spans[n] for n in run])
-                for name, tensor in zip(run, read):
-                    if is_packed_state(name) and tensor.device.type != "cpu":  # decoded on the host: read there
-                        tensor = mapped.get_tensor(name)
-                    _put_unless_stopped(out, (name, tensor, arrived), stop)
+        if device.type == "cuda":
+            staging = _staging(device)
+        while not stop.is_set():
+            try:
+                f, names = chunks.get_nowait()
+            except queue.Empty:
+                return
+            _read_run(f, names, spans, device, staging, out, stop)
     except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
         _put_unless_stopped(out, (None, e, None), stop)
     finally:
         if staging is not None:
             staging.finish()  # no copy may still write into memory the allocator hands out again
+
+
+def _read_run(f: Path, names: list[str], spans, device: torch.device, staging, out: queue.Queue,
+              stop: threading.Event) -> None:
+    """One chunk's tensors: onto a GPU through the reader's pinned buffers and stream (fastload.load.pinned_reads),
+    or where those cannot be had, safetensors' own reads onto the device; on the CPU the mapped file's tensors as
+    they are (no copy at all). A packed quantization state is decoded on the host: it is read from the mapping."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as opened:
+        mapped = opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+        direct = mapped  # reads a tensor no staged read covers: straight from the mapping, or onto the GPU
+        if device.type == "cuda" and staging is None:
+            direct = opened.enter_context(safe_open(str(f), framework="pt", device=str(device)))
+        elif staging is not None:
+            fd = os.open(f, os.O_RDONLY)
+            opened.callback(os.close, fd)
+        if staging is None:
+            runs = [[name] for name in names]
+        else:
+            staged = [n for n in names if spans[n] is not None and not is_packed_state(n)]
+            runs = list(runs_of(staged, spans)) + [[n] for n in names if spans[n] is None or is_packed_state(n)]
+        for run in runs:
+            if stop.is_set():
+                return
+            if staging is not None and spans[run[0]] is not None and not is_packed_state(run[0]):
+                read, arrived = staging.read(fd, [spans[n] for n in run])
+            else:
+                source = mapped if is_packed_state(run[0]) else direct
+                read, arrived = [source.get_tensor(run[0])], None
+            for name, tensor in zip(run, read):
+                _put_unless_stopped(out, (name, tensor, arrived), stop)
 
 
 def _staging(device: torch.device) -> Staging | None:

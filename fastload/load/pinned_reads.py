@@ -76,6 +76,10 @@ class Staging:
         if self.stream is not None:
             # dest's memory may still be read by kernels queued on the stream that freed it (the current one)
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            # and is written on this stream: freed before the consumer waited for it (a view dropped, an error),
+            # the allocator must not hand it out again until these copies have run
+            for memory in [dest, *(own for own in aligned if own is not None)]:
+                memory.record_stream(self.stream)
         done = 0
         while done < size:
             n = min(size - done, self.buffers[0].numel())

@@ -157,3 +157,28 @@ def test_without_pinned_memory_the_direct_load_reads_through_safetensors(tiny_ll
     assert any("pinned host buffers could not be had" in r.getMessage() for r in caplog.records)
     expected, got = staged.state_dict(), fallback.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(t, got[n]) for n, t in expected.items())
+
+
+def test_many_shards_are_read_by_at_most_readers_threads(tmp_path, monkeypatch):
+    """Every thread holds its own pinned buffers on a GPU: a 30-shard checkpoint must not start 30 of them."""
+    import queue
+
+    files = []
+    for i in range(7):
+        path = tmp_path / f"shard-{i}.safetensors"
+        save_file({f"t{i}.{j}": torch.full((64,), float(i * 10 + j)) for j in range(3)}, str(path))
+        files.append(path)
+    where, spans = fast_4bit.read_headers(files)
+    monkeypatch.setattr(fast_4bit, "READERS", 3)
+    out, stop = queue.Queue(), threading.Event()
+    threads = fast_4bit.stream_tensors(where, spans, torch.device("cpu"), out, stop)
+    assert len(threads) == 3
+    for t in threads:
+        t.join(30)
+    got = {}
+    while not out.empty():
+        name, tensor, _ = out.get()
+        assert name is not None, tensor
+        got[name] = tensor
+    assert got.keys() == where.keys()
+    assert all(torch.equal(got[f"t{i}.{j}"], torch.full((64,), float(i * 10 + j))) for i in range(7) for j in range(3))
