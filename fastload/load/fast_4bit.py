@@ -131,7 +131,7 @@ def read_headers(files) -> tuple[dict[str, Path], dict[str, Span]]:
     return where, spans
 
 
-def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str, list[str]]:
+def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict | None = None) -> dict[str, list[str]]:
     """Each module's parameter or buffer -> the checkpoint tensors it is made of; NotCovered unless they match exactly.
 
     A checkpoint may name its 16-bit tensors as transformers' conversion expects them (per-expert tensors stacked
@@ -157,6 +157,8 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str,
                 parts = [source_of.get(n, n) for n in experts] if experts else parts
             if key not in source_of and key in tied and parts == [key]:
                 continue  # tied to another weight: tie_weights fills it
+            if parts[0] != key and spans is not None:
+                _check_converted_shapes(key, param, parts, spans)
             wanted[key] = parts
         persistent = set(getattr(module, "_buffers", {})) - set(getattr(module, "_non_persistent_buffers_set", ()))
         for name in persistent:
@@ -168,6 +170,23 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool) -> dict[str,
     if missing or extra:
         raise NotCovered(f"checkpoint names differ from the model's ({(missing + extra)[:3]})")
     return wanted
+
+
+def _check_converted_shapes(key: str, param, parts: list[str], spans: dict) -> None:
+    """A renamed tensor has its parameter's shape, and each per-expert tensor its slice of the fused one (the checks
+    of the load compare the model's own names only): NotCovered otherwise, and the general path says what is wrong."""
+    shape = tuple(param.shape)
+    if len(parts) == 1:
+        expected = {parts[0]: shape}
+    else:
+        pieces = len(parts) // shape[0]
+        expected = {part: (shape[1] // pieces, *shape[2:]) for part in parts}
+        if shape[1] % pieces:
+            expected = {}
+    found = {part: tuple(spans[part].shape) for part in parts if part in spans and spans[part] is not None}
+    wrong = sorted(part for part in found if found[part] != expected.get(part))
+    if wrong or not expected:
+        raise NotCovered(f"{key} does not fit its checkpoint tensors ({wrong[:1] or parts[:1]})")
 
 
 def gathered(model, key: str, arrived: dict[str, torch.Tensor], sources: list[str]):
@@ -468,7 +487,7 @@ def prepare_direct(plan, opts, config, dtype, device_map, weight_files, quantiza
                                                      device_map, [str(f) for f in weight_files])
             with phase("checkpoint_checks"):
                 where, spans = read_headers(weight_files)
-                wanted = plan_tensors(model, where, plan.prequantized)
+                wanted = plan_tensors(model, where, plan.prequantized, spans)
             return DirectLoad(plan, model, hf_quantizer, where, spans, wanted, dtype, device_of(device_map),
                               time.perf_counter() - started)
     except NotCovered as e:

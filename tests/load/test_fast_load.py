@@ -113,6 +113,27 @@ def test_direct_load_stacks_per_expert_checkpoints_as_from_pretrained_does(per_e
     assert_same_model(reference, model)
 
 
+def test_experts_of_another_width_than_the_config_says_take_the_old_path_and_its_error(per_expert_checkpoint,
+                                                                                       monkeypatch, caplog, tmp_path):
+    """Stacked per-expert tensors are checked against the fused parameter's shape before anything is read: a
+    config.json that does not belong to the weights is reported, never loaded into a model of the wrong shape."""
+    import shutil
+
+    from fastload.errors import CheckpointError
+
+    damaged = tmp_path / "model"
+    shutil.copytree(per_expert_checkpoint, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    width = "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
+    config[width] *= 2
+    (damaged / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("FASTLOAD_DIRECT_LOAD", "1")
+    with caplog.at_level(logging.INFO, logger="fastload"), pytest.raises(CheckpointError):
+        FastModel.from_pretrained(damaged, lora=None, store=False)
+    assert any("direct 4-bit load not used" in r.getMessage() and "does not fit" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_direct_load_of_a_moe_store_entry_is_the_model_from_pretrained_makes(per_expert_checkpoint, monkeypatch,
                                                                              isolated_env):
     """The entry keeps the checkpoint's 16-bit experts under their per-expert names beside the packed 4-bit layers."""
