@@ -196,6 +196,18 @@ def _write_device_tensor(f, t: torch.Tensor, pinned: torch.Tensor, stream) -> No
             f.write(pinned[:chunk.numel()].numpy().data)
 
 
+class ChangedSinceLoaded(Exception):
+    """A weight the entry holds was changed in place after the load (a base weight the user trains): the entry
+    would store the trained value as the checkpoint's."""
+
+
+def _unchanged_since_staged(tensors: dict[str, torch.Tensor], versions: dict[str, int]) -> None:
+    changed = [name for name, t in tensors.items() if t._version != versions[name]]
+    if changed:
+        raise ChangedSinceLoaded(f"{changed[0]} was changed after the load (trained in place?)"
+                                 + (f" and {len(changed) - 1} more" if len(changed) > 1 else ""))
+
+
 def start_store_write(store, key: str, source: dict, quant, model, tokenizer) -> threading.Thread:
     """Stage what the entry holds (on this thread), then write and publish it on a writer thread.
 
@@ -217,6 +229,7 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
     write_config_files(model, staging)
     tokenizer.save_pretrained(staging)
     tensors = tensors_to_save(model)
+    versions = {name: t._version for name, t in tensors.items()}  # in-place changes bump them (shared with params)
     ready = None
     if any(t.is_cuda for t in tensors.values()):
         ready = torch.cuda.Event()
@@ -231,7 +244,9 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
         if ready is not None:
             stream = torch.cuda.Stream()
             stream.wait_event(ready)
+        _unchanged_since_staged(tensors, versions)
         write_safetensors(Path(directory) / "model.safetensors", tensors, stream)
+        _unchanged_since_staged(tensors, versions)  # a step during the write: published only if none came
 
     held = HeldWrite()
     with _lock:
@@ -248,6 +263,8 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
                 entry = store.write(key, source, quant, save)
             logger.info("stored the quantized model in %s in the background (%.0f MB, %.1f s, started %s)",
                         entry.path, entry.size_bytes / 1e6, time.perf_counter() - started, why)
+        except ChangedSinceLoaded as e:
+            logger.info("store: %s; the entry is not written and the next load quantizes again", e)
         except Exception as e:  # noqa: BLE001 - a failed store write must not end the training it runs beside
             logger.warning("the background store write failed; the next load quantizes again: %s", e)
         finally:

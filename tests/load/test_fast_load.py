@@ -398,6 +398,47 @@ def test_the_store_write_starts_after_the_first_optimizer_step(tiny_llama, monke
     assert torch.equal(first(input_ids=ids).logits, stored(input_ids=ids).logits)
 
 
+def _train_one_step(model, optimizer) -> None:
+    import torch
+
+    model.train()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_a_lora_step_leaves_the_entry_written_and_a_trained_base_weight_leaves_none(tiny_llama, monkeypatch,
+                                                                                    tmp_path, caplog):
+    """The entry holds the loaded weights, written after the first step: a default LoRA run (the base frozen) gets
+    it; a run that trains a base weight in place (here the final norm) would have it store the trained value as the
+    checkpoint's, so none is written and the log says why."""
+    import torch
+
+    from fastload.load.background_store import wait_for_store_writes
+
+    monkeypatch.setenv("FASTLOAD_STORE_WRITE", "background")
+    for trains_norm in (False, True):
+        home = tmp_path / f"home-{trains_norm}"
+        model = load(tiny_llama, monkeypatch, direct=True, store=home, lora={}, gradient_checkpointing=True,
+                     engine=True, dtype=torch.float32)
+        if trains_norm:
+            model.base_model.model.model.norm.weight.requires_grad_(True)
+        optimizer = FastModel.get_optimizer(model) if not trains_norm else torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad], lr=0.1)
+        with caplog.at_level(logging.INFO, logger="fastload"):
+            _train_one_step(model, optimizer)
+            wait_for_store_writes()
+        entries = [problem for _, problem in Store(home).verify()]
+        if trains_norm:
+            assert entries == [] and not any((home / "tmp").glob("*/model.safetensors"))
+            assert any("model.norm.weight was changed after the load" in r.getMessage() for r in caplog.records)
+        else:
+            assert entries == [None]
+            stored = load(tiny_llama, monkeypatch, direct=True, store=home, dtype=torch.float32)
+            assert stored.fastload.plan.source == "store"
+
+
 EXITING_CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
