@@ -43,6 +43,9 @@ class AdapterDraws:
     def __init__(self, adapters: list[tuple], start: torch.Tensor | None = None):
         self.adapters = adapters
         self._start = torch.get_rng_state() if start is None else start
+        # peft's nn.Linear draws in the default dtype of the caller's thread, read here: a load running meanwhile
+        # (transformers sets it process-wide while it loads) must not change what this thread draws
+        self.dtype = torch.get_default_dtype()
         self._kept: list[torch.Tensor] = []
         self._end = None
         self._thread = threading.Thread(target=self._draw, daemon=True, name="fastload-lora-init")
@@ -50,7 +53,7 @@ class AdapterDraws:
 
     def _draw(self) -> None:
         try:
-            self._kept, self._end = draw_like_peft(self.adapters, self._start)
+            self._kept, self._end = draw_like_peft(self.adapters, self._start, self.dtype)
         except Exception:  # noqa: BLE001 - the fill then draws on the caller's thread, as without this
             self._end = None
 
@@ -87,7 +90,10 @@ class EarlyDraws:
             targets = find_lora_targets(skeleton)
         except Exception:  # noqa: BLE001 - apply_lora says what is wrong, on the loaded model
             return
-        adapters = [(a, b, torch.device(device)) for a, b, _ in
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the layers' weights say cuda:0, and so must this
+            device = torch.device("cuda", torch.cuda.current_device())
+        adapters = [(a, b, device) for a, b, _ in
                     predicted_adapters(skeleton, targets, self.lora.r, self.lora.extra.get("exclude_modules"))]
         if self.random_state is None:
             state = torch.get_rng_state()
@@ -98,12 +104,14 @@ class EarlyDraws:
     def for_adapters(self, adapters: list[tuple]) -> AdapterDraws | None:
         """The early draws when they are for these adapters, drawn from the global generator's state now."""
         draws = self.draws
-        if draws is None or draws.adapters != adapters or not torch.equal(draws._start, torch.get_rng_state()):
+        if (draws is None or draws.adapters != adapters or draws.dtype != torch.get_default_dtype()
+                or not torch.equal(draws._start, torch.get_rng_state())):
             return None
         return draws
 
 
-def draw_like_peft(adapters: list[tuple], start_state: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def draw_like_peft(adapters: list[tuple], start_state: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """peft's draws for these adapters from a CPU generator in `start_state`: (kept A on its device per adapter,
     the generator's state after them). nn.Linear's own init of A and B, which peft overwrites, matters only by the
     generator's advance, one draw per element (tests/train/test_lora_identity.py): both go into one reused buffer.
@@ -111,9 +119,10 @@ def draw_like_peft(adapters: list[tuple], start_state: torch.Tensor) -> tuple[li
     adapter made the thread wait on the device 224 times for an 8B model)."""
     gen = torch.Generator()
     gen.set_state(start_state)
+    dtype = dtype or torch.get_default_dtype()
     sizes = [math.prod(a_shape) for a_shape, _, _ in adapters]
-    kept = torch.empty(sum(sizes))
-    scratch = torch.empty(max((n + math.prod(b) for n, (_, b, _) in zip(sizes, adapters)), default=0))
+    kept = torch.empty(sum(sizes), dtype=dtype)
+    scratch = torch.empty(max((n + math.prod(b) for n, (_, b, _) in zip(sizes, adapters)), default=0), dtype=dtype)
     for (a_shape, b_shape, _), part in zip(adapters, kept.split(sizes)):
         scratch[:part.numel() + math.prod(b_shape)].uniform_(generator=gen)
         bound = kaiming_bound(a_shape[1])

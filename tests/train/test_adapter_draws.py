@@ -24,3 +24,23 @@ def test_overlapping_and_failing_draws_restore_the_switch_interval():
     with pytest.raises(RuntimeError), sharing_the_interpreter():
         raise RuntimeError("peft failed")
     assert sys.getswitchinterval() == before
+
+
+def test_draws_keep_the_dtype_of_the_thread_that_asked_for_them():
+    """transformers sets the default dtype process-wide while it loads; a load doing so while the draws run on
+    their thread must not turn them into another dtype than peft, on the caller's thread, draws in."""
+    import torch
+
+    from fastload.train.adapter_draws import AdapterDraws, draw_like_peft
+
+    adapters = [((16, 256), (256, 16), torch.device("cpu"))] * 64
+    before = torch.get_default_dtype()
+    try:
+        draws = AdapterDraws(adapters)
+        torch.set_default_dtype(torch.bfloat16)  # a load elsewhere, while the thread draws
+        kept, _ = draws.result(adapters)
+    finally:
+        torch.set_default_dtype(before)
+    assert {a.dtype for a in kept} == {before}
+    expected, _ = draw_like_peft(adapters, draws._start, before)
+    assert all(torch.equal(a, b) for a, b in zip(kept, expected))
