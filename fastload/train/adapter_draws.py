@@ -19,6 +19,7 @@ import torch
 
 from fastload.shared_setting import SharedSetting
 from fastload.structure import is_linear
+from fastload.train.lora_targets import find_lora_targets
 
 
 def predicted_adapters(model, targets: list[str], rank: int, exclude) -> list[tuple]:
@@ -82,8 +83,6 @@ class EarlyDraws:
 
     def start(self, skeleton, device) -> None:
         """Called by the direct load with its skeleton (weights on the meta device) and the device they go to."""
-        from fastload.train.lora import find_lora_targets
-
         if self.lora.target_modules:  # the default targets only: the case apply_lora fills itself
             return
         try:

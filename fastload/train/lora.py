@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fastload._log import logger
-from fastload.errors import AdapterError, UnsupportedArchitecture
+from fastload.errors import AdapterError
 from fastload.model_state import state_of
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear, router_widths
@@ -21,29 +21,10 @@ from fastload.train.adapter_draws import (
     predicted_adapters,
     sharing_the_interpreter,
 )
+from fastload.train.lora_targets import find_lora_targets
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
-
-
-def find_lora_targets(model) -> list[str]:
-    """Leaf names of every linear projection inside the decoder layers (q_proj, ..., down_proj for Llama)."""
-    layers = decoder_layers(model)
-    if layers is None:
-        raise UnsupportedArchitecture(f"Finding LoRA targets in {type(model).__name__}",
-                                      found="no list of repeated decoder layers in the model",
-                                      fix="pass lora={'target_modules': [...]} naming the linear layers to adapt")
-    skip_widths = router_widths(getattr(model, "config", None))
-    names: set[str] = set()
-    for layer in layers:
-        for full, module in layer.named_modules():
-            if full and is_linear(module) and getattr(module, "out_features", None) not in skip_widths:
-                names.add(full.split(".")[-1])
-    if not names:
-        raise UnsupportedArchitecture(f"Finding LoRA targets in {type(model).__name__}",
-                                      found=f"its {len(layers)} decoder layers hold no linear projections",
-                                      fix="pass lora={'target_modules': [...]} naming the layers to adapt")
-    return sorted(names)
 
 
 def find_expert_parameters(model) -> tuple[list[str], int, int]:
