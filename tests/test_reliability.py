@@ -754,23 +754,28 @@ def test_interrupted_quantize_or_store_leaves_no_entry(tiny_llama, isolated_env,
     import bitsandbytes.functional as bf
     import transformers.modeling_utils as mu
 
-    real_save, real_quantize, calls = mu.safe_save_file, bf.quantize_4bit, []
+    from fastload.load import on_the_fly
+
+    real_save, calls = mu.safe_save_file, []
 
     def interrupted_save(tensors, filename, *args, **kwargs):
         real_save(tensors, filename, *args, **kwargs)
         raise interrupt("stopped mid-store")
 
-    def interrupted_quantize(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # a few layers in
-            raise interrupt("stopped mid-quantization")
-        return real_quantize(*args, **kwargs)
+    def interrupting(real_quantize):  # counted over both quantizers: fastload's direct load and bitsandbytes'
+        def interrupted_quantize(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:  # a few layers in
+                raise interrupt("stopped mid-quantization")
+            return real_quantize(*args, **kwargs)
+        return interrupted_quantize
 
     with monkeypatch.context() as m:
         if when == "storing":
             m.setattr(mu, "safe_save_file", interrupted_save)
         else:
-            m.setattr(bf, "quantize_4bit", interrupted_quantize)
+            m.setattr(bf, "quantize_4bit", interrupting(bf.quantize_4bit))
+            m.setattr(on_the_fly, "quantize_4bit", interrupting(on_the_fly.quantize_4bit))
         with pytest.raises(interrupt):
             load(tiny_llama)
     assert Store(isolated_env).entries() == [] and leftover_tmp(isolated_env) == []
