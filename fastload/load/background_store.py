@@ -30,6 +30,7 @@ import shutil
 import struct
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -201,8 +202,27 @@ class ChangedSinceLoaded(Exception):
     would store the trained value as the checkpoint's."""
 
 
-def _unchanged_since_staged(tensors: dict[str, torch.Tensor], versions: dict[str, int]) -> None:
-    changed = [name for name, t in tensors.items() if t._version != versions[name]]
+def _owners(model, tensors: dict[str, torch.Tensor]) -> dict[str, weakref.ref]:
+    """The parameter or buffer each staged tensor was taken from (the quantization states have none)."""
+    held = dict(model.named_parameters(remove_duplicate=False))
+    held.update(model.named_buffers(remove_duplicate=False))
+    return {name: weakref.ref(held[name]) for name in tensors if name in held}
+
+
+def _written_since_staged(t: torch.Tensor, version: int, owner: weakref.ref | None) -> bool:
+    """True when `t` may hold other values than when it was staged. Its version counter is shared with the
+    parameter it was taken from, and stays shared when that parameter is given new data (`p.data = p.data.float()`,
+    as LoRA's trainable biases are upcast): a step on the new data bumps it without touching `t`, so a bump counts
+    only while the parameter still holds `t`'s memory."""
+    if t._version == version:
+        return False
+    param = owner() if owner is not None else None
+    return param is None or param.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
+def _unchanged_since_staged(tensors: dict[str, torch.Tensor], versions: dict[str, int],
+                            owners: dict[str, weakref.ref]) -> None:
+    changed = [name for name, t in tensors.items() if _written_since_staged(t, versions[name], owners.get(name))]
     if changed:
         raise ChangedSinceLoaded(f"{changed[0]} was changed after the load (trained in place?)"
                                  + (f" and {len(changed) - 1} more" if len(changed) > 1 else ""))
@@ -230,6 +250,7 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
     tokenizer.save_pretrained(staging)
     tensors = tensors_to_save(model)
     versions = {name: t._version for name, t in tensors.items()}  # in-place changes bump them (shared with params)
+    owners = _owners(model, tensors)
     ready = None
     if any(t.is_cuda for t in tensors.values()):
         ready = torch.cuda.Event()
@@ -244,9 +265,9 @@ def start_store_write(store, key: str, source: dict, quant, model, tokenizer) ->
         if ready is not None:
             stream = torch.cuda.Stream()
             stream.wait_event(ready)
-        _unchanged_since_staged(tensors, versions)
+        _unchanged_since_staged(tensors, versions, owners)
         write_safetensors(Path(directory) / "model.safetensors", tensors, stream)
-        _unchanged_since_staged(tensors, versions)  # a step during the write: published only if none came
+        _unchanged_since_staged(tensors, versions, owners)  # a step during the write: published only if none came
 
     held = HeldWrite()
     with _lock:

@@ -439,6 +439,32 @@ def test_a_lora_step_leaves_the_entry_written_and_a_trained_base_weight_leaves_n
             assert stored.fastload.plan.source == "store"
 
 
+def test_trained_biases_upcast_by_lora_leave_the_entry_written(monkeypatch, tmp_path, caplog):
+    """LoRA with bias="all" trains the base biases in fp32 on new data (p.data = p.data.float()): the loaded bf16
+    biases the entry holds are untouched, so a step must not cost the user the store entry."""
+    import torch
+
+    from fastload.load.background_store import wait_for_store_writes
+
+    checkpoint = make_checkpoint(tmp_path / "qwen2", "qwen2")
+    monkeypatch.setenv("FASTLOAD_STORE_WRITE", "background")
+    home = tmp_path / "home"
+    model = load(checkpoint, monkeypatch, direct=True, store=home, lora={"bias": "all"}, dtype=torch.bfloat16)
+    bias = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias
+    assert bias.requires_grad and bias.dtype == torch.float32  # the case: a trained, upcast base bias
+    before = bias.detach().clone()
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        _train_one_step(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+        wait_for_store_writes()
+    assert not torch.equal(before, bias.detach())  # the step did train it
+    assert [problem for _, problem in Store(home).verify()] == [None], [r.getMessage() for r in caplog.records]
+    reference = load(checkpoint, monkeypatch, direct=True, store=False, dtype=torch.bfloat16)
+    stored = load(checkpoint, monkeypatch, direct=True, store=home, dtype=torch.bfloat16)
+    assert stored.fastload.plan.source == "store"
+    expected = reference.model.layers[0].self_attn.q_proj.bias
+    assert torch.equal(stored.model.layers[0].self_attn.q_proj.bias, expected)  # the checkpoint's, not the trained
+
+
 EXITING_CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
