@@ -230,7 +230,10 @@ def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: t
     chunks: queue.Queue = queue.Queue()
     for chunk in reader_chunks(where, spans, READERS):
         chunks.put(chunk)
-    threads = [threading.Thread(target=_reader, args=(chunks, spans, device, out, stop), daemon=True,
+    # the readers allocate on the consumer's stream (a thread's own current stream is the default one): memory the
+    # consumer frees is then reused only after its own queued kernels, whichever stream the user loads under
+    consumer = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    threads = [threading.Thread(target=_reader, args=(chunks, spans, device, out, stop, consumer), daemon=True,
                                 name=f"fastload-read-{i}")
                for i in range(min(READERS, chunks.qsize()))]
     for t in threads:
@@ -238,23 +241,26 @@ def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: t
     return threads
 
 
-def _reader(chunks: queue.Queue, spans, device: torch.device, out: queue.Queue, stop: threading.Event) -> None:
-    """One reader thread: its staging (onto a GPU) made once, then chunk after chunk until none is left."""
-    staging = None
-    try:
-        if device.type == "cuda":
-            staging = _staging(device)
-        while not stop.is_set():
-            try:
-                f, names = chunks.get_nowait()
-            except queue.Empty:
-                return
-            _read_run(f, names, spans, device, staging, out, stop)
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-        _put_unless_stopped(out, (None, e, None), stop)
-    finally:
-        if staging is not None:
-            staging.finish()  # no copy may still write into memory the allocator hands out again
+def _reader(chunks: queue.Queue, spans, device: torch.device, out: queue.Queue, stop: threading.Event,
+            consumer=None) -> None:
+    """One reader thread: its staging (onto a GPU) made once, then chunk after chunk until none is left, all on the
+    consumer's stream (None: the CPU)."""
+    with torch.cuda.stream(consumer):  # None: nothing to set
+        staging = None
+        try:
+            if device.type == "cuda":
+                staging = _staging(device)
+            while not stop.is_set():
+                try:
+                    f, names = chunks.get_nowait()
+                except queue.Empty:
+                    return
+                _read_run(f, names, spans, device, staging, out, stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            _put_unless_stopped(out, (None, e, None), stop)
+        finally:
+            if staging is not None:
+                staging.finish()  # no copy may still write into memory the allocator hands out again
 
 
 def _read_run(f: Path, names: list[str], spans, device: torch.device, staging, out: queue.Queue,

@@ -159,6 +159,35 @@ def test_without_pinned_memory_the_direct_load_reads_through_safetensors(tiny_ll
     assert expected.keys() == got.keys() and all(torch.equal(t, got[n]) for n, t in expected.items())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine: pytest -m gpu)")
+def test_a_load_under_the_users_stream_gets_memory_of_that_stream(mixed_file):
+    """A user who loads inside `torch.cuda.stream(s)` frees the tensors after kernels on s: the allocator reuses
+    their memory safely only if it was allocated on s, not on the reader thread's default stream."""
+    import queue
+
+    where, spans = fast_4bit.read_headers([mixed_file])
+    side = torch.cuda.Stream()
+    out, stop = queue.Queue(), threading.Event()
+    with torch.cuda.stream(side):
+        threads = fast_4bit.stream_tensors(where, spans, torch.device("cuda"), out, stop)
+    for t in threads:
+        t.join(30)
+    segments = torch.cuda.memory_snapshot()
+    with safe_open(str(mixed_file), framework="pt", device="cpu") as reference:
+        while not out.empty():
+            name, tensor, arrived = out.get()
+            assert name is not None, tensor
+            if tensor.numel() == 0 or not tensor.is_cuda:
+                continue
+            [segment] = [sg for sg in segments if sg["address"] <= tensor.data_ptr() < sg["address"] + sg["total_size"]]
+            assert segment["stream"] == side.cuda_stream, name
+            if arrived is not None:
+                side.wait_event(arrived)
+            with torch.cuda.stream(side):
+                assert torch.equal(tensor.cpu(), reference.get_tensor(name)), name
+
+
 def test_many_shards_are_read_by_at_most_readers_threads(tmp_path, monkeypatch):
     """Every thread holds its own pinned buffers on a GPU: a 30-shard checkpoint must not start 30 of them."""
     import queue
