@@ -93,7 +93,7 @@ class LoraGroup(torch.autograd.Function):
                 products.append(xa)
             if base.bias is not None:
                 y += base.bias.to(dtype)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype))
+            outs.append(y.to(x.dtype))  # (tokens, out): a view made here could not be changed in place by the caller
         ctx.save_for_backward(x2, *products, *casts)
         ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
         return tuple(outs)
@@ -164,8 +164,11 @@ def _run(members, names, x):
     adapters = []
     for module, name in zip(members, names):
         adapters += [module.lora_A[name].weight, module.lora_B[name].weight]
-    return LoraGroup.apply(x, tuple(m.base_layer for m in members), tuple(m.scaling[n] for m, n in
+    outs = LoraGroup.apply(x, tuple(m.base_layer for m in members), tuple(m.scaling[n] for m, n in
                                                                                   zip(members, names)), *adapters)
+    # shaped like x out here: autograd lets a caller add into a view made outside the Function (Falcon's
+    # `mlp_output += attention_output`), never into one made inside it
+    return tuple(out.view(*x.shape[:-1], out.shape[-1]) for out in outs)
 
 
 class _Group:

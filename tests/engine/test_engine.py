@@ -147,6 +147,30 @@ def peft_reference(proj, inputs):
     return proj.base_layer(inputs) + proj.scaling[name] * proj.lora_B[name](proj.lora_A[name](inputs))
 
 
+def test_a_fused_projections_output_can_be_added_to_in_place(tiny_llama):
+    """Falcon adds the attention's output into its MLP's output in place (`mlp_output += attention_output`):
+    autograd refuses that on a view made inside a custom Function, so the fused outputs are shaped outside it.
+    The gradients are those of the out-of-place sum."""
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    nonzero_lora_b(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(2, 5, attn.q_proj.in_features, requires_grad=True)
+    other = torch.randn(2, 5, attn.q_proj.out_features)
+    grads = []
+    for in_place in (False, True):
+        x.grad = None
+        q, _k, _v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        nodes = [q.grad_fn, *(f for f, _ in q.grad_fn.next_functions)]
+        assert "LoraGroupBackward" in [type(n).__name__ for n in nodes]  # the fused path ran
+        if in_place:
+            q += other
+        else:
+            q = q + other
+        (q * q).sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @pytest.mark.parametrize("load_in_4bit, tokens, merges", [
     (True, 200, {"q": True, "k": True, "v": True}), (True, 100, {"q": False, "k": True, "v": True}),
     (True, 10, {"q": False, "k": False, "v": False}), (False, 200, {"q": False, "k": False, "v": False})],
@@ -178,7 +202,8 @@ def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama
     q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     widths = {"q": attn.q_proj.out_features, "k": attn.k_proj.out_features}  # v is as wide as k
     assert {name: merged.get(widths[name if name != "v" else "k"], False) for name in merges} == merges
-    assert q.grad_fn is k.grad_fn is v.grad_fn and type(q.grad_fn).__name__ == "LoraGroupBackward"
+    made_by = [out.grad_fn.next_functions[0][0] for out in (q, k, v)]  # each is a view of the group's output
+    assert made_by[0] is made_by[1] is made_by[2] and type(made_by[0]).__name__ == "LoraGroupBackward"
     for proj, out in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v)):
         assert torch.allclose(out, peft_reference(proj, x), atol=1e-5)
     other = torch.randn_like(x)
