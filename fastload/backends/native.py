@@ -112,9 +112,11 @@ class NativeBackend:
         else:
             model, tokenizer = self._load(plan, opts, store, hook)
         from fastload.load.experts import settle_experts
+        from fastload.load.linear_coverage import note_unquantized_linears
 
         with phase("experts"):  # after the store entry is staged: the store keeps the 16-bit experts
             settle_experts(model, plan.quant.quantize_experts, model.dtype)
+        note_unquantized_linears(model, plan.quant.load_in_4bit or plan.quant.load_in_8bit)
         if plan.adapter:
             from fastload.save.adapters import load_adapter
 

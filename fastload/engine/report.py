@@ -47,6 +47,8 @@ def fused_loss_blocker(model) -> str:
             return f"the model changes the logits after lm_head ({attr}={getattr(text, attr)})"
     if getattr(text, "output_router_logits", False):
         return "the loss adds the routers' load-balancing term (output_router_logits=True)"
+    if not hasattr(model, "model"):  # Falcon's and GPT-NeoX's decoders are .transformer and .gpt_neox
+        return f"{type(model).__name__} keeps its decoder elsewhere than at .model, where the fused loss calls it"
     return "the output head is not a plain, frozen, bias-free Linear"
 
 
