@@ -15,6 +15,7 @@ from fastload.model_state import state_of
 from fastload.save.folders import atomic_directory
 from fastload.sources.hub import hub_calls_off
 from fastload.train.fsdp import full_state_dict, save_gathered_adapter
+from fastload.train.peft_conversion import keep_targets_as_written
 
 # -- where the adapter's base lives -------------------------------------------------------------------------------
 
@@ -118,6 +119,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     from peft import PeftModel
 
     check_adapter_files(Path(adapter_dir))
+    keep_targets_as_written()  # an adapter saved for this model keeps its dense and shared-expert layers
     grow_embeddings_for(model, Path(adapter_dir) / "adapter_model.safetensors")
     try:
         with quiet_foreign_deprecations():

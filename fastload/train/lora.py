@@ -22,6 +22,7 @@ from fastload.train.adapter_draws import (
     sharing_the_interpreter,
 )
 from fastload.train.lora_targets import find_lora_targets
+from fastload.train.peft_conversion import keep_targets_as_written, mark_built_for_the_model
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
@@ -147,6 +148,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
     except TypeError as e:
         raise AdapterError("Building the LoRA config", found=str(e),
                            fix="pass only peft.LoraConfig fields in lora=") from e
+    keep_targets_as_written()
+    mark_built_for_the_model(config)  # its targets are this model's module names (checked above): never renamed
     if random_state is not None:
         torch.manual_seed(random_state)
     fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too

@@ -11,13 +11,15 @@ from fastload.structure import decoder_layers, is_linear, router_widths
 
 
 def find_lora_targets(model) -> list[str]:
-    """Leaf names of every linear projection inside the decoder layers (q_proj, ..., down_proj for Llama)."""
+    """Leaf names of every linear projection inside the decoder layers (q_proj, ..., down_proj for Llama); routers
+    and scalar gates are not projections."""
     layers = decoder_layers(model)
     if layers is None:
         raise UnsupportedArchitecture(f"Finding LoRA targets in {type(model).__name__}",
                                       found="no list of repeated decoder layers in the model",
                                       fix="pass lora={'target_modules': [...]} naming the linear layers to adapt")
-    skip_widths = router_widths(getattr(model, "config", None))
+    # routers (one logit per expert) and scalar gates (Qwen2-MoE's shared_expert_gate: one output) are never adapted
+    skip_widths = router_widths(getattr(model, "config", None)) | {1}
     names: set[str] = set()
     for layer in layers:
         for full, module in layer.named_modules():

@@ -1,0 +1,100 @@
+"""LoRA on MoE families whose MLPs mix Linear layers with fused experts: every projection the log names is adapted,
+and stays adapted through a save and a reload.
+
+peft renames target_modules called gate_proj/up_proj/down_proj to the fused experts' parameters on DeepSeek-V3 and
+its kin (a transformers 4 compatibility step); on a config written for the model as it is, that dropped the dense
+layer's and the shared experts' adapters (fastload.train.peft_conversion). Adapters trained under transformers 4
+(per-expert Linear names, no target_parameters) must still be converted as peft does.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from family_shapes import make_family_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory) -> Path:
+    return make_family_checkpoint(tmp_path_factory.mktemp("deepseek_v3") / "model", "deepseek_v3")
+
+
+def adapted_modules(model) -> set[str]:
+    """Module paths (below the decoder layers) that carry a LoRA A."""
+    return {name.split(".layers.", 1)[1].rsplit(".lora_A", 1)[0] for name, _ in model.named_modules()
+            if name.endswith("lora_A")}
+
+
+def test_dense_layer_and_shared_experts_keep_their_adapters(deepseek, tmp_path, caplog):
+    import torch
+
+    from fastload import FastModel
+
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, tokenizer = FastModel.from_pretrained(str(deepseek))
+    adapted = adapted_modules(model)
+    for projection in ("gate_proj", "up_proj", "down_proj"):
+        assert f"0.mlp.{projection}" in adapted, sorted(adapted)  # the dense first layer
+        assert f"1.mlp.shared_experts.{projection}" in adapted, sorted(adapted)
+    assert "1.mlp.experts" in adapted and not any("gate" == a.rsplit(".", 1)[-1] for a in adapted)  # never the router
+    config = model.peft_config["default"]
+    assert not config.rank_pattern, config.rank_pattern  # the experts' rank is the one asked, not doubled
+    expert_a = [p for n, p in model.named_parameters() if ".experts." in n and "lora_A" in n]
+    experts = model.config.n_routed_experts  # peft's A on a fused stack: r rows per expert
+    assert expert_a and all(p.shape[0] == config.r * experts for p in expert_a), [tuple(p.shape) for p in expert_a]
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=")]
+    assert "gate_proj" in line and "experts'" in line  # and the log names what was adapted
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids = tokenizer(["hello world, how are you today?"], return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tokenizer)
+    reloaded, _ = FastModel.from_pretrained(str(tmp_path / "adapter"))
+    assert adapted_modules(reloaded) == adapted
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_config_of_transformers_4_is_still_renamed(deepseek):
+    """A config naming the experts' old Linear layers and no fused parameters is peft's compatibility case: after
+    fastload has wrapped the renaming, plain peft still moves it onto the fused experts."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastload.train.peft_conversion import keep_targets_as_written
+
+    keep_targets_as_written()
+    model = AutoModelForCausalLM.from_pretrained(deepseek, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    config = peft_model.peft_config["default"]
+    assert {"gate_up_proj", "down_proj"} <= set(config.target_parameters)
+    assert "1.mlp.experts" in adapted_modules(peft_model)
+
+
+def test_linear_subclasses_left_in_16bit_are_said(tmp_path, caplog):
+    """Falcon's projections are FalconLinear, which transformers' bitsandbytes swap skips: the model loads and
+    trains, and the load says its projections stayed 16-bit instead of implying a 4-bit memory footprint."""
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "falcon", "falcon")
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path))
+    [line] = [r.getMessage() for r in caplog.records if "FalconLinear" in r.getMessage()]
+    assert line.startswith("8 FalconLinear layers") and "stay in" in line
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        FastModel.from_pretrained(str(make_family_checkpoint(tmp_path / "llama", "llama")))
+    assert not [r for r in caplog.records if "stay in" in r.getMessage()]  # nothing said where all are 4-bit
