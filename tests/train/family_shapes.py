@@ -33,8 +33,16 @@ FAMILIES = {
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=64, decoder_sparse_step=1, head_dim=16, **EXPERTS),
     "gpt_oss": dict(num_local_experts=4, head_dim=16, layer_types=["sliding_attention", "full_attention"],
                     sliding_window=32, **EXPERTS),
+    # a shared expert (Linear gate/up/down_proj) and its scalar gate beside the routed experts
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                      decoder_sparse_step=1, **EXPERTS),
+    # DeepSeek-style: multi-head latent attention, a dense first layer, shared experts
+    "deepseek_v3": dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1,
+                        kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_group=1, topk_group=1, num_key_value_heads=4, **EXPERTS),
+    "falcon": {},  # projections of a Linear subclass, and `mlp_output += attention_output` on the MLP's output
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3")
 
 
 def family_config(family: str, tokenizer):
@@ -45,7 +53,7 @@ def family_config(family: str, tokenizer):
                pad_token_id=tokenizer.pad_token_id)
     if FAMILIES[family] == "multimodal":
         return _gemma3(ids)
-    return AutoConfig.for_model(family, **COMMON, **ids, **FAMILIES[family])
+    return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]}, **ids)
 
 
 def _gemma3(ids: dict):
