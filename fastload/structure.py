@@ -59,10 +59,15 @@ def router_widths(config) -> set[int]:
 
 
 def decoder_layers(model):
-    """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class."""
-    best = None
+    """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class; in a hybrid
+    whose blocks are of several classes (Jamba's Mamba and attention layers), the ModuleList holding the most
+    parameters."""
+    best, lists = None, []
     for _, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            lists.append(module)
             if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
                 best = module
+    if best is None and lists:
+        best = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     return best

@@ -40,9 +40,12 @@ FAMILIES = {
     "deepseek_v3": dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1,
                         kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                         n_group=1, topk_group=1, num_key_value_heads=4, **EXPERTS),
+    # a hybrid whose blocks are of two classes (Mamba and attention), experts on every other layer
+    "jamba": dict(num_experts=4, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+                  attn_layer_offset=1, mamba_d_state=8, mamba_expand=2, **EXPERTS),
     "falcon": {},  # projections of a Linear subclass, and `mlp_output += attention_output` on the MLP's output
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba")
 
 
 def family_config(family: str, tokenizer):
