@@ -86,9 +86,6 @@ class NativeBackend:
     name = "native"
 
     def load(self, plan, opts, store, lora, gradient_checkpointing, random_state):
-        from fastload.train.peft_warmup import finish_peft_warmup, start_peft_warmup
-
-        warmup = start_peft_warmup() if lora is not None and not plan.adapter else None
         early = EarlyDraws(lora, random_state) if lora is not None and not plan.adapter else None
         hook = early.start if early is not None else None
         if plan.store_key and store is not None and not plan.prequantized:
@@ -128,7 +125,6 @@ class NativeBackend:
             from fastload.train.lora import apply_lora
 
             with phase("lora"):
-                finish_peft_warmup(warmup)
                 model = apply_lora(model, lora, random_state, early)
         if getattr(model, "peft_config", None):
             from fastload.save.adapters import name_base_model

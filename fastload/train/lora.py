@@ -22,7 +22,7 @@ from fastload.train.adapter_draws import (
     sharing_the_interpreter,
 )
 from fastload.train.lora_targets import find_lora_targets
-from fastload.train.peft_conversion import keep_targets_as_written, mark_built_for_the_model
+from fastload.train.peft_conversion import keep_targets_as_written, mapping_not_needed, mark_built_for_the_model
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
 PARAM_LORA_UNSUPPORTED = ("use_dora", "lora_bias", "fan_in_fan_out")
@@ -159,7 +159,7 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
         draws = (early.for_adapters(predicted) if early is not None else None) or AdapterDraws(predicted)
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
     with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
-            sharing_the_interpreter() if draws is not None else contextlib.nullcontext():
+            sharing_the_interpreter() if draws is not None else contextlib.nullcontext(), mapping_not_needed(config):
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
     if fill_here:
         _fill_like_peft(peft_model, draws)

@@ -13,9 +13,14 @@ under transformers 4, is converted as peft does.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 BUILT_FOR_THE_MODEL = "_fastload_targets_from_the_model"  # set on LoraConfigs fastload builds (not a config field)
+
+
+_SKIPPING_THE_MAPPING = threading.local()
 
 
 def mark_built_for_the_model(config) -> None:
@@ -43,6 +48,7 @@ def keep_targets_as_written() -> None:
     original = getattr(conversion, "convert_peft_config_for_transformers", None)
     if original is None or getattr(original, BUILT_FOR_THE_MODEL, False):
         return
+    _skip_the_mapping_when_asked(conversion)
 
     @functools.wraps(original)
     def convert_unless_written_for_the_model(peft_config, model, *args, **kwargs):
@@ -52,3 +58,35 @@ def keep_targets_as_written() -> None:
 
     setattr(convert_unless_written_for_the_model, BUILT_FOR_THE_MODEL, True)
     conversion.convert_peft_config_for_transformers = convert_unless_written_for_the_model
+
+
+def _skip_the_mapping_when_asked(conversion) -> None:
+    """Wrap peft's import of transformers' get_model_conversion_mapping: inside `mapping_not_needed` it returns None.
+    peft asks for the mapping at every injection only to hand it to the renaming above; transformers builds it for
+    every model type on its first use in a process (0.3-0.6 s of regular expressions on a CI core, counted in the
+    LoRA step of a load that never went through transformers' loader)."""
+    original = getattr(conversion, "get_model_conversion_mapping", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def mapping_unless_not_needed(*args, **kwargs):
+        if getattr(_SKIPPING_THE_MAPPING, "on", False):
+            return None
+        return original(*args, **kwargs)
+
+    conversion.get_model_conversion_mapping = mapping_unless_not_needed
+
+
+@contextlib.contextmanager
+def mapping_not_needed(config):
+    """While peft adds the adapters of `config`, a config fastload built for the model (so never renamed), on this
+    thread: peft's request for transformers' conversion mapping gets None instead of building it."""
+    if not getattr(config, BUILT_FOR_THE_MODEL, False):
+        yield
+        return
+    _SKIPPING_THE_MAPPING.on = True
+    try:
+        yield
+    finally:
+        _SKIPPING_THE_MAPPING.on = False
