@@ -41,6 +41,7 @@ QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map
 SWITCH = "FASTLOAD_DIRECT_LOAD"  # =0 takes transformers' from_pretrained for every load
 READERS = min(8, os.cpu_count() or 1)  # reader threads over all shards, each on a run of neighbouring tensors
 READ_AHEAD = 16  # tensors read but not yet placed: bounds the device memory the readers can get ahead by
+TURN_BYTES = 2 << 20  # a reader's turn: its tensors (one at least) of about this many bytes
 
 
 class NotCovered(Exception):
@@ -199,17 +200,21 @@ def gathered(model, key: str, arrived: dict[str, torch.Tensor], sources: list[st
     return {key: stacked([arrived.pop(s) for s in sources], model.get_parameter(key).shape[0])}
 
 
-def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int):
-    """(file, names) chunks of about equal bytes, each a run of neighbouring tensors: one reader thread each."""
+def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int,
+                  chunk_bytes: int = TURN_BYTES):
+    """(file, names) chunks in file order, each a run of neighbouring tensors of about `chunk_bytes` (smaller where
+    `readers` would otherwise go without), taken by the reader threads in turn. Small chunks keep the readers
+    side by side: a weight built from many tensors (a layer's experts, stored one per expert) waits for its last
+    one with its others held on the device, and readers each on their own stretch of the file would hold that
+    for several layers at once (one per reader: eight layers of bf16 experts on a 16-core host)."""
     by_file: dict[Path, list[str]] = {}
     for name, f in where.items():
         by_file.setdefault(f, []).append(name)
     total = sum(s.end - s.start for s in spans.values()) or 1
+    target = max(1, min(chunk_bytes, total // max(1, readers)))
     chunks = []
     for f, names in by_file.items():
         names.sort(key=lambda n: spans[n].start)
-        size = sum(spans[n].end - spans[n].start for n in names)
-        target = size / max(1, round(readers * size / total))
         chunk, filled = [], 0
         for name in names:
             chunk.append(name)
@@ -244,55 +249,70 @@ def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: t
 def _reader(chunks: queue.Queue, spans, device: torch.device, out: queue.Queue, stop: threading.Event,
             consumer=None) -> None:
     """One reader thread: its staging (onto a GPU) made once, then chunk after chunk until none is left, all on the
-    consumer's stream (None: the CPU)."""
-    with torch.cuda.stream(consumer):  # None: nothing to set
+    consumer's stream (None: the CPU). Each file it meets is opened once, for all of its chunks."""
+    with torch.cuda.stream(consumer), contextlib.ExitStack() as opened:  # None: no stream to set
         staging = None
+        files = OpenFiles(opened, device)
         try:
             if device.type == "cuda":
                 staging = _staging(device)
+                if staging is not None:
+                    opened.callback(staging.finish)  # no copy may still write into memory handed out again
             while not stop.is_set():
                 try:
                     f, names = chunks.get_nowait()
                 except queue.Empty:
                     return
-                _read_run(f, names, spans, device, staging, out, stop)
+                _read_run(files, f, names, spans, device, staging, out, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             _put_unless_stopped(out, (None, e, None), stop)
-        finally:
-            if staging is not None:
-                staging.finish()  # no copy may still write into memory the allocator hands out again
 
 
-def _read_run(f: Path, names: list[str], spans, device: torch.device, staging, out: queue.Queue,
+class OpenFiles:
+    """A reader's open shards: safetensors' mapping of each (and a reader onto the GPU, or a descriptor for the
+    pinned reads), opened at first use and closed with the reader."""
+
+    def __init__(self, opened: contextlib.ExitStack, device: torch.device):
+        self._opened, self._device = opened, device
+        self._files: dict[tuple[Path, bool], tuple] = {}
+
+    def get(self, f: Path, staged: bool) -> tuple:
+        """(mapping on the host, source of reads no staged read covers, descriptor or None)."""
+        from safetensors import safe_open
+
+        if (f, staged) not in self._files:
+            mapped = self._opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            direct, fd = mapped, None
+            if self._device.type == "cuda" and not staged:
+                direct = self._opened.enter_context(safe_open(str(f), framework="pt", device=str(self._device)))
+            elif staged:
+                fd = os.open(f, os.O_RDONLY)
+                self._opened.callback(os.close, fd)
+            self._files[f, staged] = (mapped, direct, fd)
+        return self._files[f, staged]
+
+
+def _read_run(files: OpenFiles, f: Path, names: list[str], spans, device: torch.device, staging, out: queue.Queue,
               stop: threading.Event) -> None:
     """One chunk's tensors: onto a GPU through the reader's pinned buffers and stream (fastload.load.pinned_reads),
     or where those cannot be had, safetensors' own reads onto the device; on the CPU the mapped file's tensors as
     they are (no copy at all). A packed quantization state is decoded on the host: it is read from the mapping."""
-    from safetensors import safe_open
-
-    with contextlib.ExitStack() as opened:
-        mapped = opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
-        direct = mapped  # reads a tensor no staged read covers: straight from the mapping, or onto the GPU
-        if device.type == "cuda" and staging is None:
-            direct = opened.enter_context(safe_open(str(f), framework="pt", device=str(device)))
-        elif staging is not None:
-            fd = os.open(f, os.O_RDONLY)
-            opened.callback(os.close, fd)
-        if staging is None:
-            runs = [[name] for name in names]
+    mapped, direct, fd = files.get(f, staging is not None)
+    if staging is None:
+        runs = [[name] for name in names]
+    else:
+        staged = [n for n in names if spans[n] is not None and not is_packed_state(n)]
+        runs = list(runs_of(staged, spans)) + [[n] for n in names if spans[n] is None or is_packed_state(n)]
+    for run in runs:
+        if stop.is_set():
+            return
+        if staging is not None and spans[run[0]] is not None and not is_packed_state(run[0]):
+            read, arrived = staging.read(fd, [spans[n] for n in run])
         else:
-            staged = [n for n in names if spans[n] is not None and not is_packed_state(n)]
-            runs = list(runs_of(staged, spans)) + [[n] for n in names if spans[n] is None or is_packed_state(n)]
-        for run in runs:
-            if stop.is_set():
-                return
-            if staging is not None and spans[run[0]] is not None and not is_packed_state(run[0]):
-                read, arrived = staging.read(fd, [spans[n] for n in run])
-            else:
-                source = mapped if is_packed_state(run[0]) else direct
-                read, arrived = [source.get_tensor(run[0])], None
-            for name, tensor in zip(run, read):
-                _put_unless_stopped(out, (name, tensor, arrived), stop)
+            source = mapped if is_packed_state(run[0]) else direct
+            read, arrived = [source.get_tensor(run[0])], None
+        for name, tensor in zip(run, read):
+            _put_unless_stopped(out, (name, tensor, arrived), stop)
 
 
 def _staging(device: torch.device) -> Staging | None:
