@@ -78,13 +78,18 @@ def test_direct_load_on_the_fly_is_the_model_from_pretrained_makes(family_checkp
     assert_same_model(reference, model)
 
 
-def test_direct_load_from_the_store_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, isolated_env):
-    first = load(family_checkpoint, monkeypatch, direct=False)
+def assert_store_loads_agree(checkpoint, monkeypatch) -> None:
+    """A first load writes the store entry; the entry loaded through transformers and directly: the same model."""
+    first = load(checkpoint, monkeypatch, direct=False)
     assert first.fastload.plan.source == "local"
-    reference = load(family_checkpoint, monkeypatch, direct=False)
-    model = load(family_checkpoint, monkeypatch, direct=True)
+    reference = load(checkpoint, monkeypatch, direct=False)
+    model = load(checkpoint, monkeypatch, direct=True)
     assert model.fastload.plan.source == "store" == reference.fastload.plan.source
     assert_same_model(reference, model)
+
+
+def test_direct_load_from_the_store_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, isolated_env):
+    assert_store_loads_agree(family_checkpoint, monkeypatch)
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
@@ -137,12 +142,7 @@ def test_experts_of_another_width_than_the_config_says_take_the_old_path_and_its
 def test_direct_load_of_a_moe_store_entry_is_the_model_from_pretrained_makes(per_expert_checkpoint, monkeypatch,
                                                                              isolated_env):
     """The entry keeps the checkpoint's 16-bit experts under their per-expert names beside the packed 4-bit layers."""
-    first = load(per_expert_checkpoint, monkeypatch, direct=False)
-    assert first.fastload.plan.source == "local"
-    reference = load(per_expert_checkpoint, monkeypatch, direct=False)
-    model = load(per_expert_checkpoint, monkeypatch, direct=True)
-    assert model.fastload.plan.source == "store" == reference.fastload.plan.source
-    assert_same_model(reference, model)
+    assert_store_loads_agree(per_expert_checkpoint, monkeypatch)
 
 
 def test_a_per_expert_checkpoint_missing_one_expert_takes_the_old_path_and_its_error(per_expert_checkpoint,
