@@ -11,6 +11,7 @@ import torch
 
 from fastload._log import logger
 from fastload.errors import AdapterError
+from fastload.load.phases import phase
 from fastload.model_state import state_of
 from fastload.settings import LoraSettings
 from fastload.structure import decoder_layers, is_linear, router_widths
@@ -160,7 +161,8 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
     with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
             sharing_the_interpreter() if draws is not None else contextlib.nullcontext(), mapping_not_needed(config):
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
+        with phase("lora_peft"):  # part of the load's "lora" phase: peft's injection alone
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
     if fill_here:
         _fill_like_peft(peft_model, draws)
     trainable, total = _train_in_fp32(peft_model)  # a classifier's head (modules_to_save) trains in fp32 too
@@ -193,7 +195,8 @@ def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
                 if isinstance(m._modules.get("lora_A"), torch.nn.ModuleDict) and "default" in m._modules["lora_A"]]
     built = [(tuple(w.lora_A["default"].weight.shape), tuple(w.lora_B["default"].weight.shape),
               w.get_base_layer().weight.device) for w in wrappers]
-    ready = draws.result(built) if draws is not None else None
+    with phase("lora_draws_wait"):  # part of "lora": waiting for the draws made on their thread
+        ready = draws.result(built) if draws is not None else None
     kept_values, end_state = ready if ready is not None else draw_like_peft(built, torch.get_rng_state())
     for i, (wrapper, (_, b_shape, device)) in enumerate(zip(wrappers, built)):
         kept, kept_values[i] = kept_values[i], None  # one A at a time in two forms (a cast copies it), not all of them
