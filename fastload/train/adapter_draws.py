@@ -53,8 +53,12 @@ class AdapterDraws:
         self._thread.start()
 
     def _draw(self) -> None:
+        # the short switch interval for as long as the draws run: started beside the weight read, they otherwise
+        # waited up to 5 ms for the interpreter after each of their 448 calls (8B) while the reader threads and the
+        # loading thread held it, and were still running when the load got to LoRA
         try:
-            self._kept, self._end = draw_like_peft(self.adapters, self._start, self.dtype)
+            with sharing_the_interpreter():
+                self._kept, self._end = draw_like_peft(self.adapters, self._start, self.dtype)
         except Exception:  # noqa: BLE001 - the fill then draws on the caller's thread, as without this
             self._end = None
 

@@ -44,3 +44,24 @@ def test_draws_keep_the_dtype_of_the_thread_that_asked_for_them():
     assert {a.dtype for a in kept} == {before}
     expected, _ = draw_like_peft(adapters, draws._start, before)
     assert all(torch.equal(a, b) for a, b in zip(kept, expected))
+
+
+def test_draws_on_their_thread_share_the_interpreter_while_they_run(monkeypatch):
+    """The early draws run beside the weight read, where the readers and the loading thread hold the interpreter:
+    the drawing thread gets it back every 0.5 ms while it draws, and the interval is as before once it is done."""
+    import torch
+
+    from fastload.train import adapter_draws
+
+    seen = []
+
+    def draw(adapters, start, dtype=None):
+        seen.append(sys.getswitchinterval())
+        return [], start
+
+    monkeypatch.setattr(adapter_draws, "draw_like_peft", draw)
+    before = sys.getswitchinterval()
+    draws = adapter_draws.AdapterDraws([], torch.get_rng_state())
+    assert draws.result([]) is not None
+    assert seen == [pytest.approx(min(before, 0.0005))]
+    assert sys.getswitchinterval() == before
