@@ -36,10 +36,14 @@ def add(name: str, seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """Time the block as phase `name`."""
+def phase(name: str, within: str | None = None) -> Iterator[None]:
+    """Time the block as phase `name`; `within`: the enclosing phase it is split off from (that one keeps the rest),
+    so that the phases still add up to the load's time."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        add(name, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        add(name, seconds)
+        if within is not None:
+            add(within, -seconds)

@@ -161,7 +161,7 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
     with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
             sharing_the_interpreter() if draws is not None else contextlib.nullcontext(), mapping_not_needed(config):
-        with phase("lora_peft"):  # part of the load's "lora" phase: peft's injection alone
+        with phase("lora_peft", within="lora"):  # peft's injection, split off the load's "lora" phase
             peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
     if fill_here:
         _fill_like_peft(peft_model, draws)
@@ -195,7 +195,7 @@ def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
                 if isinstance(m._modules.get("lora_A"), torch.nn.ModuleDict) and "default" in m._modules["lora_A"]]
     built = [(tuple(w.lora_A["default"].weight.shape), tuple(w.lora_B["default"].weight.shape),
               w.get_base_layer().weight.device) for w in wrappers]
-    with phase("lora_draws_wait"):  # part of "lora": waiting for the draws made on their thread
+    with phase("lora_draws_wait", within="lora"):  # waiting for the draws made on their thread
         ready = draws.result(built) if draws is not None else None
     kept_values, end_state = ready if ready is not None else draw_like_peft(built, torch.get_rng_state())
     for i, (wrapper, (_, b_shape, device)) in enumerate(zip(wrappers, built)):
