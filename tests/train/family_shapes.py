@@ -43,9 +43,28 @@ FAMILIES = {
     # a hybrid whose blocks are of two classes (Mamba and attention), experts on every other layer
     "jamba": dict(num_experts=4, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
                   attn_layer_offset=1, mamba_d_state=8, mamba_expand=2, **EXPERTS),
+    "smollm3": {},
+    "phi": {},
+    "olmoe": dict(num_experts=4, **EXPERTS),
+    "deepseek_v2": dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1,
+                        kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        num_key_value_heads=4, **EXPERTS),
+    "phimoe": dict(num_local_experts=4, router_jitter_noise=0.0, **EXPERTS),  # jitter: random routing when training
+    "glm4": dict(head_dim=16),
+    "gpt_neox": {},
+    "stablelm": {},
+    "exaone4": {},
+    "ministral": dict(head_dim=16),
+    "glm4_moe": dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, first_k_dense_replace=1,
+                     head_dim=16, n_group=1, topk_group=1, **EXPERTS),
+    "olmo3": {},
+    "seed_oss": dict(head_dim=16, attention_dropout=0.0, residual_dropout=0.0),  # its defaults drop 10%
+    "helium": dict(head_dim=16),
+    "nemotron": {},
     "falcon": {},  # projections of a Linear subclass, and `mlp_output += attention_output` on the MLP's output
 }
-MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba")
+MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
+       "deepseek_v2", "phimoe", "glm4_moe")
 
 
 def family_config(family: str, tokenizer):
