@@ -250,15 +250,16 @@ def stream_tensors(where, spans, device: torch.device, out: queue.Queue, stop: t
 def _reader(chunks: queue.Queue, spans, device: torch.device, out: queue.Queue, stop: threading.Event,
             consumer=None) -> None:
     """One reader thread: its staging (onto a GPU) made once, then chunk after chunk until none is left, all on the
-    consumer's stream (None: the CPU). Each file it meets is opened once, for all of its chunks."""
+    consumer's stream (None: the CPU)."""
     with torch.cuda.stream(consumer), contextlib.ExitStack() as opened:  # None: no stream to set
         staging = None
-        files = OpenFiles(opened, device)
         try:
             if device.type == "cuda":
                 staging = _staging(device)
                 if staging is not None:
                     opened.callback(staging.finish)  # no copy may still write into memory handed out again
+            files = OpenFile(device)
+            opened.callback(files.close)  # before the staging's finish: the reads into its buffers are done
             while not stop.is_set():
                 try:
                     f, names = chunks.get_nowait()
@@ -269,19 +270,25 @@ def _reader(chunks: queue.Queue, spans, device: torch.device, out: queue.Queue, 
             _put_unless_stopped(out, (None, e, None), stop)
 
 
-class OpenFiles:
-    """A reader's open shards: safetensors' mapping of each (and a reader onto the GPU, or a descriptor for the
-    pinned reads), opened at first use and closed with the reader."""
+class OpenFile:
+    """A reader's open shard: safetensors' mapping of it (and a reader onto the GPU, or a descriptor for the pinned
+    reads), kept across the reader's turns in that shard. Turns come in file order, so a reader never goes back to
+    a shard it left: each is closed when the next one opens, and a reader holds one descriptor however many shards
+    there are (a checkpoint of a hundred shards would otherwise hold eight hundred, past many hosts' limit). Tensors
+    read on the host keep their mapping alive on their own."""
 
-    def __init__(self, opened: contextlib.ExitStack, device: torch.device):
-        self._opened, self._device = opened, device
-        self._files: dict[tuple[Path, bool], tuple] = {}
+    def __init__(self, device: torch.device):
+        self._device = device
+        self._key: tuple[Path, bool] | None = None
+        self._handles: tuple = ()
+        self._opened = contextlib.ExitStack()
 
     def get(self, f: Path, staged: bool) -> tuple:
         """(mapping on the host, source of reads no staged read covers, descriptor or None)."""
         from safetensors import safe_open
 
-        if (f, staged) not in self._files:
+        if self._key != (f, staged):
+            self.close()
             mapped = self._opened.enter_context(safe_open(str(f), framework="pt", device="cpu"))
             direct, fd = mapped, None
             if self._device.type == "cuda" and not staged:
@@ -289,11 +296,15 @@ class OpenFiles:
             elif staged:
                 fd = os.open(f, os.O_RDONLY)
                 self._opened.callback(os.close, fd)
-            self._files[f, staged] = (mapped, direct, fd)
-        return self._files[f, staged]
+            self._key, self._handles = (f, staged), (mapped, direct, fd)
+        return self._handles
+
+    def close(self) -> None:
+        self._key, self._handles = None, ()
+        self._opened.close()
 
 
-def _read_run(files: OpenFiles, f: Path, names: list[str], spans, device: torch.device, staging, out: queue.Queue,
+def _read_run(files: OpenFile, f: Path, names: list[str], spans, device: torch.device, staging, out: queue.Queue,
               stop: threading.Event) -> None:
     """One chunk's tensors: onto a GPU through the reader's pinned buffers and stream (fastload.load.pinned_reads),
     or where those cannot be had, safetensors' own reads onto the device; on the CPU the mapped file's tensors as
@@ -438,16 +449,15 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             if len(pending[key]) == len(wanted[key]):
                 parts = gathered(model, key, pending.pop(key), wanted[key])
                 place(model, key, parts, dtype, device, prequantized)
-                nbytes = sum(t.numel() * t.element_size() for t in parts.values())
-                del parts
                 if heap is not None:
-                    heap.quantized(nbytes)
+                    heap.quantized(sum(t.numel() * t.element_size() for t in parts.values()))
+                del parts
     finally:
-        if heap is not None:
-            heap.close()
         stop.set()  # on an error: the readers end at their next tensor instead of waiting on a full queue
         for t in threads:
             t.join()
+        if heap is not None:
+            heap.close()
     add_phase("read_wait", waited)
 
 

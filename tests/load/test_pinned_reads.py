@@ -226,3 +226,28 @@ def test_readers_take_short_turns_in_file_order(tmp_path):
     assert [n for _, names in chunks for n in names] == in_file_order
     biggest = max(sum(spans[n].end - spans[n].start for n in names) for _, names in chunks)
     assert biggest <= fast_4bit.TURN_BYTES < 32 * 512 * 1024  # a turn is a fraction of one layer's 8 MiB
+
+
+def test_a_reader_holds_one_shard_open_however_many_it_reads(tmp_path):
+    """Turns come in file order: a reader closes a shard when it moves to the next, so a checkpoint of a hundred
+    shards does not hold eight hundred descriptors (past many hosts' limit of 1024) until the load ends."""
+    import os
+
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"shard-{i}.safetensors"
+        save_file({f"t{i}": torch.full((64,), float(i))}, str(path))
+        paths.append(path)
+
+    def open_descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    files = fast_4bit.OpenFile(torch.device("cpu"))
+    before = open_descriptors()
+    counts = []
+    for i, path in enumerate(paths):
+        mapped, _, fd = files.get(path, staged=True)
+        assert fd is not None and torch.equal(mapped.get_tensor(f"t{i}"), torch.full((64,), float(i)))
+        counts.append(open_descriptors() - before)
+    files.close()
+    assert max(counts) <= 1 and open_descriptors() == before
