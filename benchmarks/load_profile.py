@@ -2,8 +2,9 @@
 
     FASTLOAD_HOME=<home with a store entry> python benchmarks/load_profile.py /tmp/fastload-bench/llama3-8b [--store]
 
-Without --store the entry is not used (`store=False`: quantized on the fly). Unless --fresh, one unprofiled load runs first (imports,
-kernels, and with --store the entry written), so the profile holds what a load costs, not what a first import does.
+Without --store the entry is not used (`store=False`: quantized on the fly). Unless --fresh, one unprofiled load runs
+first (imports, kernels, and with --store the entry written), so the profile holds what a load costs, not what a
+first import does.
 """
 
 from __future__ import annotations

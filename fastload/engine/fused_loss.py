@@ -139,7 +139,8 @@ def supports_fused_loss(model) -> bool:
 
 
 def install_fused_loss(model) -> bool:
-    """Give this instance a forward that, when training with labels, returns the loss and no logits."""
+    """Give this instance a forward that, when training with labels, returns the loss and no logits (the decoder's
+    hidden states and attentions still come back when asked for; return_dict=False takes the plain path)."""
     if not supports_fused_loss(model) or is_patched(model, model, "fused_loss"):
         return False
     original = model.forward
@@ -148,7 +149,9 @@ def install_fused_loss(model) -> bool:
     # None that transformers reads as the deprecated name being used
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, **kwargs):
-        if labels is None or not self.training or not supports_fused_loss(self):  # lm_head trained since: plain
+        # lm_head trained since, or tuples asked for (whose second item callers read as the logits): plain
+        if (labels is None or not self.training or not supports_fused_loss(self)
+                or kwargs.get("return_dict") is False):
             return original(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                             logits_to_keep=logits_to_keep, **kwargs)
@@ -162,7 +165,9 @@ def install_fused_loss(model) -> bool:
         if hasattr(num_items, "item"):
             num_items = num_items.item()
         loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
-        return CausalLMOutputWithPast(loss=loss, logits=None)  # no cache: training, use_cache=False
+        # no cache (training, use_cache=False); hidden states and attentions when asked for, as transformers gives
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
+                                      attentions=getattr(out, "attentions", None))
 
     model.forward = types.MethodType(forward, model)
     mark_patched(model, model, "fused_loss")

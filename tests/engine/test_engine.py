@@ -566,3 +566,24 @@ def test_a_deep_copy_of_a_fused_model_computes_with_its_own_adapters(tiny_llama)
         assert not torch.allclose(twin_layer.self_attn.q_proj(x), layer.self_attn.q_proj(x), atol=1e-3)
         h = torch.randn(2, 5, layer.mlp.down_proj.in_features)
         assert torch.allclose(twin_layer.mlp.down_proj(h), peft_reference(twin_layer.mlp.down_proj, h), atol=1e-5)
+
+
+def test_training_forward_keeps_what_the_caller_asks_for_beside_the_fused_loss(tiny_llama):
+    """With the fused loss (no logits while training), output_hidden_states still returns the decoder's hidden
+    states, and return_dict=False still returns transformers' tuple (loss, logits, ...), as without the engine."""
+    fast, tok = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32)
+    plain, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, engine=False)
+    assert "fused_loss" in fast.fastload_engine
+    enc = tok(["hello world, a training batch"], return_tensors="pt")
+    for m in (fast, plain):
+        m.train()
+    with torch.no_grad():
+        fast_out = fast(**enc, labels=enc["input_ids"], output_hidden_states=True)
+        plain_out = plain(**enc, labels=enc["input_ids"], output_hidden_states=True)
+        assert fast_out.logits is None  # the fused loss's point
+        assert len(fast_out.hidden_states) == len(plain_out.hidden_states) == fast.config.num_hidden_layers + 1
+        for got, expected in zip(fast_out.hidden_states, plain_out.hidden_states):
+            assert torch.allclose(got, expected, atol=1e-5)
+        loss, logits = fast(**enc, labels=enc["input_ids"], return_dict=False)[:2]
+        assert torch.allclose(loss, plain_out.loss, atol=1e-5)
+        assert logits.shape == (*enc["input_ids"].shape, fast.config.vocab_size)
