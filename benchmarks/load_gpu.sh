@@ -20,7 +20,13 @@ export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=fals
 # the GPU machine sets PYTHONDONTWRITEBYTECODE: every fresh process then compiled torch and transformers from source
 # (imports of 13-21 s). A user's machine writes the bytecode once; so does this run, before anything is timed
 unset PYTHONDONTWRITEBYTECODE
-"$PY" -c "import torch, transformers, peft, bitsandbytes; import unsloth" >/dev/null 2>&1 || true
+# and where site-packages is read-only (the GPU machine's /opt venv) nothing can be written beside the sources: the
+# bytecode then goes under a prefix of its own, as a user's own venv would hold it
+if ! "$PY" -c "import os, sysconfig, sys; sys.exit(not os.access(sysconfig.get_paths()['purelib'], os.W_OK))"; then
+    export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/fastload-pycache}
+fi
+"$PY" -c "import torch, transformers, peft, bitsandbytes" >/dev/null 2>&1 || true
+case ",$IMPLS," in *,unsloth,*) "$PY" -c "import unsloth" >/dev/null 2>&1 || true ;; esac
 mkdir -p "$OUT"
 LOG=$OUT/load.log
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
