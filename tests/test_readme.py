@@ -140,3 +140,20 @@ def test_pyproject_uses_the_spdx_license_string_and_a_setuptools_that_reads_it()
     version = next(r for r in requires if r.startswith("setuptools")).split(">=")[1]
     assert tuple(int(x) for x in version.split(".")) >= (77,)
     assert any(r.startswith("nbconvert") for r in project["project"]["optional-dependencies"]["test"])
+
+
+def test_the_readme_family_table_names_every_family_that_families_md_and_the_matrix_have():
+    """The README's grouped table of families lists the same model types as docs/families.md's rows, and both as
+    tests/train/test_families.py's matrix: a family added to one and not the others is caught."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "train")]
+    try:
+        from family_shapes import FAMILIES
+    finally:
+        del sys.path[:2]
+    section = README.split("## Model families", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
+    in_readme = {name for row in rows for name in re.findall(r"`([a-z0-9_]+)`", row)}
+    families_md = (DOCS / "families.md").read_text()
+    in_docs = {m.group(1) for m in re.finditer(r"^\| ([a-z0-9_]+)[ (|]", families_md, flags=re.M)} - {"family"}
+    assert in_readme == in_docs, (sorted(in_readme - in_docs), sorted(in_docs - in_readme))
+    assert in_docs == set(FAMILIES), (sorted(in_docs - set(FAMILIES)), sorted(set(FAMILIES) - in_docs))
