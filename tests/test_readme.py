@@ -145,11 +145,8 @@ def test_pyproject_uses_the_spdx_license_string_and_a_setuptools_that_reads_it()
 def test_the_readme_family_table_names_every_family_that_families_md_and_the_matrix_have():
     """The README's grouped table of families lists the same model types as docs/families.md's rows, and both as
     tests/train/test_families.py's matrix: a family added to one and not the others is caught."""
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "train")]
-    try:
-        from family_shapes import FAMILIES
-    finally:
-        del sys.path[:2]
+    sys.path.insert(0, str(ROOT / "tests" / "train"))  # as tests/train/test_families.py imports it
+    from family_shapes import FAMILIES
     section = README.split("## Model families", 1)[1].split("\n## ", 1)[0]
     rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
     in_readme = {name for row in rows for name in re.findall(r"`([a-z0-9_]+)`", row)}
