@@ -12,7 +12,7 @@ from fastload.compat.options import UNSLOTH_LOAD_NAMES, split_load_options, spli
 from fastload.compat.peft_extras import apply_peft_extras, target_groups_settings, unload_adapter
 from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
-from fastload.errors import AdapterError, InvalidOption
+from fastload.errors import AdapterError, FastloadError, InvalidOption
 from fastload.load.collection import collector_paused
 from fastload.load.loader import LoadOptions
 from fastload.load.phases import phase, recording
@@ -151,6 +151,8 @@ class FastModel:
 
             quant_options, engine = fsdp_load_options(quant_options, quantization_config, dtype, device_map, engine)
 
+        warm_up = _start_triton_warm_up(device_map, engine, backend)
+
         def load():
             with phase("resolve"):
                 plan = resolve(model_name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
@@ -177,6 +179,7 @@ class FastModel:
                     from fastload.train.fsdp import prepare_for_fsdp
 
                     prepare_for_fsdp(model, bool(gradient_checkpointing))
+                warm_up.join()  # before any kernel can launch
                 if impl.name == "native":
                     from fastload.engine import EngineSettings, apply_engine
 
@@ -185,6 +188,7 @@ class FastModel:
                                      bool(gradient_checkpointing) and not fsdp)
         finally:
             _release_store_writes()
+            warm_up.join()
         state_of(model).load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         state = state_of(model)
@@ -469,6 +473,22 @@ class FastModel:
         from fastload.train.generation import generate
 
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def _start_triton_warm_up(device_map, engine, backend: str):
+    """Triton's once-per-process imports and cache key on a thread during the load, where the engine's kernels
+    will run (fastload.engine.triton.warm_up); a no-op otherwise, and when device_map is bad (the load says so)."""
+    from fastload.engine.triton.warm_up import TritonWarmUp
+    from fastload.load.devices import main_device, resolve_device_map
+
+    warm_up = TritonWarmUp()
+    if engine and backend == "native":
+        try:
+            device = main_device(resolve_device_map(device_map))
+        except FastloadError:
+            return warm_up
+        warm_up.start(device)
+    return warm_up
 
 
 def _classifier_options(task: str, store, engine, backend: str):
