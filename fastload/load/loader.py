@@ -194,15 +194,24 @@ def skip_modules(asked) -> list[str] | None:
     return list(asked) + ([] if "lm_head" in asked else ["lm_head"])
 
 
-def bnb_config(plan: LoadPlan, compute_dtype):
+def bnb_config(plan: LoadPlan, compute_dtype, model_type: str | None = None):
+    """transformers' BitsAndBytesConfig for the plan; the layers fastload/layer_rules.toml keeps 16-bit in this
+    model type are added to the skipped ones."""
     from transformers import BitsAndBytesConfig
 
+    from fastload.layer_rules import kept_unquantized
+
     q = plan.quant
+    skipped = skip_modules(q.llm_int8_skip_modules)
+    kept = kept_unquantized(model_type)
+    if kept:
+        skipped = list(dict.fromkeys((skipped or ["lm_head"]) + sorted(kept)))
+        logger.info("kept 16-bit: %s", "; ".join(f"{name} ({why})" for name, why in sorted(kept.items())))
     return BitsAndBytesConfig(
         load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=torch_dtype(q.bnb_4bit_quant_storage), llm_int8_threshold=q.llm_int8_threshold,
-        llm_int8_skip_modules=skip_modules(q.llm_int8_skip_modules),
+        llm_int8_skip_modules=skipped,
         llm_int8_enable_fp32_cpu_offload=q.llm_int8_enable_fp32_cpu_offload,
         llm_int8_has_fp16_weight=q.llm_int8_has_fp16_weight)
 
@@ -298,6 +307,9 @@ def check_weight_shapes(plan: LoadPlan, model, weight_files) -> None:
     saved = {name: meta["shape"] for f in weight_files for name, meta in read_safetensors_header(f).items()
              if name != "__metadata__"}
     wanted = {name: list(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    for name in transposed_weights(model):  # GPT-2's Conv1D keeps (in, out): saved so, built (out, in) in 4-bit
+        if name in wanted:
+            wanted[name] = wanted[name][::-1]
     wrong = sorted(f"{name}: saved {saved[name]}, config.json builds {wanted[name]}"
                    for name in saved.keys() & wanted.keys() if saved[name] != wanted[name])
     if wrong:
@@ -306,6 +318,14 @@ def check_weight_shapes(plan: LoadPlan, model, weight_files) -> None:
                                          f"shape ({'; '.join(wrong[:3])})",
                                    fix="use the config.json that belongs to these weights, "
                                        "or re-download the checkpoint")
+
+
+def transposed_weights(model) -> list[str]:
+    """Weight names the checkpoint stores transposed against the built module: transformers' Conv1D layers (GPT-2,
+    (in, out)) that bitsandbytes replaced with a Linear4bit (out, in); transformers transposes them as it quantizes."""
+    from fastload.load.fast_4bit import transposed_on_load as transposed
+
+    return [f"{name}.weight" for name, module in model.named_modules() if transposed(module)]
 
 
 def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:
@@ -378,7 +398,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     if opts.rope_scaling:
         kw["rope_scaling"] = opts.rope_scaling
     if not plan.prequantized and plan.quant.quantized:
-        kw["quantization_config"] = bnb_config(plan, dtype)
+        kw["quantization_config"] = bnb_config(plan, dtype, config.model_type)
     if kw.get("local_files_only"):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)

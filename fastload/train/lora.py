@@ -22,7 +22,7 @@ from fastload.train.adapter_draws import (
     predicted_adapters,
     sharing_the_interpreter,
 )
-from fastload.train.lora_targets import find_lora_targets
+from fastload.train.lora_targets import find_lora_targets, left_alone
 from fastload.train.peft_conversion import keep_targets_as_written, mapping_not_needed, mark_built_for_the_model
 
 # LoraConfig options peft's ParamWrapper (LoRA on a bare nn.Parameter) refuses
@@ -142,6 +142,17 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
     if missing:
         raise AdapterError(f"Adding LoRA on {targets}", found=f"the model has no module named {missing}",
                            fix=f"leave target_modules unset (found: {find_lora_targets(model)}) or fix the names")
+    never = left_alone(model)
+    refused = sorted(set(never) & set(targets))
+    if refused:  # checked here: peft refuses them midway, with the model's other layers already wrapped
+        raise AdapterError(f"Adding LoRA on {targets}",
+                           found="; ".join(f"{name} cannot carry LoRA in a {model.config.model_type} model: "
+                                           f"{never[name]}" for name in refused),
+                           fix=f"leave {', '.join(refused)} out of target_modules (the default targets: "
+                               f"{find_lora_targets(model)})")
+    linear = {n.split(".")[-1] for n, m in model.named_modules() if n.split(".")[-1] in never and is_linear(m)}
+    left_note = "" if settings.target_modules else _left_alone_note(
+        {name: why for name, why in never.items() if name in linear})
     try:
         config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             bias=settings.bias, target_modules=targets, task_type=peft_task_type(model),
@@ -162,7 +173,12 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
     with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
             sharing_the_interpreter() if draws is not None else contextlib.nullcontext(), mapping_not_needed(config):
         with phase("lora_peft", within="lora"):  # peft's injection, split off the load's "lora" phase
-            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
+            try:
+                peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
+            except ValueError as e:  # peft's own refusals (a layer type or an option it cannot adapt)
+                raise AdapterError(f"Adding LoRA on {targets} to {type(model).__name__}", found=str(e),
+                                   fix="change target_modules or the LoRA option peft names, then load the model "
+                                       "again (peft may have wrapped some layers before it refused)") from e
     if fill_here:
         _fill_like_peft(peft_model, draws)
     trainable, total = _train_in_fp32(peft_model)  # a classifier's head (modules_to_save) trains in fp32 too
@@ -170,10 +186,15 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
         from fastload.load.task import head_in_full_precision
 
         head_in_full_precision(peft_model)
-    logger.info("LoRA r=%s alpha=%s on %s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
-                settings.lora_alpha, ",".join(targets), experts_note, towers_note, f"{trainable:,}",
+    logger.info("LoRA r=%s alpha=%s on %s%s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
+                settings.lora_alpha, ",".join(targets), experts_note, towers_note, left_note, f"{trainable:,}",
                 100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
+
+
+def _left_alone_note(left: dict[str, str]) -> str:
+    """The words the LoRA log line adds for a family's layers the default targets skip ("" when none)."""
+    return "".join(f" ({name} left alone: {why})" for name, why in sorted(left.items()))
 
 
 def _default_init(config) -> bool:
