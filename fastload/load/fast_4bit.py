@@ -370,6 +370,8 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
                 param = params4bit(value, stats, device, module)
         else:
             old = module.weight
+            if transposed_on_load(module):  # GPT-2's Conv1D stores (in, out), as transformers' quantizer knows
+                value = value.t()
             with phase("host_to_device"):
                 value = value.to(device=device, dtype=dtype)
             with phase("quantization"):  # bnb's quantization, without its blocking copy per weight
@@ -386,6 +388,16 @@ def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequa
         module.register_parameter(name, torch.nn.Parameter(value, requires_grad=current.requires_grad))
     else:
         module._buffers[name] = value
+
+
+def transposed_on_load(module) -> bool:
+    """A Linear4bit that replaced transformers' Conv1D (GPT-2): its checkpoint weight is (in, out)."""
+    source = getattr(module, "source_cls", None)
+    if not isinstance(source, type):
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    return issubclass(source, Conv1D)
 
 
 @functools.cache

@@ -52,6 +52,10 @@ class Deltas:
                 # LoRA on a bare parameter (MoE experts) names it; on a Linear it is the weight
                 parameter = getattr(module, "parameter_name", "weight")
                 self.modules[f"{checkpoint_key(name, self.adapter)}.{parameter}"] = module
+        from fastload.load.fast_4bit import transposed_on_load
+
+        # GPT-2's Conv1D weights are (in, out) in every checkpoint; their 4-bit layers and deltas are (out, in)
+        self.transposed = {key for key, module in self.modules.items() if transposed_on_load(module.get_base_layer())}
         # trained tensors that replace the base's: modules_to_save copies, biases trained with bias="all"/"lora_only"
         self.replaced: dict[str, Any] = {}
         for name, p in model.named_parameters():
@@ -74,6 +78,8 @@ class Deltas:
         self.used.add(key)
         with torch.no_grad():
             delta = self.modules[key].get_delta_weight(self.adapter).to("cpu", torch.float32)
+        if key in self.transposed:  # the tensor is in the checkpoint's (in, out) orientation
+            delta = delta.t()
         if delta.shape != tensor.shape:
             raise AdapterError(f"Merging the LoRA delta into {key}", found=f"delta {tuple(delta.shape)} vs weight "
                                f"{tuple(tensor.shape)}", fix="merge into the base the adapter was trained on")
@@ -385,11 +391,19 @@ def _model_tensors(base, adapter: str):
             if is_stack(tensor):  # MoE experts stored 4-bit by fastload
                 yield key, (lambda t=tensor: t.dequantize().to("cpu"))
             elif pname == "weight" and is_linear4bit(module):
-                yield key, (lambda t=tensor: _dequantize_4bit(t))
+                yield key, _in_checkpoint_orientation(module, lambda t=tensor: _dequantize_4bit(t))
             elif pname == "weight" and is_linear8bit(module):
-                yield key, (lambda t=tensor, m=module: _dequantize_8bit(t, m))
+                yield key, _in_checkpoint_orientation(module, lambda t=tensor, m=module: _dequantize_8bit(t, m))
             else:
                 yield key, (lambda t=tensor: t.detach().to("cpu"))
+
+
+def _in_checkpoint_orientation(module, read):
+    """`read`, its result transposed where the checkpoint stores the weight (in, out): GPT-2's Conv1D layers, which
+    bitsandbytes replaced with (out, in) layers."""
+    from fastload.load.fast_4bit import transposed_on_load
+
+    return (lambda: read().t().contiguous()) if transposed_on_load(module) else read
 
 
 def _dequantize_4bit(weight):
