@@ -47,6 +47,7 @@ class ModelState:
     engine_settings: Any = None           # the EngineSettings asked at load
     checkpointing: bool | None = None     # checkpointing meant to be on (kept through generation mode); None: unset
     checkpoint_function: CheckpointFunction | None = None
+    checkpointing_refused: bool = False   # the architecture cannot checkpoint (said once: train/checkpointing.py)
     task: str | None = None               # "causal-lm" or "sequence-classification" (fastload/load/task.py)
     load_phases: dict = field(default_factory=dict)  # seconds per phase of the load (fastload/load/phases.py)
     fsdp: dict | None = None              # loaded for FSDP2-QLoRA: {"activation_checkpointing": bool}

@@ -136,8 +136,9 @@ class NativeBackend:
             logger.info("no LoRA: every parameter frozen; add adapters with FastModel.get_peft_model(model)")
         if gradient_checkpointing:
             with phase("checkpointing"):
-                enable_checkpointing(model)
-            logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")
+                on = enable_checkpointing(model)
+            if on:
+                logger.info("gradient checkpointing: on (non-reentrant, input grads enabled, use_cache off)")
         elif any(p.requires_grad for p in model.parameters()):
             # stated, not "as asked": the CLI's generate/merge/quantize load with it off on their own
             logger.info("gradient checkpointing: off (gradient_checkpointing=False: every layer's activations stay in "

@@ -51,14 +51,26 @@ def checkpointed_layers(model) -> list:
             if "_gradient_checkpointing_func" in vars(m) and getattr(m, "gradient_checkpointing", False)]
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant checkpointing, input grads on, no KV cache; the registered checkpoint function, if any."""
+def enable_checkpointing(model) -> bool:
+    """Non-reentrant checkpointing, input grads on, no KV cache; the registered checkpoint function, if any.
+    False (said once per model) where the architecture's transformers code cannot checkpoint: training then keeps
+    every layer's activations, instead of failing on transformers' ValueError."""
     base = _base(model)
+    if not getattr(base, "supports_gradient_checkpointing", True):
+        state = state_of(base)
+        if not state.checkpointing_refused:
+            logger.warning("gradient checkpointing: off, %s's transformers code does not support it (training keeps "
+                           "every layer's activations: more memory at long sequences); pass "
+                           "gradient_checkpointing=False to load without asking for it", type(base).__name__)
+            state.checkpointing_refused = True
+        base.config.use_cache = False
+        return False
     turn_on_checkpointing(base)
     base.enable_input_require_grads()
     base.config.use_cache = False
     state_of(base).checkpointing = True
     _use_registered_function(base)
+    return True
 
 
 def disable_checkpointing(model) -> None:
