@@ -60,14 +60,23 @@ def router_widths(config) -> set[int]:
 
 def decoder_layers(model):
     """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class; in a hybrid
-    whose blocks are of several classes (Jamba's Mamba and attention layers), the ModuleList holding the most
-    parameters."""
-    best, lists = None, []
+    whose blocks are of several classes (Jamba's Mamba and attention layers, Zamba2's Mamba and hybrid layers), the
+    ModuleList holding the most parameters, when it holds more than that uniform one (Zamba2's longest uniform list
+    is a one-item list of its own adapters)."""
+    best, mixed = None, []
     for _, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            lists.append(module)
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None and lists:
-        best = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+            if len({type(m) for m in module}) == 1:
+                if best is None or len(module) > len(best):
+                    best = module
+            else:
+                mixed.append(module)
+    if mixed:  # counted only where a list of several classes exists: most models have none
+        heaviest = max(mixed, key=_parameter_count)
+        if best is None or _parameter_count(heaviest) > _parameter_count(best):
+            best = heaviest
     return best
+
+
+def _parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -71,10 +71,10 @@ def choose_attn_implementation(config, device: str, dtype, asked: str | None) ->
     runnable = runnable_implementations(config, device, dtype)
     cls = model_class(config)
     if cls is None and not getattr(config, "auto_map", None):
+        kind, fix = _not_causal_lm(config)
         raise UnsupportedArchitecture(f"Loading a model of model_type {config.model_type!r}",
                                       found=f"transformers {_version()} has no causal language model for "
-                                            f"{type(config).__name__} (it is not a text generator, or is newer)",
-                                      fix="pick a text-generation checkpoint, or upgrade transformers")
+                                            f"{type(config).__name__} ({kind})", fix=fix)
     arch = cls.__name__ if cls is not None else type(config).__name__
     if asked in AUTO:
         best = next(name for name in runnable if name in AUTO_CHOICES)
@@ -88,6 +88,20 @@ def choose_attn_implementation(config, device: str, dtype, asked: str | None) ->
                               f"it can run: {', '.join(runnable)}",
                         fix=f"leave attn_implementation unset (fastload picks the best of them) or pass one of "
                             f"{', '.join(repr(n) for n in runnable)}")
+
+
+def _not_causal_lm(config) -> tuple[str, str]:
+    """What kind of model a config without a causal LM describes, and what the user can do instead."""
+    if getattr(config, "is_encoder_decoder", False):
+        return ("an encoder-decoder model: fastload fine-tunes decoder-only causal language models",
+                "pick a decoder-only checkpoint (Llama, Qwen, Mistral, ...); encoder-decoder models train with "
+                "peft and transformers' Seq2SeqTrainer")
+    if getattr(config, "vision_config", None) is not None:
+        return ("an image-text model: fastload fine-tunes text-only causal language models (Gemma-3's text part "
+                "excepted)", "pick the text-only sibling of this checkpoint if it has one (e.g. a -Instruct text "
+                "model), or fine-tune it with peft and transformers' image-text classes")
+    return ("it is not a text generator, or is newer than this transformers",
+            "pick a text-generation checkpoint, or upgrade transformers")
 
 
 KNOWN = ("eager", "sdpa", "flash_attention_2", "flex_attention", "xformers")
