@@ -62,9 +62,19 @@ FAMILIES = {
     "helium": dict(head_dim=16),
     "nemotron": {},
     "falcon": {},  # projections of a Linear subclass, and `mlp_output += attention_output` on the MLP's output
+    "gpt2": dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),  # Conv1D, stored (in, out): transposed when
+    # quantized; its defaults drop 10%
+    "mamba": dict(state_size=8, expand=2),  # dt_proj's weight multiplied directly: kept 16-bit, no adapter
+    "falcon_h1": dict(head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                      mamba_chunk_size=16),  # Mamba-2 beside attention in every layer: out_proj left alone
+    "jetmoe": dict(num_local_experts=4, **EXPERTS, kv_channels=16),  # transformers cannot checkpoint it
+    # Mamba-2 and hybrid blocks (two classes) in `layers`; its own per-block adapters are Linears named by index
+    "zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], num_mem_blocks=1, mamba_headdim=16,
+                   mamba_d_state=8, n_mamba_heads=8),
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
-       "deepseek_v2", "phimoe", "glm4_moe")
+       "deepseek_v2", "phimoe", "glm4_moe", "jetmoe")
+PEFT_EXPERTS = ("jetmoe",)  # experts not in transformers' experts layout: adapted by peft, the engine says why
 
 
 def family_config(family: str, tokenizer):

@@ -1,0 +1,125 @@
+"""Families whose layers break the usual assumptions, as a user meets them with the defaults.
+
+- Mamba: the mixer multiplies by dt_proj's weight directly and hands out_proj's to a fused kernel, so LoRA leaves
+  them alone (and peft's refusal of out_proj comes before any layer is wrapped), and dt_proj stays 16-bit.
+- GPT-2: Conv1D weights are stored (in, out); the 4-bit layers are (out, in). A merge into the 16-bit original
+  must add each delta transposed, or the merged checkpoint does not load.
+- JetMoe: transformers cannot checkpoint it; the load says so once and trains without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from family_shapes import make_family_checkpoint  # noqa: E402
+
+
+def test_mamba_layers_read_directly_stay_16bit_and_unadapted(tmp_path, caplog):
+    import bitsandbytes as bnb
+    import torch
+
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "mamba", "mamba")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path))
+    mixer = model.get_base_model().backbone.layers[0].mixer
+    assert type(mixer.dt_proj) is torch.nn.Linear  # kept 16-bit: its weight is multiplied as it is
+    assert isinstance(mixer.in_proj.base_layer, bnb.nn.Linear4bit)
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"in_proj", "x_proj"}, adapted
+    assert "kept 16-bit: dt_proj" in caplog.text
+    assert "out_proj left alone" in caplog.text and "dt_proj left alone" in caplog.text
+
+
+def test_mamba_out_proj_target_refused_before_any_layer_is_wrapped(tmp_path):
+    from fastload import FastModel
+    from fastload.errors import AdapterError
+
+    path = make_family_checkpoint(tmp_path / "mamba", "mamba")
+    with pytest.raises(AdapterError) as err:
+        FastModel.from_pretrained(str(path), lora={"target_modules": ["in_proj", "out_proj"]})
+    assert "out_proj cannot carry LoRA in a mamba model" in err.value.found
+    assert "['in_proj', 'x_proj']" in err.value.fix  # what the default would adapt
+    bare, _ = FastModel.from_pretrained(str(path), lora=None)
+    with pytest.raises(AdapterError):
+        FastModel.get_peft_model(bare, target_modules=["in_proj", "out_proj"])
+    assert not [n for n, m in bare.named_modules() if hasattr(m, "lora_A")]  # the user's model is untouched
+
+
+def test_gpt2_merge_into_the_16bit_original_adds_each_delta_transposed(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fastload import FastModel
+    from tiny import nonzero_lora_b
+
+    path = make_family_checkpoint(tmp_path / "gpt2", "gpt2")
+    model, tokenizer = FastModel.from_pretrained(str(path))
+    nonzero_lora_b(model)
+    FastModel.save_merged(model, tmp_path / "merged", tokenizer=tokenizer, source="16bit", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)  # loads: shapes right
+    original = load_file(str(path / "model.safetensors"))
+    written = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.0.mlp.c_fc"):
+        layer = model.get_submodule(f"base_model.model.{name}")
+        delta = layer.get_delta_weight("default").float()  # (out, in), as the 4-bit layer computes
+        torch.testing.assert_close(written[f"{name}.weight"], original[f"{name}.weight"] + delta.t())
+    assert merged.transformer.h[0].attn.c_attn.weight.shape == original["transformer.h.0.attn.c_attn.weight"].shape
+
+
+def test_jetmoe_trains_without_checkpointing_and_says_so_once(tmp_path, caplog):
+    import torch
+
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "jetmoe", "jetmoe")
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        model, tokenizer = FastModel.from_pretrained(str(path))
+        FastModel.for_inference(model)
+        FastModel.for_training(model)
+    said = [r for r in caplog.records if "gradient checkpointing: off" in r.message]
+    assert len(said) == 1 and "JetMoeForCausalLM" in said[0].message
+    ids = tokenizer(["hello world"], return_tensors="pt")["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) for n, p in model.named_parameters()
+               if "lora_B" in n)  # B starts at zero: its gradient is the first to be non-zero
+
+
+@pytest.mark.parametrize("kind", ["t5", "llava"])
+def test_a_model_fastload_cannot_train_says_what_kind_it_is(kind, tmp_path):
+    """An encoder-decoder (T5) or an image-text model (LLaVA) has no causal LM: the error says which kind it is and
+    what to use instead, rather than calling a text generator "not a text generator"."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from fastload import FastModel
+    from fastload.errors import UnsupportedArchitecture
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    if kind == "t5":
+        config = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                      vocab_size=len(tok))
+    else:
+        config = AutoConfig.for_model(
+            "llava", image_token_index=len(tok) - 1,
+            text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok)),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14))
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path / kind)
+    tok.save_pretrained(tmp_path / kind)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        FastModel.from_pretrained(str(tmp_path / kind))
+    expected = "an encoder-decoder model" if kind == "t5" else "an image-text model"
+    assert expected in err.value.found and "not a text generator" not in err.value.found
+    assert "Seq2SeqTrainer" in err.value.fix if kind == "t5" else "text-only sibling" in err.value.fix
