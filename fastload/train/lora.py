@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -123,13 +123,22 @@ def untrained_adapter(model) -> bool:
     return bool(b_matrices) and all(not torch.count_nonzero(p) for p in b_matrices)
 
 
-def apply_lora(model, settings: LoraSettings, random_state: int | None = None, early: EarlyDraws | None = None):
-    """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast.
-    `early`: the draws the load started beside its reading (fastload.train.adapter_draws.EarlyDraws), if any."""
-    from peft import LoraConfig, get_peft_model
+@dataclass
+class LoraPlan:
+    """What apply_lora decided from the model before peft touches it: the targets, peft's config, whether the
+    adapters are built empty and filled here, and the words the log line adds."""
 
-    from fastload._log import quiet_foreign_deprecations
-    from fastload.load.memory import skipped_init
+    targets: list[str]
+    settings: LoraSettings
+    config: Any
+    fill_here: bool
+    notes: str
+
+
+def plan_lora(model, settings: LoraSettings) -> LoraPlan:
+    """The targets and peft's LoraConfig for this model, every check that can refuse them made before any layer is
+    wrapped (peft refuses some midway, with other layers already wrapped)."""
+    from peft import LoraConfig
 
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
     experts, experts_note = ([], "") if settings.target_modules or "target_parameters" in settings.extra else (
@@ -144,7 +153,7 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
                            fix=f"leave target_modules unset (found: {find_lora_targets(model)}) or fix the names")
     never = left_alone(model)
     refused = sorted(set(never) & set(targets))
-    if refused:  # checked here: peft refuses them midway, with the model's other layers already wrapped
+    if refused:
         raise AdapterError(f"Adding LoRA on {targets}",
                            found="; ".join(f"{name} cannot carry LoRA in a {model.config.model_type} model: "
                                            f"{never[name]}" for name in refused),
@@ -162,32 +171,60 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
                            fix="pass only peft.LoraConfig fields in lora=") from e
     keep_targets_as_written()
     mark_built_for_the_model(config)  # its targets are this model's module names (checked above): never renamed
-    if random_state is not None:
-        torch.manual_seed(random_state)
     fill_here = not settings.target_modules and _default_init(config)  # found targets are linear: A and B too
-    draws = None
-    if fill_here:
-        predicted = predicted_adapters(model, targets, config.r, config.exclude_modules)
-        draws = (early.for_adapters(predicted) if early is not None else None) or AdapterDraws(predicted)
+    return LoraPlan(targets, settings, config, fill_here, experts_note + towers_note + left_note)
+
+
+def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str = "lora_peft"):
+    """peft's injection of the planned adapters (built empty where apply_lora fills them). `sharing`: another thread
+    (the draws, the readers) needs the interpreter meanwhile (adapter_draws.sharing_the_interpreter)."""
+    from peft import get_peft_model
+
+    from fastload._log import quiet_foreign_deprecations
+    from fastload.load.memory import skipped_init
+
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
-    with quiet_foreign_deprecations(), skipped_init() if fill_here else contextlib.nullcontext(), \
-            sharing_the_interpreter() if draws is not None else contextlib.nullcontext(), mapping_not_needed(config):
-        with phase("lora_peft", within="lora"):  # peft's injection, split off the load's "lora" phase
+    with quiet_foreign_deprecations(), skipped_init() if plan.fill_here else contextlib.nullcontext(), \
+            sharing_the_interpreter() if sharing else contextlib.nullcontext(), mapping_not_needed(plan.config):
+        # peft's injection, split off the load's "lora" phase (or on its own while the weights are read)
+        with phase(phase_name, within="lora" if phase_name == "lora_peft" else None):
             try:
-                peft_model = get_peft_model(model, config, autocast_adapter_dtype=True, low_cpu_mem_usage=fill_here)
+                return get_peft_model(model, plan.config, autocast_adapter_dtype=True,
+                                      low_cpu_mem_usage=plan.fill_here)
             except ValueError as e:  # peft's own refusals (a layer type or an option it cannot adapt)
-                raise AdapterError(f"Adding LoRA on {targets} to {type(model).__name__}", found=str(e),
+                raise AdapterError(f"Adding LoRA on {plan.targets} to {type(model).__name__}", found=str(e),
                                    fix="change target_modules or the LoRA option peft names, then load the model "
                                        "again (peft may have wrapped some layers before it refused)") from e
-    if fill_here:
+
+
+def apply_lora(model, settings: LoraSettings, random_state: int | None = None, early: EarlyDraws | None = None,
+               injected=None):
+    """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast.
+    `early`: the draws the load started beside its reading (fastload.train.adapter_draws.EarlyDraws), if any.
+    `injected`: the injection the load already made on its skeleton (fastload.train.early_injection), if any."""
+    done = injected.take(model) if injected is not None else None
+    if done is not None:
+        plan, peft_model, predicted = done
+    else:
+        plan, peft_model = plan_lora(model, settings), None
+        predicted = (predicted_adapters(model, plan.targets, plan.config.r, plan.config.exclude_modules)
+                     if plan.fill_here else None)
+    if random_state is not None:
+        torch.manual_seed(random_state)
+    draws = None
+    if plan.fill_here:
+        draws = (early.for_adapters(predicted) if early is not None else None) or AdapterDraws(predicted)
+    if peft_model is None:
+        peft_model = inject_lora(model, plan, sharing=draws is not None)
+    if plan.fill_here:
         _fill_like_peft(peft_model, draws)
     trainable, total = _train_in_fp32(peft_model)  # a classifier's head (modules_to_save) trains in fp32 too
-    if config.task_type == "SEQ_CLS":
+    if plan.config.task_type == "SEQ_CLS":
         from fastload.load.task import head_in_full_precision
 
         head_in_full_precision(peft_model)
-    logger.info("LoRA r=%s alpha=%s on %s%s%s%s: %s trainable parameters (%.2f%% of %s)", settings.r,
-                settings.lora_alpha, ",".join(targets), experts_note, towers_note, left_note, f"{trainable:,}",
+    logger.info("LoRA r=%s alpha=%s on %s%s: %s trainable parameters (%.2f%% of %s)", plan.settings.r,
+                plan.settings.lora_alpha, ",".join(plan.targets), plan.notes, f"{trainable:,}",
                 100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
 
