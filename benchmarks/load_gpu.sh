@@ -8,6 +8,7 @@
 #
 #   bash benchmarks/load_gpu.sh                 # PYTHONPATH must hold this checkout and .gpu-site
 #   REPEATS=1 COLD=off bash benchmarks/load_gpu.sh   # a quick look: one warm run each
+#   FASTLOAD_EARLY_LORA=0 IMPLS=fastload bash ...  # peft injected after the weights, as before (A/B)
 set -uo pipefail
 OUT=${OUT:-$PWD/bench-out/load-gpu}
 MODEL=${MODEL:-/tmp/fastload-bench/llama3-8b}
@@ -35,7 +36,7 @@ if [ ! -f "$MODEL/config.json" ]; then
     "$PY" -c "from fastload.bench.models import create_checkpoint as c; print(c('llama3-8b', '$MODEL', device='cuda'))" \
         2>&1 | tee -a "$LOG"
 fi
-"$PY" -m pytest -q -m gpu tests/load/test_fast_load.py -p no:cacheprovider 2>&1 | tee -a "$LOG" | grep -E "^E |passed|failed" | head -20
+"$PY" -m pytest -q -m gpu tests/load/test_fast_load.py tests/load/test_early_injection.py -p no:cacheprovider 2>&1 | tee -a "$LOG" | grep -E "^E |passed|failed" | head -20
 echo "\$ python -m fastload.bench --phase load --model $MODEL --impl $IMPLS --repeats $REPEATS --cold $COLD" | tee -a "$LOG"
 "$PY" -m fastload.bench --phase load --model "$MODEL" --impl "$IMPLS" --repeats "$REPEATS" --cold "$COLD" \
     --out "$OUT/bench" --time-budget "$BUDGET" 2>&1 | tee -a "$LOG" | grep -E "^\[|^fastload bench"

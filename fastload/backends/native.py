@@ -16,6 +16,7 @@ from fastload.model_state import state_of
 from fastload.sources import plan as P
 from fastload.train.adapter_draws import EarlyDraws
 from fastload.train.checkpointing import enable_checkpointing
+from fastload.train.early_injection import EarlyInjection
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 
@@ -88,6 +89,8 @@ class NativeBackend:
     def load(self, plan, opts, store, lora, gradient_checkpointing, random_state):
         early = EarlyDraws(lora, random_state) if lora is not None and not plan.adapter else None
         hook = early.start if early is not None else None
+        # not where a store entry is written from the loaded model: it would be saved with peft's names
+        injection = EarlyInjection(lora, random_state) if early is not None else None
         if plan.store_key and store is not None and not plan.prequantized:
             with store.lock(plan.store_key):
                 entry = store.lookup(plan.store_key)  # another process may have stored it while we waited
@@ -103,11 +106,12 @@ class NativeBackend:
                     with phase("store_write"):
                         self._store(plan, opts, model, tokenizer, store)
         elif plan.source == P.STORE and store is not None:
-            model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state, hook)
+            model, tokenizer = self._load_stored(plan, opts, store, lora, gradient_checkpointing, random_state, hook,
+                                                 injection)
             if model is None:  # the entry was damaged: discarded and loaded again from its source
                 return tokenizer
         else:
-            model, tokenizer = self._load(plan, opts, store, hook)
+            model, tokenizer = self._load(plan, opts, store, hook, injection)
         from fastload.load.experts import settle_experts
         from fastload.load.linear_coverage import note_unquantized_linears
 
@@ -125,7 +129,7 @@ class NativeBackend:
             from fastload.train.lora import apply_lora
 
             with phase("lora"):
-                model = apply_lora(model, lora, random_state, early)
+                model = apply_lora(model, lora, random_state, early, injection)
         if getattr(model, "peft_config", None):
             from fastload.save.adapters import name_base_model
 
@@ -145,14 +149,14 @@ class NativeBackend:
                         "memory while training)")
         return model, tokenizer
 
-    def _load_stored(self, plan, opts, store, lora, gradient_checkpointing, random_state, hook):
+    def _load_stored(self, plan, opts, store, lora, gradient_checkpointing, random_state, hook, injection=None):
         """A store entry whose damage no check caught (the sampled hash reads a few MiB) can still fail to load: it
         is discarded and the model loaded from its source, quantized and stored again, instead of every later load
         failing on it. Returns (model, tokenizer), or (None, what load returned) after such a rebuild."""
         from fastload.errors import CheckpointError
 
         try:
-            return self._load(plan, opts, store, hook)
+            return self._load(plan, opts, store, hook, injection)
         except CheckpointError as e:
             if not plan.original or not plan.store_key:
                 raise
@@ -167,12 +171,13 @@ class NativeBackend:
         gc.collect()
         return None, self.load(fresh, opts, store, lora, gradient_checkpointing, random_state)
 
-    def _load(self, plan, opts, store, skeleton_hook=None):
+    def _load(self, plan, opts, store, skeleton_hook=None, injection=None):
         if plan.gguf_file:
             plan = materialize_gguf(plan, store.root if store is not None else None)
         started = time.perf_counter()
         tokenizer = TokenizerLoad(tokenizer_source(plan), opts)
-        model, dtype, device = load_weights(plan, opts, before_reading=tokenizer.start, skeleton_hook=skeleton_hook)
+        model, dtype, device = load_weights(plan, opts, before_reading=tokenizer.start, skeleton_hook=skeleton_hook,
+                                            injection=injection)
         what = "loaded pre-quantized" if plan.prequantized else f"quantized on the fly ({plan.quant.describe()})"
         logger.info("%s in %.1f s; compute dtype %s on %s", what, time.perf_counter() - started,
                     str(dtype).replace("torch.", ""), device)

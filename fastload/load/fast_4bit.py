@@ -191,14 +191,15 @@ def _check_converted_shapes(key: str, param, parts: list[str], spans: dict) -> N
         raise NotCovered(f"{key} does not fit its checkpoint tensors ({wrong[:1] or parts[:1]})")
 
 
-def gathered(model, key: str, arrived: dict[str, torch.Tensor], sources: list[str]):
+def gathered(slot: tuple, key: str, arrived: dict[str, torch.Tensor], sources: list[str]):
     """The arrived tensors as place() takes them, under the model's names: a renamed tensor under its own name,
     per-expert tensors stacked into their fused parameter (fastload.load.expert_layouts)."""
     if sources[0] == key:  # its own name (a stored 4-bit weight's statistics follow it)
         return arrived
     if len(sources) == 1:
         return {key: arrived[sources[0]]}
-    return {key: stacked([arrived.pop(s) for s in sources], model.get_parameter(key).shape[0])}
+    module, name = slot
+    return {key: stacked([arrived.pop(s) for s in sources], getattr(module, name).shape[0])}
 
 
 def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int,
@@ -354,12 +355,17 @@ def _put_unless_stopped(out: queue.Queue, item, stop: threading.Event) -> None:
             continue
 
 
-def place(model, key: str, parts: dict[str, torch.Tensor], dtype, device, prequantized: bool) -> None:
+def slots_of(model, keys) -> dict[str, tuple]:
+    """key -> (module, attribute name) for every weight the load fills, found before anything can wrap the modules
+    (peft's injection while the weights are read puts a wrapper where the layer was; the layer itself stays)."""
+    return {key: (model.get_submodule(key.rpartition(".")[0]), key.rpartition(".")[2]) for key in keys}
+
+
+def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, prequantized: bool) -> None:
     """Put one parameter or buffer in place as transformers' loading would: the same casts, the same bnb calls."""
     import bitsandbytes as bnb
 
-    module_name, _, name = key.rpartition(".")
-    module = model.get_submodule(module_name)
+    module, name = slot
     value = parts[key]
     if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
         if prequantized:
@@ -438,16 +444,22 @@ class TrimmedHeap:
             self.since = 0
 
 
-def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dtype, device, prequantized: bool) -> None:
-    """Read every shard (READERS threads) and place each weight as soon as all of its tensors have arrived."""
+def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dtype, device, prequantized: bool,
+         while_reading=None) -> None:
+    """Read every shard (READERS threads) and place each weight as soon as all of its tensors have arrived.
+    `while_reading`: called once on this thread right after the readers start; they read on meanwhile without the
+    READ_AHEAD bound, which only a pre-quantized checkpoint may drop (its tensors are the model's own storage)."""
     owner = {part: key for key, parts in wanted.items() for part in parts}
+    slots = slots_of(model, wanted)
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    out: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    out: queue.Queue = queue.Queue(maxsize=0 if while_reading is not None and prequantized else READ_AHEAD)
     stop = threading.Event()
     threads = stream_tensors(where, spans, device, out, stop)
     waited = 0.0
     heap = TrimmedHeap() if device.type == "cpu" and not prequantized else None
     try:
+        if while_reading is not None:
+            while_reading()
         for _ in range(len(owner)):
             started = time.perf_counter()
             name, tensor, arrived = out.get()
@@ -459,8 +471,8 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             key = owner[name]
             pending.setdefault(key, {})[name] = tensor
             if len(pending[key]) == len(wanted[key]):
-                parts = gathered(model, key, pending.pop(key), wanted[key])
-                place(model, key, parts, dtype, device, prequantized)
+                parts = gathered(slots[key], key, pending.pop(key), wanted[key])
+                place(slots[key], key, parts, dtype, device, prequantized)
                 if heap is not None:
                     heap.quantized(sum(t.numel() * t.element_size() for t in parts.values()))
                 del parts
@@ -473,18 +485,22 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
     add_phase("read_wait", waited)
 
 
-def finish(model, hf_quantizer, device, location: str) -> None:
-    """What from_pretrained does after the weights: buffers on the device, ties, eval mode, generation config."""
+def finish(model, hf_quantizer, device, location: str, adapters_in: bool = False) -> None:
+    """What from_pretrained does after the weights: buffers on the device, ties, eval mode, generation config.
+    `adapters_in`: peft injected the (still empty) adapters while the weights were read, into a model in eval mode
+    already: they are neither weights left unfilled nor switched to eval (the late injection leaves them in train)."""
     for module in model.modules():
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
     model.tie_weights()
-    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p.device.type == "meta" and not (adapters_in and ".lora_" in n)]
     if left:
         raise NotCovered(f"weights left unfilled: {left[:3]}")
     model.config.name_or_path = location
-    model.eval()
+    if not adapters_in:
+        model.eval()
     model.hf_quantizer = hf_quantizer
     hf_quantizer.postprocess_model(model)
     generation = Path(location) / "generation_config.json"
@@ -505,25 +521,29 @@ class DirectLoad:
         self.plan, self.model, self.hf_quantizer, self.dtype, self.device = plan, model, hf_quantizer, dtype, device
         self.where, self.spans, self.wanted, self.built_in = where, spans, wanted, built_in
 
-    def read(self, before_reading=None):
+    def read(self, before_reading=None, while_reading=None):
         """Fill the skeleton from the checkpoint; returns the model as from_pretrained would, or None (reason
         logged) when it cannot be finished.
 
         Args:
             before_reading: called once, just before the weights are read (or None).
+            while_reading: called once with the skeleton and device as the readers start (or None); True when it
+                injected the LoRA adapters into the skeleton (fastload.train.early_injection).
         """
         plan, model, device = self.plan, self.model, self.device
         if before_reading is not None:
             before_reading()
         started = time.perf_counter()
-        fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized)
+        injected = []
+        during = None if while_reading is None else (lambda: injected.append(while_reading(model, device)))
+        fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized, during)
         if device.type == "cuda":
             with phase("device_sync"):
                 torch.cuda.synchronize(device)
         filled = time.perf_counter()
         try:
             with phase("finish"):
-                finish(model, self.hf_quantizer, device, plan.location)
+                finish(model, self.hf_quantizer, device, plan.location, adapters_in=any(injected))
         except NotCovered as e:  # the reason as text: a kept log record must not keep the read model (traceback)
             logger.info("direct 4-bit load not used (%s): loading through transformers", str(e))
             return None

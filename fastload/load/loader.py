@@ -235,7 +235,8 @@ def cast_unquantized(model, dtype) -> int:
         if is_quantized_linear(module):
             continue
         for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
+            # meta: LoRA adapters injected while the weights were read, filled (in fp32) after the load
+            if param.is_floating_point() and param.dtype != dtype and param.device.type != "meta":
                 param.data = param.data.to(dtype)
                 changed += 1
     return changed
@@ -353,17 +354,19 @@ def prepare_direct_load(plan: LoadPlan, opts: LoadOptions, config, dtype, device
         return prepare_direct(plan, opts, config, dtype, device_map, info.weight_files, quantization_config)
 
 
-def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None):
-    """from_pretrained as the plan says; returns the model on its device, before LoRA. The direct load calls
-    before_reading() once its modules are built, just before it reads the weights (the tokenizer starts then), and
-    skeleton_hook(skeleton, device) before that (the LoRA init's draws start then: train.adapter_draws.EarlyDraws)."""
+def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None, injection=None):
+    """from_pretrained as the plan says; returns the model on its device, before LoRA (or with the adapters
+    `injection` put in, still empty). The direct load calls before_reading() once its modules are built, just before
+    it reads the weights (the tokenizer starts then), and skeleton_hook(skeleton, device) before that (the LoRA init's
+    draws start then: train.adapter_draws.EarlyDraws); `injection` (train.early_injection.EarlyInjection) injects
+    LoRA into the skeleton as the readers start, where it can."""
     from fastload.sources.checkpoint_files import headers_read_once
 
     with headers_read_once():
-        return _load_weights(plan, opts, before_reading, skeleton_hook)
+        return _load_weights(plan, opts, before_reading, skeleton_hook, injection)
 
 
-def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None):
+def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None, injection=None):
     from fastload.load.experts import arrival_settings, quantized_on_arrival
     from fastload.load.memory import check_fits, check_weights_floor, meta_model
     from fastload.load.task import CAUSAL_LM, model_class
@@ -419,10 +422,19 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     if direct is not None:
         if skeleton_hook is not None:
             skeleton_hook(direct.model, direct.device)
+        during = None
+        if injection is not None:
+            why_not = injection.why_not(plan, direct.model)
+            if why_not is None:
+                during = _injecting(injection)
+            else:
+                logger.debug("LoRA injected after the load: %s", why_not)
         with translated_errors(plan), quantized_on_arrival(experts_4bit):
-            model = direct.read(before_reading)
+            model = direct.read(before_reading, during)
         del direct
         if model is None:  # its 4-bit weights point back at their layers (cycles), and the collector is paused
+            if injection is not None:
+                injection.drop()
             gc.collect()   # during a load: freed here, before transformers reads the checkpoint a second time
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
@@ -452,6 +464,14 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     model.max_seq_length = max_seq_length
     state_of(model).task = opts.task
     return model, dtype, device
+
+
+def _injecting(injection):
+    """The direct load's while_reading callback: inject, and say whether the adapters went in."""
+    def inject(skeleton, device) -> bool:
+        injection.inject(skeleton, device)
+        return injection.injected
+    return inject
 
 
 def new_head(key: str, task: str) -> bool:

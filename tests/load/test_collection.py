@@ -48,7 +48,7 @@ def test_a_direct_load_that_gives_up_is_freed_before_transformers_reads_again(ti
 
     given_up, alive_at_reread = [], []
 
-    def finish(model, *args):  # a 4-bit layer of the model: it and its weight form the cycle
+    def finish(model, *args, **kwargs):  # a 4-bit layer of the model: it and its weight form the cycle
         import bitsandbytes as bnb
 
         given_up.append(weakref.ref(next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))))

@@ -1,0 +1,80 @@
+"""peft's injection run on the direct load's skeleton while its readers read a pre-quantized checkpoint.
+
+peft's injection is Python work on the loading thread (0.6-0.9 s for an 8B's 224 layers on the GPU hosts), and it
+came after the weights: the readers sat idle while it ran, and the loading thread had waited for them before (the
+load's read_wait). Here it runs as soon as the readers start, on the skeleton, whose layers are the ones the loaded
+model will have; the tensors read meanwhile queue up (a pre-quantized checkpoint's tensors are the model's own
+storage, so reading ahead costs no memory). The adapters stay empty until apply_lora fills them after the load, from
+the same generator state as ever: the model is the one the late injection builds, bit for bit
+(tests/load/test_early_injection.py).
+
+Only where that is certain: the default LoRA (built empty, filled by fastload), a pre-quantized checkpoint with no
+store entry being written from the model (the entry would save peft's names), no fused experts, a causal LM.
+FASTLOAD_EARLY_LORA=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastload._log import logger
+from fastload.settings import env_switch
+
+SWITCH = "FASTLOAD_EARLY_LORA"
+
+
+class EarlyInjection:
+    """The injection for one load: `inject` on the skeleton while the weights are read, `take` by apply_lora."""
+
+    def __init__(self, lora, random_state: int | None):
+        self.lora, self.random_state = lora, random_state
+        self._done: tuple | None = None  # (skeleton, plan, peft model, predicted adapters)
+
+    def why_not(self, plan, skeleton) -> str | None:
+        """None when this load's skeleton can take the injection now, else the reason it waits for the weights."""
+        from fastload.train.lora import find_expert_parameters
+
+        if env_switch(SWITCH) is False:
+            return f"{SWITCH} turns it off"
+        if not plan.prequantized:
+            return "the checkpoint is quantized as it is read (reading ahead would hold its 16-bit tensors)"
+        if self.lora.target_modules or self.lora.extra:
+            return "LoRA options other than the defaults' targets and init"
+        if find_expert_parameters(skeleton)[0]:
+            return "fused experts are quantized as they arrive"
+        return None
+
+    def inject(self, skeleton, device) -> None:
+        """On the loading thread, right after the readers started: plan and inject the adapters into `skeleton`,
+        as apply_lora would after the load. Nothing is drawn from any generator."""
+        from fastload.train.adapter_draws import predicted_adapters
+        from fastload.train.lora import inject_lora, plan_lora
+
+        plan = plan_lora(skeleton, self.lora)
+        if not plan.fill_here:  # peft would draw real initial values into meta tensors: left to apply_lora
+            logger.debug("LoRA injected after the load: its init is not the one fastload fills")
+            return
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the loaded layers' weights say cuda:0, and so must this
+            device = torch.device("cuda", torch.cuda.current_device())
+        predicted = [(a, b, device) for a, b, _ in
+                     predicted_adapters(skeleton, plan.targets, plan.config.r, plan.config.exclude_modules)]
+        skeleton.eval()  # as the late injection finds the loaded model: its own adapters are then in train mode
+        skeleton.is_loaded_in_4bit = True  # peft wraps bitsandbytes layers only in a model that says it is 4-bit
+        peft_model = inject_lora(skeleton, plan, sharing=True, phase_name="lora_peft_overlapped")
+        self._done = (skeleton, plan, peft_model, predicted)
+
+    @property
+    def injected(self) -> bool:
+        return self._done is not None
+
+    def take(self, model):
+        """(plan, peft model, predicted adapters) when the injection was made into `model`, else None; once."""
+        done, self._done = self._done, None
+        if done is None or done[0] is not model:
+            return None
+        return done[1:]
+
+    def drop(self) -> None:
+        """The skeleton was not used (the general path loads the model again): forget the injection."""
+        self._done = None
