@@ -424,7 +424,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
             skeleton_hook(direct.model, direct.device)
         during = None
         if injection is not None:
-            why_not = injection.why_not(plan, direct.model)
+            why_not = injection.why_not(plan, direct.model, direct.device)
             if why_not is None:
                 during = _injecting(injection)
             else:

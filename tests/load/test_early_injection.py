@@ -74,9 +74,15 @@ def assert_same_peft_model(late, early, device="cpu") -> None:
     assert losses[0] == losses[1]
 
 
-@pytest.mark.parametrize("seed", [None, 7])
-def test_a_store_load_injects_while_reading_and_builds_the_same_model(stored_checkpoint, monkeypatch, seed):
-    options = {} if seed is None else {"random_state": seed}
+NOTEBOOK_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("seed, targets",
+                         [(None, None), (7, None), (None, NOTEBOOK_TARGETS), (7, ["q_proj", "v_proj"])])
+def test_a_store_load_injects_while_reading_and_builds_the_same_model(stored_checkpoint, monkeypatch, seed, targets):
+    """The default LoRA, and target_modules named as Unsloth's notebooks name them (or a few of them)."""
+    options = ({} if seed is None else {"random_state": seed}) | ({} if targets is None else
+                                                                 {"lora": {"target_modules": targets}})
     store_entry(stored_checkpoint, monkeypatch, **options)
     late, late_state = load(stored_checkpoint, monkeypatch, early=False, **options)
     early, early_state = load(stored_checkpoint, monkeypatch, early=True, **options)
@@ -91,12 +97,16 @@ def test_a_store_load_injects_while_reading_and_builds_the_same_model(stored_che
 
 def test_loads_the_early_injection_cannot_serve_inject_after_the_weights(tiny_llama, monkeypatch):
     store_entry(tiny_llama, monkeypatch)
-    cases = {"on the fly": dict(store=False), "custom targets": dict(lora={"target_modules": ["q_proj"]}),
+    cases = {"on the fly": dict(store=False),
+             "an embedding targeted": dict(lora={"target_modules": ["q_proj", "embed_tokens"]}),
              "custom init": dict(lora={"init_lora_weights": "gaussian"})}
     for what, options in cases.items():
         model, _ = load(tiny_llama, monkeypatch, early=True, **options)
         assert EARLY not in model.fastload.load_phases, what
         assert "lora_peft" in model.fastload.load_phases, what
+    monkeypatch.delenv("FASTLOAD_EARLY_LORA")  # unset: a CPU load maps its weights, there is no read to overlap
+    model, _ = FastModel.from_pretrained(str(tiny_llama))
+    assert model.fastload.plan.source == "store" and EARLY not in model.fastload.load_phases
 
 
 def test_a_moe_store_load_with_fused_experts_injects_after_the_weights(monkeypatch, tmp_path):

@@ -3,6 +3,7 @@ the weights a user's run starts from."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastload import FastModel
@@ -49,19 +50,39 @@ def test_the_init_drawn_beside_peft_is_used_and_a_wrong_prediction_still_gives_p
     assert len(used) == 1 and used[0] is None
 
 
-def assert_matches_plain_peft(tiny_llama) -> None:
+@pytest.mark.parametrize("targets, filled", [
+    (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),  # a notebook's list
+    (["q_proj", "v_proj"], True),
+    (["q_proj", "embed_tokens"], False),  # an embedding: peft's own init (zeros and normal draws), not filled
+])
+def test_named_targets_match_plain_peft_bit_for_bit(tiny_llama, targets, filled, monkeypatch):
+    """target_modules as users name them: where every named layer is linear the adapters are built empty and
+    filled here (fast), else peft initialises them; either way they are plain peft's."""
+    from fastload.train import lora
+
+    fills = []
+    fill = lora._fill_like_peft
+    monkeypatch.setattr(lora, "_fill_like_peft", lambda *a: fills.append(1) or fill(*a))
+    assert_matches_plain_peft(tiny_llama, targets)
+    assert bool(fills) == filled
+
+
+def assert_matches_plain_peft(tiny_llama, targets=None) -> None:
     from peft import LoraConfig, get_peft_model
 
-    ours = apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0], LoraSettings(), SEED)
+    settings = LoraSettings() if targets is None else LoraSettings.from_user({"target_modules": targets})
+    ours = apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0], settings, SEED)
     ours_rng = torch.get_rng_state()
     config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                        target_modules=EXPECTED_TARGETS["llama"], task_type="CAUSAL_LM")
+                        target_modules=EXPECTED_TARGETS["llama"] if targets is None else targets,
+                        task_type="CAUSAL_LM")
     torch.manual_seed(SEED)
     plain = get_peft_model(FastModel.from_pretrained(tiny_llama, lora=None)[0], config, autocast_adapter_dtype=True)
     assert torch.equal(ours_rng, torch.get_rng_state())  # later draws (dropout, shuffling) are the same too
 
     ours_lora, plain_lora = _adapters(ours), _adapters(plain)
-    assert ours_lora.keys() == plain_lora.keys() and len(ours_lora) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
+    assert ours_lora.keys() == plain_lora.keys()
+    assert targets is not None or len(ours_lora) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
     for name, weight in plain_lora.items():
         assert ours_lora[name].dtype == torch.float32 and torch.equal(ours_lora[name], weight), name
     assert ({n for n, p in ours.named_parameters() if p.requires_grad}
