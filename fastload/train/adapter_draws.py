@@ -36,6 +36,18 @@ def predicted_adapters(model, targets: list[str], rank: int, exclude) -> list[tu
             if name.rpartition(".")[2] in wanted and is_linear(m) and not excluded(name)]
 
 
+def all_linear(model, targets, exclude=None) -> bool:
+    """Whether the target_modules a user named (leaf names, peft's list matching) adapt linear layers only, as the
+    found ones do: then the adapters can be built empty and filled with peft's values (fastload.train.lora). A
+    pattern (a string), a dotted name or an exclusion is left to peft's own init, as is any name that also matches
+    an embedding or another layer type."""
+    if exclude or isinstance(targets, str) or not all(isinstance(t, str) and t.isidentifier() for t in targets):
+        return False
+    wanted = set(targets)
+    matched = sum(1 for name, _ in model.named_modules() if name.rpartition(".")[2] in wanted)
+    return matched > 0 and matched == len(predicted_adapters(model, list(wanted), 1, None))
+
+
 class AdapterDraws:
     """The kept A of each predicted adapter (on its device) and the generator's state after all of them, drawn on a
     thread from `start` (default: the global generator's state at construction). The global generator is not
@@ -87,10 +99,11 @@ class EarlyDraws:
 
     def start(self, skeleton, device) -> None:
         """Called by the direct load with its skeleton (weights on the meta device) and the device they go to."""
-        if self.lora.target_modules:  # the default targets only: the case apply_lora fills itself
-            return
         try:
-            targets = find_lora_targets(skeleton)
+            # the targets apply_lora fills itself: those it finds, or named ones that are all linear layers
+            targets = list(self.lora.target_modules or ()) or find_lora_targets(skeleton)
+            if self.lora.target_modules and not all_linear(skeleton, targets, self.lora.extra.get("exclude_modules")):
+                return
         except Exception:  # noqa: BLE001 - apply_lora says what is wrong, on the loaded model
             return
         device = torch.device(device)

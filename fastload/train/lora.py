@@ -18,6 +18,7 @@ from fastload.structure import decoder_layers, is_linear, router_widths
 from fastload.train.adapter_draws import (
     AdapterDraws,
     EarlyDraws,
+    all_linear,
     draw_like_peft,
     predicted_adapters,
     sharing_the_interpreter,
@@ -172,8 +173,8 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     keep_targets_as_written()
     mark_built_for_the_model(config)  # its targets are this model's module names (checked above): never renamed
     # found targets are linear: A and B too; named ones where every layer they name is (an Unsloth notebook's list)
-    fill_here = _default_init(config) and (not settings.target_modules or _all_linear(model, settings.target_modules,
-                                                                                      config.exclude_modules))
+    fill_here = _default_init(config) and (not settings.target_modules or all_linear(model, settings.target_modules,
+                                                                                     config.exclude_modules))
     return LoraPlan(targets, settings, config, fill_here, experts_note + towers_note + left_note)
 
 
@@ -229,19 +230,6 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
                 plan.settings.lora_alpha, ",".join(plan.targets), plan.notes, f"{trainable:,}",
                 100 * trainable / max(total, 1), f"{total:,}")
     return peft_model
-
-
-def _all_linear(model, targets, exclude) -> bool:
-    """Whether the target_modules a user named (leaf names, peft's list matching) adapt linear layers only, as the
-    found ones do: then the adapters can be built empty and filled here. A pattern (a string) or a dotted name is
-    left to peft's own init, as is any name that also matches an embedding or another layer type."""
-    from fastload.train.adapter_draws import predicted_adapters
-
-    if isinstance(targets, str) or not all(isinstance(t, str) and t.isidentifier() for t in targets):
-        return False
-    wanted = set(targets)
-    matched = sum(1 for name, _ in model.named_modules() if name.rpartition(".")[2] in wanted)
-    return matched > 0 and matched == len(predicted_adapters(model, list(wanted), 1, exclude)) and not exclude
 
 
 def _left_alone_note(left: dict[str, str]) -> str:
