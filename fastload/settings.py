@@ -150,7 +150,7 @@ class LoraSettings:
     lora_alpha: float = LORA_DEFAULTS["lora_alpha"]
     lora_dropout: float = LORA_DEFAULTS["lora_dropout"]
     bias: str = LORA_DEFAULTS["bias"]
-    target_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | str | None = None  # names, or peft's regular expression over full module names
     extra: dict[str, Any] = field(default_factory=dict)  # any other peft.LoraConfig field (use_rslora, ...)
 
     def __post_init__(self):
@@ -185,8 +185,8 @@ class LoraSettings:
         for drop in ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode"):
             raw.pop(drop, None)
         targets = raw.pop("target_modules", None)
-        if isinstance(targets, str):
-            targets = None if targets == "all-linear" else (targets,)
+        if isinstance(targets, str):  # a name stays a name; anything else is peft's pattern over full module names
+            targets = None if targets == "all-linear" else (targets,) if targets.isidentifier() else targets
         elif targets is not None:
             targets = tuple(sorted(targets))
         main = {k: raw.pop(k) for k in list(raw) if k in LORA_DEFAULTS}

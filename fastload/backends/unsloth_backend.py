@@ -142,7 +142,8 @@ class UnslothBackend:
             if lora is not None:
                 from fastload.train.lora import find_lora_targets
 
-                targets = list(lora.target_modules) if lora.target_modules else find_lora_targets(model)
+                targets = lora.target_modules if isinstance(lora.target_modules, str) else (
+                    list(lora.target_modules) if lora.target_modules else find_lora_targets(model))
                 model = FastLanguageModel.get_peft_model(
                     model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias=lora.bias,
                     target_modules=targets, random_state=random_state if random_state is not None else DEFAULT_SEED,

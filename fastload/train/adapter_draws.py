@@ -99,6 +99,8 @@ class EarlyDraws:
 
     def start(self, skeleton, device) -> None:
         """Called by the direct load with its skeleton (weights on the meta device) and the device they go to."""
+        if isinstance(self.lora.target_modules, str):  # a pattern: peft initialises those adapters itself
+            return
         try:
             # the targets apply_lora fills itself: those it finds, or named ones that are all linear layers
             targets = list(self.lora.target_modules or ()) or find_lora_targets(skeleton)

@@ -141,6 +141,8 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     wrapped (peft refuses some midway, with other layers already wrapped)."""
     from peft import LoraConfig
 
+    if isinstance(settings.target_modules, str):
+        return _plan_pattern(model, settings)
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
     experts, experts_note = ([], "") if settings.target_modules or "target_parameters" in settings.extra else (
         _expert_targets(model, settings))
@@ -176,6 +178,43 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     fill_here = _default_init(config) and (not settings.target_modules or all_linear(model, settings.target_modules,
                                                                                      config.exclude_modules))
     return LoraPlan(targets, settings, config, fill_here, experts_note + towers_note + left_note)
+
+
+def _plan_pattern(model, settings: LoraSettings) -> LoraPlan:
+    """target_modules as peft's regular expression, matched against full module names: it must match a layer, and
+    none a family's rules leave alone; peft initialises the adapters itself."""
+    from peft import LoraConfig
+
+    pattern = settings.target_modules
+    try:
+        matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
+    except re.error as e:
+        raise AdapterError(f"Adding LoRA on target_modules={pattern!r}", found=f"not a regular expression: {e}",
+                           fix=f"pass a list of layer names such as {find_lora_targets(model)}, or a valid "
+                               f"pattern over full module names") from e
+    if not matched:
+        raise AdapterError(f"Adding LoRA on target_modules={pattern!r}",
+                           found="no module's full name matches it (peft matches a pattern against the whole name, "
+                                 "e.g. 'model.layers.0.self_attn.q_proj')",
+                           fix=f"match full names (r'.*\\.(q|v)_proj'), or pass a list of layer names such as "
+                               f"{find_lora_targets(model)}")
+    never = left_alone(model)
+    refused = sorted({name.rpartition(".")[2] for name in matched} & set(never))
+    if refused:
+        raise AdapterError(f"Adding LoRA on target_modules={pattern!r}",
+                           found="; ".join(f"it matches {name}, which cannot carry LoRA in a "
+                                           f"{model.config.model_type} model: {never[name]}" for name in refused),
+                           fix=f"narrow the pattern, or pass a list of layer names such as {find_lora_targets(model)}")
+    try:
+        config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                            bias=settings.bias, target_modules=pattern, task_type=peft_task_type(model),
+                            **settings.extra)
+    except TypeError as e:
+        raise AdapterError("Building the LoRA config", found=str(e),
+                           fix="pass only peft.LoraConfig fields in lora=") from e
+    keep_targets_as_written()
+    mark_built_for_the_model(config)
+    return LoraPlan([pattern], settings, config, False, f" (pattern: {len(matched)} modules)")
 
 
 def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str = "lora_peft"):

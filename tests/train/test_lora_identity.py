@@ -54,6 +54,7 @@ def test_the_init_drawn_beside_peft_is_used_and_a_wrong_prediction_still_gives_p
     (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),  # a notebook's list
     (["q_proj", "v_proj"], True),
     (["q_proj", "embed_tokens"], False),  # an embedding: peft's own init (zeros and normal draws), not filled
+    (r".*\.(q|v)_proj", False),  # peft's pattern over full module names: peft's own init
 ])
 def test_named_targets_match_plain_peft_bit_for_bit(tiny_llama, targets, filled, monkeypatch):
     """target_modules as users name them: where every named layer is linear the adapters are built empty and
@@ -141,3 +142,17 @@ def test_a_draw_between_reading_and_lora_is_not_missed_by_the_early_init(tiny_ll
     assert torch.equal(ours_rng, torch.get_rng_state())
     ours_lora, plain_lora = _adapters(ours), _adapters(plain)
     assert all(torch.equal(ours_lora[n], w) for n, w in plain_lora.items())
+
+
+@pytest.mark.parametrize("pattern, says", [
+    ("q_proj|v_proj", "no module's full name matches it"),  # peft matches the whole name, not a part of it
+    ("(", "not a regular expression"),
+])
+def test_a_pattern_that_adapts_nothing_is_refused_before_peft_touches_the_model(tiny_llama, pattern, says):
+    from fastload.errors import AdapterError
+
+    model = FastModel.from_pretrained(tiny_llama, lora=None)[0]
+    with pytest.raises(AdapterError) as err:
+        apply_lora(model, LoraSettings.from_user({"target_modules": pattern}), SEED)
+    assert says in err.value.found and "q_proj" in err.value.fix
+    assert not [n for n, _ in model.named_modules() if "lora_" in n]
