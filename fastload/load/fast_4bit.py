@@ -27,6 +27,7 @@ import torch
 
 from fastload._log import logger
 from fastload.load.expert_layouts import expert_sources, layout_of, renamed, stacked
+from fastload.load.global_patches import PATCHING_GLOBALS
 from fastload.load.memory import skipped_init
 from fastload.load.on_the_fly import quantized_params4bit
 from fastload.load.phases import add as add_phase
@@ -47,6 +48,12 @@ TURN_BYTES = 2 << 20  # a reader's turn: its tensors (one at least) of about thi
 
 class NotCovered(Exception):
     """The direct load does not cover this checkpoint; the message says why (logged once, general path taken)."""
+
+
+class InjectionFailed(Exception):
+    """Raised by a while_reading callback whose LoRA injection failed after peft may have wrapped part of the
+    skeleton: the direct load gives the skeleton up (the general path loads the model again, and apply_lora raises
+    the error where it always has). Never read as a damaged checkpoint."""
 
 
 def why_not_covered(plan, opts, device_map, weight_files) -> str | None:
@@ -94,7 +101,7 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
     if hf_quantizer is None or type(hf_quantizer).__name__ != "Bnb4BitHfQuantizer":
         raise NotCovered("the checkpoint is not bitsandbytes 4-bit")
     try:
-        with init_empty_weights(include_buffers=False), skipped_init():
+        with PATCHING_GLOBALS, init_empty_weights(include_buffers=False), skipped_init():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (RuntimeError, ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError,
             AssertionError) as e:  # the load's meta model builds it again and says what is wrong
@@ -103,7 +110,7 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
         raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
     # from_pretrained swaps the layers inside its dtype context (their biases take it); the new layers' weights are
     # on meta and read afterwards: their init draws are skipped too
-    with default_dtype(dtype), skipped_init():
+    with PATCHING_GLOBALS, default_dtype(dtype), skipped_init():
         hf_quantizer.preprocess_model(model=model, dtype=dtype, device_map=device_map, checkpoint_files=files,
                                       use_kernels=False)
     return model, hf_quantizer
@@ -390,8 +397,10 @@ def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, 
         value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
         # registered, as transformers does: a load storing fused experts 4-bit does so as each one arrives
-        # (fastload.load.experts.quantized_on_arrival's hook)
-        module.register_parameter(name, torch.nn.Parameter(value, requires_grad=current.requires_grad))
+        # (fastload.load.experts.quantized_on_arrival's hook); never while another thread's load has
+        # register_parameter swapped for its meta version
+        with PATCHING_GLOBALS:
+            module.register_parameter(name, torch.nn.Parameter(value, requires_grad=current.requires_grad))
     else:
         module._buffers[name] = value
 
@@ -536,7 +545,13 @@ class DirectLoad:
         started = time.perf_counter()
         injected = []
         during = None if while_reading is None else (lambda: injected.append(while_reading(model, device)))
-        fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized, during)
+        try:
+            fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized, during)
+        except InjectionFailed as e:
+            # the LoRA injection, not the checkpoint, failed: never a reason to discard a store entry
+            logger.info("direct 4-bit load not used (LoRA injection while reading failed: %s): loading through "
+                        "transformers", str(e))
+            return None
         if device.type == "cuda":
             with phase("device_sync"):
                 torch.cuda.synchronize(device)
@@ -546,6 +561,12 @@ class DirectLoad:
                 finish(model, self.hf_quantizer, device, plan.location, adapters_in=any(injected))
         except NotCovered as e:  # the reason as text: a kept log record must not keep the read model (traceback)
             logger.info("direct 4-bit load not used (%s): loading through transformers", str(e))
+            return None
+        except Exception as e:  # noqa: BLE001 - with adapters in, what fails is the injection's, not the checkpoint's
+            if not any(injected):
+                raise
+            logger.info("direct 4-bit load not used (finishing the skeleton with its LoRA adapters failed: %s: %s): "
+                        "loading through transformers", type(e).__name__, str(e))
             return None
         state_of(model).direct_load = True
         logger.info("direct 4-bit load: skeleton %.2f s, %d tensors read and %s %.2f s, finish %.2f s",

@@ -440,8 +440,10 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
         quantizes = (not plan.prequantized and plan.quant.quantized) or experts_4bit is not None
+        from fastload.load.global_patches import PATCHING_GLOBALS
+
         with translated_errors(plan), hub_stays_local(plan), phase("from_pretrained"), \
-                quantized_on_arrival(experts_4bit), reads_in_turn(quantizes):
+                quantized_on_arrival(experts_4bit), reads_in_turn(quantizes), PATCHING_GLOBALS:
             model, info = model_class(opts.task).from_pretrained(plan.location, **kw)
     missing = sorted(k for k in info.get("missing_keys", []) if ("lm_head" not in k or not config.tie_word_embeddings)
                      and not new_head(k, opts.task))

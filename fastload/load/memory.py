@@ -55,7 +55,9 @@ def meta_model(config):
     import torch
     from transformers import AutoModelForCausalLM
 
-    with building_errors(config), torch.device("meta"), skipped_init():
+    from fastload.load.global_patches import PATCHING_GLOBALS
+
+    with building_errors(config), PATCHING_GLOBALS, torch.device("meta"), skipped_init():
         return AutoModelForCausalLM.from_config(config)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from fastload._log import logger
+from fastload.load.fast_4bit import InjectionFailed
 from fastload.settings import env_switch
 
 SWITCH = "FASTLOAD_EARLY_LORA"
@@ -46,6 +47,10 @@ class EarlyInjection:
             return "the checkpoint is quantized as it is read (reading ahead would hold its 16-bit tensors)"
         if find_expert_parameters(skeleton)[0]:
             return "fused experts are quantized as they arrive"
+        tied = {key.rpartition(".")[0].rpartition(".")[2] for key in getattr(skeleton, "all_tied_weights_keys", None)
+                or {}}
+        if tied & set(self.lora.target_modules or ()) if not isinstance(self.lora.target_modules, str) else False:
+            return "a target's weight is tied to another, which the load ties after the weights"
         return None
 
     def inject(self, skeleton, device) -> None:
@@ -54,7 +59,11 @@ class EarlyInjection:
         from fastload.train.adapter_draws import predicted_adapters
         from fastload.train.lora import inject_lora, plan_lora
 
-        plan = plan_lora(skeleton, self.lora)
+        try:
+            plan = plan_lora(skeleton, self.lora)
+        except Exception as e:  # noqa: BLE001 - nothing touched yet: apply_lora raises it after the load
+            logger.debug("LoRA injected after the load: %s", e)
+            return
         if not plan.fill_here:  # peft would draw real initial values into meta tensors: left to apply_lora
             logger.debug("LoRA injected after the load: its init is not the one fastload fills")
             return
@@ -65,7 +74,10 @@ class EarlyInjection:
                      predicted_adapters(skeleton, plan.targets, plan.config.r, plan.config.exclude_modules)]
         skeleton.eval()  # as the late injection finds the loaded model: its own adapters are then in train mode
         skeleton.is_loaded_in_4bit = True  # peft wraps bitsandbytes layers only in a model that says it is 4-bit
-        peft_model = inject_lora(skeleton, plan, sharing=True, phase_name="lora_peft_overlapped")
+        try:
+            peft_model = inject_lora(skeleton, plan, sharing=True, phase_name="lora_peft_overlapped")
+        except Exception as e:  # peft refused midway: the skeleton may be partly wrapped
+            raise InjectionFailed(f"{type(e).__name__}: {e}") from e
         self._done = (skeleton, plan, peft_model, predicted)
 
     @property

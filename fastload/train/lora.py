@@ -169,9 +169,9 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
         config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             bias=settings.bias, target_modules=targets, task_type=peft_task_type(model),
                             **settings.extra)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown field, or fields peft finds inconsistent
         raise AdapterError("Building the LoRA config", found=str(e),
-                           fix="pass only peft.LoraConfig fields in lora=") from e
+                           fix="pass only peft.LoraConfig fields in lora=, with values peft accepts together") from e
     keep_targets_as_written()
     mark_built_for_the_model(config)  # its targets are this model's module names (checked above): never renamed
     # found targets are linear: A and B too; named ones where every layer they name is (an Unsloth notebook's list)
@@ -198,6 +198,13 @@ def _plan_pattern(model, settings: LoraSettings) -> LoraPlan:
                                  "e.g. 'model.layers.0.self_attn.q_proj')",
                            fix=f"match full names (r'.*\\.(q|v)_proj'), or pass a list of layer names such as "
                                f"{find_lora_targets(model)}")
+    modules = dict(model.named_modules())
+    other = [f"{name} ({type(modules[name]).__name__})" for name in matched if not _peft_adaptable(modules[name])]
+    if other:  # peft would refuse it midway, with the layers before it already wrapped
+        raise AdapterError(f"Adding LoRA on target_modules={pattern!r}",
+                           found=f"it matches {len(other)} module(s) LoRA cannot adapt: {', '.join(other[:3])}",
+                           fix=f"narrow the pattern to layers (linear, embedding, convolution), or pass a list of "
+                               f"layer names such as {find_lora_targets(model)}")
     never = left_alone(model)
     refused = sorted({name.rpartition(".")[2] for name in matched} & set(never))
     if refused:
@@ -209,12 +216,21 @@ def _plan_pattern(model, settings: LoraSettings) -> LoraPlan:
         config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                             bias=settings.bias, target_modules=pattern, task_type=peft_task_type(model),
                             **settings.extra)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown field, or fields peft finds inconsistent
         raise AdapterError("Building the LoRA config", found=str(e),
-                           fix="pass only peft.LoraConfig fields in lora=") from e
+                           fix="pass only peft.LoraConfig fields in lora=, with values peft accepts together") from e
     keep_targets_as_written()
     mark_built_for_the_model(config)
     return LoraPlan([pattern], settings, config, False, f" (pattern: {len(matched)} modules)")
+
+
+def _peft_adaptable(module) -> bool:
+    """The layer types peft's LoRA adapts (its dispatchers): linear ones (quantized too), embeddings, convolutions
+    (transformers' Conv1D included) and multi-head attention."""
+    from transformers.pytorch_utils import Conv1D
+
+    return is_linear(module) or isinstance(module, (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                                                    torch.nn.Conv3d, torch.nn.MultiheadAttention, Conv1D))
 
 
 def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str = "lora_peft"):
@@ -223,10 +239,12 @@ def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str = 
     from peft import get_peft_model
 
     from fastload._log import quiet_foreign_deprecations
+    from fastload.load.global_patches import PATCHING_GLOBALS
     from fastload.load.memory import skipped_init
 
     # built empty to be filled here: peft's init draws on meta tensors, a reference kernel per call, are skipped
-    with quiet_foreign_deprecations(), skipped_init() if plan.fill_here else contextlib.nullcontext(), \
+    with PATCHING_GLOBALS, quiet_foreign_deprecations(), \
+            skipped_init() if plan.fill_here else contextlib.nullcontext(), \
             sharing_the_interpreter() if sharing else contextlib.nullcontext(), mapping_not_needed(plan.config):
         # peft's injection, split off the load's "lora" phase (or on its own while the weights are read)
         with phase(phase_name, within="lora" if phase_name == "lora_peft" else None):
@@ -276,13 +294,25 @@ def _left_alone_note(left: dict[str, str]) -> str:
     return "".join(f" ({name} left alone: {why})" for name, why in sorted(left.items()))
 
 
+# LoraConfig fields that change neither which adapters peft builds nor their init: any other field must keep peft's
+# default for the adapters to be built empty and filled here (an allowlist: peft adds fields every release, e.g.
+# ensure_weight_tying and trainable_token_indices build adapters _fill_like_peft knows nothing of)
+FILLABLE_FIELDS = {"r", "lora_alpha", "lora_dropout", "bias", "target_modules", "exclude_modules", "use_rslora",
+                   "layers_to_transform", "layers_pattern", "task_type", "inference_mode", "peft_type", "peft_version",
+                   "base_model_name_or_path", "revision", "auto_mapping", "init_lora_weights"}
+
+
 def _default_init(config) -> bool:
     """Whether peft's plain LoRA init (nn.Linear's kaiming draws for A and B, then A drawn again, B zeroed) is all
     the adapters need: then they are built empty and filled by _fill_like_peft."""
-    return (torch.get_default_device().type == "cpu"  # peft draws from the generator of the device it builds on
-            and config.init_lora_weights is True and config.task_type == "CAUSAL_LM" and not config.use_dora
-            and not config.lora_bias and not config.target_parameters and not config.modules_to_save
-            and not config.layer_replication and not config.rank_pattern and not config.alpha_pattern)
+    from peft import LoraConfig
+
+    if torch.get_default_device().type != "cpu":  # peft draws from the generator of the device it builds on
+        return False
+    if config.init_lora_weights is not True or config.task_type != "CAUSAL_LM":
+        return False
+    defaults, given = LoraConfig().to_dict(), config.to_dict()
+    return all(given.get(key) == value for key, value in defaults.items() if key not in FILLABLE_FIELDS)
 
 
 def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
@@ -305,6 +335,12 @@ def _fill_like_peft(peft_model, draws: AdapterDraws | None = None) -> None:
         lora_a.weight = torch.nn.Parameter(_as_peft_casts(kept, wrapper), requires_grad=trains)
         lora_b.weight = torch.nn.Parameter(torch.zeros(b_shape, device=device), requires_grad=trains)
     torch.set_rng_state(end_state)
+    left = [name for name, p in peft_model.named_parameters() if p.device.type == "meta"]
+    if left:  # peft built something this fill does not know: never hand out a model that cannot run
+        raise AdapterError("Adding LoRA", found=f"{len(left)} adapter parameter(s) peft built were left unfilled "
+                                                f"({left[:3]})",
+                           fix="report this with your LoRA options; meanwhile pass init_lora_weights='gaussian' to "
+                               "have peft initialise the adapters itself")
 
 
 def _as_peft_casts(kept: torch.Tensor, wrapper) -> torch.Tensor:

@@ -156,3 +156,81 @@ def test_a_store_load_on_the_gpu_injects_while_reading_and_builds_the_same_model
     assert EARLY in early.fastload.load_phases and next(early.parameters()).device.type == "cuda"
     assert torch.equal(late_state, early_state)
     assert_same_peft_model(late, early, device="cuda")
+
+
+def entry_files(home: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the store's entries: (inode, mtime) — a discarded and rewritten entry changes them."""
+    return {str(f.relative_to(home)): (f.stat().st_ino, f.stat().st_mtime_ns)
+            for f in (home / "quantized").rglob("*") if f.is_file()}
+
+
+def test_lora_options_peft_refuses_keep_the_store_entry_and_raise_as_without_the_early_injection(
+        tiny_llama, monkeypatch, isolated_env):
+    """A LoRA mistake is not a damaged checkpoint: the entry stays as it is, and the error is the late path's."""
+    from fastload.errors import AdapterError
+
+    store_entry(tiny_llama, monkeypatch)
+    before = entry_files(isolated_env)
+    for early in (True, False):
+        with pytest.raises(AdapterError) as err:
+            load(tiny_llama, monkeypatch, early=early, lora={"layers_pattern": "layers"})
+        assert "layers_pattern" in err.value.found
+    assert entry_files(isolated_env) == before
+
+
+def test_an_injection_that_fails_midway_falls_back_without_touching_the_store_entry(tiny_llama, monkeypatch,
+                                                                                      isolated_env):
+    """peft failing inside the early injection (the skeleton possibly half wrapped): transformers loads the model
+    again, LoRA goes in after it, the adapters are the late path's and the entry is untouched."""
+    import torch
+
+    from fastload.train import lora
+
+    store_entry(tiny_llama, monkeypatch)
+    before = entry_files(isolated_env)
+    late, late_state = load(tiny_llama, monkeypatch, early=False)
+    real, failed = lora.inject_lora, []
+
+    def failing_once(model, plan, **kwargs):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("peft gave up midway (a test's failure)")
+        return real(model, plan, **kwargs)
+
+    monkeypatch.setattr(lora, "inject_lora", failing_once)
+    early, early_state = load(tiny_llama, monkeypatch, early=True)
+    assert failed and not early.fastload.direct_load
+    assert entry_files(isolated_env) == before
+    assert torch.equal(late_state, early_state)
+    expected, got = late.state_dict(), early.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_tied_head_among_the_targets_is_injected_after_the_weights(monkeypatch, isolated_env, tmp_path):
+    """Gemma ties lm_head to the embeddings; the load ties them after the weights, which peft's wrapper of lm_head
+    would break: such a load injects late, loads from the store (entry untouched) and runs."""
+    import torch
+
+    path = make_checkpoint(tmp_path / "gemma", "gemma")
+    options = dict(lora={"target_modules": ["q_proj", "lm_head"]})
+    store_entry(path, monkeypatch, **options)
+    before = entry_files(isolated_env)
+    model, _ = load(path, monkeypatch, early=True, **options)
+    assert model.fastload.plan.source == "store" and model.fastload.direct_load
+    assert EARLY not in model.fastload.load_phases and entry_files(isolated_env) == before
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("options", [{"trainable_token_indices": [3, 4]},
+                                     {"target_modules": ["q_proj", "lm_head"], "ensure_weight_tying": True}])
+def test_lora_options_that_build_other_adapters_get_peft_s_own_init_and_run(monkeypatch, tmp_path, options):
+    """Fields that make peft build adapters beyond lora_A/lora_B (trainable tokens, tied adapters) are peft's to
+    initialise: nothing is left on the meta device."""
+    import torch
+
+    path = make_checkpoint(tmp_path / "gemma", "gemma")
+    model, _ = load(path, monkeypatch, early=True, lora=options)
+    assert not [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    ids = torch.tensor([[1, 5, 9, 42]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)

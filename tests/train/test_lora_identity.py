@@ -147,6 +147,7 @@ def test_a_draw_between_reading_and_lora_is_not_missed_by_the_early_init(tiny_ll
 @pytest.mark.parametrize("pattern, says", [
     ("q_proj|v_proj", "no module's full name matches it"),  # peft matches the whole name, not a part of it
     ("(", "not a regular expression"),
+    (r".*\.(q_proj|mlp)", "LoRA cannot adapt: model.layers.0.mlp (LlamaMLP)"),  # peft would refuse it midway
 ])
 def test_a_pattern_that_adapts_nothing_is_refused_before_peft_touches_the_model(tiny_llama, pattern, says):
     from fastload.errors import AdapterError
