@@ -15,6 +15,7 @@ them: during the first steps after such a load, they sit beside the 4-bit stacks
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -108,13 +109,17 @@ def arrival_settings(plan, config) -> tuple[str, bool] | None:
 def quantized_on_arrival(settings: tuple[str, bool] | None):
     """Within the block, each fused expert weight registered on an experts module (a module whose `num_experts`
     counts the weight's first axis), as transformers' from_pretrained does once the weight is read, is stored as an
-    NF4ExpertStack with `settings` (quant type, double quant) instead; None: nothing changes."""
+    NF4ExpertStack with `settings` (quant type, double quant) instead; None: nothing changes. Only registrations made
+    on the calling thread count (such a load reads in turn, on its own thread: fastload.load.reads_in_turn)."""
     if settings is None:
         yield
         return
 
+    loading_thread = threading.get_ident()  # the hook is process-wide: another thread's load is not this one's
+
     def hook(module, name, param):
-        if (param is None or is_stack(param) or param.ndim != 3 or not param.is_floating_point() or param.is_meta
+        if (threading.get_ident() != loading_thread or param is None or is_stack(param) or param.ndim != 3
+                or not param.is_floating_point() or param.is_meta
                 or getattr(module, "num_experts", None) != param.shape[0]):
             return None
         with torch.no_grad():

@@ -429,8 +429,13 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
                 during = _injecting(injection)
             else:
                 logger.debug("LoRA injected after the load: %s", why_not)
-        with translated_errors(plan), quantized_on_arrival(experts_4bit):
-            model = direct.read(before_reading, during)
+        try:
+            with translated_errors(plan), quantized_on_arrival(experts_4bit):
+                model = direct.read(before_reading, during)
+        except BaseException:
+            if injection is not None:  # its skeleton must not stay alive while the source is read again
+                injection.drop()
+            raise
         del direct
         if model is None:  # its 4-bit weights point back at their layers (cycles), and the collector is paused
             if injection is not None:

@@ -121,8 +121,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     check_adapter_files(Path(adapter_dir))
     keep_targets_as_written()  # an adapter saved for this model keeps its dense and shared-expert layers
     grow_embeddings_for(model, Path(adapter_dir) / "adapter_model.safetensors")
+    from fastload.load.global_patches import PATCHING_GLOBALS
+
     try:
-        with quiet_foreign_deprecations():
+        with PATCHING_GLOBALS, quiet_foreign_deprecations():  # registers parameters: never inside another's swap
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     except (ValueError, RuntimeError, KeyError, OSError, TypeError) as e:  # TypeError: a field of the wrong type
         raise AdapterError(f"Loading the LoRA adapter in {adapter_dir}", found=f"{type(e).__name__}: "

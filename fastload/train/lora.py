@@ -233,9 +233,10 @@ def _peft_adaptable(module) -> bool:
                                                     torch.nn.Conv3d, torch.nn.MultiheadAttention, Conv1D))
 
 
-def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str = "lora_peft"):
+def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str | None = "lora_peft"):
     """peft's injection of the planned adapters (built empty where apply_lora fills them). `sharing`: another thread
-    (the draws, the readers) needs the interpreter meanwhile (adapter_draws.sharing_the_interpreter)."""
+    (the draws, the readers) needs the interpreter meanwhile (adapter_draws.sharing_the_interpreter). `phase_name`:
+    None records no phase (the caller times it)."""
     from peft import get_peft_model
 
     from fastload._log import quiet_foreign_deprecations
@@ -247,7 +248,7 @@ def inject_lora(model, plan: LoraPlan, sharing: bool = False, phase_name: str = 
             skipped_init() if plan.fill_here else contextlib.nullcontext(), \
             sharing_the_interpreter() if sharing else contextlib.nullcontext(), mapping_not_needed(plan.config):
         # peft's injection, split off the load's "lora" phase (or on its own while the weights are read)
-        with phase(phase_name, within="lora" if phase_name == "lora_peft" else None):
+        with phase(phase_name, within="lora") if phase_name else contextlib.nullcontext():
             try:
                 return get_peft_model(model, plan.config, autocast_adapter_dtype=True,
                                       low_cpu_mem_usage=plan.fill_here)
@@ -262,6 +263,13 @@ def apply_lora(model, settings: LoraSettings, random_state: int | None = None, e
     """Wrap the model with peft LoRA adapters; only the adapters train, kept in fp32; nothing else is upcast.
     `early`: the draws the load started beside its reading (fastload.train.adapter_draws.EarlyDraws), if any.
     `injected`: the injection the load already made on its skeleton (fastload.train.early_injection), if any."""
+    from fastload.load.global_patches import PATCHING_GLOBALS
+
+    with PATCHING_GLOBALS:  # the default dtype and register_parameter must not be another load's meanwhile
+        return _apply_lora(model, settings, random_state, early, injected)
+
+
+def _apply_lora(model, settings: LoraSettings, random_state, early, injected):
     done = injected.take(model) if injected is not None else None
     if done is not None:
         plan, peft_model, predicted = done

@@ -182,24 +182,24 @@ def test_an_injection_that_fails_midway_falls_back_without_touching_the_store_en
                                                                                       isolated_env):
     """peft failing inside the early injection (the skeleton possibly half wrapped): transformers loads the model
     again, LoRA goes in after it, the adapters are the late path's and the entry is untouched."""
+    import peft
     import torch
-
-    from fastload.train import lora
 
     store_entry(tiny_llama, monkeypatch)
     before = entry_files(isolated_env)
     late, late_state = load(tiny_llama, monkeypatch, early=False)
-    real, failed = lora.inject_lora, []
+    real, failed = peft.get_peft_model, []
 
-    def failing_once(model, plan, **kwargs):
+    def failing_once(*args, **kwargs):
         if not failed:
             failed.append(True)
             raise RuntimeError("peft gave up midway (a test's failure)")
-        return real(model, plan, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora, "inject_lora", failing_once)
+    monkeypatch.setattr(peft, "get_peft_model", failing_once)
     early, early_state = load(tiny_llama, monkeypatch, early=True)
     assert failed and not early.fastload.direct_load
+    assert EARLY not in early.fastload.load_phases  # the injection did not happen: no phase says it did
     assert entry_files(isolated_env) == before
     assert torch.equal(late_state, early_state)
     expected, got = late.state_dict(), early.state_dict()

@@ -47,3 +47,40 @@ def test_two_loads_on_two_threads_each_get_a_whole_model_and_leave_torch_init_al
             assert not isinstance(model, Exception), (key, model)
             assert not [n for n, p in model.named_parameters() if p.device.type == "meta"], key
         assert {name: getattr(torch.nn.init, name) for name in initialisers} == initialisers
+
+
+def test_a_moe_load_on_another_thread_leaves_this_load_s_experts_as_asked(tmp_path):
+    """Storing experts 4-bit as they arrive uses a process-wide registration hook: another thread's load with
+    quantize_experts=False kept getting 4-bit experts (17 of 20 runs before the hook looked at its thread)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from family_shapes import make_family_checkpoint
+
+    from fastload.load.nf4_experts import is_stack
+
+    moe = make_family_checkpoint(tmp_path / "moe", "qwen3_moe")
+
+    def load(**options):
+        return FastModel.from_pretrained(str(moe), store=False, lora=None, engine=False, gradient_checkpointing=False,
+                                         **options)[0]
+
+    stop, errors = threading.Event(), []
+
+    def other():
+        while not stop.is_set():
+            try:
+                assert any(is_stack(p) for p in load().parameters())  # the default: experts 4-bit
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        runs = [[n for n, p in load(quantize_experts=False).named_parameters() if is_stack(p)] for _ in range(8)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and runs == [[]] * 8, (errors, [r[:1] for r in runs])
