@@ -15,7 +15,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fastload"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the ground every stage stands on
     ("fastload", "fastload._log", "fastload._lazy", "fastload.errors", "fastload.settings", "fastload.atomic",
-     "fastload.structure", "fastload.model_state", "fastload.data", "fastload.shared_setting"),
+     "fastload.structure", "fastload.model_state", "fastload.data", "fastload.shared_setting", "fastload.layer_rules"),
     ("fastload.sources",),
     # torchrun launches: the ranks share the store entry rank 0 writes while loading
     ("fastload.load", "fastload.distributed"),
