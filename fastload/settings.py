@@ -182,8 +182,10 @@ class LoraSettings:
         else:
             raise InvalidOption(f"lora={lora!r} was given", found=f"a {type(lora).__name__}",
                                 fix="pass a dict of LoraConfig fields, a peft.LoraConfig, or None for no adapters")
-        for drop in ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode"):
+        for drop in ("peft_type", "task_type", "base_model_name_or_path", "revision"):
             raw.pop(drop, None)
+        if not raw.get("inference_mode"):  # peft's default; True (frozen adapters) is the user's to keep
+            raw.pop("inference_mode", None)
         targets = raw.pop("target_modules", None)
         if isinstance(targets, str):  # a name stays a name; anything else is peft's pattern over full module names
             targets = None if targets == "all-linear" else (targets,) if targets.isidentifier() else targets

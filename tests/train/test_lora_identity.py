@@ -157,3 +157,19 @@ def test_a_pattern_that_adapts_nothing_is_refused_before_peft_touches_the_model(
         apply_lora(model, LoraSettings.from_user({"target_modules": pattern}), SEED)
     assert says in err.value.found and "q_proj" in err.value.fix
     assert not [n for n, _ in model.named_modules() if "lora_" in n]
+
+
+def test_inference_mode_freezes_the_adapters_as_peft_does(tiny_llama):
+    """lora={"inference_mode": True} was dropped as bookkeeping, leaving every adapter trainable; peft freezes them."""
+    from peft import LoraConfig, get_peft_model
+
+    ours = apply_lora(FastModel.from_pretrained(tiny_llama, lora=None)[0],
+                      LoraSettings.from_user({"inference_mode": True}), SEED)
+    config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=EXPECTED_TARGETS["llama"],
+                        task_type="CAUSAL_LM", inference_mode=True)
+    torch.manual_seed(SEED)
+    plain = get_peft_model(FastModel.from_pretrained(tiny_llama, lora=None)[0], config, autocast_adapter_dtype=True)
+    assert not [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert not [n for n, p in plain.named_parameters() if p.requires_grad]
+    ours_lora, plain_lora = _adapters(ours), _adapters(plain)
+    assert ours_lora.keys() == plain_lora.keys() and all(torch.equal(ours_lora[k], plain_lora[k]) for k in plain_lora)
