@@ -139,8 +139,6 @@ class LoraPlan:
 def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     """The targets and peft's LoraConfig for this model, every check that can refuse them made before any layer is
     wrapped (peft refuses some midway, with other layers already wrapped)."""
-    from peft import LoraConfig
-
     if isinstance(settings.target_modules, str):
         return _plan_pattern(model, settings)
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
@@ -165,15 +163,7 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     linear = {n.split(".")[-1] for n, m in model.named_modules() if n.split(".")[-1] in never and is_linear(m)}
     left_note = "" if settings.target_modules else _left_alone_note(
         {name: why for name, why in never.items() if name in linear})
-    try:
-        config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                            bias=settings.bias, target_modules=targets, task_type=peft_task_type(model),
-                            **settings.extra)
-    except (TypeError, ValueError) as e:  # an unknown field, or fields peft finds inconsistent
-        raise AdapterError("Building the LoRA config", found=str(e),
-                           fix="pass only peft.LoraConfig fields in lora=, with values peft accepts together") from e
-    keep_targets_as_written()
-    mark_built_for_the_model(config)  # its targets are this model's module names (checked above): never renamed
+    config = _lora_config(model, settings, targets)
     # found targets are linear: A and B too; named ones where every layer they name is (an Unsloth notebook's list)
     fill_here = _default_init(config) and (not settings.target_modules or all_linear(model, settings.target_modules,
                                                                                      config.exclude_modules))
@@ -183,11 +173,10 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
 def _plan_pattern(model, settings: LoraSettings) -> LoraPlan:
     """target_modules as peft's regular expression, matched against full module names: it must match a layer, and
     none a family's rules leave alone; peft initialises the adapters itself."""
-    from peft import LoraConfig
-
     pattern = settings.target_modules
+    modules = dict(model.named_modules())
     try:
-        matched = [name for name, _ in model.named_modules() if re.fullmatch(pattern, name)]
+        matched = [name for name in modules if re.fullmatch(pattern, name)]
     except re.error as e:
         raise AdapterError(f"Adding LoRA on target_modules={pattern!r}", found=f"not a regular expression: {e}",
                            fix=f"pass a list of layer names such as {find_lora_targets(model)}, or a valid "
@@ -198,7 +187,6 @@ def _plan_pattern(model, settings: LoraSettings) -> LoraPlan:
                                  "e.g. 'model.layers.0.self_attn.q_proj')",
                            fix=f"match full names (r'.*\\.(q|v)_proj'), or pass a list of layer names such as "
                                f"{find_lora_targets(model)}")
-    modules = dict(model.named_modules())
     other = [f"{name} ({type(modules[name]).__name__})" for name in matched if not _peft_adaptable(modules[name])]
     if other:  # peft would refuse it midway, with the layers before it already wrapped
         raise AdapterError(f"Adding LoRA on target_modules={pattern!r}",
@@ -212,16 +200,25 @@ def _plan_pattern(model, settings: LoraSettings) -> LoraPlan:
                            found="; ".join(f"it matches {name}, which cannot carry LoRA in a "
                                            f"{model.config.model_type} model: {never[name]}" for name in refused),
                            fix=f"narrow the pattern, or pass a list of layer names such as {find_lora_targets(model)}")
+    return LoraPlan([pattern], settings, _lora_config(model, settings, pattern), False,
+                    f" (pattern: {len(matched)} modules)")
+
+
+def _lora_config(model, settings: LoraSettings, targets):
+    """peft's LoraConfig for checked targets (names or a pattern), marked as written for this model's own module
+    names: peft never renames them."""
+    from peft import LoraConfig
+
     try:
         config = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                            bias=settings.bias, target_modules=pattern, task_type=peft_task_type(model),
+                            bias=settings.bias, target_modules=targets, task_type=peft_task_type(model),
                             **settings.extra)
     except (TypeError, ValueError) as e:  # an unknown field, or fields peft finds inconsistent
         raise AdapterError("Building the LoRA config", found=str(e),
                            fix="pass only peft.LoraConfig fields in lora=, with values peft accepts together") from e
     keep_targets_as_written()
     mark_built_for_the_model(config)
-    return LoraPlan([pattern], settings, config, False, f" (pattern: {len(matched)} modules)")
+    return config
 
 
 def _peft_adaptable(module) -> bool:
