@@ -426,7 +426,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
         if injection is not None:
             why_not = injection.why_not(plan, direct.model, direct.device)
             if why_not is None:
-                during = _injecting(injection)
+                during = injection.inject
             else:
                 logger.debug("LoRA injected after the load: %s", why_not)
         try:
@@ -471,14 +471,6 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     model.max_seq_length = max_seq_length
     state_of(model).task = opts.task
     return model, dtype, device
-
-
-def _injecting(injection):
-    """The direct load's while_reading callback: inject, and say whether the adapters went in."""
-    def inject(skeleton, device) -> bool:
-        injection.inject(skeleton, device)
-        return injection.injected
-    return inject
 
 
 def new_head(key: str, task: str) -> bool:

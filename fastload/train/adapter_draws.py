@@ -44,8 +44,8 @@ def all_linear(model, targets, exclude=None) -> bool:
     if exclude or isinstance(targets, str) or not all(isinstance(t, str) and t.isidentifier() for t in targets):
         return False
     wanted = set(targets)
-    matched = sum(1 for name, _ in model.named_modules() if name.rpartition(".")[2] in wanted)
-    return matched > 0 and matched == len(predicted_adapters(model, list(wanted), 1, None))
+    matched = [m for name, m in model.named_modules() if name.rpartition(".")[2] in wanted]
+    return bool(matched) and all(is_linear(m) for m in matched)
 
 
 class AdapterDraws:

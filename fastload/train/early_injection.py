@@ -50,15 +50,16 @@ class EarlyInjection:
             return "the checkpoint is quantized as it is read (reading ahead would hold its 16-bit tensors)"
         if find_expert_parameters(skeleton)[0]:
             return "fused experts are quantized as they arrive"
+        named = self.lora.target_modules
         tied = {key.rpartition(".")[0].rpartition(".")[2] for key in getattr(skeleton, "all_tied_weights_keys", None)
                 or {}}
-        if tied & set(self.lora.target_modules or ()) if not isinstance(self.lora.target_modules, str) else False:
+        if named and not isinstance(named, str) and tied & set(named):
             return "a target's weight is tied to another, which the load ties after the weights"
         return None
 
-    def inject(self, skeleton, device) -> None:
+    def inject(self, skeleton, device) -> bool:
         """On the loading thread, right after the readers started: plan and inject the adapters into `skeleton`,
-        as apply_lora would after the load. Nothing is drawn from any generator."""
+        as apply_lora would after the load; True when they went in. Nothing is drawn from any generator."""
         from fastload.train.adapter_draws import predicted_adapters
         from fastload.train.lora import inject_lora, plan_lora
 
@@ -66,10 +67,10 @@ class EarlyInjection:
             plan = plan_lora(skeleton, self.lora)
         except Exception as e:  # noqa: BLE001 - nothing touched yet: apply_lora raises it after the load
             logger.debug("LoRA injected after the load: %s", e)
-            return
+            return False
         if not plan.fill_here:  # peft would draw real initial values into meta tensors: left to apply_lora
             logger.debug("LoRA injected after the load: its init is not the one fastload fills")
-            return
+            return False
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # the loaded layers' weights say cuda:0, and so must this
             device = torch.device("cuda", torch.cuda.current_device())
@@ -84,10 +85,7 @@ class EarlyInjection:
             raise InjectionFailed(f"{type(e).__name__}: {e}") from e
         add_phase("lora_peft_overlapped", time.perf_counter() - started)  # recorded only for an injection made
         self._done = (skeleton, plan, peft_model, predicted)
-
-    @property
-    def injected(self) -> bool:
-        return self._done is not None
+        return True
 
     def take(self, model):
         """(plan, peft model, predicted adapters) when the injection was made into `model`, else None; once."""
