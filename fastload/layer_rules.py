@@ -18,17 +18,16 @@ def _rules() -> tuple[dict, ...]:
     return tuple(tomllib.loads(text).values())
 
 
-def _matching(model_type: str | None, unquantized: bool = False) -> list[dict]:
-    return [rule for rule in _rules() if (model_type or "") in rule["model_types"]
-            and (not unquantized or rule.get("unquantized", False))]
+def _matching(model_type: str | None) -> list[dict]:
+    return [rule for rule in _rules() if (model_type or "") in rule["model_types"]]
 
 
 def left_alone_by_lora(model_type: str | None) -> dict[str, str]:
-    """Leaf name -> why, for the layers LoRA never adapts in this model type."""
-    return {name: rule["why"] for rule in _matching(model_type) if not rule.get("unquantized", False)
-            for name in rule["modules"]}
+    """Leaf name -> why, for the layers LoRA never adapts in this model type (every rule's layers)."""
+    return {name: rule["why"] for rule in _matching(model_type) for name in rule["modules"]}
 
 
 def kept_unquantized(model_type: str | None) -> dict[str, str]:
-    """Leaf name -> why, for the layers that stay 16-bit when this model type is quantized."""
-    return {name: rule["why"] for rule in _matching(model_type, unquantized=True) for name in rule["modules"]}
+    """Leaf name -> why, for the layers that stay 16-bit when this model type is quantized (`unquantized` rules)."""
+    return {name: rule["why"] for rule in _matching(model_type) if rule.get("unquantized", False)
+            for name in rule["modules"]}
