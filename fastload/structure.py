@@ -43,6 +43,17 @@ def is_linear(module) -> bool:
     return isinstance(module, torch.nn.Linear) or class_named(module, ("Linear1D", "QuantLinear"))
 
 
+def stored_transposed(module) -> bool:
+    """A bitsandbytes layer that replaced transformers' Conv1D (GPT-2): checkpoints keep its weight (in, out), the
+    layer (out, in); transformers' quantizer transposes it on the way in."""
+    source = getattr(module, "source_cls", None)
+    if not isinstance(source, type):
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    return issubclass(source, Conv1D)
+
+
 def class_named(module, names) -> bool:
     """For transformers' per-architecture classes (LlamaRMSNorm, Qwen2MLP, ...): one name per family, no common base."""
     return type(module).__name__ in names

@@ -36,6 +36,7 @@ from fastload.load.pinned_reads import Span, Staging, data_start, runs_of, span_
 from fastload.load.prequantized import is_packed_state, params4bit
 from fastload.model_state import state_of
 from fastload.settings import env_switch
+from fastload.structure import stored_transposed
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                        "quant_state.bitsandbytes__fp4")
@@ -383,7 +384,7 @@ def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, 
                 param = params4bit(value, stats, device, module)
         else:
             old = module.weight
-            if transposed_on_load(module):  # GPT-2's Conv1D stores (in, out), as transformers' quantizer knows
+            if stored_transposed(module):  # GPT-2's Conv1D stores (in, out), as transformers' quantizer knows
                 value = value.t()
             with phase("host_to_device"):
                 value = value.to(device=device, dtype=dtype)
@@ -403,16 +404,6 @@ def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, 
             module.register_parameter(name, torch.nn.Parameter(value, requires_grad=current.requires_grad))
     else:
         module._buffers[name] = value
-
-
-def transposed_on_load(module) -> bool:
-    """A Linear4bit that replaced transformers' Conv1D (GPT-2): its checkpoint weight is (in, out)."""
-    source = getattr(module, "source_cls", None)
-    if not isinstance(source, type):
-        return False
-    from transformers.pytorch_utils import Conv1D
-
-    return issubclass(source, Conv1D)
 
 
 @functools.cache

@@ -324,9 +324,9 @@ def check_weight_shapes(plan: LoadPlan, model, weight_files) -> None:
 def transposed_weights(model) -> list[str]:
     """Weight names the checkpoint stores transposed against the built module: transformers' Conv1D layers (GPT-2,
     (in, out)) that bitsandbytes replaced with a Linear4bit (out, in); transformers transposes them as it quantizes."""
-    from fastload.load.fast_4bit import transposed_on_load as transposed
+    from fastload.structure import stored_transposed
 
-    return [f"{name}.weight" for name, module in model.named_modules() if transposed(module)]
+    return [f"{name}.weight" for name, module in model.named_modules() if stored_transposed(module)]
 
 
 def local_files_of(plan: LoadPlan, opts: LoadOptions) -> Path | None:

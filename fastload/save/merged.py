@@ -52,10 +52,10 @@ class Deltas:
                 # LoRA on a bare parameter (MoE experts) names it; on a Linear it is the weight
                 parameter = getattr(module, "parameter_name", "weight")
                 self.modules[f"{checkpoint_key(name, self.adapter)}.{parameter}"] = module
-        from fastload.load.fast_4bit import transposed_on_load
+        from fastload.structure import stored_transposed
 
         # GPT-2's Conv1D weights are (in, out) in every checkpoint; their 4-bit layers and deltas are (out, in)
-        self.transposed = {key for key, module in self.modules.items() if transposed_on_load(module.get_base_layer())}
+        self.transposed = {key for key, module in self.modules.items() if stored_transposed(module.get_base_layer())}
         # trained tensors that replace the base's: modules_to_save copies, biases trained with bias="all"/"lora_only"
         self.replaced: dict[str, Any] = {}
         for name, p in model.named_parameters():
@@ -401,9 +401,9 @@ def _model_tensors(base, adapter: str):
 def _in_checkpoint_orientation(module, read):
     """`read`, its result transposed where the checkpoint stores the weight (in, out): GPT-2's Conv1D layers, which
     bitsandbytes replaced with (out, in) layers."""
-    from fastload.load.fast_4bit import transposed_on_load
+    from fastload.structure import stored_transposed
 
-    return (lambda: read().t().contiguous()) if transposed_on_load(module) else read
+    return (lambda: read().t().contiguous()) if stored_transposed(module) else read
 
 
 def _dequantize_4bit(weight):
