@@ -15,6 +15,9 @@ class Backend(Protocol):
 
 def choose_backend(asked: str, plan, opts) -> Backend:
     """native unless asked otherwise; 'auto' takes unsloth only where it can run, and says why not otherwise."""
+    from fastload.load.bitsandbytes_import import import_bitsandbytes
+
+    import_bitsandbytes()  # first, before peft imports it without deferring its compiles
     from fastload.backends.native import NativeBackend
 
     if asked == "native":

@@ -56,6 +56,10 @@ def import_libraries(impl: str) -> None:
     """Import what `impl` uses, untimed by the loads; unsloth first, as it asks to be."""
     if impl == "unsloth":
         import unsloth  # noqa: F401
+    if impl.startswith("fastload"):  # as FastModel.from_pretrained imports it
+        from fastload.load.bitsandbytes_import import import_bitsandbytes
+
+        import_bitsandbytes()
     import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
     import torch  # noqa: F401

@@ -1,0 +1,68 @@
+"""bitsandbytes imported through fastload: torch's compiler stays out of the process until a kernel needs it, and the
+kernels give the same results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch.nn as nn
+
+from fastload.load.bitsandbytes_import import _deferring
+
+NF4_ROUND_TRIP = """
+import json, sys, time
+import torch
+{importer}
+import bitsandbytes.functional as F
+w = torch.randn(256, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64)
+back = F.dequantize_4bit(packed, state)
+print(json.dumps({{
+    "compiler_imported": "torch._inductor.compile_fx" in sys.modules,
+    "compile_restored": torch.compile.__module__ == "torch",
+    "packed": packed.flatten().tolist()[:512],
+    "back": back.float().flatten().tolist()[:512],
+}}))
+"""
+
+
+def _run(importer: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", NF4_ROUND_TRIP.format(importer=importer)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_compiler_is_not_imported_and_nf4_round_trips_alike():
+    deferred = _run("from fastload.load.bitsandbytes_import import import_bitsandbytes; import_bitsandbytes()")
+    plain = _run("import bitsandbytes")
+    assert plain["compiler_imported"], "bitsandbytes no longer imports torch's compiler: this module is not needed"
+    assert not deferred["compiler_imported"]
+    assert deferred["compile_restored"]
+    assert deferred["packed"] == plain["packed"] and deferred["back"] == plain["back"]
+
+
+def test_a_function_is_compiled_once_at_its_first_call():
+    compiled = []
+
+    def fake_compile(fn, **options):
+        compiled.append(options)
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    deferring = _deferring(fake_compile)
+
+    @deferring(dynamic=False)
+    def double(x):
+        return 2 * x
+
+    assert compiled == [] and double.__name__ == "double"
+    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8)
+    assert compiled == [{"dynamic": False}]
+
+
+def test_a_module_is_compiled_at_once_as_torch_would():
+    seen = []
+    deferring = _deferring(lambda m, **o: seen.append(m) or "optimized module")
+    layer = nn.Linear(2, 2)
+    assert deferring(layer) == "optimized module" and seen == [layer]
