@@ -49,7 +49,10 @@ def _deferring(real_compile):
         @functools.wraps(model)
         def first_call_compiles(*args, **kwargs):
             if not compiled:
-                compiled.append(real_compile(model, **options))
+                try:
+                    compiled.append(real_compile(model, **options))
+                except Exception:  # where torch.compile refuses, the function as it is (bitsandbytes' own fallback)
+                    compiled.append(model)
             return compiled[0](*args, **kwargs)
 
         return first_call_compiles

@@ -66,3 +66,18 @@ def test_a_module_is_compiled_at_once_as_torch_would():
     deferring = _deferring(lambda m, **o: seen.append(m) or "optimized module")
     layer = nn.Linear(2, 2)
     assert deferring(layer) == "optimized module" and seen == [layer]
+
+
+def test_a_function_torch_cannot_compile_runs_as_it_is():
+    attempts = []
+
+    def refusing_compile(fn, **options):
+        attempts.append(fn)
+        raise RuntimeError("no compiler on this platform")
+
+    @_deferring(refusing_compile)
+    def halve(x):
+        return x / 2
+
+    assert halve(8) == 4 and halve(2) == 1
+    assert len(attempts) == 1
