@@ -102,9 +102,9 @@ def count_params(config, model=None) -> ParamCounts:
     total = sum(p.numel() for name, p in model.named_parameters() if name not in tied)
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = tc.hidden_size
-    heads = tc.num_attention_heads
-    kv = getattr(tc, "num_key_value_heads", heads) or heads
-    head_dim = getattr(tc, "head_dim", None) or hidden // heads
+    heads = _widest(tc.num_attention_heads)
+    kv = _widest(getattr(tc, "num_key_value_heads", heads) or heads)
+    head_dim = _widest(getattr(tc, "head_dim", None) or hidden // heads)
     return ParamCounts(projections=proj, other=total - proj - experts, hidden=hidden, layers=tc.num_hidden_layers,
                        intermediate=_active_intermediate(tc, bool(experts)), vocab=tc.vocab_size,
                        kv_dim=kv * head_dim, experts=experts, lora_width=lora_width)
@@ -126,13 +126,19 @@ def _layer_counts(layers, config) -> tuple[int, int, int]:
 
 def _active_intermediate(tc, moe: bool) -> int:
     """The MLP width one token's activations span: the routed experts' (plus a shared expert's) for MoE."""
-    dense = getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size
+    dense = _widest(getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size)
     if not moe:
         return dense
-    per_expert = getattr(tc, "moe_intermediate_size", None) or dense
+    per_expert = _widest(getattr(tc, "moe_intermediate_size", None) or dense)
     routed = getattr(tc, "num_experts_per_tok", None) or 1
-    shared = getattr(tc, "shared_intermediate_size", None) or 0
+    shared = _widest(getattr(tc, "shared_intermediate_size", None) or 0)
     return per_expert * routed + shared
+
+
+def _widest(size) -> int:
+    """A size the config gives per layer (Gemma-3n's intermediate_size, OpenELM's heads) as its largest: the layer
+    that needs the most memory sets the estimate."""
+    return max(size) if isinstance(size, (list, tuple)) else size
 
 
 def weight_bytes(counts: ParamCounts, bits: int, double_quant: bool = True, other_bytes: int = 2,
