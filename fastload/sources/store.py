@@ -104,6 +104,28 @@ def manifest_problem(manifest, key: str) -> str | None:
     return None
 
 
+def kept_16bit(entry_dir: Path) -> list[str]:
+    """The layers fastload/layer_rules.toml keeps 16-bit for the model type in this folder's config.json: what a
+    store entry was quantized around, recorded in its manifest. A config that cannot be read keeps none."""
+    from fastload.layer_rules import kept_unquantized
+
+    try:
+        model_type = json.loads((entry_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted(kept_unquantized(model_type if isinstance(model_type, str) else None))
+
+
+def stale_rules(manifest: dict, entry_dir: Path) -> str | None:
+    """Why an entry was quantized under other layer rules than this fastload's (a layer now kept 16-bit was stored
+    4-bit, or the reverse), or None. Entries written before the manifest recorded them kept none."""
+    stored, now = manifest.get("kept_16bit", []), kept_16bit(entry_dir)
+    if stored == now:
+        return None
+    return (f"it was quantized keeping {stored or 'no layers'} 16-bit; this fastload keeps {now or 'none'} 16-bit "
+            "for this model type")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "--", text.strip("/"))[-80:]
 
@@ -186,11 +208,17 @@ class Store:
         if path is None:
             return None
         try:
-            return StoreEntry(key, path, self.check(path, key))
+            manifest = self.check(path, key)
         except StoreEntryCorrupt as e:
             logger.warning("store entry %s is damaged and will be rebuilt: %s", path.name, e.found)
             self._discard(path)
             return None
+        stale = stale_rules(manifest, path)
+        if stale:
+            logger.warning("store entry %s will be rebuilt: %s", path.name, stale)
+            self._discard(path)
+            return None
+        return StoreEntry(key, path, manifest)
 
     def entries(self) -> list[StoreEntry]:
         found = []
@@ -267,7 +295,8 @@ class Store:
 
                 manifest = {"format": FORMAT_VERSION, "key": key, "fastload_version": __version__,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
-                            "quantization": {k: v for k, v in quant.__dict__.items()}, "files": files}
+                            "quantization": {k: v for k, v in quant.__dict__.items()}, "kept_16bit": kept_16bit(tmp),
+                            "files": files}
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list))
         except FastloadError:
             raise
