@@ -8,6 +8,7 @@ rule, naming the model types, the layers' leaf names and why.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import tomllib
 from importlib import resources
 
@@ -19,7 +20,17 @@ def _rules() -> tuple[dict, ...]:
 
 
 def _matching(model_type: str | None) -> list[dict]:
-    return [rule for rule in _rules() if (model_type or "") in rule["model_types"]]
+    return [rule for rule in _rules() if (model_type or "") in rule["model_types"]
+            and ("only_with" not in rule or installed(rule["only_with"]))]
+
+
+@functools.cache
+def installed(package: str) -> bool:
+    """Whether `package` can be imported here (found, not imported: mamba_ssm's import initialises CUDA)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def left_alone_by_lora(model_type: str | None) -> dict[str, str]:

@@ -71,9 +71,25 @@ FAMILIES = {
     # Mamba-2 and hybrid blocks (two classes) in `layers`; its own per-block adapters are Linears named by index
     "zamba2": dict(layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], num_mem_blocks=1, mamba_headdim=16,
                    mamba_d_state=8, n_mamba_heads=8),
+    # AltUp (its prediction/correction coefficient layers clamped and read by weight: kept 16-bit, no adapter),
+    # Laurel blocks, per-layer inputs, and an intermediate size given per layer
+    "gemma3n_text": dict(head_dim=16, laurel_rank=8, altup_num_inputs=2, hidden_size_per_layer_input=16,
+                         num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0], intermediate_size=[128, 128],
+                         layer_types=["sliding_attention", "full_attention"], sliding_window=32),
+    "hunyuan_v1_dense": dict(head_dim=16),
+    "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1),
+    "dots1": dict(head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, **EXPERTS),
+    "lfm2_moe": dict(num_experts=4, moe_intermediate_size=64, num_dense_layers=1,
+                     layer_types=["conv", "full_attention"], **EXPERTS),
+    # Mamba-2 and attention layers (Granite-4's hybrid without experts)
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=16,
+                  mamba_expand=2, mamba_chunk_size=16),
+    "zamba": dict(layers_block_type=["linear_attention", "hybrid"], attn_layer_period=2, attn_layer_offset=1,
+                  mamba_d_state=8, mamba_expand=2, n_mamba_heads=2, attention_head_dim=16),
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
-       "deepseek_v2", "phimoe", "glm4_moe", "jetmoe")
+       "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe")
 PEFT_EXPERTS = ("jetmoe",)  # experts not in transformers' experts layout: adapted by peft, the engine says why
 
 
@@ -85,6 +101,8 @@ def family_config(family: str, tokenizer):
                pad_token_id=tokenizer.pad_token_id)
     if FAMILIES[family] == "multimodal":
         return _gemma3(ids)
+    if family == "gemma3n_text":  # its per-layer input embeddings span the vocabulary too
+        ids["vocab_size_per_layer_input"] = len(tokenizer)
     return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]}, **ids)
 
 

@@ -2,6 +2,8 @@
 
 - Mamba: the mixer multiplies by dt_proj's weight directly and hands out_proj's to a fused kernel, so LoRA leaves
   them alone (and peft's refusal of out_proj comes before any layer is wrapped), and dt_proj stays 16-bit.
+- Mamba-2 mixers (Bamba, Granite-4-H, Zamba2, ...): with mamba_ssm installed their training forward hands out_proj's
+  weight to a fused kernel; then out_proj stays 16-bit and unadapted, and without it runs as a 4-bit layer with LoRA.
 - GPT-2: Conv1D weights are stored (in, out); the 4-bit layers are (out, in). A merge into the 16-bit original
   must add each delta transposed, or the merged checkpoint does not load.
 - JetMoe: transformers cannot checkpoint it; the load says so once and trains without it.
@@ -51,6 +53,29 @@ def test_mamba_out_proj_target_refused_before_any_layer_is_wrapped(tmp_path):
     with pytest.raises(AdapterError):
         FastModel.get_peft_model(bare, target_modules=["in_proj", "out_proj"])
     assert not [n for n, m in bare.named_modules() if hasattr(m, "lora_A")]  # the user's model is untouched
+
+
+@pytest.mark.parametrize("mamba_ssm", [False, True], ids=["without_mamba_ssm", "with_mamba_ssm"])
+def test_mamba2_out_proj_follows_whether_the_fused_kernel_would_read_it(mamba_ssm, tmp_path, caplog, monkeypatch):
+    import bitsandbytes as bnb
+    import torch
+
+    from fastload import FastModel, layer_rules
+
+    real = layer_rules.installed
+    monkeypatch.setattr(layer_rules, "installed",
+                        lambda package: mamba_ssm if package == "mamba_ssm" else real(package))
+    path = make_family_checkpoint(tmp_path / "bamba", "bamba")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path), store=False)
+    out_proj = model.get_base_model().model.layers[0].mamba.out_proj
+    adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    if mamba_ssm:
+        assert type(out_proj) is torch.nn.Linear and "out_proj" not in adapted
+        assert "kept 16-bit: out_proj" in caplog.text and "mamba_ssm installed" in caplog.text
+    else:
+        assert isinstance(out_proj.base_layer, bnb.nn.Linear4bit) and "out_proj" in adapted
+    assert {"in_proj", "q_proj", "gate_proj"} <= adapted
 
 
 def test_gpt2_merge_into_the_16bit_original_adds_each_delta_transposed(tmp_path):
