@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records, results.json, results.md, bench.log (default bench-out)")
     p.add_argument("--cache-dir", default=os.path.join("bench-out", "models"),
                    help="where benchmark checkpoints are created and kept (default bench-out/models)")
-    p.add_argument("--cold", choices=("auto", "fadvise", "off"), default="auto",
+    p.add_argument("--cold", choices=("auto", "fadvise", "off", "only"), default="auto",
                    help="cold-cache loads: auto evicts the files (fadvise) and drops the whole page cache only if "
-                        "that fails and root may; fadvise never drops it; off measures warm loads only")
+                        "that fails and root may; fadvise never drops it; off measures warm loads only; only "
+                        "measures cold loads alone (fadvise), for a run whose warm loads were measured before")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each load, each in a fresh process; the report gives their median (default 3)")
     p.add_argument("--prequantized", action="store_true",
@@ -84,8 +85,8 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
     jobs: list[Job] = []
     common = dict(device=args.device, dtype=args.dtype, seq=args.seq, batch=args.batch, steps=args.steps,
                   warmup=args.warmup, seed=args.seed)
-    caches = ["warm"] + ([] if args.cold == "off" or args.cold_unavailable else ["cold"])
-    cold_method = "fadvise" if args.cold == "fadvise" else "auto"
+    caches = ([] if args.cold == "only" else ["warm"]) + ([] if args.cold == "off" or args.cold_unavailable else ["cold"])
+    cold_method = "fadvise" if args.cold in ("fadvise", "only") else "auto"
     for model in args.model:
         label, directory = models.label_of(model), models.checkpoint_dir(model, args.cache_dir).resolve()
         create = models.is_named(model) and not models.is_complete(directory)
@@ -272,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     args.cold_unavailable = None
     if args.cold != "off" and "load" in phases:
         args.cold_unavailable = pagecache.cold_unavailable(Path(args.cache_dir), args.cold == "auto")
+        if args.cold_unavailable and args.cold == "only":
+            print(f"fastload bench: --cold only asks for cold-cache loads alone, but they cannot run here: "
+                  f"{args.cold_unavailable}; use --cold off for warm loads", file=sys.stderr)
+            return 2
         if args.cold_unavailable:
             print(f"fastload bench: cold-cache loads skipped: {args.cold_unavailable}", flush=True)
     meta = {"argv": list(argv) if argv is not None else sys.argv[1:], "device": args.device, "dtype": args.dtype,

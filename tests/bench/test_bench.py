@@ -261,3 +261,20 @@ def test_smollm2_is_the_packaged_model_converted_once_into_the_cache_dir(tmp_pat
     assert record["bytes"] == sum(f.stat().st_size for f in models.weight_files(directory)) > 200e6
     assert not [p for p in directory.parent.iterdir() if p.name != "smollm2"]  # the scratch folder is gone
     assert [j.phase for j in plan_jobs(args, ["fastload"], ["load"], tmp_path / "out")] == ["load"] * 3
+
+
+def test_cold_only_plans_cold_loads_alone_and_off_plans_warm_alone(tmp_path):
+    """`--cold only` is the second call of a run split in two (warm loads measured in the first): every load job it
+    plans is a cold one, evicted with fadvise; `--cold off` plans the warm ones alone."""
+    import argparse
+
+    from fastload.bench.driver import plan_jobs
+
+    checkpoint = tmp_path / "ckpt"
+    models.create_checkpoint("tiny", checkpoint, device="cpu")
+    common = dict(model=[str(checkpoint)], cache_dir=str(tmp_path / "models"), device="cpu", dtype="float32", seq=8,
+                  batch=1, steps=1, warmup=0, seed=0, cold_unavailable=None, repeats=2, max_seq=8)
+    cold = plan_jobs(argparse.Namespace(cold="only", **common), ["fastload", "recipe"], ["load"], tmp_path / "out")
+    assert len(cold) == 2 * 4 and {(j.cache, j.cold_method) for j in cold} == {("cold", "fadvise")}
+    warm = plan_jobs(argparse.Namespace(cold="off", **common), ["fastload", "recipe"], ["load"], tmp_path / "out")
+    assert len(warm) == 2 * 4 and {j.cache for j in warm} == {"warm"}
