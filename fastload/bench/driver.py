@@ -85,7 +85,8 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
     jobs: list[Job] = []
     common = dict(device=args.device, dtype=args.dtype, seq=args.seq, batch=args.batch, steps=args.steps,
                   warmup=args.warmup, seed=args.seed)
-    caches = ([] if args.cold == "only" else ["warm"]) + ([] if args.cold == "off" or args.cold_unavailable else ["cold"])
+    warm = [] if args.cold == "only" else ["warm"]
+    caches = warm + ([] if args.cold == "off" or args.cold_unavailable else ["cold"])
     cold_method = "fadvise" if args.cold in ("fadvise", "only") else "auto"
     for model in args.model:
         label, directory = models.label_of(model), models.checkpoint_dir(model, args.cache_dir).resolve()
