@@ -109,9 +109,14 @@ LAYER_NAME = re.compile(r"^(.*?)(?<![^.])layers\.(\d+)\.")
 
 
 def check_layer_count(path: Path, config: dict, tensor_names) -> None:
-    """Refuse a config that asks for more decoder layers than the weights hold, before memory is spent on them."""
+    """Refuse a config that asks for more decoder layers than the weights hold, before memory is spent on them.
+
+    A config may count layers twice: LongCat-Flash's `num_hidden_layers` is twice its `num_layers` (two sublayers in
+    each stored layer). The smaller count is the one the weights must hold."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    wanted = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    asked = {key: text.get(key, config.get(key)) for key in ("num_hidden_layers", "num_layers")}
+    key, wanted = min(((k, v) for k, v in asked.items() if isinstance(v, int)), key=lambda kv: kv[1],
+                      default=("num_hidden_layers", None))
     counts: dict[str, int] = {}
     for name in tensor_names:
         m = LAYER_NAME.match(name)
@@ -119,7 +124,7 @@ def check_layer_count(path: Path, config: dict, tensor_names) -> None:
             counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
     if isinstance(wanted, int) and counts and wanted > max(counts.values()):
         raise CheckpointIncomplete(f"Loading the checkpoint in {path}",
-                                   found=f"config.json says num_hidden_layers={wanted}, the weights hold "
+                                   found=f"config.json says {key}={wanted}, the weights hold "
                                          f"{max(counts.values())} layers",
                                    fix="use the config.json that belongs to these weights, or finish the download")
 

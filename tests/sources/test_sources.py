@@ -241,3 +241,16 @@ def test_a_downloaded_checkpoint_is_found_on_disk_after_its_download(tiny_nf4, m
     assert local_files_of(plan, LoadOptions()) is None  # not downloaded yet
     snapshot = put_in_hf_cache(hf_home(), PREQUANTIZED, tiny_nf4)
     assert local_files_of(plan, LoadOptions()) == snapshot
+
+
+def test_layer_count_check_takes_the_smaller_of_two_layer_counts(tmp_path):
+    """LongCat-Flash's config.json (as transformers 5.17 saves it) says num_hidden_layers=2 * num_layers: its weights
+    hold num_layers stored layers, two sublayers each. That checkpoint is whole; one missing a stored layer is not."""
+    from fastload.errors import CheckpointIncomplete
+    from fastload.sources.checkpoint_files import check_layer_count
+
+    names = [f"model.layers.{i}.mlp.weight" for i in range(2)] + ["model.embed_tokens.weight"]
+    check_layer_count(tmp_path, {"model_type": "longcat_flash", "num_hidden_layers": 4, "num_layers": 2}, names)
+    with pytest.raises(CheckpointIncomplete) as err:
+        check_layer_count(tmp_path, {"model_type": "longcat_flash", "num_hidden_layers": 6, "num_layers": 3}, names)
+    assert "num_layers=3" in err.value.found and "hold 2 layers" in err.value.found
