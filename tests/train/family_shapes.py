@@ -62,8 +62,9 @@ FAMILIES = {
     "helium": dict(head_dim=16),
     "nemotron": {},
     "falcon": {},  # projections of a Linear subclass, and `mlp_output += attention_output` on the MLP's output
-    "gpt2": dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),  # Conv1D, stored (in, out): transposed when
-    # quantized; its defaults drop 10%
+    "gpt2": dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, max_position_embeddings=2048),  # Conv1D, stored
+    # (in, out): transposed when quantized; its defaults drop 10%; learned positions: the GPU case's 1024-token call
+    # needs more than 256 (else an out-of-range gather, a device-side assert that poisons every later CUDA case)
     "mamba": dict(state_size=8, expand=2),  # dt_proj's weight multiplied directly: kept 16-bit, no adapter
     "falcon_h1": dict(head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
                       mamba_chunk_size=16),  # Mamba-2 beside attention in every layer: out_proj left alone
@@ -124,6 +125,12 @@ def _gemma3(ids: dict):
                                 eoi_token_index=ids["vocab_size"] - 3, tie_word_embeddings=False)
 
 
+# parameters that transformers initializes to zero but a trained checkpoint holds nonzero: left zero, they cut a path
+# out of the tiny model (Gemma-3n's AltUp scales the per-layer input gate's input by correct_output_scale, so every
+# per_layer_input_gate / per_layer_projection gradient was 0 with and without the engine)
+TRAINED_NONZERO = {"gemma3n_text": ("correct_output_scale",)}
+
+
 def make_family_checkpoint(directory, family: str, seed: int = 0, config: dict | None = None):
     """A random fp32 checkpoint of `family` (or of `config`, a config dict) saved as real safetensors with the tiny
     tokenizer."""
@@ -136,6 +143,10 @@ def make_family_checkpoint(directory, family: str, seed: int = 0, config: dict |
     config = AutoConfig.for_model(**config) if config else family_config(family, tok)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in TRAINED_NONZERO.get(config.model_type, ()):
+                param.fill_(1.0)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
