@@ -223,6 +223,27 @@ def test_max_seq_length_beyond_the_models_positions_is_kept_with_a_warning(tiny_
     assert "max_seq_length=4096 is beyond the 512 positions" in caplog.text and "rope_scaling" in caplog.text
 
 
+def test_max_seq_length_beyond_learned_positions_is_refused_before_any_weight_is_read(tmp_path, monkeypatch):
+    """GPT-2 has one learned embedding per position: an Unsloth notebook's max_seq_length=2048 on its 1024 positions
+    would fail at the first long batch (a device-side assert on a GPU). Refused at once, naming the limit; nothing
+    is stored. Unset, the length is capped at the positions."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from family_shapes import make_family_checkpoint
+
+    monkeypatch.setenv("FASTLOAD_HOME", str(tmp_path / "home"))
+    path = make_family_checkpoint(tmp_path / "gpt2", "gpt2", config=dict(
+        model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=384))
+    with pytest.raises(InvalidOption) as err:
+        FastModel.from_pretrained(str(path), max_seq_length=2048)
+    assert "128 (max_position_embeddings)" in err.value.found and "max_seq_length=128" in err.value.fix
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.safetensors"))
+    model, tok = FastModel.from_pretrained(str(path), store=False)
+    assert model.max_seq_length == 128
+
+
 def test_smollm2_in_nf4_keeps_the_16bit_models_loss(smollm2_dir):
     """The real SmolLM2-135M on a fixed chat text: NF4 (double quant) stays within 3% of the 16-bit model's loss
     (measured: -0.6%); FP4, a coarser grid, lands further away (measured: +7%), so the check can tell them apart.

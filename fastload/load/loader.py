@@ -161,15 +161,26 @@ def load_config(plan: LoadPlan, opts: LoadOptions):
         return AutoConfig.from_pretrained(plan.location, **kw)
 
 
+# families whose positions are a learned embedding table: no position past its rows exists (an index error on the
+# CPU, a device-side assert that ends the CUDA context on a GPU), so no length beyond it can train
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt")
+
+
 def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
     """The sequence length to train with: as asked, or (unset) DEFAULT_MAX_SEQ_LENGTH capped at the model's
     positions."""
-    positions = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                        "max_position_embeddings", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    positions = getattr(text, "max_position_embeddings", None)
     if max_seq_length is None:
         return min(DEFAULT_MAX_SEQ_LENGTH, positions or DEFAULT_MAX_SEQ_LENGTH)
     if positions is None or max_seq_length <= positions:
         return max_seq_length
+    if getattr(text, "model_type", None) in LEARNED_POSITIONS:
+        raise InvalidOption(f"Loading with max_seq_length={max_seq_length}",
+                            found=f"{text.model_type} learns one embedding per position and has "
+                                  f"{positions} (max_position_embeddings): a longer sequence has no position to "
+                                  "look up",
+                            fix=f"pass max_seq_length={positions} or less (or leave it unset: it is capped there)")
     if rope_scaling:
         logger.warning("max_seq_length=%s is beyond the model's %s positions; rope_scaling=%s extends them",
                        max_seq_length, positions, rope_scaling)
