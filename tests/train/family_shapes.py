@@ -88,8 +88,8 @@ FAMILIES = {
                   mamba_expand=2, mamba_chunk_size=16),
     "zamba": dict(layers_block_type=["linear_attention", "hybrid"], attn_layer_period=2, attn_layer_offset=1,
                   mamba_d_state=8, mamba_expand=2, n_mamba_heads=2, attention_head_dim=16),
-    # two sublayers per decoder layer (4 hidden layers: 2 layers; transformers 5.17 reads num_layers alone), MLA, zero (identity) experts beside the routed
-    # ones; its router multiplies by its classifier's weight: kept 16-bit
+    # two sublayers per decoder layer (4 hidden layers: 2 layers; transformers 5.17 reads num_layers alone), MLA,
+    # zero (identity) experts beside the routed ones; its router multiplies by its classifier's weight: kept 16-bit
     "longcat_flash": dict(num_hidden_layers=4, num_layers=2, n_routed_experts=4, moe_topk=2, expert_ffn_hidden_size=64,
                           ffn_hidden_size=128, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8,
                           qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, num_key_value_heads=4, zero_expert_num=2),
