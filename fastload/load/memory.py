@@ -102,9 +102,9 @@ def count_params(config, model=None) -> ParamCounts:
     total = sum(p.numel() for name, p in model.named_parameters() if name not in tied)
     tc = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = tc.hidden_size
-    heads = _widest(tc.num_attention_heads)
-    kv = _widest(getattr(tc, "num_key_value_heads", heads) or heads)
-    head_dim = _widest(getattr(tc, "head_dim", None) or hidden // heads)
+    heads = widest_size(tc, "num_attention_heads")
+    kv = widest_size(tc, "num_key_value_heads") or heads
+    head_dim = widest_size(tc, "head_dim") or hidden // heads
     return ParamCounts(projections=proj, other=total - proj - experts, hidden=hidden, layers=tc.num_hidden_layers,
                        intermediate=_active_intermediate(tc, bool(experts)), vocab=tc.vocab_size,
                        kv_dim=kv * head_dim, experts=experts, lora_width=lora_width)
@@ -126,13 +126,24 @@ def _layer_counts(layers, config) -> tuple[int, int, int]:
 
 def _active_intermediate(tc, moe: bool) -> int:
     """The MLP width one token's activations span: the routed experts' (plus a shared expert's) for MoE."""
-    dense = _widest(getattr(tc, "intermediate_size", None) or 4 * tc.hidden_size)
+    dense = widest_size(tc, "intermediate_size") or 4 * tc.hidden_size
     if not moe:
         return dense
-    per_expert = _widest(getattr(tc, "moe_intermediate_size", None) or dense)
+    per_expert = widest_size(tc, "moe_intermediate_size") or dense
     routed = getattr(tc, "num_experts_per_tok", None) or 1
-    shared = _widest(getattr(tc, "shared_intermediate_size", None) or 0)
+    shared = widest_size(tc, "shared_intermediate_size") or 0
     return per_expert * routed + shared
+
+
+def widest_size(config, name: str) -> int | None:
+    """A size the config gives once, per layer as a list (Gemma-3n's intermediate_size, OpenELM's heads), or per
+    layer in transformers' heterogeneous configs (Gemma-4's head_dim, wider on its full-attention layers, where the
+    global attribute refuses to be read): the largest, since the layer that needs the most memory sets the estimate.
+    None when the config has no such size."""
+    if name in (getattr(config, "per_layer_attributes", None) or ()):
+        sizes = [_widest(getattr(layer, name, None) or 0) for layer in config.per_layer_config]
+        return max(sizes, default=0) or None
+    return _widest(getattr(config, name, None))
 
 
 def _widest(size) -> int:

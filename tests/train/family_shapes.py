@@ -77,6 +77,10 @@ FAMILIES = {
     "gemma3n_text": dict(head_dim=16, laurel_rank=8, altup_num_inputs=2, hidden_size_per_layer_input=16,
                          num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0], intermediate_size=[128, 128],
                          layer_types=["sliding_attention", "full_attention"], sliding_window=32),
+    # per-layer head_dim (transformers' heterogeneous config: the global attribute refuses to be read), its wider
+    # full-attention layers given by global_head_dim
+    "gemma4_text": dict(head_dim=16, global_head_dim=32, hidden_size_per_layer_input=16,
+                        layer_types=["sliding_attention", "full_attention"], sliding_window=32),
     "hunyuan_v1_dense": dict(head_dim=16),
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1),
     "dots1": dict(head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
@@ -108,7 +112,7 @@ def family_config(family: str, tokenizer):
                pad_token_id=tokenizer.pad_token_id)
     if FAMILIES[family] == "multimodal":
         return _gemma3(ids)
-    if family == "gemma3n_text":  # its per-layer input embeddings span the vocabulary too
+    if family in ("gemma3n_text", "gemma4_text"):  # their per-layer input embeddings span the vocabulary too
         ids["vocab_size_per_layer_input"] = len(tokenizer)
     return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]}, **ids)
 

@@ -115,3 +115,17 @@ def test_registry_moe_without_config_is_estimated_as_an_moe(capsys):
     assert est["weights_4bit"] / GIB == pytest.approx(experts * nf4_bytes / GIB, rel=0.10)
     counts = memory.approximate_counts(est["params"], "mixtral")
     assert memory.weight_bytes(counts, 4, experts_4bit=False) / GIB == pytest.approx(experts * 2 / GIB, rel=0.10)
+
+
+def test_sizes_given_per_layer_count_as_their_widest():
+    """transformers' heterogeneous configs (Gemma-4) give head_dim per layer and refuse to read it globally: the
+    estimate takes the widest layer's (its full-attention layers' 32 here, not the sliding ones' 16), as it does for
+    sizes given as lists."""
+    from fastload.load.memory import count_params, widest_size
+    from tiny import make_tokenizer
+
+    config = family_config("gemma4_text", make_tokenizer())
+    assert config.per_layer_attributes == {"head_dim"}
+    assert widest_size(config, "head_dim") == 32 and widest_size(config, "no_such_size") is None
+    counts = count_params(config)
+    assert counts.kv_dim == config.num_key_value_heads * 32
