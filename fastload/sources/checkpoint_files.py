@@ -122,11 +122,27 @@ def check_layer_count(path: Path, config: dict, tensor_names) -> None:
         m = LAYER_NAME.match(name)
         if m:
             counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
-    if isinstance(wanted, int) and counts and wanted > max(counts.values()):
+    if isinstance(wanted, int) and counts and wanted > max(counts.values()) \
+            and not _config_class_count(config) <= max(counts.values()):
         raise CheckpointIncomplete(f"Loading the checkpoint in {path}",
                                    found=f"config.json says {key}={wanted}, the weights hold "
                                          f"{max(counts.values())} layers",
                                    fix="use the config.json that belongs to these weights, or finish the download")
+
+
+def _config_class_count(config: dict) -> float:
+    """The decoder layers transformers' own config class makes of this config.json (Dory's counts its attention and
+    MLP sublayers in num_hidden_layers and builds half as many layers), or infinity where it cannot tell. Asked only
+    when config.json's count exceeds the stored layers, so a whole checkpoint is not refused for a count its class
+    reinterprets."""
+    try:
+        from transformers import AutoConfig
+
+        built = AutoConfig.for_model(**config)
+        built = built.get_text_config() if hasattr(built, "get_text_config") else built
+        return built.num_hidden_layers
+    except Exception:  # an unknown model_type, remote code, a config its class refuses: the raw count stands
+        return float("inf")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",

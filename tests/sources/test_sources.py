@@ -254,3 +254,21 @@ def test_layer_count_check_takes_the_smaller_of_two_layer_counts(tmp_path):
     with pytest.raises(CheckpointIncomplete) as err:
         check_layer_count(tmp_path, {"model_type": "longcat_flash", "num_hidden_layers": 6, "num_layers": 3}, names)
     assert "num_layers=3" in err.value.found and "hold 2 layers" in err.value.found
+
+
+def test_layer_count_check_asks_the_config_class_before_refusing(tmp_path):
+    """Dory's config.json counts attention and MLP sublayers in num_hidden_layers (4) and its class builds half as many
+    layers (2), which is what its weights hold: whole, loaded. One stored layer missing is still refused."""
+    pytest.importorskip("transformers.models.dory", reason="transformers before Dory")
+    from transformers import AutoConfig
+
+    from fastload.errors import CheckpointIncomplete
+    from fastload.sources.checkpoint_files import check_layer_count
+
+    config = AutoConfig.for_model("dory", num_hidden_layers=4,
+                                  layer_types=["sliding_attention", "mlp", "sliding_attention", "mlp"]).to_dict()
+    assert config["num_hidden_layers"] == 4
+    stored = [f"backbone.layers.{i}.mixer.weight" for i in range(2)]
+    check_layer_count(tmp_path, config, stored)
+    with pytest.raises(CheckpointIncomplete, match="hold 1 layers"):
+        check_layer_count(tmp_path, config, stored[:1])
