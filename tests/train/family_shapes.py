@@ -81,6 +81,10 @@ FAMILIES = {
     # full-attention layers given by global_head_dim
     "gemma4_text": dict(head_dim=16, global_head_dim=32, hidden_size_per_layer_input=16,
                         layer_types=["sliding_attention", "full_attention"], sliding_window=32),
+    # grouped output projection (o_a_proj: a Linear subclass multiplying per head group, kept 16-bit, no LoRA),
+    # compressed attention with an indexer, hash-routed experts
+    "deepseek_v4": dict(head_dim=16, n_routed_experts=4, moe_intermediate_size=64, o_groups=2, o_lora_rank=16,
+                        q_lora_rank=32, index_n_heads=4, index_head_dim=16, index_topk=16, **EXPERTS),
     "hunyuan_v1_dense": dict(head_dim=16),
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1),
     "dots1": dict(head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
@@ -100,7 +104,7 @@ FAMILIES = {
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
-       "longcat_flash")
+       "longcat_flash", "deepseek_v4")
 PEFT_EXPERTS = ("jetmoe",)  # experts not in transformers' experts layout: adapted by peft, the engine says why
 
 
