@@ -164,7 +164,11 @@ def install_fused_loss(model) -> bool:
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        loss = chunked_linear_cross_entropy(hidden, self.lm_head.weight, shifted, num_items, graphs=graphs_of(self))
+        weight = self.lm_head.weight
+        # a head kept in another dtype (HY-V4's fp32 lm_head under a bf16 decoder) gets its input cast to it, as the
+        # model's own forward does before lm_head
+        hidden = hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
+        loss = chunked_linear_cross_entropy(hidden, weight, shifted, num_items, graphs=graphs_of(self))
         # no cache (training, use_cache=False); hidden states and attentions when asked for, as transformers gives
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
                                       attentions=getattr(out, "attentions", None))

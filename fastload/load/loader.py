@@ -238,19 +238,42 @@ def set_compute_dtype(model, dtype) -> None:
 
 def cast_unquantized(model, dtype) -> int:
     """transformers keeps a pre-quantized checkpoint's other weights (embeddings, norms, lm_head) in their stored
-    dtype whatever `dtype` asks; cast them, or an fp32 load from a bf16 checkpoint computes in bf16 after all."""
+    dtype whatever `dtype` asks; cast them, or an fp32 load from a bf16 checkpoint computes in bf16 after all. The
+    modules the model keeps fp32 under that dtype (its `_keep_in_fp32_modules[_strict]`) stay as transformers keeps
+    them: HY-V4's lm_head had come back bf16 from the store, fp32 on the fly."""
     from fastload.structure import is_quantized_linear
 
+    kept_fp32 = fp32_modules(model, dtype)
     changed = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if is_quantized_linear(module):
             continue
-        for param in module.parameters(recurse=False):
+        for param_name, param in module.named_parameters(recurse=False):
             # meta: LoRA adapters injected while the weights were read, filled (in fp32) after the load
-            if param.is_floating_point() and param.dtype != dtype and param.device.type != "meta":
+            if param.is_floating_point() and param.dtype != dtype and param.device.type != "meta" \
+                    and not kept_fp32(f"{name}.{param_name}" if name else param_name):
                 param.data = param.data.to(dtype)
                 changed += 1
     return changed
+
+
+def fp32_modules(model, dtype):
+    """Whether a parameter (by qualified name) stays fp32 when the model loads in `dtype`, as transformers decides:
+    `_keep_in_fp32_modules` under fp16, `_keep_in_fp32_modules_strict` under fp16 and bf16; each entry a name or a
+    glob (`*` for one name part) matched as whole dotted parts of the module's or the parameter's name."""
+    import re
+
+    import torch
+
+    names = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) if dtype in (
+        torch.float16, torch.bfloat16) else set()
+    if dtype == torch.float16:
+        names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not names:
+        return lambda name: False
+    parts = "|".join(re.escape(n).replace(r"\*", r"[^.]+") for n in sorted(names))
+    pattern = re.compile(rf"(^|\.)({parts})(\.|$)")
+    return lambda name: bool(pattern.search(name))
 
 
 def keep_4bit_layout_stable(model) -> None:

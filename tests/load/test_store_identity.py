@@ -88,3 +88,32 @@ def test_training_from_the_store_starts_where_training_on_the_fly_does(tiny_llam
     assert loss_fly == loss_store
     assert grads_fly.keys() == grads_store.keys() and grads_fly
     assert all(torch.equal(grads_fly[n], grads_store[n]) for n in grads_fly)
+
+
+def test_modules_a_model_keeps_fp32_stay_fp32_from_the_store(tmp_path):
+    """HY-V4 keeps its lm_head fp32 under a bf16 decoder (`_keep_in_fp32_modules_strict`), as transformers loads it.
+    From the store it came back bf16 (every unquantized weight was cast to the compute dtype), unlike on the fly:
+    both now give transformers' dtypes and the same logits."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from family_shapes import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path / "hy_v4", "hy_v4")
+    store = Store(tmp_path / "home")
+    load(path, store, dtype=torch.bfloat16)
+    wait_for_store_writes()
+    on_the_fly = load(path, False, dtype=torch.bfloat16)
+    stored = load(path, store, dtype=torch.bfloat16)
+    assert stored.fastload.plan.source == "store"
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert plain.lm_head.weight.dtype == torch.float32
+    for model in (on_the_fly, stored):
+        assert model.lm_head.weight.dtype == torch.float32
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ids = torch.randint(8, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(on_the_fly(input_ids=ids).logits, stored(input_ids=ids).logits)

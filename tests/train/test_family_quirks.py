@@ -148,3 +148,27 @@ def test_a_model_fastload_cannot_train_says_what_kind_it_is(kind, tmp_path):
     expected = "an encoder-decoder model" if kind == "t5" else "an image-text model"
     assert expected in err.value.found and "not a text generator" not in err.value.found
     assert "Seq2SeqTrainer" in err.value.fix if kind == "t5" else "text-only sibling" in err.value.fix
+
+
+def test_fp32_lm_head_under_a_bf16_decoder_gets_the_fused_loss_of_the_models_own_forward(tmp_path):
+    """Hunyuan-V4 keeps lm_head fp32 and casts the decoder's bf16 output up before it. The fused loss (lm_head and
+    cross-entropy in chunks) must do the same: it failed with a dtype mismatch on the first training step. Its loss
+    equals the model's own (engine off) within bf16 round-off."""
+    import torch
+
+    from fastload import FastModel
+    from tiny import nonzero_lora_b
+
+    path = make_family_checkpoint(tmp_path / "hy_v4", "hy_v4")
+    losses = []
+    for engine in (True, False):
+        model, tokenizer = FastModel.from_pretrained(str(path), dtype="bfloat16", engine=engine)
+        assert model.get_base_model().lm_head.weight.dtype == torch.float32
+        assert ("fused_loss" in model.fastload_engine) == engine
+        nonzero_lora_b(model)
+        batch = tokenizer(["the quick brown fox jumps over the lazy dog"], return_tensors="pt")
+        model.train()
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
