@@ -90,6 +90,11 @@ FAMILIES = {
     "hy_v4": dict(n_routed_experts=4, moe_intermediate_size=64, kv_lora_rank=16, q_lora_rank=32, qk_nope_head_dim=8,
                   qk_rope_head_dim=8, v_head_dim=16, head_dim=16, num_key_value_heads=4, index_n_heads=4,
                   index_head_dim=16, index_topk=16, **EXPERTS),
+    # Gated DeltaNet (linear attention) and full-attention layers; a tiny config needs one of each (all-linear has
+    # no attention layer for generation's mask); Qwen3-Next adds experts
+    "qwen3_5_text": dict(head_dim=16, layer_types=["linear_attention", "full_attention"]),
+    "qwen3_next": dict(head_dim=16, layer_types=["linear_attention", "full_attention"], num_experts=4,
+                       moe_intermediate_size=64, shared_expert_intermediate_size=64, **EXPERTS),
     "hunyuan_v1_dense": dict(head_dim=16),
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1),
     "dots1": dict(head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
@@ -109,7 +114,7 @@ FAMILIES = {
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
-       "longcat_flash", "deepseek_v4", "hy_v4")
+       "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next")
 PEFT_EXPERTS = ("jetmoe",)  # experts not in transformers' experts layout: adapted by peft, the engine says why
 
 
