@@ -111,37 +111,43 @@ LAYER_NAME = re.compile(r"^(.*?)(?<![^.])layers\.(\d+)\.")
 def check_layer_count(path: Path, config: dict, tensor_names) -> None:
     """Refuse a config that asks for more decoder layers than the weights hold, before memory is spent on them.
 
-    A config may count layers twice: LongCat-Flash's `num_hidden_layers` is twice its `num_layers` (two sublayers in
-    each stored layer). The smaller count is the one the weights must hold."""
+    config.json's count is not always the number of stored layers: LongCat-Flash's num_hidden_layers is twice its
+    num_layers (two sublayers a layer), Dory's counts attention and MLP sublayers, HRM's counts recurrent
+    applications of two small stacks. Where config.json's count exceeds the stored layers, the model transformers
+    builds from it (on the meta device, no memory) says how many it holds; only more than the weights is refused."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     asked = {key: text.get(key, config.get(key)) for key in ("num_hidden_layers", "num_layers")}
     key, wanted = min(((k, v) for k, v in asked.items() if isinstance(v, int)), key=lambda kv: kv[1],
                       default=("num_hidden_layers", None))
-    counts: dict[str, int] = {}
-    for name in tensor_names:
-        m = LAYER_NAME.match(name)
-        if m:
-            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
-    if isinstance(wanted, int) and counts and wanted > max(counts.values()) \
-            and not _config_class_count(config) <= max(counts.values()):
+    held = layers_held(tensor_names)
+    if isinstance(wanted, int) and held and wanted > held and _layers_built(config) > held:
         raise CheckpointIncomplete(f"Loading the checkpoint in {path}",
-                                   found=f"config.json says {key}={wanted}, the weights hold "
-                                         f"{max(counts.values())} layers",
+                                   found=f"config.json says {key}={wanted}, the weights hold {held} layers",
                                    fix="use the config.json that belongs to these weights, or finish the download")
 
 
-def _config_class_count(config: dict) -> float:
-    """The decoder layers transformers' own config class makes of this config.json (Dory's counts its attention and
-    MLP sublayers in num_hidden_layers and builds half as many layers), or infinity where it cannot tell. Asked only
-    when config.json's count exceeds the stored layers, so a whole checkpoint is not refused for a count its class
-    reinterprets."""
-    try:
-        from transformers import AutoConfig
+def layers_held(names) -> int:
+    """The most layers any `...layers.N.` list among these tensor names holds (0 when none)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        m = LAYER_NAME.match(name)
+        if m:
+            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
+    return max(counts.values(), default=0)
 
-        built = AutoConfig.for_model(**config)
-        built = built.get_text_config() if hasattr(built, "get_text_config") else built
-        return built.num_hidden_layers
-    except Exception:  # an unknown model_type, remote code, a config its class refuses: the raw count stands
+
+def _layers_built(config: dict) -> float:
+    """The most layers of any list in the model transformers builds from this config.json, on the meta device; infinity
+    where it cannot build it (an unknown model_type, remote code), so config.json's own count stands."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        options = {k: v for k, v in config.items() if k != "quantization_config"}
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**options))
+        return layers_held(name for name, _ in model.named_parameters()) or float("inf")
+    except Exception:
         return float("inf")
 
 
