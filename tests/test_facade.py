@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -316,3 +318,26 @@ def test_each_decision_is_one_info_line(tiny_llama, caplog):
         FastModel.from_pretrained(tiny_llama, store=False, gradient_checkpointing=False)
     assert "gradient checkpointing: off" in caplog.text
 
+
+
+def test_a_model_transformers_cannot_save_quantized_still_loads_and_stores_nothing(tiny_llama, isolated_env, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """Some models' save_pretrained cannot revert their weight conversions on 4-bit weights (Ergo raised an IndexError
+    from transformers' revert_weight_conversion): the store write fails, the load it follows does not. One warning
+    says why and what to do; no entry and no temporary files stay."""
+    import os
+
+    from transformers import LlamaForCausalLM
+
+    def broken_save(self, *args, **kwargs):
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", broken_save)
+    with caplog.at_level("WARNING", logger="fastload"):
+        model, tok = FastModel.from_pretrained(tiny_llama)
+    assert "could not store the quantized model (IndexError" in caplog.text and "store=False" in caplog.text
+    enc, labels = batch(tok, "cpu")
+    assert torch.isfinite(model(**enc, labels=labels).loss)
+    home = Path(os.environ["FASTLOAD_HOME"])
+    assert not [p for p in home.rglob("*") if p.is_file() and p.name != ".lock" and "lock" not in p.name], \
+        sorted(home.rglob("*"))

@@ -776,8 +776,12 @@ def test_interrupted_quantize_or_store_leaves_no_entry(tiny_llama, isolated_env,
         else:
             m.setattr(bf, "quantize_4bit", interrupting(bf.quantize_4bit))
             m.setattr(on_the_fly, "quantize_4bit", interrupting(on_the_fly.quantize_4bit))
-        with pytest.raises(interrupt):
-            load(tiny_llama)
+        if interrupt is RuntimeError:  # an error inside the save, not an interruption: the load stands, unstored
+            model, _ = load(tiny_llama)
+            assert model.fastload.quantized_now
+        else:
+            with pytest.raises(interrupt):
+                load(tiny_llama)
     assert Store(isolated_env).entries() == [] and leftover_tmp(isolated_env) == []
     assert fastload.resolve(tiny_llama).source == "local"  # nothing stored is offered to the next load
     model, _ = load(tiny_llama)

@@ -216,6 +216,16 @@ class NativeBackend:
             model.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
 
-        entry = store.write(key, source, plan.quant, save)
+        from fastload.errors import FastloadError
+
+        try:
+            entry = store.write(key, source, plan.quant, save)
+        except (FastloadError, OSError):  # a full disk, a read-only store: said as fastload's errors say them
+            raise
+        except Exception as e:  # noqa: BLE001 - transformers cannot save this model's quantized form: the load stands
+            logger.warning("could not store the quantized model (%s: %s in save_pretrained); the model is loaded, "
+                           "and the next load quantizes again (store=False skips the attempt)",
+                           type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+            return
         logger.info("stored the quantized model in %s (%.0f MB, %.1f s): the next load skips quantization",
                     entry.path, entry.size_bytes / 1e6, time.perf_counter() - started)
