@@ -37,8 +37,11 @@ def tiny_moe(family: str, dtype=torch.float32, config: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = {**COMMON, **FAMILIES[family], **(config or {})}
+    built = AutoConfig.for_model(family, vocab_size=VOCAB, **shape)
+    if (getattr(built, "pad_token_id", None) or 0) >= VOCAB:  # a default made for the real vocabulary (HY-V4's)
+        built.pad_token_id = 0
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, vocab_size=VOCAB, **shape), dtype=dtype)
+    return AutoModelForCausalLM.from_config(built, dtype=dtype)
 
 
 def peft_moe(family: str, dtype=torch.float32, r: int = 8, config: dict | None = None):
