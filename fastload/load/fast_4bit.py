@@ -393,9 +393,7 @@ def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, 
         module._parameters["weight"] = param
         return
     current = getattr(module, name)
-    # the skeleton's dtype, as transformers keeps it: modules a model keeps fp32 (HY-V4's lm_head, routers) stay so
-    # from a pre-quantized checkpoint or the store too, where everything else arrives in the compute dtype
-    target_dtype = dtype if value.is_floating_point() and current.dtype == dtype else current.dtype
+    target_dtype = dtype if value.is_floating_point() and (prequantized or current.dtype == dtype) else current.dtype
     with phase("host_to_device"):
         value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
