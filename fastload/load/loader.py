@@ -258,9 +258,9 @@ def cast_unquantized(model, dtype) -> int:
 
 
 def fp32_modules(model, dtype):
-    """Whether a parameter (by qualified name) stays fp32 when the model loads in `dtype`, as transformers decides:
-    `_keep_in_fp32_modules` under fp16, `_keep_in_fp32_modules_strict` under fp16 and bf16; each entry a name or a
-    glob (`*` for one name part) matched as whole dotted parts of the module's or the parameter's name."""
+    """Whether a parameter (by qualified name) stays fp32 when the model loads in `dtype`, by transformers' own rule
+    (PreTrainedModel._get_dtype_plan, matched as core_model_loading does): `_keep_in_fp32_modules` under fp16,
+    `_keep_in_fp32_modules_strict` under fp16 and bf16, each entry searched in the name with `*` for any text."""
     import re
 
     import torch
@@ -271,8 +271,7 @@ def fp32_modules(model, dtype):
         names |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     if not names:
         return lambda name: False
-    parts = "|".join(re.escape(n).replace(r"\*", r"[^.]+") for n in sorted(names))
-    pattern = re.compile(rf"(^|\.)({parts})(\.|$)")
+    pattern = re.compile("|".join(n.replace("*", ".*") for n in sorted(names)))
     return lambda name: bool(pattern.search(name))
 
 
