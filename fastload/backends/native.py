@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastload._log import logger
+from fastload.errors import FastloadError
 from fastload.load.loader import load_tokenizer, load_weights, materialize_gguf
 from fastload.load.phases import add as add_phase
 from fastload.load.phases import phase
@@ -215,8 +216,6 @@ class NativeBackend:
         def save(directory):
             model.save_pretrained(directory, safe_serialization=True)
             tokenizer.save_pretrained(directory)
-
-        from fastload.errors import FastloadError
 
         try:
             entry = store.write(key, source, plan.quant, save)
