@@ -230,7 +230,6 @@ def test_max_seq_length_beyond_learned_positions_is_refused_before_any_weight_is
     would fail at the first long batch (a device-side assert on a GPU). Refused at once, naming the limit; nothing
     is stored. Unset, the length is capped at the positions."""
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent / "train"))
     from family_shapes import make_family_checkpoint
@@ -317,7 +316,6 @@ def test_each_decision_is_one_info_line(tiny_llama, caplog):
     with caplog.at_level("INFO", logger="fastload"):
         FastModel.from_pretrained(tiny_llama, store=False, gradient_checkpointing=False)
     assert "gradient checkpointing: off" in caplog.text
-
 
 
 def test_a_model_transformers_cannot_save_quantized_still_loads_and_stores_nothing(tiny_llama, isolated_env, tmp_path,

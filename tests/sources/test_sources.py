@@ -256,9 +256,10 @@ def test_layer_count_check_takes_the_smaller_of_two_layer_counts(tmp_path):
     assert "num_layers=3" in err.value.found and "hold 2 layers" in err.value.found
 
 
-def test_layer_count_check_asks_the_config_class_before_refusing(tmp_path):
-    """Dory's config.json counts attention and MLP sublayers in num_hidden_layers (4) and its class builds half as many
-    layers (2), which is what its weights hold: whole, loaded. One stored layer missing is still refused."""
+def test_layer_count_check_counts_the_layers_transformers_builds_before_refusing(tmp_path):
+    """Dory's config.json counts attention and MLP sublayers in num_hidden_layers (4); the model transformers builds
+    from it holds half as many layers (2), which is what its weights hold: whole, loaded. One stored layer missing
+    is still refused."""
     pytest.importorskip("transformers.models.dory", reason="transformers before Dory")
     from transformers import AutoConfig
 
