@@ -205,9 +205,9 @@ def skip_modules(asked) -> list[str] | None:
     return list(asked) + ([] if "lm_head" in asked else ["lm_head"])
 
 
-def bnb_config(plan: LoadPlan, compute_dtype, model_type: str | None = None):
+def bnb_config(plan: LoadPlan, compute_dtype, model_type: str | None = None, model_classes=()):
     """transformers' BitsAndBytesConfig for the plan; the layers fastload/layer_rules.toml keeps 16-bit in this
-    model type are added to the skipped ones."""
+    model type, and those `model_classes` keep fp32 under the compute dtype, are added to the skipped ones."""
     from transformers import BitsAndBytesConfig
 
     from fastload.layer_rules import kept_unquantized
@@ -218,6 +218,9 @@ def bnb_config(plan: LoadPlan, compute_dtype, model_type: str | None = None):
     if kept:
         skipped = list(dict.fromkeys((skipped or ["lm_head"]) + sorted(kept)))
         logger.info("kept 16-bit: %s", "; ".join(f"{name} ({why})" for name, why in sorted(kept.items())))
+    strict = strict_fp32_names(model_classes, compute_dtype)
+    if strict:
+        skipped = list(dict.fromkeys((skipped or ["lm_head"]) + strict))
     return BitsAndBytesConfig(
         load_in_4bit=q.load_in_4bit, load_in_8bit=q.load_in_8bit, bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=compute_dtype,
@@ -255,6 +258,19 @@ def cast_unquantized(model, dtype) -> int:
                 param.data = param.data.to(dtype)
                 changed += 1
     return changed
+
+
+def strict_fp32_names(model_classes, dtype) -> list[str]:
+    """The plain names in the classes' `_keep_in_fp32_modules_strict` (under fp16/bf16): transformers quantizes them
+    (its bitsandbytes integration skips only `_keep_in_fp32_modules`), but a 4-bit checkpoint of such a layer does
+    not load back everywhere (transformers 5.17 leaves HY-V4's indexer.weights_proj without its quantization state).
+    Kept unquantized, the layer stays fp32 as the model asks and the store's copy loads like the original."""
+    import torch
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return []
+    names = {n for cls in model_classes for n in getattr(cls, "_keep_in_fp32_modules_strict", None) or ()}
+    return sorted(n for n in names if n.replace("_", "").replace(".", "").isalnum())
 
 
 def fp32_modules(model, dtype):
@@ -402,7 +418,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleto
 def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None, injection=None):
     from fastload.load.experts import arrival_settings, quantized_on_arrival
     from fastload.load.memory import check_fits, check_weights_floor, meta_model
-    from fastload.load.task import CAUSAL_LM, model_class
+    from fastload.load.task import CAUSAL_LM, concrete_classes, model_class
     from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
 
     device_map = resolve_device_map(opts.device_map)
@@ -434,7 +450,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     if opts.rope_scaling:
         kw["rope_scaling"] = opts.rope_scaling
     if not plan.prequantized and plan.quant.quantized:
-        kw["quantization_config"] = bnb_config(plan, dtype, config.model_type)
+        kw["quantization_config"] = bnb_config(plan, dtype, config.model_type, concrete_classes(opts.task, config))
     if kw.get("local_files_only"):
         # transformers looks for adapter_config.json without the model's local_files_only/cache_dir: without this,
         # a load from the cache would still try the network (and retry for ~20 s when there is none)
@@ -496,6 +512,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
                                    fix="use the config.json that belongs to these weights, "
                                        "or re-download the checkpoint")
     if plan.prequantized:
+        check_quant_states(plan, model)
         set_compute_dtype(model, dtype)
         if cast_unquantized(model, dtype):
             logger.info("cast the unquantized weights of %s to %s", plan.name, str(dtype).replace("torch.", ""))
@@ -504,6 +521,25 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     model.max_seq_length = max_seq_length
     state_of(model).task = opts.task
     return model, dtype, device
+
+
+def check_quant_states(plan: LoadPlan, model) -> None:
+    """A 4-bit layer whose absmax and quant map transformers did not read (it reports them as unexpected keys) holds
+    packed bytes it cannot multiply by: its first forward would fail deep inside bitsandbytes, or a forward that
+    skips it would train a model that is not the checkpoint's."""
+    import transformers
+
+    from fastload.structure import is_linear4bit
+
+    stateless = [name for name, module in model.named_modules()
+                 if is_linear4bit(module) and getattr(module.weight, "quant_state", None) is None]
+    if stateless:
+        raise CheckpointIncomplete(
+            f"Loading {plan.name!r} from {plan.location}",
+            found=f"{len(stateless)} 4-bit layer(s) came back without their quantization state ({stateless[:3]}): "
+                  f"transformers {transformers.__version__} did not read the absmax and quant map saved beside them",
+            fix="load the 16-bit checkpoint (fastload quantizes it as it loads), or the transformers version that "
+                "wrote this one")
 
 
 def new_head(key: str, task: str) -> bool:

@@ -76,6 +76,21 @@ def model_class(task: str):
     return AutoModelForCausalLM
 
 
+def concrete_classes(task: str, config) -> list:
+    """The model classes transformers builds for `config`: the task's and its base model's (an instance merges the
+    base model's class attributes, such as the fp32 lists, into its own); none for an unregistered (remote-code)
+    config, whose class is not known before it loads."""
+    from transformers import AutoModel
+
+    classes = []
+    for auto in (model_class(task), AutoModel):
+        try:
+            classes.append(auto._model_mapping[type(config)])
+        except (KeyError, AttributeError, ValueError):
+            pass
+    return classes
+
+
 def head_in_full_precision(model) -> int:
     """Run the classification head in its own dtype (fp32 when trained): the body's bf16 hidden states are cast to
     it on the way in. Returns how many heads were given the cast (0 when the model has none)."""

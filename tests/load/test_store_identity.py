@@ -93,7 +93,7 @@ def test_training_from_the_store_starts_where_training_on_the_fly_does(tiny_llam
 def test_modules_a_model_keeps_fp32_stay_fp32_from_the_store(tmp_path):
     """HY-V4 keeps its lm_head fp32 under a bf16 decoder (`_keep_in_fp32_modules_strict`), as transformers loads it.
     From the store it came back bf16 (every unquantized weight was cast to the compute dtype), unlike on the fly:
-    both now give transformers' dtypes and the same logits."""
+    both now give transformers' dtypes and the same logits, and the layers listed there stay unquantized."""
     import sys
 
     import torch
@@ -114,6 +114,34 @@ def test_modules_a_model_keeps_fp32_stay_fp32_from_the_store(tmp_path):
     for model in (on_the_fly, stored):
         assert model.lm_head.weight.dtype == torch.float32
         assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        # its indexer's weights_proj is listed fp32 too: kept unquantized (a 4-bit one did not load back from the
+        # store under transformers 5.17: its quantization state was dropped as unexpected keys)
+        weights_proj = model.model.layers[0].self_attn.indexer.weights_proj
+        assert type(weights_proj) is torch.nn.Linear and weights_proj.weight.dtype == torch.float32
     ids = torch.randint(8, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(on_the_fly(input_ids=ids).logits, stored(input_ids=ids).logits)
+
+
+def test_a_4bit_layer_whose_quantization_state_was_not_read_is_refused(tiny_llama, tmp_path):
+    """A pre-quantized checkpoint whose absmax and quant map transformers does not read for a layer (transformers 5.17
+    with HY-V4's weights_proj) must not load as if whole: that layer's packed bytes cannot be multiplied by."""
+    from safetensors.torch import load_file, save_file
+
+    from fastload import FastModel
+    from fastload.errors import CheckpointIncomplete
+
+    model, tok = FastModel.from_pretrained(tiny_llama, lora=None, store=False)
+    out = tmp_path / "q4"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (weights,) = out.glob("*.safetensors")
+    tensors = load_file(weights)
+    layer = "model.layers.1.mlp.down_proj.weight."
+    renamed = {(k.replace(layer, "model.layers.1.mlp.down_proj.stats.") if k.startswith(layer) else k): v
+               for k, v in tensors.items()}
+    assert renamed != tensors
+    save_file(renamed, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointIncomplete, match="down_proj") as raised:
+        FastModel.from_pretrained(out, lora=None)
+    assert "quantization state" in str(raised.value) and "16-bit checkpoint" in str(raised.value)
