@@ -101,16 +101,53 @@ def towers_outside_decoder(model, targets: list[str]) -> list[str]:
     return sorted(towers)
 
 
+def indexers_in_decoder(model, targets: list[str]) -> list[str]:
+    """Sparse-attention indexers inside the decoder layers (DeepSeek-V3.2's, HY-V4's: a module whose class is named
+    ...Indexer) holding linear layers of the targets' names. An indexer scores keys only to pick the top-k each query
+    attends to; the choice is not differentiable, so no gradient reaches its projections from the loss (the models'
+    authors train it with a loss of its own), and LoRA there would only add parameters that never change."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return []
+    prefix = next((name for name, module in model.named_modules() if module is layers), "")
+    found = []
+    for name, module in layers.named_modules():
+        if type(module).__name__.endswith("Indexer") and any(
+                leaf.split(".")[-1] in targets and is_linear(m) for leaf, m in module.named_modules()):
+            found.append(f"{prefix}.{name}" if prefix else name)
+    return found
+
+
+def only_in_indexers(model, targets: list[str]) -> set[str]:
+    """The target names whose every linear layer sits in a sparse-attention indexer."""
+    indexers = indexers_in_decoder(model, targets)
+    if not indexers:
+        return set()
+    inside = {id(m) for name, m in model.named_modules() if any(name.startswith(i + ".") for i in indexers)}
+    return {t for t in targets
+            if all(id(m) in inside for n, m in model.named_modules() if n.split(".")[-1] == t and is_linear(m))}
+
+
 def _decoder_only(model, targets: list[str], settings: LoraSettings) -> tuple[LoraSettings, str]:
-    """Settings whose exclude_modules keeps the default LoRA off other towers, and the words the log adds."""
+    """Settings whose exclude_modules keeps the default LoRA off other towers and off sparse-attention indexers, and
+    the words the log adds."""
     if settings.target_modules or "exclude_modules" in settings.extra:
         return settings, ""
     towers = towers_outside_decoder(model, targets)
-    if not towers:
+    indexers = indexers_in_decoder(model, targets)
+    if not towers and not indexers:
         return settings, ""
-    pattern = "(" + "|".join(re.escape(t) for t in towers) + r")\..*"
-    return (replace(settings, extra={**settings.extra, "exclude_modules": pattern}),
-            f" (decoder only: {', '.join(towers)} left frozen)")
+    # every layer's indexer by one pattern: its layer index as any number
+    indexer_patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in indexers})
+    pattern = "(" + "|".join([re.escape(t) for t in towers] + indexer_patterns) + r")\..*"
+    notes = []
+    if towers:
+        notes.append(f"decoder only: {', '.join(towers)} left frozen")
+    if indexers:
+        relative = sorted({re.sub(r"^.*\.\d+\.", "", n) for n in indexers})
+        notes.append(f"{', '.join(relative)} left frozen in {len(indexers)} layers: a sparse-attention indexer picks "
+                     "keys by top-k, so no gradient reaches it from the loss")
+    return replace(settings, extra={**settings.extra, "exclude_modules": pattern}), f" ({'; '.join(notes)})"
 
 
 def has_adapters(model) -> bool:
@@ -147,6 +184,8 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     if experts:
         settings = replace(settings, extra={**settings.extra, "target_parameters": experts})
     settings, towers_note = _decoder_only(model, targets, settings)
+    if not settings.target_modules:  # names only a frozen indexer holds (HY-V4's wk, wq_b) are no target
+        targets = [t for t in targets if t not in only_in_indexers(model, targets)]
     leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:

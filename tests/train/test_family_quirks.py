@@ -7,6 +7,8 @@
 - GPT-2: Conv1D weights are stored (in, out); the 4-bit layers are (out, in). A merge into the 16-bit original
   must add each delta transposed, or the merged checkpoint does not load.
 - JetMoe: transformers cannot checkpoint it; the load says so once and trains without it.
+- Sparse-attention indexers (HY-V4, DeepSeek-V3.2): they pick keys by top-k, so no gradient reaches them; LoRA
+  leaves them alone and says so.
 """
 
 from __future__ import annotations
@@ -172,3 +174,26 @@ def test_fp32_lm_head_under_a_bf16_decoder_gets_the_fused_loss_of_the_models_own
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+
+
+def test_sparse_attention_indexer_gets_no_lora_and_every_adapter_trains(tmp_path, caplog):
+    """HY-V4's indexer projections (wk, wq_b) had adapters that never received a gradient: the indexer picks keys by
+    top-k, which no gradient crosses. They are left frozen, the log says why, and every adapter left gets one."""
+    import torch
+
+    from fastload import FastModel
+    from tiny import nonzero_lora_b
+
+    path = make_family_checkpoint(tmp_path / "hy_v4", "hy_v4")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, tokenizer = FastModel.from_pretrained(str(path))
+    adapted = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    assert adapted and not [n for n in adapted if ".indexer." in n]
+    assert any(".self_attn.q_b_proj" in n for n in adapted)  # the attention's own projections keep theirs
+    assert "self_attn.indexer left frozen" in caplog.text and "top-k" in caplog.text
+    assert " wk," not in caplog.text.split("LoRA r=")[1].split("(")[0]  # not listed as a target either
+    nonzero_lora_b(model)
+    ids = torch.randint(8, len(tokenizer) - 8, (2, 64), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    untrained = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not untrained, untrained
