@@ -266,11 +266,16 @@ def test_family_engine_matches_plain_on_gpu(family, tmp_path):
             m.zero_grad(set_to_none=True)
             loss = m(**batch).loss
             loss.backward()
-            losses.append((loss.item(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}))
+            # None: no gradient reaches the parameter on this call (DeepSeek-V4's compressor on a short one)
+            losses.append((loss.item(), {n: None if p.grad is None else p.grad.float()
+                                         for n, p in m.named_parameters() if p.requires_grad}))
         (fast_loss, fast_grads), (plain_loss, plain_grads) = losses
         moe = any(".experts." in name for name in plain_grads)
         assert fast_loss == pytest.approx(plain_loss, rel=2e-2)
         for name, grad in plain_grads.items():
+            assert (fast_grads[name] is None) == (grad is None), (family, length, name)
+            if grad is None:
+                continue
             cos = torch.nn.functional.cosine_similarity(fast_grads[name].flatten(), grad.flatten(), dim=0)
             # MoE: a bf16 near-tie in the router sends a token to another expert, which changes every gradient
             # upstream of it (H200, a few tokens: experts 0.977-0.980 in mixtral/granitemoehybrid, gpt_oss's q_proj
