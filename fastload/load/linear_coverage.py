@@ -36,6 +36,6 @@ def note_unquantized_linears(model, quantized: bool) -> None:
     total = sum(p.numel() for p in model.parameters())
     names = ", ".join(f"{n} {cls}" for cls, n in sorted(classes.items()))
     logger.warning("%s layers (%s elements, %.0f%% of the weights) stay in %s: transformers' bitsandbytes "
-                   "integration quantizes torch.nn.Linear itself, not subclasses of it; they train with LoRA in "
-                   "16-bit, and the model needs that much more memory than 4-bit implies", names, f"{elements:,}",
-                   100 * elements / max(total, 1), str(model.dtype).replace("torch.", ""))
+                   "integration quantizes torch.nn.Linear itself, not subclasses of it (LoRA, where it targets them, "
+                   "adapts them in 16-bit), and the model needs that much more memory than 4-bit implies",
+                   names, f"{elements:,}", 100 * elements / max(total, 1), str(model.dtype).replace("torch.", ""))
