@@ -32,6 +32,7 @@ from fastload.load.devices import (
 )
 from fastload.load.phases import phase
 from fastload.load.reads_in_turn import reads_in_turn
+from fastload.load.transformers_floor import check_transformers_floor
 from fastload.model_state import state_of
 from fastload.settings import DEFAULT_MAX_SEQ_LENGTH, dtype_name
 from fastload.sources import plan as P
@@ -433,6 +434,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     with phase("attention_choice"):  # imports the architecture's modeling module the first time
         attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
+    check_transformers_floor(config.model_type, dtype, plan.name)
     bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits
     other_bytes = torch.tensor([], dtype=dtype).element_size()
     with phase("checkpoint_checks"):
