@@ -288,7 +288,7 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
 
     impls.synchronize(job.device)
     started = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         impls.synchronize(job.device)
@@ -309,6 +309,10 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
     if job.device == "cuda":  # where the host's time goes too: a step that waits on launches shows it here
         by_host = events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
         text += "\nBy host time:\n" + by_host
+        # which call of an op costs what (the gate's mul against the LoRA scaling's): the largest items to attack
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40,
+                                                                       max_name_column_width=40)
+        text += "\nBy input shape:\n" + by_shape
     path.write_text(text)
     return {"profile_wall_s": wall, "profile_gpu_busy_s": busy}
 
