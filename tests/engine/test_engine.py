@@ -290,6 +290,28 @@ def test_rotary_attention_steps_aside_where_its_kernel_cannot_launch(tiny_llama)
     assert not calls and loss_p == loss_g  # a CPU tensor: no Triton launch
 
 
+@pytest.mark.parametrize("name", ["MixtralRMSNorm", "Qwen2MoeRMSNorm", "Qwen3MoeRMSNorm", "Qwen3RMSNorm"])
+def test_every_norm_the_kernel_takes_computes_as_llamas(name):
+    """The Triton norm follows LlamaRMSNorm's arithmetic (weight * normed rounded to the input dtype, no offset): each
+    class named in NORMS must give the same bf16 values, or the kernel would change what the model computes."""
+    import importlib
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fastload.engine.kernels import NORMS
+
+    family = name.removesuffix("RMSNorm").lower().replace("moe", "_moe")
+    cls = getattr(importlib.import_module(f"transformers.models.{family}.modeling_{family}"), name)
+    assert name in NORMS
+    gen = torch.Generator().manual_seed(0)
+    weight = 1 + 0.3 * torch.randn(64, generator=gen)
+    x = torch.randn(3, 5, 64, generator=gen).bfloat16()
+    theirs, llama = cls(64, eps=1e-6), LlamaRMSNorm(64, eps=1e-6)
+    for norm in (theirs, llama):
+        norm.to(torch.bfloat16).weight.data.copy_(weight)
+    assert torch.equal(theirs(x), llama(x))
+
+
 def test_triton_launches_only_on_the_current_cuda_device(monkeypatch):
     """Triton launches on the current device: a tensor on another GPU (device_map over several) must be told no."""
     import types
