@@ -9,6 +9,8 @@ from __future__ import annotations
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 EXPERTS = dict(num_experts_per_tok=2)
+MLA = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+           num_key_value_heads=4)
 
 FAMILIES = {
     "llama": {},
@@ -111,10 +113,33 @@ FAMILIES = {
     "longcat_flash": dict(num_hidden_layers=4, num_layers=2, n_routed_experts=4, moe_topk=2, expert_ffn_hidden_size=64,
                           ffn_hidden_size=128, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8,
                           qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, num_key_value_heads=4, zero_expert_num=2),
+    # GPT-J and CodeGen rotate part of each head (rotary_dim; their default is wider than a tiny head)
+    "gptj": dict(rotary_dim=8),
+    "codegen": dict(rotary_dim=8),
+    # multi-head latent attention (MLA) as DeepSeek-V2/V3 shape it; its key/value heads as many as its query heads
+    "minicpm3": dict(**MLA, head_dim=16),
+    "glm4_moe_lite": dict(**MLA, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=1,
+                          topk_group=1, mlp_layer_types=["dense", "sparse"], **EXPERTS),
+    # DeepSeek-V3.2: MLA with a sparse-attention indexer (left without LoRA: no gradient reaches it)
+    "deepseek_v32": dict(**MLA, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=1,
+                         topk_group=1, index_head_dim=16, index_n_heads=2, index_topk=8,
+                         mlp_layer_types=["dense", "sparse"], **EXPERTS),
+    "sarvam_mla": dict(**MLA, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
+                       first_k_dense_replace=1, n_group=1, topk_group=1, **EXPERTS),
+    # linear-attention hybrids: one linear-attention layer and one full-attention layer (with none of the latter the
+    # generic config did not build)
+    "kimi_linear": dict(**MLA, num_local_experts=4, n_shared_experts=1, moe_intermediate_size=64,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, **EXPERTS,
+                        linear_attn_config={"kda_layers": [1], "full_attn_layers": [2], "num_heads": 4,
+                                            "head_dim": 16, "short_conv_kernel_size": 4}),
+    "bailing_hybrid": dict(**MLA, num_local_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=1,
+                           topk_group=1, layer_group_size=2, head_dim=16, mlp_layer_types=["dense", "sparse"],
+                           **EXPERTS),
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
-       "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next")
+       "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next", "glm4_moe_lite", "deepseek_v32", "sarvam_mla",
+       "kimi_linear", "bailing_hybrid")
 PEFT_EXPERTS = ("jetmoe",)  # experts not in transformers' experts layout: adapted by peft, the engine says why
 
 
