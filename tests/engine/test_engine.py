@@ -609,3 +609,26 @@ def test_training_forward_keeps_what_the_caller_asks_for_beside_the_fused_loss(t
         loss, logits = fast(**enc, labels=enc["input_ids"], return_dict=False)[:2]
         assert torch.allclose(loss, plain_out.loss, atol=1e-5)
         assert logits.shape == (*enc["input_ids"].shape, fast.config.vocab_size)
+
+
+def test_a_batch_without_a_label_to_predict_trains_nothing_instead_of_nan(tiny_llama):
+    """A completion-only batch whose responses were all truncated away (every label -100), or a one-token call: the
+    plain path averages over zero tokens, NaN, and its NaN gradients would ruin the adapters at the next step. The
+    fused loss returns 0 with zero gradients, so the step leaves the weights as they were."""
+    model, _ = FastModel.from_pretrained(tiny_llama)
+    assert "fused_loss" in model.fastload_engine
+    nonzero_lora_b(model)
+    optimizer = FastModel.get_optimizer(model, lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(8, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    for labels in (torch.full_like(ids, -100), ids[:, :1]):
+        batch = dict(input_ids=ids[:, :labels.shape[1]], labels=labels)
+        model.train()
+        loss = model(**batch).loss
+        assert loss.item() == 0.0
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p).all() and torch.equal(p, before[name]), name
