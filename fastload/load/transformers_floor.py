@@ -35,14 +35,21 @@ def installed_transformers() -> str:
     return transformers.__version__
 
 
-def check_transformers_floor(model_type: str | None, dtype, name: str, installed: str | None = None) -> None:
-    """Raise UnsupportedArchitecture when the installed transformers cannot run `model_type` in `dtype`."""
+def release_needed(model_type: str | None, dtype, installed: str | None = None) -> str | None:
+    """The transformers release `model_type` needs in `dtype` when the installed one is older, else None."""
     floor = _floors().get(model_type or "")
     if floor is None or str(dtype).replace("torch.", "") not in floor["dtypes"]:
-        return
+        return None
     installed = installed or installed_transformers()
-    if _release(installed) >= _release(floor["min_version"]):
+    return floor["min_version"] if _release(installed) < _release(floor["min_version"]) else None
+
+
+def check_transformers_floor(model_type: str | None, dtype, name: str, installed: str | None = None) -> None:
+    """Raise UnsupportedArchitecture when the installed transformers cannot run `model_type` in `dtype`."""
+    installed = installed or installed_transformers()
+    if release_needed(model_type, dtype, installed) is None:
         return
+    floor = _floors()[model_type]
     raise UnsupportedArchitecture(
         f"Loading {name!r} ({model_type}) in {str(dtype).replace('torch.', '')}",
         found=f"transformers {installed}: {floor['why']}",
