@@ -4,9 +4,11 @@ kernels give the same results."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch.nn as nn
 
 from fastload.load.bitsandbytes_import import _deferring
@@ -81,3 +83,34 @@ def test_a_function_torch_cannot_compile_runs_as_it_is():
 
     assert halve(8) == 4 and halve(2) == 1
     assert len(attempts) == 1
+
+
+HUB_KERNEL_PROBE = """
+import json, sys
+{importer}
+from bitsandbytes.functional import has_avx512bf16
+print(json.dumps({{"kernels_imported": "kernels" in sys.modules, "avx512bf16": bool(has_avx512bf16())}}))
+import kernels  # still importable afterwards, for transformers or the user
+"""
+
+
+def test_bitsandbytes_fetches_no_hub_kernel_and_prints_no_warning_about_it():
+    """On an AVX512-BF16 CPU, a plain `import bitsandbytes` asks the Hub for kernels-community code and warns when it
+    cannot have it (offline, or refused by the publisher check); through fastload neither the request nor the
+    warning happens."""
+    pytest.importorskip("kernels", reason="bitsandbytes asks the Hub only through the kernels package")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def probe(importer: str):
+        out = subprocess.run([sys.executable, "-c", HUB_KERNEL_PROBE.format(importer=importer)], env=env,
+                             capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+    ours, our_stderr = probe("from fastload.load.bitsandbytes_import import import_bitsandbytes; "
+                             "import_bitsandbytes()")
+    plain, plain_stderr = probe("import bitsandbytes")
+    assert "kernels-community" not in our_stderr
+    assert not ours["kernels_imported"]
+    # the plain import is what this guards against: it asks and warns wherever the CPU has AVX512-BF16
+    assert plain["kernels_imported"] == plain["avx512bf16"]
+    assert ("kernels-community" in plain_stderr) == plain["avx512bf16"]
