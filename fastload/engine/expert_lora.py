@@ -26,6 +26,8 @@ import types
 import torch
 
 from fastload._log import logger
+from fastload.engine.triton import experts as triton_experts
+from fastload.engine.triton.launch import triton_runs_on
 from fastload.engine.triton.nf4 import dequantize_4bit, supported
 from fastload.load.nf4_experts import is_stack
 from fastload.model_state import is_patched, mark_patched
@@ -133,27 +135,61 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     offsets = _offsets(order, experts.num_experts)
-    x = SpreadRows.apply(hidden, perm, inverse, top_k)
+    fused = _fused_elementwise(experts, hidden)
+    if fused:
+        token_of_row = perm // top_k
+        x = triton_experts.spread_rows(hidden, token_of_row, inverse, top_k)
+    else:
+        x = SpreadRows.apply(hidden, perm, inverse, top_k)
     up = "gate_up_proj" if experts.has_gate else "up_proj"
-    h = _projection(experts, up, x, order, offsets, factors.get(up))
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    h, h_lora = _projection(experts, up, x, order, offsets, factors.get(up))
     # a gather whose gradient is a gather: indexing's own backward accumulates with a sort and atomics (48 such
     # calls, 5 ms of host time in two Qwen3-MoE steps on an H100)
     routing = PermuteRows.apply(weights.reshape(-1), perm, inverse).unsqueeze(-1)
     # (h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
     # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
     # not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)
-    weighted_early = (not experts.has_bias and not getattr(experts, "has_post_expert_norm", False)
-                      and h.shape[-1] < hidden.shape[-1] and routing.dtype == h.dtype)
-    if weighted_early:
-        h = h * routing
-    y = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
-    if getattr(experts, "has_post_expert_norm", False):  # set from transformers 5.2x on; absent means none
+    post_norm = getattr(experts, "has_post_expert_norm", False)  # set from transformers 5.2x on; absent means none
+    weighted_early = (not experts.has_bias and not post_norm and h.shape[-1] // (2 if experts.has_gate else 1)
+                      < hidden.shape[-1] and routing.dtype == h.dtype)
+    if fused and experts.has_gate and _default_gate(experts):
+        h = triton_experts.experts_gate(h, h_lora, routing if weighted_early else None)
+    else:
+        h = _summed(h, h_lora)
+        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+        if weighted_early:
+            h = h * routing
+    y, y_lora = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
+    if fused and weighted_early:  # summed over the k choices of each token, added to the adapter's rows, one launch
+        return triton_experts.combine_rows(y, y_lora, inverse, token_of_row, top_k, hidden.dtype)
+    y = _summed(y, y_lora)
+    if post_norm:
         y = experts.post_expert_norm(y)
     if not weighted_early:
         y = y * routing
     # summed over the k choices of each token, as transformers does (fp32 accumulation inside the sum)
     return PermuteRows.apply(y, inverse, perm).view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _summed(y: torch.Tensor, lora: torch.Tensor | None) -> torch.Tensor:
+    return y if lora is None else y + lora
+
+
+def _fused_elementwise(experts, hidden: torch.Tensor) -> bool:
+    """Whether the Triton gate and combine kernels compute this call: on the device Triton launches on, with the
+    experts' weights in the activations' 16-bit dtype (the kernels round like the torch ops between them)."""
+    if hidden.dtype not in (torch.bfloat16, torch.float16) or not triton_runs_on(hidden):
+        return False
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    return all(getattr(experts, name).dtype == hidden.dtype for name in (up, "down_proj"))
+
+
+def _default_gate(experts) -> bool:
+    """Whether the experts' gate is transformers' default, silu(gate) * up on concatenated [gate | up] columns."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    return (type(experts)._apply_gate is _default_apply_gate and getattr(experts, "is_concatenated", True)
+            and type(getattr(experts, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU"))
 
 
 class PermuteRows(torch.autograd.Function):
@@ -194,8 +230,9 @@ def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
-def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) -> torch.Tensor:
-    """x W_e^T (+ bias_e) (+ s (x A_e^T) B_e^T) for the sorted rows of x, in the weight's dtype."""
+def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
+    """(x W_e^T (+ bias_e), s (x A_e^T) B_e^T or None) for the sorted rows of x, in the weight's dtype: the two
+    terms apart, for a kernel after them to add while it reads them."""
     weight = getattr(experts, name)
     dtype = weight.dtype
     x = x.to(dtype)
@@ -205,12 +242,12 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors) ->
         y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
     if experts.has_bias:
         y = y + getattr(experts, f"{name}_bias")[order]
-    if factors is not None:
-        a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
-        xa = _grouped(x, a_t.to(dtype), offsets) * scaling
-        b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
-        y = y + _grouped(xa, b_cast, offsets)  # one copy, not two (and contiguous either way: grouped_mm's layout)
-    return y
+    if factors is None:
+        return y, None
+    a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
+    xa = _grouped(x, a_t.to(dtype), offsets) * scaling
+    b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
+    return y, _grouped(xa, b_cast, offsets)  # one copy, not two (and contiguous either way: grouped_mm's layout)
 
 
 class Grouped4bit(torch.autograd.Function):

@@ -283,6 +283,81 @@ def test_gpu_bf16_operands_of_the_bench_shape_take_grouped_mm():
         assert grouped_mm_runs(xa, b_t.to(torch.bfloat16).contiguous()), wrapper.parameter_name
 
 
+def gate_and_combine_match_torch(device: str, dtype) -> None:
+    """The Triton gate and combine kernels against the torch ops they replace, forward and every gradient (the routing
+    weights' included); fp32 agrees to round-off, 16-bit within one rounding of the torch path's."""
+    from fastload.engine.triton.experts import combine_rows, experts_gate, spread_rows
+
+    gen = torch.Generator().manual_seed(0)
+    tokens_, k, width, hidden = 96, 4, 1300, 48  # a width over one column block: the kernels' loop runs twice
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dtype).requires_grad_()
+
+    gate_up, lora, routing = leaf(tokens_ * k, 2 * width), leaf(tokens_ * k, 2 * width, scale=0.1), leaf(tokens_ * k, 1)
+    rows, rows_lora, x = leaf(tokens_ * k, hidden), leaf(tokens_ * k, hidden, scale=0.1), leaf(tokens_, hidden)
+    perm = torch.randperm(tokens_ * k, generator=gen).to(device)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=device)
+    up_grad, out_grad = leaf(tokens_ * k, width), leaf(tokens_, hidden)
+    leaves = (gate_up, lora, routing, rows, rows_lora, x)
+
+    def torch_path():
+        gate, up = (gate_up + lora).chunk(2, dim=-1)
+        h = torch.nn.functional.silu(gate) * up * routing
+        combined = (rows + rows_lora)[inverse].view(tokens_, k, -1).sum(dim=1)
+        return h, combined, x[perm // k]
+
+    def kernel_path():
+        h = experts_gate(gate_up.detach().clone().requires_grad_(), None, None)  # no adapter, no routing: runs too
+        assert h.shape == (tokens_ * k, width)
+        base = gate_up * 1  # the kernel writes gate + lora over its input: not over a leaf
+        return (experts_gate(base, lora, routing), combine_rows(rows, rows_lora, inverse, perm // k, k, dtype),
+                spread_rows(x, perm // k, inverse, k))
+
+    results = []
+    for path in (torch_path, kernel_path):
+        h, combined, spread = path()
+        grads = torch.autograd.grad((h * up_grad).sum() + (combined * out_grad).sum() + (spread * rows).sum(), leaves)
+        results.append([t.float() for t in (h, combined, spread, *grads)])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    names = ("h", "combined", "spread", "d gate_up", "d lora", "d routing", "d rows", "d rows_lora", "d x")
+    for name, theirs, ours in zip(names, *results):
+        assert relative(ours, theirs) < tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_gate_and_combine_match_the_torch_ops(dtype):
+    gate_and_combine_match_torch("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_lever_with_the_triton_kernels_matches_it_without(monkeypatch):
+    """Qwen3-MoE with experts narrower than the hidden size (the bench's shape: the routing weight applied before
+    down_proj, the combine kernel in use), bf16 on CUDA: the kernels launch, and loss and LoRA gradients stay as
+    close to the fp32 truth as the torch ops between the grouped matmuls leave them."""
+    import fastload.engine.expert_lora as expert_lora
+    import fastload.engine.triton.experts as triton_experts
+
+    config = dict(moe_intermediate_size=32)
+    ids = tokens().cuda()
+    truth_loss, truth_grads = loss_and_grads(peft_moe("qwen3_moe", config=config).cuda(), ids)
+    model = with_lever(peft_moe("qwen3_moe", torch.bfloat16, config=config).cuda())
+    launched = []
+    with monkeypatch.context() as patch:
+        for name in ("experts_gate", "combine_rows", "spread_rows"):
+            kernel = getattr(triton_experts, name)
+            patch.setattr(triton_experts, name, lambda *a, _k=kernel, _n=name: (launched.append(_n), _k(*a))[1])
+        fused_loss, fused_grads = loss_and_grads(model, ids)
+    assert {"experts_gate", "combine_rows", "spread_rows"} <= set(launched)
+    monkeypatch.setattr(expert_lora, "_fused_elementwise", lambda experts, hidden: False)
+    torch_loss, torch_grads = loss_and_grads(model, ids)
+    assert abs(fused_loss - truth_loss) <= max(2 * abs(torch_loss - truth_loss), 2e-3 * truth_loss)
+    for name, truth in truth_grads.items():
+        assert relative(fused_grads[name], truth) <= max(2 * relative(torch_grads[name], truth), 2e-2), name
+
+
 # -- through FastModel: on by default, reported, and off-switchable ---------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
