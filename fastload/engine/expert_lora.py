@@ -136,8 +136,9 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     offsets = _offsets(order, experts.num_experts)
     fused = _fused_elementwise(experts, hidden)
-    if fused:
-        token_of_row = perm // top_k
+    device, dtype, width = hidden.device, hidden.dtype, hidden.shape[-1]
+    token_of_row = perm // top_k if fused else None
+    if fused and triton_experts.kernel_runs("spread", device, dtype, width, top_k):
         x = triton_experts.spread_rows(hidden, token_of_row, inverse, top_k)
     else:
         x = SpreadRows.apply(hidden, perm, inverse, top_k)
@@ -150,9 +151,10 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
     # not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)
     post_norm = getattr(experts, "has_post_expert_norm", False)  # set from transformers 5.2x on; absent means none
-    weighted_early = (not experts.has_bias and not post_norm and h.shape[-1] // (2 if experts.has_gate else 1)
-                      < hidden.shape[-1] and routing.dtype == h.dtype)
-    if fused and experts.has_gate and _default_gate(experts):
+    inner = h.shape[-1] // (2 if experts.has_gate else 1)
+    weighted_early = (not experts.has_bias and not post_norm and inner < width and routing.dtype == h.dtype)
+    if (fused and experts.has_gate and _default_gate(experts)
+            and triton_experts.kernel_runs("gate", device, dtype, inner, h_lora is not None, weighted_early)):
         h = triton_experts.experts_gate(h, h_lora, routing if weighted_early else None)
     else:
         h = _summed(h, h_lora)
@@ -160,8 +162,10 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
         if weighted_early:
             h = h * routing
     y, y_lora = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
-    if fused and weighted_early:  # summed over the k choices of each token, added to the adapter's rows, one launch
-        return triton_experts.combine_rows(y, y_lora, inverse, token_of_row, top_k, hidden.dtype)
+    if (fused and weighted_early
+            and triton_experts.kernel_runs("combine", device, dtype, width, top_k, y_lora is not None)):
+        # summed over the k choices of each token, added to the adapter's rows: one launch
+        return triton_experts.combine_rows(y, y_lora, inverse, token_of_row, top_k, dtype)
     y = _summed(y, y_lora)
     if post_norm:
         y = experts.post_expert_norm(y)

@@ -283,6 +283,37 @@ def test_gpu_bf16_operands_of_the_bench_shape_take_grouped_mm():
         assert grouped_mm_runs(xa, b_t.to(torch.bfloat16).contiguous()), wrapper.parameter_name
 
 
+def test_a_triton_kernel_that_refuses_to_compile_leaves_the_torch_ops_with_one_warning(monkeypatch, caplog):
+    """Where the Triton kernels would run but one does not compile (an older Triton, a GPU it cannot target), the
+    step computes with the torch ops, the same loss and gradients, and the log says so once per kernel variant."""
+    import logging
+
+    import fastload.engine.expert_lora as expert_lora
+    import fastload.engine.triton.experts as triton_experts
+
+    plain = peft_moe("qwen3_moe", config=dict(moe_intermediate_size=32))  # narrow experts: all three kernels apply
+    ours = with_lever(plain)
+    expected_loss, expected_grads = loss_and_grads(ours, tokens())
+
+    def refuses(*args):
+        raise RuntimeError("CompilationError: at 12:4: unsupported on this target")
+
+    probed = []
+    monkeypatch.setattr(triton_experts, "_RUNS", {})
+    monkeypatch.setattr(triton_experts, "_PROBES", {k: lambda *a, _k=k: (probed.append(_k), refuses())
+                                                    for k in ("gate", "combine", "spread")})
+    monkeypatch.setattr(expert_lora, "_fused_elementwise", lambda experts, hidden: True)
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        for _ in range(2):
+            loss, grads = loss_and_grads(ours, tokens())
+    assert sorted(set(probed)) == ["combine", "gate", "spread"] and len(probed) == 3  # once each, not per call
+    warnings = [r.getMessage() for r in caplog.records if "does not run here" in r.getMessage()]
+    assert len(warnings) == 3 and all("torch ops compute it instead" in w for w in warnings)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for name, grad in expected_grads.items():
+        assert relative(grads[name], grad) < 1e-6, name
+
+
 def gate_and_combine_match_torch(device: str, dtype) -> None:
     """The Triton gate and combine kernels against the torch ops they replace, forward and every gradient (the routing
     weights' included); fp32 agrees to round-off, 16-bit within one rounding of the torch path's."""
@@ -330,6 +361,20 @@ def gate_and_combine_match_torch(device: str, dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_triton_gate_and_combine_match_the_torch_ops(dtype):
     gate_and_combine_match_torch("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_probes_pass_under_no_grad_and_inference_mode(monkeypatch):
+    """The first call of a variant may come from generate() (inference mode) or a checkpoint's forward: the probe
+    still runs its own small forward and backward there, and finds the kernels running."""
+    import fastload.engine.triton.experts as triton_experts
+
+    monkeypatch.setattr(triton_experts, "_RUNS", {})
+    with torch.inference_mode():
+        assert triton_experts.kernel_runs("gate", torch.device("cuda"), torch.bfloat16, 96, True, True)
+    with torch.no_grad():
+        assert triton_experts.kernel_runs("combine", torch.device("cuda"), torch.bfloat16, 64, 4, True)
+        assert triton_experts.kernel_runs("spread", torch.device("cuda"), torch.bfloat16, 64, 4)
 
 
 @pytest.mark.gpu

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastload._log import logger
+
 COLUMN_BLOCK = 1024
 
 
@@ -111,3 +113,54 @@ def combine_rows(rows, lora, source, token_of_row, k: int, dtype):
 def spread_rows(hidden, token_of_row, source, k: int):
     """hidden[token_of_row], with the k-row sum of combine as its backward."""
     return SpreadRows.apply(hidden, token_of_row, source, k)
+
+
+def kernel_runs(kind: str, device, dtype, *shape) -> bool:
+    """Whether this variant of a kernel ("gate": width, adapter, routing; "combine": width, k, adapter; "spread": width,
+    k) compiles and runs here, forward and backward: tried once on two rows the first time it is asked, so a Triton or
+    GPU that refuses it (a compile error) sends these calls to the torch ops, with one warning, instead of failing a
+    training step mid-backward."""
+    key = (kind, str(device), dtype, *shape)
+    if key not in _RUNS:
+        try:  # with autograd on and no saved-tensor hooks of a checkpoint around it: the probe's own small graph
+            with torch.inference_mode(False), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+                _PROBES[kind](device, dtype, *shape)
+            _RUNS[key] = True
+        except Exception as e:  # noqa: BLE001 - any refusal: the torch ops compute the same
+            logger.warning("expert_lora: the Triton %s kernel does not run here for %s (%s: %s); the torch ops "
+                           "compute it instead", kind, key[1:], type(e).__name__, str(e).splitlines()[0][:200])
+            _RUNS[key] = False
+    return _RUNS[key]
+
+
+_RUNS: dict[tuple, bool] = {}
+
+
+def _kept(tensor):
+    return tensor
+
+
+def _probe_gate(device, dtype, width: int, adapter: bool, routed: bool) -> None:
+    gate_up = torch.zeros(2, 2 * width, device=device, dtype=dtype, requires_grad=True)
+    lora = torch.zeros_like(gate_up, requires_grad=True) if adapter else None
+    routing = torch.ones(2, 1, device=device, dtype=dtype, requires_grad=True) if routed else None
+    inputs = [t for t in (gate_up, lora, routing) if t is not None]
+    torch.autograd.grad(experts_gate(gate_up * 1, lora, routing).sum(), inputs)
+
+
+def _probe_combine(device, dtype, width: int, k: int, adapter: bool) -> None:
+    rows = torch.zeros(2 * k, width, device=device, dtype=dtype, requires_grad=True)
+    lora = torch.zeros_like(rows, requires_grad=True) if adapter else None
+    source = torch.arange(2 * k, device=device)
+    combined = combine_rows(rows, lora, source, source // k, k, dtype)
+    torch.autograd.grad(combined.sum(), [t for t in (rows, lora) if t is not None])
+
+
+def _probe_spread(device, dtype, width: int, k: int) -> None:
+    hidden = torch.zeros(2, width, device=device, dtype=dtype, requires_grad=True)
+    source = torch.arange(2 * k, device=device)
+    torch.autograd.grad(spread_rows(hidden, source // k, source, k).sum(), hidden)
+
+
+_PROBES = {"gate": _probe_gate, "combine": _probe_combine, "spread": _probe_spread}
