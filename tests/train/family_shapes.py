@@ -114,8 +114,9 @@ FAMILIES = {
                           ffn_hidden_size=128, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8,
                           qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, num_key_value_heads=4, zero_expert_num=2),
     # GPT-J and CodeGen rotate part of each head (rotary_dim; their default is wider than a tiny head)
-    "gptj": dict(rotary_dim=8),
-    "codegen": dict(rotary_dim=8),
+    # a fixed sin/cos table of max_position_embeddings rows: long enough for the GPU case's merged call (2 x 1024+)
+    "gptj": dict(rotary_dim=8, max_position_embeddings=4096),
+    "codegen": dict(rotary_dim=8, max_position_embeddings=4096),
     # multi-head latent attention (MLA) as DeepSeek-V2/V3 shape it; its key/value heads as many as its query heads
     "minicpm3": dict(**MLA, head_dim=16),
     "glm4_moe_lite": dict(**MLA, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=1,

@@ -236,6 +236,35 @@ def merge_thresholds(model) -> tuple[int, int]:
     return int(MERGE_MIN_TOKENS_PER_WIDTH * min(widths)), int(MERGE_MIN_TOKENS_PER_WIDTH * max(widths))
 
 
+def transformers_knows(family: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return family in CONFIG_MAPPING
+
+
+def checkpoint_of_unknown_family(directory, family: str):
+    """What a user of an older transformers has in hand for a newer family: its config.json and a weight file."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    (directory / "config.json").write_text(json.dumps({"model_type": family, "hidden_size": 64}))
+    save_file({"lm_head.weight": torch.zeros(8, 64)}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def test_a_family_newer_than_transformers_is_refused_naming_the_upgrade(tmp_path):
+    """The GPU matrix meets families its older transformers lacks: the load ends in UnsupportedArchitecture that
+    says to upgrade transformers, not in a raw transformers error."""
+    from fastload import FastModel
+    from fastload.errors import UnsupportedArchitecture
+
+    assert not transformers_knows("sarvam_mla_from_the_future") and transformers_knows("llama")
+    with pytest.raises(UnsupportedArchitecture, match="upgrade transformers"):
+        FastModel.from_pretrained(str(checkpoint_of_unknown_family(tmp_path, "sarvam_mla_from_the_future")))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_engine_matches_plain_on_gpu(family, tmp_path):
@@ -250,6 +279,10 @@ def test_family_engine_matches_plain_on_gpu(family, tmp_path):
     from fastload.load.transformers_floor import release_needed
     from tiny import nonzero_lora_b
 
+    if not transformers_knows(family):  # newer than this transformers (sarvam_mla, bailing_hybrid on 5.17)
+        with pytest.raises(UnsupportedArchitecture, match="upgrade transformers"):
+            FastModel.from_pretrained(str(checkpoint_of_unknown_family(tmp_path, family)), device_map="cuda")
+        return
     path = make_family_checkpoint(tmp_path / family, family)
     needed = release_needed(family, torch.bfloat16)
     if needed:  # this transformers cannot run the family in bf16 (DeepSeek-V4 on 5.17): the load must say so
