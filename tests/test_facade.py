@@ -245,6 +245,23 @@ def test_max_seq_length_beyond_learned_positions_is_refused_before_any_weight_is
     assert model.max_seq_length == 128
 
 
+def test_max_seq_length_beyond_gptjs_rotary_table_is_refused(tmp_path):
+    """GPT-J computes its rotary sin/cos once, for max_position_embeddings positions: a longer call indexes past the
+    table (the GPU matrix's tiny GPT-J hit a device-side assert so). Refused at load, naming the limit."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "train"))
+    from family_shapes import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path / "gptj", "gptj", config=dict(
+        model_type="gptj", n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, vocab_size=384))
+    with pytest.raises(InvalidOption) as err:
+        FastModel.from_pretrained(str(path), max_seq_length=1024, store=False)
+    assert "rotary sin/cos table" in err.value.found and "128 (max_position_embeddings)" in err.value.found
+    model, tok = FastModel.from_pretrained(str(path), max_seq_length=128, store=False)
+    assert model.max_seq_length == 128
+
+
 def test_smollm2_in_nf4_keeps_the_16bit_models_loss(smollm2_dir):
     """The real SmolLM2-135M on a fixed chat text: NF4 (double quant) stays within 3% of the 16-bit model's loss
     (measured: -0.6%); FP4, a coarser grid, lands further away (measured: +7%), so the check can tell them apart.

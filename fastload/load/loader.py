@@ -162,9 +162,13 @@ def load_config(plan: LoadPlan, opts: LoadOptions):
         return AutoConfig.from_pretrained(plan.location, **kw)
 
 
-# families whose positions are a learned embedding table: no position past its rows exists (an index error on the
-# CPU, a device-side assert that ends the CUDA context on a GPU), so no length beyond it can train
-LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt")
+# families whose positions are a table of max_position_embeddings rows: no position past its rows exists (an index
+# error on the CPU, a device-side assert that ends the CUDA context on a GPU), so no length beyond it can train
+POSITION_TABLES = {
+    **dict.fromkeys(("gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt"), "learns one embedding per position"),
+    # computed once at construction, for that many positions (no rope_scaling extends it)
+    **dict.fromkeys(("gptj", "codegen"), "computes its rotary sin/cos table once"),
+}
 
 
 def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict | None) -> int:
@@ -176,9 +180,10 @@ def check_max_seq_length(config, max_seq_length: int | None, rope_scaling: dict 
         return min(DEFAULT_MAX_SEQ_LENGTH, positions or DEFAULT_MAX_SEQ_LENGTH)
     if positions is None or max_seq_length <= positions:
         return max_seq_length
-    if getattr(text, "model_type", None) in LEARNED_POSITIONS:
+    table = POSITION_TABLES.get(getattr(text, "model_type", None))
+    if table:
         raise InvalidOption(f"Loading with max_seq_length={max_seq_length}",
-                            found=f"{text.model_type} learns one embedding per position and has "
+                            found=f"{text.model_type} {table} and has "
                                   f"{positions} (max_position_embeddings): a longer sequence has no position to "
                                   "look up",
                             fix=f"pass max_seq_length={positions} or less (or leave it unset: it is capped there)")
