@@ -14,6 +14,7 @@ from fastload.compat.save_methods import attach_save_methods
 from fastload.compat.trl_install import install_trl_compat
 from fastload.errors import AdapterError, FastloadError, InvalidOption
 from fastload.load.collection import collector_paused
+from fastload.load.devices import release_load_leftovers
 from fastload.load.loader import LoadOptions
 from fastload.load.phases import phase, recording
 from fastload.model_state import state_of
@@ -189,6 +190,7 @@ class FastModel:
         finally:
             _release_store_writes()
             warm_up.join()
+        release_load_leftovers(model)
         state_of(model).load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length
         state = state_of(model)

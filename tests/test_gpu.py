@@ -458,3 +458,24 @@ def test_the_weights_sit_in_expandable_segments_unless_the_user_chose(gpu_llama,
     expandable, segments = map(int, out.stdout.split()[-2:])
     assert segments > 0
     assert expandable == (0 if user_setting else segments)
+
+
+LEFTOVER_PROBE = """
+import sys, torch
+scratch = torch.empty(768 * 2**20, dtype=torch.uint8, device="cuda")  # what a load's staging leaves cached
+del scratch
+assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() >= 512 * 2**20
+from fastload import FastModel
+model, tok = FastModel.from_pretrained(sys.argv[1], store=False)
+print(torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
+"""
+
+
+def test_the_load_hands_its_cached_memory_back(gpu_llama):
+    """Memory freed during a load (staging buffers, 16-bit copies) must not stay reserved once the model is ready:
+    the reserved peak (nvidia-smi, other processes) would carry it through training (a Qwen3-MoE store load left
+    3.98 GiB cached beside 3.96 allocated). 768 MiB freed before the load stand in for it here."""
+    out = subprocess.run([sys.executable, "-c", LEFTOVER_PROBE, str(gpu_llama)], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) < 256 * 2**20

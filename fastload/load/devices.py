@@ -111,6 +111,36 @@ def use_expandable_segments() -> bool:
     return True
 
 
+LEFTOVER_BYTES_WORTH_RELEASING = 256 * 2**20
+
+
+def release_load_leftovers(model) -> int:
+    """Hand the memory the load freed but the CUDA caching allocator still holds back to the driver.
+
+    Staging buffers and 16-bit copies freed during a load stay reserved otherwise: 3.98 GiB cached beside 3.96
+    allocated after a Qwen3-MoE store load on an H100 (2026-12-06), which the first steps then never needed and which
+    nvidia-smi, other processes and the run's reserved peak all count (7.96 GiB against Unsloth's 6.57).
+
+    Returns:
+        The bytes released on the model's GPUs (0 where it is not on one, or little was cached).
+    """
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return 0
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+
+    def cached() -> int:
+        return sum(torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d) for d in devices)
+
+    before = cached()
+    if before < LEFTOVER_BYTES_WORTH_RELEASING:
+        return 0
+    torch.cuda.empty_cache()
+    released = before - cached()
+    logger.debug("released %.2f GiB the load had left cached on %s", released / 2**30,
+                 ", ".join(f"cuda:{d}" for d in devices))
+    return released
+
+
 def free_memory_bytes(device: str) -> int:
     """Free bytes on the device: the GPU's free memory, or the CPU's MemAvailable."""
     if device == "cuda":
