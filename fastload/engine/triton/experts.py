@@ -32,6 +32,7 @@ class ExpertsGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, lora, routing):
+        gate_up, lora, routing = (None if t is None else t.contiguous() for t in (gate_up, lora, routing))
         rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
         out = gate_up.new_empty(rows, n_cols)
         if rows:
@@ -91,6 +92,7 @@ class SpreadRows(torch.autograd.Function):
 
 def combine(rows, lora, source, k: int, dtype) -> torch.Tensor:
     """Sum each token's k rows (rows + lora, rounded to rows' dtype first), read at `source`, in fp32."""
+    rows, lora, source = (None if t is None else t.contiguous() for t in (rows, lora, source))
     tokens, n_cols = source.numel() // k, rows.shape[-1]
     out = torch.empty(tokens, n_cols, dtype=dtype, device=rows.device)
     if tokens:
