@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from fastload.engine.single_use import single_use_graph
 from fastload.load.nf4_experts import is_stack
 from fastload.model_state import state_of
 
@@ -363,7 +364,7 @@ class ModelGraphs:
 
         def step(trained):
             x = inputs.hidden.detach().requires_grad_(needs_input_grad)
-            with torch.enable_grad():
+            with torch.enable_grad(), single_use_graph():  # each replay recomputes what the backward reads
                 leaves: list = []
                 _flatten(run(x), leaves)
             pairs = [(o, g) for o, g in zip(leaves, grad_outs)

@@ -27,6 +27,7 @@ import torch
 
 from fastload._log import logger
 from fastload.engine.cuda_graphs import graphs_for, layer_of, modules_of, parameters_of
+from fastload.engine.single_use import single_use_graph
 from fastload.load.devices import free_memory_bytes
 from fastload.model_state import state_of
 from fastload.train.checkpointing import (
@@ -160,7 +161,8 @@ class EngineCheckpoint(torch.autograd.Function):
             grad_hidden, _, grads = replayed
             return (None, None, None, grad_hidden, *(g.clone() if g is not None and needed else None
                                                      for g, needed in zip(grads, ctx.needs_input_grad[4:])))
-        with torch.enable_grad(), torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=cache):
+        with torch.enable_grad(), torch.autocast("cuda", enabled=enabled, dtype=dtype, cache_enabled=cache), \
+                single_use_graph():  # rebuilt on every backward and run once: kernels may reuse what they saved
             out = ctx.run(hidden)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grad_outs) if torch.is_tensor(o) and o.requires_grad and g is not None]
@@ -189,16 +191,26 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     from torch.utils.checkpoint import checkpoint
 
     if args or kwargs or not hidden_states.is_cuda:
-        return checkpoint(function, hidden_states, *args, use_reentrant=False, **kwargs)
+        return checkpoint(_run_once(function), hidden_states, *args, use_reentrant=False, **kwargs)
     offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
     if not offload and graphs is None:
-        return checkpoint(function, hidden_states, use_reentrant=False)
+        return checkpoint(_run_once(function), hidden_states, use_reentrant=False)
     layer = layer_of(function) if isinstance(function, functools.partial) else None
     modules = modules_of(layer) if layer is not None else []
     if _uses_dropout(modules):  # recomputation must replay the forward's random numbers: torch's checkpoint does
-        return checkpoint(function, hidden_states, use_reentrant=False)
+        return checkpoint(_run_once(function), hidden_states, use_reentrant=False)
     params = tuple(p for p in parameters_of(modules) if p.requires_grad) if graphs is not None else ()
     return EngineCheckpoint.apply(function, graphs, offload, hidden_states, *params)
+
+
+def _run_once(function):
+    """`function` with its graph marked single-use: torch's non-reentrant checkpoint recomputes the layer for every
+    backward (a retained graph's second one included), so what its kernels save is never read twice."""
+    def run(*args, **kwargs):
+        with single_use_graph():
+            return function(*args, **kwargs)
+
+    return run
 
 
 def _uses_dropout(modules) -> bool:

@@ -632,3 +632,25 @@ def test_a_batch_without_a_label_to_predict_trains_nothing_instead_of_nan(tiny_l
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.isfinite(p).all() and torch.equal(p, before[name]), name
+
+
+def test_layers_under_the_engine_checkpoint_build_single_use_graphs_and_others_do_not():
+    """Kernels may write gradients over what they saved only where the graph is rebuilt for every backward: inside
+    the engine's checkpoint function (here torch's non-reentrant checkpoint, the CPU's path), forward and
+    recomputation alike; a layer run outside it must not claim so (a retained graph's second backward)."""
+    import torch
+
+    from fastload.engine.offloaded_checkpoint import engine_checkpoint
+    from fastload.engine.single_use import graph_is_single_use
+
+    seen = []
+
+    def layer(hidden):
+        seen.append(graph_is_single_use())
+        return torch.sin(hidden * 2)  # saves an intermediate: backward must recompute it
+
+    x = torch.randn(4, 8, requires_grad=True)
+    engine_checkpoint(layer, x, offload=False).sum().backward()
+    assert seen == [True, True]  # forward, then the recomputation in backward
+    layer(x)
+    assert seen[-1] is False

@@ -403,6 +403,22 @@ def test_gpu_bf16_lever_with_the_triton_kernels_matches_it_without(monkeypatch):
         assert relative(fused_grads[name], truth) <= max(2 * relative(torch_grads[name], truth), 2e-2), name
 
 
+@pytest.mark.gpu
+def test_gpu_retained_graph_backpropagates_twice_through_the_moe_kernels():
+    """Without checkpointing, a retained graph's second backward reads what the gate kernel saved again: the
+    gradients must come out twice one backward's (the kernel writes over its saved input only in recomputation)."""
+    model = with_lever(peft_moe("qwen3_moe", torch.bfloat16, config=dict(moe_intermediate_size=32)).cuda())
+    ids = tokens().cuda()
+    _, once = loss_and_grads(model, ids)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert relative(param.grad.float(), 2 * once[name]) < 1e-2, name
+
+
 # -- through FastModel: on by default, reported, and off-switchable ---------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastload._log import logger
+from fastload.engine.single_use import graph_is_single_use
 
 COLUMN_BLOCK = 1024
 
@@ -42,6 +43,7 @@ class ExpertsGate(torch.autograd.Function):
                 num_warps=_warps(n_cols))
         ctx.save_for_backward(gate_up, routing)  # holding gate + lora when there is an adapter (written in forward)
         ctx.has_lora = lora is not None
+        ctx.overwrite = graph_is_single_use()  # backward may write the gradient over gate_up
         return out
 
     @staticmethod
@@ -49,12 +51,13 @@ class ExpertsGate(torch.autograd.Function):
         gate_up, routing = ctx.saved_tensors
         rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
         d_routing = None if routing is None else torch.empty_like(routing)
+        d_gate_up = gate_up if ctx.overwrite else torch.empty_like(gate_up)
         if rows:
             _kernels().experts_gate_backward[(rows,)](
-                grad.contiguous(), gate_up, gate_up if routing is None else routing,
+                grad.contiguous(), gate_up, d_gate_up, gate_up if routing is None else routing,
                 gate_up if d_routing is None else d_routing, n_cols,
                 HAS_ROUTING=routing is not None, BLOCK=COLUMN_BLOCK, num_warps=_warps(n_cols))
-        return gate_up, gate_up if ctx.has_lora else None, d_routing
+        return d_gate_up, d_gate_up if ctx.has_lora else None, d_routing
 
 
 class CombineRows(torch.autograd.Function):

@@ -37,13 +37,14 @@ def experts_gate_forward(gate_up_ptr, lora_ptr, routing_ptr, out_ptr, n_cols: tl
 
 
 @triton.jit
-def experts_gate_backward(grad_ptr, gate_up_ptr, routing_ptr, d_routing_ptr, n_cols: tl.constexpr,
+def experts_gate_backward(grad_ptr, gate_up_ptr, d_gate_up_ptr, routing_ptr, d_routing_ptr, n_cols: tl.constexpr,
                           HAS_ROUTING: tl.constexpr, BLOCK: tl.constexpr):
-    """Overwrites gate_up with its gradient (forward's saved input, not needed after this); with HAS_ROUTING also
-    writes each row's routing-weight gradient, sum(grad * silu(gate) * up)."""
+    """Writes gate_up's gradient to d_gate_up (which may be gate_up itself: each element is read before it is
+    written); with HAS_ROUTING also each row's routing-weight gradient, sum(grad * silu(gate) * up)."""
     row = tl.program_id(0).to(tl.int64)
     dtype = gate_up_ptr.dtype.element_ty
     gate_row = gate_up_ptr + row * 2 * n_cols
+    d_row = d_gate_up_ptr + row * 2 * n_cols
     d_weight = 0.0
     if HAS_ROUTING:
         weight = tl.load(routing_ptr + row).to(tl.float32)
@@ -58,8 +59,8 @@ def experts_gate_backward(grad_ptr, gate_up_ptr, routing_ptr, d_routing_ptr, n_c
         if HAS_ROUTING:
             d_weight += tl.sum(grad * (silu * up).to(dtype).to(tl.float32), axis=0)
             grad = (grad * weight).to(dtype).to(tl.float32)
-        tl.store(gate_row + cols, (grad * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=mask)
-        tl.store(gate_row + n_cols + cols, (grad * silu).to(dtype), mask=mask)
+        tl.store(d_row + cols, (grad * up * sig * (1.0 + gate * (1.0 - sig))).to(dtype), mask=mask)
+        tl.store(d_row + n_cols + cols, (grad * silu).to(dtype), mask=mask)
     if HAS_ROUTING:
         tl.store(d_routing_ptr + row, d_weight.to(d_routing_ptr.dtype.element_ty))
 

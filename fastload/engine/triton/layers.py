@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastload.engine.single_use import graph_is_single_use
+
 ELEMENTWISE_BLOCK = 2048
 
 
@@ -62,6 +64,7 @@ class SwiGLU(torch.autograd.Function):
         _kernels().swiglu_forward[_elementwise_grid(n)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK,
                                                               num_warps=8)
         ctx.save_for_backward(gate, up)
+        ctx.overwrite = graph_is_single_use()
         return out
 
     @staticmethod
@@ -69,9 +72,12 @@ class SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad = grad.contiguous()
         n = gate.numel()
-        _kernels().swiglu_backward[_elementwise_grid(n)](grad, gate, up, n, BLOCK=ELEMENTWISE_BLOCK,
-                                                               num_warps=8)
-        return gate, up
+        # over the saved inputs when this graph runs backward once (the engine's recomputation): no second pair of
+        # activation-sized buffers; fresh ones otherwise, so a retained graph's second backward reads intact inputs
+        d_gate, d_up = (gate, up) if ctx.overwrite else (torch.empty_like(gate), torch.empty_like(up))
+        _kernels().swiglu_backward[_elementwise_grid(n)](grad, gate, up, d_gate, d_up, n, BLOCK=ELEMENTWISE_BLOCK,
+                                                         num_warps=8)
+        return d_gate, d_up
 
 
 def rms_norm(x, weight, eps: float):
@@ -80,5 +86,6 @@ def rms_norm(x, weight, eps: float):
 
 
 def swiglu(gate, up):
-    """silu(gate) * up; backward reuses the buffers of gate and up for their gradients."""
+    """silu(gate) * up; inside the engine's recomputation its backward reuses the buffers of gate and up for their
+    gradients."""
     return SwiGLU.apply(gate, up)

@@ -43,8 +43,9 @@ def swiglu_forward(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def swiglu_backward(grad_ptr, gate_ptr, up_ptr, n, BLOCK: tl.constexpr):
-    """Overwrites gate with d(gate) and up with d(up): forward's saved inputs, not needed after this."""
+def swiglu_backward(grad_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr, n, BLOCK: tl.constexpr):
+    """d(gate) and d(up), written where asked: over gate and up themselves when the graph is used once (each element
+    is read before it is written)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -53,5 +54,5 @@ def swiglu_backward(grad_ptr, gate_ptr, up_ptr, n, BLOCK: tl.constexpr):
     sig = tl.sigmoid(gate)
     silu = gate * sig
     d_gate = grad * up * sig * (1.0 + gate * (1.0 - sig))
-    tl.store(gate_ptr + offs, d_gate.to(gate_ptr.dtype.element_ty), mask=mask)
-    tl.store(up_ptr + offs, (grad * silu).to(up_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_gate_ptr + offs, d_gate.to(d_gate_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_up_ptr + offs, (grad * silu).to(d_up_ptr.dtype.element_ty), mask=mask)
