@@ -421,9 +421,13 @@ def test_engine_checkpointing_backpropagates_a_retained_graph_twice(gpu_llama, o
     """retain_graph=True then a second backward (torch's checkpoint allows it): gradients twice one backward's."""
     model, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, offload_checkpointing=offload,
                                                                 cuda_graphs=not offload), store=False)
+    assert_retained_graph_backpropagates_twice(model, _ids(model, (2, 1024), 8))
+
+
+def assert_retained_graph_backpropagates_twice(model, ids) -> None:
+    """retain_graph=True then a second backward: every LoRA gradient twice one backward's."""
     nonzero_lora_b(model)
     model.train()
-    ids = _ids(model, (2, 1024), 8)
     model(input_ids=ids, labels=ids).loss.backward()
     once = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -433,28 +437,18 @@ def test_engine_checkpointing_backpropagates_a_retained_graph_twice(gpu_llama, o
     for name, g in once.items():
         twice = dict(model.named_parameters())[name].grad.float()
         assert (twice - 2 * g).norm() / (2 * g).norm() < 1e-2, name
-
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "checkpointed"])
 def test_triton_swiglu_backpropagates_a_retained_graph_twice(gpu_llama, checkpointing):
     """The SwiGLU kernel's backward writes its gradients over the saved inputs only where the graph is used once
-    (the engine's recomputation); without checkpointing a retained graph's second backward reads them again."""
+    (checkpointing recomputes them for every backward); without it a retained graph's second backward reads them
+    again."""
     model, _ = FastModel.from_pretrained(gpu_llama, engine=dict(OFF, kernels=True), store=False,
                                          gradient_checkpointing=checkpointing)
     assert "triton_swiglu" in model.fastload_engine
-    nonzero_lora_b(model)
-    model.train()
-    ids = _ids(model, (2, 512), 8)
-    model(input_ids=ids, labels=ids).loss.backward()
-    once = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward(retain_graph=True)
-    loss.backward()
-    for name, g in once.items():
-        twice = dict(model.named_parameters())[name].grad.float()
-        assert (twice - 2 * g).norm() / (2 * g).norm() < 1e-2, name
+    assert_retained_graph_backpropagates_twice(model, _ids(model, (2, 512), 8))
+
 
 ALLOCATOR_PROBE = """
 import sys, torch

@@ -27,7 +27,7 @@ import torch
 
 from fastload._log import logger
 from fastload.engine.cuda_graphs import graphs_for, layer_of, modules_of, parameters_of
-from fastload.engine.single_use import single_use_graph
+from fastload.engine.single_use import single_use_contexts, single_use_graph
 from fastload.load.devices import free_memory_bytes
 from fastload.model_state import state_of
 from fastload.train.checkpointing import (
@@ -191,26 +191,16 @@ def engine_checkpoint(function, hidden_states, *args, offload: bool = True, grap
     from torch.utils.checkpoint import checkpoint
 
     if args or kwargs or not hidden_states.is_cuda:
-        return checkpoint(_run_once(function), hidden_states, *args, use_reentrant=False, **kwargs)
+        return checkpoint(function, hidden_states, *args, use_reentrant=False, context_fn=single_use_contexts, **kwargs)
     offload = offload and hidden_states.numel() * hidden_states.element_size() >= MIN_BYTES
     if not offload and graphs is None:
-        return checkpoint(_run_once(function), hidden_states, use_reentrant=False)
+        return checkpoint(function, hidden_states, use_reentrant=False, context_fn=single_use_contexts)
     layer = layer_of(function) if isinstance(function, functools.partial) else None
     modules = modules_of(layer) if layer is not None else []
     if _uses_dropout(modules):  # recomputation must replay the forward's random numbers: torch's checkpoint does
-        return checkpoint(_run_once(function), hidden_states, use_reentrant=False)
+        return checkpoint(function, hidden_states, use_reentrant=False, context_fn=single_use_contexts)
     params = tuple(p for p in parameters_of(modules) if p.requires_grad) if graphs is not None else ()
     return EngineCheckpoint.apply(function, graphs, offload, hidden_states, *params)
-
-
-def _run_once(function):
-    """`function` with its graph marked single-use: torch's non-reentrant checkpoint recomputes the layer for every
-    backward (a retained graph's second one included), so what its kernels save is never read twice."""
-    def run(*args, **kwargs):
-        with single_use_graph():
-            return function(*args, **kwargs)
-
-    return run
 
 
 def _uses_dropout(modules) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from fastload._log import logger
+from fastload.engine.single_use import single_use_contexts
 from fastload.model_state import CheckpointFunction, base_model, state_of
 
 _base = base_model  # the name the rest of fastload imports from here
@@ -22,11 +23,13 @@ _base = base_model  # the name the rest of fastload imports from here
 
 def turn_on_checkpointing(base) -> None:
     """transformers' non-reentrant checkpointing, by its current name where it has one (activation_*: 5.2x on;
-    the gradient_* names then warn that they are deprecated), else by the old one."""
+    the gradient_* names then warn that they are deprecated), else by the old one. Its graphs are marked single-use
+    (torch recomputes them for every backward), so fastload's kernels may write gradients over what they saved."""
+    kwargs = {"use_reentrant": False, "context_fn": single_use_contexts}
     if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def turn_off_checkpointing(base) -> None:

@@ -654,3 +654,31 @@ def test_layers_under_the_engine_checkpoint_build_single_use_graphs_and_others_d
     assert seen == [True, True]  # forward, then the recomputation in backward
     layer(x)
     assert seen[-1] is False
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_checkpointed_layers_build_single_use_graphs_and_unchecked_ones_do_not(tiny_llama, checkpointing):
+    """fastload's checkpointing (torch's non-reentrant, which recomputes a layer for every backward) marks the
+    layers' graphs single-use, forward and recomputation, so kernels may overwrite what they saved; without
+    checkpointing a retained graph is backpropagated again and nothing may be overwritten."""
+    import torch
+
+    from fastload import FastModel
+    from fastload.engine.single_use import graph_is_single_use
+    from fastload.structure import decoder_layers
+    from fastload.train.checkpointing import _base
+
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, gradient_checkpointing=checkpointing)
+    seen = []
+    decoder_layers(_base(model))[0].mlp.register_forward_pre_hook(lambda *_: seen.append(graph_is_single_use()))
+    model.train()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward(retain_graph=True)
+    assert seen == ([True, True] if checkpointing else [False])  # forward (then the recomputation)
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss.backward()  # a retained graph's second backward recomputes again, in the same single-use context
+    assert seen == ([True, True, True] if checkpointing else [False])
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad, 2 * once[name], rtol=1e-4, atol=1e-7), name
