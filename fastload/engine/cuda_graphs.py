@@ -26,9 +26,9 @@ import weakref
 
 import torch
 
-from fastload.engine.single_use import single_use_graph
 from fastload.load.nf4_experts import is_stack
 from fastload.model_state import state_of
+from fastload.train.single_use import single_use_graph
 
 WARM_CALLS = 2       # eager calls of a signature before it is captured
 MAX_SIGNATURES = 4   # layer input shapes a model captures (and, apart, loss graphs); more run eagerly

@@ -27,13 +27,13 @@ import torch
 
 from fastload._log import logger
 from fastload.engine.cuda_graphs import graphs_for, layer_of, modules_of, parameters_of
-from fastload.engine.single_use import single_use_contexts, single_use_graph
 from fastload.load.devices import free_memory_bytes
 from fastload.model_state import state_of
 from fastload.train.checkpointing import (
     checkpointed_layers,
     register_checkpoint_function,
 )
+from fastload.train.single_use import single_use_contexts, single_use_graph
 
 MIN_BYTES = 4 * 1024 * 1024  # below this per layer, copies cost more than the memory they save
 MAX_QUEUE = 4096  # forward passes whose backward never ran leave dead entries: pruned past this length

@@ -15,8 +15,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from fastload._log import logger
-from fastload.engine.single_use import single_use_contexts
 from fastload.model_state import CheckpointFunction, base_model, state_of
+from fastload.train.single_use import single_use_contexts
 
 _base = base_model  # the name the rest of fastload imports from here
 

@@ -641,7 +641,7 @@ def test_layers_under_the_engine_checkpoint_build_single_use_graphs_and_others_d
     import torch
 
     from fastload.engine.offloaded_checkpoint import engine_checkpoint
-    from fastload.engine.single_use import graph_is_single_use
+    from fastload.train.single_use import graph_is_single_use
 
     seen = []
 
@@ -664,9 +664,9 @@ def test_checkpointed_layers_build_single_use_graphs_and_unchecked_ones_do_not(t
     import torch
 
     from fastload import FastModel
-    from fastload.engine.single_use import graph_is_single_use
     from fastload.structure import decoder_layers
     from fastload.train.checkpointing import _base
+    from fastload.train.single_use import graph_is_single_use
 
     model, _ = FastModel.from_pretrained(tiny_llama, store=False, gradient_checkpointing=checkpointing)
     seen = []

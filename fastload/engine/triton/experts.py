@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastload._log import logger
-from fastload.engine.single_use import graph_is_single_use
+from fastload.train.single_use import graph_is_single_use
 
 COLUMN_BLOCK = 1024
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastload.engine.single_use import graph_is_single_use
+from fastload.train.single_use import graph_is_single_use
 
 ELEMENTWISE_BLOCK = 2048
 
