@@ -406,6 +406,16 @@ def clean_leftovers(where: Path, dest: Path | None = None) -> list[Path]:
     return done
 
 
+def put_back_if_moved_aside(dest: Path) -> bool:
+    """A missing `dest` whose previous folder a killed save had moved aside (and not yet replaced) is put back, so a
+    load right after the kill finds the previous result; True when it did. Nothing is touched while the writer runs."""
+    if dest.exists() or not dest.parent.is_dir():
+        return False
+    with contextlib.suppress(OSError):
+        clean_leftovers(dest.parent, dest)
+    return dest.exists()
+
+
 def _unmarked_and_empty(folder: Path, pid: int) -> bool:
     """A writer killed between creating its temporary folder and marking it leaves it empty (or with a cut marker):
     nothing in it can be anyone's, so once that pid is gone it is removed like a marked one."""

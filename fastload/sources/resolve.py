@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from fastload.atomic import put_back_if_moved_aside
 from fastload.errors import CheckpointCorrupt, ModelNotFound, UnsafeCheckpoint
 from fastload.settings import QuantSettings
 from fastload.sources import plan as P
@@ -86,7 +87,7 @@ def looks_like_path(name: str) -> bool:
 
 def from_local_path(req: Request) -> LoadPlan | None:
     path = Path(req.name).expanduser()
-    if not path.exists():
+    if not path.exists() and not put_back_if_moved_aside(path.absolute()):
         if looks_like_path(req.name):
             raise ModelNotFound(f"Loading a model from the path {req.name!r}", found="no such file or directory",
                                 fix="check the path; a hub repo id looks like 'owner/name'")
