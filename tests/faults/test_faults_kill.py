@@ -18,8 +18,14 @@ TRAIN_DATA = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in 
 
 
 def kill_after(child, trigger, delay: float, sig=signal.SIGKILL, timeout: float = 90):
-    """Wait for `trigger()` (a write has begun), wait `delay` more, send `sig`; the child's outcome."""
-    wait_for(trigger, timeout)
+    """Wait for `trigger()` (a write has begun), wait `delay` more, send `sig`; the child's outcome. A folder that
+    vanishes while the trigger scans it is being swapped by the writer: that write has begun too."""
+    def began():
+        try:
+            return trigger()
+        except FileNotFoundError:
+            return True
+    wait_for(began, timeout)
     time.sleep(delay)
     child.kill(sig)
     return child.wait(60)
