@@ -69,6 +69,22 @@ def router_widths(config) -> set[int]:
     return widths
 
 
+# names a router or one of its parts goes by in transformers' MoE blocks: Mixtral's `gate`, Hunyuan's `gate.wg`,
+# LongCat's `router.classifier`, DBRX's and JetMoE's `router.layer`, Gemma-4's `router.proj`, ZAYA's
+# `gate.router_mlp.out_proj`
+ROUTER_NAMES = ("gate", "wg", "classifier")
+ROUTER_PARTS = ("router", "gating")
+
+
+def is_router(path: str, module, widths: set[int]) -> bool:
+    """A linear layer giving one logit per expert: as wide as the config's expert count and named as a router (or
+    inside one). The width alone is no proof: a small model's q_proj can be as wide as it has experts."""
+    if getattr(module, "out_features", None) not in widths:
+        return False
+    parts = path.split(".")
+    return any(part in ROUTER_NAMES or any(word in part for word in ROUTER_PARTS) for part in parts)
+
+
 def decoder_layers(model):
     """The ModuleList of repeated decoder blocks: the largest ModuleList whose items share one class; in a hybrid
     whose blocks are of several classes (Jamba's Mamba and attention layers, Zamba2's Mamba and hybrid layers), the

@@ -114,14 +114,14 @@ def _layer_counts(layers, config) -> tuple[int, int, int]:
     """(linear weights, fused expert weights, LoRA width) of the decoder layers; the LoRA width is what fastload's
     default LoRA adapts: every projection but the routers, and each expert's fused weights."""
     from fastload.load.experts import expert_weights
-    from fastload.structure import is_linear, router_widths
+    from fastload.structure import is_linear, is_router, router_widths
 
     routers = router_widths(config.get_text_config() if hasattr(config, "get_text_config") else config)
-    linears = [m for layer in layers for m in layer.modules() if is_linear(m)]
+    linears = [(path, m) for layer in layers for path, m in layer.named_modules() if is_linear(m)]
     experts = expert_weights(layers, config)
-    width = sum(m.in_features + m.out_features for m in linears if m.out_features not in routers)
+    width = sum(m.in_features + m.out_features for path, m in linears if not is_router(path, m, routers))
     width += sum(p.shape[0] * (p.shape[1] + p.shape[2]) for p in experts)  # peft: one rank-r pair per expert
-    return sum(m.weight.numel() for m in linears), sum(p.numel() for p in experts), width
+    return sum(m.weight.numel() for _, m in linears), sum(p.numel() for p in experts), width
 
 
 def _active_intermediate(tc, moe: bool) -> int:

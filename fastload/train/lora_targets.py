@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastload.errors import UnsupportedArchitecture
 from fastload.layer_rules import left_alone_by_lora
-from fastload.structure import decoder_layers, is_linear, router_widths
+from fastload.structure import decoder_layers, is_linear, is_router, router_widths
 
 
 def left_alone(model) -> dict[str, str]:
@@ -25,7 +25,7 @@ def find_lora_targets(model) -> list[str]:
                                       found="no list of repeated decoder layers in the model",
                                       fix="pass lora={'target_modules': [...]} naming the linear layers to adapt")
     # routers (one logit per expert) and scalar gates (Qwen2-MoE's shared_expert_gate: one output) are never adapted
-    skip_widths = router_widths(getattr(model, "config", None)) | {1}
+    routers = router_widths(getattr(model, "config", None))
     names: set[str] = set()
     never = set(left_alone(model))
     for layer in layers:
@@ -33,8 +33,8 @@ def find_lora_targets(model) -> list[str]:
             leaf = full.split(".")[-1]
             # a linear layer inside a list (Zamba2's own per-block adapters) is named by its index, which peft would
             # match against every module of that index, decoder layer 0 included: never a default target
-            if full and is_linear(module) and getattr(module, "out_features", None) not in skip_widths \
-                    and not leaf.isdigit():
+            if full and is_linear(module) and getattr(module, "out_features", None) != 1 \
+                    and not is_router(full, module, routers) and not leaf.isdigit():
                 names.add(leaf)
     names -= never
     if not names:

@@ -98,3 +98,34 @@ def test_linear_subclasses_left_in_16bit_are_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fastload"):
         FastModel.from_pretrained(str(make_family_checkpoint(tmp_path / "llama", "llama")))
     assert not [r for r in caplog.records if "stay in" in r.getMessage()]  # nothing said where all are 4-bit
+
+
+def test_projections_as_wide_as_the_expert_count_are_adapted_and_routers_are_not(tmp_path):
+    """A small MoE whose hidden size equals its expert count (64 and 64): q_proj and o_proj give 64 outputs like the
+    router, and were silently left without adapters; only the router (and routers named as Hunyuan's, JetMoE's or
+    LongCat's are) stays unadapted."""
+    from fastload import FastModel
+    from fastload.structure import is_router, router_widths
+
+    path = make_family_checkpoint(tmp_path / "moe64", "qwen3_moe", config=dict(
+        model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=64, num_experts_per_tok=2,
+        decoder_sparse_step=1, vocab_size=256, max_position_embeddings=256))
+    model, _ = FastModel.from_pretrained(str(path), gradient_checkpointing=False)
+    adapted = adapted_modules(model)
+    assert {"0.self_attn.q_proj", "0.self_attn.o_proj", "1.self_attn.q_proj", "1.mlp.experts"} <= adapted, adapted
+    assert not any(a.endswith(".mlp.gate") for a in adapted), sorted(adapted)
+
+    assert router_widths(model.config) == {64}  # the collision this case is about
+    widths = {4}
+    router_like = [(path, torch_linear(64, 4)) for path in ("mlp.gate", "mlp.gate.wg", "mlp.router.layer",
+                                                            "router.classifier", "mlp.gate.router_mlp.out_proj")]
+    assert all(is_router(path, module, widths) for path, module in router_like)
+    assert not is_router("self_attn.b_proj", torch_linear(64, 4), widths)  # a linear-attention head gate
+    assert not is_router("mlp.gate", torch_linear(64, 8), widths)  # not one logit per expert
+
+
+def torch_linear(fan_in: int, fan_out: int):
+    import torch
+
+    return torch.nn.Linear(fan_in, fan_out, device="meta")
