@@ -34,8 +34,9 @@ def installed(package: str) -> bool:
 
 
 def left_alone_by_lora(model_type: str | None) -> dict[str, str]:
-    """Leaf name -> why, for the layers LoRA never adapts in this model type (every rule's layers)."""
-    return {name: rule["why"] for rule in _matching(model_type) for name in rule["modules"]}
+    """Leaf name -> why, for the layers LoRA never adapts in this model type (every rule's layers but `lora` ones)."""
+    return {name: rule["why"] for rule in _matching(model_type) if not rule.get("lora", False)
+            for name in rule["modules"]}
 
 
 def kept_unquantized(model_type: str | None) -> dict[str, str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from pathlib import Path
 
 import torch
 
@@ -76,7 +77,20 @@ def expert_blocker(outer) -> str | None:
         return f"{name} does not hold its {up} and down_proj as 3-D parameters"
     if len(_routing_names(experts)) != 3:
         return f"{name}'s forward does not take (hidden_states, expert indices, routing weights)"
+    if not _dispatches_to_experts_backends(type(experts)):
+        return (f"{name} overrides transformers' experts forward with steps of its own (e.g. Ergo's per-route norm), "
+                "which the low-rank path would skip")
     return None
+
+
+@functools.cache
+def _dispatches_to_experts_backends(experts_class) -> bool:
+    """Whether the class's forward is the one `use_experts_implementation` installs (it dispatches to the grouped_mm
+    and batched backends, whose arithmetic the lever follows), not a subclass's forward around it."""
+    from transformers.integrations import moe
+
+    code = getattr(experts_class.forward, "__code__", None)
+    return code is not None and Path(code.co_filename).resolve() == Path(moe.__file__).resolve()
 
 
 def _routing_names(experts) -> list[str]:

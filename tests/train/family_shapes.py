@@ -114,6 +114,9 @@ FAMILIES = {
                           ffn_hidden_size=128, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8,
                           qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, num_key_value_heads=4, zero_expert_num=2),
     # GPT-J and CodeGen rotate part of each head (rotary_dim; their default is wider than a tiny head)
+    # its layers cast their inputs to o_proj's weight dtype: o_proj stays 16-bit (layer_rules.toml)
+    "ergo": dict(num_experts=4, moe_intermediate_size=64, shared_intermediate_size=64,
+                 first_dense_intermediate_size=128, sliding_window=64, global_attention_every_n_layers=2, **EXPERTS),
     # a fixed sin/cos table of max_position_embeddings rows: long enough for the GPU case's merged call (2 x 1024+)
     "gptj": dict(rotary_dim=8, max_position_embeddings=4096),
     "codegen": dict(rotary_dim=8, max_position_embeddings=4096),
@@ -140,8 +143,10 @@ FAMILIES = {
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
        "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next", "glm4_moe_lite", "deepseek_v32", "sarvam_mla",
-       "kimi_linear", "bailing_hybrid")
-PEFT_EXPERTS = ("jetmoe",)  # experts not in transformers' experts layout: adapted by peft, the engine says why
+       "kimi_linear", "bailing_hybrid", "ergo")
+# experts the engine's low-rank path does not compute: adapted by peft, and the engine says why (family -> the why)
+PEFT_EXPERTS = {"jetmoe": "not a transformers experts module",
+                "ergo": "overrides transformers' experts forward"}  # its per-route norm around the experts
 
 
 def family_config(family: str, tokenizer):

@@ -176,7 +176,7 @@ def test_expert_adapters_train_and_change_the_output(family, tmp_path, caplog):
             p.add_(torch.randn_like(p) * 0.05)
     assert (logits_of(model, batch) - before).abs().max() > 1e-3
     if family in PEFT_EXPERTS:  # peft's own forward, and the report says why the lever does not apply
-        assert "not a transformers experts module" in model.fastload_engine.skipped["expert_lora"]
+        assert PEFT_EXPERTS[family] in model.fastload_engine.skipped["expert_lora"]
     else:
         assert "expert_lora" in model.fastload_engine  # computed per routed token, not by peft's W + s B A
 
