@@ -113,10 +113,10 @@ FAMILIES = {
     "longcat_flash": dict(num_hidden_layers=4, num_layers=2, n_routed_experts=4, moe_topk=2, expert_ffn_hidden_size=64,
                           ffn_hidden_size=128, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, head_dim=8,
                           qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=16, num_key_value_heads=4, zero_expert_num=2),
-    # GPT-J and CodeGen rotate part of each head (rotary_dim; their default is wider than a tiny head)
-    # its layers cast their inputs to o_proj's weight dtype: o_proj stays 16-bit (layer_rules.toml)
+    # Ergo: its layers cast their inputs to o_proj's weight dtype: o_proj stays 16-bit (layer_rules.toml)
     "ergo": dict(num_experts=4, moe_intermediate_size=64, shared_intermediate_size=64,
                  first_dense_intermediate_size=128, sliding_window=64, global_attention_every_n_layers=2, **EXPERTS),
+    # GPT-J and CodeGen rotate part of each head (rotary_dim; their default is wider than a tiny head)
     # a fixed sin/cos table of max_position_embeddings rows: long enough for the GPU case's merged call (2 x 1024+)
     "gptj": dict(rotary_dim=8, max_position_embeddings=4096),
     "codegen": dict(rotary_dim=8, max_position_embeddings=4096),
