@@ -19,6 +19,9 @@
 #                                    # implementations (default fastload,unsloth), APPEND=1 adds to an earlier run's
 #                                    # table: IMPLS=fastload, then IMPLS=unsloth APPEND=1, when one part's budget is
 #                                    # too short for both
+#   bash benchmarks/gpu.sh verify    # the GPU tests of code not yet run on a GPU (VERIFY_TESTS overrides the list);
+#                                    # pytest's output in $OUT/verify-tests.log
+#   bash benchmarks/gpu.sh long32k   # 8B 32768x1 at steady state (2 warm-up + 3 timed steps): fastload, unsloth
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -26,7 +29,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs|families|longest}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs|families|longest|verify|long32k}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -80,13 +83,23 @@ case "$part" in
     long)  # 8B at 8192x1: fastload and unsloth (the recipe needs ~48 GiB and minutes here)
         bench --model llama3-8b --phase train --impl fastload,unsloth --seq 8192 --batch 1
         ;;
+    verify)  # what landed since the last GPU run: tests first, so a failure shows before any benchmark time
+        # shellcheck disable=SC2086
+        timeout $((BUDGET - SECONDS)) "$PY" -m pytest -m gpu -q -rP -p no:cacheprovider ${VERIFY_TESTS:-\
+            tests/test_gpu.py tests/engine/test_expert_lora.py tests/train/test_families.py} \
+            -k "${VERIFY_K:-cached_memory or retained or triton or probes or gptj or codegen or sarvam_mla or bailing_hybrid or ergo or qwen3_moe}" \
+            2>&1 | tee "$OUT/verify-tests.log" | tail -40
+        ;;
+    long32k)  # the issue's 32k target needs steady-state steps, not one step with its compilation
+        bench --model llama3-8b --phase train --impl fastload,unsloth --seq 32768 --batch 1 --warmup 2 --steps 3
+        ;;
     part3)
         bench --model llama3-8b --impl fastload,unsloth --phase train --seq 8192 --batch 1
         bench --model llama3-8b --impl fastload-nofused,fastload-nooffload,fastload-nokernels,recipe-noupcast \
             --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1, part2, part3, headline, long, profile, graphs, families or longest" >&2
+        echo "unknown part '$part': use part1, part2, part3, headline, long, profile, graphs, families, longest, verify or long32k" >&2
         exit 2
         ;;
 esac
