@@ -424,7 +424,7 @@ def load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleto
 def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skeleton_hook=None, injection=None):
     from fastload.load.experts import arrival_settings, quantized_on_arrival
     from fastload.load.memory import check_fits, check_weights_floor, meta_model
-    from fastload.load.task import CAUSAL_LM, concrete_classes, model_class
+    from fastload.load.task import CAUSAL_LM, concrete_classes, model_class, text_model_only
     from fastload.sources.checkpoint_files import check_tokenizer_files, inspect_checkpoint
 
     device_map = resolve_device_map(opts.device_map)
@@ -438,6 +438,10 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
 
     with phase("attention_choice"):  # imports the architecture's modeling module the first time
         attention = choose_attn_implementation(config, device, dtype, opts.attn_implementation)
+    text_only = text_model_only(config, opts.task)
+    if text_only:
+        logger.info("an image-text checkpoint: %s loads its text model only (the vision tower's weights are not "
+                    "read; a text fine-tune)", text_only)
     max_seq_length = check_max_seq_length(config, opts.max_seq_length, opts.rope_scaling)
     check_transformers_floor(config.model_type, dtype, plan.name)
     bits = 4 if plan.prequantized and plan.quant.bits == 16 else plan.quant.bits

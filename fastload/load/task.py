@@ -76,6 +76,18 @@ def model_class(task: str):
     return AutoModelForCausalLM
 
 
+def text_model_only(config, task: str) -> str | None:
+    """The class name when transformers loads only the text model of this image-text checkpoint for the task
+    (Qwen3.5's causal LM: its vision tower's weights are not read), else None (a text model, or a class that keeps
+    the towers, as Gemma-3's and Gemma-4's do)."""
+    if getattr(config, "vision_config", None) is None:
+        return None
+    classes = concrete_classes(task, config)
+    if not classes or "ConditionalGeneration" in classes[0].__name__:
+        return None
+    return classes[0].__name__
+
+
 def concrete_classes(task: str, config) -> list:
     """The model classes transformers builds for `config`: the task's and its base model's (an instance merges the
     base model's class attributes, such as the fp32 lists, into its own); none for an unregistered (remote-code)

@@ -85,7 +85,9 @@ def towers_outside_decoder(model, targets: list[str]) -> list[str]:
     """Top-level parts beside the decoder (Gemma-3's vision tower) holding linear layers of the targets' names.
 
     peft matches target_modules by leaf name anywhere in the model, so q_proj would also adapt a SigLIP tower's;
-    a text fine-tune leaves such towers frozen. Returns their module names (e.g. ["model.vision_tower"]).
+    a text fine-tune leaves such towers frozen. Any module of a target's name counts, Linear or not: Gemma-4's vision
+    tower wraps its Linear layers in a clipping module named q_proj, which peft would refuse. Returns their module
+    names (e.g. ["model.vision_tower"]).
     """
     layers = decoder_layers(model)
     path = next((name for name, module in model.named_modules() if module is layers), None)
@@ -94,7 +96,7 @@ def towers_outside_decoder(model, targets: list[str]) -> list[str]:
     inside = {id(m) for m in layers.modules()}
     towers = set()
     for name, module in model.named_modules():
-        if name.split(".")[-1] in targets and is_linear(module) and id(module) not in inside:
+        if name.split(".")[-1] in targets and id(module) not in inside:
             parts = name.split(".")
             towers.add(next(".".join(parts[:i]) for i in range(1, len(parts) + 1)
                             if not (path + ".").startswith(".".join(parts[:i]) + ".")))

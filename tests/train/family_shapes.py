@@ -27,6 +27,8 @@ FAMILIES = {
     "gemma2": dict(head_dim=16),
     "gemma3_text": dict(head_dim=16),
     "gemma3": "multimodal",
+    "gemma4": "multimodal",  # its vision tower's layers are clipping modules named q_proj...: never LoRA targets
+    "qwen3_5": "multimodal",  # Qwen3.5 as released: image-text weights, loaded as its text model
     "lfm2": dict(block_dim=64, block_ff_dim=128, layer_types=["conv", "full_attention"]),
     "granitemoehybrid": dict(num_local_experts=4, **EXPERTS, shared_intermediate_size=128,
                              layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
@@ -97,6 +99,8 @@ FAMILIES = {
     "qwen3_5_text": dict(head_dim=16, layer_types=["linear_attention", "full_attention"]),
     "qwen3_next": dict(head_dim=16, layer_types=["linear_attention", "full_attention"], num_experts=4,
                        moe_intermediate_size=64, shared_expert_intermediate_size=64, **EXPERTS),
+    "qwen3_5_moe_text": dict(head_dim=16, layer_types=["linear_attention", "full_attention"], num_experts=4,
+                             moe_intermediate_size=64, shared_expert_intermediate_size=64, **EXPERTS),
     "hunyuan_v1_dense": dict(head_dim=16),
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1),
     "dots1": dict(head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
@@ -145,7 +149,7 @@ FAMILIES = {
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
        "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next", "glm4_moe_lite", "deepseek_v32", "sarvam_mla",
-       "kimi_linear", "bailing_hybrid", "ergo")
+       "kimi_linear", "bailing_hybrid", "ergo", "qwen3_5_moe_text")
 # experts the engine's low-rank path does not compute: adapted by peft, and the engine says why (family -> the why)
 PEFT_EXPERTS = {"jetmoe": "not a transformers experts module",
                 "ergo": "overrides transformers' experts forward"}  # its per-route norm around the experts
@@ -158,7 +162,7 @@ def family_config(family: str, tokenizer):
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     if FAMILIES[family] == "multimodal":
-        return _gemma3(ids)
+        return {"gemma3": _gemma3, "gemma4": _gemma4, "qwen3_5": _qwen3_5}[family](ids)
     if family in ("gemma3n_text", "gemma4_text"):  # their per-layer input embeddings span the vocabulary too
         ids["vocab_size_per_layer_input"] = len(tokenizer)
     return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]}, **ids)
@@ -176,6 +180,32 @@ def _gemma3(ids: dict):
                                 eoi_token_index=ids["vocab_size"] - 3, tie_word_embeddings=False)
 
 
+def _gemma4(ids: dict):
+    """Gemma-4 as released: image-text (a tiny vision tower, no audio one) around the gemma4_text decoder."""
+    from transformers import AutoConfig
+
+    text = dict(model_type="gemma4_text", **COMMON, **FAMILIES["gemma4_text"], **ids,
+                vocab_size_per_layer_input=ids["vocab_size"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, global_head_dim=16, patch_size=14)
+    return AutoConfig.for_model("gemma4", text_config=text, vision_config=vision, audio_config=None,
+                                image_token_id=ids["vocab_size"] - 1, boi_token_id=ids["vocab_size"] - 2,
+                                eoi_token_id=ids["vocab_size"] - 3, tie_word_embeddings=False)
+
+
+def _qwen3_5(ids: dict):
+    """Qwen3.5 as released: one image-text checkpoint (a tiny vision tower here) for a qwen3_5_text decoder."""
+    from transformers import AutoConfig
+
+    text = dict(model_type="qwen3_5_text", **COMMON, **FAMILIES["qwen3_5_text"], **ids)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=COMMON["hidden_size"],
+                  num_position_embeddings=64)
+    top = ids["vocab_size"]
+    return AutoConfig.for_model("qwen3_5", text_config=text, vision_config=vision, image_token_id=top - 1,
+                                video_token_id=top - 2, vision_start_token_id=top - 3, vision_end_token_id=top - 4,
+                                tie_word_embeddings=False)
+
+
 # parameters that transformers initializes to zero but a trained checkpoint holds nonzero: left zero, they cut a path
 # out of the tiny model (Gemma-3n's AltUp scales the per-layer input gate's input by correct_output_scale, so every
 # per_layer_input_gate / per_layer_projection gradient was 0 with and without the engine)
@@ -186,14 +216,16 @@ def make_family_checkpoint(directory, family: str, seed: int = 0, config: dict |
     """A random fp32 checkpoint of `family` (or of `config`, a config dict) saved as real safetensors with the tiny
     tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from tiny import make_tokenizer
 
     tok = make_tokenizer()
     config = AutoConfig.for_model(**config) if config else family_config(family, tok)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # an image-text config is saved whole, towers included, as its checkpoints are released
+    builder = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
+    model = builder.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] in TRAINED_NONZERO.get(config.model_type, ()):

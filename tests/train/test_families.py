@@ -201,6 +201,46 @@ def test_gemma3_lora_stays_off_the_vision_tower(tmp_path, caplog):
     assert any(".vision_tower." in n for n in adapted) and len(adapted) > 2 * layers
 
 
+def test_gemma4_lora_stays_off_its_clipping_vision_layers(tmp_path, caplog):
+    """Gemma-4 as released is image-text; its vision tower wraps each Linear in a clipping module named q_proj,
+    k_proj, ..., which peft refuses to adapt: the default LoRA must leave the tower out (the load failed with peft's
+    "Target module Gemma4ClippableLinear is not supported") and adapt every decoder projection."""
+    import logging
+
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "gemma4", "gemma4")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path))
+    assert "(decoder only: model.vision_tower left frozen)" in caplog.text
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted and all(".language_model.layers." in n for n in adapted), sorted(adapted)
+    layers = model.config.text_config.num_hidden_layers
+    assert sum(n.endswith(".self_attn.q_proj") for n in adapted) == layers, sorted(adapted)
+
+
+def test_qwen3_5_image_text_checkpoint_loads_its_text_model_and_says_so(tmp_path, caplog):
+    """Qwen3.5 is released as one image-text checkpoint; transformers' causal LM for it is the text model alone. The
+    load says the vision weights are not read, and the model holds no vision module to train or to carry."""
+    import logging
+
+    from fastload import FastModel
+
+    path = make_family_checkpoint(tmp_path / "qwen3_5", "qwen3_5")
+    assert _holds_visual(path / "model.safetensors")  # the checkpoint as released: the tower's weights in it
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(path))
+    assert "Qwen3_5ForCausalLM loads its text model only" in caplog.text
+    assert not any("visual" in name for name, _ in model.named_modules())
+
+
+def _holds_visual(weights) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return any(".visual." in key for key in f.keys())
+
+
 @pytest.mark.parametrize("asked, runs", [("sdpa", False), ("eager", True)])
 def test_gemma2_attention_choice(asked, runs, tmp_path):
     """Gemma-2 has no sdpa path (its attention softcap): the default picks eager; asking sdpa names what can run."""

@@ -97,9 +97,10 @@ def _not_causal_lm(config) -> tuple[str, str]:
                 "pick a decoder-only checkpoint (Llama, Qwen, Mistral, ...); encoder-decoder models train with "
                 "peft and transformers' Seq2SeqTrainer")
     if getattr(config, "vision_config", None) is not None:
-        return ("an image-text model: fastload fine-tunes text-only causal language models (Gemma-3's text part "
-                "excepted)", "pick the text-only sibling of this checkpoint if it has one (e.g. a -Instruct text "
-                "model), or fine-tune it with peft and transformers' image-text classes")
+        return ("an image-text model with no causal language model in transformers: fastload fine-tunes the text "
+                "part of those that have one (Gemma-3, Gemma-4, Qwen3.5)",
+                "pick the text-only sibling of this checkpoint if it has one (e.g. a -Instruct text model), or "
+                "fine-tune it with peft and transformers' image-text classes")
     return ("it is not a text generator, or is newer than this transformers",
             "pick a text-generation checkpoint, or upgrade transformers")
 
