@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from family_shapes import make_family_checkpoint  # noqa: E402
+from family_shapes import COMMON, FAMILIES, make_family_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,33 @@ def torch_linear(fan_in: int, fan_out: int):
     import torch
 
     return torch.nn.Linear(fan_in, fan_out, device="meta")
+
+
+def test_gemma4_moe_variant_adapts_its_experts_and_leaves_its_router(tmp_path):
+    """Gemma-4 26B-A4B is the gemma4_text model type with its MoE block on: experts adapted beside every projection,
+    the router's proj (a Linear as wide as the expert count, inside `router`) left alone, and training moves."""
+    import torch
+
+    from fastload import FastModel
+    from tiny import make_tokenizer
+
+    vocab = len(make_tokenizer())
+    path = make_family_checkpoint(tmp_path / "gemma4_moe", "gemma4_text", config=dict(
+        model_type="gemma4_text", **COMMON, **FAMILIES["gemma4_text"], vocab_size=vocab,
+        vocab_size_per_layer_input=vocab, enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=64))
+    model, tokenizer = FastModel.from_pretrained(str(path))
+    adapted = adapted_modules(model)
+    assert {"0.experts", "1.experts", "0.self_attn.q_proj", "1.mlp.down_proj"} <= adapted, sorted(adapted)
+    assert not any(".router" in a for a in adapted), sorted(adapted)
+    assert "expert_lora" in model.fastload_engine
+    batch = tokenizer(["hello world, how are you today?"] * 2, return_tensors="pt")
+    optimizer, losses = FastModel.get_optimizer(model, lr=1e-3), []
+    model.train()
+    for _ in range(3):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
