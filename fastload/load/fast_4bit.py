@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -139,6 +140,13 @@ def read_headers(files) -> tuple[dict[str, Path], dict[str, Span]]:
                 where[name] = Path(f)
                 spans[name] = span_of(meta, start)
     return where, spans
+
+
+def ignored_on_load(model, name: str) -> bool:
+    """A checkpoint tensor the model's class declares it does not read (its `_keys_to_ignore_on_load_unexpected`:
+    Qwen3.5's vision tower and multi-token-prediction weights under its text model), as transformers skips it."""
+    patterns = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or ()
+    return any(re.search(pattern, name) for pattern in patterns)
 
 
 def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict | None = None) -> dict[str, list[str]]:
@@ -592,6 +600,7 @@ def prepare_direct(plan, opts, config, dtype, device_map, weight_files, quantiza
                                                      device_map, [str(f) for f in weight_files])
             with phase("checkpoint_checks"):
                 where, spans = read_headers(weight_files)
+                where = {name: f for name, f in where.items() if not ignored_on_load(model, name)}  # never read
                 wanted = plan_tensors(model, where, plan.prequantized, spans)
             return DirectLoad(plan, model, hf_quantizer, where, spans, wanted, dtype, device_of(device_map),
                               time.perf_counter() - started)

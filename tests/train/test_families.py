@@ -221,7 +221,8 @@ def test_gemma4_lora_stays_off_its_clipping_vision_layers(tmp_path, caplog):
 
 def test_qwen3_5_image_text_checkpoint_loads_its_text_model_and_says_so(tmp_path, caplog):
     """Qwen3.5 is released as one image-text checkpoint; transformers' causal LM for it is the text model alone. The
-    load says the vision weights are not read, and the model holds no vision module to train or to carry."""
+    load says the vision weights are not read, the model holds no vision module to train or to carry, and the
+    checkpoint still takes the direct 4-bit load (it fell back to transformers' loader on the prefixed names)."""
     import logging
 
     from fastload import FastModel
@@ -232,6 +233,8 @@ def test_qwen3_5_image_text_checkpoint_loads_its_text_model_and_says_so(tmp_path
         model, _ = FastModel.from_pretrained(str(path))
     assert "Qwen3_5ForCausalLM loads its text model only" in caplog.text
     assert not any("visual" in name for name, _ in model.named_modules())
+    # read by the direct 4-bit load (its names renamed, the tower's skipped), not transformers' slower pipeline
+    assert "direct 4-bit load:" in caplog.text and "direct 4-bit load not used" not in caplog.text
 
 
 def _holds_visual(weights) -> bool:
