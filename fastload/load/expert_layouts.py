@@ -29,12 +29,17 @@ def layout_of(model_type: str | None) -> dict | None:
 
 
 def renamed(names, layout: dict | None) -> dict[str, str]:
-    """Model name -> checkpoint name for every checkpoint name, after the layout's renames."""
+    """Model name -> checkpoint name for every checkpoint name, after the layout's renames (a substring replaced
+    wherever it occurs, or with a leading ^ only at the start of the name)."""
     mapping = {}
     for name in names:
         model_name = name
         for old, new in (layout or {}).get("renames", []):
-            model_name = model_name.replace(old, new)
+            if old.startswith("^"):
+                if model_name.startswith(old[1:]):
+                    model_name = new + model_name[len(old) - 1:]
+            else:
+                model_name = model_name.replace(old, new)
         mapping[model_name] = name
     return mapping
 

@@ -64,7 +64,8 @@ def assert_same_model(reference, model, device="cpu") -> None:
     assert type(reference.hf_quantizer) is type(model.hf_quantizer)
     assert reference.config.to_dict() == model.config.to_dict()
     assert reference.generation_config.to_dict() == model.generation_config.to_dict()
-    ids = torch.randint(0, reference.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    vocab = reference.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         assert torch.equal(reference(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -581,3 +582,21 @@ def test_the_background_writer_copies_gpu_tensors_whole_through_its_pinned_buffe
     assert read.keys() == tensors.keys()
     for name, t in tensors.items():
         assert torch.equal(read[name], t.cpu()), name
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_next", "olmoe", "hunyuan_v1_moe", "phimoe", "jamba", "lfm2_moe",
+                                    "qwen3_5_moe_text", "gemma3", "qwen3_5"])
+def test_direct_load_reads_each_layout_as_from_pretrained_does(family, tmp_path, monkeypatch):
+    """Per-expert checkpoints of more MoE families, and image-text checkpoints whose names transformers renames
+    (Gemma-3's pre-5 names, Qwen3.5's text model under language_model, its tower skipped): the direct load's model
+    is transformers' own, bit for bit (these took transformers' slower loader before)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from family_shapes import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    options = dict(store=False, dtype=torch.float32)
+    reference = load(path, monkeypatch, direct=False, **options)
+    model = load(path, monkeypatch, direct=True, **options)
+    assert_same_model(reference, model)
