@@ -108,8 +108,9 @@ def build_skeleton(config, dtype, quantization_config, attn_implementation, devi
     except (RuntimeError, ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError,
             AssertionError) as e:  # the load's meta model builds it again and says what is wrong
         raise NotCovered(f"transformers cannot build the model: {type(e).__name__}") from e
-    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
-        raise NotCovered(f"{type(model).__name__} keeps some modules in fp32")
+    if getattr(model, "_get_dtype_plan", None) is None and (
+            getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None)):
+        raise NotCovered(f"{type(model).__name__} keeps some modules in fp32 (this transformers has no dtype plan)")
     # from_pretrained swaps the layers inside its dtype context (their biases take it); the new layers' weights are
     # on meta and read afterwards: their init draws are skipped too
     with PATCHING_GLOBALS, default_dtype(dtype), skipped_init():
@@ -140,6 +141,15 @@ def read_headers(files) -> tuple[dict[str, Path], dict[str, Span]]:
                 where[name] = Path(f)
                 spans[name] = span_of(meta, start)
     return where, spans
+
+
+def fp32_pattern(model, dtype) -> re.Pattern | None:
+    """The names transformers loads in fp32 at this dtype (its dtype plan: _keep_in_fp32_modules in fp16,
+    _keep_in_fp32_modules_strict in fp16 and bf16, e.g. DeepSeek-V3's router weight and bias), matched as it matches
+    them; None when there are none."""
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    names = [name for name, kept in plan.items() if kept == torch.float32]
+    return re.compile("|".join(f"(?:{name.replace('*', '.*')})" for name in names)) if names else None
 
 
 def ignored_on_load(model, name: str) -> bool:
@@ -377,8 +387,10 @@ def slots_of(model, keys) -> dict[str, tuple]:
     return {key: (model.get_submodule(key.rpartition(".")[0]), key.rpartition(".")[2]) for key in keys}
 
 
-def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, prequantized: bool) -> None:
-    """Put one parameter or buffer in place as transformers' loading would: the same casts, the same bnb calls."""
+def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, prequantized: bool,
+          fp32: bool = False) -> None:
+    """Put one parameter or buffer in place as transformers' loading would: the same casts, the same bnb calls
+    (`fp32`: one its dtype plan keeps in fp32)."""
     import bitsandbytes as bnb
 
     module, name = slot
@@ -402,6 +414,8 @@ def place(slot: tuple, key: str, parts: dict[str, torch.Tensor], dtype, device, 
         return
     current = getattr(module, name)
     target_dtype = dtype if value.is_floating_point() and (prequantized or current.dtype == dtype) else current.dtype
+    if fp32 and value.is_floating_point():
+        target_dtype = torch.float32
     with phase("host_to_device"):
         value = value.to(device=device, dtype=target_dtype if value.is_floating_point() else value.dtype)
     if name in module._parameters:
@@ -453,7 +467,7 @@ class TrimmedHeap:
 
 
 def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dtype, device, prequantized: bool,
-         while_reading=None) -> None:
+         while_reading=None, fp32: re.Pattern | None = None) -> None:
     """Read every shard (READERS threads) and place each weight as soon as all of its tensors have arrived.
     `while_reading`: called once on this thread right after the readers start; they read on meanwhile without the
     READ_AHEAD bound, which only a pre-quantized checkpoint may drop (its tensors are the model's own storage)."""
@@ -480,7 +494,7 @@ def fill(model, wanted: dict[str, list[str]], where: dict[str, Path], spans, dty
             pending.setdefault(key, {})[name] = tensor
             if len(pending[key]) == len(wanted[key]):
                 parts = gathered(slots[key], key, pending.pop(key), wanted[key])
-                place(slots[key], key, parts, dtype, device, prequantized)
+                place(slots[key], key, parts, dtype, device, prequantized, fp32 is not None and bool(fp32.search(key)))
                 if heap is not None:
                     heap.quantized(sum(t.numel() * t.element_size() for t in parts.values()))
                 del parts
@@ -545,7 +559,8 @@ class DirectLoad:
         injected = []
         during = None if while_reading is None else (lambda: injected.append(while_reading(model, device)))
         try:
-            fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized, during)
+            fill(model, self.wanted, self.where, self.spans, self.dtype, device, plan.prequantized, during,
+                 fp32_pattern(model, self.dtype))
         except InjectionFailed as e:
             # the LoRA injection, not the checkpoint, failed: never a reason to discard a store entry
             logger.info("direct 4-bit load not used (LoRA injection while reading failed: %s): loading through "

@@ -79,12 +79,12 @@ def test_direct_load_on_the_fly_is_the_model_from_pretrained_makes(family_checkp
     assert_same_model(reference, model)
 
 
-def assert_store_loads_agree(checkpoint, monkeypatch) -> None:
+def assert_store_loads_agree(checkpoint, monkeypatch, **options) -> None:
     """A first load writes the store entry; the entry loaded through transformers and directly: the same model."""
-    first = load(checkpoint, monkeypatch, direct=False)
+    first = load(checkpoint, monkeypatch, direct=False, **options)
     assert first.fastload.plan.source == "local"
-    reference = load(checkpoint, monkeypatch, direct=False)
-    model = load(checkpoint, monkeypatch, direct=True)
+    reference = load(checkpoint, monkeypatch, direct=False, **options)
+    model = load(checkpoint, monkeypatch, direct=True, **options)
     assert model.fastload.plan.source == "store" == reference.fastload.plan.source
     assert_same_model(reference, model)
 
@@ -584,19 +584,35 @@ def test_the_background_writer_copies_gpu_tensors_whole_through_its_pinned_buffe
         assert torch.equal(read[name], t.cpu()), name
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_next", "olmoe", "hunyuan_v1_moe", "phimoe", "jamba", "lfm2_moe",
-                                    "qwen3_5_moe_text", "gemma3", "qwen3_5"])
-def test_direct_load_reads_each_layout_as_from_pretrained_does(family, tmp_path, monkeypatch):
-    """Per-expert checkpoints of more MoE families, and image-text checkpoints whose names transformers renames
-    (Gemma-3's pre-5 names, Qwen3.5's text model under language_model, its tower skipped): the direct load's model
-    is transformers' own, bit for bit (these took transformers' slower loader before)."""
+                                    "qwen3_5_moe_text", "gemma3", "qwen3_5", "deepseek_v2", "deepseek_v3",
+                                    "deepseek_v32", "dots1", "glm4_moe", "glm4_moe_lite", "sarvam_mla", "gpt_oss"])
+def test_direct_load_reads_each_layout_as_from_pretrained_does(family, dtype, tmp_path, monkeypatch):
+    """Per-expert checkpoints of more MoE families, image-text checkpoints whose names transformers renames
+    (Gemma-3's pre-5 names, Qwen3.5's text model under language_model, its tower skipped), and families whose
+    modules transformers keeps in fp32 at some dtypes (DeepSeek-V3's router in bf16 and fp16, gpt-oss's norms in
+    fp16): the direct load's model is transformers' own, bit for bit (these took transformers' slower loader before)."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
     from family_shapes import make_family_checkpoint
 
     path = make_family_checkpoint(tmp_path / family, family)
-    options = dict(store=False, dtype=torch.float32)
+    options = dict(store=False, dtype=getattr(torch, dtype))
     reference = load(path, monkeypatch, direct=False, **options)
     model = load(path, monkeypatch, direct=True, **options)
     assert_same_model(reference, model)
+
+
+def test_a_store_entry_with_fp32_kept_modules_loads_directly_as_from_pretrained_does(tmp_path, monkeypatch,
+                                                                                    isolated_env):
+    """DeepSeek-V3 in bf16: its store entry holds the router's weight and bias in fp32, which the direct load of a
+    pre-quantized checkpoint (every other float cast to the compute dtype) must keep in fp32, as transformers does."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from family_shapes import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path / "deepseek_v3", "deepseek_v3")
+    assert_store_loads_agree(path, monkeypatch, dtype=torch.bfloat16)
