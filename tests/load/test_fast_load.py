@@ -565,6 +565,26 @@ def test_direct_load_on_the_gpu_is_the_model_from_pretrained_makes(family_checkp
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("family", ["deepseek_v3", "gemma3", "qwen3_5_moe_text"])
+def test_direct_load_of_more_layouts_on_the_gpu_is_the_model_from_pretrained_makes(family, tmp_path, monkeypatch,
+                                                                                  isolated_env):
+    """On CUDA in bf16, fresh and from the store: the DeepSeek kin (its router kept fp32), Gemma-3's renamed
+    image-text names, Qwen3.5-MoE's per-expert tensors under its text model."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from family_shapes import make_family_checkpoint
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    for store in (False, True):
+        if store:
+            load(path, monkeypatch, direct=False, dtype=torch.bfloat16)  # stores the entry
+        reference = load(path, monkeypatch, direct=False, store=store, dtype=torch.bfloat16)
+        model = load(path, monkeypatch, direct=True, store=store, dtype=torch.bfloat16)
+        assert_same_model(reference, model, device="cuda")
+
+
+@pytest.mark.gpu
 def test_the_background_writer_copies_gpu_tensors_whole_through_its_pinned_buffer(monkeypatch, tmp_path):
     """Tensors larger than the pinned buffer, of odd sizes and several dtypes, come back from the file bit for bit."""
     import torch
