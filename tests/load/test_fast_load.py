@@ -27,6 +27,16 @@ from tiny import make_checkpoint
 OFF = {"FASTLOAD_DIRECT_LOAD": "0"}
 
 
+def family_checkpoint_at(directory: Path, family: str) -> Path:
+    """The matrix's tiny checkpoint of `family` (tests/train/family_shapes.py), as transformers saves it."""
+    shapes = str(Path(__file__).parents[1] / "train")
+    if shapes not in sys.path:
+        sys.path.insert(0, shapes)
+    from family_shapes import make_family_checkpoint
+
+    return make_family_checkpoint(directory, family)
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def family_checkpoint(request, tmp_path_factory) -> Path:
     """A tiny bf16 checkpoint per family: Llama (tied nothing, no biases) and Qwen2 (q/k/v biases)."""
@@ -99,10 +109,7 @@ def per_expert_checkpoint(request, tmp_path_factory) -> Path:
     projection (Mixtral's under block_sparse_moe, w1/w3/w2), which transformers stacks into fused experts."""
     from safetensors import safe_open
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-    from family_shapes import make_family_checkpoint
-
-    path = make_family_checkpoint(tmp_path_factory.mktemp(request.param) / "model", request.param)
+    path = family_checkpoint_at(tmp_path_factory.mktemp(request.param) / "model", request.param)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert any(".experts.0." in name for name in f.keys())  # per expert, not fused
     return path
@@ -554,13 +561,18 @@ def test_a_store_write_killed_mid_way_leaves_a_whole_entry_or_none(tmp_path):
 
 @pytest.mark.gpu
 def test_direct_load_on_the_gpu_is_the_model_from_pretrained_makes(family_checkpoint, monkeypatch, isolated_env):
+    assert_gpu_loads_agree(family_checkpoint, monkeypatch)
+
+
+def assert_gpu_loads_agree(checkpoint, monkeypatch) -> None:
+    """On CUDA in bf16, fresh and from the store entry the first load writes: the direct load is transformers' model."""
     import torch
 
     for store in (False, True):
         if store:
-            load(family_checkpoint, monkeypatch, direct=False, dtype=torch.bfloat16)  # stores the entry
-        reference = load(family_checkpoint, monkeypatch, direct=False, store=store, dtype=torch.bfloat16)
-        model = load(family_checkpoint, monkeypatch, direct=True, store=store, dtype=torch.bfloat16)
+            load(checkpoint, monkeypatch, direct=False, dtype=torch.bfloat16)  # stores the entry
+        reference = load(checkpoint, monkeypatch, direct=False, store=store, dtype=torch.bfloat16)
+        model = load(checkpoint, monkeypatch, direct=True, store=store, dtype=torch.bfloat16)
         assert_same_model(reference, model, device="cuda")
 
 
@@ -570,18 +582,7 @@ def test_direct_load_of_more_layouts_on_the_gpu_is_the_model_from_pretrained_mak
                                                                                   isolated_env):
     """On CUDA in bf16, fresh and from the store: the DeepSeek kin (its router kept fp32), Gemma-3's renamed
     image-text names, Qwen3.5-MoE's per-expert tensors under its text model."""
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-    from family_shapes import make_family_checkpoint
-
-    path = make_family_checkpoint(tmp_path / family, family)
-    for store in (False, True):
-        if store:
-            load(path, monkeypatch, direct=False, dtype=torch.bfloat16)  # stores the entry
-        reference = load(path, monkeypatch, direct=False, store=store, dtype=torch.bfloat16)
-        model = load(path, monkeypatch, direct=True, store=store, dtype=torch.bfloat16)
-        assert_same_model(reference, model, device="cuda")
+    assert_gpu_loads_agree(family_checkpoint_at(tmp_path / family, family), monkeypatch)
 
 
 @pytest.mark.gpu
@@ -616,10 +617,7 @@ def test_direct_load_reads_each_layout_as_from_pretrained_does(family, dtype, tm
     fp16): the direct load's model is transformers' own, bit for bit (these took transformers' slower loader before)."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-    from family_shapes import make_family_checkpoint
-
-    path = make_family_checkpoint(tmp_path / family, family)
+    path = family_checkpoint_at(tmp_path / family, family)
     options = dict(store=False, dtype=getattr(torch, dtype))
     reference = load(path, monkeypatch, direct=False, **options)
     model = load(path, monkeypatch, direct=True, **options)
@@ -632,8 +630,5 @@ def test_a_store_entry_with_fp32_kept_modules_loads_directly_as_from_pretrained_
     pre-quantized checkpoint (every other float cast to the compute dtype) must keep in fp32, as transformers does."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
-    from family_shapes import make_family_checkpoint
-
-    path = make_family_checkpoint(tmp_path / "deepseek_v3", "deepseek_v3")
+    path = family_checkpoint_at(tmp_path / "deepseek_v3", "deepseek_v3")
     assert_store_loads_agree(path, monkeypatch, dtype=torch.bfloat16)
