@@ -118,9 +118,8 @@ def test_projections_as_wide_as_the_expert_count_are_adapted_and_routers_are_not
 
     assert router_widths(model.config) == {64}  # the collision this case is about
     widths = {4}
-    router_like = [(path, torch_linear(64, 4)) for path in ("mlp.gate", "mlp.gate.wg", "mlp.router.layer",
-                                                            "router.classifier", "mlp.gate.router_mlp.out_proj")]
-    assert all(is_router(path, module, widths) for path, module in router_like)
+    router_names = ("mlp.gate", "mlp.gate.wg", "mlp.router.layer", "router.classifier", "mlp.gate.router_mlp.out_proj")
+    assert all(is_router(name, torch_linear(64, 4), widths) for name in router_names)
     assert not is_router("self_attn.b_proj", torch_linear(64, 4), widths)  # a linear-attention head gate
     assert not is_router("mlp.gate", torch_linear(64, 8), widths)  # not one logit per expert
 
