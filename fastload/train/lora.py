@@ -82,7 +82,7 @@ def _expert_targets(model, settings: LoraSettings) -> tuple[list[str], str]:
 
 
 def towers_outside_decoder(model, targets: list[str]) -> list[str]:
-    """Top-level parts beside the decoder (Gemma-3's vision tower) holding linear layers of the targets' names.
+    """Top-level parts beside the decoder (Gemma-3's vision tower) holding modules of the targets' names.
 
     peft matches target_modules by leaf name anywhere in the model, so q_proj would also adapt a SigLIP tower's;
     a text fine-tune leaves such towers frozen. Any module of a target's name counts, Linear or not: Gemma-4's vision
