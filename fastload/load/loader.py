@@ -306,6 +306,18 @@ def keep_4bit_layout_stable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def keep_weights_unscaled_at_eval(model) -> None:
+    """RWKV halves some layers' weights when it switches to eval (`rescale_every`, an fp16 overflow guard for
+    inference) and doubles them back for training: the adapters beside those layers would not be halved with them
+    (wrong outputs), and a 4-bit weight cannot be halved in place (generation fails in transformers). Off for
+    fine-tuning; bf16 needs no guard."""
+    every = getattr(model.config, "rescale_every", 0)
+    if model.config.model_type == "rwkv" and every:
+        model.config.rescale_every = 0
+        logger.info("rwkv: rescale_every=%s set to 0 (its eval-time halving of weights would leave the adapters "
+                    "out and cannot halve 4-bit weights)", every)
+
+
 def materialize_gguf(plan: LoadPlan, store_root) -> LoadPlan:
     from fastload.load.gguf import convert_gguf
 
@@ -528,6 +540,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
         if cast_unquantized(model, dtype):
             logger.info("cast the unquantized weights of %s to %s", plan.name, str(dtype).replace("torch.", ""))
     keep_4bit_layout_stable(model)
+    keep_weights_unscaled_at_eval(model)
     model.config.use_cache = False
     model.max_seq_length = max_seq_length
     state_of(model).task = opts.task

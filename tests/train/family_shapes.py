@@ -145,6 +145,9 @@ FAMILIES = {
     "bailing_hybrid": dict(**MLA, num_local_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=1,
                            topk_group=1, layer_group_size=2, head_dim=16, mlp_layer_types=["dense", "sparse"],
                            **EXPERTS),
+    # RWKV halves layers' weights at eval every rescale_every blocks (an fp16 guard): every block here, so a missed
+    # adapter or a 4-bit weight it cannot halve shows at generation
+    "rwkv": dict(rescale_every=1, attention_hidden_size=64),
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
