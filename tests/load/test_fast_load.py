@@ -608,8 +608,8 @@ def test_the_background_writer_copies_gpu_tensors_whole_through_its_pinned_buffe
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_next", "olmoe", "hunyuan_v1_moe", "phimoe", "jamba", "lfm2_moe",
                                     "qwen3_5_moe_text", "gemma3", "qwen3_5", "deepseek_v2", "deepseek_v3",
-                                    "deepseek_v32", "dots1", "glm4_moe", "glm4_moe_lite", "sarvam_mla", "gpt_oss",
-                                    "granitemoehybrid", "gpt_neox"])
+                                    "deepseek_v32", "glm_moe_dsa", "dots1", "glm4_moe", "glm4_moe_lite", "sarvam_mla",
+                                    "gpt_oss", "granitemoehybrid", "gpt_neox"])
 def test_direct_load_reads_each_layout_as_from_pretrained_does(family, dtype, tmp_path, monkeypatch):
     """Per-expert checkpoints of more MoE families, image-text checkpoints whose names transformers renames
     (Gemma-3's pre-5 names, Qwen3.5's text model under language_model, its tower skipped), and families whose

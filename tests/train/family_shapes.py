@@ -134,6 +134,10 @@ FAMILIES = {
     "deepseek_v32": dict(**MLA, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64, n_group=1,
                          topk_group=1, index_head_dim=16, index_n_heads=2, index_topk=8,
                          mlp_layer_types=["dense", "sparse"], **EXPERTS),
+    # GLM-5: DeepSeek-V3.2's shape (MLA, an indexer, experts after a dense first layer)
+    "glm_moe_dsa": dict(**MLA, head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
+                        first_k_dense_replace=1, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
+                        index_topk=8, mlp_layer_types=["dense", "sparse"], **EXPERTS),
     "sarvam_mla": dict(**MLA, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=64,
                        first_k_dense_replace=1, n_group=1, topk_group=1, **EXPERTS),
     # linear-attention hybrids: one linear-attention layer and one full-attention layer (with none of the latter the
@@ -151,8 +155,8 @@ FAMILIES = {
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
-       "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next", "glm4_moe_lite", "deepseek_v32", "sarvam_mla",
-       "kimi_linear", "bailing_hybrid", "ergo", "qwen3_5_moe_text")
+       "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa",
+       "sarvam_mla", "kimi_linear", "bailing_hybrid", "ergo", "qwen3_5_moe_text")
 # experts the engine's low-rank path does not compute: adapted by peft, and the engine says why (family -> the why)
 PEFT_EXPERTS = {"jetmoe": "not a transformers experts module",
                 "ergo": "overrides transformers' experts forward"}  # its per-route norm around the experts
