@@ -8,6 +8,7 @@ Here each chunk's logits are made, turned into its loss and its gradient w.r.t. 
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 
 import torch
@@ -123,12 +124,37 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
     return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs)
 
 
+# families whose decoder is not at .model but at the class's base_model_prefix (.transformer, .gpt_neox, .backbone,
+# .rwkv), and whose forward applies the output head straight to its last hidden state: each held to the plain
+# path's loss in the family matrix (tests/train/test_families.py)
+DECODER_ELSEWHERE = frozenset({"gpt2", "gpt_bigcode", "bloom", "falcon", "gpt_neox", "mamba", "rwkv"})
+
+
+def decoder_of(model):
+    """The module whose last hidden state the output head reads, or None where the fused loss cannot tell."""
+    if hasattr(model, "model"):
+        return model.model
+    if model.config.model_type in DECODER_ELSEWHERE:
+        return getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return None
+
+
+def head_of(model):
+    """The output head: lm_head, or (decoder elsewhere) the model's output embeddings when they are its own child
+    (GPT-NeoX's embed_out, RWKV's head)."""
+    head = getattr(model, "lm_head", None)
+    if head is None and model.config.model_type in DECODER_ELSEWHERE and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+        head = head if any(child is head for child in model.children()) else None
+    return head
+
+
 def supports_fused_loss(model) -> bool:
     """Plain lm_head over the decoder's last hidden state, nothing applied to the logits in between."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    head = getattr(model, "lm_head", None)
-    if head is None or not hasattr(model, "model") or not is_plain_linear(head) or head.bias is not None:
+    head = head_of(model)
+    if head is None or decoder_of(model) is None or not is_plain_linear(head) or head.bias is not None:
         return False
     if head.weight.requires_grad:
         return False  # trained lm_head (modules_to_save): let transformers compute its gradient
@@ -158,13 +184,15 @@ def install_fused_loss(model) -> bool:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.pop("num_items_in_batch", None)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     inputs_embeds=inputs_embeds)
+        decoder = decoder_of(self)
+        out = decoder(**{k: v for k, v in given.items() if v is not None}, **_no_cache(type(decoder)), **kwargs)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        weight = self.lm_head.weight
+        weight = head_of(self).weight
         # a head kept in another dtype (HY-V4's fp32 lm_head under a bf16 decoder) gets its input cast to it, as the
         # model's own forward does before lm_head
         hidden = hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
@@ -176,3 +204,11 @@ def install_fused_loss(model) -> bool:
     model.forward = types.MethodType(forward, model)
     mark_patched(model, model, "fused_loss")
     return True
+
+
+@functools.cache
+def _no_cache(decoder_class) -> dict:
+    """use_cache=False for a decoder that takes it (every one at .model does; of the others, not all)."""
+    params = inspect.signature(decoder_class.forward).parameters
+    takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}

@@ -47,8 +47,16 @@ def fused_loss_blocker(model) -> str:
             return f"the model changes the logits after lm_head ({attr}={getattr(text, attr)})"
     if getattr(text, "output_router_logits", False):
         return "the loss adds the routers' load-balancing term (output_router_logits=True)"
-    if not hasattr(model, "model"):  # Falcon's and GPT-NeoX's decoders are .transformer and .gpt_neox
-        return f"{type(model).__name__} keeps its decoder elsewhere than at .model, where the fused loss calls it"
+    from fastload.engine.fused_loss import decoder_of, head_of
+
+    head = getattr(model, "lm_head", None)
+    if getattr(head, "bias", None) is not None:
+        return "the output head adds a bias to the logits"
+    if decoder_of(model) is None:
+        return (f"{type(model).__name__} keeps its decoder elsewhere than at .model, and its family is not one whose "
+                "forward the fused loss is known to match")
+    if head_of(model) is None:
+        return f"{type(model).__name__}'s output head is not a layer of its own (a transform precedes it)"
     return "the output head is not a plain, frozen, bias-free Linear"
 
 

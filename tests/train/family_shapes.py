@@ -152,6 +152,9 @@ FAMILIES = {
     # RWKV halves layers' weights at eval every rescale_every blocks (an fp16 guard): every block here, so a missed
     # adapter or a 4-bit weight it cannot halve shows at generation
     "rwkv": dict(rescale_every=1, attention_hidden_size=64),
+    # StarCoder (1) and BLOOM: the decoder at .transformer, as GPT-2's (the fused loss finds it by base_model_prefix)
+    "gpt_bigcode": dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, max_position_embeddings=2048),
+    "bloom": dict(n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",

@@ -148,6 +148,33 @@ def test_family_with_defaults(family, tmp_path):
     assert isinstance(FastModel.generate(model, tokenizer, "hello", max_new_tokens=3), str)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "falcon", "gpt_neox", "mamba", "rwkv"])
+def test_fused_loss_finds_a_decoder_kept_elsewhere(family, tmp_path):
+    """GPT-2, StarCoder, BLOOM, Falcon (.transformer), Pythia (.gpt_neox, head embed_out), Mamba (.backbone) and RWKV
+    (.rwkv, head `head`) get the chunked loss, and it is their own forward's loss, gradients included."""
+    import torch
+
+    from fastload import FastModel
+    from tiny import nonzero_lora_b
+
+    model, tokenizer = FastModel.from_pretrained(str(make_family_checkpoint(tmp_path / family, family)))
+    assert "fused_loss" in model.fastload_engine, model.fastload_engine.skipped
+    nonzero_lora_b(model)
+    batch = batch_of(tokenizer)
+    model.train()
+    losses, grads = [], []
+    for fused in (True, False):  # return_dict=False: the model's own forward, full logits
+        model.zero_grad(set_to_none=True)
+        out = model(**batch) if fused else model(**batch, return_dict=False)
+        loss, logits = (out.loss, out.logits) if fused else out[:2]
+        assert (logits is None) == fused
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f in MOE])
 def test_expert_adapters_train_and_change_the_output(family, tmp_path, caplog):
     """The experts' LoRA matrices receive gradients, and they alone move the output; the load says so in one line."""
