@@ -32,7 +32,15 @@ def tiny_config(family: str, tokenizer):
         return family_config(family, tokenizer)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
-    return AutoConfig.for_model(family, **COMMON, head_dim=16, **ids)
+    config = AutoConfig.for_model(family, **COMMON, head_dim=16, **ids)
+    if "kv_lora_rank" in config.to_dict():  # multi-head latent attention: its own head sizes, rotary on 8 of them
+        for name, value in MLA_SIZES.items():
+            setattr(config, name, value)
+    return config
+
+
+MLA_SIZES = dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16,
+                 v_head_dim=16, head_dim=8, num_key_value_heads=4, index_head_dim=16, index_n_heads=2, index_topk=8)
 
 
 def try_family(family: str, folder: Path, max_params: float) -> dict:
