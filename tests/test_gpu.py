@@ -184,19 +184,22 @@ def test_cuda_graphs_train_like_eager_layers(gpu_llama, offload):
     assert cuda_graphs.WARM_CALLS == 2  # the step numbers above assume it
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "triton-bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_cross_entropy_chunks_match_the_torch_path(dtype):
-    """The kernel path (bf16 logits overwritten by their gradient) against the torch path (fp32 logits)."""
+def test_triton_cross_entropy_chunks_match_the_torch_path(dtype, with_bias):
+    """The kernel path (bf16 logits overwritten by their gradient) against the torch path (fp32 logits), with and
+    without a head's bias (GPT-J's, Phi's)."""
     from fastload.engine import fused_loss
 
     gen = torch.Generator().manual_seed(0)
     hidden = (torch.randn(3000, 512, generator=gen) * 0.5).to("cuda", dtype).requires_grad_()
     weight = (torch.randn(70_000, 512, generator=gen) * 0.05).to("cuda", dtype)  # 3 blocks of 32,768 per row
+    bias = torch.randn(70_000, generator=gen).to("cuda", dtype) if with_bias else None
     labels = torch.randint(0, 70_000, (3000,), generator=gen).cuda()
     labels[::7] = -100
-    kernel = fused_loss.ChunkedLinearCrossEntropy.apply(hidden, weight, labels, 1000, 1024, True)
+    kernel = fused_loss.ChunkedLinearCrossEntropy.apply(hidden, weight, labels, 1000, 1024, True, None, bias)
     (g_kernel,) = torch.autograd.grad(kernel, hidden)
-    torch_path = fused_loss.ChunkedLinearCrossEntropy.apply(hidden, weight, labels, 1000, 256, False)
+    torch_path = fused_loss.ChunkedLinearCrossEntropy.apply(hidden, weight, labels, 1000, 256, False, None, bias)
     (g_torch,) = torch.autograd.grad(torch_path, hidden)
     assert abs(kernel.item() - torch_path.item()) / torch_path.item() < 1e-4
     rel = (g_kernel.float() - g_torch.float()).norm() / g_torch.float().norm()

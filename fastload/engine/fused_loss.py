@@ -41,20 +41,21 @@ def chunk_tokens(vocab: int, bytes_per_logit: int = TORCH_BYTES_PER_LOGIT) -> in
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel, graphs=None):
+    def forward(ctx, hidden, weight, labels, divisor, chunk, use_kernel, graphs=None, bias=None):
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         replayed = None
         if graphs is not None and use_kernel and grad_hidden is not None:
             # a pure function of (hidden, labels): replayed in the layers' memory pool, its logits chunks
             # take no memory of their own
-            replayed = graphs.pure("loss", functools.partial(_loss_and_grad, weight=weight, chunk=chunk),
-                                   (hidden, labels), extra=(weight.data_ptr(), tuple(weight.shape), chunk))
+            replayed = graphs.pure("loss", functools.partial(_loss_and_grad, weight=weight, chunk=chunk, bias=bias),
+                                   (hidden, labels), extra=(weight.data_ptr(), tuple(weight.shape), chunk,
+                                                            None if bias is None else bias.data_ptr()))
         if replayed is not None:
             total, grad_hidden = replayed
         elif use_kernel:
-            total = _kernel_chunks(hidden, weight, labels, chunk, grad_hidden)
+            total = _kernel_chunks(hidden, weight, labels, chunk, grad_hidden, bias)
         else:
-            total = _torch_chunks(hidden, weight, labels, chunk, grad_hidden)
+            total = _torch_chunks(hidden, weight, labels, chunk, grad_hidden, bias)
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0))
         ctx.divisor = divisor
         ctx.has_grad = grad_hidden is not None
@@ -64,18 +65,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad_hidden,) = ctx.saved_tensors
         if not ctx.has_grad:
-            return None, None, None, None, None, None, None
-        return grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype), None, None, None, None, None, None
+            return (None,) * 8
+        return (grad_hidden * (grad_out / ctx.divisor).to(grad_hidden.dtype),) + (None,) * 7
 
 
-def _torch_chunks(hidden, weight, labels, chunk, grad_hidden):
+def _logits(h, weight, bias):
+    """h @ weight.T (+ bias): a head's bias moves the logits, never their gradient w.r.t. the hidden states."""
+    return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+
+
+def _torch_chunks(hidden, weight, labels, chunk, grad_hidden, bias=None):
     """Summed loss; grad_hidden (if given) filled with d(sum)/d(hidden). Any device, any float dtype."""
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; float64 stays float64
     total = torch.zeros((), dtype=acc, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start:start + chunk]
         y = labels[start:start + chunk]
-        logits = (h @ weight.t()).to(acc)
+        logits = _logits(h, weight, bias).to(acc)
         lse = torch.logsumexp(logits, dim=-1)
         valid = y != IGNORE_INDEX
         target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -89,12 +95,12 @@ def _torch_chunks(hidden, weight, labels, chunk, grad_hidden):
     return total
 
 
-def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
+def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden, bias=None):
     """As _torch_chunks, with the Triton kernel turning each chunk's logits into their gradient in place."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     labels = labels.contiguous()
     for start in range(0, hidden.shape[0], chunk):
-        logits = hidden[start:start + chunk] @ weight.t()
+        logits = _logits(hidden[start:start + chunk], weight, bias)
         cross_entropy_in_place(logits, labels[start:start + chunk], losses[start:start + chunk],
                                IGNORE_INDEX, write_grad=grad_hidden is not None)
         if grad_hidden is not None:
@@ -102,32 +108,36 @@ def _kernel_chunks(hidden, weight, labels, chunk, grad_hidden):
     return losses.sum()
 
 
-def _loss_and_grad(hidden, labels, weight, chunk):
+def _loss_and_grad(hidden, labels, weight, chunk, bias=None):
     grad_hidden = torch.empty_like(hidden)
-    return _kernel_chunks(hidden, weight, labels, chunk, grad_hidden), grad_hidden
+    return _kernel_chunks(hidden, weight, labels, chunk, grad_hidden, bias), grad_hidden
 
 
 def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None = None, chunk: int | None = None,
-                                 graphs=None):
-    """Mean cross-entropy of (hidden @ weight.T) against labels (-100 ignored); `weight` must be frozen.
+                                 graphs=None, bias=None):
+    """Mean cross-entropy of (hidden @ weight.T + bias) against labels (-100 ignored); `weight` and `bias` must be
+    frozen.
 
     On CUDA with triton, in bf16/fp16, each chunk goes through one Triton kernel (fastload.engine.triton.cross_entropy);
     with `graphs` (the model's cuda_graphs.ModelGraphs) the chunks replay as one CUDA graph once shapes repeat."""
     use_kernel = (triton_runs_on(hidden) and str(hidden.dtype).removeprefix("torch.") in KERNEL_DTYPES
-                  and weight.dtype == hidden.dtype and hidden.is_contiguous())
+                  and weight.dtype == hidden.dtype and hidden.is_contiguous()
+                  and (bias is None or bias.dtype == hidden.dtype))
     if chunk is None and graphs is not None and not graphs.disabled and use_kernel:
         # replayed as a graph, a chunk costs no launches from the host: smaller chunks keep the graphs' shared
         # memory pool (which must fit the largest chunk's logits) small
         chunk = chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT * GRAPHED_CHUNK_SHRINK)
     chunk = chunk or chunk_tokens(weight.shape[0], KERNEL_BYTES_PER_LOGIT if use_kernel else TORCH_BYTES_PER_LOGIT)
     divisor = num_items if num_items is not None else int((labels != IGNORE_INDEX).sum().item())
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, max(int(divisor), 1), chunk, use_kernel, graphs,
+                                           bias)
 
 
 # families whose decoder is not at .model but at the class's base_model_prefix (.transformer, .gpt_neox, .backbone,
 # .rwkv), and whose forward applies the output head straight to its last hidden state: each held to the plain
 # path's loss in the family matrix (tests/train/test_families.py)
-DECODER_ELSEWHERE = frozenset({"gpt2", "gpt_bigcode", "bloom", "falcon", "gpt_neox", "mamba", "rwkv"})
+DECODER_ELSEWHERE = frozenset({"gpt2", "gpt_bigcode", "bloom", "falcon", "gpt_neox", "gptj", "codegen", "mamba",
+                               "rwkv"})
 
 
 def decoder_of(model):
@@ -154,9 +164,9 @@ def supports_fused_loss(model) -> bool:
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head = head_of(model)
-    if head is None or decoder_of(model) is None or not is_plain_linear(head) or head.bias is not None:
+    if head is None or decoder_of(model) is None or not is_plain_linear(head):
         return False
-    if head.weight.requires_grad:
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         return False  # trained lm_head (modules_to_save): let transformers compute its gradient
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(text, attr, None) not in (None, 1, 1.0):
@@ -192,11 +202,13 @@ def install_fused_loss(model) -> bool:
         shifted = labels[:, 1:].reshape(-1).to(hidden.device)
         if hasattr(num_items, "item"):
             num_items = num_items.item()
-        weight = head_of(self).weight
+        head = head_of(self)
+        weight, bias = head.weight, head.bias
         # a head kept in another dtype (HY-V4's fp32 lm_head under a bf16 decoder) gets its input cast to it, as the
         # model's own forward does before lm_head
         hidden = hidden if hidden.dtype == weight.dtype else hidden.to(weight.dtype)
-        loss = chunked_linear_cross_entropy(hidden, weight, shifted, num_items, graphs=graphs_of(self))
+        loss = chunked_linear_cross_entropy(hidden, weight, shifted, num_items, graphs=graphs_of(self),
+                                            bias=None if bias is None else bias.to(weight.dtype))
         # no cache (training, use_cache=False); hidden states and attentions when asked for, as transformers gives
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
                                       attentions=getattr(out, "attentions", None))

@@ -49,15 +49,12 @@ def fused_loss_blocker(model) -> str:
         return "the loss adds the routers' load-balancing term (output_router_logits=True)"
     from fastload.engine.fused_loss import decoder_of, head_of
 
-    head = getattr(model, "lm_head", None)
-    if getattr(head, "bias", None) is not None:
-        return "the output head adds a bias to the logits"
     if decoder_of(model) is None:
         return (f"{type(model).__name__} keeps its decoder elsewhere than at .model, and its family is not one whose "
                 "forward the fused loss is known to match")
     if head_of(model) is None:
         return f"{type(model).__name__}'s output head is not a layer of its own (a transform precedes it)"
-    return "the output head is not a plain, frozen, bias-free Linear"
+    return "the output head is not a plain, frozen Linear"
 
 
 def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, str]:

@@ -11,16 +11,18 @@ from fastload.engine.fused_loss import chunked_linear_cross_entropy
 from tiny import nonzero_lora_b
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk", [3, 16, 1024])
-def test_chunked_cross_entropy_matches_full_logits(chunk):
+def test_chunked_cross_entropy_matches_full_logits(chunk, with_bias):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 24, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 24, generator=gen, dtype=torch.float64)
+    bias = torch.randn(50, generator=gen, dtype=torch.float64) * 3 if with_bias else None  # a head's (GPT-J, Phi)
     labels = torch.randint(0, 50, (37,), generator=gen)
     labels[::5] = -100
-    ours = chunked_linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    ours = chunked_linear_cross_entropy(hidden, weight, labels, chunk=chunk, bias=bias)
     (g_ours,) = torch.autograd.grad(ours * 3.0, hidden)
-    ref = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+    ref = F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=-100)
     (g_ref,) = torch.autograd.grad(ref * 3.0, hidden)
     assert torch.allclose(ours, ref, rtol=1e-10)  # float64: exact up to summation order
     assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12)
