@@ -183,9 +183,11 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict 
             elif key not in source_of and param.dim() == 3:
                 experts = expert_sources(key, param.shape[0], layout)
                 parts = [source_of.get(n, n) for n in experts] if experts else parts
+                if experts and prequantized:  # experts stored 4-bit one by one (a transformers 4 quantization)
+                    parts += [f"{part}.{s}" for part in parts for s in QUANT_STAT_SUFFIXES if f"{part}.{s}" in where]
             if key not in source_of and key in tied and parts == [key]:
                 continue  # tied to another weight: tie_weights fills it
-            if parts[0] != key and spans is not None:
+            if parts[0] != key and spans is not None and not any(p.endswith(QUANT_STAT_SUFFIXES) for p in parts):
                 _check_converted_shapes(key, param, parts, spans)
             wanted[key] = parts
         persistent = set(getattr(module, "_buffers", {})) - set(getattr(module, "_non_persistent_buffers_set", ()))
@@ -198,6 +200,21 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict 
     if missing or extra:
         raise NotCovered(f"checkpoint names differ from the model's ({(missing + extra)[:3]})")
     return wanted
+
+
+def experts_stored_4bit_one_by_one(model_type: str | None, weight_files) -> bool:
+    """Whether a pre-quantized checkpoint of a family whose experts transformers 5 fuses holds them as 4-bit weights
+    of their own (transformers 4's bnb-4bit layout): transformers 5 cannot read them, the direct load stacks them."""
+    from fastload.sources.checkpoint_files import read_safetensors_header
+
+    layout = layout_of(model_type)
+    if not layout or not layout.get("stacks"):
+        return False
+    names = [n for f in weight_files if Path(f).suffix == ".safetensors" for n in read_safetensors_header(Path(f))]
+    pieces = [re.escape(piece).replace(re.escape("{e}"), r"\d+") for parts in layout["stacks"].values()
+              for piece in parts]
+    statistics = re.compile(rf"\.(?:{'|'.join(pieces)})\.absmax$")
+    return any(statistics.search(name) for name in renamed(names, layout))
 
 
 def _check_converted_shapes(key: str, param, parts: list[str], spans: dict) -> None:
@@ -225,7 +242,41 @@ def gathered(slot: tuple, key: str, arrived: dict[str, torch.Tensor], sources: l
     if len(sources) == 1:
         return {key: arrived[sources[0]]}
     module, name = slot
+    weights = [s for s in sources if not s.endswith(QUANT_STAT_SUFFIXES)]
+    if len(weights) < len(sources):
+        return {key: _stacked_from_4bit(key, getattr(module, name), weights, arrived)}
     return {key: stacked([arrived.pop(s) for s in sources], getattr(module, name).shape[0])}
+
+
+def _stacked_from_4bit(key: str, skeleton, weights: list[str], arrived: dict[str, torch.Tensor]):
+    """A fused expert parameter from experts each stored 4-bit with its own statistics (Mixtral's and Qwen-MoE's
+    bnb-4bit uploads, made by transformers 4 when every expert was a Linear): each dequantized as bitsandbytes
+    does, into the skeleton parameter's dtype, then stacked. The load stores the stack 4-bit again
+    (fastload.load.experts): re-quantizing the dequantized values gives back the same 4-bit codes and block scales
+    (each block's largest value is its scale; with double quantization the scales are quantized again)."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    from fastload.errors import CheckpointIncomplete
+    from fastload.load.prequantized import quant_state
+
+    dense = []
+    for weight in weights:
+        packed = arrived.pop(weight)
+        stats = {k[len(weight) + 1:]: arrived.pop(k) for k in [k for k in arrived if k.startswith(weight + ".")]}
+        if not stats:  # a 16-bit expert among 4-bit ones
+            dense.append(packed)
+            continue
+        state = quant_state(stats, packed.device) or QuantState.from_dict(stats, packed.device)
+        state.dtype = skeleton.dtype  # the values it was stored from, not rounded to the dtype it was stored in
+        dense.append(dequantize_4bit(packed, state))
+    shape = skeleton.shape
+    pieces = len(weights) // shape[0]
+    wrong = [w for w, d in zip(weights, dense) if tuple(d.shape) != (shape[1] // pieces, *shape[2:])]
+    if wrong or shape[1] % pieces:
+        raise CheckpointIncomplete(f"Loading {key}", found=f"{wrong[:1]} holds a {tuple(dense[0].shape)} weight, "
+                                   f"not its part of the model's {tuple(shape)} experts",
+                                   fix="use the config.json that belongs to these weights")
+    return stacked(dense, shape[0])
 
 
 def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int,

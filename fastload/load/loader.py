@@ -516,6 +516,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
+        if plan.prequantized and info is not None and info.safetensors:
+            refuse_experts_stored_one_by_one(plan, config, info.weight_files)
         quantizes = (not plan.prequantized and plan.quant.quantized) or experts_4bit is not None
         from fastload.load.global_patches import PATCHING_GLOBALS
 
@@ -545,6 +547,21 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     model.max_seq_length = max_seq_length
     state_of(model).task = opts.task
     return model, dtype, device
+
+
+def refuse_experts_stored_one_by_one(plan: LoadPlan, config, weight_files) -> None:
+    """transformers 5 cannot read a transformers 4 bnb-4bit MoE checkpoint (each expert 4-bit on its own; it fuses
+    the experts): it fails on the sizes, which would read as a damaged checkpoint. Only the direct load reads it."""
+    from fastload.load.fast_4bit import experts_stored_4bit_one_by_one
+
+    if experts_stored_4bit_one_by_one(config.model_type, weight_files):
+        raise CheckpointError(f"Loading {plan.name!r} from {plan.location}",
+                              found="its experts are stored 4-bit one by one (a transformers 4 bitsandbytes "
+                                    "checkpoint), which transformers 5 cannot read; fastload's direct 4-bit load "
+                                    "stacks them, but does not cover this load (the log says why)",
+                              fix="load it on one device, without trust_remote_code, rope_scaling or extra model "
+                                  "arguments (and without FASTLOAD_DIRECT_LOAD=0); or load the 16-bit original, "
+                                  "which fastload quantizes as it loads")
 
 
 def check_quant_states(plan: LoadPlan, model) -> None:
