@@ -183,8 +183,10 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict 
             elif key not in source_of and param.dim() == 3:
                 experts = expert_sources(key, param.shape[0], layout)
                 parts = [source_of.get(n, n) for n in experts] if experts else parts
-                if experts and prequantized:  # experts stored 4-bit one by one (a transformers 4 quantization)
-                    parts += [f"{part}.{s}" for part in parts for s in QUANT_STAT_SUFFIXES if f"{part}.{s}" in where]
+            if prequantized and not isinstance(module, bnb.nn.Linear4bit) and param.is_floating_point():
+                # weights transformers 4 stored 4-bit (each expert, a router: Linear layers then) that transformers 5
+                # holds as plain parameters
+                parts += [f"{part}.{s}" for part in parts for s in QUANT_STAT_SUFFIXES if f"{part}.{s}" in where]
             if key not in source_of and key in tied and parts == [key]:
                 continue  # tied to another weight: tie_weights fills it
             if parts[0] != key and spans is not None and not any(p.endswith(QUANT_STAT_SUFFIXES) for p in parts):
@@ -237,21 +239,23 @@ def _check_converted_shapes(key: str, param, parts: list[str], spans: dict) -> N
 def gathered(slot: tuple, key: str, arrived: dict[str, torch.Tensor], sources: list[str]):
     """The arrived tensors as place() takes them, under the model's names: a renamed tensor under its own name,
     per-expert tensors stacked into their fused parameter (fastload.load.expert_layouts)."""
+    import bitsandbytes as bnb
+
+    module, name = slot
+    weights = [s for s in sources if not s.endswith(QUANT_STAT_SUFFIXES)]
+    if len(weights) < len(sources) and not isinstance(module, bnb.nn.Linear4bit):
+        return {key: _from_4bit(key, getattr(module, name), weights, arrived)}
     if sources[0] == key:  # its own name (a stored 4-bit weight's statistics follow it)
         return arrived
     if len(sources) == 1:
         return {key: arrived[sources[0]]}
-    module, name = slot
-    weights = [s for s in sources if not s.endswith(QUANT_STAT_SUFFIXES)]
-    if len(weights) < len(sources):
-        return {key: _stacked_from_4bit(key, getattr(module, name), weights, arrived)}
     return {key: stacked([arrived.pop(s) for s in sources], getattr(module, name).shape[0])}
 
 
-def _stacked_from_4bit(key: str, skeleton, weights: list[str], arrived: dict[str, torch.Tensor]):
-    """A fused expert parameter from experts each stored 4-bit with its own statistics (Mixtral's and Qwen-MoE's
-    bnb-4bit uploads, made by transformers 4 when every expert was a Linear): each dequantized as bitsandbytes
-    does, into the skeleton parameter's dtype, then stacked. The load stores the stack 4-bit again
+def _from_4bit(key: str, skeleton, weights: list[str], arrived: dict[str, torch.Tensor]):
+    """A plain parameter from weights transformers 4 stored 4-bit when they were Linear layers (Mixtral's and
+    Qwen-MoE's bnb-4bit uploads: each expert, and their routers): each dequantized as bitsandbytes does, into the
+    skeleton parameter's dtype, and stacked where they are experts. The load stores an expert stack 4-bit again
     (fastload.load.experts): re-quantizing the dequantized values gives back the same 4-bit codes and block scales
     (each block's largest value is its scale; with double quantization the scales are quantized again)."""
     from bitsandbytes.functional import QuantState, dequantize_4bit
@@ -270,13 +274,18 @@ def _stacked_from_4bit(key: str, skeleton, weights: list[str], arrived: dict[str
         state.dtype = skeleton.dtype  # the values it was stored from, not rounded to the dtype it was stored in
         dense.append(dequantize_4bit(packed, state))
     shape = skeleton.shape
-    pieces = len(weights) // shape[0]
-    wrong = [w for w, d in zip(weights, dense) if tuple(d.shape) != (shape[1] // pieces, *shape[2:])]
-    if wrong or shape[1] % pieces:
-        raise CheckpointIncomplete(f"Loading {key}", found=f"{wrong[:1]} holds a {tuple(dense[0].shape)} weight, "
-                                   f"not its part of the model's {tuple(shape)} experts",
+    if len(weights) == 1:
+        expected = {weights[0]: tuple(shape)}
+    else:
+        pieces = len(weights) // shape[0]
+        expected = {w: (shape[1] // pieces, *shape[2:]) for w in weights} if shape[1] % pieces == 0 else {}
+    wrong = [w for w, d in zip(weights, dense) if tuple(d.shape) != expected.get(w)]
+    if wrong:
+        found = dict(zip(weights, dense))[wrong[0]].shape
+        raise CheckpointIncomplete(f"Loading {key}", found=f"{wrong[0]} holds a {tuple(found)} weight, not its part "
+                                   f"of the model's {tuple(shape)} {key.rpartition('.')[2]}",
                                    fix="use the config.json that belongs to these weights")
-    return stacked(dense, shape[0])
+    return dense[0] if len(dense) == 1 else stacked(dense, shape[0])
 
 
 def reader_chunks(where: dict[str, Path], spans: dict[str, Span], readers: int,

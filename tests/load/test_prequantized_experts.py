@@ -26,7 +26,8 @@ ROUTERS = ("block_sparse_moe.gate.", "mlp.gate.")
 
 def transformers4_bnb_checkpoint(directory: Path, family: str, double_quant: bool) -> tuple[Path, Path]:
     """(the 4-bit checkpoint, a 16-bit one of its dequantized values under the same names): every projection and
-    expert quantized on its own, routers and embeddings 16-bit, as transformers 4 + bitsandbytes saved them."""
+    expert quantized on its own as transformers 4 + bitsandbytes saved them; the routers too with `double_quant`
+    (transformers 4's default), 16-bit without (a skip list, as some uploads have)."""
     import bitsandbytes.functional as bnbf
     from safetensors.torch import load_file, save_file
 
@@ -36,8 +37,9 @@ def transformers4_bnb_checkpoint(directory: Path, family: str, double_quant: boo
         tensors.update(load_file(f))
     quantized, dequantized = {}, {}
     for name, value in tensors.items():
-        if value.ndim != 2 or not name.endswith("proj.weight") and ".experts." not in name or any(
-                r in name for r in ROUTERS):
+        router = any(r in name for r in ROUTERS)
+        if value.ndim != 2 or not name.endswith("proj.weight") and ".experts." not in name and not router or (
+                router and not double_quant):  # transformers 4 quantized the routers unless told to skip them
             quantized[name] = dequantized[name] = value
             continue
         packed, state = bnbf.quantize_4bit(value.to(torch.bfloat16), quant_type="nf4", blocksize=64,
@@ -57,7 +59,7 @@ def transformers4_bnb_checkpoint(directory: Path, family: str, double_quant: boo
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": double_quant, "bnb_4bit_compute_dtype": "bfloat16",
-        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["gate", "lm_head"]}
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head"] + ([] if double_quant else ["gate"])}
     (four_bit / "config.json").write_text(json.dumps(config))
     return four_bit, sixteen_bit
 
