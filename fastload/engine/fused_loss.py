@@ -136,8 +136,8 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 # families whose decoder is not at .model but at the class's base_model_prefix (.transformer, .gpt_neox, .backbone,
 # .rwkv), and whose forward applies the output head straight to its last hidden state: each held to the plain
 # path's loss in the family matrix (tests/train/test_families.py)
-DECODER_ELSEWHERE = frozenset({"gpt2", "gpt_bigcode", "bloom", "falcon", "gpt_neox", "gptj", "codegen", "mamba",
-                               "rwkv"})
+DECODER_ELSEWHERE = frozenset({"gpt2", "gpt_bigcode", "bloom", "falcon", "mpt", "gpt_neox", "gptj", "codegen", "mamba",
+                               "falcon_mamba", "rwkv"})
 
 
 def decoder_of(model):

@@ -53,7 +53,8 @@ def fused_loss_blocker(model) -> str:
         return (f"{type(model).__name__} keeps its decoder elsewhere than at .model, and its family is not one whose "
                 "forward the fused loss is known to match")
     if head_of(model) is None:
-        return f"{type(model).__name__}'s output head is not a layer of its own (a transform precedes it)"
+        return (f"{type(model).__name__} has no lm_head the fused loss can call (its output layer is named otherwise "
+                "or sits inside a prediction head)")
     return "the output head is not a plain, frozen Linear"
 
 

@@ -155,6 +155,9 @@ FAMILIES = {
     # StarCoder (1) and BLOOM: the decoder at .transformer, as GPT-2's (the fused loss finds it by base_model_prefix)
     "gpt_bigcode": dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, max_position_embeddings=2048),
     "bloom": dict(n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
+    # MPT (its decoder at .transformer, ALiBi) and Falcon-Mamba (at .backbone, as Mamba's)
+    "mpt": dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=2048),
+    "falcon_mamba": dict(state_size=8, expand=2),
 }
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",

@@ -148,8 +148,8 @@ def test_family_with_defaults(family, tmp_path):
     assert isinstance(FastModel.generate(model, tokenizer, "hello", max_new_tokens=3), str)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "falcon", "gpt_neox", "gptj", "codegen",
-                                    "mamba", "rwkv", "phi"])
+@pytest.mark.parametrize("family", ["gpt2", "gpt_bigcode", "bloom", "falcon", "mpt", "gpt_neox", "gptj", "codegen",
+                                    "mamba", "falcon_mamba", "rwkv", "phi"])
 def test_fused_loss_of_decoders_kept_elsewhere_and_heads_with_a_bias(family, tmp_path):
     """GPT-2, StarCoder, BLOOM, Falcon, GPT-J, CodeGen (.transformer), Pythia (.gpt_neox, head embed_out), Mamba
     (.backbone) and RWKV (.rwkv, head `head`) get the chunked loss, GPT-J, CodeGen and Phi with their head's bias; it
