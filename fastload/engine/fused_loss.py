@@ -138,6 +138,7 @@ def chunked_linear_cross_entropy(hidden, weight, labels, num_items: int | None =
 # path's loss in the family matrix (tests/train/test_families.py)
 DECODER_ELSEWHERE = frozenset({"gpt2", "gpt_bigcode", "bloom", "falcon", "mpt", "gpt_neox", "gptj", "codegen", "mamba",
                                "falcon_mamba", "rwkv"})
+NO_MASK = frozenset({"rwkv"})  # its own forward never hands the decoder an attention mask (the decoder warns if given)
 
 
 def decoder_of(model):
@@ -151,7 +152,7 @@ def decoder_of(model):
 
 def head_of(model):
     """The output head: lm_head, or (decoder elsewhere) the model's output embeddings when they are its own child
-    (GPT-NeoX's embed_out, RWKV's head)."""
+    (RWKV's head)."""
     head = getattr(model, "lm_head", None)
     if head is None and model.config.model_type in DECODER_ELSEWHERE and hasattr(model, "get_output_embeddings"):
         head = model.get_output_embeddings()
@@ -194,8 +195,8 @@ def install_fused_loss(model) -> bool:
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.pop("num_items_in_batch", None)
-        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     inputs_embeds=inputs_embeds)
+        given = dict(input_ids=input_ids, attention_mask=None if self.config.model_type in NO_MASK else attention_mask,
+                     position_ids=position_ids, inputs_embeds=inputs_embeds)
         decoder = decoder_of(self)
         out = decoder(**{k: v for k, v in given.items() if v is not None}, **_no_cache(type(decoder)), **kwargs)
         hidden = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])

@@ -41,6 +41,7 @@ from fastload.structure import stored_transposed
 
 QUANT_STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                        "quant_state.bitsandbytes__fp4")
+STAT_ENDINGS = tuple(f".{suffix}" for suffix in QUANT_STAT_SUFFIXES)  # a statistic's name: its weight's, then these
 SWITCH = "FASTLOAD_DIRECT_LOAD"  # =0 takes transformers' from_pretrained for every load
 READERS = min(8, os.cpu_count() or 1)  # reader threads over all shards, each on a run of neighbouring tensors
 READ_AHEAD = 16  # tensors read but not yet placed: bounds the device memory the readers can get ahead by
@@ -189,7 +190,7 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict 
                 parts += [f"{part}.{s}" for part in parts for s in QUANT_STAT_SUFFIXES if f"{part}.{s}" in where]
             if key not in source_of and key in tied and parts == [key]:
                 continue  # tied to another weight: tie_weights fills it
-            if parts[0] != key and spans is not None and not any(p.endswith(QUANT_STAT_SUFFIXES) for p in parts):
+            if parts[0] != key and spans is not None and not any(p.endswith(STAT_ENDINGS) for p in parts):
                 _check_converted_shapes(key, param, parts, spans)
             wanted[key] = parts
         persistent = set(getattr(module, "_buffers", {})) - set(getattr(module, "_non_persistent_buffers_set", ()))
@@ -242,7 +243,7 @@ def gathered(slot: tuple, key: str, arrived: dict[str, torch.Tensor], sources: l
     import bitsandbytes as bnb
 
     module, name = slot
-    weights = [s for s in sources if not s.endswith(QUANT_STAT_SUFFIXES)]
+    weights = [s for s in sources if not s.endswith(STAT_ENDINGS)]
     if len(weights) < len(sources) and not isinstance(module, bnb.nn.Linear4bit):
         return {key: _from_4bit(key, getattr(module, name), weights, arrived)}
     if sources[0] == key:  # its own name (a stored 4-bit weight's statistics follow it)
@@ -256,11 +257,13 @@ def _from_4bit(key: str, skeleton, weights: list[str], arrived: dict[str, torch.
     """A plain parameter from weights transformers 4 stored 4-bit when they were Linear layers (Mixtral's and
     Qwen-MoE's bnb-4bit uploads: each expert, and their routers): each dequantized as bitsandbytes does, into the
     skeleton parameter's dtype, and stacked where they are experts. The load stores an expert stack 4-bit again
-    (fastload.load.experts): re-quantizing the dequantized values gives back the same 4-bit codes and block scales
-    (each block's largest value is its scale; with double quantization the scales are quantized again)."""
+    (fastload.load.experts): re-quantizing the dequantized values in the same blocks of 64 gives back the same
+    values (NF4: the same codes) and block scales (each block's largest value is its scale; with double quantization the
+    scales are quantized again). Experts stored in other blocks are refused rather than quantized twice."""
     from bitsandbytes.functional import QuantState, dequantize_4bit
 
-    from fastload.errors import CheckpointIncomplete
+    from fastload.errors import CheckpointError, CheckpointIncomplete
+    from fastload.load.nf4_experts import BLOCKSIZE
     from fastload.load.prequantized import quant_state
 
     dense = []
@@ -271,6 +274,11 @@ def _from_4bit(key: str, skeleton, weights: list[str], arrived: dict[str, torch.
             dense.append(packed)
             continue
         state = quant_state(stats, packed.device) or QuantState.from_dict(stats, packed.device)
+        if skeleton.ndim == 3 and state.blocksize != BLOCKSIZE:  # a stack re-quantized at 64 would change its codes
+            raise CheckpointError(f"Loading {weight}", found=f"the experts are stored 4-bit in blocks of "
+                                  f"{state.blocksize} values; fastload stores expert stacks in bitsandbytes' blocks of "
+                                  f"{BLOCKSIZE}, which would quantize them a second time",
+                                  fix="load the 16-bit original, which fastload quantizes as it loads")
         state.dtype = skeleton.dtype  # the values it was stored from, not rounded to the dtype it was stored in
         dense.append(dequantize_4bit(packed, state))
     shape = skeleton.shape

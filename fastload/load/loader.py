@@ -310,12 +310,15 @@ def keep_weights_unscaled_at_eval(model) -> None:
     """RWKV halves some layers' weights when it switches to eval (`rescale_every`, an fp16 overflow guard for
     inference) and doubles them back for training: the adapters beside those layers would not be halved with them
     (wrong outputs), and a 4-bit weight cannot be halved in place (generation fails in transformers). Off for
-    fine-tuning; bf16 needs no guard."""
+    fine-tuning, and in a merged model's config; bf16 needs no guard, fp16 evaluation of a deep RWKV may overflow
+    (the log says so)."""
     every = getattr(model.config, "rescale_every", 0)
     if model.config.model_type == "rwkv" and every:
         model.config.rescale_every = 0
         logger.info("rwkv: rescale_every=%s set to 0 (its eval-time halving of weights would leave the adapters "
-                    "out and cannot halve 4-bit weights)", every)
+                    "out and cannot halve 4-bit weights)%s", every,
+                    "; in float16 a deep RWKV may overflow when evaluated: bf16 has no such limit"
+                    if model.dtype == torch.float16 else "")
 
 
 def materialize_gguf(plan: LoadPlan, store_root) -> LoadPlan:
@@ -516,8 +519,8 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     if model is not None:
         info = {}  # the direct load took every tensor by its own name: nothing missing, mismatched or extra
     else:
-        if plan.prequantized and info is not None and info.safetensors:
-            refuse_experts_stored_one_by_one(plan, config, info.weight_files)
+        if plan.prequantized and info is not None and info.safetensors and not opts.trust_remote_code:
+            refuse_experts_stored_one_by_one(plan, config, info.weight_files)  # remote code may keep Linear experts
         quantizes = (not plan.prequantized and plan.quant.quantized) or experts_4bit is not None
         from fastload.load.global_patches import PATCHING_GLOBALS
 
@@ -559,9 +562,9 @@ def refuse_experts_stored_one_by_one(plan: LoadPlan, config, weight_files) -> No
                               found="its experts are stored 4-bit one by one (a transformers 4 bitsandbytes "
                                     "checkpoint), which transformers 5 cannot read; fastload's direct 4-bit load "
                                     "stacks them, but does not cover this load (the log says why)",
-                              fix="load it on one device, without trust_remote_code, rope_scaling or extra model "
-                                  "arguments (and without FASTLOAD_DIRECT_LOAD=0); or load the 16-bit original, "
-                                  "which fastload quantizes as it loads")
+                              fix="load it on one device, without rope_scaling or extra model arguments (and "
+                                  "without FASTLOAD_DIRECT_LOAD=0); or load the 16-bit original, which fastload "
+                                  "quantizes as it loads")
 
 
 def check_quant_states(plan: LoadPlan, model) -> None:

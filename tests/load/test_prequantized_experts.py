@@ -24,7 +24,8 @@ EXPERT_NAMES = {"mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe
 ROUTERS = ("block_sparse_moe.gate.", "mlp.gate.")
 
 
-def transformers4_bnb_checkpoint(directory: Path, family: str, double_quant: bool) -> tuple[Path, Path]:
+def transformers4_bnb_checkpoint(directory: Path, family: str, double_quant: bool,
+                                 blocksize: int = 64) -> tuple[Path, Path]:
     """(the 4-bit checkpoint, a 16-bit one of its dequantized values under the same names): every projection and
     expert quantized on its own as transformers 4 + bitsandbytes saved them; the routers too with `double_quant`
     (transformers 4's default), 16-bit without (a skip list, as some uploads have)."""
@@ -42,7 +43,7 @@ def transformers4_bnb_checkpoint(directory: Path, family: str, double_quant: boo
                 router and not double_quant):  # transformers 4 quantized the routers unless told to skip them
             quantized[name] = dequantized[name] = value
             continue
-        packed, state = bnbf.quantize_4bit(value.to(torch.bfloat16), quant_type="nf4", blocksize=64,
+        packed, state = bnbf.quantize_4bit(value.to(torch.bfloat16), quant_type="nf4", blocksize=blocksize,
                                            compress_statistics=double_quant)
         quantized[name] = packed
         quantized.update({f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()})
@@ -115,6 +116,16 @@ def assert_trains(model, batch) -> None:
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def test_experts_stored_in_other_blocks_are_refused_rather_than_quantized_twice(tmp_path, isolated_env):
+    """Blocks of 128 (older ROCm bitsandbytes builds): a stack re-quantized in blocks of 64 would change the stored
+    values; the load says so, and what to load instead."""
+    from fastload.errors import CheckpointError
+
+    four_bit, _ = transformers4_bnb_checkpoint(tmp_path, "mixtral", double_quant=True, blocksize=128)
+    with pytest.raises(CheckpointError, match="(?s)blocks of 128.*16-bit original"):
+        FastModel.from_pretrained(str(four_bit))
 
 
 @pytest.mark.gpu
