@@ -441,6 +441,32 @@ def test_family_without_causal_lm_is_unsupported_architecture(tmp_path):
     assert "ViT" in str(err.value)
 
 
+def test_an_encoder_decoder_checkpoint_is_unsupported_architecture_not_a_damaged_one(tmp_path):
+    """BART as released (encoder and decoder): transformers' causal LM for it is the decoder alone, which reads the
+    checkpoint as one with missing weights; fastload names the kind of model and what to use instead. Its saved
+    decoder-only variant (BartForCausalLM) still loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from fastload import FastModel
+    from fastload.errors import UnsupportedArchitecture
+    from tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    config = AutoConfig.for_model("bart", vocab_size=len(tokenizer), d_model=64, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                  decoder_ffn_dim=128)
+    torch.manual_seed(0)
+    for name, auto in (("bart", AutoModelForSeq2SeqLM), ("bart-decoder", AutoModelForCausalLM)):
+        auto.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        FastModel.from_pretrained(str(tmp_path / "bart"))
+    assert "encoder-decoder" in str(err.value) and "Seq2SeqTrainer" in str(err.value)
+    model, _ = FastModel.from_pretrained(str(tmp_path / "bart-decoder"))
+    assert type(model.get_base_model()).__name__ == "BartForCausalLM"
+
+
 def test_unknown_model_type_is_unsupported_architecture_naming_it(tmp_path):
     """A config.json whose model_type this transformers does not know (a newer family, or a typo) ends in fastload's
     error naming the type and what to do, before any weight is read, never in transformers' ValueError."""

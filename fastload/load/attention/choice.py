@@ -75,6 +75,13 @@ def choose_attn_implementation(config, device: str, dtype, asked: str | None) ->
         raise UnsupportedArchitecture(f"Loading a model of model_type {config.model_type!r}",
                                       found=f"transformers {_version()} has no causal language model for "
                                             f"{type(config).__name__} ({kind})", fix=fix)
+    if cls is not None and getattr(config, "is_encoder_decoder", False) and not getattr(config, "auto_map", None):
+        # BART, mBART, Pegasus, Marian...: their causal LM is the decoder alone, which would drop the encoder's weights
+        # (a saved decoder-only variant says is_encoder_decoder=False and loads)
+        kind, fix = _not_causal_lm(config)
+        raise UnsupportedArchitecture(f"Loading a model of model_type {config.model_type!r}",
+                                      found=f"this checkpoint is {kind.split(':')[0]}; transformers' {cls.__name__} "
+                                            "is its decoder alone, without the encoder", fix=fix)
     arch = cls.__name__ if cls is not None else type(config).__name__
     if asked in AUTO:
         best = next(name for name in runnable if name in AUTO_CHOICES)
