@@ -29,6 +29,9 @@ FAMILIES = {
     "gemma3": "multimodal",
     "gemma4": "multimodal",  # its vision tower's layers are clipping modules named q_proj...: never LoRA targets
     "qwen3_5": "multimodal",  # Qwen3.5 as released: image-text weights, loaded as its text model
+    # Llama-4 (Scout, Maverick) as released: image-text, loaded as its text model; experts in its own layout (peft's
+    # path), routers a Linear subclass (kept 16-bit, warned)
+    "llama4": "multimodal",
     "lfm2": dict(block_dim=64, block_ff_dim=128, layer_types=["conv", "full_attention"]),
     "granitemoehybrid": dict(num_local_experts=4, **EXPERTS, shared_intermediate_size=128,
                              layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
@@ -162,9 +165,10 @@ FAMILIES = {
 MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deepseek_v3", "jamba", "olmoe",
        "deepseek_v2", "phimoe", "glm4_moe", "jetmoe", "hunyuan_v1_moe", "dots1", "lfm2_moe",
        "longcat_flash", "deepseek_v4", "hy_v4", "qwen3_next", "glm4_moe_lite", "deepseek_v32", "glm_moe_dsa",
-       "sarvam_mla", "kimi_linear", "bailing_hybrid", "ergo", "qwen3_5_moe_text")
+       "sarvam_mla", "kimi_linear", "bailing_hybrid", "ergo", "qwen3_5_moe_text", "llama4")
 # experts the engine's low-rank path does not compute: adapted by peft, and the engine says why (family -> the why)
 PEFT_EXPERTS = {"jetmoe": "not a transformers experts module",
+                "llama4": "not a transformers experts module",
                 "ergo": "overrides transformers' experts forward"}  # its per-route norm around the experts
 
 
@@ -175,7 +179,7 @@ def family_config(family: str, tokenizer):
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     if FAMILIES[family] == "multimodal":
-        return {"gemma3": _gemma3, "gemma4": _gemma4, "qwen3_5": _qwen3_5}[family](ids)
+        return {"gemma3": _gemma3, "gemma4": _gemma4, "qwen3_5": _qwen3_5, "llama4": _llama4}[family](ids)
     if family in ("gemma3n_text", "gemma4_text"):  # their per-layer input embeddings span the vocabulary too
         ids["vocab_size_per_layer_input"] = len(tokenizer)
     return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]}, **ids)
@@ -217,6 +221,18 @@ def _qwen3_5(ids: dict):
     return AutoConfig.for_model("qwen3_5", text_config=text, vision_config=vision, image_token_id=top - 1,
                                 video_token_id=top - 2, vision_start_token_id=top - 3, vision_end_token_id=top - 4,
                                 tie_word_embeddings=False)
+
+
+def _llama4(ids: dict):
+    """Llama-4 as released: image-text (a tiny vision tower) around a text model whose every layer has experts."""
+    from transformers import AutoConfig
+
+    text = dict(**COMMON, **ids, intermediate_size_mlp=128, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                interleave_moe_layer_step=1, no_rope_layers=[1, 1], attention_chunk_size=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64)
+    return AutoConfig.for_model("llama4", text_config=text, vision_config=vision,
+                                image_token_index=ids["vocab_size"] - 1, tie_word_embeddings=False)
 
 
 # parameters that transformers initializes to zero but a trained checkpoint holds nonzero: left zero, they cut a path
