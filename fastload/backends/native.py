@@ -196,6 +196,12 @@ class NativeBackend:
         return load_tokenizer(replace(plan, source=P.LOCAL, location=plan.adapter), opts)
 
     def _store(self, plan, opts, model, tokenizer, store):
+        from fastload.load.task import loads_back
+
+        if not loads_back(model.config, opts.task):
+            logger.info("store: %s's config (%s) does not load back as this model in transformers: not stored, the "
+                        "next load quantizes again", type(model).__name__, model.config.model_type)
+            return
         started = time.perf_counter()
         key = plan.store_key
         if plan.source == P.HUB_DOWNLOAD:  # downloaded just now: keyed by the commit, as the next load looks it up

@@ -76,6 +76,19 @@ def model_class(task: str):
     return AutoModelForCausalLM
 
 
+def loads_back(config, task: str) -> bool:
+    """Whether a checkpoint saved with this config loads back as the task's model: a text model transformers builds
+    from an image-text checkpoint may have a config of its own that its auto class does not map (Llama-3.2-Vision's
+    MllamaTextConfig); remote code maps itself."""
+    if getattr(config, "auto_map", None):
+        return True
+    try:
+        model_class(task)._model_mapping[type(config)]
+    except (KeyError, AttributeError, ValueError):
+        return False
+    return True
+
+
 def text_model_only(config, task: str) -> str | None:
     """The class name when transformers loads only the text model of this image-text checkpoint for the task
     (Qwen3.5's causal LM: its vision tower's weights are not read), else None (a text model, or a class that keeps

@@ -235,6 +235,18 @@ def _llama4(ids: dict):
                                 image_token_index=ids["vocab_size"] - 1, tie_word_embeddings=False)
 
 
+def mllama_config(ids: dict):
+    """Llama-3.2-Vision as released: a tiny vision tower beside a text model whose second layer is cross-attention
+    (not in the matrix: its merged text model's config is one transformers' auto classes do not load)."""
+    from transformers import AutoConfig
+
+    text = dict(**COMMON, **ids, cross_attention_layers=[1])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+                  image_size=28, patch_size=14, vision_output_dim=64, intermediate_layers_indices=[0])
+    return AutoConfig.for_model("mllama", text_config=text, vision_config=vision,
+                                image_token_index=ids["vocab_size"] - 1)
+
+
 # parameters that transformers initializes to zero but a trained checkpoint holds nonzero: left zero, they cut a path
 # out of the tiny model (Gemma-3n's AltUp scales the per-layer input gate's input by correct_output_scale, so every
 # per_layer_input_gate / per_layer_projection gradient was 0 with and without the engine)

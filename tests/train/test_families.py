@@ -441,6 +441,37 @@ def test_family_without_causal_lm_is_unsupported_architecture(tmp_path):
     assert "ViT" in str(err.value)
 
 
+def test_llama_3_2_vision_loads_again_and_its_adapter_reloads(tmp_path, caplog):
+    """Its causal LM is the text model, whose config (MllamaTextConfig) transformers' AutoModelForCausalLM does not
+    map: a store entry of it could not be loaded back (the second load failed). It is not stored; every load reads the
+    image-text checkpoint, and the adapter reloads onto it."""
+    import logging
+
+    import torch
+    from family_shapes import mllama_config
+    from transformers import AutoModelForImageTextToText
+
+    from fastload import FastModel
+    from tiny import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    config = mllama_config(dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / "mllama")
+    tokenizer.save_pretrained(tmp_path / "mllama")
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(tmp_path / "mllama"))
+    assert "does not load back" in caplog.text
+    assert type(model.get_base_model()).__name__ == "MllamaForCausalLM"
+    batch = batch_of(tokenizer)
+    train(model, FastModel.get_optimizer(model, lr=LR), batch)
+    trained = logits_of(model, batch)
+    FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tokenizer)
+    reloaded, _ = FastModel.from_pretrained(str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits_of(reloaded, batch), trained, atol=LOGITS_ATOL, rtol=0)
+
+
 def test_an_encoder_decoder_checkpoint_is_unsupported_architecture_not_a_damaged_one(tmp_path):
     """BART as released (encoder and decoder): transformers' causal LM for it is the decoder alone, which reads the
     checkpoint as one with missing weights; fastload names the kind of model and what to use instead. Its saved
