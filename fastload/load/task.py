@@ -80,13 +80,7 @@ def loads_back(config, task: str) -> bool:
     """Whether a checkpoint saved with this config loads back as the task's model: a text model transformers builds
     from an image-text checkpoint may have a config of its own that its auto class does not map (Llama-3.2-Vision's
     MllamaTextConfig); remote code maps itself."""
-    if getattr(config, "auto_map", None):
-        return True
-    try:
-        model_class(task)._model_mapping[type(config)]
-    except (KeyError, AttributeError, ValueError):
-        return False
-    return True
+    return bool(getattr(config, "auto_map", None)) or _mapped(model_class(task), config) is not None
 
 
 def text_model_only(config, task: str) -> str | None:
@@ -107,13 +101,15 @@ def concrete_classes(task: str, config) -> list:
     config, whose class is not known before it loads."""
     from transformers import AutoModel
 
-    classes = []
-    for auto in (model_class(task), AutoModel):
-        try:
-            classes.append(auto._model_mapping[type(config)])
-        except (KeyError, AttributeError, ValueError):
-            pass
-    return classes
+    return [cls for auto in (model_class(task), AutoModel) if (cls := _mapped(auto, config)) is not None]
+
+
+def _mapped(auto, config):
+    """The class `auto` (an Auto* class) builds for this config, or None when it maps none."""
+    try:
+        return auto._model_mapping[type(config)]
+    except (KeyError, AttributeError, ValueError):
+        return None
 
 
 def head_in_full_precision(model) -> int:

@@ -78,10 +78,9 @@ def choose_attn_implementation(config, device: str, dtype, asked: str | None) ->
     if cls is not None and getattr(config, "is_encoder_decoder", False) and not getattr(config, "auto_map", None):
         # BART, mBART, Pegasus, Marian...: their causal LM is the decoder alone, which would drop the encoder's weights
         # (a saved decoder-only variant says is_encoder_decoder=False and loads)
-        kind, fix = _not_causal_lm(config)
         raise UnsupportedArchitecture(f"Loading a model of model_type {config.model_type!r}",
-                                      found=f"this checkpoint is {kind.split(':')[0]}; transformers' {cls.__name__} "
-                                            "is its decoder alone, without the encoder", fix=fix)
+                                      found=f"this checkpoint is {ENCODER_DECODER}; transformers' {cls.__name__} is "
+                                            "its decoder alone, without the encoder", fix=ENCODER_DECODER_FIX)
     arch = cls.__name__ if cls is not None else type(config).__name__
     if asked in AUTO:
         best = next(name for name in runnable if name in AUTO_CHOICES)
@@ -100,9 +99,7 @@ def choose_attn_implementation(config, device: str, dtype, asked: str | None) ->
 def _not_causal_lm(config) -> tuple[str, str]:
     """What kind of model a config without a causal LM describes, and what the user can do instead."""
     if getattr(config, "is_encoder_decoder", False):
-        return ("an encoder-decoder model: fastload fine-tunes decoder-only causal language models",
-                "pick a decoder-only checkpoint (Llama, Qwen, Mistral, ...); encoder-decoder models train with "
-                "peft and transformers' Seq2SeqTrainer")
+        return f"{ENCODER_DECODER}: fastload fine-tunes decoder-only causal language models", ENCODER_DECODER_FIX
     if getattr(config, "vision_config", None) is not None:
         return ("an image-text model with no causal language model in transformers: fastload fine-tunes the text "
                 "part of those that have one (Gemma-3, Gemma-4, Qwen3.5)",
@@ -112,6 +109,9 @@ def _not_causal_lm(config) -> tuple[str, str]:
             "pick a text-generation checkpoint, or upgrade transformers")
 
 
+ENCODER_DECODER = "an encoder-decoder model"
+ENCODER_DECODER_FIX = ("pick a decoder-only checkpoint (Llama, Qwen, Mistral, ...); encoder-decoder models train with "
+                       "peft and transformers' Seq2SeqTrainer")
 KNOWN = ("eager", "sdpa", "flash_attention_2", "flex_attention", "xformers")
 # chosen automatically, best first; xformers and flex stay explicit: neither handles every family's softcap or sinks
 AUTO_CHOICES = ("flash_attention_2", "sdpa", "eager")
