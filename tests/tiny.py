@@ -86,6 +86,22 @@ def nonzero_lora_b(model, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
+def train_steps(model, batch, steps: int = 3, lr: float = 1e-3) -> list[float]:
+    """`steps` optimizer steps on `batch` (its input ids as labels) with fastload's default optimizer; the losses."""
+    from fastload import FastModel
+
+    optimizer = FastModel.get_optimizer(model, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def make_sentencepiece_style_tokenizer(vocab_size: int = 384):
     """A Llama-2-style tokenizer.json: BPE with byte fallback, '▁' for spaces, <0xXX> byte pieces in the vocab."""
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers

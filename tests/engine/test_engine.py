@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastload import FastModel
 from fastload.engine.fused_loss import chunked_linear_cross_entropy
-from tiny import nonzero_lora_b
+from tiny import nonzero_lora_b, train_steps
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -129,16 +129,7 @@ def test_smollm2_learns_as_much_with_the_engine(smollm2_dir):
     for engine in (False, True):
         model, tok = FastModel.from_pretrained(smollm2_dir, engine=engine, store=False, max_seq_length=128,
                                                random_state=3, dtype=torch.float32)  # fp32 even where bf16 is native
-        opt = FastModel.get_optimizer(model, lr=1e-3)
-        enc = tok([text], return_tensors="pt")
-        losses = []
-        for _ in range(4):
-            loss = model(**enc, labels=enc["input_ids"]).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        results[engine] = losses
+        results[engine] = train_steps(model, tok([text], return_tensors="pt"), steps=4)
     assert results[True][-1] < results[True][0] * 0.8
     assert abs(results[True][-1] - results[False][-1]) / results[False][-1] < 1e-3, results
 

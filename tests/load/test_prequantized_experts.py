@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastload import FastModel
+from tiny import train_steps
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
@@ -106,15 +107,7 @@ def assert_stacks_hold_the_stored_codes(model, four_bit: Path, family: str) -> N
 
 
 def assert_trains(model, batch) -> None:
-    model.train()
-    optimizer = FastModel.get_optimizer(model, lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, lr=1e-2)
     assert losses[-1] < losses[0], losses
 
 

@@ -136,7 +136,7 @@ def test_gemma4_moe_variant_adapts_its_experts_and_leaves_its_router(tmp_path):
     import torch
 
     from fastload import FastModel
-    from tiny import make_tokenizer
+    from tiny import make_tokenizer, train_steps
 
     vocab = len(make_tokenizer())
     path = make_family_checkpoint(tmp_path / "gemma4_moe", "gemma4_text", config=dict(
@@ -149,12 +149,5 @@ def test_gemma4_moe_variant_adapts_its_experts_and_leaves_its_router(tmp_path):
     assert not any(".router" in a for a in adapted), sorted(adapted)
     assert "expert_lora" in model.fastload_engine
     batch = tokenizer(["hello world, how are you today?"] * 2, return_tensors="pt")
-    optimizer, losses = FastModel.get_optimizer(model, lr=1e-3), []
-    model.train()
-    for _ in range(3):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
