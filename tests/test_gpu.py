@@ -115,8 +115,7 @@ def test_engine_levers_keep_loss_and_lora_gradients(gpu_llama, levers):
     fast, _ = FastModel.from_pretrained(gpu_llama, engine=levers, store=False, random_state=1)
     expected = {lever for lever, on in levers.items() if on and lever != "kernels"}
     if levers["kernels"]:  # the lever's parts, each named when installed
-        expected |= {"triton_rmsnorm", "triton_swiglu"}
-        expected |= {"liger_rope"} if importlib.util.find_spec("liger_kernel") else set()
+        expected |= {"triton_rmsnorm", "triton_swiglu", "triton_rope"}
     assert expected <= set(fast.fastload_engine), fast.fastload_engine
     nonzero_lora_b(plain)
     nonzero_lora_b(fast)

@@ -30,7 +30,7 @@ class EngineSettings:
     cuda_graphs: bool = False            # checkpointed layers (and the loss) replayed as CUDA graphs once a shape
                                          # repeats (CUDA): ~1.6x on a 1B model, for a memory pool of ~one layer's
                                          # recomputation (opt-in: it trades memory for speed)
-    kernels: bool = True                 # Triton RMSNorm / SwiGLU, liger-kernel RoPE where installed (CUDA)
+    kernels: bool = True                 # Triton RMSNorm, SwiGLU and RoPE where triton is installed (CUDA)
 
     @classmethod
     def from_user(cls, value) -> "EngineSettings":

@@ -1,19 +1,18 @@
 """Fused Triton kernels on this instance's RMSNorm, SwiGLU and RoPE (CUDA only).
 
-RMSNorm and SwiGLU use fastload's own lean kernels (fastload.engine.triton.layers) wherever triton is installed;
-RoPE uses liger-kernel's when it is installed. A norm whose weight is trained (at the time of the call) runs
-transformers' forward.
+fastload's own lean kernels (fastload.engine.triton.layers and .rope) wherever triton is installed. A norm whose
+weight is trained (at the time of the call) runs transformers' forward.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import types
 
 from fastload.engine.rotary import LEVER as ROPE
 from fastload.engine.rotary import install_rotary_attention
 from fastload.engine.triton.launch import triton_available, triton_runs_on
 from fastload.engine.triton.layers import rms_norm, swiglu
+from fastload.engine.triton.rope import rotate
 from fastload.model_state import is_patched, mark_patched, state_of
 from fastload.structure import class_named
 
@@ -33,8 +32,8 @@ def install_kernels(model) -> list[str]:
             used.append(RMSNORM)
         if _swiglu(model):
             used.append(SWIGLU)
-    if importlib.util.find_spec("liger_kernel") is not None and _rope(model):
-        used.append(ROPE)
+        if _rope(model):
+            used.append(ROPE)
     return used
 
 
@@ -69,9 +68,7 @@ def _swiglu(model) -> bool:
 
 
 def _rope(model) -> bool:
-    from liger_kernel.ops.rope import LigerRopeFunction
-
-    install_rotary_attention(model, LigerRopeFunction.apply, applies=triton_runs_on)
+    install_rotary_attention(model, rotate, applies=triton_runs_on)
     return _any_patched(model, ROPE)
 
 

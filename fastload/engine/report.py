@@ -70,15 +70,10 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
         skipped["fused_loss"] = fused_loss_blocker(base_model(model))
     if settings.offload_checkpointing and device == "cuda" and "offload_checkpointing" not in used:
         skipped["offload_checkpointing"] = offload_blocker(base_model(model))
-    kernels = {"triton_rmsnorm", "triton_swiglu"} | ({"liger_rope"} if _installed("liger_kernel") else set())
+    kernels = {"triton_rmsnorm", "triton_swiglu", "triton_rope"}
     if settings.kernels and device == "cuda" and not kernels <= set(used):
         missing = ", ".join(sorted(kernels - set(used)))
         skipped["kernels"] = (f"{missing}: written for Llama-style RMSNorm/SwiGLU/attention modules, which "
                               f"{type(model).__name__} lacks (or triton is not installed)")
     return skipped
 
-
-def _installed(package: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(package) is not None

@@ -1,10 +1,12 @@
-"""Llama attention with the rotary embedding applied by one fused kernel (liger-kernel's), on this instance only.
+"""Attention with the rotary embedding applied by one fused kernel, on this instance only.
 
 transformers applies RoPE with a handful of elementwise ops (two halves, a negation, a concatenation, two
-products, a sum) for q and k, forward, recomputation and backward; liger-kernel does it in place in one Triton
-kernel each way. transformers calls its module-level apply_rotary_pos_emb from LlamaAttention.forward, so the
-only way to change it for one model without patching transformers is this instance's forward: the same steps,
-the rotation swapped. Anything beyond plain training (a KV cache, positional extras) goes to the original forward.
+products, a sum) for q and k, forward, recomputation and backward; fastload's Triton kernel does q and k in one
+launch each way (fastload.engine.triton.rope). transformers calls its module-level apply_rotary_pos_emb from the
+attention's forward, so the only way to change it for one model without patching transformers is this instance's
+forward: the same steps, the rotation swapped. The classes taken are those whose forward is Llama's up to two
+differences, listed per class: per-head q/k norms before the rotation (Qwen3) and where the sliding window comes
+from. Anything beyond plain training (a KV cache, positional extras) goes to the original forward.
 """
 
 from __future__ import annotations
@@ -13,11 +15,21 @@ import sys
 import types
 
 from fastload.model_state import is_patched, mark_patched
-from fastload.structure import class_named
 
-LEVER = "liger_rope"  # the name the engine report gives it (kernels.py)
+LEVER = "triton_rope"  # the name the engine report gives it (kernels.py)
 
-CLASSES = ("LlamaAttention",)  # same forward; Mistral/Qwen add sliding windows or norms: left to transformers
+# class name: (q_norm/k_norm per head before the rotation, the sliding window passed to attention: from the
+# module, from its config, or none) -- transformers' own forwards, which tests/engine/test_rotary.py holds them to
+CLASSES = {
+    "LlamaAttention": (False, None),
+    "GraniteAttention": (False, None),
+    "Qwen2MoeAttention": (False, None),
+    "MistralAttention": (False, "config"),
+    "MixtralAttention": (False, "config"),
+    "Qwen2Attention": (False, "module"),
+    "Qwen3Attention": (True, "module"),
+    "Qwen3MoeAttention": (True, "module"),
+}
 _SKIP = ("cache", "past_key_values", "cache_position")
 
 
@@ -31,9 +43,17 @@ def _interface(module):
     return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def rotary_attention_forward(original, rotate, applies=None):
-    """A forward for one attention module: `rotate(q, k, cos, sin) -> (q, k)` replaces transformers' rotation
-    (where `applies(hidden_states)`, if given)."""
+def _window_kwargs(module, window_from) -> dict:
+    if window_from == "module":
+        return {"sliding_window": module.sliding_window}
+    if window_from == "config":
+        return {"sliding_window": getattr(module.config, "sliding_window", None)}
+    return {}
+
+
+def rotary_attention_forward(original, rotate, applies=None, head_norms: bool = False, window_from=None):
+    """A forward for one attention module: `rotate(q, k, cos, sin) -> (q, k)`, or None where it does not take
+    these tensors, replaces transformers' rotation (where `applies(hidden_states)`, if given)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         if (args or position_embeddings is None or not self.training
@@ -43,14 +63,20 @@ def rotary_attention_forward(original, rotate, applies=None):
         kwargs = {name: value for name, value in kwargs.items() if name not in _SKIP}
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if head_norms:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = rotate(query, key, cos, sin)
+        rotated = rotate(query, key, cos, sin)
+        if rotated is None:  # a shape or layout the kernel does not take: the module's own rotation
+            rotated = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = rotated
         output, weights = _interface(self)(self, query, key, value, attention_mask,
                                            dropout=self.attention_dropout,  # (training only: see above)
-                                           scaling=self.scaling, **kwargs)
+                                           scaling=self.scaling, **_window_kwargs(self, window_from), **kwargs)
         output = output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(output), weights
 
@@ -58,10 +84,13 @@ def rotary_attention_forward(original, rotate, applies=None):
 
 
 def install_rotary_attention(model, rotate, applies=None) -> int:
+    """Give each attention module of a class in CLASSES the forward with `rotate`; returns how many now have it."""
     count = 0
     for module in model.modules():
-        if class_named(module, CLASSES) and not is_patched(model, module, LEVER):
-            module.forward = types.MethodType(rotary_attention_forward(module.forward, rotate, applies), module)
+        layout = CLASSES.get(type(module).__name__)
+        if layout is not None and not is_patched(model, module, LEVER):
+            forward = rotary_attention_forward(module.forward, rotate, applies, *layout)
+            module.forward = types.MethodType(forward, module)
             mark_patched(model, module, LEVER)
             count += 1
     return count

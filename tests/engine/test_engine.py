@@ -237,8 +237,9 @@ def test_bf16_training_from_a_fresh_adapter_follows_the_plain_path(tiny_llama, m
 
 
 def test_rotary_attention_forward_is_transformers_attention_with_the_rotation_swapped(tiny_llama):
-    """The instance forward behind the fused-RoPE lever (liger on CUDA), given transformers' own rotation: same
-    outputs and LoRA gradients in training; generation (a KV cache) goes through transformers' forward."""
+    """The instance forward behind the fused-RoPE lever (fastload's Triton kernel on CUDA), given transformers' own
+    rotation: same outputs and LoRA gradients in training; generation (a KV cache) goes through transformers'
+    forward."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from fastload.engine.rotary import install_rotary_attention

@@ -299,7 +299,7 @@ def test_gemma2_attention_choice(asked, runs, tmp_path):
 
 def engine_levers_unaccounted(report, asked: tuple[str, ...]) -> list[str]:
     """Levers asked for that the engine report neither lists as on nor names, with a reason, as not applied."""
-    on = set(report) | ({"kernels"} if {"triton_rmsnorm", "triton_swiglu", "liger_rope"} & set(report) else set())
+    on = set(report) | ({"kernels"} if {"triton_rmsnorm", "triton_swiglu", "triton_rope"} & set(report) else set())
     return [lever for lever in asked if lever not in on and lever not in report.skipped]
 
 
