@@ -141,9 +141,10 @@ def _factors(wrapper, adapter: str):
 
 
 def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
+                    weights: torch.Tensor, scale_inputs: bool = False) -> torch.Tensor:
     """The experts' output for tokens routed by (indices, weights), each adapted projection in low-rank form:
-    the arithmetic of transformers' grouped_mm experts forward plus s (x A_e^T) B_e^T per projection."""
+    the arithmetic of transformers' grouped_mm experts forward plus s (x A_e^T) B_e^T per projection.
+    `scale_inputs`: each routed row is scaled by its weight before the experts, not after (Llama-4's layout)."""
     top_k = indices.shape[-1]
     order, perm = torch.sort(indices.reshape(-1))
     inverse = torch.empty_like(perm)
@@ -156,17 +157,20 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
         x = triton_experts.spread_rows(hidden, token_of_row, inverse, top_k)
     else:
         x = SpreadRows.apply(hidden, perm, inverse, top_k)
-    up = "gate_up_proj" if experts.has_gate else "up_proj"
-    h, h_lora = _projection(experts, up, x, order, offsets, factors.get(up))
     # a gather whose gradient is a gather: indexing's own backward accumulates with a sort and atomics (48 such
     # calls, 5 ms of host time in two Qwen3-MoE steps on an H100)
     routing = PermuteRows.apply(weights.reshape(-1), perm, inverse).unsqueeze(-1)
+    if scale_inputs:
+        x = x * routing
+    up = "gate_up_proj" if experts.has_gate else "up_proj"
+    h, h_lora = _projection(experts, up, x, order, offsets, factors.get(up))
     # (h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
     # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
     # not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)
     post_norm = getattr(experts, "has_post_expert_norm", False)  # set from transformers 5.2x on; absent means none
     inner = h.shape[-1] // (2 if experts.has_gate else 1)
-    weighted_early = (not experts.has_bias and not post_norm and inner < width and routing.dtype == h.dtype)
+    weighted_early = (not scale_inputs and not experts.has_bias and not post_norm and inner < width
+                      and routing.dtype == h.dtype)
     if (fused and experts.has_gate and _default_gate(experts)
             and triton_experts.kernel_runs("gate", device, dtype, inner, h_lora is not None, weighted_early)):
         h = triton_experts.experts_gate(h, h_lora, routing if weighted_early else None)
@@ -183,7 +187,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     y = _summed(y, y_lora)
     if post_norm:
         y = experts.post_expert_norm(y)
-    if not weighted_early:
+    if not weighted_early and not scale_inputs:
         y = y * routing
     # summed over the k choices of each token, as transformers does (fp32 accumulation inside the sum)
     return PermuteRows.apply(y, inverse, perm).view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
@@ -389,6 +393,9 @@ def install_expert_lora(model) -> dict[str, str]:
     Returns:
         {experts class name: why} for the adapted modules the lever leaves to peft (empty when it covers all).
     """
+    from fastload.engine.llama4_moe import install_llama4_moe
+
+    install_llama4_moe(model)  # its experts are reached through the layer around them: marked patched there
     blocked = {}
     for outer in outer_wrappers(model):
         if is_patched(model, outer, LEVER):

@@ -51,15 +51,16 @@ def _window_kwargs(module, window_from) -> dict:
     return {}
 
 
-def rotary_attention_forward(original, rotate, applies=None, head_norms: bool = False, window_from=None):
+def rotary_attention_forward(rotate, applies=None, head_norms: bool = False, window_from=None):
     """A forward for one attention module: `rotate(q, k, cos, sin) -> (q, k)`, or None where it does not take
-    these tensors, replaces transformers' rotation (where `applies(hidden_states)`, if given)."""
+    these tensors, replaces transformers' rotation (where `applies(hidden_states)`, if given). Every other call
+    goes to the class's forward (read from `self`, so a deep copy of the model computes with its own weights)."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
         if (args or position_embeddings is None or not self.training
                 or any(kwargs.get(name) is not None for name in _SKIP)
                 or (applies is not None and not applies(hidden_states))):
-            return original(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+            return type(self).forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         kwargs = {name: value for name, value in kwargs.items() if name not in _SKIP}
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -89,7 +90,7 @@ def install_rotary_attention(model, rotate, applies=None) -> int:
     for module in model.modules():
         layout = CLASSES.get(type(module).__name__)
         if layout is not None and not is_patched(model, module, LEVER):
-            forward = rotary_attention_forward(module.forward, rotate, applies, *layout)
+            forward = rotary_attention_forward(rotate, applies, *layout)
             module.forward = types.MethodType(forward, module)
             mark_patched(model, module, LEVER)
             count += 1

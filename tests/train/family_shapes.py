@@ -168,7 +168,6 @@ MOE = ("mixtral", "qwen3_moe", "gpt_oss", "granitemoehybrid", "qwen2_moe", "deep
        "sarvam_mla", "kimi_linear", "bailing_hybrid", "ergo", "qwen3_5_moe_text", "llama4")
 # experts the engine's low-rank path does not compute: adapted by peft, and the engine says why (family -> the why)
 PEFT_EXPERTS = {"jetmoe": "not a transformers experts module",
-                "llama4": "not a transformers experts module",
                 "ergo": "overrides transformers' experts forward"}  # its per-route norm around the experts
 
 

@@ -1,0 +1,104 @@
+"""Llama-4's mixture-of-experts layer with each token through its chosen experts only.
+
+transformers' Llama4TextMoe sends every token through every expert, its input scaled by the router's score (zero for
+the experts not chosen), and sums the outputs: Llama-4 Scout's 16 experts with one chosen per token do 16 times the
+expert work a routed layer does, and peft's adapters on the fused expert weights build W + s B A for every expert
+on every call. Here the router's top-k choices pick the rows: each token scaled by its score, then the routed
+low-rank expert path of fastload.engine.expert_lora (grouped matmuls, 4-bit stacks dequantized per projection).
+An expert not chosen adds exactly zero in transformers' sum (no biases, and silu(0) * 0 = 0), so the routed sum
+is the same sum. Patched per instance on Llama4TextMoe; any call the lever cannot compute goes to its own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from fastload.engine.expert_lora import LEVER, active_factors, experts_forward, wrapper_chain
+from fastload.model_state import is_patched, mark_patched
+
+MOE_CLASS, EXPERTS_CLASS = "Llama4TextMoe", "Llama4TextExperts"
+
+
+class Llama4Layout:
+    """Llama4TextExperts read as transformers' experts layout: weights stored (experts, in, out) ("transposed"),
+    gate and up concatenated in gate_up_proj (gate first), no biases."""
+
+    has_gate, has_bias, is_transposed, is_concatenated = True, False, True, True
+
+    def __init__(self, experts) -> None:
+        self.experts = experts
+        self.num_experts = experts.num_experts
+        self.act_fn = experts.act_fn
+
+    @property
+    def gate_up_proj(self):
+        return self.experts.gate_up_proj
+
+    @property
+    def down_proj(self):
+        return self.experts.down_proj
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return up * self.act_fn(gate)
+
+
+def _experts_and_factors(moe):
+    """(Llama4TextExperts, {projection: factors}) for this call, or None when it must take transformers' forward
+    (adapters disabled, merged or several active; experts wrapped by something other than peft)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    outer = moe.experts
+    if isinstance(outer, ParamWrapper):
+        experts = outer.get_base_layer()
+        factors = active_factors(wrapper_chain(outer), experts)
+        if factors is None or set(factors) - {"gate_up_proj", "down_proj"}:
+            return None
+    else:
+        experts, factors = outer, {}
+    if type(experts).__name__ != EXPERTS_CLASS or torch.nn.utils.parametrize.is_parametrized(experts):
+        return None
+    return experts, _as_stored(factors, experts)
+
+
+def _as_stored(factors: dict, experts) -> dict:
+    """The factors for x W with W stored (experts, in, out). peft reads a 3-D parameter as (experts, out, in) unless
+    its module says `is_transposed` (Llama-4's does not): its update s B A then has B on the stored input side, so
+    x (W + s B A) = x W + s (x B) A, i.e. the roles of A^T and B^T swap."""
+    if getattr(experts, "is_transposed", False):
+        return factors
+    return {name: (b_t.transpose(-2, -1), a_t.transpose(-2, -1), scaling)
+            for name, (a_t, b_t, scaling) in factors.items()}
+
+
+def _routed_forward(self, hidden_states):
+    found = _experts_and_factors(self)
+    if found is None or not hidden_states.is_floating_point():
+        return type(self).forward(self, hidden_states)
+    experts, factors = found
+    hidden = hidden_states.reshape(-1, self.hidden_dim)
+    scores, logits = self.router(hidden)
+    chosen = torch.topk(logits, self.top_k, dim=1).indices  # the router's own choice (the same call)
+    routed = experts_forward(Llama4Layout(experts), factors, hidden, chosen, scores.gather(1, chosen),
+                             scale_inputs=True)
+    out = self.shared_expert(hidden)
+    return out + routed.to(out.dtype), logits
+
+
+def install_llama4_moe(model) -> int:
+    """Give each Llama4TextMoe of the model the routed forward; returns how many now have it. The experts' outermost
+    peft wrapper is marked with the expert lever too, so the engine report counts its experts as computed."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ != MOE_CLASS or is_patched(model, module, LEVER):
+            continue
+        module.forward = types.MethodType(_routed_forward, module)
+        mark_patched(model, module, LEVER)
+        if isinstance(module.experts, ParamWrapper):
+            mark_patched(model, module.experts, LEVER)
+        count += 1
+    return count
