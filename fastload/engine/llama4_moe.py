@@ -11,6 +11,7 @@ is the same sum. Patched per instance on Llama4TextMoe; any call the lever canno
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -43,6 +44,17 @@ class Llama4Layout:
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return up * self.act_fn(gate)
+
+
+@functools.cache
+def _layout_class() -> type:
+    """Llama4Layout whose gate is transformers' default one (silu(gate) * up, what Llama-4 computes as
+    up * silu(gate)): the experts' Triton gate kernel recognises it by that function."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # an older transformers: the torch gate above
+        return Llama4Layout
+    return type("Llama4Layout", (Llama4Layout,), {"_apply_gate": _default_apply_gate})
 
 
 def _experts_and_factors(moe):
@@ -81,7 +93,7 @@ def _routed_forward(self, hidden_states):
     hidden = hidden_states.reshape(-1, self.hidden_dim)
     scores, logits = self.router(hidden)
     chosen = torch.topk(logits, self.top_k, dim=1).indices  # the router's own choice (the same call)
-    routed = experts_forward(Llama4Layout(experts), factors, hidden, chosen, scores.gather(1, chosen),
+    routed = experts_forward(_layout_class()(experts), factors, hidden, chosen, scores.gather(1, chosen),
                              scale_inputs=True)
     out = self.shared_expert(hidden)
     return out + routed.to(out.dtype), logits
