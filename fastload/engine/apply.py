@@ -10,6 +10,7 @@ from fastload.engine.expert_lora import install_expert_lora
 from fastload.engine.fused_lora import install_fused_lora
 from fastload.engine.fused_loss import install_fused_loss
 from fastload.engine.kernels import RMSNORM, ROPE, SWIGLU, install_kernels
+from fastload.engine.llama4_moe import install_llama4_moe
 from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
 from fastload.engine.report import EngineReport, skipped_levers
 from fastload.errors import InvalidOption
@@ -70,6 +71,7 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
     if settings.fused_lora:
         install_fused_lora(model)
     if settings.expert_lora:
+        install_llama4_moe(model)  # Llama-4's experts, reached through the layer around them (marked patched)
         install_expert_lora(model)
     if settings.fused_loss:
         install_fused_loss(base)

@@ -393,9 +393,6 @@ def install_expert_lora(model) -> dict[str, str]:
     Returns:
         {experts class name: why} for the adapted modules the lever leaves to peft (empty when it covers all).
     """
-    from fastload.engine.llama4_moe import install_llama4_moe
-
-    install_llama4_moe(model)  # its experts are reached through the layer around them: marked patched there
     blocked = {}
     for outer in outer_wrappers(model):
         if is_patched(model, outer, LEVER):

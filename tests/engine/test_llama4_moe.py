@@ -16,7 +16,7 @@ import torch
 from autograd_checks import loss_and_grads, relative
 
 from fastload.engine.expert_lora import LEVER, install_expert_lora
-from fastload.engine.llama4_moe import MOE_CLASS
+from fastload.engine.llama4_moe import MOE_CLASS, install_llama4_moe
 from fastload.load.nf4_experts import quantize_stack
 from fastload.model_state import state_of
 from tiny import nonzero_lora_b
@@ -51,6 +51,7 @@ def tiny_llama4(dtype=torch.float32, top_k: int = 1, experts: int = 4, lora: boo
 
 def routed(model):
     ours = copy.deepcopy(model)
+    assert install_llama4_moe(ours) == 2  # as the engine installs them: Llama-4's layers, then the other experts
     assert install_expert_lora(ours) == {}
     moes = [m for m in ours.modules() if type(m).__name__ == MOE_CLASS]
     assert moes and all(LEVER in state_of(ours).levers_of(m) for m in moes)
