@@ -165,15 +165,16 @@ def test_disabled_adapters_and_a_deep_copy(dense_expert_calls):
 
 @pytest.mark.gpu
 def test_gpu_bf16_routed_layer_is_as_close_to_fp32_as_the_plain_path():
-    """On CUDA the routed path runs torch's grouped_mm in bf16 (and the Triton spread kernel): as close to the fp32
-    truth as transformers' bf16 layer, gradients within bf16 round-off of its."""
+    """On CUDA the routed path runs torch's grouped_mm in bf16 (and the Triton spread and gate kernels): its loss and
+    gradients as close to the fp32 truth as transformers' bf16 layer's (which adds the adapters into bf16 weights:
+    its expert gradients sat 7.5% from the routed path's on an H100, so each is held to the truth, not to the other)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     ids = tokens(256).cuda()
-    truth, _ = loss_and_grads(tiny_llama4(top_k=2, experts=8).cuda(), ids)
+    truth, grads_t = loss_and_grads(tiny_llama4(top_k=2, experts=8).cuda(), ids)
     plain = tiny_llama4(torch.bfloat16, top_k=2, experts=8).cuda()
     loss_p, grads_p = loss_and_grads(plain, ids)
     loss_o, grads_o = loss_and_grads(routed(plain), ids)
     assert abs(loss_o - truth) <= max(2 * abs(loss_p - truth), 2e-3 * truth)
-    for name, g in grads_p.items():
-        assert relative(grads_o[name], g) < 3e-2, name
+    for name, g in grads_t.items():
+        assert relative(grads_o[name], g) <= max(1.5 * relative(grads_p[name], g), 1e-2), name

@@ -124,7 +124,8 @@ FAMILIES = {
     "ergo": dict(num_experts=4, moe_intermediate_size=64, shared_intermediate_size=64,
                  first_dense_intermediate_size=128, sliding_window=64, global_attention_every_n_layers=2, **EXPERTS),
     # RoCBert (a BERT as a decoder): its embeddings add to map_inputs_layer's output in place, kept 16-bit
-    "roc_bert": dict(is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "roc_bert": dict(is_decoder=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     max_position_embeddings=4096),  # a learned position table: the GPU case feeds 2 x 1024+ tokens
     # GPT-J and CodeGen rotate part of each head (rotary_dim; their default is wider than a tiny head)
     # a fixed sin/cos table of max_position_embeddings rows: long enough for the GPU case's merged call (2 x 1024+)
     "gptj": dict(rotary_dim=8, max_position_embeddings=4096),
