@@ -27,6 +27,7 @@ from fastload.load.devices import (
     check_dtype_supported,
     choose_compute_dtype,
     main_device,
+    release_cached_memory,
     resolve_device_map,
     use_expandable_segments,
 )
@@ -446,6 +447,7 @@ def _load_weights(plan: LoadPlan, opts: LoadOptions, before_reading=None, skelet
     device = main_device(device_map)
     if device == "cuda":
         use_expandable_segments()  # before the weights arrive, so they too sit in growable segments
+        release_cached_memory()  # and not in what an earlier model or buffer left cached (it could not be released)
     dtype = choose_dtype(plan, opts, device)
     with phase("config"):
         config = load_config(plan, opts)
