@@ -179,8 +179,10 @@ def plan_tensors(model, where: dict[str, Path], prequantized: bool, spans: dict 
             key = prefix + name
             parts = [source_of.get(key, key)]
             if isinstance(module, bnb.nn.Linear4bit) and name == "weight" and prequantized:
-                # a stored weight and its statistics under the model's own names only (a renamed one is missing)
-                parts = [key] + [f"{key}.{s}" for s in QUANT_STAT_SUFFIXES if f"{key}.{s}" in where]
+                # a stored weight and its statistics, under the model's names or as the layout renames them (Gemma-3's
+                # store entry: transformers saves its pre-5 names, language_model.model.*)
+                stored = source_of.get(key, key)
+                parts = [stored] + [f"{stored}.{s}" for s in QUANT_STAT_SUFFIXES if f"{stored}.{s}" in where]
             elif key not in source_of and param.dim() == 3:
                 experts = expert_sources(key, param.shape[0], layout)
                 parts = [source_of.get(n, n) for n in experts] if experts else parts
@@ -248,6 +250,8 @@ def gathered(slot: tuple, key: str, arrived: dict[str, torch.Tensor], sources: l
         return {key: _from_4bit(key, getattr(module, name), weights, arrived)}
     if sources[0] == key:  # its own name (a stored 4-bit weight's statistics follow it)
         return arrived
+    if isinstance(module, bnb.nn.Linear4bit):  # a stored 4-bit weight renamed: its statistics under the new name too
+        return {key + name[len(sources[0]):]: tensor for name, tensor in arrived.items()}
     if len(sources) == 1:
         return {key: arrived[sources[0]]}
     return {key: stacked([arrived.pop(s) for s in sources], getattr(module, name).shape[0])}

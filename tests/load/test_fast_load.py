@@ -624,6 +624,17 @@ def test_direct_load_reads_each_layout_as_from_pretrained_does(family, dtype, tm
     assert_same_model(reference, model)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_5", "qwen3_5_moe_text"])
+def test_a_store_entry_of_an_image_text_model_loads_directly_as_from_pretrained_does(family, tmp_path, monkeypatch,
+                                                                                   isolated_env):
+    """transformers saves Gemma-3 under its pre-5 names (language_model.model.*) and Qwen3.5's text model under the
+    image-text names, so their store entries hold each 4-bit weight and its statistics under names the model renames:
+    the direct load must read them there (both fell back to transformers' loader, on an H100 too, until 2026-12-07)."""
+    import torch
+
+    assert_store_loads_agree(family_checkpoint_at(tmp_path / family, family), monkeypatch, dtype=torch.bfloat16)
+
+
 def test_a_store_entry_with_fp32_kept_modules_loads_directly_as_from_pretrained_does(tmp_path, monkeypatch,
                                                                                     isolated_env):
     """DeepSeek-V3 in bf16: its store entry holds the router's weight and bias in fp32, which the direct load of a
