@@ -73,7 +73,8 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
     kernels = {"triton_rmsnorm", "triton_swiglu", "triton_rope"}
     if settings.kernels and device == "cuda" and not kernels <= set(used):
         missing = ", ".join(sorted(kernels - set(used)))
-        skipped["kernels"] = (f"{missing}: written for Llama-style RMSNorm/SwiGLU/attention modules, which "
-                              f"{type(model).__name__} lacks (or triton is not installed)")
+        skipped["kernels"] = (f"{missing}: written for Llama-style RMSNorm/SwiGLU/attention modules as "
+                              f"transformers writes them, which {type(model).__name__} lacks (or triton is not "
+                              "installed)")
     return skipped
 

@@ -11,6 +11,8 @@ from. Anything beyond plain training (a KV cache, positional extras) goes to the
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import types
 
@@ -31,6 +33,25 @@ CLASSES = {
     "Qwen3MoeAttention": (True, "module"),
 }
 _SKIP = ("cache", "past_key_values", "cache_position")
+# what each class's own forward says, checked once per class before its instances are patched: a transformers
+# release that computes attention otherwise keeps its own forward rather than this one's copy of the old steps
+ROTATION = "apply_rotary_pos_emb(query_states, key_states, cos, sin)"
+HEAD_NORMS = "self.q_norm(self.q_proj(hidden_states).view(hidden_shape))"
+WINDOWS = {"module": "sliding_window=self.sliding_window",
+           "config": 'sliding_window=getattr(self.config, "sliding_window"'}
+
+
+@functools.cache
+def forward_is_as_listed(attention_class) -> bool:
+    """Whether the class's forward still rotates as transformers' Llama attention does, with the q/k norms and the
+    sliding window CLASSES lists for it (read from its source)."""
+    head_norms, window_from = CLASSES[attention_class.__name__]
+    try:
+        source = inspect.getsource(attention_class.forward)
+    except (OSError, TypeError):
+        return False
+    window_ok = WINDOWS[window_from] in source if window_from else "sliding_window=" not in source
+    return ROTATION in source and (HEAD_NORMS in source) == head_norms and window_ok
 
 
 def _interface(module):
@@ -89,7 +110,7 @@ def install_rotary_attention(model, rotate, applies=None) -> int:
     count = 0
     for module in model.modules():
         layout = CLASSES.get(type(module).__name__)
-        if layout is not None and not is_patched(model, module, LEVER):
+        if layout is not None and not is_patched(model, module, LEVER) and forward_is_as_listed(type(module)):
             forward = rotary_attention_forward(rotate, applies, *layout)
             module.forward = types.MethodType(forward, module)
             mark_patched(model, module, LEVER)

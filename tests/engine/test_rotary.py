@@ -110,3 +110,20 @@ def test_gpu_kernel_matches_transformers_rotation(dtype, cos_batch):
         err_theirs, err_ours = (a - t).abs().max().item(), (b - t).abs().max().item()
         limit = 1e-5 if dtype == torch.float32 else max(err_theirs, 1e-3)
         assert err_ours <= limit, (name, err_ours, err_theirs)
+
+
+def test_a_class_whose_forward_changed_keeps_it(monkeypatch):
+    """A transformers release whose attention forward no longer matches what CLASSES lists (here: Llama's forward
+    given Qwen3's q/k norms) is left to its own forward: the lever does not install a copy of the old steps."""
+    from fastload.engine import rotary
+
+    model = tiny("llama", "sdpa")
+    attention = type(next(m for m in model.modules() if type(m).__name__ == "LlamaAttention"))
+    assert rotary.forward_is_as_listed(attention)
+    monkeypatch.setitem(rotary.CLASSES, "LlamaAttention", (True, None))
+    rotary.forward_is_as_listed.cache_clear()
+    try:
+        assert install_rotary_attention(model, lambda *a: None) == 0
+    finally:
+        monkeypatch.undo()
+        rotary.forward_is_as_listed.cache_clear()
