@@ -78,11 +78,20 @@ def _experts_and_factors(moe):
 def _as_stored(factors: dict, experts) -> dict:
     """The factors for x W with W stored (experts, in, out). peft reads a 3-D parameter as (experts, out, in) unless
     its module says `is_transposed` (Llama-4's does not): its update s B A then has B on the stored input side, so
-    x (W + s B A) = x W + s (x B) A, i.e. the roles of A^T and B^T swap."""
+    x (W + s B A) = x W + s (x B) A, i.e. the roles of A^T and B^T swap. The first factor is made contiguous in
+    the weight's dtype (B's transpose has no unit stride in its last two axes, which grouped_mm needs: the per-expert
+    loop, with a host sync, took it otherwise); the second is made so by the projection."""
     if getattr(experts, "is_transposed", False):
         return factors
-    return {name: (b_t.transpose(-2, -1), a_t.transpose(-2, -1), scaling)
+    return {name: (_contiguous_in(b_t.transpose(-2, -1), getattr(experts, name).dtype), a_t.transpose(-2, -1), scaling)
             for name, (a_t, b_t, scaling) in factors.items()}
+
+
+def _contiguous_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a row-major tensor of `dtype`, in one copy that autograd follows (Tensor.to keeps a permuted layout
+    when only the memory format would change)."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    return out.copy_(t)
 
 
 def _routed_forward(self, hidden_states):
@@ -100,17 +109,19 @@ def _routed_forward(self, hidden_states):
 
 
 def install_llama4_moe(model) -> int:
-    """Give each Llama4TextMoe of the model the routed forward; returns how many now have it. The experts' outermost
-    peft wrapper is marked with the expert lever too, so the engine report counts its experts as computed."""
+    """Give each Llama4TextMoe of the model the routed forward; returns how many got it now. The experts' outermost
+    peft wrapper is marked with the expert lever too, so the engine report counts its experts as computed; adapters
+    added after the first install (get_peft_model on a model loaded without LoRA) are marked on the next call."""
     from peft.tuners.lora.layer import ParamWrapper
 
     count = 0
     for module in model.modules():
-        if type(module).__name__ != MOE_CLASS or is_patched(model, module, LEVER):
+        if type(module).__name__ != MOE_CLASS:
             continue
-        module.forward = types.MethodType(_routed_forward, module)
-        mark_patched(model, module, LEVER)
-        if isinstance(module.experts, ParamWrapper):
+        if not is_patched(model, module, LEVER):
+            module.forward = types.MethodType(_routed_forward, module)
+            mark_patched(model, module, LEVER)
+            count += 1
+        if isinstance(module.experts, ParamWrapper) and not is_patched(model, module.experts, LEVER):
             mark_patched(model, module.experts, LEVER)
-        count += 1
     return count

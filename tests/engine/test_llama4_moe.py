@@ -178,3 +178,39 @@ def test_gpu_bf16_routed_layer_is_as_close_to_fp32_as_the_plain_path():
     assert abs(loss_o - truth) <= max(2 * abs(loss_p - truth), 2e-3 * truth)
     for name, g in grads_t.items():
         assert relative(grads_o[name], g) <= max(1.5 * relative(grads_p[name], g), 1e-2), name
+
+
+def test_every_adapter_takes_the_grouped_matmul(monkeypatch):
+    """Llama-4's factors, read in peft's swapped layout, reach grouped_mm in a layout it takes: the per-expert loop
+    (a host sync per call) must not run (it ran for every adapted projection before the factors were made
+    contiguous)."""
+    from fastload.engine import expert_lora
+
+    looped, original = [], expert_lora._looped
+
+    def counted(x, w, offsets):
+        looped.append(w.stride())
+        return original(x, w, offsets)
+
+    monkeypatch.setattr(expert_lora, "_looped", counted)
+    if not expert_lora.grouped_mm_runs(torch.randn(4, 32), torch.randn(2, 32, 8)):
+        pytest.skip("this torch has no grouped_mm for CPU tensors")
+    model = routed(tiny_llama4(top_k=2))
+    loss_and_grads(model, tokens())
+    assert not looped
+
+
+def test_adapters_added_after_the_first_install_are_counted_as_routed():
+    """Loaded without LoRA (the engine installs the routed layer then), adapted later with get_peft_model: the
+    engine's report must not say the experts run peft's path."""
+    from peft import LoraConfig, get_peft_model
+
+    from fastload.engine.report import experts_left_to_peft
+
+    model = tiny_llama4(lora=False)
+    assert install_llama4_moe(model) == 2
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION,
+                                             target_parameters=EXPERT_TARGETS))
+    assert experts_left_to_peft(model)  # the new wrappers, not yet marked
+    assert install_llama4_moe(model) == 0  # the layers were routed already
+    assert install_expert_lora(model) == {} and experts_left_to_peft(model) == []

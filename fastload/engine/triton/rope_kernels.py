@@ -9,7 +9,7 @@ def _rotate_heads(x_ptr, out_ptr, x_head_stride, out_head_stride, heads, half, c
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     """One token's heads: forward (x1 c1 - x2 s1, x2 c2 + x1 s2), backward its transpose (g1 c1 + g2 s2,
     g2 c2 - g1 s1), over the two halves of each head, in fp32, rounded once."""
-    h = tl.arange(0, BLOCK_H)[:, None]
+    h = tl.arange(0, BLOCK_H)[:, None].to(tl.int64)  # heads x a head's stride passes 2**31 from ~512k tokens
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < heads) & (d < half)
     first = x_ptr + h * x_head_stride + d
