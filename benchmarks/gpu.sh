@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu.sh verify    # the GPU tests of code not yet run on a GPU (VERIFY_TESTS overrides the list);
 #                                    # pytest's output in $OUT/verify-tests.log
 #   bash benchmarks/gpu.sh long32k   # 8B 32768x1 at steady state (2 warm-up + 3 timed steps): fastload, unsloth
+#   bash benchmarks/gpu.sh llama4    # one Llama-4 Scout-wide MoE layer, 4096 tokens: every expert vs the routed layer
 #
 # bitsandbytes and unsloth come from .gpu-site; fastload is used from this checkout (not pip-installed).
 # Each part stops starting jobs when its time budget (BUDGET, default 520 s) is spent, records the rest as skipped,
@@ -30,7 +31,7 @@
 # Random checkpoints are created on the GPU and kept in bench-out/models (8B: ~16 GB, its time is in results.json).
 set -uo pipefail
 
-part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs|families|moe|longest|verify|long32k}
+part=${1:?usage: bash benchmarks/gpu.sh part1|part2|part3|headline|long|profile|graphs|families|moe|longest|verify|long32k|llama4}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/.gpu-site:$PWD
 export HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
@@ -94,6 +95,9 @@ case "$part" in
             -k "${VERIFY_K:-routed_layer or kernel_matches_transformers_rotation or engine_levers_keep or cached_memory or retained or triton or probes or phi or rwkv or gpt2 or gpt_bigcode or bloom or mpt or falcon or gpt_neox or mamba or gptj or codegen or glm_moe_dsa or sarvam_mla or bailing_hybrid or ergo or roc_bert or qwen3_moe or gemma4 or qwen3_5 or llama4 or more_layouts or one_by_one}" \
             2>&1 | tee "$OUT/verify-tests.log" | tail -40
         ;;
+    llama4)  # Llama-4's MoE layer at Scout's widths: transformers + peft (every expert) against the routed layer
+        for v in dense routed; do "$PY" benchmarks/llama4_routed.py $v --device cuda --scout | tee -a "$OUT/llama4.txt"; done
+        ;;
     long32k)  # the issue's 32k target needs steady-state steps, not one step with its compilation
         bench --model llama3-8b --phase train --impl fastload,unsloth --seq 32768 --batch 1 --warmup 2 --steps 3
         ;;
@@ -103,7 +107,7 @@ case "$part" in
             --phase train --append --plot
         ;;
     *)
-        echo "unknown part '$part': use part1, part2, part3, headline, long, profile, graphs, families, moe, longest, verify or long32k" >&2
+        echo "unknown part '$part': use part1, part2, part3, headline, long, profile, graphs, families, moe, longest, verify, long32k or llama4" >&2
         exit 2
         ;;
 esac
