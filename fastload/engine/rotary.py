@@ -20,20 +20,12 @@ from fastload.model_state import is_patched, mark_patched
 
 LEVER = "triton_rope"  # the name the engine report gives it (kernels.py)
 
-# class name: (q_norm/k_norm per head before the rotation, the sliding window passed to attention: from the
-# module, from its config, or none) -- transformers' own forwards, which tests/engine/test_rotary.py holds them to
-CLASSES = {
-    "LlamaAttention": (False, None),
-    "GraniteAttention": (False, None),
-    "Qwen2MoeAttention": (False, None),
-    "MistralAttention": (False, "config"),
-    "MixtralAttention": (False, "config"),
-    "Qwen2Attention": (False, "module"),
-    "Qwen3Attention": (True, "module"),
-    "Qwen3MoeAttention": (True, "module"),
-}
+# transformers' attention classes whose forward is Llama's up to per-head q/k norms before the rotation and the
+# sliding window passed to attention (tests/engine/test_rotary.py holds each to transformers' forward)
+CLASSES = ("LlamaAttention", "GraniteAttention", "Qwen2MoeAttention", "MistralAttention", "MixtralAttention",
+           "Qwen2Attention", "Qwen3Attention", "Qwen3MoeAttention")
 _SKIP = ("cache", "past_key_values", "cache_position")
-# what each class's own forward says, checked once per class before its instances are patched: a transformers
+# how those differences read in a class's own forward: the layout is read from there once per class, so a transformers
 # release that computes attention otherwise keeps its own forward rather than this one's copy of the old steps
 ROTATION = "apply_rotary_pos_emb(query_states, key_states, cos, sin)"
 HEAD_NORMS = "self.q_norm(self.q_proj(hidden_states).view(hidden_shape))"
@@ -42,16 +34,20 @@ WINDOWS = {"module": "sliding_window=self.sliding_window",
 
 
 @functools.cache
-def forward_is_as_listed(attention_class) -> bool:
-    """Whether the class's forward still rotates as transformers' Llama attention does, with the q/k norms and the
-    sliding window CLASSES lists for it (read from its source)."""
-    head_norms, window_from = CLASSES[attention_class.__name__]
+def layout_of(attention_class) -> tuple[bool, str | None] | None:
+    """(q/k norms per head before the rotation, where the sliding window comes from: "module", "config" or None) as
+    the class's forward says, or None when its forward does not read as one of those (no rotation of q and k as
+    Llama's, a norm or a window in another form)."""
     try:
         source = inspect.getsource(attention_class.forward)
     except (OSError, TypeError):
-        return False
-    window_ok = WINDOWS[window_from] in source if window_from else "sliding_window=" not in source
-    return ROTATION in source and (HEAD_NORMS in source) == head_norms and window_ok
+        return None
+    head_norms = HEAD_NORMS in source
+    windows = [name for name, text in WINDOWS.items() if text in source]
+    if (ROTATION not in source or ("q_norm" in source and not head_norms)
+            or ("sliding_window=" in source and len(windows) != 1)):
+        return None
+    return head_norms, (windows[0] if windows else None)
 
 
 def _interface(module):
@@ -109,8 +105,10 @@ def install_rotary_attention(model, rotate, applies=None) -> int:
     """Give each attention module of a class in CLASSES the forward with `rotate`; returns how many now have it."""
     count = 0
     for module in model.modules():
-        layout = CLASSES.get(type(module).__name__)
-        if layout is not None and not is_patched(model, module, LEVER) and forward_is_as_listed(type(module)):
+        if type(module).__name__ not in CLASSES or is_patched(model, module, LEVER):
+            continue
+        layout = layout_of(type(module))
+        if layout is not None:
             forward = rotary_attention_forward(rotate, applies, *layout)
             module.forward = types.MethodType(forward, module)
             mark_patched(model, module, LEVER)
