@@ -41,19 +41,14 @@ class Llama4Layout:
     def down_proj(self):
         return self.experts.down_proj
 
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return up * self.act_fn(gate)
-
 
 @functools.cache
 def _layout_class() -> type:
-    """Llama4Layout whose gate is transformers' default one (silu(gate) * up, what Llama-4 computes as
-    up * silu(gate)): the experts' Triton gate kernel recognises it by that function."""
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:  # an older transformers: the torch gate above
-        return Llama4Layout
+    """Llama4Layout with transformers' default experts gate, silu(gate) * up (what Llama-4 computes as
+    up * silu(gate)): the experts' Triton gate kernel recognises it by that function (imported at the first call,
+    as fastload.engine.expert_lora does)."""
+    from transformers.integrations.moe import _default_apply_gate
+
     return type("Llama4Layout", (Llama4Layout,), {"_apply_gate": _default_apply_gate})
 
 
