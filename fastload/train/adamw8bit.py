@@ -1,5 +1,6 @@
 """bitsandbytes' AdamW8bit with the host work of a step made small: no device synchronization per parameter, and
-one update launch per pack of LoRA matrices (up to 16M values: one on Llama-3 1B, three on 8B) instead of one each.
+one update launch per pack of LoRA matrices (up to 16M values: one on Llama-3 1B, three on 8B) instead of one each;
+matrices of a million values or more (stacked expert adapters) keep a launch of their own.
 
 bitsandbytes' `step()` waits for the device after each parameter's update (its paged optimizers need that order for
 their prefetches), and each update costs Python and a launch on the host. A LoRA model has hundreds of small
@@ -11,10 +12,10 @@ buffers and updated by one launch of bitsandbytes' own kernel over flat state th
 are views of. The arithmetic is bitsandbytes', bit for bit; `state_dict()` keeps one entry per parameter.
 
 Paged optimizers and calls made on another CUDA stream (the kernels launch on the default stream, ordered only by
-the synchronization) get bitsandbytes' own step, synchronization included. Parameters that are small, fp16/bf16,
-non-contiguous, of other sizes or with per-parameter overrides, and pack members without a gradient this step, are
-updated one by one by bitsandbytes' update (without the synchronization); members whose step counts went apart are
-regrouped by step count.
+the synchronization) get bitsandbytes' own step, synchronization included. Parameters that are small or large,
+fp16/bf16, non-contiguous, of other sizes or with per-parameter overrides, and pack members without a gradient this
+step, are updated one by one by bitsandbytes' update (without the synchronization); members whose step counts went
+apart are regrouped by step count.
 As with torch's optimizers, the updates may still be running when `step()` returns: work on the default stream sees
 them in order; code that reads the parameters from another stream waits for it first (`wait_stream`).
 """
@@ -29,6 +30,9 @@ from bitsandbytes.optim import AdamW8bit
 
 BLOCK = 256  # values per absmax block of bitsandbytes' blockwise 8-bit optimizer state (CPU and CUDA kernels)
 PACK_VALUES = 1 << 24  # at most 64 MiB of fp32 per pack: a step gathers values and gradients in that much, twice
+ALONE_VALUES = 1 << 20  # a parameter this large gets its own launch: gathering and scattering it (24 bytes a value,
+                        # ~10 us a million on an H100) costs more than the launch it would share; only stacked
+                        # expert adapters reach it (Qwen3-MoE's: 3-4M values each, 107M in all, 1.3 ms a step)
 
 
 @dataclass
@@ -140,7 +144,7 @@ class AdamW8bitNoSync(AdamW8bit):
     def _build_packs(self, gindex: int, group: dict) -> list:
         together: dict = {}  # members of a pack share a device and a step count
         for pindex, p in enumerate(group["params"]):
-            if self._packable(gindex, pindex, p):
+            if self._packable(gindex, pindex, p) and p.numel() < ALONE_VALUES:
                 together.setdefault((p.device, self.state[p]["step"]), []).append((pindex, p))
         packs = []
         for indexed in (chunk for alike in together.values() for chunk in _chunks(alike)):

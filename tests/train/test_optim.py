@@ -109,6 +109,22 @@ def test_large_models_pack_in_bounded_chunks(monkeypatch):
     assert [len(p.members) for p in ours_opt._pack_cache[0][1]] == [2, 2]
 
 
+def test_large_matrices_are_updated_in_place_without_a_pack(monkeypatch):
+    """Stacked expert adapters (millions of values each) are updated where they are: gathering them into a pack and
+    back costs more GPU time than the launches it saves. The others still share one update; the results are
+    bitsandbytes'."""
+    from fastload.train import adamw8bit
+
+    monkeypatch.setattr(adamw8bit, "ALONE_VALUES", 20000)  # (1536, 16) and (16, 1536) count as large here
+    ours, ours_opt, theirs, theirs_opt = _pair()
+    after_ours, after_theirs = _steps(ours_opt, ours), _steps(theirs_opt, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
+    (pack,) = ours_opt._pack_cache[0][1]
+    assert [tuple(p.shape) for p in pack.members] == [(16, 576), (576, 16)]
+    for p in ours[1:3]:  # the large ones' state is their own tensor, not a view of a pack's
+        assert ours_opt.state[p]["state1"]._base is None and ours_opt.state[p]["state1"].numel() == p.numel()
+
+
 def test_steps_after_a_missing_gradient_match_and_the_pack_comes_back():
     """A member that missed a gradient has a lower step count (Adam's bias correction differs): it must not be
     stepped with the others' count, and once counts are regrouped the LoRA matrices share launches again."""
