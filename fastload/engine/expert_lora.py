@@ -10,7 +10,8 @@ module's own layout attributes (set by transformers' `use_experts_implementation
 gate function) decide the arithmetic, which follows transformers' grouped_mm experts forward.
 
 Experts stored 4-bit (fastload.load.nf4_experts) are dequantized per projection inside an autograd function, in
-forward and again in backward: nothing weight-sized is kept between them.
+forward and again in backward: nothing weight-sized is kept between them, except the last projection's across a
+checkpointed layer's recomputation, whose backward follows at once (Grouped4bit).
 
 Patched per instance, on the outermost ParamWrapper of each experts module; every call the lever cannot compute
 exactly (adapters disabled or merged, several active adapters, expert parallelism, another parametrization) goes to
@@ -32,6 +33,7 @@ from fastload.engine.triton.launch import triton_runs_on
 from fastload.engine.triton.nf4 import dequantize_4bit, supported
 from fastload.load.nf4_experts import is_stack
 from fastload.model_state import is_patched, mark_patched
+from fastload.train.single_use import graph_is_single_use
 
 LEVER = "expert_lora"
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
@@ -259,7 +261,7 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
     dtype = weight.dtype
     x = x.to(dtype)
     if is_stack(weight):
-        y = Grouped4bit.apply(x, weight, offsets, experts.is_transposed)
+        y = Grouped4bit.apply(x, weight, offsets, experts.is_transposed, name == "down_proj")
     else:
         y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
     if experts.has_bias:
@@ -274,21 +276,29 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
 
 class Grouped4bit(torch.autograd.Function):
     """x W_e^T per expert for a frozen 4-bit stack: dequantized in forward and again in backward (for the input's
-    gradient), so autograd keeps the packed stack, never its 16-bit values."""
+    gradient), so autograd keeps the packed stack, never its 16-bit values.
+
+    `last`: the experts' last projection (down_proj). In a layer's recomputation (a single-use graph: checkpointing)
+    its backward comes right after the layer's forward, so the 16-bit stack made for the forward serves it: one
+    dequantization fewer per layer and step, held over the ops left in the layer (the gather back to tokens, a
+    shared expert where the family has one), which are narrower than the forward that held it with its output. The
+    first projection's would be held across the second's, adding its size to the peak."""
 
     @staticmethod
-    def forward(ctx, x, stack, offsets, transposed: bool):
-        ctx.save_for_backward(offsets)
+    def forward(ctx, x, stack, offsets, transposed: bool, last: bool = False):
+        weight = _in_out(stack, transposed)
         ctx.stack, ctx.transposed = stack, transposed
-        return _grouped(x, _in_out(stack, transposed), offsets)
+        ctx.kept = last and x.requires_grad and graph_is_single_use()
+        ctx.save_for_backward(offsets, *((weight,) if ctx.kept else ()))
+        return _grouped(x, weight, offsets)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        (offsets,) = ctx.saved_tensors
-        weight = _in_out(ctx.stack, ctx.transposed).transpose(-2, -1)  # (E, out, in)
-        return _grouped(grad.contiguous(), weight, offsets), None, None, None
+            return None, None, None, None, None
+        offsets, *kept = ctx.saved_tensors
+        weight = kept[0] if kept else _in_out(ctx.stack, ctx.transposed)
+        return _grouped(grad.contiguous(), weight.transpose(-2, -1), offsets), None, None, None, None
 
 
 def _in_out(stack, transposed: bool) -> torch.Tensor:
