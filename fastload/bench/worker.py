@@ -310,7 +310,7 @@ def profile_step(job: Job, step, steps: int = 2) -> dict:
         by_host = events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
         text += "\nBy host time:\n" + by_host
         # which call of an op costs what (the gate's mul against the LoRA scaling's): the largest items to attack
-        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40,
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=90,
                                                                        max_name_column_width=40)
         text += "\nBy input shape:\n" + by_shape
     path.write_text(text)
