@@ -346,6 +346,36 @@ def test_default_optimizer_queues_its_updates_without_waiting_for_the_gpu():
     assert waited_side and all(torch.equal(a, b) for a, b in zip(side, theirs))
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["packed", "large-alone"])
+def test_the_triton_update_kernel_trains_as_the_cuda_one(monkeypatch, alone):
+    """FASTLOAD_ADAMW8BIT_KERNEL=triton: bitsandbytes' Triton update (its arithmetic ordered otherwise) moves the
+    parameters as its CUDA kernel does, within a state code's rounding, for packs and for matrices updated alone."""
+    pytest.importorskip("triton")
+    from fastload.train import adamw8bit
+
+    def run(kernel):
+        monkeypatch.setenv("FASTLOAD_ADAMW8BIT_KERNEL", kernel)
+        monkeypatch.setattr(adamw8bit, "ALONE_VALUES", 4096 if alone else 1 << 20)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(16, 4096, device="cuda") * 0.02) for _ in range(4)]
+        start = [p.detach().clone() for p in params]
+        opt = adamw8bit.AdamW8bitNoSync(params, lr=1e-2, weight_decay=0.01)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g) * 1e-3
+            opt.step()
+        torch.cuda.synchronize()
+        return torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start)]), opt
+
+    cuda_move, cuda_opt = run("cuda")
+    triton_move, triton_opt = run("triton")
+    assert triton_opt._update is not cuda_opt._update
+    assert cuda_move.abs().max() > 1e-2  # four steps at lr 1e-2 really moved them
+    assert (triton_move - cuda_move).abs().max() <= 0.05 * cuda_move.abs().max()
+    assert torch.nn.functional.cosine_similarity(triton_move, cuda_move, dim=0) > 0.999
+
+
 def test_cuda_graphs_stay_off_when_the_gpu_has_little_free_memory(gpu_llama, monkeypatch, caplog):
     """The graphs' pool is spare memory turned into speed: with too little free, layers run eagerly and say so."""
     from fastload.engine import cuda_graphs

@@ -16,12 +16,15 @@ the synchronization) get bitsandbytes' own step, synchronization included. Param
 fp16/bf16, non-contiguous, of other sizes or with per-parameter overrides, and pack members without a gradient this
 step, are updated one by one by bitsandbytes' update (without the synchronization); members whose step counts went
 apart are regrouped by step count.
+FASTLOAD_ADAMW8BIT_KERNEL=triton swaps bitsandbytes' CUDA update kernel for its Triton one (an experiment: see
+`cuda_update_kernel`).
 As with torch's optimizers, the updates may still be running when `step()` returns: work on the default stream sees
 them in order; code that reads the parameters from another stream waits for it first (`wait_stream`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import bitsandbytes.functional as F
@@ -59,6 +62,7 @@ class AdamW8bitNoSync(AdamW8bit):
 
     def __init__(self, params, *args, full_precision=(), **kwargs):
         self._full_precision = {id(p) for p in full_precision}
+        self._update = cuda_update_kernel()
         super().__init__(params, *args, **kwargs)
 
     def get_config(self, gindex, pindex, group):
@@ -143,25 +147,30 @@ class AdamW8bitNoSync(AdamW8bit):
     @torch.no_grad()
     def _build_packs(self, gindex: int, group: dict) -> list:
         together: dict = {}  # members of a pack share a device and a step count
+        alone = []  # large matrices: a pack of one, updated where they are
         for pindex, p in enumerate(group["params"]):
-            if self._packable(gindex, pindex, p) and p.numel() < ALONE_VALUES:
-                together.setdefault((p.device, self.state[p]["step"]), []).append((pindex, p))
+            if self._packable(gindex, pindex, p):
+                if p.numel() >= ALONE_VALUES:
+                    alone.append([(pindex, p)])
+                else:
+                    together.setdefault((p.device, self.state[p]["step"]), []).append((pindex, p))
         packs = []
-        for indexed in (chunk for alike in together.values() for chunk in _chunks(alike)):
-            if len(indexed) < 2:
-                continue
+        for indexed in [c for alike in together.values() for c in _chunks(alike) if len(c) >= 2] + alone:
             members = [p for _, p in indexed]
             states = [self.state[p] for p in members]
             sizes = [p.numel() for p in members]
-            flat = {name: torch.cat([s[name].reshape(-1) for s in states])
-                    for name in ("state1", "state2", "absmax1", "absmax2")}
-            offset = block = 0
-            for state, n in zip(states, sizes):  # each entry becomes a view of the flat state, same values
-                for name in ("state1", "state2"):
-                    state[name] = flat[name][offset:offset + n].view(state[name].shape)
-                for name in ("absmax1", "absmax2"):
-                    state[name] = flat[name][block:block + n // BLOCK]
-                offset, block = offset + n, block + n // BLOCK
+            if len(members) == 1:  # its own state, flat views of it
+                flat = {name: states[0][name].view(-1) for name in ("state1", "state2", "absmax1", "absmax2")}
+            else:
+                flat = {name: torch.cat([s[name].reshape(-1) for s in states])
+                        for name in ("state1", "state2", "absmax1", "absmax2")}
+                offset = block = 0
+                for state, n in zip(states, sizes):  # each entry becomes a view of the flat state, same values
+                    for name in ("state1", "state2"):
+                        state[name] = flat[name][offset:offset + n].view(state[name].shape)
+                    for name in ("absmax1", "absmax2"):
+                        state[name] = flat[name][block:block + n // BLOCK]
+                    offset, block = offset + n, block + n // BLOCK
             packs.append(_Pack(members, [i for i, _ in indexed], sizes, flat["state1"], flat["state2"],
                                flat["absmax1"], flat["absmax2"], [s["state1"] for s in states]))
         return packs
@@ -181,15 +190,31 @@ class AdamW8bitNoSync(AdamW8bit):
         step = self.state[first]["step"] + 1  # the same for every member (_intact)
         for p in pack.members:
             self.state[p]["step"] = step
-        values = torch.cat([p.reshape(-1) for p in pack.members])
+        alone = len(pack.members) == 1
+        values = first.view(-1) if alone else torch.cat([p.reshape(-1) for p in pack.members])
+        grad = grads[0].view(-1) if alone else torch.cat([g.reshape(-1) for g in grads])
         betas = config["betas"]
-        F.optimizer_update_8bit_blockwise(
-            self.optimizer_name, torch.cat([g.reshape(-1) for g in grads]), values, pack.state1, pack.state2,
-            betas[0], betas[1], betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0), config["eps"], step,
-            config["lr"], self.state[first]["qmap1"], self.state[first]["qmap2"], pack.absmax1, pack.absmax2,
-            config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
-        torch._foreach_copy_([p.view(-1) for p in pack.members], list(values.split(pack.sizes)))
+        update = self._update if values.is_cuda and not config["skip_zeros"] else F.optimizer_update_8bit_blockwise
+        update(self.optimizer_name, grad, values, pack.state1, pack.state2, betas[0], betas[1],
+               betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0), config["eps"], step, config["lr"],
+               self.state[first]["qmap1"], self.state[first]["qmap2"], pack.absmax1, pack.absmax2,
+               config["weight_decay"], 1.0, config["skip_zeros"])
+        if not alone:
+            torch._foreach_copy_([p.view(-1) for p in pack.members], list(values.split(pack.sizes)))
         return True
+
+
+def cuda_update_kernel():
+    """bitsandbytes' 8-bit blockwise update for CUDA tensors: its CUDA kernel, or its Triton one (written for Intel
+    GPUs, the same update with the arithmetic ordered otherwise) where FASTLOAD_ADAMW8BIT_KERNEL=triton asks for it:
+    an experiment until measured (benchmarks/adamw8bit_kernels.py; the CUDA kernel ran at ~0.6 TB/s on an H100)."""
+    if os.environ.get("FASTLOAD_ADAMW8BIT_KERNEL", "").lower() == "triton":
+        try:
+            from bitsandbytes.backends.triton import kernels_optim
+        except ImportError:  # no triton: the CUDA kernel
+            return F.optimizer_update_8bit_blockwise
+        return kernels_optim.optimizer_update_8bit_blockwise_impl
+    return F.optimizer_update_8bit_blockwise
 
 
 def _chunks(indexed: list) -> list:

@@ -61,12 +61,17 @@ def test_a_missing_gradient_gets_bitsandbytes_per_parameter_semantics():
 
 
 @pytest.mark.parametrize("resume_with", ["ours", "bitsandbytes"])
-def test_state_dict_resumes_the_same_training_with_either_optimizer(tmp_path, resume_with):
+@pytest.mark.parametrize("alone", [False, True], ids=["packed", "large-alone"])
+def test_state_dict_resumes_the_same_training_with_either_optimizer(tmp_path, resume_with, alone, monkeypatch):
     """A checkpoint's optimizer state (Trainer's optimizer.pt) resumes bit for bit, into fastload's or bitsandbytes'
-    optimizer, and fastload's loads one saved by bitsandbytes'."""
+    optimizer, and fastload's loads one saved by bitsandbytes'; with matrices updated alone too."""
     import bitsandbytes as bnb
 
+    from fastload.train import adamw8bit
     from fastload.train.adamw8bit import AdamW8bitNoSync
+
+    if alone:
+        monkeypatch.setattr(adamw8bit, "ALONE_VALUES", 20000)
 
     ours, ours_opt, theirs, theirs_opt = _pair()
     _steps(ours_opt, ours, steps=2)
@@ -119,8 +124,9 @@ def test_large_matrices_are_updated_in_place_without_a_pack(monkeypatch):
     ours, ours_opt, theirs, theirs_opt = _pair()
     after_ours, after_theirs = _steps(ours_opt, ours), _steps(theirs_opt, theirs)
     assert all(torch.equal(a, b) for a, b in zip(after_ours, after_theirs))
-    (pack,) = ours_opt._pack_cache[0][1]
-    assert [tuple(p.shape) for p in pack.members] == [(16, 576), (576, 16)]
+    packs = ours_opt._pack_cache[0][1]
+    assert [[tuple(p.shape) for p in pack.members] for pack in packs] == [[(16, 576), (576, 16)], [(1536, 16)],
+                                                                           [(16, 1536)]]
     for p in ours[1:3]:  # the large ones' state is their own tensor, not a view of a pack's
         assert ours_opt.state[p]["state1"]._base is None and ours_opt.state[p]["state1"].numel() == p.numel()
 
