@@ -157,8 +157,8 @@ def test_backward_keeps_no_dequantized_stack():
 def test_a_recomputed_layer_dequantizes_its_last_projection_once(monkeypatch):
     """Under checkpointing a layer's recomputation is followed at once by its backward: down_proj's 16-bit stack from
     that forward serves its backward (four dequantizations a layer here, without checkpointing, become three; in
-    training one of six, a ninth of their bytes). The gradients stay the dequantized twin's; outside a single-use graph backward
-    dequantizes again (test_backward_keeps_no_dequantized_stack)."""
+    training one of six, a ninth of their bytes). The gradients stay the dequantized twin's; outside a single-use
+    graph backward dequantizes again (test_backward_keeps_no_dequantized_stack)."""
     from fastload.engine import expert_lora
     from fastload.train.single_use import single_use_graph
 
