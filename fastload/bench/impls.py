@@ -9,6 +9,7 @@ so a difference in the numbers is a difference in how they load and train.
 from __future__ import annotations
 
 import importlib.util
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss"
                    "fastload-nolora": {"fused_lora": False}, "fastload-noexperts": {"expert_lora": False},
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},
                    "fastload-graphs": {"cuda_graphs": True}}
-IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS)
+# fastload-tritonadam: the default with bitsandbytes' Triton 8-bit update kernel (FASTLOAD_ADAMW8BIT_KERNEL=triton)
+ENV_VARIANTS = {"fastload-tritonadam": {"FASTLOAD_ADAMW8BIT_KERNEL": "triton"}}
+IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS, *ENV_VARIANTS)
 # recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement
 LOADS = ("fastload", "recipe", "unsloth")
 
@@ -211,6 +214,9 @@ def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: in
           prequantized_dir: str | None = None, fastload_store: Any = False) -> Ready:
     if impl == "fastload":
         return fastload_ready(model_dir, device, dtype, seq, seed, store=fastload_store)
+    if impl in ENV_VARIANTS:  # each job is its own worker process: the setting stays with this one
+        os.environ.update(ENV_VARIANTS[impl])
+        return fastload_ready(model_dir, device, dtype, seq, seed, store=False)
     if impl in ENGINE_VARIANTS:
         return fastload_ready(model_dir, device, dtype, seq, seed, store=False, engine=ENGINE_VARIANTS[impl])
     if impl in ("recipe", "recipe-noupcast"):

@@ -194,7 +194,8 @@ class AdamW8bitNoSync(AdamW8bit):
         values = first.view(-1) if alone else torch.cat([p.reshape(-1) for p in pack.members])
         grad = grads[0].view(-1) if alone else torch.cat([g.reshape(-1) for g in grads])
         betas = config["betas"]
-        update = self._update if values.is_cuda and not config["skip_zeros"] else F.optimizer_update_8bit_blockwise
+        update = (self._update if values.is_cuda and not config["skip_zeros"]
+                  and values.device.index == torch.cuda.current_device() else F.optimizer_update_8bit_blockwise)
         update(self.optimizer_name, grad, values, pack.state1, pack.state2, betas[0], betas[1],
                betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0), config["eps"], step, config["lr"],
                self.state[first]["qmap1"], self.state[first]["qmap2"], pack.absmax1, pack.absmax2,
@@ -206,7 +207,8 @@ class AdamW8bitNoSync(AdamW8bit):
 
 def cuda_update_kernel():
     """bitsandbytes' 8-bit blockwise update for CUDA tensors: its CUDA kernel, or its Triton one (written for Intel
-    GPUs, the same update with the arithmetic ordered otherwise) where FASTLOAD_ADAMW8BIT_KERNEL=triton asks for it:
+    GPUs, the same update with the arithmetic ordered otherwise; it launches on the current device, so parameters on
+    another take the CUDA kernel) where FASTLOAD_ADAMW8BIT_KERNEL=triton asks for it:
     an experiment until measured (benchmarks/adamw8bit_kernels.py; the CUDA kernel ran at ~0.6 TB/s on an H100)."""
     if os.environ.get("FASTLOAD_ADAMW8BIT_KERNEL", "").lower() == "triton":
         try:

@@ -165,6 +165,18 @@ def test_failures_become_records(tiny_bench_dir, tmp_path):
     assert record["error"].startswith("timed out") and record["impl"] == "recipe"
 
 
+def test_the_triton_update_variant_trains_as_fastload_and_asks_for_its_kernel(tiny_bench_dir, monkeypatch):
+    """fastload-tritonadam is fastload with FASTLOAD_ADAMW8BIT_KERNEL=triton set in its own worker; on the CPU the
+    update is bitsandbytes' CPU one either way, so its losses are fastload's."""
+    monkeypatch.setenv("FASTLOAD_ADAMW8BIT_KERNEL", "cuda")  # restored after: the variant sets it in this process
+    base = dict(model="tiny", model_dir=str(tiny_bench_dir), device="cpu", seq=64, steps=2, warmup=0)
+    plain = run(Job(phase="train", impl="fastload", **base))
+    variant = run(Job(phase="train", impl="fastload-tritonadam", **base))
+    assert not plain.get("error") and not variant.get("error"), variant.get("error")
+    assert variant["losses"] == plain["losses"]
+    assert os.environ["FASTLOAD_ADAMW8BIT_KERNEL"] == "triton"
+
+
 def test_report_ratios_and_void_comparison():
     """Ratios against recipe and unsloth of the same model; a first-step loss 5% off voids the comparison."""
     def train(impl, tps, mem, loss, model="m"):
