@@ -52,7 +52,8 @@ def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
                           "median_step_s": r.get("median_step_s"), "peak_gib": peak_memory_gib(r),
                           "peak_reserved_gib": r.get("peak_reserved_gib"), "first_loss": (r.get("losses") or [None])[0],
                           "last_loss": (r.get("losses") or [None])[-1], "losses": r.get("losses"),
-                          "load_s": r.get("load_s"), "after_load_gib": r.get("after_load_allocated_gib")})
+                          "load_s": r.get("load_s"), "after_load_gib": r.get("after_load_allocated_gib"),
+                          "cuda_graphs": r.get("cuda_graphs")})
         ok = {row["impl"]: row for row in group if not row["error"]}
         loss_ref = ok.get("recipe") or next(iter(ok.values()), None)
         for row in group:
@@ -194,6 +195,10 @@ def markdown(summary: dict) -> str:
                          f"{_f(r['peak_reserved_gib'])} | {r['first_loss']:.4f}{void} | {r['last_loss']:.4f} | "
                          f"{_x(r['tokens_per_s_vs_recipe'])} | {_x(r['memory_vs_recipe'])} | "
                          f"{_x(r['tokens_per_s_vs_unsloth'])} | {_x(r['memory_vs_unsloth'])} |")
+        graphs = [f"{r['impl']}: {graphs_line(r['cuda_graphs'])}" for r in train
+                  if r["shape"] == shape and not r["error"] and r.get("cuda_graphs")]
+        if graphs:
+            lines += ["", "CUDA graphs: " + "; ".join(graphs) + "."]
         voids = [v for v in summary["void"] if v.startswith(f"{shape}:")]
         diffs = [r["loss_rel_diff"] for r in train if r["shape"] == shape and r["loss_rel_diff"] is not None]
         if voids:
@@ -216,6 +221,12 @@ def markdown(summary: dict) -> str:
         legend += f" ⚠: first-step loss differs by more than {LOSS_TOLERANCE:g} relative (comparison void)."
     lines += [legend]
     return "\n".join(lines) + "\n"
+
+
+def graphs_line(graphs: dict) -> str:
+    line = (f"{graphs['layer_graphs']} layer graphs captured ({graphs['with_backward']} with their backward), "
+            f"{graphs['loss_graphs']} loss graphs, {graphs['replays']:,} replays")
+    return line + (f", capturing stopped: {graphs['stopped']}" if graphs.get("stopped") else "")
 
 
 def longest_markdown(rows: list[dict], mem: str) -> list[str]:

@@ -255,8 +255,17 @@ def run_train(job: Job, record: dict) -> None:
         record.update(peak_allocated_gib=max(run_peak, steady + pool), run_peak_allocated_gib=run_peak,
                       steady_peak_allocated_gib=steady, graph_pool_gib=pool, step_peak_allocated_gib=step_peaks,
                       peak_reserved_gib=run_reserved)
+        record.update(cuda_graphs=graphs_summary(model))
     if job.profile:
         record.update(profile_step(job, lambda: train_step(model, optimizer, ids)))
+
+
+def graphs_summary(model) -> dict | None:
+    """fastload's CUDA graphs in this run (captured, replayed, why capturing stopped), or None without the lever."""
+    from fastload.engine.cuda_graphs import graphs_of
+
+    graphs = graphs_of(model)
+    return graphs.summary() if graphs is not None else None
 
 
 def graph_pool_gib() -> float:

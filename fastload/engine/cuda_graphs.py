@@ -434,6 +434,12 @@ class ModelGraphs:
         return graph, inputs, outputs
 
     # -- shared --------------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """What the graphs did so far, for a benchmark's record: a lever that replays nothing costs memory only."""
+        return {"layer_graphs": sum(1 for g in self.graphs.values() if g.forward is not None),
+                "with_backward": sum(1 for g in self.graphs.values() if g.backward is not None),
+                "loss_graphs": len(self.pure_graphs), "replays": self.replays, "stopped": self.disabled}
+
     def _applies(self, function, hidden) -> bool:
         """Whether a graph may stand for this call at all: a partial over a module, on this model's device, which
         is the current one, outside autocast (a capture would bake autocast's cached casts of the weights in, and

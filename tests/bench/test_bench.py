@@ -202,6 +202,29 @@ def test_report_ratios_and_void_comparison():
     assert "⚠" not in agreeing and "First-step losses agree" in agreeing  # no warning sign where none applies
 
 
+def test_the_report_says_what_cuda_graphs_did():
+    """A graphs row that replayed nothing (its captures refused) is slower for a reason the table alone hides."""
+    def train(impl, graphs):
+        return {"phase": "train", "impl": impl, "model": "m", "tokens_per_s": 100.0, "median_step_s": 0.01,
+                "peak_allocated_gib": 1.0, "losses": [12.0, 11.9], "cuda_graphs": graphs}
+
+    records = [train("fastload", None),
+               train("fastload-graphs", {"layer_graphs": 0, "with_backward": 0, "loss_graphs": 0, "replays": 0,
+                                         "stopped": "a forward capture failed"})]
+    table = report.markdown(report.summarize(records, {"device": "cuda", "seq": 2048, "batch": 2}))
+    assert ("CUDA graphs: fastload-graphs: 0 layer graphs captured (0 with their backward), 0 loss graphs, "
+            "0 replays, capturing stopped: a forward capture failed.") in table
+    assert "fastload:" not in table.split("CUDA graphs:")[1].split("\n")[0]
+
+
+def test_graph_set_summary_counts_captures_and_replays():
+    from fastload.engine.cuda_graphs import ModelGraphs
+
+    graphs = ModelGraphs("cuda:0")  # made without touching a GPU
+    assert graphs.summary() == {"layer_graphs": 0, "with_backward": 0, "loss_graphs": 0, "replays": 0,
+                                "stopped": None}
+
+
 def test_runs_of_other_shapes_are_never_compared():
     """Records appended from an 8192 x 1 run sit in their own table: no ratio or loss check across shapes."""
     def train(impl, tps, seq, batch, loss):
