@@ -54,7 +54,8 @@ class _Pack:
 
 class AdamW8bitNoSync(AdamW8bit):
     """`bitsandbytes.optim.AdamW8bit` whose step neither waits for the device between parameters nor launches one
-    update per LoRA matrix. Same state, kernels and results.
+    update per LoRA matrix. Same state, kernels and results (with FASTLOAD_ADAMW8BIT_KERNEL=triton: bitsandbytes'
+    Triton kernel on CUDA, its results within a state code's rounding).
 
     full_precision: parameters given 32-bit state (a trained embedding, as transformers' adamw_8bit does), set on
     this optimizer alone: bitsandbytes' GlobalOptimManager would keep the module alive and, being global, hand
