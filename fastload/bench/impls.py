@@ -216,7 +216,13 @@ def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: in
         return fastload_ready(model_dir, device, dtype, seq, seed, store=fastload_store)
     if impl in ENV_VARIANTS:  # each job is its own worker process: the setting stays with this one
         os.environ.update(ENV_VARIANTS[impl])
-        return fastload_ready(model_dir, device, dtype, seq, seed, store=False)
+        r = fastload_ready(model_dir, device, dtype, seq, seed, store=False)
+        import bitsandbytes.functional as F
+
+        if device == "cuda" and getattr(r.optimizer, "_update", None) is F.optimizer_update_8bit_blockwise:
+            raise RuntimeError(f"{impl}: bitsandbytes' Triton update kernel does not import here (is triton "
+                               "installed?); the row would measure its CUDA kernel")
+        return r
     if impl in ENGINE_VARIANTS:
         return fastload_ready(model_dir, device, dtype, seq, seed, store=False, engine=ENGINE_VARIANTS[impl])
     if impl in ("recipe", "recipe-noupcast"):

@@ -1,6 +1,7 @@
 """bitsandbytes' AdamW8bit with the host work of a step made small: no device synchronization per parameter, and
 one update launch per pack of LoRA matrices (up to 16M values: one on Llama-3 1B, three on 8B) instead of one each;
-matrices of a million values or more (stacked expert adapters) keep a launch of their own.
+matrices of a million values or more (stacked expert adapters, high-rank LoRA on wide layers) keep a launch of their
+own, on their own state.
 
 bitsandbytes' `step()` waits for the device after each parameter's update (its paged optimizers need that order for
 their prefetches), and each update costs Python and a launch on the host. A LoRA model has hundreds of small
@@ -12,11 +13,12 @@ buffers and updated by one launch of bitsandbytes' own kernel over flat state th
 are views of. The arithmetic is bitsandbytes', bit for bit; `state_dict()` keeps one entry per parameter.
 
 Paged optimizers and calls made on another CUDA stream (the kernels launch on the default stream, ordered only by
-the synchronization) get bitsandbytes' own step, synchronization included. Parameters that are small or large,
-fp16/bf16, non-contiguous, of other sizes or with per-parameter overrides, and pack members without a gradient this
-step, are updated one by one by bitsandbytes' update (without the synchronization); members whose step counts went
-apart are regrouped by step count.
-FASTLOAD_ADAMW8BIT_KERNEL=triton swaps bitsandbytes' CUDA update kernel for its Triton one (an experiment: see
+the synchronization) get bitsandbytes' own step, synchronization included. Parameters that are small, fp16/bf16,
+non-contiguous (or whose state is), of other sizes or with per-parameter overrides, and pack members without a
+gradient this step, are updated one by one by bitsandbytes' update (without the synchronization); members whose step
+counts went apart are regrouped by step count.
+FASTLOAD_ADAMW8BIT_KERNEL=triton gives the packs (those of one large matrix included) bitsandbytes' Triton update
+kernel instead of its CUDA one; the parameters updated one by one keep the CUDA kernel (an experiment: see
 `cuda_update_kernel`).
 As with torch's optimizers, the updates may still be running when `step()` returns: work on the default stream sees
 them in order; code that reads the parameters from another stream waits for it first (`wait_stream`).
@@ -34,8 +36,9 @@ from bitsandbytes.optim import AdamW8bit
 BLOCK = 256  # values per absmax block of bitsandbytes' blockwise 8-bit optimizer state (CPU and CUDA kernels)
 PACK_VALUES = 1 << 24  # at most 64 MiB of fp32 per pack: a step gathers values and gradients in that much, twice
 ALONE_VALUES = 1 << 20  # a parameter this large gets its own launch: gathering and scattering it (24 bytes a value,
-                        # ~10 us a million on an H100) costs more than the launch it would share; only stacked
-                        # expert adapters reach it (Qwen3-MoE's: 3-4M values each, 107M in all, 1.3 ms a step)
+                        # ~10 us a million on an H100) costs about what the launch it would share costs the host;
+                        # stacked expert adapters (Qwen3-MoE's: 3-4M values each, 107M in all, 1.3 ms a step) and
+                        # r=128 on 8B's 14,336-wide MLP (1.8M) reach it
 
 
 @dataclass
@@ -55,7 +58,7 @@ class _Pack:
 class AdamW8bitNoSync(AdamW8bit):
     """`bitsandbytes.optim.AdamW8bit` whose step neither waits for the device between parameters nor launches one
     update per LoRA matrix. Same state, kernels and results (with FASTLOAD_ADAMW8BIT_KERNEL=triton: bitsandbytes'
-    Triton kernel on CUDA, its results within a state code's rounding).
+    Triton kernel for the packs on CUDA, its results within a state code's rounding for finite gradients).
 
     full_precision: parameters given 32-bit state (a trained embedding, as transformers' adamw_8bit does), set on
     this optimizer alone: bitsandbytes' GlobalOptimManager would keep the module alive and, being global, hand
@@ -151,7 +154,9 @@ class AdamW8bitNoSync(AdamW8bit):
         alone = []  # large matrices: a pack of one, updated where they are
         for pindex, p in enumerate(group["params"]):
             if self._packable(gindex, pindex, p):
-                if p.numel() >= ALONE_VALUES:
+                if p.numel() >= ALONE_VALUES:  # updated on its own state, which must then be flat
+                    if not all(self.state[p][k].is_contiguous() for k in ("state1", "state2")):
+                        continue  # (state made while the parameter was strided: bitsandbytes' update takes it)
                     alone.append([(pindex, p)])
                 else:
                     together.setdefault((p.device, self.state[p]["step"]), []).append((pindex, p))
@@ -209,12 +214,18 @@ class AdamW8bitNoSync(AdamW8bit):
 def cuda_update_kernel():
     """bitsandbytes' 8-bit blockwise update for CUDA tensors: its CUDA kernel, or its Triton one (written for Intel
     GPUs, the same update with the arithmetic ordered otherwise; it launches on the current device, so parameters on
-    another take the CUDA kernel) where FASTLOAD_ADAMW8BIT_KERNEL=triton asks for it:
-    an experiment until measured (benchmarks/adamw8bit_kernels.py; the CUDA kernel ran at ~0.6 TB/s on an H100)."""
+    another take the CUDA kernel) where FASTLOAD_ADAMW8BIT_KERNEL=triton asks for it. An experiment: 2.1-2.2x the
+    CUDA kernel's speed on an H100 with the same state codes (benchmarks/adamw8bit_kernels.py), but it lacks the
+    CUDA kernel's guard for non-finite gradients (which keeps such a value's parameter and zeroes its state): a NaN
+    or Inf gradient value turns its whole 256-value block's state and then parameters into NaN."""
     if os.environ.get("FASTLOAD_ADAMW8BIT_KERNEL", "").lower() == "triton":
         try:
             from bitsandbytes.backends.triton import kernels_optim
-        except ImportError:  # no triton: the CUDA kernel
+        except ImportError as error:  # no triton: the CUDA kernel, said once per optimizer
+            from fastload._log import logger
+
+            logger.warning("FASTLOAD_ADAMW8BIT_KERNEL=triton: bitsandbytes' Triton kernels do not import here (%s); "
+                           "the 8-bit updates use its CUDA kernel", error)
             return F.optimizer_update_8bit_blockwise
         return kernels_optim.optimizer_update_8bit_blockwise_impl
     return F.optimizer_update_8bit_blockwise

@@ -131,6 +131,32 @@ def test_large_matrices_are_updated_in_place_without_a_pack(monkeypatch):
         assert ours_opt.state[p]["state1"]._base is None and ours_opt.state[p]["state1"].numel() == p.numel()
 
 
+def test_a_large_matrix_whose_state_was_made_strided_steps_as_bitsandbytes(monkeypatch):
+    """bitsandbytes makes a parameter's state like the parameter: one transposed then (its update makes the parameter
+    contiguous, not the state) has strided state, which an in-place update over flat state cannot take."""
+    import bitsandbytes as bnb
+
+    from fastload.train import adamw8bit
+
+    monkeypatch.setattr(adamw8bit, "ALONE_VALUES", 4096)
+
+    def run(cls):
+        torch.manual_seed(0)
+        a = torch.nn.Parameter(torch.randn(64, 128).t())  # strided when its state is made
+        b = torch.nn.Parameter(torch.randn(128, 64))
+        opt = cls([a, b], lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        a.grad = torch.randn(a.shape, generator=g)
+        opt.step()  # b has no gradient yet
+        for _ in range(2):
+            a.grad, b.grad = torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)
+            opt.step()
+        return a.detach().clone(), b.detach().clone()
+
+    ours, theirs = run(adamw8bit.AdamW8bitNoSync), run(bnb.optim.AdamW8bit)
+    assert all(torch.equal(x, y) for x, y in zip(ours, theirs))
+
+
 def test_steps_after_a_missing_gradient_match_and_the_pack_comes_back():
     """A member that missed a gradient has a lower step count (Adam's bias correction differs): it must not be
     stepped with the others' count, and once counts are regrouped the LoRA matrices share launches again."""
