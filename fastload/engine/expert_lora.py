@@ -148,7 +148,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     the arithmetic of transformers' grouped_mm experts forward plus s (x A_e^T) B_e^T per projection.
     `scale_inputs`: each routed row is scaled by its weight before the experts, not after (Llama-4's layout)."""
     top_k = indices.shape[-1]
-    order, perm = torch.sort(indices.reshape(-1))
+    order, perm = routing_order(indices.reshape(-1), experts.num_experts)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     offsets = _offsets(order, experts.num_experts)
@@ -247,6 +247,20 @@ class SpreadRows(torch.autograd.Function):
         return grad[inverse].view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
+def routing_order(flat: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sorted expert ids, in the narrowest integer type that holds them; the permutation sorting `flat`), the
+    rows of one expert kept in routing order. The GPU's radix sort makes one pass per byte of key: eight launches for
+    int64 ids, one for uint8 at up to 256 experts (the cast is one more)."""
+    return torch.sort(flat.to(_narrowest(experts)), stable=True)
+
+
+def _narrowest(experts: int) -> torch.dtype:
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if experts - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
 def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
     """End of each expert's rows among the sorted tokens (int32, as grouped_mm takes them); histc rather than
     bincount keeps the shapes static for CUDA graphs (histc counts integers on CUDA, floats on the CPU)."""
@@ -265,7 +279,7 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
     else:
         y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
     if experts.has_bias:
-        y = y + getattr(experts, f"{name}_bias")[order]
+        y = y + getattr(experts, f"{name}_bias")[order.long()]  # a uint8 index would be a mask
     if factors is None:
         return y, None
     a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack

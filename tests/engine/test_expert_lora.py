@@ -18,7 +18,14 @@ import pytest
 import torch
 from autograd_checks import loss_and_grads, relative, saved_for_backward_bytes
 
-from fastload.engine.expert_lora import LEVER, _grouped, _looped, grouped_mm_runs, install_expert_lora
+from fastload.engine.expert_lora import (
+    LEVER,
+    _grouped,
+    _looped,
+    grouped_mm_runs,
+    install_expert_lora,
+    routing_order,
+)
 from tiny import nonzero_lora_b
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
@@ -216,6 +223,20 @@ def test_grouped_matmul_equals_the_per_expert_loop(dtype):
     for ours, loop in zip(*grads):
         assert torch.allclose(ours.float(), loop.float(), **tol)
     assert grads[0][1][1].abs().sum() == 0  # the expert with no tokens gets no gradient
+
+
+@pytest.mark.parametrize("experts", [8, 256, 257, 40_000])
+def test_routing_sorts_narrow_ids_into_the_order_of_the_wide_ones(experts):
+    """The sort by expert runs on the narrowest integers that hold the ids (uint8 up to 256 experts, int16, int32):
+    the rows each expert gets, and their order within it, are those of a stable sort of the int64 ids."""
+    gen = torch.Generator().manual_seed(experts)
+    ids = torch.randint(0, experts, (4096, 8), generator=gen)
+    ids[0, 0], ids[-1, -1] = 0, experts - 1  # both ends of the range
+    order, perm = routing_order(ids.reshape(-1), experts)
+    wide_order, wide_perm = torch.sort(ids.reshape(-1), stable=True)
+    assert order.element_size() <= (1 if experts <= 256 else 2 if experts <= 32768 else 4)
+    assert torch.equal(perm, wide_perm)
+    assert torch.equal(order.long(), wide_order)
 
 
 def test_rank_misaligned_for_grouped_mm_falls_back_and_matches():
