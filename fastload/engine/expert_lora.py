@@ -262,10 +262,25 @@ def _narrowest(experts: int) -> torch.dtype:
 
 
 def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
-    """End of each expert's rows among the sorted tokens (int32, as grouped_mm takes them); histc rather than
-    bincount keeps the shapes static for CUDA graphs (histc counts integers on CUDA, floats on the CPU)."""
-    counts = torch.histc(order.int() if order.is_cuda else order.float(), bins=experts, min=0, max=experts - 1)
-    return torch.cumsum(counts, dim=0, dtype=torch.int32)
+    """End of each expert's rows among the sorted tokens (int32, as grouped_mm takes them): where each expert id
+    would go after its equals in the sorted ids. One launch (a count and its running sum took four), and a static
+    shape for CUDA graphs, as bincount's is not."""
+    return torch.searchsorted(order, _expert_ids(experts, order.dtype, order.device), right=True, out_int32=True)
+
+
+_EXPERT_IDS: dict = {}
+
+
+def _expert_ids(experts: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 .. experts-1, made once per device and dtype (not while a CUDA graph captures: its values would be written
+    only at replay)."""
+    key = (experts, dtype, device)
+    ids = _EXPERT_IDS.get(key)
+    if ids is None:
+        ids = torch.arange(experts, dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _EXPERT_IDS[key] = ids
+    return ids
 
 
 def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
@@ -283,7 +298,9 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
     if factors is None:
         return y, None
     a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
-    xa = _grouped(x, a_t.to(dtype), offsets) * scaling
+    xa = _grouped(x, a_t.to(dtype), offsets)
+    if scaling != 1:  # alpha = r (Unsloth's and fastload's default) scales by one: no launch, forward or backward
+        xa = xa * scaling
     b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
     return y, _grouped(xa, b_cast, offsets)  # one copy, not two (and contiguous either way: grouped_mm's layout)
 

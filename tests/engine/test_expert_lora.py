@@ -22,6 +22,7 @@ from fastload.engine.expert_lora import (
     LEVER,
     _grouped,
     _looped,
+    _offsets,
     grouped_mm_runs,
     install_expert_lora,
     routing_order,
@@ -52,12 +53,13 @@ def tiny_moe(family: str, dtype=torch.float32, config: dict | None = None):
     return AutoModelForCausalLM.from_config(built, dtype=dtype)
 
 
-def peft_moe(family: str, dtype=torch.float32, r: int = 8, config: dict | None = None):
-    """A tiny random `family` model with peft LoRA on attention and on the experts, B non-zero."""
+def peft_moe(family: str, dtype=torch.float32, r: int = 8, config: dict | None = None, alpha: int | None = None):
+    """A tiny random `family` model with peft LoRA on attention and on the experts, B non-zero (alpha 2r unless
+    given: a scaling that is not one)."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_moe(family, dtype, config)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=ATTENTION, target_parameters=EXPERT_TARGETS)
+    lora = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=ATTENTION, target_parameters=EXPERT_TARGETS)
     model = get_peft_model(model, lora)
     nonzero_lora_b(model)
     return model
@@ -79,9 +81,10 @@ def experts_modules(model) -> list:
     return [m for m in model.modules() if type(m).__name__.endswith("Experts") and not isinstance(m, ParamWrapper)]
 
 
+@pytest.mark.parametrize("alpha", [None, 8], ids=["scaling-2", "scaling-1"])
 @pytest.mark.parametrize("family", LEVER_MOE)
-def test_fp32_loss_and_gradients_equal_peft(family):
-    plain = peft_moe(family)
+def test_fp32_loss_and_gradients_equal_peft(family, alpha):
+    plain = peft_moe(family, alpha=alpha)
     ours = with_lever(plain)
     ids = tokens()
     plain_loss, plain_grads = loss_and_grads(plain, ids)
@@ -237,6 +240,21 @@ def test_routing_sorts_narrow_ids_into_the_order_of_the_wide_ones(experts):
     assert order.element_size() <= (1 if experts <= 256 else 2 if experts <= 32768 else 4)
     assert torch.equal(perm, wide_perm)
     assert torch.equal(order.long(), wide_order)
+
+
+@pytest.mark.parametrize("experts", [8, 256, 300])
+def test_each_experts_rows_end_where_its_count_says(experts):
+    """grouped_mm reads expert e's rows as offsets[e-1]:offsets[e]: the running count of each expert's rows, experts
+    with no rows (here every third, and the last) included."""
+    gen = torch.Generator().manual_seed(experts)
+    ids = torch.randint(0, experts - 1, (512, 4), generator=gen)
+    ids[ids % 3 == 1] = 0
+    order, _ = routing_order(ids.reshape(-1), experts)
+    offsets = _offsets(order, experts)
+    counts = torch.bincount(ids.reshape(-1), minlength=experts)
+    assert offsets.dtype == torch.int32 and offsets.shape == (experts,)
+    assert torch.equal(offsets.long(), torch.cumsum(counts, 0))
+    assert counts[-1] == 0 and (counts == 0).sum() > experts // 4
 
 
 def test_rank_misaligned_for_grouped_mm_falls_back_and_matches():
