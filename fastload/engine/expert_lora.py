@@ -29,7 +29,7 @@ import torch
 
 from fastload._log import logger
 from fastload.engine.triton import experts as triton_experts
-from fastload.engine.triton.launch import triton_runs_on
+from fastload.engine.triton.launch import tensor_cores_take, triton_runs_on
 from fastload.engine.triton.nf4 import dequantize_4bit, supported
 from fastload.load.nf4_experts import is_stack
 from fastload.model_state import is_patched, mark_patched
@@ -378,7 +378,7 @@ def grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
     if _grouped_mm() is None or x.dtype != w.dtype or x.shape[0] == 0:  # no rows: its backward refuses K = 0
         return False
     if x.is_cuda:
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+        if x.dtype != torch.bfloat16 or not tensor_cores_take(x.dtype, x.device):  # sm_80 on, asked once
             return False
     elif x.device.type != "cpu":
         return False
