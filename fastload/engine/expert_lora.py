@@ -152,6 +152,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     offsets = _offsets(order, experts.num_experts)
+    expert_of_row = order.long() if experts.has_bias else None  # a bias's row index (a uint8 index would be a mask)
     fused = _fused_elementwise(experts, hidden)
     device, dtype, width = hidden.device, hidden.dtype, hidden.shape[-1]
     token_of_row = perm // top_k if fused else None
@@ -165,7 +166,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     if scale_inputs:
         x = x * routing
     up = "gate_up_proj" if experts.has_gate else "up_proj"
-    h, h_lora = _projection(experts, up, x, order, offsets, factors.get(up))
+    h, h_lora = _projection(experts, up, x, expert_of_row, offsets, factors.get(up))
     # (h r) W = (h W) r for each row's routing weight r: applied on the narrower side (768 against 2048 columns for
     # Qwen3-MoE, forward and backward) where nothing between them (a down_proj bias, a post-expert norm) is affine;
     # not for wider experts (Mixtral's 14336) or weights in another dtype (Mixtral's fp32: transformers' product)
@@ -181,7 +182,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
         h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
         if weighted_early:
             h = h * routing
-    y, y_lora = _projection(experts, "down_proj", h, order, offsets, factors.get("down_proj"))
+    y, y_lora = _projection(experts, "down_proj", h, expert_of_row, offsets, factors.get("down_proj"))
     if (fused and weighted_early
             and triton_experts.kernel_runs("combine", device, dtype, width, top_k, y_lora is not None)):
         # summed over the k choices of each token, added to the adapter's rows: one launch
@@ -283,7 +284,7 @@ def _expert_ids(experts: int, dtype: torch.dtype, device: torch.device) -> torch
     return ids
 
 
-def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
+def _projection(experts, name: str, x: torch.Tensor, expert_of_row, offsets, factors):
     """(x W_e^T (+ bias_e), s (x A_e^T) B_e^T or None) for the sorted rows of x, in the weight's dtype: the two
     terms apart, for a kernel after them to add while it reads them."""
     weight = getattr(experts, name)
@@ -294,7 +295,7 @@ def _projection(experts, name: str, x: torch.Tensor, order, offsets, factors):
     else:
         y = _grouped(x, weight if experts.is_transposed else weight.transpose(-2, -1), offsets)
     if experts.has_bias:
-        y = y + getattr(experts, f"{name}_bias")[order.long()]  # a uint8 index would be a mask
+        y = y + getattr(experts, f"{name}_bias")[expert_of_row]
     if factors is None:
         return y, None
     a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
