@@ -30,7 +30,8 @@ ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss"
                    "fastload-graphs": {"cuda_graphs": True}}
 # fastload-tritonadam: the default with bitsandbytes' Triton 8-bit update kernel (FASTLOAD_ADAMW8BIT_KERNEL=triton)
 ENV_VARIANTS = {"fastload-tritonadam": {"FASTLOAD_ADAMW8BIT_KERNEL": "triton"}}
-IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS, *ENV_VARIANTS)
+# fastload-norouter: the default with MoE routers left to transformers (the kernels lever's Triton router off)
+IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS, *ENV_VARIANTS, "fastload-norouter")
 # recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement
 LOADS = ("fastload", "recipe", "unsloth")
 
@@ -223,6 +224,11 @@ def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: in
             raise RuntimeError(f"{impl}: bitsandbytes' Triton update kernel does not import here (is triton "
                                "installed?); the row would measure its CUDA kernel")
         return r
+    if impl == "fastload-norouter":  # its own worker process: the patch stays with this one
+        import fastload.engine.kernels as kernels
+
+        kernels.install_topk_router = lambda model: False
+        return fastload_ready(model_dir, device, dtype, seq, seed, store=False)
     if impl in ENGINE_VARIANTS:
         return fastload_ready(model_dir, device, dtype, seq, seed, store=False, engine=ENGINE_VARIANTS[impl])
     if impl in ("recipe", "recipe-noupcast"):

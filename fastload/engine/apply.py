@@ -9,7 +9,7 @@ from fastload._log import logger
 from fastload.engine.expert_lora import install_expert_lora
 from fastload.engine.fused_lora import install_fused_lora
 from fastload.engine.fused_loss import install_fused_loss
-from fastload.engine.kernels import RMSNORM, ROPE, SWIGLU, install_kernels
+from fastload.engine.kernels import RMSNORM, ROPE, ROUTER, SWIGLU, install_kernels
 from fastload.engine.llama4_moe import install_llama4_moe
 from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
 from fastload.engine.report import EngineReport, skipped_levers
@@ -100,5 +100,5 @@ def levers_on(base) -> list[str]:
     patched = {lever for module in base.modules() for lever in state.levers_of(module)}
     registered = state.checkpoint_function
     on = patched | set(registered.levers if registered is not None else ())
-    order = (*(lever for lever in LEVERS if lever != "kernels"), RMSNORM, SWIGLU, ROPE)
+    order = (*(lever for lever in LEVERS if lever != "kernels"), RMSNORM, SWIGLU, ROPE, ROUTER)
     return [lever for lever in order if lever in on]

@@ -1,4 +1,4 @@
-"""Fused Triton kernels on this instance's RMSNorm, SwiGLU and RoPE (CUDA only).
+"""Fused Triton kernels on this instance's RMSNorm, SwiGLU, RoPE and MoE routers (CUDA only).
 
 fastload's own lean kernels (fastload.engine.triton.layers and .rope) wherever triton is installed. A norm whose
 weight is trained (at the time of the call) runs transformers' forward.
@@ -10,6 +10,8 @@ import types
 
 from fastload.engine.rotary import LEVER as ROPE
 from fastload.engine.rotary import install_rotary_attention
+from fastload.engine.router import LEVER as ROUTER
+from fastload.engine.router import install_topk_router
 from fastload.engine.triton.launch import triton_available, triton_runs_on
 from fastload.engine.triton.layers import rms_norm, swiglu
 from fastload.engine.triton.rope import rotate
@@ -34,6 +36,8 @@ def install_kernels(model) -> list[str]:
             used.append(SWIGLU)
         if _rope(model):
             used.append(ROPE)
+        if install_topk_router(model):
+            used.append(ROUTER)
     return used
 
 
