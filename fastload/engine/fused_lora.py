@@ -114,10 +114,10 @@ class LoraGroup(torch.autograd.Function):
             dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
             needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
             needs_x = ctx.needs_input_grad[0]
-            dyb = (dy @ b).mul_(s) if needs_a or (needs_x and not was_merged) else None  # (tokens, r)
+            dyb = _scaled(dy @ b, s) if needs_a or (needs_x and not was_merged) else None  # (tokens, r)
             xa = x2 @ a.t() if was_merged and needs_b else products[i]
-            grads += [(dyb.t() @ x2).float() if needs_a else None,
-                      (dy.t() @ xa).float().mul_(s) if needs_b else None]
+            grads += [fp32_product(dyb.t(), x2) if needs_a else None,
+                      _scaled(fp32_product(dy.t(), xa), s) if needs_b else None]
             if needs_x:
                 weight = _merged_weight(base, a, b, s, dtype) if was_merged else _full_weight(base, dtype)
                 if grad_x is None:
@@ -129,6 +129,34 @@ class LoraGroup(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape).to(ctx.in_dtype)
         return grad_x, None, None, *grads
+
+
+def _scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
+    """t * scaling in place; no launch at scaling one (alpha = r: fastload's and Unsloth's default)."""
+    return t if scaling == 1 else t.mul_(scaling)
+
+
+def fp32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in fp32 for an adapter's gradient: on CUDA one matmul writing fp32 from its fp32 accumulator (torch's
+    mm out_dtype), where 16-bit operands otherwise take a matmul and a cast, rounding the gradient to 16 bits in
+    between. Asked once per device and dtype whether this torch takes it."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _out_dtype_runs(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+_OUT_DTYPE: dict = {}
+
+
+def _out_dtype_runs(device, dtype) -> bool:
+    key = (device, dtype)
+    if key not in _OUT_DTYPE:
+        try:
+            probe = torch.ones(16, 16, device=device, dtype=dtype)
+            _OUT_DTYPE[key] = bool(torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE[key] = False
+    return _OUT_DTYPE[key]
 
 
 def _fusable(module) -> bool:

@@ -169,12 +169,13 @@ def test_a_fused_projections_output_can_be_added_to_in_place(tiny_llama):
     (True, 10, {"q": False, "k": False, "v": False}), (False, 200, {"q": False, "k": False, "v": False})],
     ids=["4-bit base, long call: adapters merged", "4-bit base, k/v merged but not the wider q",
          "4-bit base, short call: products added", "16-bit base: products added"])
+@pytest.mark.parametrize("alpha", [16, 32], ids=["scaling 1", "scaling 2"])
 def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama, load_in_4bit, tokens, merges,
-                                                                      monkeypatch):
+                                                                      alpha, monkeypatch):
     """q/k/v (and gate/up) read the same input: one autograd node computes them all; a member called on another
     input, or alone, still gives peft's result, and so do the gradients of the input and of A and B. A 4-bit weight
     takes the adapter into its dequantized copy on calls long enough for that to pay; otherwise the adapter's
-    product is added to the output."""
+    product is added to the output. At r = alpha (the default) the scaling multiplies are skipped; at 2 they run."""
     from fastload.engine import fused_lora
 
     merged, real = {}, fused_lora._merged_weight
@@ -185,7 +186,9 @@ def test_projections_sharing_an_input_run_as_one_group_and_match_peft(tiny_llama
         return weight
 
     monkeypatch.setattr(fused_lora, "_merged_weight", spy)
-    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, load_in_4bit=load_in_4bit)
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False, dtype=torch.float32, load_in_4bit=load_in_4bit,
+                                         lora={"r": 16, "lora_alpha": alpha})
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.scaling["default"] == alpha / 16
     assert (type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__
             == ("Linear4bit" if load_in_4bit else "Linear"))
     nonzero_lora_b(model)
@@ -676,3 +679,19 @@ def test_checkpointed_layers_build_single_use_graphs_and_unchecked_ones_do_not(t
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert torch.allclose(param.grad, 2 * once[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.gpu
+def test_gpu_adapter_gradients_come_from_one_fp32_matmul():
+    """On CUDA an adapter's gradient is one matmul writing fp32 (torch's mm out_dtype): closer to the fp32 product
+    than a 16-bit matmul cast afterwards, which rounds every element to 8 bits of mantissa first."""
+    from fastload.engine.fused_lora import _OUT_DTYPE, fp32_product
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    a = torch.randn(16, 4096, device="cuda", generator=generator).to(torch.bfloat16)
+    b = torch.randn(4096, 2048, device="cuda", generator=generator).to(torch.bfloat16)
+    exact = a.float() @ b.float()
+    ours = fp32_product(a, b)
+    assert ours.dtype == torch.float32 and _OUT_DTYPE[(a.device, torch.bfloat16)] is True
+    error, rounded = (ours - exact).norm() / exact.norm(), ((a @ b).float() - exact).norm() / exact.norm()
+    assert error < 1e-4 and error < rounded / 4
