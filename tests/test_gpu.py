@@ -285,6 +285,25 @@ def test_triton_dequantize_with_a_merged_adapter_rounds_once(rank):
     assert (ours.float() - F.dequantize_4bit(packed, state).float()).abs().max() > 1e-3  # the adapter is in
 
 
+@pytest.mark.parametrize("rank", [8, 16])
+def test_triton_merge_of_fp32_adapters_is_the_merge_of_their_bf16_casts(rank):
+    """The fused LoRA forward hands the merge kernel the trained fp32 adapters (no cast launches): the merged weight
+    is bit for bit the one their bf16 casts give, so forward, recomputation and backward agree with the cast path."""
+    import bitsandbytes.functional as F
+
+    from fastload.engine.triton.nf4 import dequantize_4bit_lora, lora_supported
+
+    gen = torch.Generator(device="cuda").manual_seed(rank)
+    weight = torch.randn(2048 + 96, 1000, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = F.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    a = torch.randn(rank, 1000, generator=gen, device="cuda") * 0.05
+    b = torch.randn(2048 + 96, rank, generator=gen, device="cuda") * 0.05
+    assert lora_supported(packed, state, a, b) and lora_supported(packed, state, a.bfloat16(), b.bfloat16())
+    merged = dequantize_4bit_lora(packed, state, a, b, 0.5)
+    assert torch.equal(merged, dequantize_4bit_lora(packed, state, a.bfloat16(), b.bfloat16(), 0.5))
+    assert (merged.float() - F.dequantize_4bit(packed, state).float()).abs().max() > 1e-3  # the adapter is in
+
+
 def test_triton_norm_and_swiglu_match_transformers_within_bf16_rounding():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 

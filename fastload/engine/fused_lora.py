@@ -67,7 +67,7 @@ def _merged_weight(base, a, b, scaling, dtype):
         return dequantize_4bit_lora(weight.data, state, a, b, scaling)
     if weight.device.type == "cuda":
         return None
-    return _full_weight(base, dtype).addmm_(b, a, alpha=scaling)
+    return _full_weight(base, dtype).addmm_(b.to(dtype), a.to(dtype), alpha=scaling)
 
 
 class LoraGroup(torch.autograd.Function):
@@ -80,13 +80,17 @@ class LoraGroup(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         outs, products, casts = [], [], []
         for i, (base, s) in enumerate(zip(bases, scalings)):
-            a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
-            casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
-            merged = _merged_weight(base, a, b, s, dtype) if _merge_pays(x2.shape[0], base) else None
+            # merged: the kernel reads the fp32 adapters and rounds them itself, so the forward and its
+            # recomputation cast nothing; backward casts them once (two launches a projection fewer per step)
+            merged = (_merged_weight(base, adapters[2 * i], adapters[2 * i + 1], s, dtype)
+                      if _merge_pays(x2.shape[0], base) else None)
             if merged is not None:
                 y = x2 @ merged.t()
                 products.append(None)  # x A^T, for B's gradient, is made in backward
+                casts += [None, None]
             else:
+                a, b = adapters[2 * i].to(dtype), adapters[2 * i + 1].to(dtype)
+                casts += [a, b]  # saved as cast: backward needs them in the compute dtype too
                 xa = x2 @ a.t()
                 y = x2 @ _full_weight(base, dtype).t()
                 y.addmm_(xa, b.t(), alpha=s)
@@ -94,7 +98,7 @@ class LoraGroup(torch.autograd.Function):
             if base.bias is not None:
                 y += base.bias.to(dtype)
             outs.append(y.to(x.dtype))  # (tokens, out): a view made here could not be changed in place by the caller
-        ctx.save_for_backward(x2, *products, *casts)
+        ctx.save_for_backward(x2, *products, *casts, *adapters)
         ctx.bases, ctx.scalings, ctx.x_shape, ctx.in_dtype = bases, scalings, x.shape, x.dtype
         return tuple(outs)
 
@@ -102,24 +106,29 @@ class LoraGroup(torch.autograd.Function):
     def backward(ctx, *grad_ys):
         n = len(ctx.bases)
         saved = ctx.saved_tensors  # unpacked once: checkpointing allows no second unpack
-        x2, products, casts = saved[0], saved[1:1 + n], saved[1 + n:]
+        x2, products, casts, adapters = saved[0], saved[1:1 + n], saved[1 + n:1 + 3 * n], saved[1 + 3 * n:]
         dtype = x2.dtype
         grad_x, grads = None, []
         for i, (base, s, grad_y) in enumerate(zip(ctx.bases, ctx.scalings, grad_ys)):
             if grad_y is None:
                 grads += [None, None]
                 continue
-            a, b = casts[2 * i], casts[2 * i + 1]
             was_merged = products[i] is None  # forward merged the adapter into the weight
+            a32, b32 = adapters[2 * i], adapters[2 * i + 1]
             dy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
             needs_a, needs_b = ctx.needs_input_grad[3 + 2 * i], ctx.needs_input_grad[4 + 2 * i]
             needs_x = ctx.needs_input_grad[0]
+            if was_merged:  # cast here, once, only what backward multiplies by
+                a = a32.to(dtype) if needs_b else None
+                b = b32.to(dtype) if needs_a else None
+            else:
+                a, b = casts[2 * i], casts[2 * i + 1]
             dyb = _scaled(dy @ b, s) if needs_a or (needs_x and not was_merged) else None  # (tokens, r)
             xa = x2 @ a.t() if was_merged and needs_b else products[i]
             grads += [fp32_product(dyb.t(), x2) if needs_a else None,
                       _scaled(fp32_product(dy.t(), xa), s) if needs_b else None]
             if needs_x:
-                weight = _merged_weight(base, a, b, s, dtype) if was_merged else _full_weight(base, dtype)
+                weight = _merged_weight(base, a32, b32, s, dtype) if was_merged else _full_weight(base, dtype)
                 if grad_x is None:
                     grad_x = dy @ weight
                 else:

@@ -32,7 +32,8 @@ _LAYOUT_CHECKED: dict = {}  # id(QuantState) -> (its weak reference, {device typ
 
 def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     """W + scaling * b @ a in the weight's 16-bit dtype, rounded once: W from a bitsandbytes 4-bit tensor and its
-    QuantState, a (r x in) and b (out x r) contiguous in that same dtype."""
+    QuantState, a (r x in) and b (out x r) contiguous in that same dtype or in fp32 (then rounded to it in the kernel,
+    as a cast before the call would: no cast launches)."""
     import triton
 
     from fastload.engine.triton.nf4_kernels import dequantize_4bit_lora as kernel
@@ -88,10 +89,11 @@ def keep_tile(key: tuple, choice: dict) -> None:
 
 def lora_supported(packed, state, a, b) -> bool:
     """The adapter-merging kernel's extra conditions: an even row length (whole bytes per row), fewer than 2**31
-    values, adapters of the weight's dtype laid out contiguously, of a rank one tensor-core dot covers, a GPU whose
-    tensor cores take that dtype."""
+    values, adapters of the weight's dtype (or fp32) laid out contiguously, of a rank one tensor-core dot covers, a
+    GPU whose tensor cores take that dtype."""
     return (supported(packed, state) and state.shape[1] % 2 == 0 and packed.numel() * 2 < 2 ** 31
-            and a.dtype == b.dtype == state.dtype and a.is_contiguous() and b.is_contiguous() and a.shape[0] <= 128
+            and a.dtype == b.dtype and a.dtype in (state.dtype, torch.float32) and a.is_contiguous()
+            and b.is_contiguous() and a.shape[0] <= 128
             and a.shape == (b.shape[1], state.shape[1]) and b.shape[0] == state.shape[0]
             and tensor_cores_take(state.dtype, packed.device))
 

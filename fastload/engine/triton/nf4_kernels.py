@@ -54,8 +54,12 @@ def dequantize_4bit_lora(packed_ptr, scales_ptr, scales2_ptr, code2_ptr, offset_
     weight = tl.interleave(high, low)  # (BM, BN) in fp32
     col = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, R)
-    b = tl.load(b_ptr + row[:, None] * rank + k[None, :], mask=(row < rows)[:, None] & (k < rank)[None, :], other=0.0)
-    a = tl.load(a_ptr + k[:, None] * cols + col[None, :], mask=(k < rank)[:, None] & (col < cols)[None, :], other=0.0)
+    # fp32 adapters (the trained copies) are rounded here as a cast before the call would round them
+    dtype = out_ptr.dtype.element_ty
+    b = tl.load(b_ptr + row[:, None] * rank + k[None, :], mask=(row < rows)[:, None] & (k < rank)[None, :],
+                other=0.0).to(dtype)
+    a = tl.load(a_ptr + k[:, None] * cols + col[None, :], mask=(k < rank)[:, None] & (col < cols)[None, :],
+                other=0.0).to(dtype)
     weight += scaling * tl.dot(b, a)  # fp32 accumulation of the rank-r product
     tl.store(out_ptr + row[:, None] * cols + col[None, :], weight.to(out_ptr.dtype.element_ty),
              mask=(row < rows)[:, None] & (col < cols)[None, :])
