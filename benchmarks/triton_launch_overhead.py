@@ -2,8 +2,9 @@
 
 A host-bound QLoRA step (Qwen3-MoE shape, Llama-3 1B) issues ~300 of fastload's Triton launches a step beside ~1,800
 torch launches; under torch.profiler a Triton launch showed as ~100 us of its caller's own CPU time. This measures
-it without the profiler: the same tiny RMSNorm row launched through the JIT (`kernel[grid](...)`, what fastload
-does) and through the compiled kernel's own launcher (what the JIT ends in), and a torch elementwise op, each
+it without the profiler: the same tiny RMSNorm row launched through the JIT (`kernel[grid](...)`), through fastload's
+`launch` (the JIT once per specialization, then the compiled kernel's launcher) and through the compiled kernel's own
+launcher (what the JIT ends in), and a torch elementwise op, each
 launched N times with the GPU far ahead of nothing (one row: the GPU work is ~2 us).
 
     python benchmarks/triton_launch_overhead.py [--launches 5000]
@@ -53,8 +54,13 @@ def main() -> None:
     def jit():
         k.rmsnorm_forward[(1,)](x, w, y, rstd, 2048, 1e-6, BLOCK=2048, num_warps=4)
 
+    from fastload.engine.triton.launch import launch
+
+    def lean():
+        launch(k.rmsnorm_forward, (1,), x, w, y, rstd, 2048, 1e-6, BLOCK=2048, num_warps=4)
+
     rows = {"torch op (x.mul(2))": lambda: x.mul(2), "torch empty + op": lambda: torch.empty_like(x).copy_(x),
-            "triton JIT kernel[grid](...)": jit}
+            "triton JIT kernel[grid](...)": jit, "fastload launch(kernel, grid, ...)": lean}
     compiled = None
     try:
         compiled = k.rmsnorm_forward.warmup(x, w, y, rstd, 2048, 1e-6, BLOCK=2048, num_warps=4, grid=(1,))

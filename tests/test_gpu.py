@@ -545,3 +545,58 @@ def test_the_load_hands_its_cached_memory_back(gpu_llama):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) < 256 * 2**20
+
+
+def test_lean_launch_computes_what_the_jit_launch_does_and_respecializes():
+    """fastload's `launch` calls the compiled kernel's own launcher once the JIT has compiled a specialization: the
+    output is the JIT's, bit for bit; a tensor off 16-byte alignment, another constexpr, an integer that is a
+    multiple of 16 where it was not, each go through the JIT again (a new specialization), still correct; and the
+    launcher is really in use on this Triton (else nothing here would be saved)."""
+    from fastload.engine.triton import launch as launching
+    from fastload.engine.triton import layers_kernels as k
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def norm(x, w, via_launch: bool):
+        y, rstd = torch.empty_like(x), torch.empty(x.shape[0], device="cuda", dtype=torch.float32)
+        block = 1 << (x.shape[1] - 1).bit_length()
+        if via_launch:
+            launching.launch(k.rmsnorm_forward, (x.shape[0],), x, w, y, rstd, x.shape[1], 1e-6, BLOCK=block,
+                             num_warps=4)
+        else:
+            k.rmsnorm_forward[(x.shape[0],)](x, w, y, rstd, x.shape[1], 1e-6, BLOCK=block, num_warps=4)
+        return y
+
+    base = torch.randn(8 * 1000 + 1, generator=gen, device="cuda").to(torch.bfloat16)
+    w = torch.randn(1000, generator=gen, device="cuda").to(torch.bfloat16)
+    w_odd = torch.randn(1001, generator=gen, device="cuda").to(torch.bfloat16)
+    cases = [base[:8000].view(8, 1000), base[1:8001].view(8, 1000),  # aligned, then 2 bytes off
+             base[:8000].view(8, 1000) * 2, base[:8008].view(8, 1001)]  # the same again, then an odd width
+    for x in cases:
+        weight = w if x.shape[1] == 1000 else w_odd
+        for _ in range(3):  # the first call compiles (JIT), the next ones launch directly
+            assert torch.equal(norm(x, weight, True), norm(x, weight, False))
+    direct = [v for key, v in launching._COMPILED.items() if key[0] == id(k.rmsnorm_forward)]
+    assert len(direct) >= 3 and all(v is not None for v in direct)
+
+
+def test_lean_launch_steps_aside_for_a_launch_hook():
+    """A profiler's launch hook (proton) sees every launch: with one set, `launch` goes through the JIT."""
+    from triton import knobs
+
+    from fastload.engine.triton import layers_kernels as k
+    from fastload.engine.triton.launch import launch
+
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    w, y = torch.ones(256, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+    rstd = torch.empty(4, device="cuda", dtype=torch.float32)
+    for _ in range(2):
+        launch(k.rmsnorm_forward, (4,), x, w, y, rstd, 256, 1e-6, BLOCK=256, num_warps=4)
+    seen = []
+    previous = knobs.runtime.launch_enter_hook
+    knobs.runtime.launch_enter_hook = lambda metadata: seen.append(metadata)
+    try:
+        launch(k.rmsnorm_forward, (4,), x, w, y, rstd, 256, 1e-6, BLOCK=256, num_warps=4)
+    finally:
+        knobs.runtime.launch_enter_hook = previous
+    assert len(seen) == 1

@@ -8,6 +8,8 @@ dtype) with fp32 arithmetic in registers: 2 bytes a logit in bf16, so chunks can
 
 from __future__ import annotations
 
+from fastload.engine.triton.launch import launch
+
 
 def cross_entropy_in_place(logits, labels, loss_out, ignore_index: int = -100, write_grad: bool = True) -> None:
     """loss_out[i] = CE(logits[i], labels[i]) in fp32 (0 where ignored); with write_grad, logits[i] becomes
@@ -18,5 +20,5 @@ def cross_entropy_in_place(logits, labels, loss_out, ignore_index: int = -100, w
     if rows == 0:
         return
     block = min(32768, 1 << (cols - 1).bit_length())
-    cross_entropy_rows[(rows,)](logits, logits.stride(0), labels, loss_out, cols, ignore_index,
-                       BLOCK=block, WRITE_GRAD=write_grad, num_warps=32 if block >= 8192 else 8)
+    launch(cross_entropy_rows, (rows,), logits, logits.stride(0), labels, loss_out, cols, ignore_index,
+           BLOCK=block, WRITE_GRAD=write_grad, num_warps=32 if block >= 8192 else 8)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastload._log import logger
+from fastload.engine.triton.launch import launch
 from fastload.train.single_use import graph_is_single_use
 
 COLUMN_BLOCK = 1024
@@ -37,7 +38,7 @@ class ExpertsGate(torch.autograd.Function):
         rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
         out = gate_up.new_empty(rows, n_cols)
         if rows:
-            _kernels().experts_gate_forward[(rows,)](
+            launch(_kernels().experts_gate_forward, (rows,),
                 gate_up, gate_up if lora is None else lora, gate_up if routing is None else routing, out, n_cols,
                 HAS_LORA=lora is not None, HAS_ROUTING=routing is not None, BLOCK=COLUMN_BLOCK,
                 num_warps=_warps(n_cols))
@@ -53,7 +54,7 @@ class ExpertsGate(torch.autograd.Function):
         d_routing = None if routing is None else torch.empty_like(routing)
         d_gate_up = gate_up if ctx.overwrite else torch.empty_like(gate_up)
         if rows:
-            _kernels().experts_gate_backward[(rows,)](
+            launch(_kernels().experts_gate_backward, (rows,),
                 grad.contiguous(), gate_up, d_gate_up, gate_up if routing is None else routing,
                 gate_up if d_routing is None else d_routing, n_cols,
                 HAS_ROUTING=routing is not None, BLOCK=COLUMN_BLOCK, num_warps=_warps(n_cols))
@@ -99,7 +100,7 @@ def combine(rows, lora, source, k: int, dtype) -> torch.Tensor:
     tokens, n_cols = source.numel() // k, rows.shape[-1]
     out = torch.empty(tokens, n_cols, dtype=dtype, device=rows.device)
     if tokens:
-        _kernels().combine_rows[(tokens,)](rows, rows if lora is None else lora, source, out, n_cols, K=k,
+        launch(_kernels().combine_rows, (tokens,), rows, rows if lora is None else lora, source, out, n_cols, K=k,
                                            HAS_LORA=lora is not None, BLOCK=COLUMN_BLOCK, num_warps=_warps(n_cols))
     return out
 

@@ -38,3 +38,119 @@ def _capability(device) -> tuple[int, int]:
 def tensor_cores_take(dtype, device) -> bool:
     """tl.dot on bf16 needs Ampere (compute capability 8.0) or newer, on fp16 Volta (7.0); asked once per device."""
     return _capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0))
+
+
+# -- launching ---------------------------------------------------------------------------------------------------
+#
+# Triton's JIT launch (`kernel[grid](...)`) binds and specializes every argument and looks the compiled kernel up on
+# every call: 24 us of host time a launch on an H100 host where a torch operator takes 13 (2026-12-07,
+# benchmarks/triton_launch_overhead.py), and a Qwen3-MoE step launches ~630 of fastload's Triton kernels. `launch`
+# makes the first call of each specialization through the JIT, keeps the compiled kernel it returns, and afterwards
+# calls the compiled kernel's own launcher, as the JIT ends up doing, whenever the arguments specialize the same way:
+# the same tensor dtypes and 16-byte alignments, the same integer classes (one, multiples of 16, 32 or 64 bits),
+# the same constexprs and launch options. Anything else (a launch hook, a kernel with pre-run hooks, an argument of
+# another kind, a Triton whose compiled kernels lack the launcher) takes the JIT's path.
+
+_COMPILED: dict = {}  # (kernel, device, constexprs and options, argument classes) -> (compiled kernel, constexpr
+                     # names), or None: the JIT's path only
+
+
+def launch(kernel, grid: tuple, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) for a @triton.jit kernel: its leading parameters positionally, the rest (all
+    constexprs) by keyword, with launch options (num_warps...)."""
+    classes = _classes(kernel, args)
+    if classes is None:
+        kernel[grid](*args, **kwargs)
+        return
+    driver = _driver()
+    device = driver.active.get_current_device()
+    key = (id(kernel), device, tuple(kwargs.items()), classes)
+    compiled = _COMPILED.get(key)
+    if compiled is None or _hooked():
+        result = kernel[grid](*args, **kwargs)
+        if key not in _COMPILED:
+            _COMPILED[key] = _launcher(kernel, result, args, kwargs)
+        return
+    launcher, order = compiled
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    launcher.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), launcher.function,
+                 launcher.packed_metadata, None, None, None, *args, *(kwargs[name] for name in order))
+
+
+def _classes(kernel, args: tuple) -> tuple | None:
+    """How Triton specializes these arguments (a constexpr by its value), or None where one is of a kind not
+    followed here."""
+    constexprs = _constexpr_positions(kernel)
+    if constexprs is None:
+        return None
+    out = []
+    for i, value in enumerate(args):
+        if i in constexprs:
+            out.append(("constexpr", value))
+        elif isinstance(value, torch.Tensor):
+            out.append((value.dtype, value.data_ptr() % 16 == 0))
+        elif isinstance(value, bool):
+            out.append(("bool",))
+        elif isinstance(value, int):
+            out.append(("int", value == 1, value % 16 == 0, -2 ** 31 <= value < 2 ** 31, value < 2 ** 63))
+        elif isinstance(value, float):
+            out.append(("float",))
+        else:
+            return None
+    return tuple(out)
+
+
+_CONSTEXPR_POSITIONS: dict = {}
+
+
+def _constexpr_positions(kernel) -> frozenset | None:
+    """The kernel's constexpr parameters by position; None for what is not a compiling JITFunction (Triton's
+    interpreter, TRITON_INTERPRET=1, runs its kernels through the JIT's path)."""
+    key = id(kernel)
+    if key not in _CONSTEXPR_POSITIONS:
+        from triton.runtime.jit import JITFunction
+
+        params = getattr(kernel, "params", None) if isinstance(kernel, JITFunction) else None
+        _CONSTEXPR_POSITIONS[key] = (None if params is None else
+                                     frozenset(i for i, p in enumerate(params) if getattr(p, "is_constexpr", False)))
+    return _CONSTEXPR_POSITIONS[key]
+
+
+def _launcher(kernel, compiled, args: tuple, kwargs: dict):
+    """(the compiled kernel, the keyword parameters' names in signature order), or None where this kernel or Triton
+    does not allow calling its launcher directly."""
+    params = kernel.params
+    if getattr(kernel, "pre_run_hooks", None) or not all(
+            hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+        return None
+    rest = [p for p in params[len(args):]]
+    if not all(p.is_constexpr and p.name in kwargs for p in rest) or len(rest) + len(args) != len(params):
+        return None  # every parameter after the positional ones given by keyword: the one layout followed here
+    return compiled, tuple(p.name for p in rest)
+
+
+def _hooked() -> bool:
+    """A launch hook (a profiler such as proton) wants Triton's metadata for each launch: the JIT's path."""
+    knobs = _knobs()
+    return knobs is None or knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
+_TRITON: dict = {}
+
+
+def _driver():
+    if "driver" not in _TRITON:
+        from triton.runtime import driver
+
+        _TRITON["driver"] = driver
+    return _TRITON["driver"]
+
+
+def _knobs():
+    if "knobs" not in _TRITON:
+        try:
+            from triton import knobs
+        except ImportError:  # a Triton before its knobs module: the JIT's path always
+            knobs = None
+        _TRITON["knobs"] = knobs
+    return _TRITON["knobs"]

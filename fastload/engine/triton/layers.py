@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fastload.engine.triton.launch import launch
 from fastload.train.single_use import graph_is_single_use
 
 ELEMENTWISE_BLOCK = 2048
@@ -40,7 +41,8 @@ class FrozenRMSNorm(torch.autograd.Function):
         y = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         block, warps = _norm_launch(x2.shape[1])
-        _kernels().rmsnorm_forward[(x2.shape[0],)](x2, weight, y, rstd, x2.shape[1], eps, BLOCK=block, num_warps=warps)
+        launch(_kernels().rmsnorm_forward, (x2.shape[0],), x2, weight, y, rstd, x2.shape[1], eps, BLOCK=block,
+               num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(shape)
 
@@ -50,7 +52,7 @@ class FrozenRMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, x2.shape[1]).contiguous()
         dx = torch.empty_like(x2)
         block, warps = _norm_launch(x2.shape[1])
-        _kernels().rmsnorm_backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, x2.shape[1],
+        launch(_kernels().rmsnorm_backward, (x2.shape[0],), dy2, x2, weight, rstd, dx, x2.shape[1],
                                                     BLOCK=block, num_warps=warps)
         return dx.view(dy.shape), None, None
 
@@ -61,7 +63,7 @@ class SwiGLU(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
         n = gate.numel()
-        _kernels().swiglu_forward[_elementwise_grid(n)](gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK,
+        launch(_kernels().swiglu_forward, _elementwise_grid(n), gate, up, out, n, BLOCK=ELEMENTWISE_BLOCK,
                                                               num_warps=8)
         ctx.save_for_backward(gate, up)
         ctx.overwrite = graph_is_single_use()
@@ -75,8 +77,8 @@ class SwiGLU(torch.autograd.Function):
         # over the saved inputs when this graph runs backward once (the engine's recomputation): no second pair of
         # activation-sized buffers; fresh ones otherwise, so a retained graph's second backward reads intact inputs
         d_gate, d_up = (gate, up) if ctx.overwrite else (torch.empty_like(gate), torch.empty_like(up))
-        _kernels().swiglu_backward[_elementwise_grid(n)](grad, gate, up, d_gate, d_up, n, BLOCK=ELEMENTWISE_BLOCK,
-                                                         num_warps=8)
+        launch(_kernels().swiglu_backward, _elementwise_grid(n), grad, gate, up, d_gate, d_up, n,
+               BLOCK=ELEMENTWISE_BLOCK, num_warps=8)
         return d_gate, d_up
 
 

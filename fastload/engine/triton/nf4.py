@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from fastload.engine.triton.launch import tensor_cores_take, triton_available, triton_runs_on
+from fastload.engine.triton.launch import launch, tensor_cores_take, triton_available, triton_runs_on
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
 _LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
@@ -56,7 +56,7 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
             keep_tile(key, _LORA_TILE_CHOSEN[key])
         return out
     # launched with the tile chosen once: the autotuner's own dispatch costs host time on every call
-    kernel.fn[(triton.cdiv(rows, chosen["BM"]), triton.cdiv(cols, chosen["BN"]))](*args, **constants, **chosen)
+    launch(kernel.fn, (triton.cdiv(rows, chosen["BM"]), triton.cdiv(cols, chosen["BN"])), *args, **constants, **chosen)
     return out
 
 
@@ -107,7 +107,7 @@ def dequantize_4bit(packed, state, out=None):
         out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     scales, layout = quant_state_args(state)
     grid = ((n_bytes + BYTES_PER_PROGRAM - 1) // BYTES_PER_PROGRAM,)
-    kernel[grid](packed, *scales, out, n_bytes, **layout, BYTES=BYTES_PER_PROGRAM, num_warps=4)
+    launch(kernel, grid, packed, *scales, out, n_bytes, **layout, BYTES=BYTES_PER_PROGRAM, num_warps=4)
     return out
 
 

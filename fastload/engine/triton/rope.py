@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fastload.engine.triton.launch import launch
+
 
 def _kernels():
     """The kernels module, imported at the first launch: this module stays importable where triton is not."""
@@ -40,7 +42,7 @@ def _launch(q, k, cos, sin, backward: bool):
     sin_batch = 0 if sin.shape[0] == 1 else sin.stride(0)
     block_d = _block(dim // 2)
     warps = 4 if q_heads * dim <= 4096 else 8
-    _kernels().rope[(batch * seq,)](
+    launch(_kernels().rope, (batch * seq,),
         q, k, q_out, k_out, cos, sin, seq, q_heads, k.shape[1], dim // 2,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastload.engine.triton.experts import kernel_probe
+from fastload.engine.triton.launch import launch
 
 MAX_EXPERTS = 1024  # one program holds a token's logits in registers
 
@@ -34,7 +35,7 @@ class TopKRouting(torch.autograd.Function):
         weights = torch.empty(tokens, k, dtype=dtype, device=logits.device)
         indices = torch.empty(tokens, k, dtype=torch.int64, device=logits.device)
         if tokens:
-            _kernels().topk_routing_forward[(tokens,)](
+            launch(_kernels().topk_routing_forward, (tokens,),
                 logits, weights, indices, n_experts, K=k, NORMALIZE=normalize, BLOCK_E=_block(n_experts),
                 BLOCK_K=_block(k), num_warps=_warps(n_experts))
         ctx.save_for_backward(logits, indices)
@@ -48,7 +49,7 @@ class TopKRouting(torch.autograd.Function):
         tokens, n_experts = logits.shape
         grad_logits = torch.empty_like(logits)
         if tokens:
-            _kernels().topk_routing_backward[(tokens,)](
+            launch(_kernels().topk_routing_backward, (tokens,),
                 grad.contiguous(), logits, indices, grad_logits, n_experts, K=ctx.k, NORMALIZE=ctx.normalize,
                 BLOCK_E=_block(n_experts), num_warps=_warps(n_experts))
         return grad_logits, None, None, None
