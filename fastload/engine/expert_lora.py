@@ -150,7 +150,7 @@ def experts_forward(experts, factors: dict, hidden: torch.Tensor, indices: torch
     top_k = indices.shape[-1]
     order, perm = routing_order(indices.reshape(-1), experts.num_experts)
     inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    inverse[perm] = positions(perm.numel(), perm.device)
     offsets = _offsets(order, experts.num_experts)
     expert_of_row = order.long() if experts.has_bias else None  # a bias's row index (a uint8 index would be a mask)
     fused = _fused_elementwise(experts, hidden)
@@ -267,6 +267,23 @@ def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
     would go after its equals in the sorted ids. One launch (a count and its running sum took four), and a static
     shape for CUDA graphs, as bincount's is not."""
     return torch.searchsorted(order, _expert_ids(experts, order.dtype, order.device), right=True, out_int32=True)
+
+
+_POSITIONS: dict = {}  # device -> every positions tensor made there, the longest last
+
+
+def positions(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 (int64), a view of a tensor kept per device and grown to the next power of two when too short: one
+    launch fewer per layer call than a fresh arange. Shorter ones stay alive: a CUDA graph may have captured a view of
+    one (and nothing is kept while a graph captures: its values would be written only at replay)."""
+    kept = _POSITIONS.get(device)
+    if kept and kept[-1].numel() >= n:
+        return kept[-1][:n]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.arange(n, device=device)
+    made = torch.arange(1 << max(n - 1, 0).bit_length(), device=device)
+    _POSITIONS.setdefault(device, []).append(made)
+    return made[:n]
 
 
 _EXPERT_IDS: dict = {}

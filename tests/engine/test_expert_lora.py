@@ -507,3 +507,19 @@ def test_a_grouped_mm_that_refuses_falls_back_to_the_loop_for_good(monkeypatch):
     assert torch.allclose(expert_lora._grouped(x, w, offsets), expected)
     assert torch.allclose(expert_lora._grouped(x, w, offsets), expected)
     assert len(calls) == 1
+
+
+def test_positions_are_an_arange_and_earlier_ones_stay_valid():
+    """The inverse permutation's positions come from one kept tensor per device: always 0..n-1, and a longer request
+    grows it without freeing what an earlier (possibly graph-captured) view points into."""
+    from fastload.engine import expert_lora
+
+    device = torch.device("cpu")
+    expert_lora._POSITIONS.pop(device, None)
+    short = expert_lora.positions(5, device)
+    assert torch.equal(short, torch.arange(5))
+    longer = expert_lora.positions(37, device)
+    assert torch.equal(longer, torch.arange(37)) and torch.equal(short, torch.arange(5))
+    assert expert_lora.positions(20, device).data_ptr() == longer.data_ptr()  # no new tensor for a shorter one
+    assert len(expert_lora._POSITIONS[device]) == 2 and expert_lora._POSITIONS[device][0].data_ptr() == \
+        short.data_ptr()
