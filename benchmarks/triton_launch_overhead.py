@@ -89,8 +89,8 @@ def main() -> None:
                 print(f"{label}: refused: {type(e).__name__}: {str(e)[:200]}")
     jit_source = inspect.getsource(type(k.rmsnorm_forward).run)
     print(f"--- JITFunction.run:\n{jit_source}")
-    for label, launch in rows.items():
-        times = sorted(per_launch_us(launch, args.launches) for _ in range(3))
+    for label, launcher in rows.items():
+        times = sorted(per_launch_us(launcher, args.launches) for _ in range(3))
         print(f"{label:34s} {times[1]:7.2f} us a launch (host; median of 3 x {args.launches})")
 
 
