@@ -547,13 +547,15 @@ def test_the_load_hands_its_cached_memory_back(gpu_llama):
     assert int(out.stdout.split()[-1]) < 256 * 2**20
 
 
-def test_lean_launch_computes_what_the_jit_launch_does_and_respecializes():
+def test_lean_launch_computes_what_the_jit_launch_does_and_respecializes(monkeypatch):
     """fastload's `launch` calls the compiled kernel's own launcher once the JIT has compiled a specialization: the
     output is the JIT's, bit for bit; a tensor off 16-byte alignment, another constexpr, an integer that is a
     multiple of 16 where it was not, each go through the JIT again (a new specialization), still correct; and the
     launcher is really in use on this Triton (else nothing here would be saved)."""
     from fastload.engine.triton import launch as launching
     from fastload.engine.triton import layers_kernels as k
+
+    monkeypatch.setattr(launching, "direct_launch", lambda: True)
 
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -580,23 +582,25 @@ def test_lean_launch_computes_what_the_jit_launch_does_and_respecializes():
     assert len(direct) >= 3 and all(v is not None for v in direct)
 
 
-def test_lean_launch_steps_aside_for_a_launch_hook():
+def test_lean_launch_steps_aside_for_a_launch_hook(monkeypatch):
     """A profiler's launch hook (proton) sees every launch: with one set, `launch` goes through the JIT."""
     from triton import knobs
 
+    from fastload.engine.triton import launch as launching
     from fastload.engine.triton import layers_kernels as k
-    from fastload.engine.triton.launch import launch
+
+    monkeypatch.setattr(launching, "direct_launch", lambda: True)
 
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     w, y = torch.ones(256, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
     rstd = torch.empty(4, device="cuda", dtype=torch.float32)
     for _ in range(2):
-        launch(k.rmsnorm_forward, (4,), x, w, y, rstd, 256, 1e-6, BLOCK=256, num_warps=4)
+        launching.launch(k.rmsnorm_forward, (4,), x, w, y, rstd, 256, 1e-6, BLOCK=256, num_warps=4)
     seen = []
     previous = knobs.runtime.launch_enter_hook
     knobs.runtime.launch_enter_hook = lambda metadata: seen.append(metadata)
     try:
-        launch(k.rmsnorm_forward, (4,), x, w, y, rstd, 256, 1e-6, BLOCK=256, num_warps=4)
+        launching.launch(k.rmsnorm_forward, (4,), x, w, y, rstd, 256, 1e-6, BLOCK=256, num_warps=4)
     finally:
         knobs.runtime.launch_enter_hook = previous
     assert len(seen) == 1

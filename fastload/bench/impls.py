@@ -29,7 +29,9 @@ ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss"
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},
                    "fastload-graphs": {"cuda_graphs": True}}
 # fastload-tritonadam: the default with bitsandbytes' Triton 8-bit update kernel (FASTLOAD_ADAMW8BIT_KERNEL=triton)
-ENV_VARIANTS = {"fastload-tritonadam": {"FASTLOAD_ADAMW8BIT_KERNEL": "triton"}}
+# fastload-directlaunch: Triton kernels launched through their compiled launcher (FASTLOAD_TRITON_LAUNCH=direct)
+ENV_VARIANTS = {"fastload-tritonadam": {"FASTLOAD_ADAMW8BIT_KERNEL": "triton"},
+                "fastload-directlaunch": {"FASTLOAD_TRITON_LAUNCH": "direct"}}
 # fastload-norouter: the default with MoE routers left to transformers (the kernels lever's Triton router off)
 IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS, *ENV_VARIANTS, "fastload-norouter")
 # recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement
@@ -220,7 +222,8 @@ def ready(impl: str, model_dir: str, device: str, dtype: str, seq: int, seed: in
         r = fastload_ready(model_dir, device, dtype, seq, seed, store=False)
         import bitsandbytes.functional as F
 
-        if device == "cuda" and getattr(r.optimizer, "_update", None) is F.optimizer_update_8bit_blockwise:
+        if (impl == "fastload-tritonadam" and device == "cuda"
+                and getattr(r.optimizer, "_update", None) is F.optimizer_update_8bit_blockwise):
             raise RuntimeError(f"{impl}: bitsandbytes' Triton update kernel does not import here (is triton "
                                "installed?); the row would measure its CUDA kernel")
         return r

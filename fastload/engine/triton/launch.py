@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -50,6 +51,8 @@ def tensor_cores_take(dtype, device) -> bool:
 # the same tensor dtypes and 16-byte alignments, the same integer classes (one, multiples of 16, 32 or 64 bits),
 # the same constexprs and launch options. Anything else (a launch hook, a kernel with pre-run hooks, an argument of
 # another kind, a Triton whose compiled kernels lack the launcher) takes the JIT's path.
+# Opt-in (FASTLOAD_TRITON_LAUNCH=direct) until its GPU cases have run: it calls into Triton's compiled-kernel
+# interface, which Triton does not document as public.
 
 _COMPILED: dict = {}  # (kernel, device, constexprs and options, argument classes) -> (compiled kernel, constexpr
                      # names), or None: the JIT's path only
@@ -58,7 +61,7 @@ _COMPILED: dict = {}  # (kernel, device, constexprs and options, argument classe
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs) for a @triton.jit kernel: its leading parameters positionally, the rest (all
     constexprs) by keyword, with launch options (num_warps...)."""
-    classes = _classes(kernel, args)
+    classes = _classes(kernel, args) if direct_launch() else None
     if classes is None:
         kernel[grid](*args, **kwargs)
         return
@@ -75,6 +78,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     grid = tuple(grid) + (1,) * (3 - len(grid))
     launcher.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), launcher.function,
                  launcher.packed_metadata, None, None, None, *args, *(kwargs[name] for name in order))
+
+
+@functools.lru_cache(maxsize=None)
+def direct_launch() -> bool:
+    """Whether `launch` may call compiled kernels' launchers (FASTLOAD_TRITON_LAUNCH=direct), read once."""
+    return os.environ.get("FASTLOAD_TRITON_LAUNCH", "jit").strip().lower() == "direct"
 
 
 def _classes(kernel, args: tuple) -> tuple | None:
