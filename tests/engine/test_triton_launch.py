@@ -1,0 +1,133 @@
+"""fastload's Triton `launch`: which calls go through Triton's JIT and which through the compiled kernel's launcher,
+and with what arguments. A stand-in kernel, driver and compiled kernel record the calls (no Triton or GPU needed);
+the real kernels' equality to the JIT launch is checked on the GPU (tests/test_gpu.py, `lean_launch`)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from fastload.engine.triton import launch as launching
+
+
+class Compiled:
+    """What Triton's JIT returns from a launch: the compiled kernel, with its launcher."""
+
+    function, packed_metadata = "cu-function", "metadata"
+
+    def __init__(self):
+        self.launches = []
+
+    def run(self, *args):
+        self.launches.append(args)
+
+
+class Kernel:
+    """A @triton.jit kernel as `launch` sees it: parameters (x, n, WIDTH constexpr, BLOCK constexpr)."""
+
+    def __init__(self):
+        names = (("x", False), ("n", False), ("WIDTH", True), ("BLOCK", True))
+        self.params = [types.SimpleNamespace(name=n, is_constexpr=c) for n, c in names]
+        self.pre_run_hooks = []
+        self.jit_calls = []
+        self.compiled = Compiled()
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.jit_calls.append((grid, args, kwargs))
+            return self.compiled
+        return run
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    k = Kernel()
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_device=lambda: 0,
+                                                                 get_current_stream=lambda device: 77))
+    monkeypatch.setattr(launching, "_driver", lambda: driver)
+    monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace(
+        runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)))
+    monkeypatch.setattr(launching, "_constexpr_positions", lambda kern: frozenset({2}))  # WIDTH is positional
+    monkeypatch.setattr(launching, "direct_launch", lambda: True)
+    monkeypatch.setattr(launching, "_COMPILED", {})
+    return k
+
+
+def test_the_first_call_compiles_through_the_jit_and_the_next_go_to_the_launcher(kernel):
+    x = torch.zeros(64)
+    for _ in range(3):
+        launching.launch(kernel, (5,), x, 100, 32, BLOCK=128, num_warps=4)
+    assert len(kernel.jit_calls) == 1 and kernel.jit_calls[0][2] == {"BLOCK": 128, "num_warps": 4}
+    assert len(kernel.compiled.launches) == 2
+    grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter, leave, *values = \
+        kernel.compiled.launches[0]
+    assert (grid_x, grid_y, grid_z, stream, function, metadata) == (5, 1, 1, 77, "cu-function", "metadata")
+    assert (launch_metadata, enter, leave) == (None, None, None)
+    assert values[0] is x and values[1:] == [100, 32, 128]  # every parameter in signature order, num_warps not
+
+
+@pytest.mark.parametrize("change", ["misaligned", "dtype", "multiple of 16", "one", "constexpr", "option",
+                                    "64-bit"])
+def test_what_triton_specializes_on_sends_the_call_to_the_jit_again(kernel, change):
+    """A call that Triton would compile apart (another specialization) must not reuse the compiled kernel."""
+    base = torch.zeros(64)
+    args, kwargs = [base, 100, 32], {"BLOCK": 128, "num_warps": 4}
+    launching.launch(kernel, (1,), *args, **kwargs)
+    if change == "misaligned":
+        args[0] = base[1:]
+    elif change == "dtype":
+        args[0] = base.half()
+    elif change == "multiple of 16":
+        args[1] = 96
+    elif change == "one":
+        args[1] = 1
+    elif change == "constexpr":
+        args[2] = 48
+    elif change == "option":
+        kwargs["num_warps"] = 8
+    else:
+        args[1] = 2 ** 40 + 4
+    launching.launch(kernel, (1,), *args, **kwargs)
+    assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
+
+
+def test_equal_specializations_share_the_launcher_whatever_the_values(kernel):
+    launching.launch(kernel, (1,), torch.zeros(64), 100, 32, BLOCK=128)
+    launching.launch(kernel, (2, 3), torch.ones(128), 132, 32, BLOCK=128)  # another aligned tensor, int, grid
+    assert len(kernel.jit_calls) == 1 and kernel.compiled.launches[0][:3] == (2, 3, 1)
+    assert kernel.compiled.launches[0][10] == 132
+
+
+def test_hooks_other_argument_kinds_and_the_default_take_the_jit(kernel, monkeypatch):
+    x = torch.zeros(64)
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace(
+        runtime=types.SimpleNamespace(launch_enter_hook=print, launch_exit_hook=None)))
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)  # a profiler's hook wants the JIT's metadata
+    assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
+    launching.launch(kernel, (1,), [1, 2], 100, 32, BLOCK=128)  # an argument kind the key does not follow
+    assert len(kernel.jit_calls) == 3
+    monkeypatch.setattr(launching, "direct_launch", lambda: False)  # the default until the GPU cases have run
+    monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace(
+        runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)))
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 4 and not kernel.compiled.launches
+
+
+def test_a_kernel_with_pre_run_hooks_stays_on_the_jit(kernel):
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    for _ in range(2):
+        launching.launch(kernel, (1,), torch.zeros(64), 100, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
+
+
+def test_direct_launch_is_read_from_the_environment(monkeypatch):
+    launching.direct_launch.cache_clear()
+    monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "direct")
+    assert launching.direct_launch() is True
+    launching.direct_launch.cache_clear()
+    monkeypatch.delenv("FASTLOAD_TRITON_LAUNCH")
+    assert launching.direct_launch() is False
+    launching.direct_launch.cache_clear()
