@@ -93,8 +93,8 @@ case "$part" in
     verify)  # what landed since the last GPU run: tests first, so a failure shows before any benchmark time
         # shellcheck disable=SC2086
         timeout $((BUDGET - SECONDS)) "$PY" -m pytest -m gpu -q -rP -p no:cacheprovider ${VERIFY_TESTS:-\
-            tests/test_gpu.py tests/engine/test_expert_lora.py tests/engine/test_expert_4bit.py tests/train/test_families.py tests/load/test_fast_load.py tests/load/test_prequantized_experts.py tests/engine/test_rotary.py tests/engine/test_llama4_moe.py} \
-            -k "${VERIFY_K:-triton_update or queues_its_updates or bf16_4bit or gpu_bf16 or bench_shape or routed_layer or kernel_matches_transformers_rotation or engine_levers_keep or cached_memory or retained or triton or probes or phi or rwkv or gpt2 or gpt_bigcode or bloom or mpt or falcon or gpt_neox or mamba or gptj or codegen or glm_moe_dsa or sarvam_mla or bailing_hybrid or ergo or roc_bert or qwen3_moe or gemma4 or qwen3_5 or llama4 or more_layouts or one_by_one}" \
+            tests/test_gpu.py tests/engine/test_router.py tests/engine/test_engine.py tests/engine/test_expert_lora.py tests/engine/test_expert_4bit.py tests/train/test_families.py tests/load/test_fast_load.py tests/load/test_prequantized_experts.py tests/engine/test_rotary.py tests/engine/test_llama4_moe.py} \
+            -k "${VERIFY_K:-lean_launch or merge_of_fp32 or router or routes or ties or fp32_matmul or triton_update or queues_its_updates or bf16_4bit or gpu_bf16 or bench_shape or routed_layer or kernel_matches_transformers_rotation or engine_levers_keep or cached_memory or retained or triton or probes or phi or rwkv or gpt2 or gpt_bigcode or bloom or mpt or falcon or gpt_neox or mamba or gptj or codegen or glm_moe_dsa or sarvam_mla or bailing_hybrid or ergo or roc_bert or qwen3_moe or gemma4 or qwen3_5 or llama4 or more_layouts or one_by_one}" \
             2>&1 | tee "$OUT/verify-tests.log" | tail -40
         ;;
     llama4)  # Llama-4's MoE layer at Scout's widths: transformers + peft (every expert) against the routed layer
