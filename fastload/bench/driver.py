@@ -104,7 +104,9 @@ def plan_jobs(args: argparse.Namespace, impls: list[str], phases: list[str], out
                 continue
             if phase == "train":
                 profile = str(out) if getattr(args, "profile", False) else ""
-                jobs += [Job(phase="train", impl=impl, profile=profile, **base) for impl in impls]
+                # an implementation named twice runs twice, each run kept: the report gives the range
+                jobs += [Job(phase="train", impl=impl, profile=profile, repeat=impls[:i].count(impl), **base)
+                         for i, impl in enumerate(impls)]
                 continue
             loads = [(impl, variant) for impl in impls if impl in LOADS
                      for variant in load_variants(impl, getattr(args, "prequantized", False))]
@@ -224,6 +226,9 @@ def run_jobs(jobs: list[Job], args: argparse.Namespace, out: Path, log: Path, me
     jobs = list(jobs)  # the longest phase adds its next rung after each success
     for i, job in enumerate(jobs, 1):
         job.record = str(out / "records" / f"{job.name}.json")
+        while job.phase == "train" and Path(job.record).exists():  # --append: an earlier run's, kept beside
+            job.repeat += 1
+            job.record = str(out / "records" / f"{job.name}.json")
         left = None if args.time_budget is None else args.time_budget - (time.monotonic() - started)
         needs_copy = job.phase == "load" and job.variant == "prequantized" and job.impl != "fastload"
         why_not = cannot.get((job.model, "checkpoint")) or (needs_copy and cannot.get((job.model, "prequantized")))

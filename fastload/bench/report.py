@@ -54,14 +54,21 @@ def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
                           "last_loss": (r.get("losses") or [None])[-1], "losses": r.get("losses"),
                           "load_s": r.get("load_s"), "after_load_gib": r.get("after_load_allocated_gib"),
                           "cuda_graphs": r.get("cuda_graphs")})
-        ok = {row["impl"]: row for row in group if not row["error"]}
+        runs: dict = {}  # impl -> its rows without an error, in run order
+        for row in group:
+            row["run"] = sum(1 for other in group[:group.index(row) + 1] if other["impl"] == row["impl"])
+            if not row["error"]:
+                runs.setdefault(row["impl"], []).append(row)
+        ok = {impl: rows[0] for impl, rows in runs.items()}
         loss_ref = ok.get("recipe") or next(iter(ok.values()), None)
         for row in group:
             for ref in REFERENCES:
-                base = ok.get(ref)
+                base = runs.get(ref)  # a reference run several times: each row against its median
                 compared = not row["error"] and base
-                row[f"tokens_per_s_vs_{ref}"] = _ratio(row["tokens_per_s"], base["tokens_per_s"]) if compared else None
-                row[f"memory_vs_{ref}"] = _ratio(row["peak_gib"], base["peak_gib"]) if compared else None
+                row[f"tokens_per_s_vs_{ref}"] = (_ratio(row["tokens_per_s"], _median(b["tokens_per_s"] for b in base))
+                                                 if compared else None)
+                row[f"memory_vs_{ref}"] = (_ratio(row["peak_gib"], _median(b["peak_gib"] for b in base))
+                                           if compared else None)
             row["loss_reference"] = loss_ref["impl"] if loss_ref else None
             row["loss_rel_diff"] = None
             if not row["error"] and loss_ref is not None:
@@ -74,6 +81,29 @@ def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
                             f"(> {LOSS_TOLERANCE:g} relative)")
         rows += group
     return rows, void
+
+
+def train_ranges(train: list[dict]) -> list[str]:
+    """For each shape and implementation run more than once (or compared with a reference run more than once): its
+    tokens/s over runs and its ratio to each reference over every pair of runs, lowest to highest."""
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in train):
+        runs: dict = {}
+        for r in train:
+            if r["shape"] == shape and not r["error"]:
+                runs.setdefault(r["impl"], []).append(r)
+        for impl, rows in runs.items():
+            speeds = [r["tokens_per_s"] for r in rows]
+            parts = []
+            for ref in REFERENCES:
+                refs = [b["tokens_per_s"] for b in runs.get(ref, [])]
+                if impl != ref and refs and (len(rows) > 1 or len(refs) > 1):
+                    ratios = [a / b for a in speeds for b in refs]
+                    parts.append(f"{min(ratios):.2f}-{max(ratios):.2f}× {ref} ({len(rows)} × {len(refs)} runs)")
+            if len(rows) > 1 or parts:
+                lines.append(f"- {shape}, {impl}: {min(speeds):,.0f}-{max(speeds):,.0f} tokens/s over {len(rows)} "
+                             f"run{'s' if len(rows) > 1 else ''}" + (f"; {'; '.join(parts)}" if parts else ""))
+    return lines
 
 
 LOAD_FIGURES = ("import_s", "load_s", "ready_s", "first_step_s", "start_to_first_step_s", "store_write_s",
@@ -188,11 +218,12 @@ def markdown(summary: dict) -> str:
                   "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in (r for r in train if r["shape"] == shape):
             if r["error"]:
-                lines.append(f"| {r['impl']} | {_failed(r['error'])} | | | | | | | | | |")
+                lines.append(f"| {_run_label(r, train)} | {_failed(r['error'])} | | | | | | | | | |")
                 continue
             void = " ⚠" if r["comparison_void"] else ""
-            lines.append(f"| {r['impl']} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | {_f(r['peak_gib'])} | "
-                         f"{_f(r['peak_reserved_gib'])} | {r['first_loss']:.4f}{void} | {r['last_loss']:.4f} | "
+            lines.append(f"| {_run_label(r, train)} | {r['tokens_per_s']:,.0f} | {r['median_step_s']:.3f} | "
+                         f"{_f(r['peak_gib'])} | {_f(r['peak_reserved_gib'])} | {r['first_loss']:.4f}{void} | "
+                         f"{r['last_loss']:.4f} | "
                          f"{_x(r['tokens_per_s_vs_recipe'])} | {_x(r['memory_vs_recipe'])} | "
                          f"{_x(r['tokens_per_s_vs_unsloth'])} | {_x(r['memory_vs_unsloth'])} |")
         graphs = [f"{r['impl']}: {graphs_line(r['cuda_graphs'])}" for r in train
@@ -207,6 +238,10 @@ def markdown(summary: dict) -> str:
         elif len(diffs) > 1:
             lines += ["", f"First-step losses agree "
                           f"(largest relative difference {max(diffs):.1e} ≤ {LOSS_TOLERANCE:g})."]
+        ranges = train_ranges([r for r in train if r["shape"] == shape])
+        if ranges:
+            lines += ["", "Over runs (ratios: every run against every run of the reference; a row's ratio is "
+                          "against the reference's median):", *ranges]
         lines.append("")
     lines += longest_markdown(summary.get("longest", []), mem)
     lines += load_tables(summary["load"], meta, cuda)
@@ -221,6 +256,12 @@ def markdown(summary: dict) -> str:
         legend += f" ⚠: first-step loss differs by more than {LOSS_TOLERANCE:g} relative (comparison void)."
     lines += [legend]
     return "\n".join(lines) + "\n"
+
+
+def _run_label(row: dict, train: list[dict]) -> str:
+    """The implementation, with its run number where it ran more than once on this shape."""
+    several = sum(1 for r in train if r["shape"] == row["shape"] and r["impl"] == row["impl"]) > 1
+    return f"{row['impl']} (run {row['run']})" if several else row["impl"]
 
 
 def graphs_line(graphs: dict) -> str:

@@ -46,7 +46,8 @@ class Job:
     profile: str = ""              # train: a folder for profile-<job>.txt (2 extra steps under torch.profiler)
     max_seq: int = 0               # longest: the driver doubles seq up to this while a step succeeds
     record: str = ""               # where the JSON record goes
-    repeat: int = 0                # load: which of the --repeats runs this is (their median is reported)
+    repeat: int = 0                # load: which of the --repeats runs this is (their median is reported); train:
+                                   # which run of this implementation (an impl named twice, or an appended run)
     t0: str = ""                   # load: the driver's time.time() just before starting this process
 
     def to_argv(self) -> list[str]:
@@ -70,6 +71,7 @@ class Job:
         parts = [self.phase, self.impl, self.model] + ([self.variant, self.cache, f"r{self.repeat}"]
                                                        if self.phase == "load" else [])
         parts += [str(self.seq)] if self.phase == "longest" else []
+        parts += [f"r{self.repeat}"] if self.phase == "train" and self.repeat else []
         return "--".join(p for p in parts if p)
 
 

@@ -202,6 +202,59 @@ def test_report_ratios_and_void_comparison():
     assert "⚠" not in agreeing and "First-step losses agree" in agreeing  # no warning sign where none applies
 
 
+def test_an_implementation_run_twice_keeps_both_runs_and_the_report_gives_the_range():
+    """`--impl fastload,unsloth,fastload,unsloth` alternates two runs of each: both rows stay (run 1, run 2), each
+    row's ratio is against the reference's median, and the range line spans every pair of runs."""
+    def train(impl, tps, mem=6.0):
+        return {"phase": "train", "impl": impl, "model": "m", "seq": 2048, "batch": 2, "tokens_per_s": tps,
+                "median_step_s": 4096 / tps, "peak_allocated_gib": mem, "losses": [12.36, 12.14]}
+
+    records = [train("fastload", 37_218.0), train("unsloth", 40_631.0), train("fastload", 33_198.0),
+               train("unsloth", 41_303.0)]
+    summary = report.summarize(records, {"device": "cuda", "seq": 2048, "batch": 2})
+    rows = summary["train"]
+    assert [(r["impl"], r["run"]) for r in rows] == [("fastload", 1), ("unsloth", 1), ("fastload", 2), ("unsloth", 2)]
+    median = (40_631.0 + 41_303.0) / 2
+    assert rows[0]["tokens_per_s_vs_unsloth"] == pytest.approx(37_218.0 / median)
+    assert rows[2]["tokens_per_s_vs_unsloth"] == pytest.approx(33_198.0 / median)
+    table = report.markdown(summary)
+    assert "| fastload (run 1) | 37,218 |" in table and "| fastload (run 2) | 33,198 |" in table
+    low, high = 33_198.0 / 41_303.0, 37_218.0 / 40_631.0
+    assert f"fastload: 33,198-37,218 tokens/s over 2 runs; {low:.2f}-{high:.2f}× unsloth (2 × 2 runs)" in table
+    single = report.markdown(report.summarize(records[:2], {"device": "cuda", "seq": 2048, "batch": 2}))
+    assert "| fastload |" in single and "Over runs" not in single  # one run each: the table alone
+
+
+def test_a_repeated_implementation_is_planned_as_separate_runs(tmp_path):
+    import argparse
+
+    from fastload.bench.driver import plan_jobs
+
+    args = argparse.Namespace(model=["tiny"], cache_dir=str(tmp_path / "models"), device="cpu", dtype="float32",
+                              seq=64, batch=2, steps=1, warmup=0, seed=0, cold="off", cold_unavailable=True,
+                              max_seq=0, profile=False)
+    jobs = [j for j in plan_jobs(args, ["fastload", "unsloth", "fastload"], ["train"], tmp_path / "out")
+            if j.phase == "train"]
+    assert [(j.impl, j.repeat) for j in jobs] == [("fastload", 0), ("unsloth", 0), ("fastload", 1)]
+    assert len({j.name for j in jobs}) == 3 and jobs[0].name == "train--fastload--tiny"
+
+
+@pytest.mark.slow
+def test_an_appended_run_keeps_the_earlier_runs_record(tmp_path):
+    """Two invocations with --append on the same out folder: the second fastload run is recorded beside the first
+    (not over it), and the report shows both."""
+    out, cache = tmp_path / "out", tmp_path / "models"
+    common = ["--device", "cpu", "--model", "tiny", "--phase", "train", "--seq", "32", "--batch", "1", "--steps", "1",
+              "--warmup", "0", "--out", str(out), "--cache-dir", str(cache), "--impl", "fastload"]
+    assert main(common) == 0
+    assert main([*common, "--append"]) == 0
+    assert sorted(p.name for p in (out / "records").glob("train--*.json")) == ["train--fastload--tiny--r1.json",
+                                                                               "train--fastload--tiny.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results["train"]] == [1, 2]
+    assert "tokens/s over 2 runs" in (out / "results.md").read_text()
+
+
 def test_the_report_says_what_cuda_graphs_did():
     """A graphs row that replayed nothing (its captures refused) is slower for a reason the table alone hides."""
     def train(impl, graphs):
