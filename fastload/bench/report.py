@@ -353,8 +353,8 @@ def plot(summary: dict, path: Path) -> None:
     for ax, key, title in ((axes[0], "tokens_per_s", "training tokens/s (higher is better)"),
                            (axes[1], "peak_gib", "peak memory GiB (lower is better)")):
         for i, impl in enumerate(impl_names):
-            values = [next((r[key] for r in rows if r["shape"] == m and r["impl"] == impl), 0) or 0
-                      for m in model_names]
+            values = [_median(r[key] for r in rows if r["shape"] == m and r["impl"] == impl) or 0
+                      for m in model_names]  # an implementation run several times: its median
             bars = ax.bar([j + i * width for j in range(len(model_names))], values, width, label=impl)
             ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks([j + width * (len(impl_names) - 1) / 2 for j in range(len(model_names))], model_names)
