@@ -330,6 +330,7 @@ def test_a_triton_kernel_that_refuses_to_compile_leaves_the_torch_ops_with_one_w
 
     import fastload.engine.expert_lora as expert_lora
     import fastload.engine.triton.experts as triton_experts
+    import fastload.engine.triton.launch as launching
 
     plain = peft_moe("qwen3_moe", config=dict(moe_intermediate_size=32))  # narrow experts: all three kernels apply
     ours = with_lever(plain)
@@ -339,7 +340,7 @@ def test_a_triton_kernel_that_refuses_to_compile_leaves_the_torch_ops_with_one_w
         raise RuntimeError("CompilationError: at 12:4: unsupported on this target")
 
     probed = []
-    monkeypatch.setattr(triton_experts, "_RUNS", {})
+    monkeypatch.setattr(launching, "_RUNS", {})
     monkeypatch.setattr(triton_experts, "_PROBES", {k: lambda *a, _k=k: (probed.append(_k), refuses())
                                                     for k in ("gate", "combine", "spread")})
     monkeypatch.setattr(expert_lora, "_fused_elementwise", lambda experts, hidden: True)
@@ -408,8 +409,9 @@ def test_gpu_kernel_probes_pass_under_no_grad_and_inference_mode(monkeypatch):
     """The first call of a variant may come from generate() (inference mode) or a checkpoint's forward: the probe
     still runs its own small forward and backward there, and finds the kernels running."""
     import fastload.engine.triton.experts as triton_experts
+    import fastload.engine.triton.launch as launching
 
-    monkeypatch.setattr(triton_experts, "_RUNS", {})
+    monkeypatch.setattr(launching, "_RUNS", {})
     with torch.inference_mode():
         assert triton_experts.kernel_runs("gate", torch.device("cuda"), torch.bfloat16, 96, True, True)
     with torch.no_grad():

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastload._log import logger
-from fastload.engine.triton.launch import launch
+from fastload.engine.triton.launch import kernel_probe, launch
 from fastload.train.single_use import graph_is_single_use
 
 COLUMN_BLOCK = 1024
@@ -125,30 +124,6 @@ def kernel_runs(kind: str, device, dtype, *shape) -> bool:
     """Whether this variant of a kernel ("gate": width, adapter, routing; "combine": width, k, adapter; "spread": width,
     k) compiles and runs here, forward and backward (`kernel_probe`)."""
     return kernel_probe((kind, str(device), dtype, *shape), lambda: _PROBES[kind](device, dtype, *shape))
-
-
-def kernel_probe(key: tuple, probe) -> bool:
-    """Whether `probe()` (a kernel's forward and backward on two rows) runs, tried once per key the first time it is
-    asked, so a Triton or GPU that refuses the kernel (a compile error) sends these calls to the torch ops, with one
-    warning, instead of failing a training step mid-backward."""
-    if key not in _RUNS:
-        try:  # with autograd on and no saved-tensor hooks of a checkpoint around it: the probe's own small graph
-            with torch.inference_mode(False), torch.enable_grad(), \
-                    torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
-                probe()
-            _RUNS[key] = True
-        except Exception as e:  # noqa: BLE001 - any refusal: the torch ops compute the same
-            logger.warning("engine: the Triton %s kernel does not run here for %s (%s: %s); the torch ops "
-                           "compute it instead", key[0], key[1:], type(e).__name__, str(e).splitlines()[0][:200])
-            _RUNS[key] = False
-    return _RUNS[key]
-
-
-_RUNS: dict[tuple, bool] = {}
-
-
-def _kept(tensor):
-    return tensor
 
 
 def _probe_gate(device, dtype, width: int, adapter: bool, routed: bool) -> None:

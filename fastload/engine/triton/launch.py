@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from fastload._log import logger
 from fastload.engine.kernel_cache import cache_dir_for, point_triton_cache
 
 
@@ -39,6 +40,30 @@ def _capability(device) -> tuple[int, int]:
 def tensor_cores_take(dtype, device) -> bool:
     """tl.dot on bf16 needs Ampere (compute capability 8.0) or newer, on fp16 Volta (7.0); asked once per device."""
     return _capability(device) >= ((8, 0) if dtype == torch.bfloat16 else (7, 0))
+
+
+def kernel_probe(key: tuple, probe) -> bool:
+    """Whether `probe()` (a kernel's forward and backward on two rows) runs, tried once per key the first time it is
+    asked, so a Triton or GPU that refuses the kernel (a compile error) sends these calls to the torch ops, with one
+    warning, instead of failing a training step mid-backward."""
+    if key not in _RUNS:
+        try:  # with autograd on and no saved-tensor hooks of a checkpoint around it: the probe's own small graph
+            with torch.inference_mode(False), torch.enable_grad(), \
+                    torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+                probe()
+            _RUNS[key] = True
+        except Exception as e:  # noqa: BLE001 - any refusal: the torch ops compute the same
+            logger.warning("engine: the Triton %s kernel does not run here for %s (%s: %s); the torch ops "
+                           "compute it instead", key[0], key[1:], type(e).__name__, str(e).splitlines()[0][:200])
+            _RUNS[key] = False
+    return _RUNS[key]
+
+
+_RUNS: dict[tuple, bool] = {}  # probe key -> whether the kernel ran
+
+
+def _kept(tensor):
+    return tensor
 
 
 # -- launching ---------------------------------------------------------------------------------------------------

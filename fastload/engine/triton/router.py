@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastload.engine.triton.experts import kernel_probe
-from fastload.engine.triton.launch import launch
+from fastload.engine.triton.launch import kernel_probe, launch
 
 MAX_EXPERTS = 1024  # one program holds a token's logits in registers
 
