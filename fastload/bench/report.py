@@ -55,8 +55,9 @@ def train_rows(records: list[dict]) -> tuple[list[dict], list[str]]:
                           "load_s": r.get("load_s"), "after_load_gib": r.get("after_load_allocated_gib"),
                           "cuda_graphs": r.get("cuda_graphs")})
         runs: dict = {}  # impl -> its rows without an error, in run order
+        seen: dict = {}  # impl -> rows of it so far, failed ones included
         for row in group:
-            row["run"] = sum(1 for other in group[:group.index(row) + 1] if other["impl"] == row["impl"])
+            seen[row["impl"]] = row["run"] = seen.get(row["impl"], 0) + 1
             if not row["error"]:
                 runs.setdefault(row["impl"], []).append(row)
         ok = {impl: rows[0] for impl, rows in runs.items()}

@@ -221,6 +221,8 @@ def test_an_implementation_run_twice_keeps_both_runs_and_the_report_gives_the_ra
     assert "| fastload (run 1) | 37,218 |" in table and "| fastload (run 2) | 33,198 |" in table
     low, high = 33_198.0 / 41_303.0, 37_218.0 / 40_631.0
     assert f"fastload: 33,198-37,218 tokens/s over 2 runs; {low:.2f}-{high:.2f}× unsloth (2 × 2 runs)" in table
+    same = report.summarize([train("fastload", 100.0), train("fastload", 100.0)], {"device": "cuda"})
+    assert [r["run"] for r in same["train"]] == [1, 2]  # equal figures are still two runs
     single = report.markdown(report.summarize(records[:2], {"device": "cuda", "seq": 2048, "batch": 2}))
     assert "| fastload |" in single and "Over runs" not in single  # one run each: the table alone
 
