@@ -15,6 +15,8 @@ import types
 import torch
 
 from fastload._log import logger
+from fastload.engine.triton import router as triton_router
+from fastload.engine.triton.launch import triton_runs_on
 from fastload.model_state import is_patched, mark_patched
 
 LEVER = "triton_router"
@@ -22,11 +24,9 @@ LEVER = "triton_router"
 
 def install_topk_router(model) -> bool:
     """Patch every router of this model whose forward the kernel computes; True where any is patched."""
-    from fastload.engine.triton.router import MAX_EXPERTS
-
     patched = False
     for module in model.modules():
-        if not _looks_like_topk_router(module) or module.weight.shape[0] > MAX_EXPERTS:
+        if not _looks_like_topk_router(module) or module.weight.shape[0] > triton_router.MAX_EXPERTS:
             continue
         if is_patched(model, module, LEVER):
             patched = True
@@ -56,8 +56,6 @@ def _looks_like_topk_router(module) -> bool:
 def matching_variant(module) -> tuple[bool, bool] | None:
     """(normalize, cast back to the logits' dtype) for which softmax-top-k equals the module's own forward on random
     rows, or None."""
-    from fastload.engine.triton.router import reference_routing
-
     weight = module.weight
     if weight.device.type == "meta":  # offloaded by accelerate: its values are elsewhere
         return None
@@ -81,7 +79,7 @@ def matching_variant(module) -> tuple[bool, bool] | None:
         if not cast and weights.dtype != torch.float32:
             return None
         for normalize in (True, False):
-            expected, chosen = reference_routing(logits, top_k, normalize, weights.dtype)
+            expected, chosen = triton_router.reference_routing(logits, top_k, normalize, weights.dtype)
             if torch.equal(chosen, experts) and torch.allclose(weights.float(), expected.float(), rtol=1e-3,
                                                                atol=1e-6):
                 return normalize, cast
@@ -90,17 +88,15 @@ def matching_variant(module) -> tuple[bool, bool] | None:
 
 def _routed_forward(original, normalize: bool, cast: bool):
     def forward(self, hidden_states, *args, **kwargs):
-        from fastload.engine.triton.launch import triton_runs_on
-        from fastload.engine.triton.router import routing_kernel_runs, topk_routing
-
         weight = self.weight
         if args or kwargs or not triton_runs_on(hidden_states) or hidden_states.dtype != weight.dtype:
             return original(hidden_states, *args, **kwargs)
         logits = torch.nn.functional.linear(hidden_states.reshape(-1, weight.shape[1]), weight)
         dtype = logits.dtype if cast else torch.float32
-        if not routing_kernel_runs(logits.device, logits.dtype, logits.shape[-1], self.top_k, normalize, dtype):
+        if not triton_router.routing_kernel_runs(logits.device, logits.dtype, logits.shape[-1], self.top_k, normalize,
+                                                 dtype):
             return original(hidden_states)
-        weights, experts = topk_routing(logits, self.top_k, normalize, dtype)
+        weights, experts = triton_router.topk_routing(logits, self.top_k, normalize, dtype)
         return logits, weights, experts
 
     return forward

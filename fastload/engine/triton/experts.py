@@ -100,7 +100,7 @@ def combine(rows, lora, source, k: int, dtype) -> torch.Tensor:
     out = torch.empty(tokens, n_cols, dtype=dtype, device=rows.device)
     if tokens:
         launch(_kernels().combine_rows, (tokens,), rows, rows if lora is None else lora, source, out, n_cols, K=k,
-                                           HAS_LORA=lora is not None, BLOCK=COLUMN_BLOCK, num_warps=_warps(n_cols))
+               HAS_LORA=lora is not None, BLOCK=COLUMN_BLOCK, num_warps=_warps(n_cols))
     return out
 
 
