@@ -266,39 +266,25 @@ def _offsets(order: torch.Tensor, experts: int) -> torch.Tensor:
     """End of each expert's rows among the sorted tokens (int32, as grouped_mm takes them): where each expert id
     would go after its equals in the sorted ids. One launch (a count and its running sum took four), and a static
     shape for CUDA graphs, as bincount's is not."""
-    return torch.searchsorted(order, _expert_ids(experts, order.dtype, order.device), right=True, out_int32=True)
+    return torch.searchsorted(order, positions(experts, order.device, order.dtype), right=True, out_int32=True)
 
 
-_POSITIONS: dict = {}  # device -> every positions tensor made there, the longest last
+_POSITIONS: dict = {}  # (device, dtype) -> every positions tensor made there, the longest last
 
 
-def positions(n: int, device: torch.device) -> torch.Tensor:
-    """0 .. n-1 (int64), a view of a tensor kept per device and grown to the next power of two when too short: one
-    launch fewer per layer call than a fresh arange. Shorter ones stay alive: a CUDA graph may have captured a view of
-    one (and nothing is kept while a graph captures: its values would be written only at replay)."""
-    kept = _POSITIONS.get(device)
+def positions(n: int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """0 .. n-1 in `dtype`, a view of a tensor kept per device and dtype and grown to the next power of two when too
+    short: one launch fewer per layer call than a fresh arange. Shorter ones stay alive: a CUDA graph may have
+    captured a view of one (and nothing is kept while a graph captures: its values would be written only at
+    replay). A narrow dtype's n stays within it: the next power of two above 2**k values still fits k bits."""
+    kept = _POSITIONS.get((device, dtype))
     if kept and kept[-1].numel() >= n:
         return kept[-1][:n]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.arange(n, device=device)
-    made = torch.arange(1 << max(n - 1, 0).bit_length(), device=device)
-    _POSITIONS.setdefault(device, []).append(made)
+        return torch.arange(n, device=device, dtype=dtype)
+    made = torch.arange(1 << max(n - 1, 0).bit_length(), device=device, dtype=dtype)
+    _POSITIONS.setdefault((device, dtype), []).append(made)
     return made[:n]
-
-
-_EXPERT_IDS: dict = {}
-
-
-def _expert_ids(experts: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0 .. experts-1, made once per device and dtype (not while a CUDA graph captures: its values would be written
-    only at replay)."""
-    key = (experts, dtype, device)
-    ids = _EXPERT_IDS.get(key)
-    if ids is None:
-        ids = torch.arange(experts, dtype=dtype, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _EXPERT_IDS[key] = ids
-    return ids
 
 
 def _projection(experts, name: str, x: torch.Tensor, expert_of_row, offsets, factors):

@@ -512,16 +512,20 @@ def test_a_grouped_mm_that_refuses_falls_back_to_the_loop_for_good(monkeypatch):
 
 
 def test_positions_are_an_arange_and_earlier_ones_stay_valid():
-    """The inverse permutation's positions come from one kept tensor per device: always 0..n-1, and a longer request
-    grows it without freeing what an earlier (possibly graph-captured) view points into."""
+    """The inverse permutation's positions and the experts' ids come from one kept tensor per device and dtype:
+    always 0..n-1, and a longer request grows it without freeing what an earlier (possibly graph-captured) view
+    points into; a narrow dtype's ids fill it to its last value (256 experts in uint8)."""
     from fastload.engine import expert_lora
 
     device = torch.device("cpu")
-    expert_lora._POSITIONS.pop(device, None)
+    for dtype in (torch.int64, torch.uint8):
+        expert_lora._POSITIONS.pop((device, dtype), None)
     short = expert_lora.positions(5, device)
     assert torch.equal(short, torch.arange(5))
     longer = expert_lora.positions(37, device)
     assert torch.equal(longer, torch.arange(37)) and torch.equal(short, torch.arange(5))
     assert expert_lora.positions(20, device).data_ptr() == longer.data_ptr()  # no new tensor for a shorter one
-    assert len(expert_lora._POSITIONS[device]) == 2 and expert_lora._POSITIONS[device][0].data_ptr() == \
-        short.data_ptr()
+    kept = expert_lora._POSITIONS[(device, torch.int64)]
+    assert len(kept) == 2 and kept[0].data_ptr() == short.data_ptr()
+    ids = expert_lora.positions(256, device, torch.uint8)
+    assert ids.dtype == torch.uint8 and torch.equal(ids.long(), torch.arange(256))
