@@ -157,8 +157,8 @@ def _launcher(kernel, compiled, args: tuple, kwargs: dict):
     if getattr(kernel, "pre_run_hooks", None) or not all(
             hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
         return None
-    rest = [p for p in params[len(args):]]
-    if not all(p.is_constexpr and p.name in kwargs for p in rest) or len(rest) + len(args) != len(params):
+    rest = params[len(args):]
+    if len(args) > len(params) or not all(p.is_constexpr and p.name in kwargs for p in rest):
         return None  # every parameter after the positional ones given by keyword: the one layout followed here
     return compiled, tuple(p.name for p in rest)
 
