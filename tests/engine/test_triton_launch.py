@@ -123,11 +123,19 @@ def test_a_kernel_with_pre_run_hooks_stays_on_the_jit(kernel):
     assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
 
 
-def test_direct_launch_is_read_from_the_environment(monkeypatch):
+def test_direct_launch_is_read_from_the_environment_and_a_typo_is_said(monkeypatch, caplog):
+    import logging
+
     launching.direct_launch.cache_clear()
-    monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "direct")
+    monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", " Direct ")
     assert launching.direct_launch() is True
     launching.direct_launch.cache_clear()
     monkeypatch.delenv("FASTLOAD_TRITON_LAUNCH")
     assert launching.direct_launch() is False
+    launching.direct_launch.cache_clear()
+    monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "fast")
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        assert launching.direct_launch() is False
+    assert any("FASTLOAD_TRITON_LAUNCH='fast'" in r.getMessage() and "'direct'" in r.getMessage()
+               for r in caplog.records)
     launching.direct_launch.cache_clear()

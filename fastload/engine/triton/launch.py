@@ -107,8 +107,13 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 
 @functools.lru_cache(maxsize=None)
 def direct_launch() -> bool:
-    """Whether `launch` may call compiled kernels' launchers (FASTLOAD_TRITON_LAUNCH=direct), read once."""
-    return os.environ.get("FASTLOAD_TRITON_LAUNCH", "jit").strip().lower() == "direct"
+    """Whether `launch` may call compiled kernels' launchers (FASTLOAD_TRITON_LAUNCH=direct), read once; another
+    value than jit or direct is said once and read as jit."""
+    value = os.environ.get("FASTLOAD_TRITON_LAUNCH", "jit").strip().lower()
+    if value not in ("jit", "direct", ""):
+        logger.warning("FASTLOAD_TRITON_LAUNCH=%r is neither 'jit' nor 'direct': Triton's JIT launches the kernels "
+                       "(set it to 'direct' for the compiled launchers, or unset it)", value)
+    return value == "direct"
 
 
 def _classes(kernel, args: tuple) -> tuple | None:
