@@ -161,6 +161,34 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype_and_refuses_another():
     assert fsdp_load_options({"quantize_experts": False}, None, "bfloat16", "cpu", True)[0]["quantize_experts"] is False
 
 
+def test_a_gathered_adapter_that_peft_finds_nothing_in_is_an_error_not_an_empty_file(tmp_path):
+    """The FSDP save path hands peft the gathered tensors; a selection without adapter tensors (peft 0.22 found none
+    under the checkpoint wrapper's names) must stop the save, not write an adapter file without tensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastload.errors import AdapterError
+    from fastload.train.fsdp import save_gathered_adapter
+    from tiny import make_checkpoint
+
+    base = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "ckpt"), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    out = tmp_path / "adapter"
+    out.mkdir()
+    save_gathered_adapter(model, out, trainable)  # names as the model's: the adapter is found and written
+    from safetensors.torch import load_file
+    assert len(load_file(out / "adapter_model.safetensors")) == len(trainable)
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    base_only = {n: p.detach() for n, p in model.named_parameters() if "lora_" not in n}
+    with pytest.raises(AdapterError, match="selected none of the .* gathered trainable tensors"):
+        save_gathered_adapter(model, wrong, base_only)
+    assert list(wrong.iterdir()) == []
+
+
 def test_fsdp_is_read_from_accelerates_environment(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert distributed.fsdp_from_launcher()

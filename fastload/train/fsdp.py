@@ -129,9 +129,10 @@ def is_sharded(model) -> bool:
 
 
 def full_state_dict(model) -> dict | None:
-    """The trainable tensors (the adapter) of an FSDP2-sharded model, each gathered whole onto the CPU, under the
-    names peft saves; None for a model FSDP did not shard. A collective: every rank calls it, in the same order.
-    Only the adapter is gathered: the whole state dict would bring the full 4-bit base to every rank's host."""
+    """The trainable tensors (the adapter) of an FSDP2-sharded model, each gathered whole onto the CPU, under their
+    state_dict names (FSDP's checkpoint wrapper taken out, as peft >= 0.22 matches them against its layers' names);
+    None for a model FSDP did not shard. A collective: every rank calls it, in the same order. Only the adapter is
+    gathered: the whole state dict would bring the full 4-bit base to every rank's host."""
     if not is_sharded(model):
         return None
     from torch.distributed.tensor import DTensor
@@ -140,14 +141,13 @@ def full_state_dict(model) -> dict | None:
     for name, p in model.named_parameters():
         if p.requires_grad:
             whole = p.full_tensor() if isinstance(p, DTensor) else p
-            state[name] = whole.detach().cpu()
+            state[name.replace(CHECKPOINT_WRAPPER_PREFIX, "")] = whole.detach().cpu()
     return state
 
 
 def save_gathered_adapter(model, directory, state: dict) -> None:
-    """Write the adapter from full_state_dict's tensors as peft's save_pretrained lays it out. peft finds the
-    adapter's tensors by the model's module names, which FSDP's checkpoint wrapper changed: the wrapper's part
-    is taken out of the names only after peft has picked them."""
+    """Write the adapter from full_state_dict's tensors as peft's save_pretrained lays it out. A selection that
+    finds no adapter tensor is an error, never an empty adapter file."""
     import copy
     from pathlib import Path
 
@@ -155,8 +155,16 @@ def save_gathered_adapter(model, directory, state: dict) -> None:
     from safetensors.torch import save_file
 
     adapter = getattr(model, "active_adapter", "default")
-    weights = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter)
-    weights = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): t.contiguous() for name, t in weights.items()}
+    weights = {name: t.contiguous() for name, t in
+               get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter).items()}
+    if not weights:
+        import peft
+
+        from fastload.errors import AdapterError
+
+        raise AdapterError(f"Saving the FSDP-sharded adapter '{adapter}': peft {peft.__version__} selected none of the "
+                           f"{len(state)} gathered trainable tensors (e.g. {next(iter(state), 'none')}) as the "
+                           "adapter's, so nothing was written. Report this with your peft version.")
     save_file(weights, str(Path(directory) / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config[adapter])
     config.inference_mode = True
