@@ -9,6 +9,7 @@ so a difference in the numbers is a difference in how they load and train.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -182,8 +183,11 @@ def recipe_ready(model_dir: str, device: str, dtype: str, seq: int, seed: int, p
     loaded = time.perf_counter()
     model.config.use_cache = False
     if upcast:
+        # peft 0.22 renamed the checkpointing options (the old name warns, and goes in 1.2)
+        named = "activation_checkpointing_kwargs" if "activation_checkpointing_kwargs" in \
+            inspect.signature(prepare_model_for_kbit_training).parameters else "gradient_checkpointing_kwargs"
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                **{named: {"use_reentrant": False}})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
