@@ -92,6 +92,12 @@ def main() -> None:
     for label, launcher in rows.items():
         times = sorted(per_launch_us(launcher, args.launches) for _ in range(3))
         print(f"{label:34s} {times[1]:7.2f} us a launch (host; median of 3 x {args.launches})")
+    from fastload.engine.triton import launch as launching
+
+    # whether the lean row measured the compiled launcher, not the JIT again (a hook set, or direct launches off)
+    print(f"fastload launch: direct launches {'on' if launching.direct_launch() else 'off'}, launch hooks "
+          f"{'set' if launching._hooked() else 'none'}, launchers kept "
+          f"{sum(v is not None for v in launching._COMPILED.values())}")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,37 @@ def test_a_kernel_with_pre_run_hooks_stays_on_the_jit(kernel):
     assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
 
 
+def test_a_pre_run_hook_added_after_the_first_call_sends_calls_to_the_jit(kernel):
+    x = torch.zeros(64)
+    for _ in range(2):
+        launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    assert len(kernel.compiled.launches) == 1
+    kernel.pre_run_hooks.append(lambda *a, **k: None)  # e.g. a tracing tool, after the kernel was cached
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 2 and len(kernel.compiled.launches) == 1
+
+
+class HookChain:
+    """Triton 3.5 on: each launch hook is a chain, always present, holding the hooks added to it."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
+
+
+def test_triton_3_5s_empty_hook_chains_are_no_hooks_and_a_hook_added_to_one_is(kernel, monkeypatch):
+    """From Triton 3.5 launch_enter_hook and launch_exit_hook are HookChain objects even with no hook set: read as
+    hooks, they would keep every call on the JIT and the direct path would never run."""
+    runtime = types.SimpleNamespace(launch_enter_hook=HookChain(), launch_exit_hook=HookChain())
+    monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace(runtime=runtime))
+    x = torch.zeros(64)
+    for _ in range(3):
+        launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 1 and len(kernel.compiled.launches) == 2
+    runtime.launch_exit_hook.calls.append(print)  # proton adds itself to the chain
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 2 and len(kernel.compiled.launches) == 2
+
+
 def test_direct_launch_is_read_from_the_environment_and_a_typo_is_said(monkeypatch, caplog):
     import logging
 

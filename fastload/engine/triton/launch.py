@@ -94,7 +94,7 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     device = driver.active.get_current_device()
     key = (id(kernel), device, tuple(kwargs.items()), classes)
     compiled = _COMPILED.get(key)
-    if compiled is None or _hooked():
+    if compiled is None or _hooked() or kernel.pre_run_hooks:  # hooks: checked on every call, as they come and go
         result = kernel[grid](*args, **kwargs)
         if key not in _COMPILED:
             _COMPILED[key] = _launcher(kernel, result, args, kwargs)
@@ -171,7 +171,16 @@ def _launcher(kernel, compiled, args: tuple, kwargs: dict):
 def _hooked() -> bool:
     """A launch hook (a profiler such as proton) wants Triton's metadata for each launch: the JIT's path."""
     knobs = _knobs()
-    return knobs is None or knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    return knobs is None or _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
+
+
+def _hook_set(hook) -> bool:
+    """Whether a launch hook is set: a callable before Triton 3.5; from 3.5 a HookChain, always present, whose
+    `calls` list holds the hooks added (an empty chain is no hook)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or bool(calls)
 
 
 _TRITON: dict = {}
