@@ -25,7 +25,7 @@ import torch
 from fastload.engine.triton.launch import launch, tensor_cores_take, triton_available, triton_runs_on
 
 BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program: 2,048 output values
-_LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, layout, device -> the autotuner's choice, launched directly after
+_LORA_TILE_CHOSEN: dict = {}  # weight shape, rank, dtypes, layout, device -> the autotuner's choice, then launched
 _LORA_TILES_KEPT: dict = {}  # device -> its AutotuneChoices (the choices of earlier runs, under FASTLOAD_HOME)
 _LAYOUT_CHECKED: dict = {}  # id(QuantState) -> (its weak reference, {device type: handled}); asked thrice a step
 
@@ -44,7 +44,7 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     rank_padded = max(16, triton.next_power_of_2(a.shape[0]))
     args = (packed, *scales, a, b, out, rows, cols, a.shape[0], float(scaling))
     constants = dict(layout, R=rank_padded)
-    key = (rows, cols, rank_padded, state.dtype, layout["NESTED"], state.blocksize, packed.device)
+    key = (rows, cols, rank_padded, state.dtype, a.dtype, layout["NESTED"], state.blocksize, packed.device)
     chosen = _LORA_TILE_CHOSEN.get(key)
     if chosen is None:
         chosen = _LORA_TILE_CHOSEN[key] = kept_tile(key)
