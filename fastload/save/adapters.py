@@ -189,18 +189,31 @@ def write_adapter(model, tokenizer, folder: Path, into_existing: bool) -> None:
     name_base_model(model, state_of(model, create=False).plan)
     state = full_state_dict(model)
 
+    embeddings = embedding_layers_to_save(model)
+
     def write() -> None:
         with atomic_directory(folder, marker="adapter_config.json", into_existing=into_existing) as tmp, \
                 hub_calls_off():  # peft would look up the base repo on the hub
             if state is not None:
-                save_gathered_adapter(model, tmp, state)
+                save_gathered_adapter(model, tmp, state, save_embedding_layers=embeddings)
             else:
-                model.save_pretrained(str(tmp), safe_serialization=True)
+                model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=embeddings)
                 name_base_in_card(tmp, model)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
 
     rank_zero_only(f"Saving the LoRA adapter in {folder}", write)
+
+
+def embedding_layers_to_save(model) -> bool | str:
+    """peft's save_embedding_layers for this model: False where the embeddings train as copies (modules_to_save),
+    which the adapter holds under the embeddings' own names anyway; peft's "auto" would add the original matrix and
+    the copy again under two more names (three copies of a vocabulary-sized matrix, the extra two reported by peft
+    0.22 as unexpected keys on load). Else "auto": embeddings resized for added tokens but not trained are saved
+    whole, their new rows with them."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    layers = [m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None]
+    return False if layers and all(hasattr(m, "modules_to_save") for m in layers) else "auto"
 
 
 # -- the adapter's names, in peft and in a checkpoint -------------------------------------------------------------

@@ -145,7 +145,7 @@ def full_state_dict(model) -> dict | None:
     return state
 
 
-def save_gathered_adapter(model, directory, state: dict) -> None:
+def save_gathered_adapter(model, directory, state: dict, save_embedding_layers: bool | str = "auto") -> None:
     """Write the adapter from full_state_dict's tensors as peft's save_pretrained lays it out. A selection that
     finds no adapter tensor is an error, never an empty adapter file."""
     import copy
@@ -156,7 +156,8 @@ def save_gathered_adapter(model, directory, state: dict) -> None:
 
     adapter = getattr(model, "active_adapter", "default")
     weights = {name: t.contiguous() for name, t in
-               get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter).items()}
+               get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter,
+                                         save_embedding_layers=save_embedding_layers).items()}
     if not weights:
         import peft
 

@@ -3,6 +3,8 @@ train in their own optimizer group at their own rate, and a new token survives s
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from fastload import FastModel
@@ -44,7 +46,16 @@ def test_pretrain_trains_embeddings_at_their_own_rate_and_new_tokens_reload(smol
     assert (trained_row - mean).abs().max().item() > 1e-4  # the new token's row learned
 
     FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
-    again, tok2 = FastModel.from_pretrained(tmp_path / "adapter", max_seq_length=64)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as saved:
+        whole = sorted(k for k in saved.keys() if "lora_" not in k)
+    # the trained matrix once per name, not beside the original and a second copy (peft's save_embedding_layers)
+    assert whole == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"], whole
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again, tok2 = FastModel.from_pretrained(tmp_path / "adapter", max_seq_length=64)
+    assert not [w for w in caught if "unexpected" in str(w.message).lower()], [str(w.message) for w in caught]
     assert tok2.convert_tokens_to_ids("<|fl|>") == new
     assert (again.get_input_embeddings().weight[new].float() - trained_row).abs().max().item() < 1e-5
 
