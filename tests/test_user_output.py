@@ -35,6 +35,30 @@ def test_load_train_save_generate_print_no_foreign_warnings(tiny_llama, tmp_path
     assert not foreign(caplog.records), "\n".join(foreign(caplog.records))
 
 
+def test_trl_configs_fastload_builds_or_offers_say_nothing_of_checkpointing_names(tmp_path):
+    """TRL sets gradient_checkpointing=True on its configs, which transformers 5.2x calls a deprecated name: the DPO
+    and GRPO configs fastload builds and the drop-in SFTConfig must not pass that note on, and checkpointing stays
+    on, non-reentrant where fastload asks."""
+    import dataclasses
+
+    from fastload.compat.trl_compat import SFTConfig
+    from fastload.train.methods import grpo
+    from fastload.train.methods.preference import PREFERENCE_METHODS, preference_arguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        made = [SFTConfig(output_dir=str(tmp_path / "sft"), report_to="none"),
+                preference_arguments(PREFERENCE_METHODS["dpo"], tmp_path / "dpo"),
+                grpo.grpo_config(None, tmp_path / "grpo")]
+    shown = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert not shown, shown
+    for args in made:
+        assert args.gradient_checkpointing is True
+        if "activation_checkpointing" in {f.name for f in dataclasses.fields(args)}:
+            assert args.activation_checkpointing is True
+    assert made[1].gradient_checkpointing_kwargs["use_reentrant"] is False
+
+
 def test_the_users_own_deprecated_calls_still_warn(tiny_llama):
     """fastload silences the notes about its own calls only, never a filter that would hide the user's."""
     model, _ = FastModel.from_pretrained(tiny_llama, max_seq_length=64, store=False)

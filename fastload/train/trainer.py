@@ -161,6 +161,17 @@ def current_checkpointing_names(cls, options: dict) -> dict:
     return renamed
 
 
+def adopt_checkpointing_names(args) -> None:
+    """Before transformers' __post_init__: gradient_checkpointing(_kwargs) taken under the current names where
+    those are unset. TRL sets gradient_checkpointing=True on every config, so its default alone would tell the user
+    that a name they never wrote is deprecated; the old names stay readable (transformers mirrors them)."""
+    fields = {f.name for f in dataclasses.fields(args)}
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if new in fields and getattr(args, new) is None and getattr(args, old) is not None:
+            setattr(args, new, getattr(args, old))
+
+
 def default_optim() -> str:
     """TrainingArguments' own optim default: seeing it means the user did not choose an optimizer."""
     from transformers import TrainingArguments

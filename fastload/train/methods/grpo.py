@@ -23,6 +23,7 @@ from fastload.errors import BackendUnavailable, InvalidOption
 from fastload.train.trainer import (
     TRAINING_DEFAULTS,
     add_fastload_parts,
+    current_checkpointing_names,
     import_trl,
     precision_flags,
     restore_adapter_dtypes,
@@ -140,6 +141,7 @@ def grpo_config(model, output_dir: str = "outputs", backend: str = "generate", *
         options["max_completion_length"] = min(options["max_completion_length"], limit // 2)
     options.update(vllm_options(backend))
     options.update(kwargs)
+    options = current_checkpointing_names(cls, options)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:

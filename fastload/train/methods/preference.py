@@ -210,7 +210,7 @@ def preference_arguments(method: PreferenceMethod, output_dir, model=None, **kwa
     Raises:
         InvalidOption: a keyword that is not a field of the method's config.
     """
-    from fastload.train.trainer import TRAINING_DEFAULTS, precision_flags
+    from fastload.train.trainer import TRAINING_DEFAULTS, current_checkpointing_names, precision_flags
 
     _, config_cls = method.classes()
     options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model), "learning_rate": PREFERENCE_LR,
@@ -218,6 +218,7 @@ def preference_arguments(method: PreferenceMethod, output_dir, model=None, **kwa
     if getattr(model, "max_seq_length", None):
         options["max_length"] = model.max_seq_length
     options.update(kwargs)
+    options = current_checkpointing_names(config_cls, options)
     known = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(options) - known)
     if unknown:
