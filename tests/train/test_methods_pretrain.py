@@ -58,6 +58,8 @@ def test_pretrain_trains_embeddings_at_their_own_rate_and_new_tokens_reload(smol
     assert not [w for w in caught if "unexpected" in str(w.message).lower()], [str(w.message) for w in caught]
     assert tok2.convert_tokens_to_ids("<|fl|>") == new
     assert (again.get_input_embeddings().weight[new].float() - trained_row).abs().max().item() < 1e-5
+    # still one trained matrix: training on from the saved adapter moves the head with the embedding
+    assert again.get_output_embeddings().weight is again.get_input_embeddings().weight
 
 
 def test_pretrain_reads_records_and_refuses_a_lone_embedding_rate(smollm2_dir, tmp_path):

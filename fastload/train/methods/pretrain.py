@@ -131,13 +131,16 @@ def make_embeddings_trainable(model) -> list:
     config = model.peft_config[adapter]
     names = embedding_module_names(model)
     config.modules_to_save = sorted(set(config.modules_to_save or []) | set(names))
+    tied = model.get_base_model().config.get_text_config().tie_word_embeddings
+    if tied and hasattr(config, "ensure_weight_tying"):  # saved with the adapter: peft ties the copies on reload
+        config.ensure_weight_tying = True
     set_additional_trainable_modules(model=model.base_model, peft_config=config,
                                      model_config=BaseTuner.get_model_config(model), adapter_name=adapter)
     base = model.get_base_model()
     embed, head = base.get_input_embeddings(), base.get_output_embeddings()
     trained = [getattr(m, "modules_to_save")[adapter].weight for m in (embed, head)
                if m is not None and hasattr(m, "modules_to_save")]
-    if base.config.get_text_config().tie_word_embeddings and len(trained) == 2:
+    if tied and len(trained) == 2:
         head.modules_to_save[adapter].weight = embed.modules_to_save[adapter].weight  # one trained matrix, as before
         trained = trained[:1]
     for p in trained:
