@@ -52,6 +52,10 @@ def test_trl_configs_fastload_builds_or_offers_say_nothing_of_checkpointing_name
                 grpo.grpo_config(None, tmp_path / "grpo")]
     shown = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
     assert not shown, shown
+    import torch
+
+    # on a machine without a GPU nothing is pinned (torch would warn at every DataLoader that it cannot)
+    assert all(args.dataloader_pin_memory is torch.cuda.is_available() for args in made)
     for args in made:
         assert args.gradient_checkpointing is True
         if "activation_checkpointing" in {f.name for f in dataclasses.fields(args)}:

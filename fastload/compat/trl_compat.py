@@ -19,7 +19,7 @@ import trl
 from fastload._log import logger
 from fastload.compat.options import log_once
 from fastload.model_state import state_of
-from fastload.train.trainer import adopt_checkpointing_names
+from fastload.train.trainer import adopt_checkpointing_names, loader_flags
 
 TrlSFTTrainer, TrlSFTConfig = trl.SFTTrainer, trl.SFTConfig
 # SFTTrainer keywords of older TRL (and of Unsloth's patched trainer) that are SFTConfig fields now: old -> new name
@@ -39,6 +39,7 @@ class SFTConfig(TrlSFTConfig):
         if self.max_seq_length is not None:
             self.max_length = self.max_seq_length
         self._choose_precision()
+        self.dataloader_pin_memory = self.dataloader_pin_memory and loader_flags().get("dataloader_pin_memory", True)
         adopt_checkpointing_names(self)
         super().__post_init__()
 

@@ -25,6 +25,7 @@ from fastload.train.trainer import (
     add_fastload_parts,
     current_checkpointing_names,
     import_trl,
+    loader_flags,
     precision_flags,
     restore_adapter_dtypes,
     saving_locally,
@@ -135,7 +136,7 @@ def grpo_config(model, output_dir: str = "outputs", backend: str = "generate", *
         BackendUnavailable: backend="vllm" where vLLM is not installed.
     """
     cls = import_trl().GRPOConfig
-    options = {**TRAINING_DEFAULTS, **GRPO_DEFAULTS, **precision_flags(model)}
+    options = {**TRAINING_DEFAULTS, **GRPO_DEFAULTS, **precision_flags(model), **loader_flags()}
     limit = getattr(model, "max_seq_length", None)
     if limit:
         options["max_completion_length"] = min(options["max_completion_length"], limit // 2)

@@ -210,11 +210,11 @@ def preference_arguments(method: PreferenceMethod, output_dir, model=None, **kwa
     Raises:
         InvalidOption: a keyword that is not a field of the method's config.
     """
-    from fastload.train.trainer import TRAINING_DEFAULTS, current_checkpointing_names, precision_flags
+    from fastload.train.trainer import TRAINING_DEFAULTS, current_checkpointing_names, loader_flags, precision_flags
 
     _, config_cls = method.classes()
-    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model), "learning_rate": PREFERENCE_LR,
-               **method.defaults}
+    options = {**copy.deepcopy(TRAINING_DEFAULTS), **precision_flags(model), **loader_flags(),
+               "learning_rate": PREFERENCE_LR, **method.defaults}
     if getattr(model, "max_seq_length", None):
         options["max_length"] = model.max_seq_length
     options.update(kwargs)
