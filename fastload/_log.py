@@ -20,6 +20,9 @@ def set_verbosity(level: int | str) -> None:
 # Other libraries' notices about calls fastload makes on the user's behalf, which the user cannot act on. Each is
 # silenced only where fastload makes that call (never process-wide), so the user's own calls still warn.
 PEFT_ASKS_OLD_CHECKPOINTING_NAME = r"`is_gradient_checkpointing` is deprecated"  # peft's PeftModel.__init__
+# TRL's DPO/KTO/GRPO trainers switch checkpointing off and on around each reference or scoring pass, by the old names
+TRL_TOGGLES_OLD_CHECKPOINTING_NAMES = \
+    r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated"
 BNB_KERNELS_HINT = "Failed to load CPU gemm_4bit_forward from kernels-community"  # a hub download fastload never wants
 # the same fetch, offline: the `kernels` package (installed with transformers from 5.2x) says it skips its check
 BNB_KERNELS_OFFLINE = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
@@ -32,6 +35,15 @@ def quiet_foreign_deprecations() -> Iterator[None]:
     """Around a peft call: its use of transformers' renamed checkpointing property is not the user's to fix."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PEFT_ASKS_OLD_CHECKPOINTING_NAME, category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def quiet_trl_checkpointing_toggles() -> Iterator[None]:
+    """Around the train() of a TRL trainer fastload built: TRL's per-step checkpointing switches by transformers'
+    old names are not the user's to fix (its own call sites; nothing process-wide)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TRL_TOGGLES_OLD_CHECKPOINTING_NAMES, category=FutureWarning)
         yield
 
 

@@ -351,6 +351,20 @@ def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
     return trainer_kwargs
 
 
+def quiet_toggles(trainer_cls):
+    """The TRL preference or GRPO trainer class whose train() keeps TRL's checkpointing switches (by transformers'
+    deprecated names, around every reference or scoring pass) from warning the user three times a run."""
+    from fastload._log import quiet_trl_checkpointing_toggles
+
+    class QuietToggles(trainer_cls):
+        def train(self, *args, **kwargs):
+            with quiet_trl_checkpointing_toggles():
+                return super().train(*args, **kwargs)
+
+    QuietToggles.__name__ = QuietToggles.__qualname__ = trainer_cls.__name__
+    return QuietToggles
+
+
 def saving_locally(trainer_cls):
     """The trainer class whose checkpoints never reach the hub: each one runs peft's save, which otherwise looks up
     the base repo's config.json online (the repo id and token leave the machine; a slow hub stalls every save).

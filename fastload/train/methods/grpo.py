@@ -27,6 +27,7 @@ from fastload.train.trainer import (
     import_trl,
     loader_flags,
     precision_flags,
+    quiet_toggles,
     restore_adapter_dtypes,
     saving_locally,
 )
@@ -171,7 +172,7 @@ def fastload_grpo_trainer():
     """TRL's GRPOTrainer whose checkpoints stay local, generating with checkpointing off and the KV cache on."""
     from fastload.train.checkpointing import generation_step
 
-    class GRPOTrainer(saving_locally(import_trl().GRPOTrainer)):
+    class GRPOTrainer(quiet_toggles(saving_locally(import_trl().GRPOTrainer))):
         def _generate_and_score_completions(self, inputs):
             # TRL would disable and re-enable checkpointing itself (twice a step, re-installing torch's function
             # over the engine's); with the flags already off it leaves them alone
