@@ -224,6 +224,54 @@ class CheckpointingGuard(TrainerCallback):
 def checkpointing_guard(model) -> CheckpointingGuard:
     """The TrainerCallback that keeps this model's checkpointing through a Trainer's setup."""
     return CheckpointingGuard(model)
+class steady_checkpointing:
+    """While a TRL trainer trains: its switches of checkpointing around each reference or scoring pass
+    (gradient_checkpointing_disable, then _enable with the args' settings, on the model) flip the checkpointed
+    layers' flags instead, as generation_step does, so the functions the model trains with (fastload's single-use
+    contexts, the engine's offloading one) survive every step; transformers' enable would put torch's back. An
+    enable with nothing switched off before it, or anything after the context, is transformers' own."""
+
+    NAMES = {"off": ("gradient_checkpointing_disable", "activation_checkpointing_disable"),
+             "on": ("gradient_checkpointing_enable", "activation_checkpointing_enable")}
+
+    def __init__(self, model):
+        self.base = _base(model)
+        self.switched: list[list] = []
+
+    def _off(self, *args, **kwargs) -> None:
+        layers = [m for m in self.base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        self.switched.append(layers)
+
+    def _on(self, name: str):
+        def on(*args, **kwargs) -> None:
+            if self.switched:
+                for layer in self.switched.pop():
+                    layer.gradient_checkpointing = True
+                return
+            self._restore()  # nothing switched off here (the Trainer's own enable at train start): transformers'
+            try:
+                getattr(self.base, name)(*args, **kwargs)
+            finally:
+                self.__enter__()
+        return on
+
+    def __enter__(self):
+        for name in self.NAMES["off"]:
+            setattr(self.base, name, self._off)
+        for name in self.NAMES["on"]:
+            setattr(self.base, name, self._on(name))
+        return self
+
+    def _restore(self) -> None:
+        for name in (*self.NAMES["off"], *self.NAMES["on"]):
+            self.base.__dict__.pop(name, None)
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
 class generation_step:
     """A context manager for the generation inside a training step: checkpointing off, KV cache on; on exit both
     back as they were. Train/eval mode is left to the caller (an RL trainer samples in the mode it trains in).

@@ -352,13 +352,15 @@ def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
 
 
 def quiet_toggles(trainer_cls):
-    """The TRL preference or GRPO trainer class whose train() keeps TRL's checkpointing switches (by transformers'
-    deprecated names, around every reference or scoring pass) from warning the user three times a run."""
+    """The TRL preference or GRPO trainer class whose train() turns TRL's checkpointing switches (around every
+    reference or scoring pass) into flag flips that keep the model's checkpoint functions (steady_checkpointing),
+    and keeps their use of transformers' deprecated names from warning the user."""
     from fastload._log import quiet_trl_checkpointing_toggles
+    from fastload.train.checkpointing import steady_checkpointing
 
     class QuietToggles(trainer_cls):
         def train(self, *args, **kwargs):
-            with quiet_trl_checkpointing_toggles():
+            with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
                 return super().train(*args, **kwargs)
 
     QuietToggles.__name__ = QuietToggles.__qualname__ = trainer_cls.__name__
