@@ -233,6 +233,7 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
         if src is not None:
             logger.info("merging the LoRA adapter into the 16-bit source %s", src)
             _merge_into_source(deltas, src, target, out_dtype, shard_bytes)
+            _set_config_vocab(target / "config.json", model.get_input_embeddings().weight.shape[0])
         else:
             why = ("asked for" if source == "dequantized"
                    else f"no 16-bit source of {base_model_id(plan)!r} on this machine")
@@ -438,6 +439,17 @@ def _source_dtype(model):
 def _write_index(out: Path, weight_map: dict, total: int) -> None:
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _set_config_vocab(config_file: Path, rows: int) -> None:
+    """The source's config.json with the vocabulary the merged embeddings have: tokens added before training grew
+    them (fastload.train.methods.pretrain.add_tokens), and a config naming the old size makes transformers refuse
+    the checkpoint."""
+    config = json.loads(config_file.read_text())
+    holder = config["text_config"] if "vocab_size" in config.get("text_config", {}) else config
+    if holder.get("vocab_size") != rows:
+        holder["vocab_size"] = rows
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _set_config_dtype(config_file: Path, dtype) -> None:

@@ -61,6 +61,15 @@ def test_pretrain_trains_embeddings_at_their_own_rate_and_new_tokens_reload(smol
     # still one trained matrix: training on from the saved adapter moves the head with the embedding
     assert again.get_output_embeddings().weight is again.get_input_embeddings().weight
 
+    # merged into the 16-bit original: a checkpoint plain transformers loads, the new token's row the trained one
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    merged = FastModel.save_merged(again, tmp_path / "merged", tokenizer=tok2)
+    plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert plain.config.vocab_size == plain.get_input_embeddings().weight.shape[0] == new + 1
+    assert torch.allclose(plain.get_input_embeddings().weight[new], trained_row, rtol=1e-2, atol=1e-3)
+
 
 def test_pretrain_reads_records_and_refuses_a_lone_embedding_rate(smollm2_dir, tmp_path):
     model, tok = FastModel.from_pretrained(smollm2_dir, max_seq_length=32)
