@@ -200,7 +200,7 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
 
     Raises:
         AdapterError: no adapters, DoRA or LoRA biases, source="16bit" without the original here, or adapted
-            weights the source does not hold.
+            weights the source does not hold, or a merged checkpoint that does not load back (verify).
         InvalidOption: an unknown source or dtype, a bad max_shard_size, or a folder holding files fastload did not
             write (or the model's own source).
         SaveError: the disk is full or the folder cannot be written; nothing is left half-written.
@@ -246,7 +246,13 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
         if verify:
             from fastload.export.verify import report_merge
 
-            report_merge(model, target, tokenizer, probe_texts)
+            try:
+                report_merge(model, target, tokenizer, probe_texts)
+            except (RuntimeError, ValueError, KeyError, OSError) as e:  # what it wrote does not load as a model
+                raise AdapterError(f"Saving the merged model to {directory}", found="the merged checkpoint does not "
+                                   f"load in transformers ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                                   "nothing was saved", fix="save the adapter alone (FastModel.save_adapter) and "
+                                   "report this with the model name, or try source='dequantized'") from e
         if quantize:
             _quantize_into(target, tmp, plan)
             shutil.rmtree(target)

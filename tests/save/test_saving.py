@@ -255,6 +255,29 @@ def test_a_failure_mid_merge_leaves_nothing_half_written(trained, saves, monkeyp
     assert list(saves.iterdir()) == [], "a folder or temporary files were left behind"
 
 
+def test_a_merge_that_does_not_load_back_is_an_adapter_error_and_writes_nothing(trained, saves, monkeypatch):
+    """verify loads what was written with plain transformers: a checkpoint it refuses (as one whose config named
+    the vocabulary before tokens were added did) must not be left as the user's merged model."""
+    import json
+
+    from fastload.errors import AdapterError
+    from fastload.save import merged as merging
+
+    real = merging._set_config_dtype
+
+    def stale_vocabulary(config_file, dtype):  # a config.json whose vocabulary the weights do not have
+        real(config_file, dtype)
+        config = json.loads(config_file.read_text())
+        config["vocab_size"] -= 1
+        config_file.write_text(json.dumps(config))
+
+    monkeypatch.setattr(merging, "_set_config_dtype", stale_vocabulary)
+    with pytest.raises(AdapterError, match="does not load in transformers") as e:
+        FastModel.save_merged(trained.model, saves / "merged", source="dequantized", dtype=torch.bfloat16)
+    assert "save the adapter alone" in e.value.fix
+    assert list(saves.iterdir()) == []
+
+
 def test_a_failed_merge_keeps_the_previous_output(trained, saves, monkeypatch):
     import safetensors.torch
 
