@@ -146,8 +146,10 @@ def full_state_dict(model) -> dict | None:
 
 
 def save_gathered_adapter(model, directory, state: dict, save_embedding_layers: bool | str = "auto") -> None:
-    """Write the adapter from full_state_dict's tensors as peft's save_pretrained lays it out. A selection that
-    finds no adapter tensor is an error, never an empty adapter file."""
+    """Write the adapter from full_state_dict's tensors as peft's save_pretrained lays it out. peft picks an
+    adapter's tensors by its layers' module names: up to 0.21 with the checkpoint wrapper's part in them, from 0.22
+    without, so each tensor is offered under both names (each version matches one). A selection that finds no
+    adapter tensor is an error, never an empty adapter file."""
     import copy
     from pathlib import Path
 
@@ -155,8 +157,10 @@ def save_gathered_adapter(model, directory, state: dict, save_embedding_layers: 
     from safetensors.torch import save_file
 
     adapter = getattr(model, "active_adapter", "default")
-    weights = {name: t.contiguous() for name, t in
-               get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter,
+    wrapped = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): name for name, _ in model.named_parameters()}
+    offered = {**state, **{wrapped[name]: t for name, t in state.items() if wrapped.get(name, name) != name}}
+    weights = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): t.contiguous() for name, t in
+               get_peft_model_state_dict(model, state_dict=offered, adapter_name=adapter,
                                          save_embedding_layers=save_embedding_layers).items()}
     if not weights:
         import peft
