@@ -68,7 +68,7 @@ def report_merge(model, merged_dir: str | Path, tokenizer=None,
     Returns:
         The MergeReport, or None when no tokenizer is available (logged).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     merged_dir = Path(merged_dir)
     if tokenizer is None:
@@ -79,7 +79,7 @@ def report_merge(model, merged_dir: str | Path, tokenizer=None,
     device = next(model.parameters()).device
     batch = _probe_batch(tokenizer, probe_texts(tokenizer, texts), device)
     before = _logits(model, batch)
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), device_map={"": device})
+    merged = _load_back(merged_dir, device)
     try:
         after = _logits(merged, batch)
     finally:
@@ -89,6 +89,25 @@ def report_merge(model, merged_dir: str | Path, tokenizer=None,
                          max_logit_diff=float((before - after).abs()[mask].max()), n_tokens=int(mask.sum()))
     logger.info("%s", report.describe())
     return report
+
+
+def _load_back(merged_dir: Path, device):
+    """The merged checkpoint through plain transformers; one it refuses is fastload's error (out of memory stays
+    torch's: the checkpoint may be fine)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastload.errors import AdapterError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(merged_dir), device_map={"": device})
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise AdapterError("Checking the merge by loading the merged checkpoint with plain transformers",
+                           found=f"it does not load ({type(e).__name__}: {str(e).splitlines()[0][:300]}); nothing "
+                           "was saved", fix="save the adapter alone (FastModel.save_adapter) and report this with "
+                           "the model name, or try source='dequantized'") from e
 
 
 def _probe_batch(tokenizer, texts: list[str], device):
