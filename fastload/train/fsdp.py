@@ -129,10 +129,9 @@ def is_sharded(model) -> bool:
 
 
 def full_state_dict(model) -> dict | None:
-    """The trainable tensors (the adapter) of an FSDP2-sharded model, each gathered whole onto the CPU, under their
-    state_dict names (FSDP's checkpoint wrapper taken out, as peft >= 0.22 matches them against its layers' names);
-    None for a model FSDP did not shard. A collective: every rank calls it, in the same order. Only the adapter is
-    gathered: the whole state dict would bring the full 4-bit base to every rank's host."""
+    """The trainable tensors (the adapter) of an FSDP2-sharded model, each gathered whole onto the CPU, under the
+    model's parameter names; None for a model FSDP did not shard. A collective: every rank calls it, in the same
+    order. Only the adapter is gathered: the whole state dict would bring the full 4-bit base to every rank's host."""
     if not is_sharded(model):
         return None
     from torch.distributed.tensor import DTensor
@@ -141,7 +140,7 @@ def full_state_dict(model) -> dict | None:
     for name, p in model.named_parameters():
         if p.requires_grad:
             whole = p.full_tensor() if isinstance(p, DTensor) else p
-            state[name.replace(CHECKPOINT_WRAPPER_PREFIX, "")] = whole.detach().cpu()
+            state[name] = whole.detach().cpu()
     return state
 
 
@@ -157,8 +156,7 @@ def save_gathered_adapter(model, directory, state: dict, save_embedding_layers: 
     from safetensors.torch import save_file
 
     adapter = getattr(model, "active_adapter", "default")
-    wrapped = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): name for name, _ in model.named_parameters()}
-    offered = {**state, **{wrapped[name]: t for name, t in state.items() if wrapped.get(name, name) != name}}
+    offered = {**state, **{name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): t for name, t in state.items()}}
     weights = {name.replace(CHECKPOINT_WRAPPER_PREFIX, ""): t.contiguous() for name, t in
                get_peft_model_state_dict(model, state_dict=offered, adapter_name=adapter,
                                          save_embedding_layers=save_embedding_layers).items()}
