@@ -39,7 +39,7 @@ class SFTConfig(TrlSFTConfig):
         if self.max_seq_length is not None:
             self.max_length = self.max_seq_length
         self._choose_precision()
-        self.dataloader_pin_memory = self.dataloader_pin_memory and loader_flags().get("dataloader_pin_memory", True)
+        self.dataloader_pin_memory = loader_flags().get("dataloader_pin_memory", self.dataloader_pin_memory)
         adopt_checkpointing_names(self)
         super().__post_init__()
 

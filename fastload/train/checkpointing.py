@@ -224,6 +224,22 @@ class CheckpointingGuard(TrainerCallback):
 def checkpointing_guard(model) -> CheckpointingGuard:
     """The TrainerCallback that keeps this model's checkpointing through a Trainer's setup."""
     return CheckpointingGuard(model)
+
+
+def _flags_off(base) -> list:
+    """Turn off the `gradient_checkpointing` flag of every layer that has it on, keeping their checkpoint functions;
+    returns those layers (for _flags_on)."""
+    layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    return layers
+
+
+def _flags_on(layers: list) -> None:
+    for layer in layers:
+        layer.gradient_checkpointing = True
+
+
 class steady_checkpointing:
     """While a TRL trainer trains: its switches of checkpointing around each reference or scoring pass
     (gradient_checkpointing_disable, then _enable with the args' settings, on the model) flip the checkpointed
@@ -239,16 +255,12 @@ class steady_checkpointing:
         self.switched: list[list] = []
 
     def _off(self, *args, **kwargs) -> None:
-        layers = [m for m in self.base.modules() if getattr(m, "gradient_checkpointing", False) is True]
-        for layer in layers:
-            layer.gradient_checkpointing = False
-        self.switched.append(layers)
+        self.switched.append(_flags_off(self.base))
 
     def _on(self, name: str):
         def on(*args, **kwargs) -> None:
             if self.switched:
-                for layer in self.switched.pop():
-                    layer.gradient_checkpointing = True
+                _flags_on(self.switched.pop())
                 return
             self._restore()  # nothing switched off here (the Trainer's own enable at train start): transformers'
             try:
@@ -287,15 +299,12 @@ class generation_step:
 
     def __enter__(self):
         base = _base(self.model)
-        self.layers = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False) is True]
-        for layer in self.layers:
-            layer.gradient_checkpointing = False
+        self.layers = _flags_off(base)
         self.use_cache = base.config.use_cache
         base.config.use_cache = True
         return self.model
 
     def __exit__(self, *exc) -> None:
         base = _base(self.model)
-        for layer in self.layers:
-            layer.gradient_checkpointing = True
+        _flags_on(self.layers)
         base.config.use_cache = self.use_cache

@@ -147,14 +147,18 @@ def loader_flags() -> dict[str, bool]:
     return {} if torch.cuda.is_available() else {"dataloader_pin_memory": False}
 
 
+# transformers 5.2x's names for the checkpointing options (the old ones warn that they are deprecated): old, new
+CHECKPOINTING_RENAMES = (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
 def current_checkpointing_names(cls, options: dict) -> dict:
     """gradient_checkpointing(_kwargs) as activation_checkpointing(_kwargs) where the arguments class has those
     (transformers 5.2x; the old names then warn that they are deprecated). The old names stay readable on the
     result: transformers mirrors them."""
     fields = {f.name for f in dataclasses.fields(cls)}
     renamed = dict(options)
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+    for old, new in CHECKPOINTING_RENAMES:
         if new in fields and old in renamed:
             value = renamed.pop(old)
             renamed.setdefault(new, value)
@@ -166,8 +170,7 @@ def adopt_checkpointing_names(args) -> None:
     those are unset. TRL sets gradient_checkpointing=True on every config, so its default alone would tell the user
     that a name they never wrote is deprecated; the old names stay readable (transformers mirrors them)."""
     fields = {f.name for f in dataclasses.fields(args)}
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+    for old, new in CHECKPOINTING_RENAMES:
         if new in fields and getattr(args, new) is None and getattr(args, old) is not None:
             setattr(args, new, getattr(args, old))
 
@@ -351,20 +354,20 @@ def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
     return trainer_kwargs
 
 
-def quiet_toggles(trainer_cls):
+def steady_switches(trainer_cls):
     """The TRL preference or GRPO trainer class whose train() turns TRL's checkpointing switches (around every
     reference or scoring pass) into flag flips that keep the model's checkpoint functions (steady_checkpointing),
     and keeps their use of transformers' deprecated names from warning the user."""
     from fastload._log import quiet_trl_checkpointing_toggles
     from fastload.train.checkpointing import steady_checkpointing
 
-    class QuietToggles(trainer_cls):
+    class SteadySwitches(trainer_cls):
         def train(self, *args, **kwargs):
             with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
                 return super().train(*args, **kwargs)
 
-    QuietToggles.__name__ = QuietToggles.__qualname__ = trainer_cls.__name__
-    return QuietToggles
+    SteadySwitches.__name__ = SteadySwitches.__qualname__ = trainer_cls.__name__
+    return SteadySwitches
 
 
 def saving_locally(trainer_cls):

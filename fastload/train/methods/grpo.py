@@ -27,9 +27,9 @@ from fastload.train.trainer import (
     import_trl,
     loader_flags,
     precision_flags,
-    quiet_toggles,
     restore_adapter_dtypes,
     saving_locally,
+    steady_switches,
 )
 
 # fastload's GRPO defaults, on top of TRAINING_DEFAULTS; anything given to build(...) wins.
@@ -172,7 +172,7 @@ def fastload_grpo_trainer():
     """TRL's GRPOTrainer whose checkpoints stay local, generating with checkpointing off and the KV cache on."""
     from fastload.train.checkpointing import generation_step
 
-    class GRPOTrainer(quiet_toggles(saving_locally(import_trl().GRPOTrainer))):
+    class GRPOTrainer(steady_switches(saving_locally(import_trl().GRPOTrainer))):
         def _generate_and_score_completions(self, inputs):
             # TRL would disable and re-enable checkpointing itself (twice a step, re-installing torch's function
             # over the engine's); with the flags already off it leaves them alone

@@ -264,9 +264,9 @@ def build(method_name: str, model, tokenizer, data, args=None, eval_data=None, c
     from fastload.train.lora import untrained_adapter
     from fastload.train.trainer import (
         add_fastload_parts,
-        quiet_toggles,
         restore_adapter_dtypes,
         saving_locally,
+        steady_switches,
     )
 
     method = PREFERENCE_METHODS[method_name]
@@ -291,7 +291,7 @@ def build(method_name: str, model, tokenizer, data, args=None, eval_data=None, c
     had_reference = REFERENCE_ADAPTER in model.peft_config
     trainer_kwargs = add_fastload_parts(model, args, kwargs)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer = quiet_toggles(saving_locally(trainer_cls))(model=model, args=args, train_dataset=train,
+    trainer = steady_switches(saving_locally(trainer_cls))(model=model, args=args, train_dataset=train,
                                                          eval_dataset=evaluation, processing_class=tokenizer,
                                                          **trainer_kwargs)
     restore_adapter_dtypes(model, dtypes)
