@@ -302,7 +302,7 @@ def _projection(experts, name: str, x: torch.Tensor, expert_of_row, offsets, fac
     if factors is None:
         return y, None
     a_t, b_t, scaling = factors  # cast per call: (E, in, r) and (E, r, out) values, not the expert stack
-    xa = _grouped(x, a_t.to(dtype), offsets)
+    xa = _grouped(x, a_t.to(dtype), offsets, dense_grad=True)  # read by the next grouped_mm (or a scale) only
     if scaling != 1:  # alpha = r (Unsloth's and fastload's default) scales by one: no launch, forward or backward
         xa = xa * scaling
     b_cast = b_t.contiguous() if b_t.dtype == dtype else b_t.to(dtype, memory_format=torch.contiguous_format)
@@ -352,8 +352,9 @@ def dequantize_stack(stack) -> torch.Tensor:
     return dense.transpose(-2, -1) if stack.transposed else dense
 
 
-def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows offsets[e-1]:offsets[e] of x times w[e], for each expert e."""
+def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, dense_grad: bool = False) -> torch.Tensor:
+    """Rows offsets[e-1]:offsets[e] of x times w[e], for each expert e. `dense_grad`: the caller's use of the
+    product gives it a dense gradient, so no hook makes it one (a Python call a projection less, both ways)."""
     if not grouped_mm_runs(x, w) or (x.device.type, x.dtype) in _REFUSED:
         return _looped(x, w, offsets)
     try:
@@ -363,7 +364,7 @@ def _grouped(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.T
         logger.info("expert_lora: grouped_mm refused %s operands on %s (%s): one matmul per expert from now on",
                     str(x.dtype).replace("torch.", ""), x.device, str(e).splitlines()[0][:120])
         return _looped(x, w, offsets)
-    if y.requires_grad:  # grouped_mm's backward refuses a broadcast (stride 0) gradient, e.g. from a sum
+    if y.requires_grad and not dense_grad:  # grouped_mm's backward refuses a broadcast (stride 0) gradient
         y.register_hook(lambda grad: grad.contiguous())
     return y
 
