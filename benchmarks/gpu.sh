@@ -14,8 +14,8 @@
 #   bash benchmarks/gpu.sh families  # Qwen2.5-7B and a Qwen3-MoE (8 of 30B-A3B's layers) 2048x2: fastload, recipe,
 #                                    # unsloth (3 warm-up + 5 timed steps; checkpoints ~15 and ~11 GB, made on the GPU);
 #                                    # on the MoE also fastload-noexperts (expert_lora off: peft's W + s B A path)
-#   bash benchmarks/gpu.sh moe       # the Qwen3-MoE shape alone, 2048x2: fastload, unsloth, fastload-directlaunch
-#                                    # (Triton kernels through their compiled launcher), fastload-tritonadam (the
+#   bash benchmarks/gpu.sh moe       # the Qwen3-MoE shape alone, 2048x2: fastload, unsloth, fastload-jitlaunch
+#                                    # (every Triton launch through Triton's JIT), fastload-tritonadam (the
 #                                    # Triton 8-bit update), then the recipe (3 + 5 steps)
 #   bash benchmarks/gpu.sh longest   # 8B batch 1, doubling from 8192 until a step fails (out of memory) or MAX_SEQ
 #                                    # (default 131072), 1 step per length, each in a fresh process; IMPLS picks the
@@ -81,7 +81,7 @@ case "$part" in
             --steps 5 --append --plot
         ;;
     moe)  # the MoE row alone: fastload and unsloth first (the pair the target compares), then the recipe
-        bench --model qwen3-moe-small --phase train --impl fastload,unsloth,fastload-directlaunch,fastload-tritonadam,recipe \
+        bench --model qwen3-moe-small --phase train --impl fastload,unsloth,fastload-jitlaunch,fastload-tritonadam,recipe \
             --warmup 3 --steps 5 --plot
         ;;
     longest)  # the longest trainable sequence at batch 1: speed, peak allocated and reserved at every length

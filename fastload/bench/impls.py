@@ -30,9 +30,9 @@ ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss"
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},
                    "fastload-graphs": {"cuda_graphs": True}}
 # fastload-tritonadam: the default with bitsandbytes' Triton 8-bit update kernel (FASTLOAD_ADAMW8BIT_KERNEL=triton)
-# fastload-directlaunch: Triton kernels launched through their compiled launcher (FASTLOAD_TRITON_LAUNCH=direct)
+# fastload-jitlaunch: every Triton launch through Triton's JIT (FASTLOAD_TRITON_LAUNCH=jit), not the compiled launcher
 ENV_VARIANTS = {"fastload-tritonadam": {"FASTLOAD_ADAMW8BIT_KERNEL": "triton"},
-                "fastload-directlaunch": {"FASTLOAD_TRITON_LAUNCH": "direct"}}
+                "fastload-jitlaunch": {"FASTLOAD_TRITON_LAUNCH": "jit"}}
 # fastload-norouter: the default with MoE routers left to transformers (the kernels lever's Triton router off)
 IMPLS = ("fastload", "recipe", "recipe-noupcast", "unsloth", *ENGINE_VARIANTS, *ENV_VARIANTS, "fastload-norouter")
 # recipe-noupcast loads exactly like recipe; only its training setup differs, so it has no load measurement

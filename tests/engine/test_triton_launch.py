@@ -109,7 +109,7 @@ def test_hooks_other_argument_kinds_and_the_default_take_the_jit(kernel, monkeyp
     assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
     launching.launch(kernel, (1,), [1, 2], 100, 32, BLOCK=128)  # an argument kind the key does not follow
     assert len(kernel.jit_calls) == 3
-    monkeypatch.setattr(launching, "direct_launch", lambda: False)  # the default until the GPU cases have run
+    monkeypatch.setattr(launching, "direct_launch", lambda: False)  # FASTLOAD_TRITON_LAUNCH=jit
     monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace(
         runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)))
     launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
@@ -162,11 +162,14 @@ def test_direct_launch_is_read_from_the_environment_and_a_typo_is_said(monkeypat
     assert launching.direct_launch() is True
     launching.direct_launch.cache_clear()
     monkeypatch.delenv("FASTLOAD_TRITON_LAUNCH")
+    assert launching.direct_launch() is True  # the default
+    launching.direct_launch.cache_clear()
+    monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "JIT")
     assert launching.direct_launch() is False
     launching.direct_launch.cache_clear()
     monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "fast")
     with caplog.at_level(logging.WARNING, logger="fastload"):
-        assert launching.direct_launch() is False
-    assert any("FASTLOAD_TRITON_LAUNCH='fast'" in r.getMessage() and "'direct'" in r.getMessage()
+        assert launching.direct_launch() is True
+    assert any("FASTLOAD_TRITON_LAUNCH='fast'" in r.getMessage() and "'jit'" in r.getMessage()
                for r in caplog.records)
     launching.direct_launch.cache_clear()

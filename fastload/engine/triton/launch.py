@@ -76,8 +76,10 @@ def _kept(tensor):
 # the same tensor dtypes and 16-byte alignments, the same integer classes (one, multiples of 16, 32 or 64 bits),
 # the same constexprs and launch options. Anything else (a launch hook, a kernel with pre-run hooks, an argument of
 # another kind, a Triton whose compiled kernels lack the launcher) takes the JIT's path.
-# Opt-in (FASTLOAD_TRITON_LAUNCH=direct) until its GPU cases have run: it calls into Triton's compiled-kernel
-# interface, which Triton does not document as public.
+# On by default since its GPU cases passed (H100, 2026-12-07: bit-equal to the JIT's launch, and the engine's Triton
+# GPU tests with every launch direct); FASTLOAD_TRITON_LAUNCH=jit keeps every launch on the JIT, as the interface
+# it calls into, Triton's compiled kernel, is not documented as public. A compiled kernel without the launcher
+# attributes this reads takes the JIT's path on its own.
 
 _COMPILED: dict = {}  # (kernel, device, constexprs and options, argument classes) -> (compiled kernel, constexpr
                      # names), or None: the JIT's path only
@@ -107,13 +109,13 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 
 @functools.lru_cache(maxsize=None)
 def direct_launch() -> bool:
-    """Whether `launch` may call compiled kernels' launchers (FASTLOAD_TRITON_LAUNCH=direct), read once; another
-    value than jit or direct is said once and read as jit."""
-    value = os.environ.get("FASTLOAD_TRITON_LAUNCH", "jit").strip().lower()
+    """Whether `launch` may call compiled kernels' launchers: yes unless FASTLOAD_TRITON_LAUNCH=jit, read once;
+    another value than jit or direct is said once and read as direct, the default."""
+    value = os.environ.get("FASTLOAD_TRITON_LAUNCH", "direct").strip().lower()
     if value not in ("jit", "direct", ""):
-        logger.warning("FASTLOAD_TRITON_LAUNCH=%r is neither 'jit' nor 'direct': Triton's JIT launches the kernels "
-                       "(set it to 'direct' for the compiled launchers, or unset it)", value)
-    return value == "direct"
+        logger.warning("FASTLOAD_TRITON_LAUNCH=%r is neither 'jit' nor 'direct': the compiled launchers launch the "
+                       "kernels, the default (set it to 'jit' for Triton's JIT on every launch)", value)
+    return value != "jit"
 
 
 def _classes(kernel, args: tuple) -> tuple | None:
