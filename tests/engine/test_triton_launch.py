@@ -154,9 +154,10 @@ def test_triton_3_5s_empty_hook_chains_are_no_hooks_and_a_hook_added_to_one_is(k
     assert len(kernel.jit_calls) == 2 and len(kernel.compiled.launches) == 2
 
 
-def test_direct_launch_is_read_from_the_environment_and_a_typo_is_said(monkeypatch, caplog):
+def test_direct_launch_is_the_default_read_from_the_environment_and_a_typo_is_said(monkeypatch, caplog):
     import logging
 
+    monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace())  # a Triton with knobs (3.4 on)
     launching.direct_launch.cache_clear()
     monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", " Direct ")
     assert launching.direct_launch() is True
@@ -172,4 +173,8 @@ def test_direct_launch_is_read_from_the_environment_and_a_typo_is_said(monkeypat
         assert launching.direct_launch() is True
     assert any("FASTLOAD_TRITON_LAUNCH='fast'" in r.getMessage() and "'jit'" in r.getMessage()
                for r in caplog.records)
+    launching.direct_launch.cache_clear()
+    monkeypatch.setattr(launching, "_knobs", lambda: None)  # an older Triton: its launchers take other arguments
+    monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "direct")
+    assert launching.direct_launch() is False
     launching.direct_launch.cache_clear()

@@ -110,12 +110,13 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 @functools.lru_cache(maxsize=None)
 def direct_launch() -> bool:
     """Whether `launch` may call compiled kernels' launchers: yes unless FASTLOAD_TRITON_LAUNCH=jit, read once;
-    another value than jit or direct is said once and read as direct, the default."""
+    another value than jit or direct is said once and read as direct, the default. Never on a Triton without its
+    `knobs` module (before 3.4): those launchers take the non-constexpr arguments only, where this passes all."""
     value = os.environ.get("FASTLOAD_TRITON_LAUNCH", "direct").strip().lower()
     if value not in ("jit", "direct", ""):
         logger.warning("FASTLOAD_TRITON_LAUNCH=%r is neither 'jit' nor 'direct': the compiled launchers launch the "
                        "kernels, the default (set it to 'jit' for Triton's JIT on every launch)", value)
-    return value != "jit"
+    return value != "jit" and _knobs() is not None
 
 
 def _classes(kernel, args: tuple) -> tuple | None:
