@@ -253,6 +253,7 @@ class steady_checkpointing:
     def __init__(self, model):
         self.base = _base(model)
         self.switched: list[list] = []
+        self.inside_another = False  # an evaluation inside train(): the outer context's switches stay in place
 
     def _off(self, *args, **kwargs) -> None:
         self.switched.append(_flags_off(self.base))
@@ -270,6 +271,10 @@ class steady_checkpointing:
         return on
 
     def __enter__(self):
+        owner = getattr(self.base.__dict__.get(self.NAMES["off"][0]), "__self__", None)
+        self.inside_another = isinstance(owner, steady_checkpointing) and owner is not self
+        if self.inside_another:
+            return self
         for name in self.NAMES["off"]:
             setattr(self.base, name, self._off)
         for name in self.NAMES["on"]:
@@ -281,7 +286,8 @@ class steady_checkpointing:
             self.base.__dict__.pop(name, None)
 
     def __exit__(self, *exc) -> None:
-        self._restore()
+        if not self.inside_another:
+            self._restore()
 
 
 class generation_step:

@@ -355,9 +355,11 @@ def add_fastload_parts(model, args, trainer_kwargs: dict) -> dict:
 
 
 def steady_switches(trainer_cls):
-    """The TRL preference or GRPO trainer class whose train() turns TRL's checkpointing switches (around every
-    reference or scoring pass) into flag flips that keep the model's checkpoint functions (steady_checkpointing),
-    and keeps their use of transformers' deprecated names from warning the user."""
+    """The TRL preference or GRPO trainer class whose train(), evaluate() and predict() turn TRL's checkpointing
+    switches (around every reference or scoring pass) into flag flips that keep the model's checkpoint functions
+    (steady_checkpointing), and keep their use of transformers' deprecated names from warning the user. (An
+    evaluation inside train() is already covered; one called on its own would otherwise leave torch's plain function
+    on every layer for the training after it.)"""
     from fastload._log import quiet_trl_checkpointing_toggles
     from fastload.train.checkpointing import steady_checkpointing
 
@@ -365,6 +367,14 @@ def steady_switches(trainer_cls):
         def train(self, *args, **kwargs):
             with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
                 return super().train(*args, **kwargs)
+
+        def evaluate(self, *args, **kwargs):
+            with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
+                return super().evaluate(*args, **kwargs)
+
+        def predict(self, *args, **kwargs):
+            with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
+                return super().predict(*args, **kwargs)
 
     SteadySwitches.__name__ = SteadySwitches.__qualname__ = trainer_cls.__name__
     return SteadySwitches

@@ -128,8 +128,8 @@ def test_dpo_reference_is_the_base_with_the_adapter_off(tiny_llama, tmp_path):
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_the_reference_pass_leaves_the_models_checkpoint_functions_in_place(tiny_llama, tmp_path, method):
     """TRL switches checkpointing off around each reference pass and back on with the args' settings: the layers
-    must come out of every step with the functions the model trains with (fastload's single-use contexts here, the
-    engine's offloading function on a GPU), not torch's plain one."""
+    must come out of an evaluation (alone, or inside train()) and of every step with the functions the model trains
+    with (fastload's single-use contexts here, the engine's offloading function on a GPU), not torch's plain one."""
     from fastload.train.checkpointing import _same_function, checkpoint_functions
 
     model, tok = FastModel.from_pretrained(tiny_llama, store=False, max_seq_length=48)
@@ -138,11 +138,12 @@ def test_the_reference_pass_leaves_the_models_checkpoint_functions_in_place(tiny
     records = PAIRS if method == "dpo" else [{"prompt": p["prompt"], "completion": p[key], "label": key == "chosen"}
                                              for p in PAIRS for key in ("chosen", "rejected")]
     trainer = FastModel.get_trainer(model, tok, records, method=method, output_dir=str(tmp_path), max_steps=2,
-                                    **FAST)
-    trainer.train()
-    after = checkpoint_functions(model)
-    assert set(after) == set(before)  # every layer still checkpointed
-    assert all(_same_function(after[m], before[m]) for m in before), {str(f) for f in after.values()}
+                                    eval_data=records, eval_strategy="steps", eval_steps=1, **FAST)
+    for run in (trainer.evaluate, trainer.train):  # an evaluation alone (a baseline), then one after each step
+        run()
+        after = checkpoint_functions(model)
+        assert set(after) == set(before)  # every layer still checkpointed
+        assert all(_same_function(after[m], before[m]) for m in before), {str(f) for f in after.values()}
 
 
 def test_dpo_on_a_trained_adapter_keeps_a_frozen_copy_of_its_start_as_reference(tiny_llama, tmp_path):
