@@ -31,6 +31,7 @@ class Kernel:
         names = (("x", False), ("n", False), ("WIDTH", True), ("BLOCK", True))
         self.params = [types.SimpleNamespace(name=n, is_constexpr=c) for n, c in names]
         self.pre_run_hooks = []
+        self.debug = None
         self.jit_calls = []
         self.compiled = Compiled()
 
@@ -47,8 +48,10 @@ def kernel(monkeypatch):
     driver = types.SimpleNamespace(active=types.SimpleNamespace(get_current_device=lambda: 0,
                                                                  get_current_stream=lambda device: 77))
     monkeypatch.setattr(launching, "_driver", lambda: driver)
-    monkeypatch.setattr(launching, "_knobs", lambda: types.SimpleNamespace(
-        runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)))
+    knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None,
+                                                               debug=False),
+                                  compilation=types.SimpleNamespace(instrumentation_mode=""))
+    monkeypatch.setattr(launching, "_knobs", lambda: knobs)
     monkeypatch.setattr(launching, "_constexpr_positions", lambda kern: frozenset({2}))  # WIDTH is positional
     monkeypatch.setattr(launching, "direct_launch", lambda: True)
     monkeypatch.setattr(launching, "_COMPILED", {})
@@ -178,3 +181,35 @@ def test_direct_launch_is_the_default_read_from_the_environment_and_a_typo_is_sa
     monkeypatch.setenv("FASTLOAD_TRITON_LAUNCH", "direct")
     assert launching.direct_launch() is False
     launching.direct_launch.cache_clear()
+
+
+def test_debug_or_instrumentation_turned_on_after_the_first_launch_compiles_anew(kernel):
+    """The JIT keys its kernels by debug mode (the kernel's or Triton's) and instrumentation mode: a launcher kept
+    from before the change would run the kernel compiled without them."""
+    x = torch.zeros(64)
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 1
+    knobs = launching._knobs()
+    for change in (lambda: setattr(knobs.runtime, "debug", True),
+                   lambda: setattr(knobs.compilation, "instrumentation_mode", "consan"),
+                   lambda: setattr(kernel, "debug", True)):
+        change()
+        launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)
+        launching.launch(kernel, (1,), x, 100, 32, BLOCK=128)  # then this specialization's launcher again
+    assert len(kernel.jit_calls) == 4 and len(kernel.compiled.launches) == 4
+
+
+def test_values_the_launcher_could_take_wrongly_go_through_the_jit(kernel):
+    """An integer past 64 bits (the JIT refuses it; the launcher would wrap it), an unhashable constexpr (Triton
+    3.4's tl.constexpr objects), and constexprs equal as values but not as types (1, True) each get the JIT."""
+    x = torch.zeros(64)
+    for _ in range(2):
+        launching.launch(kernel, (1,), x, 2 ** 64, 32, BLOCK=128)
+    assert len(kernel.jit_calls) == 2 and not kernel.compiled.launches
+    for _ in range(2):
+        launching.launch(kernel, (1,), x, 100, [32], BLOCK=128)
+    assert len(kernel.jit_calls) == 4 and not kernel.compiled.launches
+    for width in (1, True):
+        launching.launch(kernel, (1,), x, 100, width, BLOCK=128)
+    assert len(kernel.jit_calls) == 6

@@ -94,8 +94,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
         return
     driver = _driver()
     device = driver.active.get_current_device()
-    key = (id(kernel), device, tuple(kwargs.items()), classes)
-    compiled = _COMPILED.get(key)
+    key = (id(kernel), device, tuple(kwargs.items()), classes, _compile_settings(kernel))
+    try:
+        compiled = _COMPILED.get(key)
+    except TypeError:  # an unhashable constexpr value (Triton 3.4's tl.constexpr objects): the JIT's path
+        kernel[grid](*args, **kwargs)
+        return
     if compiled is None or _hooked() or kernel.pre_run_hooks:  # hooks: checked on every call, as they come and go
         result = kernel[grid](*args, **kwargs)
         if key not in _COMPILED:
@@ -128,18 +132,28 @@ def _classes(kernel, args: tuple) -> tuple | None:
     out = []
     for i, value in enumerate(args):
         if i in constexprs:
-            out.append(("constexpr", value))
+            out.append(("constexpr", type(value), value))  # typed: 1, True and 1.0 are equal keys otherwise
         elif isinstance(value, torch.Tensor):
             out.append((value.dtype, value.data_ptr() % 16 == 0))
         elif isinstance(value, bool):
             out.append(("bool",))
         elif isinstance(value, int):
+            if not -2 ** 63 <= value < 2 ** 64:  # the JIT refuses it; the launcher would wrap it silently
+                return None
             out.append(("int", value == 1, value % 16 == 0, -2 ** 31 <= value < 2 ** 31, value < 2 ** 63))
         elif isinstance(value, float):
             out.append(("float",))
         else:
             return None
     return tuple(out)
+
+
+def _compile_settings(kernel) -> tuple:
+    """What else the JIT compiles into a kernel and keys it by: debug mode (the kernel's or Triton's) and, from Triton
+    3.6, the instrumentation mode; a change after the first launch then compiles anew, as through the JIT."""
+    knobs = _knobs()
+    return (getattr(kernel, "debug", None), getattr(getattr(knobs, "runtime", None), "debug", None),
+            getattr(getattr(knobs, "compilation", None), "instrumentation_mode", None))
 
 
 _CONSTEXPR_POSITIONS: dict = {}
