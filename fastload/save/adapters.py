@@ -133,6 +133,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    _trained_copies_as_saved(peft_model, Path(adapter_dir) / "adapter_model.safetensors")
+    from fastload.train.methods.pretrain import embedding_rows_in_compute_dtype
+
+    embedding_rows_in_compute_dtype(peft_model)  # a trained embedding copy, upcast just above
     if state_of(model, create=False).task == "sequence-classification":
         from fastload.load.task import head_in_full_precision
 
@@ -140,6 +144,25 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA adapter loaded from %s: %s trainable parameters", adapter_dir, f"{trainable:,}")
     return peft_model
+
+
+def _trained_copies_as_saved(peft_model, weights: Path) -> None:
+    """Trained full copies (modules_to_save: embeddings, a classifier's head) with the values saved, not rounded:
+    peft loads them into a copy of the 16-bit original, so fp32-trained rows came back rounded to bf16 (updates of
+    a small learning rate lost, logits no longer the trained model's)."""
+    from safetensors import safe_open
+
+    copies = {name: p for name, p in peft_model.named_parameters() if p.requires_grad and ".modules_to_save." in name}
+    if not copies:
+        return
+    with safe_open(str(weights), "pt") as saved:
+        keys = set(saved.keys())
+        for name, p in copies.items():
+            key = re.sub(r"\.modules_to_save\.[^.]+", "", name)
+            if key in keys:
+                value = saved.get_tensor(key)
+                if value.shape == p.shape and value.dtype == p.dtype:
+                    p.data.copy_(value)
 
 
 def save_adapter(model, directory: str | os.PathLike, tokenizer=None) -> Path:

@@ -78,3 +78,33 @@ def test_pretrain_reads_records_and_refuses_a_lone_embedding_rate(smollm2_dir, t
         pretrain.read_texts([{"body": "no text field"}])
     with pytest.raises(InvalidOption, match="train_embeddings"):
         pretrain.build(model, tok, ["some text"], embedding_learning_rate=1e-5, output_dir=tmp_path, max_steps=1)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mistral"])
+def test_trained_embeddings_meet_16bit_layers_outside_autocast_and_after_reload(family, tmp_path):
+    """In bf16, the fp32 trained copies of the embedding and the head must not hand fp32 rows to 16-bit layers
+    (an MoE router's linear has no cast: generation raised) nor take 16-bit hidden states into the fp32 head; the
+    same after the adapter is reloaded, with every trained value as trained (peft loads the copies into the 16-bit
+    original's dtype: they came back rounded) and the logits of the trained model within bf16 round-off (its
+    forward stays under the Trainer's autocast)."""
+    import torch
+    from family_shapes import make_family_checkpoint
+
+    checkpoint = make_family_checkpoint(tmp_path / "base", family)
+    model, tok = FastModel.from_pretrained(checkpoint, dtype=torch.bfloat16, max_seq_length=64, store=False)
+    trainer = pretrain.build(model, tok, [DOC] * 4, train_embeddings=True, output_dir=tmp_path / "out", max_steps=1,
+                             per_device_train_batch_size=2, gradient_accumulation_steps=1, save_strategy="no")
+    trainer.train()
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits  # no autocast here, as in generation
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert FastModel.generate(model, tok, "hello", max_new_tokens=3) is not None
+    FastModel.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    again, _ = FastModel.from_pretrained(tmp_path / "adapter", dtype=torch.bfloat16, max_seq_length=64, store=False)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    reloaded = {n: p for n, p in again.named_parameters() if p.requires_grad}
+    assert set(reloaded) == set(trained) and any(".modules_to_save." in n for n in trained)
+    assert all(reloaded[n].dtype == torch.float32 and torch.equal(reloaded[n], trained[n]) for n in trained)
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, logits, atol=2e-2, rtol=2e-2)
