@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import tomllib
 from dataclasses import dataclass, replace
+from importlib import resources
 from typing import Any
 
 import torch
@@ -79,6 +82,51 @@ def _expert_targets(model, settings: LoraSettings) -> tuple[list[str], str]:
                        reason)
         return [], ""
     return names, f" + experts' {params} ({experts} experts x {layers} layers)"
+
+
+@functools.cache
+def _mlp_to_experts() -> dict[str, list[str]]:
+    text = resources.files("fastload").joinpath("expert_names.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["mlp_to_experts"]
+
+
+def _experts_named(model, targets: list[str], settings: LoraSettings) -> tuple[list[str], list[str], str]:
+    """(module targets, expert target_parameters, log words) for target_modules that name an MoE model's MLP
+    projections (gate_proj/up_proj/down_proj, Mixtral's w1/w3/w2) where its experts hold them as fused 3-D
+    parameters (expert_names.toml): those experts are adapted, as the user asked, instead of the names being
+    refused as missing modules. A name some module also has (a shared expert's) stays a module target."""
+    names, experts, layers = find_expert_parameters(model)
+    by_leaf = {name.split(".")[-1]: name for name in names}
+    chosen = {}
+    for target in targets:
+        found = next((by_leaf[c] for c in _mlp_to_experts().get(target, ()) if c in by_leaf), None)
+        if found is not None:
+            chosen[target] = found
+    if not chosen:
+        return targets, [], ""
+    leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    kept = [t for t in targets if t not in chosen or t in leaf_names]
+    params = sorted(set(chosen.values()))
+    words = "/".join(sorted({p.split(".")[-1] for p in params}))
+    reason = experts_blocked_by(model, params, settings)
+    if reason:
+        logger.warning("LoRA leaves the experts' %s untrained (%d experts x %d layers; target_modules names %s): %s",
+                       words, experts, layers, ", ".join(chosen), reason)
+        return kept, [], ""
+    return kept, params, f" + experts' {words} for {', '.join(chosen)} ({experts} experts x {layers} layers)"
+
+
+def _checked_parameters(model, wanted: list[str]) -> str:
+    """The log words for target_parameters the user gave, each one checked to name some parameter (peft matches a
+    name's end and says nothing of one that matches none: a typo left those weights untrained)."""
+    params = [name for name, _ in model.named_parameters()]
+    unknown = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in params)]
+    if unknown:
+        experts, _, _ = find_expert_parameters(model)
+        raise AdapterError(f"Adding LoRA on the parameters {wanted}", found=f"no parameter is named {unknown}",
+                           fix=f"fix the names (this model's expert weights: {experts or 'none'}) or leave "
+                               "target_parameters unset (the experts are adapted by default)")
+    return f" + parameters {', '.join(wanted)}"
 
 
 def towers_outside_decoder(model, targets: list[str]) -> list[str]:
@@ -181,8 +229,13 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     if isinstance(settings.target_modules, str):
         return _plan_pattern(model, settings)
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
-    experts, experts_note = ([], "") if settings.target_modules or "target_parameters" in settings.extra else (
-        _expert_targets(model, settings))
+    if "target_parameters" in settings.extra:
+        experts, experts_note = [], _checked_parameters(model, list(settings.extra["target_parameters"] or []))
+    elif settings.target_modules:
+        targets, experts, experts_note = _experts_named(model, targets, settings)
+        settings = replace(settings, target_modules=targets)
+    else:
+        experts, experts_note = _expert_targets(model, settings)
     if experts:
         settings = replace(settings, extra={**settings.extra, "target_parameters": experts})
     settings, towers_note = _decoder_only(model, targets, settings)
@@ -191,8 +244,10 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:
+        experts_too = find_expert_parameters(model)[0]
         raise AdapterError(f"Adding LoRA on {targets}", found=f"the model has no module named {missing}",
-                           fix=f"leave target_modules unset (found: {find_lora_targets(model)}) or fix the names")
+                           fix=f"leave target_modules unset (the default: {find_lora_targets(model)}"
+                               f"{f', and the experts {experts_too}' if experts_too else ''}) or fix the names")
     never = left_alone(model)
     refused = sorted(set(never) & set(targets))
     if refused:

@@ -151,3 +151,45 @@ def test_gemma4_moe_variant_adapts_its_experts_and_leaves_its_router(tmp_path):
     batch = tokenizer(["hello world, how are you today?"] * 2, return_tensors="pt")
     losses = train_steps(model, batch)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("family, targets", [
+    ("qwen3_moe", UNSLOTH_TARGETS),                      # Unsloth's notebook list
+    ("mixtral", ["q_proj", "v_proj", "w1", "w2", "w3"]),  # Mixtral's names before transformers 5
+    ("qwen2_moe", UNSLOTH_TARGETS),                      # a shared expert with Linear gate/up/down as well
+])
+def test_mlp_names_in_target_modules_adapt_the_fused_experts(family, targets, tmp_path, caplog):
+    """target_modules naming the MLP's projections on an MoE model whose experts hold them fused: the experts are
+    adapted (what peft itself does with that list, and what the user asked), the log says so, the expert lever
+    computes them, and the routers stay frozen; a shared expert's Linear layers of the same names keep theirs."""
+    from fastload import FastModel
+
+    checkpoint = make_family_checkpoint(tmp_path / family, family)
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        model, _ = FastModel.from_pretrained(str(checkpoint), lora={"target_modules": targets}, store=False)
+    adapted = adapted_modules(model)
+    assert {"0.mlp.experts", "1.mlp.experts"} <= adapted, sorted(adapted)
+    assert not any(a.endswith((".gate", ".router")) for a in adapted), sorted(adapted)
+    if family == "qwen2_moe":
+        assert "0.mlp.shared_expert.gate_proj" in adapted, sorted(adapted)
+    config = model.peft_config["default"]
+    assert set(config.target_parameters) == {"experts.gate_up_proj", "experts.down_proj"}
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=")]
+    assert "experts' down_proj/gate_up_proj for" in line, line
+    assert "expert_lora" in model.fastload_engine
+
+
+def test_a_target_parameter_that_names_nothing_is_refused_before_any_layer_is_wrapped(tmp_path):
+    """peft matches target_parameters by a name's end and says nothing of one that matches none: a typo
+    ("down_projj") trained the other experts' weights only, silently."""
+    from fastload import FastModel
+    from fastload.errors import AdapterError
+
+    checkpoint = make_family_checkpoint(tmp_path / "mixtral", "mixtral")
+    with pytest.raises(AdapterError, match="down_projj") as refused:
+        FastModel.from_pretrained(str(checkpoint), store=False, lora={
+            "target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj", "experts.down_projj"]})
+    assert "experts.down_proj" in str(refused.value)  # the names that exist, to fix it with
