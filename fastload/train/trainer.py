@@ -118,6 +118,30 @@ def training_arguments(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, sft: 
     return cls(output_dir=str(output_dir), **options)
 
 
+PRETRAIN_ONLY = ("train_embeddings", "embedding_learning_rate", "new_tokens")
+
+
+def _refuse_unknown_keywords(trainer_kwargs: dict, sft: bool) -> None:
+    """A keyword neither the arguments nor the trainer take, said as fastload's error before anything is built
+    (the trainer's own TypeError names neither where it came from nor what to use)."""
+    import inspect
+
+    if sft:
+        cls = import_trl().SFTTrainer
+    else:
+        from transformers import Trainer as cls
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(trainer_kwargs) - set(params))
+    if not unknown or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    pretrain = [k for k in unknown if k in PRETRAIN_ONLY]
+    raise InvalidOption(f"get_trainer({', '.join(f'{k}=...' for k in unknown)})",
+                        found=f"not a field of the training arguments nor a parameter of {cls.__name__}",
+                        fix=(f"{', '.join(pretrain)} belong to continued pretraining: pass method='pretrain'"
+                             if pretrain else "check the spelling against the trainer's arguments and "
+                             f"{cls.__name__}'s parameters"))
+
+
 def launch_defaults(model=None) -> dict[str, Any]:
     """Fields for a run under torchrun / accelerate launch: FSDP's for a model loaded with fsdp=True
     (fastload.train.fsdp); else DDP without the search for unused parameters (every LoRA matrix gets a gradient;
@@ -295,6 +319,7 @@ def get_trainer(model, tokenizer, train_dataset, args=None, sft: bool = False, e
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         args.remove_unused_columns = False  # TRL keeps only input_ids/labels/seq_lengths: position_ids would go
     trainer_kwargs = add_fastload_parts(model, args, trainer_kwargs)
+    _refuse_unknown_keywords(trainer_kwargs, sft)
     align_pad_token(model, tokenizer)
     kw = dict(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
               processing_class=tokenizer, data_collator=data_collator, **trainer_kwargs)

@@ -82,6 +82,18 @@ def test_training_arguments_carry_fastload_defaults(tiny, tmp_path):
         FastModel.training_arguments(tmp_path, max_lenght=10)
 
 
+@pytest.mark.parametrize("sft", [False, True])
+def test_a_keyword_no_trainer_takes_is_fastloads_error_naming_where_it_belongs(tiny_llama, tmp_path, sft):
+    """get_trainer(..., train_embeddings=True) for SFT reached Trainer.__init__ as a raw TypeError; a typo the
+    same. Both are refused before anything is built, the pretraining options pointed to method='pretrain'."""
+    model, tok = FastModel.from_pretrained(tiny_llama, store=False, max_seq_length=48)
+    records = [{"prompt": "hi", "response": "hello"}] * 2
+    with pytest.raises(InvalidOption, match="method='pretrain'"):
+        FastModel.get_trainer(model, tok, records, sft=sft, output_dir=str(tmp_path), train_embeddings=True)
+    with pytest.raises(InvalidOption, match="callbaks"):
+        FastModel.get_trainer(model, tok, records, sft=sft, output_dir=str(tmp_path), callbaks=[])
+
+
 def test_bf16_on_the_cpu_loads_bf16_and_trains_with_bf16_arguments(tiny_llama, tmp_path, monkeypatch):
     """FASTLOAD_CPU_BF16=1 (the choice a CPU with AMX or AVX512-BF16 makes when it is unset): bf16 compute, and
     training arguments transformers accepts on a CPU for it (bf16 with use_cpu)."""
