@@ -163,6 +163,16 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _stored_as(model) -> str:
+    """How the model holds the weights a merge without the 16-bit source starts from, in the log's words."""
+    from fastload.structure import is_linear4bit, is_linear8bit
+
+    modules = list(model.modules())
+    if any(is_linear4bit(m) for m in modules):
+        return "dequantized 4-bit"
+    return "dequantized 8-bit" if any(is_linear8bit(m) for m in modules) else "16-bit"
+
+
 def _dtype(value):
     import torch
 
@@ -218,13 +228,14 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
         raise AdapterError("Merging into the 16-bit source (source='16bit')",
                            found=f"the 16-bit weights of {base_model_id(plan)!r} are not on this machine",
                            fix="download the original (huggingface-cli download ...), or use source='dequantized'")
+    fallback = None  # why the 16-bit source found is not merged into
     if src is not None and not deltas.keys <= source_keys(src):
         unmatched = sorted(deltas.keys - source_keys(src))
         if source == "16bit":
             raise AdapterError(f"Merging into the 16-bit source {src}", found=f"{len(unmatched)} adapted weight(s) "
-                               f"are not in it: {unmatched[:3]}", fix="use source='dequantized'")
-        logger.info("the 16-bit source %s names its weights differently (%s...); merging into the dequantized "
-                    "weights instead", src, unmatched[0])
+                               f"are not in it under the model's names (an MoE checkpoint that stores one tensor "
+                               f"per expert names them so): {unmatched[:3]}", fix="use source='dequantized'")
+        fallback = f"the 16-bit source {src} names its weights differently ({unmatched[0]}...)"
         src = None
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
@@ -236,8 +247,8 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
             _set_config_vocab(target / "config.json", model.get_input_embeddings().weight.shape[0])
         else:
             why = ("asked for" if source == "dequantized"
-                   else f"no 16-bit source of {base_model_id(plan)!r} on this machine")
-            logger.info("merging the LoRA adapter into the dequantized 4-bit weights (%s)", why)
+                   else fallback or f"no 16-bit source of {base_model_id(plan)!r} on this machine")
+            logger.info("merging the LoRA adapter into the model's %s weights (%s)", _stored_as(model), why)
             _merge_into_model(model, deltas, target, out_dtype, shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(target))

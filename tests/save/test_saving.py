@@ -135,11 +135,20 @@ def test_adapter_round_trip_gives_the_same_logits_and_trains_on(trained):
 
 # -- merged into 16-bit weights -----------------------------------------------------------------------------------
 
+def test_a_merge_says_what_it_merges_into_for_a_16bit_model(tiny_llama, tmp_path, caplog):
+    """A model loaded 16-bit is merged into its own 16-bit weights, and the log says so (it said "the dequantized
+    4-bit weights" whatever the model held)."""
+    model, tok = FastModel.from_pretrained(tiny_llama, load_in_4bit=False, store=False)
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        FastModel.save_merged(model, tmp_path / "merged", tokenizer=tok, source="dequantized")
+    assert "into the model's 16-bit weights (asked for)" in caplog.text and "4-bit" not in caplog.text
+
+
 def test_merge_into_dequantized_weights_matches_the_lora_model(trained, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fastload"):
         out = FastModel.save_merged(trained.model, tmp_path / "merged", tokenizer=trained.tok, source="dequantized",
                                     dtype=torch.float32)
-    assert "into the dequantized 4-bit weights" in caplog.text
+    assert "into the model's dequantized 4-bit weights (asked for)" in caplog.text
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "float32"
     assert (out / "tokenizer_config.json").is_file() and (out / "model.safetensors").is_file()
