@@ -324,7 +324,8 @@ def _leave_out_user_files(tmp: Path, dest: Path, ours: set[str]) -> None:
                             f"overwrite: {refused}", fix="move them away, or save to another folder")
     for name in kept:
         os.remove(tmp / name)
-        logger.warning("kept your %s: fastload's own %s was not written", dest / name, name)
+        logger.warning("kept the %s already there (yours, or a trainer's model card): fastload's own %s was not "
+                       "written", dest / name, name)
 
 
 def _swap_in(tmp: Path, dest: Path, ours: set[str], staging: Path | None) -> None:
