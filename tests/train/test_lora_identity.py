@@ -173,3 +173,17 @@ def test_inference_mode_freezes_the_adapters_as_peft_does(tiny_llama):
     assert not [n for n, p in plain.named_parameters() if p.requires_grad]
     ours_lora, plain_lora = _adapters(ours), _adapters(plain)
     assert ours_lora.keys() == plain_lora.keys() and all(torch.equal(ours_lora[k], plain_lora[k]) for k in plain_lora)
+
+
+def test_a_rank_past_every_layers_width_is_warned(tiny_llama, caplog):
+    """r=512 on a model whose layers are at most 512 wide on their narrower side: LoRA that is no lower-rank than
+    the layers is said, once; the default rank is not."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        FastModel.from_pretrained(tiny_llama, store=False, lora={"r": 512})
+    assert sum("no lower-rank than the layers" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastload"):
+        FastModel.from_pretrained(tiny_llama, store=False)
+    assert not any("no lower-rank" in r.getMessage() for r in caplog.records)
