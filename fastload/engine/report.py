@@ -25,8 +25,8 @@ class EngineReport(list):
         return f"{super().__repr__()} (not applied: {notes})"
 
 
-EXPERTS_ON_PEFT = ("{} experts module(s) with adapters on fused 3-D weights run peft's ParamWrapper path, which "
-                   "builds W + s B A for every expert on every call")
+EXPERTS_ON_PEFT = ("{} module(s) with adapters on their parameters (fused experts, or what target_parameters names) "
+                   "run peft's ParamWrapper path, which builds W + s B A on every call")
 
 
 def experts_left_to_peft(model) -> list[tuple[str, str]]:
