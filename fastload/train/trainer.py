@@ -130,9 +130,23 @@ def _refuse_unknown_keywords(trainer_kwargs: dict, sft: bool) -> None:
         cls = import_trl().SFTTrainer
     else:
         from transformers import Trainer as cls
-    params = inspect.signature(cls.__init__).parameters
-    unknown = sorted(set(trainer_kwargs) - set(params))
-    if not unknown or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    accepted = set()
+    for klass in cls.__mro__:  # a subclass taking **kwargs (fastload's Unsloth-compatible SFTTrainer) passes them on
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        accepted |= set(params)
+        if klass.__module__ == "fastload.compat.trl_compat":
+            from fastload.compat.trl_compat import MOVED_TO_CONFIG
+
+            accepted |= set(MOVED_TO_CONFIG)  # Unsloth's names it moves into the SFTConfig
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    else:
+        return  # every __init__ takes any keyword: nothing to check against
+    unknown = sorted(set(trainer_kwargs) - accepted)
+    if not unknown:
         return
     pretrain = [k for k in unknown if k in PRETRAIN_ONLY]
     raise InvalidOption(f"get_trainer({', '.join(f'{k}=...' for k in unknown)})",

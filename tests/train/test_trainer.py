@@ -82,10 +82,19 @@ def test_training_arguments_carry_fastload_defaults(tiny, tmp_path):
         FastModel.training_arguments(tmp_path, max_lenght=10)
 
 
-@pytest.mark.parametrize("sft", [False, True])
-def test_a_keyword_no_trainer_takes_is_fastloads_error_naming_where_it_belongs(tiny_llama, tmp_path, sft):
+@pytest.mark.parametrize("sft, compat", [(False, False), (True, False), (True, True)],
+                         ids=["trainer", "sft", "sft-unsloth-compat"])
+def test_a_keyword_no_trainer_takes_is_fastloads_error_naming_where_it_belongs(tiny_llama, tmp_path, monkeypatch,
+                                                                               sft, compat):
     """get_trainer(..., train_embeddings=True) for SFT reached Trainer.__init__ as a raw TypeError; a typo the
-    same. Both are refused before anything is built, the pretraining options pointed to method='pretrain'."""
+    same. Both are refused before anything is built, the pretraining options pointed to method='pretrain' — also
+    with trl.SFTTrainer replaced by fastload's Unsloth-compatible one, whose **kwargs pass everything on."""
+    if sft:
+        import trl
+
+        from fastload.compat import trl_compat
+
+        monkeypatch.setattr(trl, "SFTTrainer", trl_compat.SFTTrainer if compat else trl_compat.TrlSFTTrainer)
     model, tok = FastModel.from_pretrained(tiny_llama, store=False, max_seq_length=48)
     records = [{"prompt": "hi", "response": "hello"}] * 2
     with pytest.raises(InvalidOption, match="method='pretrain'"):
