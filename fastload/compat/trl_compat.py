@@ -64,6 +64,8 @@ class SFTConfig(TrlSFTConfig):
 class SFTTrainer(TrlSFTTrainer):
     """trl.SFTTrainer that accepts Unsloth's keyword names and gives a fastload model fastload's training parts."""
 
+    EXTRA_KEYWORDS = tuple(MOVED_TO_CONFIG)  # taken through **kwargs: get_trainer's check of keywords reads them
+
     def __init__(self, model=None, args=None, *more: Any, tokenizer=None, **kwargs: Any):
         if tokenizer is not None and kwargs.get("processing_class") is None:
             kwargs["processing_class"] = tokenizer

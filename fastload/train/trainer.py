@@ -136,11 +136,7 @@ def _refuse_unknown_keywords(trainer_kwargs: dict, sft: bool) -> None:
         if init is None:
             continue
         params = inspect.signature(init).parameters
-        accepted |= set(params)
-        if klass.__module__ == "fastload.compat.trl_compat":
-            from fastload.compat.trl_compat import MOVED_TO_CONFIG
-
-            accepted |= set(MOVED_TO_CONFIG)  # Unsloth's names it moves into the SFTConfig
+        accepted |= set(params) | set(klass.__dict__.get("EXTRA_KEYWORDS", ()))  # what **kwargs itself takes
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
     else:
