@@ -117,19 +117,28 @@ def head_in_full_precision(model) -> int:
     it on the way in. Returns how many heads were given the cast (0 when the model has none)."""
     import torch
 
-    def cast_input(module, args):
-        weight = getattr(module, "weight", None)
-        if weight is None or not args or not torch.is_tensor(args[0]) or args[0].dtype == weight.dtype:
-            return None
-        return (args[0].to(weight.dtype), *args[1:])
-
     done = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in HEAD_NAMES or (
                 isinstance(module, torch.nn.Linear) and ".modules_to_save." in name
                 and name.split(".")[-3] in HEAD_NAMES):
-            if module not in _HEADS_CAST:  # once per module, nothing written onto it
-                module.register_forward_pre_hook(cast_input)
-                _HEADS_CAST.add(module)
+            input_in_own_dtype(module)
             done += 1
     return done
+
+
+def input_in_own_dtype(module) -> None:
+    """Cast what reaches this layer to its weight's dtype on the way in (a trained fp32 head under a 16-bit body);
+    once per module, nothing written onto it."""
+    if module not in _HEADS_CAST:
+        module.register_forward_pre_hook(_cast_input)
+        _HEADS_CAST.add(module)
+
+
+def _cast_input(module, args):
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if weight is None or not args or not torch.is_tensor(args[0]) or args[0].dtype == weight.dtype:
+        return None
+    return (args[0].to(weight.dtype), *args[1:])

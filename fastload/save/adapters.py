@@ -134,9 +134,9 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     _trained_copies_as_saved(peft_model, Path(adapter_dir) / "adapter_model.safetensors")
-    from fastload.train.methods.pretrain import embedding_rows_in_compute_dtype
+    from fastload.train.methods.pretrain import trained_copies_in_compute_dtype
 
-    embedding_rows_in_compute_dtype(peft_model)  # a trained embedding copy, upcast just above
+    trained_copies_in_compute_dtype(peft_model)  # trained embedding copies, upcast just above
     if state_of(model, create=False).task == "sequence-classification":
         from fastload.load.task import head_in_full_precision
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -147,12 +148,12 @@ def make_embeddings_trainable(model) -> list:
     for p in trained:
         p.data = p.data.float()
         p.requires_grad_(True)
-    embedding_rows_in_compute_dtype(model)
+    trained_copies_in_compute_dtype(model)
     logger.info("training %s in full precision (modules_to_save)", ", ".join(names))
     return trained
 
 
-def embedding_rows_in_compute_dtype(model) -> None:
+def trained_copies_in_compute_dtype(model) -> None:
     """Trained embedding copies (modules_to_save, fp32 for the optimizer) meet the layers in the dtype the model
     computes in: the input embedding's copy hands over its rows in the frozen embedding's dtype, the head's copy
     takes the hidden states in its own (logits in fp32). Outside autocast (generation, a plain forward) fp32 rows
@@ -161,29 +162,26 @@ def embedding_rows_in_compute_dtype(model) -> None:
     loaded; each copy hooked once."""
     import torch
 
+    from fastload.load.task import input_in_own_dtype
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for module, rows in ((base.get_input_embeddings(), True), (base.get_output_embeddings(), False)):
         dtype = getattr(getattr(getattr(module, "original_module", None), "weight", None), "dtype", None)
         if dtype not in (torch.float16, torch.bfloat16):
             continue
         for copy in getattr(module, "modules_to_save", {}).values():
-            if getattr(copy, "_fastload_dtype_hook", False):
-                continue
-            if rows:
+            if not rows:
+                input_in_own_dtype(copy)
+            elif copy not in _ROWS_CAST:
                 copy.register_forward_hook(functools.partial(_output_to, dtype))
-            else:
-                copy.register_forward_pre_hook(_input_to_weight_dtype)
-            copy._fastload_dtype_hook = True
+                _ROWS_CAST.add(copy)
+
+
+_ROWS_CAST: weakref.WeakSet = weakref.WeakSet()  # embedding copies given the output cast
 
 
 def _output_to(dtype, module, args, output):
     return output.to(dtype) if output.is_floating_point() and output.dtype != dtype else output
-
-
-def _input_to_weight_dtype(module, args):
-    dtype = module.weight.dtype
-    return tuple(a.to(dtype) if getattr(a, "is_floating_point", lambda: False)() and a.dtype != dtype else a
-                 for a in args)
 
 
 def parameter_groups(model, learning_rate: float, embedding_learning_rate: float, weight_decay: float) -> list[dict]:
