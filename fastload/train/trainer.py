@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -398,21 +399,15 @@ def steady_switches(trainer_cls):
     from fastload._log import quiet_trl_checkpointing_toggles
     from fastload.train.checkpointing import steady_checkpointing
 
-    class SteadySwitches(trainer_cls):
-        def train(self, *args, **kwargs):
+    def steady(method):
+        @functools.wraps(method)
+        def wrapped(self, *args, **kwargs):
             with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
-                return super().train(*args, **kwargs)
+                return method(self, *args, **kwargs)
+        return wrapped
 
-        def evaluate(self, *args, **kwargs):
-            with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
-                return super().evaluate(*args, **kwargs)
-
-        def predict(self, *args, **kwargs):
-            with quiet_trl_checkpointing_toggles(), steady_checkpointing(self.model):
-                return super().predict(*args, **kwargs)
-
-    SteadySwitches.__name__ = SteadySwitches.__qualname__ = trainer_cls.__name__
-    return SteadySwitches
+    steadied = {name: steady(getattr(trainer_cls, name)) for name in ("train", "evaluate", "predict")}
+    return type(trainer_cls.__name__, (trainer_cls,), steadied)
 
 
 def saving_locally(trainer_cls):
