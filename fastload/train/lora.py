@@ -90,7 +90,8 @@ def _mlp_to_experts() -> dict[str, list[str]]:
     return tomllib.loads(text)["mlp_to_experts"]
 
 
-def _experts_named(model, targets: list[str], settings: LoraSettings) -> tuple[list[str], list[str], str]:
+def _experts_named(model, targets: list[str], settings: LoraSettings,
+                   leaf_names: set[str]) -> tuple[list[str], list[str], str]:
     """(module targets, expert target_parameters, log words) for target_modules that name an MoE model's MLP
     projections (gate_proj/up_proj/down_proj, Mixtral's w1/w3/w2) where its experts hold them as fused 3-D
     parameters (expert_names.toml): those experts are adapted, as the user asked, instead of the names being
@@ -104,7 +105,6 @@ def _experts_named(model, targets: list[str], settings: LoraSettings) -> tuple[l
             chosen[target] = found
     if not chosen:
         return targets, [], ""
-    leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     kept = [t for t in targets if t not in chosen or t in leaf_names]
     params = sorted(set(chosen.values()))
     words = "/".join(sorted({p.split(".")[-1] for p in params}))
@@ -229,10 +229,11 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     if isinstance(settings.target_modules, str):
         return _plan_pattern(model, settings)
     targets = list(settings.target_modules) if settings.target_modules else find_lora_targets(model)
+    leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     if "target_parameters" in settings.extra:
         experts, experts_note = [], _checked_parameters(model, list(settings.extra["target_parameters"] or []))
     elif settings.target_modules:
-        targets, experts, experts_note = _experts_named(model, targets, settings)
+        targets, experts, experts_note = _experts_named(model, targets, settings, leaf_names)
         settings = replace(settings, target_modules=targets)
     else:
         experts, experts_note = _expert_targets(model, settings)
@@ -241,7 +242,6 @@ def plan_lora(model, settings: LoraSettings) -> LoraPlan:
     settings, towers_note = _decoder_only(model, targets, settings)
     if not settings.target_modules:  # names only a frozen indexer holds (HY-V4's wk, wq_b) are no target
         targets = [t for t in targets if t not in only_in_indexers(model, targets)]
-    leaf_names = {n.split(".")[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in leaf_names]
     if missing:
         experts_too = find_expert_parameters(model)[0]
