@@ -105,7 +105,8 @@ def _grads(model, ids):
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-OFF = {"fused_lora": False, "offload_checkpointing": False, "cuda_graphs": False, "fused_loss": False, "kernels": False}
+OFF = {"fused_lora": False, "offload_checkpointing": False, "cuda_graphs": False, "fused_loss": False, "kernels": False,
+       "host_embedding": False}
 
 
 @pytest.mark.parametrize("levers", [dict(OFF, offload_checkpointing=True), dict(OFF, fused_lora=True),

@@ -28,7 +28,7 @@ WEIGHT_DECAY = 0.0  # Trainer's default; bitsandbytes' own default is 0.01
 ENGINE_VARIANTS = {"fastload-noengine": False, "fastload-nofused": {"fused_loss": False},
                    "fastload-nolora": {"fused_lora": False}, "fastload-noexperts": {"expert_lora": False},
                    "fastload-nooffload": {"offload_checkpointing": False}, "fastload-nokernels": {"kernels": False},
-                   "fastload-graphs": {"cuda_graphs": True}}
+                   "fastload-nohostembed": {"host_embedding": False}, "fastload-graphs": {"cuda_graphs": True}}
 # fastload-tritonadam: the default with bitsandbytes' Triton 8-bit update kernel (FASTLOAD_ADAMW8BIT_KERNEL=triton)
 # fastload-jitlaunch: every Triton launch through Triton's JIT (FASTLOAD_TRITON_LAUNCH=jit), not the compiled launcher
 ENV_VARIANTS = {"fastload-tritonadam": {"FASTLOAD_ADAMW8BIT_KERNEL": "triton"},

@@ -70,6 +70,11 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
         skipped["fused_loss"] = fused_loss_blocker(base_model(model))
     if settings.offload_checkpointing and device == "cuda" and "offload_checkpointing" not in used:
         skipped["offload_checkpointing"] = offload_blocker(base_model(model))
+    if settings.host_embedding and device == "cuda" and "host_embedding" not in used:
+        from fastload.engine.host_embedding import host_embedding_blocker
+
+        skipped["host_embedding"] = (host_embedding_blocker(base_model(model))
+                                     or "pinned host memory is not addressable from this GPU here")
     kernels = {"triton_rmsnorm", "triton_swiglu", "triton_rope"}
     if settings.kernels and device == "cuda" and not kernels <= set(used):
         missing = ", ".join(sorted(kernels - set(used)))

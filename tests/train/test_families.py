@@ -22,7 +22,8 @@ STEPS = 3
 LR = 1e-3
 LOSS_RTOL = 1e-4
 LOGITS_ATOL = 1e-4
-GPU_DEFAULT_LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "kernels")  # cuda_graphs is opt-in
+# cuda_graphs is opt-in
+GPU_DEFAULT_LEVERS = ("fused_lora", "fused_loss", "offload_checkpointing", "kernels", "host_embedding")
 TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?"]
 
 
