@@ -2,9 +2,10 @@
 
 A forward reads one row of the (vocabulary x hidden) table per token: 32 MiB of Llama-3 8B's 1 GiB table at 4,096
 tokens, once a step (the embedding sits outside the checkpointed layers). Page-locked host memory is addressable from
-the GPU under unified virtual addressing, so the table moves there and torch's own embedding kernel gathers the rows
-over PCIe; the GPU keeps the gigabyte. The parameter stays a CUDA tensor to torch: `model.device`, generation, the
-Trainer and every embedding subclass (Gemma's scaled one) see the GPU and run as before.
+the GPU under unified virtual addressing, so the table moves there and the rows come over PCIe; the GPU keeps the
+gigabyte. The parameter stays a CUDA tensor to torch: `model.device`, generation, the Trainer and every embedding
+subclass (Gemma's scaled one) see the GPU and run as before. A plain nn.Embedding looks its rows up with fastload's
+Triton gather (whole rows in wide loads: engine/triton/gather.py); subclasses with torch's kernel, slower over PCIe.
 
 Not for a table that lm_head shares (tied: the head reads all of it every step), one that is trained, or a
 distributed launch (each process would pin its own copy, and collectives would touch it).
@@ -12,10 +13,13 @@ distributed launch (each process would pin its own copy, and collectives would t
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from fastload._log import logger
 from fastload.distributed import current_launch
+from fastload.engine.triton.launch import triton_runs_on
 from fastload.load.devices import free_memory_bytes
 from fastload.model_state import is_patched, mark_patched
 
@@ -47,6 +51,9 @@ def host_embedding_blocker(model) -> str | None:
         return "the input embedding is tied to lm_head, which reads all of it every step"
     if not weight.is_cuda:
         return "the input embedding is not on a GPU"
+    if weight.untyped_storage().nbytes() > weight.numel() * weight.element_size():
+        return ("the table shares its GPU memory with other tensors (small ones are read together at load): moving "
+                "it would free none")
     if current_launch() is not None:
         return "a distributed launch: each process would pin its own copy"
     if free_memory_bytes("cpu") < weight.numel() * weight.element_size() + HOST_HEADROOM_BYTES:
@@ -67,10 +74,22 @@ def install_host_embedding(model) -> bool:
     if mapped is None:
         return False
     embedding.weight = torch.nn.Parameter(mapped, requires_grad=False)
+    if type(embedding).forward is torch.nn.Embedding.forward and embedding.max_norm is None:
+        embedding.forward = types.MethodType(_gathered_forward, embedding)
     mark_patched(model, embedding, LEVER)
     logger.debug("input embedding: %.2f GiB moved to pinned host memory, read in place by %s",
                  weight.numel() * weight.element_size() / 2**30, weight.device)
     return True
+
+
+def _gathered_forward(self, input):
+    """nn.Embedding's lookup through the wide-load gather, while the table stays frozen and the ids sit where
+    Triton launches."""
+    if self.weight.requires_grad or not triton_runs_on(input):
+        return torch.nn.Embedding.forward(self, input)
+    from fastload.engine.triton.gather import gather_rows
+
+    return gather_rows(self.weight, input)
 
 
 def host_mapped_copy(tensor: torch.Tensor) -> torch.Tensor | None:

@@ -29,8 +29,9 @@ def test_an_embedding_that_must_stay_says_why(tiny_llama, tmp_path):
 
 @pytest.fixture(scope="module")
 def gpu_llama_untied(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("host") / "llama", "llama", hidden_size=1024,
-                           intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
+    # a table over 1 MiB: smaller ones share the GPU buffer their neighbours were read into at load
+    return make_checkpoint(tmp_path_factory.mktemp("host") / "llama", "llama", hidden_size=2048,
+                           intermediate_size=5632, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
                            max_position_embeddings=2048)
 
 
@@ -74,6 +75,19 @@ def test_the_table_leaves_the_gpu_and_no_number_changes(gpu_llama_untied):
     host.get_base_model().resize_token_embeddings(rows + 8)  # transformers copies the old rows on the GPU
     grown = host.get_input_embeddings().weight
     assert grown.shape[0] == rows + 8 and torch.equal(grown[:rows], reference)
+
+
+@pytest.mark.gpu
+def test_the_gather_reads_what_torchs_lookup_reads():
+    from fastload.engine.host_embedding import host_mapped_copy
+    from fastload.engine.triton.gather import gather_rows
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    for dtype, width in ((torch.bfloat16, 1500), (torch.float32, 64), (torch.float16, 4096)):
+        table = torch.randn(3000, width, device="cuda", generator=generator).to(dtype)
+        ids = torch.randint(0, 3000, (3, 5, 7), device="cuda", generator=generator, dtype=torch.int32)
+        for source in (table, host_mapped_copy(table)):
+            assert torch.equal(gather_rows(source, ids), torch.nn.functional.embedding(ids, table))
 
 
 @pytest.mark.gpu
