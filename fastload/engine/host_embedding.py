@@ -40,9 +40,10 @@ class _HostArray:
 def host_embedding_blocker(model) -> str | None:
     """Why the model's input embedding stays where it is, or None when it can move to pinned host memory."""
     embedding = model.get_input_embeddings()
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return f"the input embedding ({type(embedding).__name__}) has no weight table"
+    if not isinstance(embedding, torch.nn.Embedding):
+        return (f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding (peft adapts it: LoRA or "
+                "modules_to_save on it)")
+    weight = embedding.weight
     if weight.requires_grad:
         return "the input embedding is trained"
     head = model.get_output_embeddings()

@@ -25,6 +25,9 @@ def test_an_embedding_that_must_stay_says_why(tiny_llama, tmp_path):
                                         store=False)
     assert "tied to lm_head" in host_embedding_blocker(tied.get_base_model())
     assert "host_embedding" not in tied.fastload_engine and "host_embedding" not in tied.fastload_engine.skipped
+    adapted, _ = FastModel.from_pretrained(tiny_llama, store=False,
+                                          lora={"target_modules": ["q_proj", "embed_tokens"]})
+    assert "peft adapts it" in host_embedding_blocker(adapted.get_base_model())
 
 
 @pytest.fixture(scope="module")
