@@ -114,3 +114,22 @@ def test_a_tied_table_stays_on_the_gpu_and_the_report_says_why(tmp_path):
     assert "host_embedding" not in model.fastload_engine
     assert "tied to lm_head" in model.fastload_engine.skipped["host_embedding"]
     assert _in_cuda_allocator(model.get_input_embeddings().weight.data_ptr())
+
+
+@pytest.mark.gpu
+def test_a_table_pinned_during_the_load_is_the_one_the_lever_fills():
+    from fastload.engine import host_embedding
+
+    config = {"vocab_size": 16384, "hidden_size": 2048, "tie_word_embeddings": False}  # 64 MiB in bf16
+    host_embedding.reserve_host_table(config, None)
+    (reservation,) = host_embedding._RESERVED
+    reservation.thread.join()
+    pinned = reservation.memory.data_ptr()
+    table = torch.randn(16384, 2048, device="cuda").to(torch.bfloat16)
+    mapped = host_embedding.host_mapped_copy(table)
+    assert mapped.data_ptr() == pinned and torch.equal(mapped, table) and not host_embedding._RESERVED
+    host_embedding.reserve_host_table(dict(config, tie_word_embeddings=True), None)  # lm_head keeps it on the GPU
+    assert not host_embedding._RESERVED
+    host_embedding.reserve_host_table(config, None)
+    host_embedding.drop_host_reservations()
+    assert not host_embedding._RESERVED
