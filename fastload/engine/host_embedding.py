@@ -20,7 +20,7 @@ import torch
 
 from fastload._log import logger
 from fastload.distributed import current_launch
-from fastload.engine.triton.launch import triton_runs_on
+from fastload.engine.triton.launch import kernel_probe, triton_runs_on
 from fastload.errors import FastloadError
 from fastload.load.devices import free_memory_bytes, resolve_device_map
 from fastload.model_state import is_patched, mark_patched
@@ -153,11 +153,24 @@ def install_host_embedding(model) -> bool:
 def _gathered_forward(self, input):
     """nn.Embedding's lookup through the wide-load gather, while the table stays frozen and the ids sit where
     Triton launches."""
-    if self.weight.requires_grad or not triton_runs_on(input):
+    if self.weight.requires_grad or not triton_runs_on(input) or not _gather_runs(self.weight):
         return torch.nn.Embedding.forward(self, input)
     from fastload.engine.triton.gather import gather_rows
 
     return gather_rows(self.weight, input)
+
+
+def _gather_runs(table) -> bool:
+    """Whether the gather compiles here and reads what torch's lookup reads, tried once on the table's first and last
+    rows: a Triton that refuses it leaves torch's lookup, with one warning."""
+    from fastload.engine.triton.gather import gather_rows
+
+    def probe():
+        ids = torch.tensor([0, table.shape[0] - 1], device=table.device)
+        if not torch.equal(gather_rows(table, ids), torch.nn.functional.embedding(ids, table)):
+            raise RuntimeError("the gathered rows differ from torch's lookup")
+
+    return kernel_probe(("gather", table.dtype, str(table.device)), probe)
 
 
 def host_mapped_copy(tensor: torch.Tensor) -> torch.Tensor | None:
