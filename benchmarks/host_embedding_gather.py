@@ -1,0 +1,62 @@
+"""GPU time of an input-embedding lookup, table on the GPU against the host_embedding lever's table in pinned host
+memory (read over PCIe), through torch's lookup and through fastload's Triton gather.
+
+Llama-3 8B's table (128,256 x 4,096 bf16, 1 GiB); the rows of a 2,048 x 2 batch and of a 32,768-token one, random
+ids drawn once. Median of N lookups, each timed with CUDA events.
+
+    python benchmarks/host_embedding_gather.py [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def median_ms(lookup, repeats: int) -> float:
+    import torch
+
+    lookup()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        lookup()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from fastload.engine.host_embedding import host_mapped_copy
+    from fastload.engine.triton.gather import gather_rows
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=128_256)
+    parser.add_argument("--hidden", type=int, default=4096)
+    args = parser.parse_args()
+    table = torch.randn(args.vocab, args.hidden, device="cuda").to(torch.bfloat16)
+    host = host_mapped_copy(table)
+    print(f"{torch.cuda.get_device_name()}; table {args.vocab} x {args.hidden} bf16; median of {args.repeats}, ms")
+    for tokens in (4096, 32768):
+        ids = torch.randint(0, args.vocab, (tokens,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        assert torch.equal(gather_rows(host, ids), F.embedding(ids, table))
+        rows = {"GPU table, torch lookup": lambda: F.embedding(ids, table),
+                "host table, torch lookup": lambda: F.embedding(ids, host),
+                "host table, Triton gather": lambda: gather_rows(host, ids)}
+        for name, lookup in rows.items():
+            print(f"{tokens:>6} tokens  {name:<26} {median_ms(lookup, args.repeats):8.3f}")
+
+
+if __name__ == "__main__":
+    main()
