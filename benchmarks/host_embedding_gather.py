@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     args = parser.parse_args()
     table = torch.randn(args.vocab, args.hidden, device="cuda").to(torch.bfloat16)
-    host = host_mapped_copy(table)
+    host, why = host_mapped_copy(table)
+    assert why is None, why
     print(f"{torch.cuda.get_device_name()}; table {args.vocab} x {args.hidden} bf16; median of {args.repeats}, ms")
     for tokens in (4096, 32768):
         ids = torch.randint(0, args.vocab, (tokens,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

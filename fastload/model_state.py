@@ -99,6 +99,13 @@ def mark_patched(model, module, lever: str) -> None:
         module.extra_repr = types.MethodType(functools.partial(_patched_extra_repr, state=state), module)
 
 
+def unmark_patched(model, module, lever: str) -> None:
+    """Record that `lever` no longer holds for this module (what it changed was undone since)."""
+    levers = state_of(model).patched.get(module)
+    if levers and lever in levers:
+        levers.remove(lever)
+
+
 def is_patched(model, module, lever: str) -> bool:
     return lever in state_of(model, create=False).levers_of(module)
 

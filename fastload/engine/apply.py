@@ -9,7 +9,7 @@ from fastload._log import logger
 from fastload.engine.expert_lora import install_expert_lora
 from fastload.engine.fused_lora import install_fused_lora
 from fastload.engine.fused_loss import install_fused_loss
-from fastload.engine.host_embedding import install_host_embedding
+from fastload.engine.host_embedding import host_embedding_active, install_host_embedding
 from fastload.engine.kernels import RMSNORM, ROPE, ROUTER, SWIGLU, install_kernels
 from fastload.engine.llama4_moe import install_llama4_moe
 from fastload.engine.offloaded_checkpoint import install_engine_checkpointing
@@ -99,6 +99,14 @@ def apply_engine(model, settings: EngineSettings, gradient_checkpointing: bool) 
     return report
 
 
+def reapply_engine(model) -> None:
+    """The levers again after the model changed under them (its embeddings resized: the new table is moved to host
+    memory again), with the settings it was loaded with; nothing for a model loaded without the engine."""
+    state = state_of(model)
+    if state.engine_settings is not None:
+        apply_engine(model, state.engine_settings, bool(state.checkpointing) and not state.fsdp)
+
+
 def levers_on(base) -> list[str]:
     """The levers on in this model now, in LEVERS' order (kernels by name): what its modules were patched with,
     and the levers of the checkpoint function the engine registered."""
@@ -106,5 +114,7 @@ def levers_on(base) -> list[str]:
     patched = {lever for module in base.modules() for lever in state.levers_of(module)}
     registered = state.checkpoint_function
     on = patched | set(registered.levers if registered is not None else ())
+    if "host_embedding" in on and not host_embedding_active(base):  # its table went back to the GPU since
+        on.discard("host_embedding")
     order = (*(lever for lever in LEVERS if lever != "kernels"), RMSNORM, SWIGLU, ROPE, ROUTER)
     return [lever for lever in order if lever in on]

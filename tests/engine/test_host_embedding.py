@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from fastload import FastModel
+from fastload.engine import levers_on, reapply_engine
 from fastload.engine.host_embedding import host_embedding_blocker, install_host_embedding
 from tiny import make_checkpoint, nonzero_lora_b
+
+
+def test_a_model_without_a_known_input_embedding_is_declined_not_failed(tiny_llama):
+    model, _ = FastModel.from_pretrained(tiny_llama, store=False)
+    base = model.get_base_model()
+    base.get_input_embeddings = lambda: (_ for _ in ()).throw(NotImplementedError("no embedding"))
+    assert "does not say which module is its input embedding" in host_embedding_blocker(base)
+    assert install_host_embedding(base) is False
 
 
 def test_an_embedding_that_must_stay_says_why(tiny_llama, tmp_path):
@@ -27,7 +36,7 @@ def test_an_embedding_that_must_stay_says_why(tiny_llama, tmp_path):
     assert "host_embedding" not in tied.fastload_engine and "host_embedding" not in tied.fastload_engine.skipped
     adapted, _ = FastModel.from_pretrained(tiny_llama, store=False,
                                           lora={"target_modules": ["q_proj", "embed_tokens"]})
-    assert "peft adapts it" in host_embedding_blocker(adapted.get_base_model())
+    assert "peft wraps the input embedding" in host_embedding_blocker(adapted.get_base_model())
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +84,15 @@ def test_the_table_leaves_the_gpu_and_no_number_changes(gpu_llama_untied):
                        plain.generate(input_ids=prompt, max_new_tokens=8, do_sample=False))
 
     rows = reference.shape[0]
-    host.get_base_model().resize_token_embeddings(rows + 8)  # transformers copies the old rows on the GPU
+    base = host.get_base_model()
+    base.resize_token_embeddings(rows + 8)  # transformers copies the old rows into a new table on the GPU
     grown = host.get_input_embeddings().weight
     assert grown.shape[0] == rows + 8 and torch.equal(grown[:rows], reference)
+    assert _in_cuda_allocator(grown.data_ptr()) and "host_embedding" not in levers_on(base)
+    reapply_engine(host)  # what fastload's add_tokens does after its resize
+    moved = host.get_input_embeddings().weight
+    assert not _in_cuda_allocator(moved.data_ptr()) and torch.equal(moved[:rows], reference)
+    assert "host_embedding" in host.fastload_engine
 
 
 @pytest.mark.gpu
@@ -89,7 +104,7 @@ def test_the_gather_reads_what_torchs_lookup_reads():
     for dtype, width in ((torch.bfloat16, 1500), (torch.float32, 64), (torch.float16, 4096)):
         table = torch.randn(3000, width, device="cuda", generator=generator).to(dtype)
         ids = torch.randint(0, 3000, (3, 5, 7), device="cuda", generator=generator, dtype=torch.int32)
-        for source in (table, host_mapped_copy(table)):
+        for source in (table, host_mapped_copy(table)[0]):
             assert torch.equal(gather_rows(source, ids), torch.nn.functional.embedding(ids, table))
 
 
@@ -126,8 +141,9 @@ def test_a_table_pinned_during_the_load_is_the_one_the_lever_fills():
     reservation.thread.join()
     pinned = reservation.memory.data_ptr()
     table = torch.randn(16384, 2048, device="cuda").to(torch.bfloat16)
-    mapped = host_embedding.host_mapped_copy(table)
-    assert mapped.data_ptr() == pinned and torch.equal(mapped, table) and not host_embedding._RESERVED
+    mapped, why = host_embedding.host_mapped_copy(table)
+    assert why is None and mapped.data_ptr() == pinned and torch.equal(mapped, table)
+    assert not host_embedding._RESERVED
     host_embedding.reserve_host_table(dict(config, tie_word_embeddings=True), None)  # lm_head keeps it on the GPU
     assert not host_embedding._RESERVED
     host_embedding.reserve_host_table(config, None)

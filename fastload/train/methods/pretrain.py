@@ -102,6 +102,9 @@ def add_tokens(model, tokenizer, new_tokens: Iterable[str]) -> int:
     with torch.no_grad():
         for layer in {id(m): m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m}.values():
             layer.weight[old:] = layer.weight[:old].float().mean(0).to(layer.weight.dtype)
+    from fastload.engine import reapply_engine
+
+    reapply_engine(base)  # the resized table is a new GPU tensor: host_embedding moves it again
     logger.info("added %d tokens; embeddings resized %d -> %d rows (new rows: the mean embedding)", added, old,
                 len(tokenizer))
     return added
