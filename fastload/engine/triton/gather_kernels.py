@@ -10,9 +10,8 @@ def gather_rows(table_ptr, ids_ptr, out_ptr, n_rows, n_cols, BLOCK: tl.constexpr
     (its row is left zero: the caller's check reports it)."""
     row = tl.program_id(0).to(tl.int64)
     token = tl.load(ids_ptr + row).to(tl.int64)
-    inside = (token >= 0) & (token < n_rows)
+    readable = tl.where((token >= 0) & (token < n_rows), n_cols, 0)  # columns to read from this id's row
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        values = tl.load(table_ptr + token * n_cols + cols, mask=mask & inside, other=0.0)
-        tl.store(out_ptr + row * n_cols + cols, values, mask=mask)
+        values = tl.load(table_ptr + token * n_cols + cols, mask=cols < readable, other=0.0)
+        tl.store(out_ptr + row * n_cols + cols, values, mask=cols < n_cols)
