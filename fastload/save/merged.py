@@ -19,7 +19,7 @@ from typing import Any
 from fastload._log import logger
 from fastload.atomic import refuse_source
 from fastload.errors import AdapterError, InvalidOption
-from fastload.model_state import state_of
+from fastload.model_state import base_model, state_of
 from fastload.save.adapters import active_adapter, base_model_id, checkpoint_key, require_adapters
 from fastload.save.folders import atomic_directory
 from fastload.sources.checkpoint_files import SAFETENSORS_INDEX
@@ -229,12 +229,19 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
                            found=f"the 16-bit weights of {base_model_id(plan)!r} are not on this machine",
                            fix="download the original (huggingface-cli download ...), or use source='dequantized'")
     fallback = None  # why the 16-bit source found is not merged into
-    if src is not None and not deltas.keys <= source_keys(src):
-        unmatched = sorted(deltas.keys - source_keys(src))
+    experts = None  # the fused experts' deltas, split for a source that keeps one tensor per expert
+    if src is not None:
+        from fastload.save.expert_merge import ExpertDeltas
+
+        names = source_keys(src)
+        experts = ExpertDeltas(deltas, _model_type(model), names)
+    if src is not None and not deltas.keys <= names | experts.fused_keys:
+        unmatched = sorted(deltas.keys - names - experts.fused_keys)
         if source == "16bit":
             raise AdapterError(f"Merging into the 16-bit source {src}", found=f"{len(unmatched)} adapted weight(s) "
-                               f"are not in it under the model's names (an MoE checkpoint that stores one tensor "
-                               f"per expert names them so): {unmatched[:3]}", fix="use source='dequantized'")
+                               f"are not in it under the model's names, nor as per-expert tensors of a layout "
+                               f"fastload knows (fastload/load/expert_layouts.toml): {unmatched[:3]}",
+                               fix="use source='dequantized'")
         fallback = f"the 16-bit source {src} names its weights differently ({unmatched[0]}...)"
         src = None
     directory = Path(directory)
@@ -243,7 +250,7 @@ def save_merged(model, directory: str | os.PathLike, tokenizer=None, source: str
         target.mkdir(exist_ok=True)
         if src is not None:
             logger.info("merging the LoRA adapter into the 16-bit source %s", src)
-            _merge_into_source(deltas, src, target, out_dtype, shard_bytes)
+            _merge_into_source(deltas, src, target, out_dtype, shard_bytes, experts)
             _set_config_vocab(target / "config.json", model.get_input_embeddings().weight.shape[0])
         else:
             why = ("asked for" if source == "dequantized"
@@ -283,8 +290,16 @@ def source_keys(src: Path) -> set[str]:
     return {k for shard in shards for k in read_safetensors_header(shard) if k != "__metadata__"}
 
 
-def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype, shard_bytes: int) -> None:
-    """Read each source shard, add the deltas to its weights, write them re-sharded: one source shard in memory."""
+def _model_type(model) -> str | None:
+    config = base_model(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "model_type", None) or getattr(config, "model_type", None)
+
+
+def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype, shard_bytes: int,
+                       experts=None) -> None:
+    """Read each source shard, add the deltas to its weights, write them re-sharded: one source shard in memory.
+    A source keeping one tensor per expert gets each expert's slice of the fused experts' deltas (expert_merge)."""
     import torch
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -302,7 +317,10 @@ def _merge_into_source(deltas: Deltas, src: Path, out: Path, out_dtype, shard_by
                 continue
             # added in fp32 and rounded once, to the dtype asked for: rounding to the source's bf16 first would
             # throw away what dtype=torch.float32 was asked to keep
-            merged = deltas.apply(key, tensor.to(torch.float32))
+            if experts is not None and key in experts:
+                merged = experts.apply(key, tensor.to(torch.float32))
+            else:
+                merged = deltas.apply(key, tensor.to(torch.float32))
             writer.add(key, merged.to(out_dtype or tensor.dtype))
         del tensors
     deltas.check_all_used(str(src))

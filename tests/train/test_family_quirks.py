@@ -6,6 +6,9 @@
   weight to a fused kernel; then out_proj stays 16-bit and unadapted, and without it runs as a 4-bit layer with LoRA.
 - GPT-2: Conv1D weights are stored (in, out); the 4-bit layers are (out, in). A merge into the 16-bit original
   must add each delta transposed, or the merged checkpoint does not load.
+- Mixture-of-experts sources keep one tensor per expert (the hub's Qwen3-MoE and Mixtral files, transformers'
+  save_pretrained) where the model trains fused experts: a merge into that source adds each expert its slice of
+  the fused delta and keeps the source's layout.
 - JetMoe: transformers cannot checkpoint it; the load says so once and trains without it.
 - Sparse-attention indexers (HY-V4, DeepSeek-V3.2): they pick keys by top-k, so no gradient reaches them; LoRA
   leaves them alone and says so.
@@ -100,6 +103,45 @@ def test_gpt2_merge_into_the_16bit_original_adds_each_delta_transposed(tmp_path)
         delta = layer.get_delta_weight("default").float()  # (out, in), as the 4-bit layer computes
         torch.testing.assert_close(written[f"{name}.weight"], original[f"{name}.weight"] + delta.t())
     assert merged.transformer.h[0].attn.c_attn.weight.shape == original["transformer.h.0.attn.c_attn.weight"].shape
+
+
+@pytest.mark.parametrize("family, prefix, gate, up, down", [
+    ("qwen3_moe", "model.layers.{layer}.mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    ("mixtral", "model.layers.{layer}.block_sparse_moe.experts", "w1", "w3", "w2")])
+def test_an_moe_merge_into_a_per_expert_source_adds_each_expert_its_slice(family, prefix, gate, up, down, tmp_path,
+                                                                          caplog):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fastload import FastModel
+    from fastload.save.merged import Deltas
+    from tiny import nonzero_lora_b
+
+    path = make_family_checkpoint(tmp_path / family, family)
+    model, tokenizer = FastModel.from_pretrained(str(path))
+    nonzero_lora_b(model)
+    with caplog.at_level(logging.INFO, logger="fastload"):
+        FastModel.save_merged(model, tmp_path / "merged", tokenizer=tokenizer, source="16bit", dtype="float32")
+    assert "merging the LoRA adapter into the 16-bit source" in caplog.text
+    original = load_file(str(path / "model.safetensors"))
+    written = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(written) == set(original)  # the source's names and layout
+    deltas = Deltas(model)
+    for layer in range(model.config.num_hidden_layers):
+        gate_up = deltas.modules[f"model.layers.{layer}.mlp.experts.gate_up_proj"].get_delta_weight("default").float()
+        down_delta = deltas.modules[f"model.layers.{layer}.mlp.experts.down_proj"].get_delta_weight("default").float()
+        width = gate_up.shape[1] // 2
+        assert gate_up.abs().sum() > 0 and down_delta.abs().sum() > 0
+        for expert in range(gate_up.shape[0]):
+            name = f"{prefix.format(layer=layer)}.{expert}"
+            for projection, delta in ((gate, gate_up[expert, :width]), (up, gate_up[expert, width:]),
+                                      (down, down_delta[expert])):
+                key = f"{name}.{projection}.weight"
+                torch.testing.assert_close(written[key], original[key].float() + delta)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)  # transformers reads it
+    first_down = written[f"{prefix.format(layer=0)}.1.{down}.weight"]
+    assert torch.equal(merged.model.layers[0].mlp.experts.down_proj[1], first_down)
 
 
 def test_jetmoe_trains_without_checkpointing_and_says_so_once(tmp_path, caplog):
