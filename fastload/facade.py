@@ -152,11 +152,11 @@ class FastModel:
 
             quant_options, engine = fsdp_load_options(quant_options, quantization_config, dtype, device_map, engine)
 
-        warm_up = _start_triton_warm_up(device_map, engine, backend)
         from fastload.engine import EngineSettings
         from fastload.engine.host_embedding import drop_host_reservations, reserve_host_table
 
-        engine_settings = EngineSettings.from_user(engine)
+        engine_settings = EngineSettings.from_user(engine)  # a bad engine= is refused before any thread starts
+        warm_up = _start_triton_warm_up(device_map, engine, backend)
 
         def load():
             with phase("resolve"):
