@@ -71,10 +71,10 @@ def skipped_levers(model, settings, used: list[str], device: str) -> dict[str, s
     if settings.offload_checkpointing and device == "cuda" and "offload_checkpointing" not in used:
         skipped["offload_checkpointing"] = offload_blocker(base_model(model))
     if settings.host_embedding and device == "cuda" and "host_embedding" not in used:
-        from fastload.engine.host_embedding import declined_reason, host_embedding_blocker
+        from fastload.engine.host_embedding import declined_reason
 
-        base = base_model(model)
-        skipped["host_embedding"] = (host_embedding_blocker(base) or declined_reason(base)
+        # apply_engine asked the lever just before: why it declined then, or the table it moved is back on the GPU
+        skipped["host_embedding"] = (declined_reason(base_model(model))
                                      or "the table went back to the GPU after it was moved (a resize or a cast)")
     kernels = {"triton_rmsnorm", "triton_swiglu", "triton_rope"}
     if settings.kernels and device == "cuda" and not kernels <= set(used):
