@@ -117,6 +117,9 @@ def test_engine_levers_keep_loss_and_lora_gradients(gpu_llama, levers):
     expected = {lever for lever, on in levers.items() if on and lever != "kernels"}
     if levers["kernels"]:  # the lever's parts, each named when installed
         expected |= {"triton_rmsnorm", "triton_swiglu", "triton_rope"}
+    if "host_embedding" not in fast.fastload_engine:  # this model's 768 KiB table shares the buffer it was read into
+        assert "shares its GPU memory" in fast.fastload_engine.skipped["host_embedding"], fast.fastload_engine
+        expected.discard("host_embedding")  # with the other levers: tests/engine/test_host_embedding.py, larger table
     assert expected <= set(fast.fastload_engine), fast.fastload_engine
     nonzero_lora_b(plain)
     nonzero_lora_b(fast)
