@@ -153,7 +153,6 @@ class FastModel:
             quant_options, engine = fsdp_load_options(quant_options, quantization_config, dtype, device_map, engine)
 
         from fastload.engine import EngineSettings
-        from fastload.engine.host_embedding import drop_host_reservations, reserve_host_table
 
         engine_settings = EngineSettings.from_user(engine)  # a bad engine= is refused before any thread starts
         warm_up = _start_triton_warm_up(device_map, engine, backend)
@@ -172,8 +171,6 @@ class FastModel:
                                attn_implementation=attn_implementation, allow_pickle=allow_pickle,
                                rope_scaling=rope_scaling)
             impl = choose_backend(backend, plan, opts)
-            if impl.name == "native" and engine_settings.host_embedding:  # pinned on a thread while weights load
-                reserve_host_table(plan.config, device_map)
             checkpointing = gradient_checkpointing and not fsdp  # under FSDP: its own wrapper, set by the trainer
             loaded = impl.load(plan, opts, store_obj, lora_settings, checkpointing, random_state)
             distributed.finish_store_writes()
@@ -195,7 +192,6 @@ class FastModel:
         finally:
             _release_store_writes()
             warm_up.join()
-            drop_host_reservations()
         release_load_leftovers(model)
         state_of(model).load_phases = phases
         model.max_seq_length = getattr(model, "max_seq_length", None) or max_seq_length

@@ -4,8 +4,11 @@ A forward reads one row of the (vocabulary x hidden) table per token: 32 MiB of 
 tokens, once a step (the embedding sits outside the checkpointed layers). Page-locked host memory is addressable from
 the GPU under unified virtual addressing, so the table moves there and the rows come over PCIe; the GPU keeps the
 gigabyte. The parameter stays a CUDA tensor to torch: `model.device`, generation, the Trainer and every embedding
-subclass (Gemma's scaled one) see the GPU and run as before. A plain nn.Embedding looks its rows up with fastload's
-Triton gather (whole rows in wide loads: engine/triton/gather.py); subclasses with torch's kernel, slower over PCIe.
+subclass (Gemma's scaled one) see the GPU and run as before, with torch's own lookup: 0.70 ms for Llama-3 8B's
+4,096 rows against 0.04 from GPU memory, of a 0.39 s step (H100; a Triton gather in 16-byte loads took 0.87 ms and
+was dropped: benchmarks/host_embedding_lookup.py, results 2026-12-08-h100). The table is pinned when the lever
+installs, after the load: 0.35 s more for 8B's 1 GiB (H100, 2026-12-07). Pinning it on a thread while the weights
+loaded made the load 1.0 s longer instead (the next day, one run each), so that was dropped too.
 
 Not for a table that lm_head shares (tied: the head reads all of it every step), one that is trained or wrapped by
 peft, or a distributed launch (each process would pin its own copy, and collectives would touch it). A table put
@@ -14,22 +17,17 @@ back on the GPU later (resize_token_embeddings, a dtype cast) leaves the lever o
 
 from __future__ import annotations
 
-import threading
-import types
 import weakref
 
 import torch
 
 from fastload._log import logger
 from fastload.distributed import current_launch
-from fastload.engine.triton.launch import kernel_probe, triton_runs_on
-from fastload.errors import FastloadError
-from fastload.load.devices import free_memory_bytes, resolve_device_map
+from fastload.load.devices import free_memory_bytes
 from fastload.model_state import is_patched, mark_patched, unmark_patched
 
 LEVER = "host_embedding"
 HOST_HEADROOM_BYTES = 2 * 2**30  # left free in host memory beside the table
-RESERVE_MIN_BYTES = 64 * 2**20  # smaller tables are pinned when the lever installs: a few milliseconds
 
 _MAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedding module -> its host table's address
 _DECLINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why the lever last declined
@@ -41,74 +39,12 @@ def pinned_bytes(nbytes: int) -> int:
     return 1 << max(nbytes - 1, 0).bit_length()
 
 
-class _Reservation:
-    """Pinned host bytes allocated on a thread while the weights load: pinning Llama-3 8B's 1 GiB table took the
-    load 0.35 s longer when done after it (H100 host, 2026-12-07)."""
-
-    def __init__(self, nbytes: int, device_index: int):
-        self.nbytes, self.device_index, self.memory = nbytes, device_index, None
-        self.thread = threading.Thread(target=self._pin, name="fastload-pin-embedding", daemon=True)
-        self.thread.start()
-
-    def _pin(self) -> None:
-        try:
-            torch.cuda.set_device(self.device_index)  # a new thread's CUDA calls would otherwise open device 0's
-            self.memory = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
-        except Exception as e:  # noqa: BLE001 - a reservation never breaks a load: the lever pins when it installs
-            logger.debug("input embedding: pinned memory not reserved during the load (%s: %s)", type(e).__name__, e)
-
-    def take(self) -> torch.Tensor | None:
-        self.thread.join()
-        memory, self.memory = self.memory, None
-        return memory
-
-
-_RESERVED: list[_Reservation] = []
-
-
-def reserve_host_table(config: dict | None, device_map) -> None:
-    """Start pinning host memory for the input embedding a load is about to place on a GPU, when its config says
-    the table is untied and large (install_host_embedding takes it; drop_host_reservations frees what was not)."""
-    text = (config or {}).get("text_config") or config or {}
-    vocab, hidden = text.get("vocab_size"), text.get("hidden_size")
-    if (not isinstance(vocab, int) or not isinstance(hidden, int) or text.get("tie_word_embeddings") is not False
-            or current_launch() is not None or not torch.cuda.is_available()):
-        return
-    try:
-        placed = resolve_device_map(device_map).values()
-    except FastloadError:  # the load says what is wrong with it
-        return
-    indices = {v if isinstance(v, int) else torch.device(v).index or 0 for v in placed
-               if isinstance(v, int) or str(v).startswith("cuda")}
-    nbytes = vocab * hidden * 2  # the 16-bit table a quantized load keeps
-    if len(indices) == 1 and nbytes >= RESERVE_MIN_BYTES and \
-            free_memory_bytes("cpu") >= pinned_bytes(nbytes) + HOST_HEADROOM_BYTES:
-        _RESERVED.append(_Reservation(nbytes, indices.pop()))
-
-
-def _reserved_memory(nbytes: int, device_index: int) -> torch.Tensor | None:
-    for reservation in list(_RESERVED):
-        if reservation.nbytes == nbytes and reservation.device_index == device_index:
-            _RESERVED.remove(reservation)
-            return reservation.take()
-    return None
-
-
 def _empty_host_cache() -> None:
     """Hand torch's cached, unused pinned blocks back to the system (torch keeps freed ones otherwise); blocks in
     use, and those a pending copy still reads, stay."""
     empty = getattr(torch._C, "_host_emptyCache", None)  # absent from CPU builds
     if empty is not None:
         empty()
-
-
-def drop_host_reservations() -> None:
-    """Free pinned memory reserved for a table the lever did not take (the load failed, or the lever declined)."""
-    if not _RESERVED:
-        return
-    while _RESERVED:
-        _RESERVED.pop().take()
-    _empty_host_cache()
 
 
 class _HostArray:
@@ -160,8 +96,7 @@ def host_embedding_blocker(model) -> str | None:
                 "it would free none")
     if current_launch() is not None:
         return "a distributed launch: each process would pin its own copy"
-    reserved = sum(pinned_bytes(r.nbytes) for r in _RESERVED if r.nbytes == nbytes)  # pinned for it already
-    if free_memory_bytes("cpu") + reserved < pinned_bytes(nbytes) + HOST_HEADROOM_BYTES:
+    if free_memory_bytes("cpu") < pinned_bytes(nbytes) + HOST_HEADROOM_BYTES:
         return "too little free host memory for the table"
     return None
 
@@ -197,50 +132,18 @@ def install_host_embedding(model) -> bool:
     _DECLINED.pop(model, None)
     embedding.weight = torch.nn.Parameter(mapped, requires_grad=False)
     _MAPPED[embedding] = mapped.data_ptr()
-    # a forward already set on the instance (accelerate's device hook, another patch) is kept, with torch's lookup
-    if (type(embedding).forward is torch.nn.Embedding.forward and "forward" not in embedding.__dict__
-            and embedding.max_norm is None):
-        embedding.forward = types.MethodType(_gathered_forward, embedding)
     mark_patched(model, embedding, LEVER)
     logger.debug("input embedding: %.2f GiB moved to pinned host memory, read in place by %s",
                  weight.numel() * weight.element_size() / 2**30, weight.device)
     return True
 
 
-def _gathered_forward(self, input):
-    """nn.Embedding's lookup through the wide-load gather, for int64 ids where Triton launches and a frozen table;
-    torch's lookup otherwise, and inside a CUDA graph capture (the gather's one-time check synchronizes)."""
-    if (self.weight.requires_grad or input.dtype != torch.int64 or not triton_runs_on(input)
-            or torch.cuda.is_current_stream_capturing() or not _gather_runs(self.weight)):
-        return torch.nn.Embedding.forward(self, input)
-    from fastload.engine.triton.gather import gather_rows
-
-    return gather_rows(self.weight, input)
-
-
-def _gather_runs(table) -> bool:
-    """Whether the gather compiles here and reads what torch's lookup reads, tried once on the table's first and last
-    rows: a Triton that refuses it leaves torch's lookup, with one warning."""
-    from fastload.engine.triton.gather import gather_rows
-
-    def probe():
-        ids = torch.tensor([0, table.shape[0] - 1], device=table.device)
-        if not torch.equal(gather_rows(table, ids), torch.nn.functional.embedding(ids, table)):
-            raise RuntimeError("the gathered rows differ from torch's lookup")
-
-    return kernel_probe(("gather", table.dtype, str(table.device)), probe)
-
-
 def host_mapped_copy(tensor: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
     """A copy of a CUDA tensor in pinned host memory, as a tensor on the same CUDA device (torch reads and writes
     it through the GPU's mapping), or None and why not (the pinned memory is then released)."""
-    nbytes = tensor.numel() * tensor.element_size()
-    reserved = None
     try:
         with torch.cuda.device(tensor.device):  # pinned memory is mapped for the device current when it is allocated
-            reserved = _reserved_memory(nbytes, tensor.device.index or 0)
-            host = (reserved.view(tensor.dtype).view(tensor.shape) if reserved is not None
-                    else torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True))
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor)
             raw = torch.as_tensor(_HostArray(host, tensor.device), device=tensor.device)
         if raw.device == tensor.device and raw.data_ptr() == host.data_ptr():
@@ -249,6 +152,6 @@ def host_mapped_copy(tensor: torch.Tensor) -> tuple[torch.Tensor | None, str | N
     except (RuntimeError, TypeError, ValueError) as e:  # pinning refused, no unified addressing, no interface
         why = f"pinned host memory could not be allocated or mapped ({type(e).__name__}: {str(e).splitlines()[0]})"
     logger.debug("input embedding stays on the GPU: %s", why)
-    reserved = host = raw = None  # noqa: F841 - released before the cache is emptied
+    host = raw = None  # noqa: F841 - released before the cache is emptied
     _empty_host_cache()
     return None, why

@@ -96,19 +96,6 @@ def test_the_table_leaves_the_gpu_and_no_number_changes(gpu_llama_untied):
 
 
 @pytest.mark.gpu
-def test_the_gather_reads_what_torchs_lookup_reads():
-    from fastload.engine.host_embedding import host_mapped_copy
-    from fastload.engine.triton.gather import gather_rows
-
-    generator = torch.Generator("cuda").manual_seed(0)
-    for dtype, width in ((torch.bfloat16, 1500), (torch.float32, 64), (torch.float16, 4096)):
-        table = torch.randn(3000, width, device="cuda", generator=generator).to(dtype)
-        ids = torch.randint(0, 3000, (3, 5, 7), device="cuda", generator=generator, dtype=torch.int32)
-        for source in (table, host_mapped_copy(table)[0]):
-            assert torch.equal(gather_rows(source, ids), torch.nn.functional.embedding(ids, table))
-
-
-@pytest.mark.gpu
 def test_moving_the_table_frees_its_gpu_memory(gpu_llama_untied):
     model, _ = FastModel.from_pretrained(gpu_llama_untied, engine={"host_embedding": False}, store=False)
     base = model.get_base_model()
@@ -129,23 +116,3 @@ def test_a_tied_table_stays_on_the_gpu_and_the_report_says_why(tmp_path):
     assert "host_embedding" not in model.fastload_engine
     assert "tied to lm_head" in model.fastload_engine.skipped["host_embedding"]
     assert _in_cuda_allocator(model.get_input_embeddings().weight.data_ptr())
-
-
-@pytest.mark.gpu
-def test_a_table_pinned_during_the_load_is_the_one_the_lever_fills():
-    from fastload.engine import host_embedding
-
-    config = {"vocab_size": 16384, "hidden_size": 2048, "tie_word_embeddings": False}  # 64 MiB in bf16
-    host_embedding.reserve_host_table(config, None)
-    (reservation,) = host_embedding._RESERVED
-    reservation.thread.join()
-    pinned = reservation.memory.data_ptr()
-    table = torch.randn(16384, 2048, device="cuda").to(torch.bfloat16)
-    mapped, why = host_embedding.host_mapped_copy(table)
-    assert why is None and mapped.data_ptr() == pinned and torch.equal(mapped, table)
-    assert not host_embedding._RESERVED
-    host_embedding.reserve_host_table(dict(config, tie_word_embeddings=True), None)  # lm_head keeps it on the GPU
-    assert not host_embedding._RESERVED
-    host_embedding.reserve_host_table(config, None)
-    host_embedding.drop_host_reservations()
-    assert not host_embedding._RESERVED
