@@ -213,3 +213,28 @@ def test_values_the_launcher_could_take_wrongly_go_through_the_jit(kernel):
     for width in (1, True):
         launching.launch(kernel, (1,), x, 100, width, BLOCK=128)
     assert len(kernel.jit_calls) == 6
+
+
+@pytest.mark.parametrize(("rows", "cols", "rank", "padded"), [(4192, 1000, 8, 16), (64, 64, 16, 16), (130, 6, 33, 64)])
+def test_the_merge_kernels_grid_covers_every_tile(monkeypatch, rows, cols, rank, padded):
+    """dequantize_4bit_lora's grid and padded rank, computed on the host in plain Python (no Triton call): every
+    (BM x BN) tile of the weight gets a program, and the rank is padded to a power of two of at least 16."""
+    import sys
+
+    from fastload.engine.triton import nf4
+
+    kernel = types.SimpleNamespace(fn="merge-kernel")
+    monkeypatch.setitem(sys.modules, "fastload.engine.triton.nf4_kernels",
+                        types.SimpleNamespace(dequantize_4bit_lora=kernel))
+    launched = []
+    monkeypatch.setattr(nf4, "launch", lambda fn, grid, *args, **kw: launched.append((fn, grid, kw)))
+    monkeypatch.setattr(nf4, "quant_state_args", lambda state: ((), {"NESTED": False}))
+    state = types.SimpleNamespace(shape=(rows, cols), dtype=torch.bfloat16, blocksize=64)
+    packed = torch.zeros(rows * cols // 2, 1, dtype=torch.uint8)
+    tile = {"BM": 64, "BN": 128, "num_warps": 4}
+    monkeypatch.setitem(nf4._LORA_TILE_CHOSEN, (rows, cols, padded, torch.bfloat16, torch.float32, False, 64,
+                                                packed.device), tile)
+    nf4.dequantize_4bit_lora(packed, state, torch.zeros(rank, cols), torch.zeros(rows, rank), 1.0)
+    ((fn, grid, kw),) = launched
+    assert fn == "merge-kernel" and kw["R"] == padded
+    assert grid[0] * 64 >= rows > (grid[0] - 1) * 64 and grid[1] * 128 >= cols > (grid[1] - 1) * 128

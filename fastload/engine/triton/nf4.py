@@ -34,14 +34,12 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     """W + scaling * b @ a in the weight's 16-bit dtype, rounded once: W from a bitsandbytes 4-bit tensor and its
     QuantState, a (r x in) and b (out x r) contiguous in that same dtype or in fp32 (then rounded to it in the kernel,
     as a cast before the call would: no cast launches)."""
-    import triton
-
     from fastload.engine.triton.nf4_kernels import dequantize_4bit_lora as kernel
 
     rows, cols = state.shape
     out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
     scales, layout = quant_state_args(state)
-    rank_padded = max(16, triton.next_power_of_2(a.shape[0]))
+    rank_padded = max(16, 1 << (a.shape[0] - 1).bit_length())  # the next power of two
     args = (packed, *scales, a, b, out, rows, cols, a.shape[0], float(scaling))
     constants = dict(layout, R=rank_padded)
     key = (rows, cols, rank_padded, state.dtype, a.dtype, layout["NESTED"], state.blocksize, packed.device)
@@ -49,15 +47,22 @@ def dequantize_4bit_lora(packed, state, a, b, scaling: float):
     if chosen is None:
         chosen = _LORA_TILE_CHOSEN[key] = kept_tile(key)
     if chosen is None:  # first call for this shape: the autotuner times every tile, then remembers its choice
-        kernel[lambda tile: (triton.cdiv(rows, tile["BM"]), triton.cdiv(cols, tile["BN"]))](*args, **constants)
+        kernel[lambda tile: (_cdiv(rows, tile["BM"]), _cdiv(cols, tile["BN"]))](*args, **constants)
         best = getattr(kernel, "best_config", None)
         if best is not None:
             _LORA_TILE_CHOSEN[key] = best.all_kwargs()
             keep_tile(key, _LORA_TILE_CHOSEN[key])
         return out
     # launched with the tile chosen once: the autotuner's own dispatch costs host time on every call
-    launch(kernel.fn, (triton.cdiv(rows, chosen["BM"]), triton.cdiv(cols, chosen["BN"])), *args, **constants, **chosen)
+    launch(kernel.fn, (_cdiv(rows, chosen["BM"]), _cdiv(cols, chosen["BN"])), *args, **constants, **chosen)
     return out
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python: in the Triton torch 2.11 installs, triton.cdiv and next_power_of_2 are
+    constexpr functions whose host-side call unwraps every argument (5,040 such calls in five 1B steps, ~9 us each
+    under cProfile on an H100 host, 2026-12-08: benchmarks/results/2026-12-08-h100/call3-host-profile-1b.txt)."""
+    return -(-a // b)
 
 
 def _kept_tiles(device):
