@@ -24,12 +24,21 @@ def triton_available(device_type: str) -> bool:
     return available
 
 
+def _current_device() -> int:
+    """torch.cuda.current_device() without its lazy-init check, for callers whose CUDA is initialized already (a
+    CUDA tensor exists): ~470 calls a 1B step (H100 host profile, 2026-12-08)."""
+    return _GET_DEVICE()
+
+
+_GET_DEVICE = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device  # CPU builds lack the former
+
+
 def triton_runs_on(tensor) -> bool:
     """Whether a Triton kernel can be launched on this tensor now: Triton launches on the current CUDA device, so
     a layer placed on another GPU (device_map over several) takes the torch path."""
     if not triton_available(tensor.device.type):
         return False
-    return tensor.device.index is None or tensor.device.index == torch.cuda.current_device()
+    return tensor.device.index is None or tensor.device.index == _current_device()
 
 
 @functools.lru_cache(maxsize=None)
