@@ -48,11 +48,12 @@ class ExpertDeltas:
         key, projection, projections, expert = self.pieces[name]
         delta = self._delta(key)
         rows = delta.shape[1] // projections  # the projections were concatenated along dim 1 (gate before up)
-        piece = delta[expert, projection * rows:(projection + 1) * rows]
-        if delta.shape[0] <= expert or piece.shape != tensor.shape:
-            raise AdapterError(f"Merging the LoRA delta of {key} into {name}",
-                               found=f"its slice {tuple(piece.shape)} of the fused delta {tuple(delta.shape)} vs "
-                               f"the expert's weight {tuple(tensor.shape)}",
+        piece = delta[expert, projection * rows:(projection + 1) * rows] if expert < delta.shape[0] else None
+        if piece is None or piece.shape != tensor.shape:
+            found = (f"the fused delta {tuple(delta.shape)} has no expert {expert}" if piece is None else
+                     f"its slice {tuple(piece.shape)} of the fused delta {tuple(delta.shape)} vs the expert's weight "
+                     f"{tuple(tensor.shape)}")
+            raise AdapterError(f"Merging the LoRA delta of {key} into {name}", found=found,
                                fix="merge into the base the adapter was trained on, or use source='dequantized'")
         self.deltas.used.add(key)
         return (tensor.to(torch.float32) + piece).to(tensor.dtype)

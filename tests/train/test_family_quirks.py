@@ -239,3 +239,27 @@ def test_sparse_attention_indexer_gets_no_lora_and_every_adapter_trains(tmp_path
     model(input_ids=ids, labels=ids).loss.backward()
     untrained = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not untrained, untrained
+
+
+def test_an_moe_merge_into_a_source_with_an_expert_the_model_lacks_fails_and_writes_nothing(tmp_path):
+    """A per-expert source holding one expert more than the adapter's model (another base): a clear AdapterError
+    naming the missing expert, and no merged folder left behind."""
+    from safetensors.torch import load_file, save_file
+
+    from fastload import FastModel
+    from fastload.errors import AdapterError
+    from tiny import nonzero_lora_b
+
+    path = make_family_checkpoint(tmp_path / "qwen3_moe", "qwen3_moe")
+    model, tokenizer = FastModel.from_pretrained(str(path))
+    nonzero_lora_b(model)
+    experts = model.config.num_experts
+    tensors = load_file(str(path / "model.safetensors"))
+    for projection in ("gate_proj", "up_proj", "down_proj"):
+        tensors[f"model.layers.0.mlp.experts.{experts}.{projection}.weight"] = \
+            tensors[f"model.layers.0.mlp.experts.0.{projection}.weight"].clone()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=f"has no expert {experts}"):
+        FastModel.save_merged(model, tmp_path / "merged", tokenizer=tokenizer, source="16bit")
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged") or "merged" in p.name]
