@@ -316,7 +316,7 @@ def test_triton_launches_only_on_the_current_cuda_device(monkeypatch):
     from fastload.engine.triton import launch
 
     monkeypatch.setattr(launch, "triton_available", lambda device_type: device_type == "cuda")
-    monkeypatch.setattr(launch, "_GET_DEVICE", lambda: 1)  # torch.cuda.current_device() once CUDA is up
+    monkeypatch.setattr(launch, "_current_device", lambda: 1)  # torch.cuda.current_device() once CUDA is up
     on = types.SimpleNamespace
     assert launch.triton_runs_on(on(device=torch.device("cuda", 1)))
     assert not launch.triton_runs_on(on(device=torch.device("cuda", 0)))
