@@ -12,26 +12,11 @@ Median of N calls with CUDA events, and the relative error of the FP8 product ag
 from __future__ import annotations
 
 import argparse
-import statistics
+
+from cuda_timing import median_ms  # beside this script (python benchmarks/fp8_matmul.py)
 
 SHAPES = {"q/o (4096 -> 4096)": (4096, 4096), "k/v (4096 -> 1024)": (4096, 1024),
           "gate/up (4096 -> 14336)": (4096, 14336), "down (14336 -> 4096)": (14336, 4096)}
-
-
-def median_ms(fn, repeats: int) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def rowwise_fp8(t, dtype):

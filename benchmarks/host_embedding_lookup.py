@@ -13,27 +13,12 @@ ids drawn once. Median of N lookups, each timed with CUDA events.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def median_ms(lookup, repeats: int) -> float:
-    import torch
-
-    lookup()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        lookup()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from cuda_timing import median_ms  # noqa: E402 - beside this script
 
 
 def main() -> None:
